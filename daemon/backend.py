@@ -1,0 +1,92 @@
+"""What MLX runs on, and the Linux OpenBLAS preload.
+
+The ``mlx[cpu]`` wheel links a slow reference BLAS. When a system OpenBLAS is present, the
+``specd`` entry point re-executes itself once with it in ``LD_PRELOAD``: same logits, ~10x faster
+matrix multiplies. This module must not import ``mlx`` at import time, since the re-exec decision
+is taken before MLX loads.
+"""
+
+from __future__ import annotations
+
+import functools
+import glob
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+REEXEC_MARKER = "SPECD_BLAS_REEXEC"
+OPENBLAS_CANDIDATES = (
+    "/usr/lib/*-linux-gnu/openblas-pthread/libopenblas.so.0",
+    "/usr/lib/*-linux-gnu/openblas-openmp/libopenblas.so.0",
+    "/usr/lib/*-linux-gnu/libopenblas.so.0",
+    "/usr/lib64/libopenblas.so.0",
+    "/usr/lib64/libopenblasp.so.0",
+    "/usr/lib/libopenblas.so.0",
+)
+
+
+def find_openblas() -> str | None:
+    """Path of a system OpenBLAS shared library, if one is installed."""
+    for pattern in OPENBLAS_CANDIDATES:
+        hits = sorted(glob.glob(pattern))
+        if hits:
+            return hits[0]
+    return None
+
+
+def openblas_preloaded() -> bool:
+    return "openblas" in os.environ.get("LD_PRELOAD", "")
+
+
+def maybe_reexec_with_openblas(enabled: bool, argv: list[str]) -> None:
+    """Re-exec this process once with OpenBLAS preloaded (Linux CPU backend only).
+
+    Does nothing (returns) when disabled, not on Linux, already preloaded, already re-executed
+    once, or no OpenBLAS is installed.
+    """
+    if not enabled or not sys.platform.startswith("linux"):
+        return
+    if openblas_preloaded() or os.environ.get(REEXEC_MARKER):
+        return
+    lib = find_openblas()
+    if lib is None:
+        return
+    env = dict(os.environ)
+    env[REEXEC_MARKER] = "1"
+    env["LD_PRELOAD"] = ":".join(p for p in (lib, env.get("LD_PRELOAD", "")) if p)
+    os.execve(sys.executable, [sys.executable, "-m", "daemon", *argv], env)
+
+
+def loaded_blas() -> str:
+    """Which BLAS the process actually has mapped (Linux: from /proc/self/maps)."""
+    if sys.platform == "darwin":
+        return "accelerate"
+    maps = Path("/proc/self/maps")
+    if not maps.exists():
+        return "unknown"
+    libs = set()
+    for line in maps.read_text().splitlines():
+        parts = line.split()
+        # numpy bundles its own (symbol-prefixed) OpenBLAS, which MLX never calls.
+        if len(parts) >= 6 and "blas" in parts[-1] and "scipy_openblas" not in parts[-1]:
+            libs.add(parts[-1])
+    for lib in sorted(libs):
+        if "openblas" in lib:
+            return f"openblas ({lib})"
+    return f"reference ({', '.join(sorted(libs))})" if libs else "bundled"
+
+
+@functools.cache
+def backend_info() -> dict[str, Any]:
+    """MLX device and BLAS, for start-up logs and /status."""
+    import mlx.core as mx
+
+    metal = bool(mx.metal.is_available()) if hasattr(mx, "metal") else False
+    device = "gpu" if metal and mx.default_device() == mx.gpu else "cpu"
+    return {
+        "mlx_version": mx.__version__,
+        "device": device,
+        "metal": metal,
+        "blas": loaded_blas() if device == "cpu" else "metal",
+    }

@@ -1,0 +1,378 @@
+"""Typed settings for specd.
+
+Sources, highest priority first: explicit CLI options, environment (``SPECD_`` prefix, ``__``
+nesting), drop-ins ``conf.d/*.yaml`` next to the main config (lexical order, later wins, deep
+merge), the main ``config.yaml``, defaults. Every value remembers where it came from so that a bad
+one is reported with the file (or variable) and the key.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import platformdirs
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+APP_NAME = "specd"
+ENV_PREFIX = "SPECD_"
+ENV_NESTED = "__"
+EMBEDDED_TARGET = "embedded:smollm2-135m"
+
+
+class ConfigError(Exception):
+    """A configuration file or value is invalid; the message names the source, key and reason."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelsSettings(_Section):
+    target: str = Field(
+        EMBEDDED_TARGET,
+        description="Target model: the embedded default, a local MLX directory or an HF repo id.",
+    )
+    draft: str | None = Field(
+        None, description="Separate draft model (path or repo id); null means a layer-skip draft."
+    )
+    draft_layers: list[int] = Field(
+        default_factory=lambda: [0, 1, 2, 3, 28, 29],
+        description="Target layer indices that make up the layer-skip draft.",
+    )
+    dequantize: Literal["auto", "always", "never"] = Field(
+        "auto", description="auto: dequantize quantized weights to float32 on the CPU backend only."
+    )
+    preload_openblas: bool = Field(
+        True, description="Linux CPU backend: re-exec once with a system OpenBLAS preloaded."
+    )
+    trust_remote_code: bool = False
+
+    @field_validator("draft_layers")
+    @classmethod
+    def _check_layers(cls, layers: list[int]) -> list[int]:
+        if not layers:
+            raise ValueError("must name at least one layer")
+        if any(i < 0 for i in layers):
+            raise ValueError("layer indices must be non-negative")
+        if len(set(layers)) != len(layers):
+            raise ValueError("contains duplicates")
+        return layers
+
+
+class ServerSettings(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8765, ge=0, le=65535)
+    api_key: SecretStr | None = None
+    allow_insecure_bind: bool = Field(
+        False, description="Allow binding a non-loopback address without an API key."
+    )
+    queue_size: int = Field(16, ge=1, description="Requests waiting for the generation worker.")
+    max_tokens_limit: int = Field(4096, ge=1, description="Largest max_tokens a request may ask.")
+    shutdown_timeout: float = Field(30.0, ge=0, description="Seconds to finish in-flight work.")
+
+
+class SpeculativeSettings(_Section):
+    num_draft_tokens: int = Field(4, ge=1, le=64)
+    adaptive: bool = True
+    min_draft_tokens: int = Field(1, ge=1, le=64)
+    max_draft_tokens: int = Field(8, ge=1, le=64)
+    top_logprobs: int = Field(20, ge=1, le=1000)
+
+    @model_validator(mode="after")
+    def _check_bounds(self) -> SpeculativeSettings:
+        if self.min_draft_tokens > self.max_draft_tokens:
+            raise ValueError("min_draft_tokens must not exceed max_draft_tokens")
+        return self
+
+
+class SamplingSettings(_Section):
+    temperature: float = Field(0.0, ge=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0)
+    max_tokens: int = Field(256, ge=1)
+
+
+class BufferSettings(_Section):
+    failure_threshold: float = Field(0.7, ge=0.0, le=1.0)
+    holdout_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    max_records: int = Field(100_000, ge=1)
+
+
+class LoraSettings(_Section):
+    rank: int = Field(8, ge=1)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    scale: float = Field(20.0, gt=0.0)
+    keys: list[str] | None = Field(None, description="Module keys to adapt; null = mlx-lm default.")
+    num_layers: int = Field(-1, description="Last N draft layers get LoRA; -1 = all.")
+
+
+class TrainingSettings(_Section):
+    learning_rate: float = Field(1e-4, gt=0.0)
+    warmup_steps: int = Field(10, ge=0)
+    batch_size: int = Field(1, ge=1)
+    gradient_accumulation_steps: int = Field(4, ge=1)
+    min_failure_cases: int = Field(50, ge=1)
+    replay_ratio: float = Field(0.2, ge=0.0, lt=1.0)
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+
+
+class DataSettings(_Section):
+    max_prompt_length: int = Field(512, ge=1)
+    max_output_length: int = Field(256, ge=1)
+
+
+class LoggingSettings(_Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    file: Path | None = Field(None, description="JSON log file; null = <log_dir>/specd.log.")
+    console: Literal["auto", "pretty", "json", "off"] = "auto"
+
+
+class PathsSettings(_Section):
+    data_dir: Path = Field(
+        default_factory=lambda: Path(platformdirs.user_data_dir(APP_NAME)),
+        description="Buffer, adapters, imported models, runtime.json.",
+    )
+    log_dir: Path | None = Field(
+        None, description="null = <data_dir>/logs if data_dir was set, else the platform log dir."
+    )
+
+
+@dataclass
+class ConfigSources:
+    """Where the settings came from, for start-up logs and error messages."""
+
+    main_file: Path | None = None
+    drop_ins: list[Path] = field(default_factory=list)
+    env_keys: list[str] = field(default_factory=list)
+    cli_keys: list[str] = field(default_factory=list)
+    # dotted key -> human description of its source
+    origin: dict[str, str] = field(default_factory=dict)
+
+    def describe(self) -> list[str]:
+        out = [str(self.main_file)] if self.main_file else []
+        out += [str(p) for p in self.drop_ins]
+        out += [f"env:{k}" for k in self.env_keys]
+        out += [f"cli:{k}" for k in self.cli_keys]
+        return out
+
+
+_FILE_DATA: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("_FILE_DATA")
+
+
+class _MergedFilesSource(PydanticBaseSettingsSource):
+    """The deep-merged main config file and drop-ins, prepared by `load_settings`."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # unused: __call__ returns the whole mapping
+
+    def __call__(self) -> dict[str, Any]:
+        return _FILE_DATA.get({})
+
+
+class Settings(BaseSettings):
+    """All of specd's settings, one section per component."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter=ENV_NESTED,
+        extra="forbid",
+        validate_assignment=True,
+    )
+
+    models: ModelsSettings = Field(default_factory=ModelsSettings)
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    speculative: SpeculativeSettings = Field(default_factory=SpeculativeSettings)
+    sampling: SamplingSettings = Field(default_factory=SamplingSettings)
+    buffer: BufferSettings = Field(default_factory=BufferSettings)
+    training: TrainingSettings = Field(default_factory=TrainingSettings)
+    data: DataSettings = Field(default_factory=DataSettings)
+    logging: LoggingSettings = Field(default_factory=LoggingSettings)
+    paths: PathsSettings = Field(default_factory=PathsSettings)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, _MergedFilesSource(settings_cls))
+
+    # Derived locations: everything the daemon writes lives under data_dir unless set otherwise.
+    @property
+    def log_dir(self) -> Path:
+        if self.paths.log_dir is not None:
+            return self.paths.log_dir
+        default_data = Path(platformdirs.user_data_dir(APP_NAME))
+        if self.paths.data_dir != default_data:
+            return self.paths.data_dir / "logs"
+        return Path(platformdirs.user_log_dir(APP_NAME))
+
+    @property
+    def log_file(self) -> Path:
+        return self.logging.file or self.log_dir / "specd.log"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.paths.data_dir / "models"
+
+    @property
+    def runtime_file(self) -> Path:
+        return self.paths.data_dir / "runtime.json"
+
+
+def default_config_file() -> Path:
+    """The main config file used when none is given: ``$SPECD_CONFIG`` or the platform dir."""
+    env = os.environ.get("SPECD_CONFIG")
+    if env:
+        return Path(env).expanduser()
+    return Path(platformdirs.user_config_dir(APP_NAME)) / "config.yaml"
+
+
+def drop_in_dir(config_file: Path) -> Path:
+    return config_file.parent / "conf.d"
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config file: {e.strerror or e}") from e
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        where = ""
+        mark = getattr(e, "problem_mark", None)
+        if mark is not None:
+            where = f" (line {mark.line + 1}, column {mark.column + 1})"
+        problem = getattr(e, "problem", None) or str(e)
+        raise ConfigError(f"{path}: invalid YAML{where}: {problem}") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{path}: top level must be a mapping of sections, got {type(data).__name__}"
+        )
+    return data
+
+
+def _merge(base: dict[str, Any], new: dict[str, Any], origin: dict[str, str], src: str, prefix=""):
+    """Deep-merge ``new`` into ``base`` in place, recording each leaf's source."""
+    for key, value in new.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value, origin, src, dotted + ".")
+        else:
+            base[key] = value
+            _record(origin, dotted, value, src)
+
+
+def _record(origin: dict[str, str], dotted: str, value: Any, src: str) -> None:
+    for k in [k for k in origin if k == dotted or k.startswith(dotted + ".")]:
+        del origin[k]
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _record(origin, f"{dotted}.{k}", v, src)
+    else:
+        origin[dotted] = src
+
+
+def _set_dotted(target: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    for p in parts[:-1]:
+        target = target.setdefault(p, {})
+    target[parts[-1]] = value
+
+
+def _origin_of(loc: tuple[Any, ...], origin: dict[str, str]) -> str:
+    parts = [str(p) for p in loc if not isinstance(p, int)]
+    for n in range(len(parts), 0, -1):
+        key = ".".join(parts[:n])
+        if key in origin:
+            return origin[key]
+        children = [v for k, v in origin.items() if k.startswith(key + ".")]
+        if children:
+            return children[-1] if len(set(children)) == 1 else ", ".join(sorted(set(children)))
+    return "defaults"
+
+
+def format_validation_error(err: ValidationError, origin: dict[str, str]) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif "input" in e and not isinstance(e["input"], dict):
+            msg = f"{msg} (got {e['input']!r})"
+        lines.append(f"{_origin_of(e['loc'], origin)}: {key}: {msg}")
+    return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def load_settings(
+    config_file: Path | str | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> tuple[Settings, ConfigSources]:
+    """Build `Settings` from all sources.
+
+    ``overrides`` are dotted keys from explicit CLI options (``{"paths.data_dir": "/x"}``).
+    A missing default config file is fine; a missing explicit one is an error.
+    """
+    explicit = config_file is not None
+    main = Path(config_file).expanduser() if explicit else default_config_file()
+    sources = ConfigSources()
+    origin = sources.origin
+    merged: dict[str, Any] = {}
+    if main.exists():
+        sources.main_file = main
+        _merge(merged, _read_yaml(main), origin, str(main))
+    elif explicit:
+        raise ConfigError(f"{main}: config file does not exist")
+    conf_d = drop_in_dir(main)
+    if conf_d.is_dir():
+        for path in sorted(conf_d.glob("*.yaml")) + sorted(conf_d.glob("*.yml")):
+            if path.name.startswith("."):
+                continue  # editors' temporary files
+            sources.drop_ins.append(path)
+        sources.drop_ins.sort(key=lambda p: p.name)
+        for path in sources.drop_ins:
+            _merge(merged, _read_yaml(path), origin, str(path))
+
+    for name in sorted(os.environ):
+        if name.upper().startswith(ENV_PREFIX) and ENV_NESTED in name:
+            dotted = name[len(ENV_PREFIX) :].lower().replace(ENV_NESTED, ".")
+            sources.env_keys.append(name)
+            origin[dotted] = f"environment variable {name}"
+
+    init: dict[str, Any] = {}
+    for dotted, value in (overrides or {}).items():
+        if value is None:
+            continue
+        _set_dotted(init, dotted, value)
+        sources.cli_keys.append(dotted)
+        origin[dotted] = f"command-line option for {dotted}"
+
+    token = _FILE_DATA.set(merged)
+    try:
+        settings = Settings(**init)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, origin)) from None
+    finally:
+        _FILE_DATA.reset(token)
+    return settings, sources
