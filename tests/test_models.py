@@ -149,3 +149,20 @@ def test_missing_model_is_a_clear_error(tmp_path: Path) -> None:
     settings, _ = load_settings(cfg, {"paths.data_dir": str(tmp_path / "data")})
     with pytest.raises(ModelLoadError, match="nowhere"):
         load_pair(settings)
+
+
+@pytest.mark.slow
+def test_default_model_import_is_idempotent(tmp_path: Path) -> None:
+    from daemon.gguf import MARKER_NAME
+    from daemon.models import ensure_embedded_model
+
+    first = ensure_embedded_model(tmp_path / "models")
+    marker = first / MARKER_NAME
+    stamp = (marker.stat().st_mtime_ns, (first / "model.safetensors").stat().st_mtime_ns)
+    second = ensure_embedded_model(tmp_path / "models")
+    assert second == first
+    assert (marker.stat().st_mtime_ns, (first / "model.safetensors").stat().st_mtime_ns) == stamp
+    # A half-written import (no completion marker) is never trusted: it is redone.
+    marker.unlink()
+    third = ensure_embedded_model(tmp_path / "models")
+    assert (third / MARKER_NAME).exists()
