@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -55,6 +56,79 @@ def cmd_import_gguf(args: argparse.Namespace, settings: Settings, sources: Confi
     return 0
 
 
+def _print_table(rows: dict[str, dict[str, Any]], columns: list[str]) -> None:
+    def fmt(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.3f}"
+        return "-" if v is None else str(v)
+
+    table = [["row", *columns]] + [
+        [name, *(fmt(r.get(c)) for c in columns)] for name, r in rows.items()
+    ]
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    for row in table:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)))
+
+
+def _write_json(path: Path | None, data: dict[str, Any]) -> None:
+    if path is not None:
+        path.write_text(json.dumps(data, indent=2) + "\n")
+        print(f"wrote {path}")
+
+
+def cmd_bench_speed(args: argparse.Namespace, settings: Settings, sources: ConfigSources) -> int:
+    from daemon.bench import bench_speed
+    from daemon.models import load_pair
+    from daemon.prompts import read_prompts
+
+    prompts = [p.messages for p in read_prompts(args.prompts, limit=args.limit)]
+    pair = load_pair(settings)
+    k = args.num_draft_tokens or settings.speculative.num_draft_tokens
+    print(
+        f"bench speed: {len(prompts)} prompts, max_tokens={args.max_tokens}, k={k}, "
+        f"target={pair.target_id}, draft={pair.draft_id}"
+    )
+    result = bench_speed(pair.target, pair.draft, pair.tokenizer, prompts, args.max_tokens, k)
+    rows = {k: v for k, v in result.items() if isinstance(v, dict)}
+    _print_table(
+        rows,
+        [
+            "tokens_per_s",
+            "ratio_vs_target",
+            "acceptance_rate",
+            "mean_accepted_length",
+            "target_passes_per_token",
+            "identical_to_target",
+        ],
+    )
+    print(f"bookkeeping_overhead: {result['bookkeeping_overhead']:.2%}")
+    _write_json(args.json, result)
+    return 0
+
+
+def _candidate(text: str) -> tuple[str, list[int]]:
+    name, _, spec = text.rpartition("=")
+    layers: list[int] = []
+    for part in spec.split(","):
+        lo, _, hi = part.partition("-")
+        layers += list(range(int(lo), int(hi or lo) + 1))
+    return name or spec, layers
+
+
+def cmd_bench_draft(args: argparse.Namespace, settings: Settings, sources: ConfigSources) -> int:
+    from daemon.bench import bench_draft
+    from daemon.models import load_pair
+    from daemon.prompts import read_prompts
+
+    prompts = [p.messages for p in read_prompts(args.prompts, limit=args.limit)]
+    pair = load_pair(settings)
+    candidates = dict(_candidate(c) for c in args.candidate)
+    result = bench_draft(pair.target, pair.tokenizer, prompts, candidates, args.max_tokens)
+    _print_table(result, ["layers", "heldout_agreement", "step_ms", "cost_ratio"])
+    _write_json(args.json, result)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="specd",
@@ -89,7 +163,66 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("outdir", type=Path, metavar="OUTDIR")
     q.add_argument("--overwrite", action="store_true", help="replace an existing OUTDIR")
     q.set_defaults(func=cmd_import_gguf, needs_mlx=True)
+
+    p = sub.add_parser(
+        "bench",
+        help="benchmarks (print a table, optionally write JSON)",
+        description="Benchmarks on the configured model pair.",
+    )
+    bsub = p.add_subparsers(dest="bench_command", metavar="BENCHMARK", required=True)
+    q = bsub.add_parser(
+        "speed",
+        help="target-only vs mlx-lm speculative vs specd, side by side",
+        description="Greedy decoding speed on the same prompts, in one process: "
+        "target-only (mlx-lm), mlx-lm's speculative path with the "
+        "same draft, specd's engine with fixed and adaptive k.",
+    )
+    _common(q)
+    _prompt_args(q, limit=8, max_tokens=64)
+    q.add_argument(
+        "--num-draft-tokens",
+        type=int,
+        metavar="K",
+        help="draft tokens per round (default: speculative.num_draft_tokens)",
+    )
+    q.set_defaults(func=cmd_bench_speed, needs_mlx=True)
+
+    q = bsub.add_parser(
+        "draft",
+        help="layer-skip draft candidates: agreement and cost per token",
+        description="Teacher-forced agreement of layer-skip drafts with the "
+        "target's greedy answers, and their decode cost relative to "
+        "the target.",
+    )
+    _common(q)
+    _prompt_args(q, limit=16, max_tokens=64)
+    q.add_argument(
+        "--candidate",
+        action="append",
+        required=True,
+        metavar="NAME=LAYERS",
+        help="e.g. 'first4=0-3' or 'ends=0,1,28,29' (repeatable)",
+    )
+    q.set_defaults(func=cmd_bench_draft, needs_mlx=True)
     return parser
+
+
+def _prompt_args(p: argparse.ArgumentParser, limit: int, max_tokens: int) -> None:
+    p.add_argument(
+        "--prompts",
+        type=Path,
+        required=True,
+        metavar="FILE.jsonl",
+        help="JSON Lines, one object per line with 'prompt' or 'messages'",
+    )
+    p.add_argument("--limit", type=int, default=limit, help=f"prompts to use (default {limit})")
+    p.add_argument(
+        "--max-tokens",
+        type=int,
+        default=max_tokens,
+        help=f"new tokens per prompt (default {max_tokens})",
+    )
+    p.add_argument("--json", type=Path, metavar="OUT", help="also write the results as JSON")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,8 +249,9 @@ def main(argv: list[str] | None = None) -> int:
         # Known failure kinds carry a message meant for the user; anything else is a bug.
         from daemon.gguf import GGUFImportError
         from daemon.models import ModelLoadError
+        from daemon.prompts import PromptFileError
 
-        if isinstance(e, ModelLoadError | GGUFImportError | ConfigError):
+        if isinstance(e, ModelLoadError | GGUFImportError | ConfigError | PromptFileError):
             get_logger("cli").error("failed", error=str(e))
             print(f"specd: {e}", file=sys.stderr)
             return 1

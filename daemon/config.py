@@ -50,7 +50,7 @@ class ModelsSettings(_Section):
         None, description="Separate draft model (path or repo id); null means a layer-skip draft."
     )
     draft_layers: list[int] = Field(
-        default_factory=lambda: [0, 1, 2, 3, 28, 29],
+        default_factory=lambda: [0, 1, 2, 3],
         description="Target layer indices that make up the layer-skip draft.",
     )
     dequantize: Literal["auto", "always", "never"] = Field(

@@ -34,8 +34,11 @@ def _default_component(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]
 
 
 def get_logger(component: str) -> structlog.stdlib.BoundLogger:
-    """A logger whose records carry ``component``."""
-    return structlog.get_logger("specd").bind(component=component)
+    """A logger whose records carry ``component``.
+
+    Lazy: safe at module level, it picks up `configure_logging` whenever that runs.
+    """
+    return structlog.get_logger("specd", component=component)
 
 
 def configure_logging(

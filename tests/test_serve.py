@@ -42,8 +42,16 @@ def start_daemon(tmp_path: Path, config: dict, env_extra: dict | None = None) ->
     env.pop(REEXEC_MARKER, None)
     env.update(env_extra or {})
     return subprocess.Popen(
-        [sys.executable, "-m", "daemon", "serve", "--config", str(cfg), "--data-dir",
-         str(tmp_path / "data")],
+        [
+            sys.executable,
+            "-m",
+            "daemon",
+            "serve",
+            "--config",
+            str(cfg),
+            "--data-dir",
+            str(tmp_path / "data"),
+        ],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

@@ -1,0 +1,262 @@
+"""``specd bench speed``: target-only vs mlx-lm speculative vs specd's engine, side by side."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import mlx.nn as nn
+from mlx_lm import stream_generate
+from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+from daemon.engine import GenerationStats, SamplingParams, SpeculativeConfig, SpeculativeEngine
+
+__all__ = ["bench_speed", "encode_prompt"]
+
+
+def encode_prompt(tokenizer: TokenizerWrapper, prompt: str | list[dict[str, Any]]) -> list[int]:
+    """Token ids of a prompt with the chat template applied (a string is one user message).
+
+    Without a chat template the plain text (or the messages' contents joined) is encoded.
+    """
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    if getattr(tokenizer, "has_chat_template", False):
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, dict):  # some transformers versions return a BatchEncoding
+            ids = ids["input_ids"]
+        return [int(t) for t in ids]
+    text = "\n".join(str(m.get("content", "")) for m in messages)
+    return [int(t) for t in tokenizer.encode(text)]
+
+
+def _mlx_lm_run(
+    target: nn.Module,
+    tokenizer: TokenizerWrapper,
+    prompt: list[int],
+    max_tokens: int,
+    draft: nn.Module | None = None,
+    num_draft_tokens: int = 0,
+) -> tuple[list[int], list[bool]]:
+    kwargs: dict[str, Any] = {}
+    if draft is not None:
+        kwargs.update(draft_model=draft, num_draft_tokens=num_draft_tokens)
+    toks: list[int] = []
+    flags: list[bool] = []
+    for r in stream_generate(target, tokenizer, prompt, max_tokens=max_tokens, **kwargs):
+        toks.append(int(r.token))
+        flags.append(bool(r.from_draft))
+    return toks, flags
+
+
+def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0
+
+
+def _strip_eos(tokens: list[int], eos: set[int]) -> list[int]:
+    for i, t in enumerate(tokens):
+        if t in eos:
+            return tokens[:i]
+    return tokens
+
+
+def bench_speed(
+    target: nn.Module,
+    draft: nn.Module,
+    tokenizer: TokenizerWrapper,
+    prompts: Sequence[list[dict[str, Any]]] | Sequence[str],
+    max_tokens: int,
+    num_draft_tokens: int,
+) -> dict[str, Any]:
+    """Greedy decoding speed of four methods on the same prompts (chat template applied).
+
+    Rows: ``target_only`` (mlx-lm ``stream_generate`` without a draft),
+    ``mlx_lm_speculative`` (``stream_generate`` with ``draft_model``), ``specd_fixed``
+    (specd's engine, fixed ``num_draft_tokens``) and ``specd_adaptive`` (adaptive draft length
+    starting at ``num_draft_tokens``).  Each row has ``tokens_per_s`` (generated tokens over
+    wall time, prefill included), ``ratio_vs_target``, ``tokens``, ``seconds`` and
+    ``identical_to_target`` (greedy outputs must match token for token, up to EOS); the
+    speculative rows add ``acceptance_rate``, ``mean_accepted_length`` and
+    ``target_passes_per_token`` (prefill counted as one pass per prompt).  For mlx-lm the
+    rounds are reconstructed from its ``from_draft`` flags (a round ends at the first
+    non-draft token; it drafted ``min(k, tokens left)``).
+
+    ``bookkeeping_overhead`` is (t_on - t_off) / t_off for specd's fixed-k engine with
+    rejection recording on vs off (best of two alternating runs each).
+    """
+    if not prompts:
+        raise ValueError("bench_speed needs at least one prompt")
+    encoded = [encode_prompt(tokenizer, p) for p in prompts]
+    k = int(num_draft_tokens)
+    eos = set(tokenizer.eos_token_ids or ())
+    greedy = SamplingParams(temperature=0.0, max_tokens=max_tokens)
+
+    def make_engine(adaptive: bool, record: bool = True) -> SpeculativeEngine:
+        cfg = SpeculativeConfig(
+            num_draft_tokens=k,
+            adaptive=adaptive,
+            min_draft_tokens=1,
+            max_draft_tokens=max(8, k),
+            record_rejections=record,
+        )
+        return SpeculativeEngine(target, draft, tokenizer, cfg)
+
+    fixed, adaptive = make_engine(False), make_engine(True)
+    fixed_off = make_engine(False, record=False)
+
+    # warm-up (compilation, allocator) on the first prompt
+    warm = encoded[0]
+    warm_n = min(max_tokens, 16)
+    _mlx_lm_run(target, tokenizer, warm, warm_n)
+    _mlx_lm_run(target, tokenizer, warm, warm_n, draft, k)
+    for eng in (fixed, adaptive, fixed_off):
+        eng.run(warm, SamplingParams(max_tokens=warm_n))
+
+    rows: dict[str, Any] = {}
+
+    # target only
+    ref_tokens: list[list[int]] = []
+    total_t, total_n = 0.0, 0
+    for p in encoded:
+        (toks, _), dt = _timed(lambda p=p: _mlx_lm_run(target, tokenizer, p, max_tokens))
+        ref_tokens.append(_strip_eos(toks, eos))
+        total_t += dt
+        total_n += len(toks)
+    base_tps = total_n / total_t if total_t > 0 else 0.0
+    rows["target_only"] = {
+        "tokens_per_s": base_tps,
+        "ratio_vs_target": 1.0,
+        "tokens": total_n,
+        "seconds": total_t,
+        "target_passes_per_token": (total_n + len(encoded)) / max(total_n, 1),
+        "identical_to_target": True,
+    }
+
+    # mlx-lm speculative
+    total_t, total_n, accepted, drafted, rounds = 0.0, 0, 0, 0, 0
+    identical = True
+    for p, ref in zip(encoded, ref_tokens, strict=True):
+        (toks, flags), dt = _timed(
+            lambda p=p: _mlx_lm_run(target, tokenizer, p, max_tokens, draft, k)
+        )
+        total_t += dt
+        total_n += len(toks)
+        identical &= _strip_eos(toks, eos) == ref
+        start = True
+        for i, f in enumerate(flags):
+            if start:
+                rounds += 1
+                drafted += min(k, max_tokens - i)
+                start = False
+            if f:
+                accepted += 1
+            else:
+                start = True
+    rows["mlx_lm_speculative"] = {
+        "tokens_per_s": total_n / total_t if total_t > 0 else 0.0,
+        "tokens": total_n,
+        "seconds": total_t,
+        "acceptance_rate": accepted / drafted if drafted else 0.0,
+        "mean_accepted_length": 1.0 + accepted / rounds if rounds else 1.0,
+        "target_passes_per_token": (rounds + len(encoded)) / max(total_n, 1),
+        "identical_to_target": identical,
+    }
+
+    def run_engine(eng: SpeculativeEngine) -> dict[str, Any]:
+        total = GenerationStats()
+        total_t, identical = 0.0, True
+        for p, ref in zip(encoded, ref_tokens, strict=True):
+            res, dt = _timed(lambda p=p: eng.run(p, greedy))
+            total_t += dt
+            s = res.stats
+            total.generation_tokens += s.generation_tokens
+            total.drafted += s.drafted
+            total.accepted += s.accepted
+            total.num_drafts += s.num_drafts
+            total.target_passes += s.target_passes
+            identical &= _strip_eos(res.tokens, eos) == ref
+        n = total.generation_tokens
+        return {
+            "tokens_per_s": n / total_t if total_t > 0 else 0.0,
+            "tokens": n,
+            "seconds": total_t,
+            "acceptance_rate": total.acceptance_rate,
+            "mean_accepted_length": total.mean_accepted_length,
+            "target_passes_per_token": total.target_passes / max(n, 1),
+            "identical_to_target": identical,
+        }
+
+    rows["specd_fixed"] = run_engine(fixed)
+    rows["specd_adaptive"] = run_engine(adaptive)
+    for name in ("mlx_lm_speculative", "specd_fixed", "specd_adaptive"):
+        rows[name]["ratio_vs_target"] = rows[name]["tokens_per_s"] / base_tps if base_tps else 0.0
+
+    t_on, t_off = float("inf"), float("inf")
+    for _ in range(2):
+        t_off = min(t_off, sum(_timed(lambda p=p: fixed_off.run(p, greedy))[1] for p in encoded))
+        t_on = min(t_on, sum(_timed(lambda p=p: fixed.run(p, greedy))[1] for p in encoded))
+    rows["bookkeeping_overhead"] = (t_on - t_off) / t_off if t_off > 0 else 0.0
+    rows["num_prompts"] = len(encoded)
+    rows["max_tokens"] = max_tokens
+    rows["num_draft_tokens"] = k
+    return rows
+
+
+def _decode_step_seconds(model: nn.Module, context: int = 256, steps: int = 32) -> float:
+    """Seconds per single-token forward pass with a KV cache of ``context`` tokens."""
+    import mlx.core as mx
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cache = make_prompt_cache(model)
+    mx.eval(model(mx.ones((1, context), dtype=mx.uint32), cache=cache))
+    token = mx.array([[1]], dtype=mx.uint32)
+    for _ in range(4):  # warm-up
+        mx.eval(model(token, cache=cache))
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        mx.eval(model(token, cache=cache))
+    return (time.perf_counter() - t0) / steps
+
+
+def bench_draft(
+    target: nn.Module,
+    tokenizer: TokenizerWrapper,
+    prompts: Sequence[list[dict[str, Any]]] | Sequence[str],
+    candidates: dict[str, list[int]],
+    max_tokens: int,
+) -> dict[str, Any]:
+    """Layer-skip draft candidates: held-out agreement with the target and cost per token.
+
+    The target answers each prompt greedily once; every candidate is then scored by
+    teacher-forced agreement on those answers (`daemon.evaluation`), and its decode step is
+    timed against the target's in the same process (``cost_ratio``).
+    """
+    from daemon.evaluation import teacher_forced_agreement
+    from daemon.models import make_layer_skip_draft
+
+    rows = []
+    for p in prompts:
+        ids = encode_prompt(tokenizer, p)
+        out, _ = _mlx_lm_run(target, tokenizer, ids, max_tokens)
+        rows.append((ids, out))
+    target_step = _decode_step_seconds(target)
+    result: dict[str, Any] = {
+        "target": {
+            "layers": len(target.layers),
+            "step_ms": target_step * 1000,
+            "tokens": sum(len(o) for _, o in rows),
+        },
+    }
+    for name, layers in candidates.items():
+        draft = make_layer_skip_draft(target, layers)
+        agreement = teacher_forced_agreement(draft, rows)
+        step = _decode_step_seconds(draft)
+        result[name] = {
+            "layers": layers,
+            "heldout_agreement": agreement.rate,
+            "step_ms": step * 1000,
+            "cost_ratio": step / target_step,
+        }
+    return result

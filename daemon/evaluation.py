@@ -1,0 +1,72 @@
+"""Held-out agreement: how often the draft's greedy choice equals the token the target produced.
+
+Teacher forced: one forward pass of the draft over ``prompt + output[:-1]`` per row, no
+generation. This is what ``specd train`` prints, what the adaptation gate compares and what the
+benchmarks report as ``heldout_agreement``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import mlx.core as mx
+import mlx.nn as nn
+
+
+@dataclass
+class Agreement:
+    """Matches over scored positions, summed over rows."""
+
+    matches: int = 0
+    total: int = 0
+    rows: int = 0
+
+    @property
+    def rate(self) -> float:
+        return self.matches / self.total if self.total else 0.0
+
+    def to_dict(self) -> dict[str, float | int]:
+        return {
+            "agreement": self.rate,
+            "matches": self.matches,
+            "positions": self.total,
+            "rows": self.rows,
+        }
+
+
+def truncate_example(
+    prompt: Sequence[int], output: Sequence[int], max_prompt: int, max_output: int
+) -> tuple[list[int], list[int]]:
+    """Keep the prompt's last tokens and the output's first: the ones next to each other."""
+    return list(prompt[-max_prompt:]) if max_prompt > 0 else [], list(output[:max_output])
+
+
+def teacher_forced_agreement(
+    model: nn.Module,
+    rows: Iterable[tuple[Sequence[int], Sequence[int]]],
+    *,
+    max_prompt: int = 512,
+    max_output: int = 256,
+    vocab_limit: int | None = None,
+) -> Agreement:
+    """Agreement of ``model``'s argmax with each row's output tokens.
+
+    ``rows`` holds (prompt tokens, target output tokens). ``vocab_limit`` slices the logits to
+    the vocabulary shared with the target (padded embedding tables may differ).
+    """
+    result = Agreement()
+    for prompt, output in rows:
+        prompt, output = truncate_example(prompt, output, max_prompt, max_output)
+        if not prompt or not output:
+            continue
+        tokens = mx.array(prompt + output[:-1])[None]
+        logits = model(tokens)[0, len(prompt) - 1 :]
+        if vocab_limit is not None:
+            logits = logits[:, :vocab_limit]
+        pred = mx.argmax(logits, axis=-1)
+        matches = (pred == mx.array(output)).sum().item()
+        result.matches += int(matches)
+        result.total += len(output)
+        result.rows += 1
+    return result

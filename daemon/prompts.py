@@ -1,0 +1,79 @@
+"""Prompt files: JSON Lines, one object per line with ``"prompt"`` or ``"messages"``.
+
+A ``"prompt"`` string is sent as a single user message through the chat template; other keys
+(``domain``, ``source``...) are kept as metadata and otherwise ignored.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class PromptFileError(ValueError):
+    """A prompt file cannot be read; the message names the file and line."""
+
+
+@dataclass
+class PromptItem:
+    """One prompt as chat messages, plus whatever else its line carried."""
+
+    messages: list[dict[str, str]]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def text(self) -> str:
+        """The last user message: what holdout hashing and reports key on."""
+        return self.messages[-1]["content"]
+
+
+def _messages(obj: dict[str, Any], where: str) -> list[dict[str, str]]:
+    if "messages" in obj:
+        msgs = obj["messages"]
+        if not isinstance(msgs, list) or not msgs:
+            raise PromptFileError(f"{where}: 'messages' must be a non-empty list")
+        for i, m in enumerate(msgs):
+            if (
+                not isinstance(m, dict)
+                or not isinstance(m.get("content"), str)
+                or m.get("role") not in ("system", "user", "assistant")
+            ):
+                raise PromptFileError(
+                    f"{where}: messages[{i}] must be an object with role "
+                    "(system|user|assistant) and string content"
+                )
+        return [{"role": m["role"], "content": m["content"]} for m in msgs]
+    prompt = obj.get("prompt")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise PromptFileError(f"{where}: needs a non-empty string 'prompt' or a 'messages' list")
+    return [{"role": "user", "content": prompt}]
+
+
+def read_prompts(path: str | Path, limit: int | None = None) -> list[PromptItem]:
+    """Read a JSONL prompt file; blank lines are skipped, a bad line raises with its number."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise PromptFileError(f"{path}: cannot read prompt file: {e}") from e
+    items: list[PromptItem] = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{n}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise PromptFileError(f"{where}: invalid JSON: {e.msg}") from None
+        if not isinstance(obj, dict):
+            raise PromptFileError(f"{where}: each line must be a JSON object")
+        msgs = _messages(obj, where)
+        meta = {k: v for k, v in obj.items() if k not in ("prompt", "messages")}
+        items.append(PromptItem(messages=msgs, meta=meta))
+        if limit is not None and len(items) >= limit:
+            break
+    if not items:
+        raise PromptFileError(f"{path}: no prompts in file")
+    return items
