@@ -11,23 +11,9 @@ from mlx_lm import stream_generate
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from daemon.engine import GenerationStats, SamplingParams, SpeculativeConfig, SpeculativeEngine
+from daemon.prompts import encode_prompt
 
-__all__ = ["bench_speed", "encode_prompt"]
-
-
-def encode_prompt(tokenizer: TokenizerWrapper, prompt: str | list[dict[str, Any]]) -> list[int]:
-    """Token ids of a prompt with the chat template applied (a string is one user message).
-
-    Without a chat template the plain text (or the messages' contents joined) is encoded.
-    """
-    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-    if getattr(tokenizer, "has_chat_template", False):
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        if isinstance(ids, dict):  # some transformers versions return a BatchEncoding
-            ids = ids["input_ids"]
-        return [int(t) for t in ids]
-    text = "\n".join(str(m.get("content", "")) for m in messages)
-    return [int(t) for t in tokenizer.encode(text)]
+__all__ = ["bench_draft", "bench_speed"]
 
 
 def _mlx_lm_run(

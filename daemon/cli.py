@@ -129,6 +129,115 @@ def cmd_bench_draft(args: argparse.Namespace, settings: Settings, sources: Confi
     return 0
 
 
+def cmd_collect(args: argparse.Namespace, settings: Settings, sources: ConfigSources) -> int:
+    from daemon.collect import collect
+    from daemon.prompts import PromptFileError, PromptItem, read_prompts
+
+    items = [PromptItem(messages=[{"role": "user", "content": p}]) for p in args.prompt or []]
+    if args.prompts_file is not None:
+        items += read_prompts(args.prompts_file, limit=args.limit)
+    if not items:
+        raise PromptFileError("nothing to collect: give -p PROMPT and/or --prompts-file FILE")
+    summary = collect(
+        settings, items, args.max_tokens, progress=not args.quiet, use_daemon=not args.in_process
+    )
+    d = summary.to_dict()
+    print(f"collected through: {summary.mode}")
+    print(
+        f"requests: {d['requests']}  failure cases: {d['failure_cases']}  "
+        f"acceptance rate: {d['acceptance_rate']:.3f} ({d['accepted']}/{d['drafted']} drafted)  "
+        f"completion tokens: {d['completion_tokens']}"
+    )
+    if d["pending_failures"] is not None:
+        print(
+            f"pending failures in the buffer: {d['pending_failures']} "
+            f"(training starts at {settings.training.min_failure_cases})"
+        )
+    for err in d["errors"]:
+        print(f"error: {err}", file=sys.stderr)
+    return 1 if d["errors"] and not d["requests"] else 0
+
+
+def _open_buffer(settings: Settings):
+    from daemon.buffer import ReplayBuffer, buffer_path
+
+    path = buffer_path(settings.paths.data_dir)
+    if not path.exists():
+        raise ConfigError(f"{path}: no replay buffer yet (serve or collect some requests first)")
+    return ReplayBuffer(path, settings.buffer, create=False).open()
+
+
+def _ts(value: float | None) -> str:
+    import datetime as dt
+
+    if value is None:
+        return "-"
+    return dt.datetime.fromtimestamp(value).isoformat(sep=" ", timespec="seconds")
+
+
+def cmd_buffer_stats(args: argparse.Namespace, settings: Settings, sources: ConfigSources) -> int:
+    with _open_buffer(settings) as buf:
+        st = buf.stats()
+    if args.json:
+        print(json.dumps(st, indent=2))
+        return 0
+    print(f"buffer: {st['path']} ({st['size_bytes'] / 1e6:.2f} MB, schema v{st['schema_version']})")
+    print(
+        f"records: {st['records']} / {st['max_records']}  (train {st['train']}, "
+        f"holdout {st['holdout']})  from {_ts(st['oldest'])} to {_ts(st['newest'])}"
+    )
+    print(
+        f"failure cases: {st['failures']}  (train {st['train_failures']}, "
+        f"holdout {st['holdout_failures']})  used for training: {st['used_for_training']}"
+    )
+    print(
+        f"pending failures: {st['pending_failures']}  "
+        f"(training starts at {settings.training.min_failure_cases})"
+    )
+    if st["acceptance_trend"]:
+        print("acceptance trend (oldest -> newest):")
+        for b in st["acceptance_trend"]:
+            rate = b.get("token_acceptance")
+            rate_s = "-" if rate is None else f"{rate:.3f}"
+            print(f"  {_ts(b['start'])}  {b.get('records', 0):>5} requests  acceptance {rate_s}")
+    for a in st["acceptance_by_adapter"]:
+        m = a["mean_acceptance"]
+        print(
+            f"adapter v{a['adapter_version']}: {a['records']} requests, mean acceptance "
+            f"{'-' if m is None else f'{m:.3f}'}"
+        )
+    return 0
+
+
+def cmd_buffer_export(args: argparse.Namespace, settings: Settings, sources: ConfigSources) -> int:
+    from daemon.models import load_tokenizer
+
+    tokenizer = load_tokenizer(settings.models.target, settings.models_dir)
+    with _open_buffer(settings) as buf:
+        n = buf.export_jsonl(args.jsonl, decode=tokenizer.decode)
+    print(f"exported {n} records to {args.jsonl}")
+    return 0
+
+
+def _parse_date(text: str) -> float:
+    import datetime as dt
+
+    try:
+        when = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"invalid date {text!r}: use ISO format, e.g. 2026-11-01 or 2026-11-01T12:00"
+        ) from None
+    return when.timestamp()
+
+
+def cmd_buffer_purge(args: argparse.Namespace, settings: Settings, sources: ConfigSources) -> int:
+    with _open_buffer(settings) as buf:
+        n = buf.purge(None if args.all else args.before)
+    print(f"purged {n} records" + ("" if args.all else f" created before {_ts(args.before)}"))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="specd",
@@ -163,6 +272,66 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("outdir", type=Path, metavar="OUTDIR")
     q.add_argument("--overwrite", action="store_true", help="replace an existing OUTDIR")
     q.set_defaults(func=cmd_import_gguf, needs_mlx=True)
+
+    p = sub.add_parser(
+        "collect",
+        help="run prompts through the engine and record them",
+        description="Run prompts through the engine and record them in the replay buffer exactly "
+        "as serving would: through the running daemon if one is up for this data dir, else in "
+        "this process.",
+    )
+    _common(p)
+    p.add_argument(
+        "-p",
+        "--prompt",
+        action="append",
+        metavar="TEXT",
+        help="a prompt, sent as one user message (repeatable)",
+    )
+    p.add_argument(
+        "--prompts-file",
+        type=Path,
+        metavar="F.jsonl",
+        help="JSON Lines with 'prompt' or 'messages' per line",
+    )
+    p.add_argument("--limit", type=int, help="use at most this many prompts from the file")
+    p.add_argument(
+        "--max-tokens", type=int, help="new tokens per prompt (default: sampling.max_tokens)"
+    )
+    p.add_argument("--in-process", action="store_true", help="never use a running daemon")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_collect, needs_mlx=True)
+
+    p = sub.add_parser(
+        "buffer",
+        help="inspect and manage the replay buffer",
+        description="Inspect and manage the replay buffer of draft failures.",
+    )
+    bsub = p.add_subparsers(dest="buffer_command", metavar="ACTION", required=True)
+    q = bsub.add_parser("stats", help="counts, pending failures, size, acceptance trend")
+    _common(q)
+    q.add_argument("--json", action="store_true", help="print the raw statistics as JSON")
+    q.set_defaults(func=cmd_buffer_stats)
+    q = bsub.add_parser(
+        "export",
+        help="write failures.jsonl-style records",
+        description="Export every record as JSON Lines: prompt, draft_output (the output with "
+        "each rejected position showing the draft's token), target_output, disagreements.",
+    )
+    _common(q)
+    q.add_argument("--jsonl", type=Path, required=True, metavar="OUT")
+    q.set_defaults(func=cmd_buffer_export, needs_mlx=True)
+    q = bsub.add_parser("purge", help="delete records")
+    _common(q)
+    g = q.add_mutually_exclusive_group(required=True)
+    g.add_argument(
+        "--before",
+        type=_parse_date,
+        metavar="DATE",
+        help="delete records created before this ISO date/time",
+    )
+    g.add_argument("--all", action="store_true", help="delete every record")
+    q.set_defaults(func=cmd_buffer_purge)
 
     p = sub.add_parser(
         "bench",
@@ -239,7 +408,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from daemon.logging import configure_logging, get_logger
 
-    configure_logging(settings.logging.level, settings.log_file, settings.logging.console)
+    # One-shot commands print their own results; their log events go to the file only.
+    console = settings.logging.console if args.command == "serve" else "off"
+    configure_logging(settings.logging.level, settings.log_file, console)
     handler: Handler = args.func
     try:
         return handler(args, settings, sources)
@@ -247,11 +418,21 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as e:
         # Known failure kinds carry a message meant for the user; anything else is a bug.
+        from daemon.buffer import BufferError
+        from daemon.client import DaemonError
         from daemon.gguf import GGUFImportError
         from daemon.models import ModelLoadError
         from daemon.prompts import PromptFileError
 
-        if isinstance(e, ModelLoadError | GGUFImportError | ConfigError | PromptFileError):
+        known = (
+            ModelLoadError,
+            GGUFImportError,
+            ConfigError,
+            PromptFileError,
+            BufferError,
+            DaemonError,
+        )
+        if isinstance(e, known):
             get_logger("cli").error("failed", error=str(e))
             print(f"specd: {e}", file=sys.stderr)
             return 1

@@ -86,6 +86,19 @@ def resolve_model(name: str, models_dir: Path) -> str:
     return name  # Hugging Face repo id
 
 
+def load_tokenizer(name: str, models_dir: Path) -> TokenizerWrapper:
+    """Only the tokenizer of a configured model (e.g. to decode buffer exports)."""
+    from mlx_lm.tokenizer_utils import load as load_tok
+    from mlx_lm.utils import hf_repo_to_path
+
+    path = resolve_model(name, models_dir)
+    local = Path(path) if Path(path).exists() else hf_repo_to_path(path)
+    try:
+        return load_tok(local)
+    except Exception as e:
+        raise ModelLoadError(f"cannot load the tokenizer of {name!r} from {local}: {e}") from e
+
+
 def _should_dequantize(mode: str) -> bool:
     return mode == "always" or (mode == "auto" and backend_info()["device"] == "cpu")
 

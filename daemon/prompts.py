@@ -9,7 +9,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 
 class PromptFileError(ValueError):
@@ -77,3 +80,18 @@ def read_prompts(path: str | Path, limit: int | None = None) -> list[PromptItem]
     if not items:
         raise PromptFileError(f"{path}: no prompts in file")
     return items
+
+
+def encode_prompt(tokenizer: TokenizerWrapper, prompt: str | list[dict[str, Any]]) -> list[int]:
+    """Token ids of a prompt with the chat template applied (a string is one user message).
+
+    Without a chat template the plain text (or the messages' contents joined) is encoded.
+    """
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    if getattr(tokenizer, "has_chat_template", False):
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, dict):  # some transformers versions return a BatchEncoding
+            ids = ids["input_ids"]
+        return [int(t) for t in ids]
+    text = "\n".join(str(m.get("content", "")) for m in messages)
+    return [int(t) for t in tokenizer.encode(text)]

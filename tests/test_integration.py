@@ -6,8 +6,8 @@ import mlx.core as mx
 import pytest
 from mlx_lm.generate import generate_step
 
-from daemon.bench import encode_prompt
 from daemon.engine import SamplingParams, SpeculativeConfig, SpeculativeEngine
+from daemon.prompts import encode_prompt
 
 pytestmark = pytest.mark.slow
 

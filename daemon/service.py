@@ -1,0 +1,140 @@
+"""The generation service without HTTP: models, engine, worker thread and replay buffer.
+
+The HTTP server and in-process ``specd collect`` both serve through it, so a request is encoded,
+generated and recorded the same way whoever sent it.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from daemon.buffer import BufferRecord, BufferWriter, ReplayBuffer
+from daemon.config import Settings
+from daemon.engine import GenerationResult, SamplingParams, SpeculativeConfig, SpeculativeEngine
+from daemon.logging import get_logger
+from daemon.models import ModelPair, load_pair
+from daemon.worker import BlockingHandle, GenerationRequest, GenerationWorker, RequestHandle
+
+log = get_logger("service")
+
+FinishedHook = Callable[[GenerationRequest, GenerationResult, float, float], None]
+
+
+class Service:
+    """Owns the loaded pair, the generation worker and the buffer writer."""
+
+    def __init__(self, settings: Settings, pair: ModelPair | None = None) -> None:
+        self.settings = settings
+        self.pair = pair
+        self.engine: SpeculativeEngine | None = None
+        self.worker: GenerationWorker | None = None
+        self.writer: BufferWriter | None = None
+        self.buffer: ReplayBuffer | None = None  # reader for /status and CLI stats
+        self.adapter_version = 0
+        self.finished_hooks: list[FinishedHook] = []
+        self.commit_hooks: list[Callable[[list[BufferRecord]], None]] = []
+        self.started_at = time.time()
+        self._recent: deque[tuple[int, int]] = deque(maxlen=100)  # (drafted, accepted)
+        self._recent_lock = threading.Lock()
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Load models (unless given), open the buffer, start the worker."""
+        s = self.settings
+        # Open the buffer first: a corrupt file stops start-up, untouched, before a slow load.
+        self.writer = BufferWriter(s.paths.data_dir, s.buffer, on_commit=self._committed)
+        self.writer.start()
+        self.buffer = ReplayBuffer(s.paths.data_dir, s.buffer).open()
+        if self.pair is None:
+            self.pair = load_pair(s)
+        self.engine = SpeculativeEngine(
+            self.pair.target,
+            self.pair.draft,
+            self.pair.tokenizer,
+            SpeculativeConfig.from_settings(s.speculative, self.pair.max_context),
+        )
+        self.worker = GenerationWorker(self.engine, s.server.queue_size, self._finished)
+        self.worker.start()
+
+    def stop(self, timeout: float | None = None) -> bool:
+        """Finish queued and in-flight requests (bounded), then flush and close the buffer."""
+        finished = True
+        if self.worker is not None:
+            finished = self.worker.stop(timeout)
+            if not finished:
+                log.warning("requests_unfinished_at_shutdown", timeout_s=timeout)
+        if self.writer is not None:
+            self.writer.close(timeout=30)
+        if self.buffer is not None:
+            self.buffer.close()
+        return finished
+
+    # --- requests --------------------------------------------------------------------------
+
+    def encode_messages(self, messages: list[dict[str, str]]) -> list[int]:
+        from daemon.prompts import encode_prompt
+
+        assert self.pair is not None
+        return encode_prompt(self.pair.tokenizer, messages)
+
+    def sampling_params(self, **overrides: Any) -> SamplingParams:
+        """Request parameters, with the configured defaults where the caller gave none."""
+        d = self.settings.sampling
+        values = {
+            "temperature": d.temperature,
+            "top_p": d.top_p,
+            "top_k": d.top_k,
+            "max_tokens": d.max_tokens,
+        }
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return SamplingParams(**values)
+
+    def submit(self, handle: RequestHandle) -> RequestHandle:
+        assert self.worker is not None, "service not started"
+        return self.worker.submit(handle)
+
+    def generate(self, messages: list[dict[str, str]], **params: Any) -> GenerationResult:
+        """Blocking convenience: one chat request through the worker, recorded like any other."""
+        req = GenerationRequest(
+            prompt_tokens=self.encode_messages(messages),
+            params=self.sampling_params(**params),
+            prompt_text=messages[-1]["content"],
+        )
+        return self.submit(BlockingHandle(req)).result()  # type: ignore[union-attr]
+
+    # --- bookkeeping -----------------------------------------------------------------------
+
+    def rolling_acceptance(self) -> float | None:
+        """Acceptance rate over the last 100 requests (None before any drafting)."""
+        with self._recent_lock:
+            drafted = sum(d for d, _ in self._recent)
+            accepted = sum(a for _, a in self._recent)
+        return accepted / drafted if drafted else None
+
+    def _finished(
+        self, req: GenerationRequest, result: GenerationResult, queue_s: float, total_s: float
+    ) -> None:
+        with self._recent_lock:
+            self._recent.append((result.stats.drafted, result.stats.accepted))
+        if req.record and result.tokens and self.writer is not None and self.pair is not None:
+            self.writer.submit(
+                BufferRecord.from_result(
+                    req.prompt_text,
+                    req.prompt_tokens,
+                    result,
+                    self.pair.target_id,
+                    self.pair.draft_id,
+                    self.adapter_version,
+                )
+            )
+        for hook in self.finished_hooks:
+            hook(req, result, queue_s, total_s)
+
+    def _committed(self, records: list[BufferRecord]) -> None:
+        for hook in self.commit_hooks:
+            hook(records)
