@@ -238,6 +238,72 @@ def cmd_buffer_purge(args: argparse.Namespace, settings: Settings, sources: Conf
     return 0
 
 
+def cmd_service(args: argparse.Namespace, settings: Settings, sources: ConfigSources) -> int:
+    from daemon.install import execute, plan
+
+    config = args.config.expanduser().resolve() if args.config else None
+    data_dir = args.data_dir.expanduser().resolve() if args.data_dir else None
+    p = plan(args.action, settings, config, data_dir, manager=args.manager)
+    return execute(p, args.action, args.dry_run)
+
+
+def cmd_logs(args: argparse.Namespace, settings: Settings, sources: ConfigSources) -> int:
+    from daemon.logview import parse_since, show_logs
+
+    try:
+        since = parse_since(args.since) if args.since else None
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return show_logs(settings.log_file, follow=args.follow, training=args.training, since=since)
+
+
+def cmd_status(args: argparse.Namespace, settings: Settings, sources: ConfigSources) -> int:
+    from daemon.client import DaemonClient
+
+    client = DaemonClient.find(settings)
+    if client is None:
+        print(f"specd is not running (no live daemon for data dir {settings.paths.data_dir})")
+        return 3
+    status = client.request("GET", "/status", timeout=30)
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return 0
+    print(format_status(client.base_url, status))
+    return 0
+
+
+def format_status(url: str, st: dict[str, Any]) -> str:
+    """/status as a few readable lines."""
+
+    def pct(v: Any) -> str:
+        return "-" if v is None else f"{v:.1%}"
+
+    models = st.get("models", {})
+    backend = st.get("backend", {})
+    lines = [
+        f"specd at {url}  (up {st.get('uptime_s', 0):.0f}s, pid {st.get('pid', '?')})",
+        f"  target:  {models.get('target')}",
+        f"  draft:   {models.get('draft')} ({models.get('draft_kind')}), adapter "
+        f"v{st.get('adapter_version', 0)}",
+        f"  backend: {backend.get('device')} {models.get('dtype', '')}, BLAS {backend.get('blas')}",
+        f"  requests: queue depth {st.get('queue_depth', 0)}, rolling acceptance "
+        f"{pct(st.get('rolling_acceptance'))}",
+    ]
+    buf = st.get("buffer")
+    if buf:
+        lines.append(
+            f"  buffer:  {buf.get('records')} records, {buf.get('pending_failures')} pending "
+            f"failures, {buf.get('size_bytes', 0) / 1e6:.1f} MB"
+        )
+    training = st.get("training")
+    if training:
+        lines.append(
+            "  training: "
+            + ", ".join(f"{k}={v}" for k, v in training.items() if not isinstance(v, dict | list))
+        )
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="specd",
@@ -334,6 +400,42 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=cmd_buffer_purge)
 
     p = sub.add_parser(
+        "status",
+        help="show the running daemon's status",
+        description="Print the running daemon's /status (found via runtime.json in the data dir).",
+    )
+    _common(p)
+    p.add_argument("--json", action="store_true", help="print the raw JSON")
+    p.set_defaults(func=cmd_status, log_to_file=False)
+
+    p = sub.add_parser(
+        "logs",
+        help="pretty-print the JSON log",
+        description="Pretty-print the daemon's JSON log for humans.",
+    )
+    _common(p)
+    p.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
+    p.add_argument(
+        "--training",
+        action="store_true",
+        help="only training health: steps, evaluations, adapters, swaps",
+    )
+    p.add_argument("--since", metavar="T", help="only records after T: 10m, 2h, 1d or ISO time")
+    p.set_defaults(func=cmd_logs, log_to_file=False)
+
+    p = sub.add_parser(
+        "service",
+        help="install as a launchd agent / systemd user unit",
+        description="Render the launchd user agent (macOS) or systemd user unit "
+        "(Linux) with this install's paths and load it.",
+    )
+    p.add_argument("action", choices=["install", "uninstall", "status"])
+    _common(p)
+    p.add_argument("--dry-run", action="store_true", help="print what would be written and run")
+    p.add_argument("--manager", choices=["launchd", "systemd"], help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_service, log_to_file=False)
+
+    p = sub.add_parser(
         "bench",
         help="benchmarks (print a table, optionally write JSON)",
         description="Benchmarks on the configured model pair.",
@@ -410,7 +512,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # One-shot commands print their own results; their log events go to the file only.
     console = settings.logging.console if args.command == "serve" else "off"
-    configure_logging(settings.logging.level, settings.log_file, console)
+    log_file = settings.log_file if getattr(args, "log_to_file", True) else None
+    configure_logging(settings.logging.level, log_file, console)
     handler: Handler = args.func
     try:
         return handler(args, settings, sources)

@@ -1,0 +1,142 @@
+"""``specd logs``: the JSON log pretty-printed for humans, optionally followed like ``tail -f``."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import re
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, TextIO
+
+TRAINING_COMPONENTS = {"training", "adaptation", "adapters"}
+TRAINING_EVENT = re.compile(r"^(train|heldout|adapter|gate|swap|rollback)")
+_FIRST = ("timestamp", "level", "component", "event")
+_REL = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhd])$")
+
+
+def parse_since(text: str, now: float | None = None) -> float:
+    """``10m``/``2h``/``1d``/``30s`` ago, or an ISO date/time; returns a unix time."""
+    m = _REL.match(text.strip())
+    if m:
+        seconds = float(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+        return (now if now is not None else time.time()) - seconds
+    try:
+        when = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(f"invalid --since {text!r}: use 10m, 2h, 1d or an ISO date/time") from None
+    if when.tzinfo is None:
+        when = when.astimezone()  # local time, as a user types it
+    return when.timestamp()
+
+
+def _time(rec: dict[str, Any]) -> float | None:
+    try:
+        return dt.datetime.fromisoformat(str(rec["timestamp"]).replace("Z", "+00:00")).timestamp()
+    except (KeyError, ValueError):
+        return None
+
+
+def is_training(rec: dict[str, Any]) -> bool:
+    return rec.get("component") in TRAINING_COMPONENTS or bool(
+        TRAINING_EVENT.match(str(rec.get("event", "")))
+    )
+
+
+def _fmt_value(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, dict | list):
+        return json.dumps(v, separators=(",", ":"))
+    return str(v)
+
+
+def format_record(rec: dict[str, Any]) -> str:
+    ts = _time(rec)
+    stamp = dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S") if ts else "?"
+    head = (
+        f"{stamp} {str(rec.get('level', '?')).upper():7} {rec.get('component', '-'):10} "
+        f"{rec.get('event', '')}"
+    )
+    rest = " ".join(f"{k}={_fmt_value(v)}" for k, v in rec.items() if k not in _FIRST)
+    return f"{head}  {rest}" if rest else head
+
+
+def _parse(line: str) -> dict[str, Any] | None:
+    line = line.strip()
+    if not line:
+        return None
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError:
+        return {"event": line, "level": "raw"}
+    return rec if isinstance(rec, dict) else None
+
+
+def _follow(path: Path, start_at_end: bool) -> Iterator[str]:
+    """Lines appended to ``path``, surviving rotation (reopens when the inode changes)."""
+    f: TextIO | None = None
+    inode = None
+    while True:
+        if f is None:
+            try:
+                f = path.open(encoding="utf-8", errors="replace")
+                inode = os.fstat(f.fileno()).st_ino
+                if start_at_end:
+                    f.seek(0, os.SEEK_END)
+                start_at_end = False  # a rotated-in file is read from its start
+            except FileNotFoundError:
+                time.sleep(0.5)
+                continue
+        line = f.readline()
+        if line:
+            yield line
+            continue
+        try:
+            if os.stat(path).st_ino != inode:
+                f.close()
+                f = None
+                continue
+        except FileNotFoundError:
+            pass
+        time.sleep(0.25)
+
+
+def show_logs(
+    path: Path,
+    *,
+    follow: bool = False,
+    training: bool = False,
+    since: float | None = None,
+    out: TextIO | None = None,
+) -> int:
+    """Print the log's records (filtered), then keep following if asked."""
+    out = out or sys.stdout
+
+    def emit(line: str) -> None:
+        rec = _parse(line)
+        if rec is None or (training and not is_training(rec)):
+            return
+        if since is not None:
+            t = _time(rec)
+            if t is not None and t < since:
+                return
+        print(format_record(rec), file=out, flush=True)
+
+    if path.exists():
+        with path.open(encoding="utf-8", errors="replace") as f:
+            for line in f:
+                emit(line)
+    elif not follow:
+        print(f"no log file at {path} yet", file=sys.stderr)
+        return 1
+    if follow:
+        try:
+            for line in _follow(path, start_at_end=True):
+                emit(line)
+        except KeyboardInterrupt:
+            return 0
+    return 0

@@ -1,0 +1,149 @@
+"""Live configuration reloads: a watchdog observer on the main config file and ``conf.d/``.
+
+Editors save by writing a temporary file and renaming it over the original, so created,
+modified, moved and deleted events all count; a burst of them triggers one debounced reload.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.observers import Observer
+
+from daemon.config import ConfigError, Settings, drop_in_dir, load_settings
+from daemon.logging import get_logger
+
+log = get_logger("reload")
+
+# Keys that only take effect at the next start; everything else applies live.
+RESTART_KEYS = (
+    "models.",
+    "server.host",
+    "server.port",
+    "server.allow_insecure_bind",
+    "paths.",
+    "logging.file",
+    "logging.console",
+)
+
+
+def settings_diff(old: Settings, new: Settings) -> list[str]:
+    """Dotted keys whose values differ."""
+
+    def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            if isinstance(v, dict):
+                out.update(flat(v, f"{prefix}{k}."))
+            else:
+                out[f"{prefix}{k}"] = v
+        return out
+
+    a, b = flat(old.model_dump()), flat(new.model_dump())
+    return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+
+
+def needs_restart(key: str) -> bool:
+    return any(key == r or (r.endswith(".") and key.startswith(r)) for r in RESTART_KEYS)
+
+
+class ConfigReloader:
+    """Rebuilds settings when the config files change (or on `trigger`) and hands valid ones
+    to ``apply(new, changed_keys)``; an invalid result is logged and the old settings stay."""
+
+    def __init__(
+        self,
+        config_file: Path,
+        overrides: dict[str, Any],
+        current: Settings,
+        apply: Callable[[Settings, list[str]], None],
+        debounce: float = 0.5,
+    ) -> None:
+        self.config_file = config_file
+        self.overrides = overrides
+        self.current = current
+        self.apply = apply
+        self.debounce = debounce
+        self._timer: threading.Timer | None = None
+        self._lock = threading.Lock()
+        self._observer: Any = None
+        self.reloads = 0
+
+    def start(self) -> None:
+        handler = _Handler(self)
+        self._observer = Observer()
+        self._observer.daemon = True
+        watched = []
+        if self.config_file.parent.is_dir():
+            # Watch conf.d even before the first drop-in arrives.
+            drop_in_dir(self.config_file).mkdir(exist_ok=True)
+        for directory in (self.config_file.parent, drop_in_dir(self.config_file)):
+            if directory.is_dir():
+                self._observer.schedule(handler, str(directory), recursive=False)
+                watched.append(str(directory))
+        self._observer.start()
+        log.info("config_watch_started", watching=watched)
+
+    def stop(self) -> None:
+        with self._lock:
+            if self._timer is not None:
+                self._timer.cancel()
+        if self._observer is not None:
+            self._observer.stop()
+            self._observer.join(timeout=5)
+
+    def relevant(self, path: str) -> bool:
+        p = Path(path)
+        if p == self.config_file:
+            return True
+        return (
+            p.parent == drop_in_dir(self.config_file)
+            and p.suffix in (".yaml", ".yml")
+            and not p.name.startswith(".")
+        )
+
+    def schedule(self) -> None:
+        """Reload after ``debounce`` seconds without further events."""
+        with self._lock:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = threading.Timer(self.debounce, self.reload)
+            self._timer.daemon = True
+            self._timer.start()
+
+    def reload(self) -> bool:
+        """Rebuild and apply the settings now; False if the new ones are invalid."""
+        try:
+            new, sources = load_settings(self.config_file, self.overrides)
+        except ConfigError as e:
+            log.error("config_reload_rejected", error=str(e), kept="previous settings")
+            return False
+        changed = settings_diff(self.current, new)
+        self.reloads += 1
+        if not changed:
+            log.info("config_reloaded", changed=[], sources=sources.describe())
+            return True
+        live = [k for k in changed if not needs_restart(k)]
+        restart = [k for k in changed if needs_restart(k)]
+        self.current = new
+        self.apply(new, live)
+        log.info("config_reloaded", changed=changed, applied=live, sources=sources.describe())
+        if restart:
+            log.warning("config_needs_restart", keys=restart)
+        return True
+
+
+class _Handler(FileSystemEventHandler):
+    def __init__(self, reloader: ConfigReloader) -> None:
+        self.reloader = reloader
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        if event.is_directory or event.event_type in ("opened", "closed_no_write"):
+            return
+        paths = [event.src_path, getattr(event, "dest_path", "") or ""]
+        if any(p and self.reloader.relevant(str(p)) for p in paths):
+            self.reloader.schedule()
