@@ -106,6 +106,57 @@ def cmd_bench_speed(args: argparse.Namespace, settings: Settings, sources: Confi
     return 0
 
 
+def cmd_bench_serve(args: argparse.Namespace, settings: Settings, sources: ConfigSources) -> int:
+    import signal
+    import tempfile
+    import threading
+
+    from daemon.bench_serve import bench_direct, bench_serve
+    from daemon.engine import SpeculativeConfig, SpeculativeEngine
+    from daemon.models import load_pair
+    from daemon.prompts import read_prompts
+    from daemon.server import Server
+
+    prompts = [p.messages for p in read_prompts(args.prompts, limit=args.limit)]
+    pair = load_pair(settings)
+    engine = SpeculativeEngine(
+        pair.target,
+        pair.draft,
+        pair.tokenizer,
+        SpeculativeConfig.from_settings(settings.speculative, pair.max_context),
+    )
+    print(
+        f"bench serve: {len(prompts)} prompts, {args.clients} clients, "
+        f"max_tokens={args.max_tokens}; direct engine first, then over HTTP"
+    )
+    direct = bench_direct(engine, pair.tokenizer, prompts, args.max_tokens)
+    # A private server on a free port with a throwaway buffer: benchmark traffic is not recorded
+    # into the user's buffer, and the user's daemon (if any) is left alone.
+    with tempfile.TemporaryDirectory(prefix="specd-bench-") as tmp:
+        bench_settings = settings.model_copy(deep=True)
+        bench_settings.paths.data_dir = Path(tmp)
+        bench_settings.server.port = 0
+        bench_settings.server.host = "127.0.0.1"
+        bench_settings.server.api_key = None
+        srv = Server(bench_settings, sources, pair)
+        thread = threading.Thread(target=srv.run, daemon=True)
+        thread.start()
+        while not srv.ready.wait(0.1):
+            if not thread.is_alive():
+                raise RuntimeError("benchmark server failed to start")
+        try:
+            result = bench_serve(
+                srv.url, None, prompts, args.clients, args.max_tokens, direct=direct
+            )
+        finally:
+            srv.handle_exit(signal.SIGTERM, None)
+            thread.join(60)
+    result["direct"] = direct
+    print(json.dumps(result, indent=2))
+    _write_json(args.json, result)
+    return 0
+
+
 def _candidate(text: str) -> tuple[str, list[int]]:
     name, _, spec = text.rpartition("=")
     layers: list[int] = []
@@ -457,6 +508,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="draft tokens per round (default: speculative.num_draft_tokens)",
     )
     q.set_defaults(func=cmd_bench_speed, needs_mlx=True)
+
+    q = bsub.add_parser(
+        "serve",
+        help="concurrent streaming clients over HTTP vs the engine called directly",
+        description="Time to first token and tokens/s for N concurrent streaming clients against "
+        "a private in-process server on the configured pair, and the overhead versus calling "
+        "the engine directly on the same prompts.",
+    )
+    _common(q)
+    _prompt_args(q, limit=8, max_tokens=64)
+    q.add_argument("--clients", type=int, default=4, help="concurrent clients (default 4)")
+    q.set_defaults(func=cmd_bench_serve, needs_mlx=True)
 
     q = bsub.add_parser(
         "draft",

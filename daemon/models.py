@@ -45,9 +45,19 @@ class ModelPair:
     dtype: str
     dequantized: bool
 
+    draft_layers: list[int] | None = None  # layer-skip drafts only
+    base_draft: nn.Module | None = None  # separate drafts: the loaded model, never adapted
+
     @property
     def max_context(self) -> int | None:
         return getattr(self.target.args, "max_position_embeddings", None)
+
+    def fresh_draft(self) -> nn.Module:
+        """A new draft without any adapter; cheap, since it shares the weight arrays."""
+        if self.draft_layers is not None:
+            return make_layer_skip_draft(self.target, self.draft_layers)
+        assert self.base_draft is not None
+        return make_layer_skip_draft(self.base_draft, list(range(len(self.base_draft.layers))))
 
 
 def embedded_gguf_path() -> Path:
@@ -232,13 +242,17 @@ def load_pair(settings: Settings) -> ModelPair:
     """Load the configured target and draft."""
     cfg = settings.models
     target, tokenizer, tpath, deq, dtype = load_model(cfg.target, settings)
+    base_draft = None
+    layers: list[int] | None = None
     if cfg.draft is None:
-        draft = make_layer_skip_draft(target, cfg.draft_layers)
+        layers = list(cfg.draft_layers)
+        draft = make_layer_skip_draft(target, layers)
         draft_id = f"layer-skip{cfg.draft_layers}"
         kind = "layer-skip"
     else:
-        draft, dtok, _, _, _ = load_model(cfg.draft, settings)
+        base_draft, dtok, _, _, _ = load_model(cfg.draft, settings)
         check_vocab(tokenizer, dtok, cfg.target, cfg.draft)
+        draft = make_layer_skip_draft(base_draft, list(range(len(base_draft.layers))))
         draft_id, kind = cfg.draft, "model"
     return ModelPair(
         target=target,
@@ -250,4 +264,6 @@ def load_pair(settings: Settings) -> ModelPair:
         draft_kind=kind,
         dtype=dtype,
         dequantized=deq,
+        draft_layers=layers,
+        base_draft=base_draft,
     )

@@ -1,57 +1,200 @@
 """The daemon's lifecycle: start-up -> main loop -> shutdown (modelled on uvicorn's Server).
 
 Signal handlers only set flags; the main loop notices them and shuts down in order.
+
+Start-up
+    1. refuse a non-loopback ``server.host`` without ``server.api_key`` (unless
+       ``server.allow_insecure_bind``), then bind the socket (``--port 0`` picks a free port);
+    2. load the models (or take a `ModelPair` given to the constructor) and start the
+       `daemon.service.Service`: replay-buffer writer, engine and generation worker; after each
+       request it records it in the buffer and runs every hook in ``finished_hooks``;
+    3. start uvicorn on that socket in a thread (uvicorn installs no signal handlers there);
+    4. once it listens, write ``runtime.json`` (pid, host, port, url, started, version; atomic,
+       mode 0600) into the data directory and log ``ready`` with the actual port.
+
+Main loop
+    Waits for a signal flag (or for the HTTP thread to die, which is an error).
+
+Shutdown (SIGTERM/SIGINT; a second SIGINT skips the waiting)
+    1. ``accepting = False``: new generation requests get 503, ``/health`` says so;
+    2. wait for in-flight requests to finish (bounded by ``server.shutdown_timeout``);
+    3. stop uvicorn, stop the worker, flush the buffer writer, remove ``runtime.json``.
+
+Hooks for other components
+    ``finished_hooks``: ``(request, result, queue_s, total_s)`` on the worker thread after each
+    request with a result (cancelled ones included). ``status_providers``: callables returning a
+    dict merged into ``GET /status``. ``adapter_version``: reported by ``/status`` and the
+    ``specd_adapter_version`` gauge. ``metrics.buffer_records.set_function(fn)`` (or ``.set``)
+    feeds the ``specd_buffer_records`` gauge.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
+import json
+import os
 import signal
+import socket
 import threading
 import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
 from types import FrameType
+from typing import Any
 
+from daemon import __version__
 from daemon.backend import backend_info
-from daemon.config import ConfigSources, Settings
+from daemon.config import ConfigError, ConfigSources, Settings
 from daemon.logging import get_logger
+from daemon.metrics import SpecdMetrics
 from daemon.models import ModelPair, load_pair
 
 log = get_logger("server")
 
 HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
+FinishedHook = Callable[[Any, Any, float, float], None]
+
+
+def is_loopback_host(host: str) -> bool:
+    """True if every address ``host`` resolves to is a loopback address."""
+    if not host:
+        return False
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except OSError:
+        return False
+    addrs = {info[4][0].split("%", 1)[0] for info in infos}
+    try:
+        return bool(addrs) and all(ipaddress.ip_address(a).is_loopback for a in addrs)
+    except ValueError:
+        return False
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A bound (not yet listening) TCP socket for ``host:port``; port 0 picks a free one."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError as e:
+        raise ConfigError(f"server.host: cannot resolve {host!r}: {e}") from e
+    family, type_, proto, _, addr = infos[0]
+    sock = socket.socket(family, type_, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6 and hasattr(socket, "IPPROTO_IPV6"):
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if host == "::" else 1)
+        sock.bind(addr)
+    except OSError as e:
+        sock.close()
+        raise ConfigError(
+            f"cannot bind {host}:{port} (server.host/server.port): {e.strerror or e}"
+        ) from e
+    return sock
+
+
+def write_runtime_file(path: Path, data: dict[str, Any]) -> None:
+    """Write ``data`` as JSON to ``path`` atomically, readable by the owner only."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def remove_runtime_file(path: Path, pid: int) -> None:
+    """Remove ``path`` if it is still ours (another daemon may have replaced it)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    if isinstance(data, dict) and data.get("pid") == pid:
+        with contextlib.suppress(OSError):
+            path.unlink()
+
 
 class Server:
-    """Loads the models and keeps them resident until asked to stop."""
+    """Loads the models, serves HTTP and keeps them resident until asked to stop.
 
-    def __init__(self, settings: Settings, sources: ConfigSources) -> None:
+    ``pair``: an already loaded `ModelPair` (tests, embedding); None loads the configured one.
+    """
+
+    def __init__(
+        self, settings: Settings, sources: ConfigSources, pair: ModelPair | None = None
+    ) -> None:
         self.settings = settings
         self.sources = sources
         self.should_exit = False
         self.force_exit = False
         self.started = False
-        self.pair: ModelPair | None = None
+        self.exit_code = 0
+        self.pair: ModelPair | None = pair
+        self.engine: Any = None
+        self.worker: Any = None
+        self.app: Any = None
+        self.app_state: Any = None
+        self.metrics = SpecdMetrics()
+        self.service: Any = None
+        self.finished_hooks: list[FinishedHook] = [self.metrics.observe_generation]
+        self.status_providers: list[Callable[[], dict[str, Any]]] = []
+        self.host: str | None = None
+        self.port: int | None = None
+        self.ready = threading.Event()  # set once serving (runtime.json written)
         self._wake = threading.Event()
+        self._socket: socket.socket | None = None
+        self._http: Any = None  # uvicorn.Server
+        self._http_thread: threading.Thread | None = None
+        self._old_handlers: dict[int, Any] = {}
+        self._runtime_written = False
+
+    @property
+    def url(self) -> str | None:
+        if self.port is None or self.host is None:
+            return None
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
 
     def run(self) -> int:
         """Run until SIGINT/SIGTERM; returns the process exit code."""
         self.install_signal_handlers()
-        self.startup()
-        if not self.should_exit:
-            self.main_loop()
-        self.shutdown()
-        return 0
+        try:
+            self.startup()
+            if not self.should_exit:
+                self.main_loop()
+        finally:
+            self.shutdown()
+            self.restore_signal_handlers()
+        return self.exit_code
 
     def install_signal_handlers(self) -> None:
         if threading.current_thread() is not threading.main_thread():
             return  # tests may run the server in a thread; signals only reach the main thread
         for sig in HANDLED_SIGNALS:
-            signal.signal(sig, self.handle_exit)
+            self._old_handlers[sig] = signal.signal(sig, self.handle_exit)
+
+    def restore_signal_handlers(self) -> None:
+        for sig, handler in self._old_handlers.items():
+            signal.signal(sig, handler)
+        self._old_handlers.clear()
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self.should_exit and sig == signal.SIGINT:
             self.force_exit = True
         self.should_exit = True
         self._wake.set()
+
+    # --- start-up ----------------------------------------------------------------------------
 
     def startup(self) -> None:
         s = self.settings
@@ -61,8 +204,16 @@ class Server:
             data_dir=str(s.paths.data_dir),
             log_file=str(s.log_file),
         )
+        self._check_bind_security()
+        # Bind before the (slow) model load: a busy port fails at once.
+        self._socket = bind_socket(s.server.host, s.server.port)
+        self.host = s.server.host
+        self.port = self._socket.getsockname()[1]
+
         t0 = time.perf_counter()
-        self.pair = pair = load_pair(s)
+        if self.pair is None:
+            self.pair = load_pair(s)
+        pair = self.pair
         info = backend_info()
         log.info(
             "models_loaded",
@@ -77,14 +228,171 @@ class Server:
             mlx_version=info["mlx_version"],
             load_s=round(time.perf_counter() - t0, 2),
         )
+        self._start_worker()
+        self._start_http()
+        if self.should_exit:
+            return
+        self._write_runtime()
         self.started = True
-        log.info("ready")
+        self.ready.set()
+        log.info("ready", host=self.host, port=self.port, url=self.url, pid=os.getpid())
+
+    def _check_bind_security(self) -> None:
+        srv = self.settings.server
+        if srv.api_key is None and not srv.allow_insecure_bind and not is_loopback_host(srv.host):
+            raise ConfigError(
+                f"refusing to serve on {srv.host!r} without an API key: it is not a loopback "
+                "address, so anyone who can reach it could use the daemon. Set server.api_key "
+                "(clients send 'Authorization: Bearer <key>'), bind 127.0.0.1, or set "
+                "server.allow_insecure_bind: true"
+            )
+
+    def _start_worker(self) -> None:
+        from daemon.service import Service
+
+        assert self.pair is not None
+        # The same Service that in-process `specd collect` uses: requests are encoded,
+        # generated and recorded in the replay buffer identically whoever sends them.
+        self.service = service = Service(self.settings, self.pair)
+        service.finished_hooks.append(self._on_finished)
+        service.start()
+        self.engine, self.worker = service.engine, service.worker
+        self.metrics.queue_depth.set_function(lambda: self.worker.queue_depth)
+        self.metrics.adapter_version.set_function(lambda: self.adapter_version)
+        self.metrics.buffer_records.set_function(lambda: service.buffer.count())
+        self.status_providers.append(self._buffer_status)
+
+    @property
+    def adapter_version(self) -> int:
+        return self.service.adapter_version if self.service is not None else 0
+
+    def _buffer_status(self) -> dict[str, Any]:
+        assert self.service is not None and self.service.buffer is not None
+        st = self.service.buffer.stats(trend_window=200, trend_buckets=4)
+        keys = (
+            "records",
+            "train",
+            "holdout",
+            "failures",
+            "pending_failures",
+            "used_for_training",
+            "size_bytes",
+            "max_records",
+            "acceptance_trend",
+        )
+        return {"buffer": {k: st[k] for k in keys}}
+
+    def _on_finished(self, request: Any, result: Any, queue_s: float, total_s: float) -> None:
+        """The worker's ``on_finished``: every hook, in order; one failing stops no other."""
+        for hook in list(self.finished_hooks):
+            try:
+                hook(request, result, queue_s, total_s)
+            except Exception:
+                log.exception("finished_hook_failed", hook=getattr(hook, "__qualname__", "?"))
+
+    def _start_http(self) -> None:
+        import uvicorn
+
+        from daemon.api import AppState, create_app
+
+        s, pair = self.settings, self.pair
+        assert pair is not None
+        self.app_state = AppState(
+            settings=s,
+            worker=self.worker,
+            tokenizer=pair.tokenizer,
+            metrics=self.metrics,
+            model_id=pair.target_id,
+            draft_id=pair.draft_id,
+            draft_kind=pair.draft_kind,
+            dtype=pair.dtype,
+            max_context=pair.max_context,
+            adapter_version=lambda: self.adapter_version,
+            status_providers=self.status_providers,
+        )
+        self.app = create_app(self.app_state)
+        state = self.app_state
+        self.metrics.in_flight.set_function(lambda: state.in_flight)
+        config = uvicorn.Config(
+            self.app,
+            log_config=None,  # keep specd's logging configuration
+            access_log=False,
+            lifespan="off",
+            http="h11",
+            ws="none",
+            timeout_graceful_shutdown=max(1.0, s.server.shutdown_timeout),
+        )
+        self._http = uvicorn.Server(config)
+        sock = self._socket
+        self._http_thread = threading.Thread(
+            target=self._http.run, kwargs={"sockets": [sock]}, name="specd-http", daemon=True
+        )
+        self._http_thread.start()
+        while not self._http.started:
+            if not self._http_thread.is_alive():
+                raise RuntimeError("the HTTP server failed to start (see the log)")
+            if self.should_exit:
+                return
+            time.sleep(0.01)
+
+    def _write_runtime(self) -> None:
+        data = {
+            "pid": os.getpid(),
+            "host": self.host,
+            "port": self.port,
+            "url": self.url,
+            "started": datetime.now(UTC).isoformat(),
+            "version": __version__,
+        }
+        write_runtime_file(self.settings.runtime_file, data)
+        self._runtime_written = True
+
+    # --- main loop ---------------------------------------------------------------------------
 
     def main_loop(self) -> None:
         while not self.should_exit:
             self._wake.wait(0.5)
+            if self._http_thread is not None and not self._http_thread.is_alive():
+                log.error("http_server_stopped_unexpectedly")
+                self.exit_code = 1
+                break
+
+    # --- shutdown ----------------------------------------------------------------------------
 
     def shutdown(self) -> None:
-        log.info("shutting_down")
+        state = self.app_state
+        timeout = self.settings.server.shutdown_timeout
+        deadline = time.monotonic() + timeout
+        log.info(
+            "shutting_down",
+            in_flight=state.in_flight if state is not None else 0,
+            queued=self.worker.queue_depth if self.worker is not None else 0,
+        )
+        if state is not None:
+            state.accepting = False
+            while state.in_flight > 0 and not self.force_exit and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if state.in_flight > 0:
+                log.warning(
+                    "shutdown_timeout", in_flight=state.in_flight, shutdown_timeout_s=timeout
+                )
+        if self._http is not None:
+            self._http.should_exit = True
+            if self.force_exit or time.monotonic() >= deadline:
+                self._http.force_exit = True
+        if self._http_thread is not None:
+            self._http_thread.join(max(1.0, deadline - time.monotonic()) + 5.0)
+        elif self._socket is not None:
+            self._socket.close()
+        if self.service is not None:
+            remaining = 0.1 if self.force_exit else max(0.1, deadline - time.monotonic())
+            # Stops the worker, then flushes every recorded request to the buffer.
+            if not self.service.stop(remaining):
+                log.warning("worker_still_busy_at_exit")
+        if self._runtime_written:
+            remove_runtime_file(self.settings.runtime_file, os.getpid())
+            self._runtime_written = False
+        self.ready.clear()
         self.pair = None
+        self.engine = None
         log.info("stopped")

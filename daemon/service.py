@@ -6,9 +6,6 @@ generated and recorded the same way whoever sent it.
 
 from __future__ import annotations
 
-import threading
-import time
-from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -37,9 +34,6 @@ class Service:
         self.adapter_version = 0
         self.finished_hooks: list[FinishedHook] = []
         self.commit_hooks: list[Callable[[list[BufferRecord]], None]] = []
-        self.started_at = time.time()
-        self._recent: deque[tuple[int, int]] = deque(maxlen=100)  # (drafted, accepted)
-        self._recent_lock = threading.Lock()
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -109,18 +103,9 @@ class Service:
 
     # --- bookkeeping -----------------------------------------------------------------------
 
-    def rolling_acceptance(self) -> float | None:
-        """Acceptance rate over the last 100 requests (None before any drafting)."""
-        with self._recent_lock:
-            drafted = sum(d for d, _ in self._recent)
-            accepted = sum(a for _, a in self._recent)
-        return accepted / drafted if drafted else None
-
     def _finished(
         self, req: GenerationRequest, result: GenerationResult, queue_s: float, total_s: float
     ) -> None:
-        with self._recent_lock:
-            self._recent.append((result.stats.drafted, result.stats.accepted))
         if req.record and result.tokens and self.writer is not None and self.pair is not None:
             self.writer.submit(
                 BufferRecord.from_result(

@@ -36,6 +36,7 @@ def wait_for_event(path: Path, event: str, proc: subprocess.Popen, timeout: floa
 
 def start_daemon(tmp_path: Path, config: dict, env_extra: dict | None = None) -> subprocess.Popen:
     cfg = tmp_path / "config.yaml"
+    config = {**config, "server": {"port": 0, **config.get("server", {})}}  # never 8765
     cfg.write_text(json.dumps(config))
     env = {k: v for k, v in os.environ.items() if not k.startswith("SPECD_")}
     env.pop("LD_PRELOAD", None)  # the entry point must find OpenBLAS by itself
