@@ -72,6 +72,9 @@ KNOWN_PATHS = (
     "/health",
     "/status",
     "/metrics",
+    "/admin/adapters",
+    "/admin/adapters/rollback",
+    "/admin/train",
     "/openapi.json",
     "/docs",
     "/redoc",
@@ -107,6 +110,7 @@ class AppState:
     max_context: int | None = None
     adapter_version: Callable[[], int] = lambda: 0
     status_providers: list[Callable[[], dict[str, Any]]] = field(default_factory=list)
+    admin: Any = None  # daemon.adaptation.AdaptationLoop, when adaptation runs
     started: float = field(default_factory=time.time)
     accepting: bool = True
     in_flight: int = 0
@@ -415,6 +419,46 @@ class StatusResponse(BaseModel):
     queue: QueueStatus
     queue_depth: int = Field(description="Same as queue.depth.")
     rolling_acceptance: float | None = Field(description="Same as acceptance.acceptance_rate.")
+
+
+class RollbackRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    version: int | None = Field(
+        None,
+        ge=0,
+        description="Version to put in service (0: no adapter); default: the "
+        "installed version before the current one.",
+    )
+
+
+class RollbackResponse(BaseModel):
+    previous_version: int
+    adapter_version: int
+
+
+class AdapterInfo(BaseModel):
+    version: int
+    status: str
+    created: float | None = None
+    parent: int | None = None
+    gate: dict[str, Any] | None = None
+
+
+class AdapterList(BaseModel):
+    current: int
+    versions: list[AdapterInfo]
+
+
+class TrainRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    epochs: int | None = Field(None, ge=1, description="Default: training.epochs.")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many updates.")
+
+
+class TrainResponse(BaseModel):
+    run_id: str
 
 
 # --------------------------------------------------------------------------------------------
@@ -1123,6 +1167,67 @@ def create_app(state: AppState) -> FastAPI:
             ),
             **extra,
         )
+
+    def _admin() -> Any:
+        if state.admin is None:
+            # 409, not 5xx: the server works; its configuration (training.enabled) says no.
+            raise APIError(
+                409,
+                "The adaptation loop is not running (training.enabled is false).",
+                code="adaptation_disabled",
+            )
+        return state.admin
+
+    @app.get(
+        "/admin/adapters",
+        response_model=AdapterList,
+        dependencies=auth,
+        tags=["admin"],
+        responses={409: {"model": ErrorResponse}},
+    )
+    async def list_adapters() -> AdapterList:
+        """Stored adapter versions and the one in service."""
+        return AdapterList(**await asyncio.to_thread(_admin().list_adapters))
+
+    @app.post(
+        "/admin/adapters/rollback",
+        response_model=RollbackResponse,
+        dependencies=auth,
+        tags=["admin"],
+        responses={
+            400: {"model": ErrorResponse},
+            404: {"model": ErrorResponse},
+            409: {"model": ErrorResponse},
+        },
+    )
+    async def rollback(body: RollbackRequest | None = None) -> RollbackResponse:
+        """Swap the draft to another stored version between requests (live, no restart)."""
+        from daemon.adapters import AdapterError
+
+        admin = _admin()
+        try:
+            out = await asyncio.to_thread(admin.rollback, body.version if body else None)
+        except AdapterError as e:
+            code = 404 if "no adapter version" in str(e) else 409
+            raise APIError(code, str(e), param="version", code="adapter_error") from None
+        return RollbackResponse(**out)
+
+    @app.post(
+        "/admin/train",
+        response_model=TrainResponse,
+        dependencies=auth,
+        tags=["admin"],
+        responses={400: {"model": ErrorResponse}, 409: {"model": ErrorResponse}},
+    )
+    async def train_now(body: TrainRequest | None = None) -> TrainResponse:
+        """Start a training run now (it goes through the same gate as automatic ones)."""
+        admin = _admin()
+        body = body or TrainRequest()
+        try:
+            run_id = await asyncio.to_thread(admin.train_now, body.epochs, body.max_steps)
+        except RuntimeError as e:
+            raise APIError(409, str(e), code="training_running") from None
+        return TrainResponse(run_id=run_id)
 
     @app.get(
         "/metrics",

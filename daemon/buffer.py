@@ -348,6 +348,10 @@ def _create_file(path: Path) -> None:
     os.close(fd)
 
 
+# Database files this process has opened a connection to (see `open_connection`).
+_OPENED: set[Path] = set()
+
+
 def open_connection(
     path: str | os.PathLike[str],
     *,
@@ -367,7 +371,11 @@ def open_connection(
     if path.exists():
         if not path.is_file():
             raise BufferError(f"{path}: buffer database path is not a regular file")
-        _check_header(path)
+        # Closing any descriptor of the file drops this process's POSIX locks on it, SQLite's
+        # included: another process could then checkpoint and delete the WAL under a live
+        # connection. So the raw header is read only before this process has a connection.
+        if path.resolve() not in _OPENED:
+            _check_header(path)
     elif create:
         _create_file(path)
     else:
@@ -424,6 +432,7 @@ def open_connection(
             f"{path}: cannot read buffer database ({e}); the file was left untouched"
         ) from e
     _chmod_private(path)
+    _OPENED.add(path.resolve())
     return conn
 
 
@@ -591,8 +600,11 @@ def _size_on_disk(path: Path) -> int:
 
 
 def _resolve(path: str | os.PathLike[str]) -> Path:
+    """A database file (``*.sqlite``/``*.db``) or a data directory, existing or not."""
     p = Path(path).expanduser()
-    return p / BUFFER_FILENAME if p.is_dir() else p
+    if p.suffix in (".sqlite", ".sqlite3", ".db") and not p.is_dir():
+        return p
+    return p / BUFFER_FILENAME
 
 
 # --------------------------------------------------------------------------------------------

@@ -45,7 +45,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_serve(args: argparse.Namespace, settings: Settings, sources: ConfigSources) -> int:
     from daemon.server import Server
 
-    return Server(settings, sources).run()
+    return Server(settings, sources, overrides=_overrides(args)).run()
 
 
 def cmd_import_gguf(args: argparse.Namespace, settings: Settings, sources: ConfigSources) -> int:
@@ -289,6 +289,119 @@ def cmd_buffer_purge(args: argparse.Namespace, settings: Settings, sources: Conf
     return 0
 
 
+def _print_gate(decision: dict[str, Any], version: int | None) -> None:
+    before, after = decision.get("heldout_before"), decision.get("heldout_after")
+    if before is not None and after is not None:
+        print(
+            f"held-out agreement: before {before:.4f} -> after {after:.4f} ({after - before:+.4f})"
+        )
+    what = {"install": "installed", "reject": "kept as rejected", "error": "failed"}
+    print(
+        f"adapter: {what.get(decision['decision'], decision['decision'])}"
+        + (f" as v{version}" if version else "")
+        + f" ({decision.get('reason')})"
+    )
+
+
+def cmd_train(args: argparse.Namespace, settings: Settings, sources: ConfigSources) -> int:
+    import time
+
+    from daemon.client import DaemonClient
+
+    client = DaemonClient.find(settings)
+    if client is not None:
+        body = {k: v for k, v in (("epochs", args.epochs), ("max_steps", args.max_steps)) if v}
+        run_id = client.request("POST", "/admin/train", body)["run_id"]
+        print(
+            f"training run {run_id} started by the running daemon at {client.base_url} "
+            "(progress: specd logs --training --follow)"
+        )
+        while True:
+            time.sleep(2)
+            training = client.request("GET", "/status", timeout=30).get("training") or {}
+            last = training.get("last_run") or {}
+            if last.get("run_id") == run_id:
+                _print_gate(last, last.get("adapter_version"))
+                return 0 if last.get("decision") != "error" else 1
+    from daemon.adaptation import train_and_gate
+
+    print("training in a subprocess (no daemon running for this data dir)")
+    result, decision, version = train_and_gate(
+        settings, sources.main_file, args.epochs, args.max_steps, progress=not args.quiet
+    )
+    m = result.get("metrics") or {}
+    if m:
+        ex = m.get("examples", {})
+        print(
+            f"trained on {ex.get('failures', 0)} failure cases + {ex.get('replay', 0)} replay "
+            f"rows: {m.get('steps')} steps, loss {m.get('loss_first', 0):.3f} -> "
+            f"{m.get('loss_last', 0):.3f}, {m.get('tokens_per_s', 0):.0f} tokens/s"
+        )
+    elif result.get("error"):
+        print(f"training failed: {result['error']}", file=sys.stderr)
+    _print_gate(decision, version.version if version else None)
+    return 0 if decision["decision"] != "error" else 1
+
+
+def cmd_adapters(args: argparse.Namespace, settings: Settings, sources: ConfigSources) -> int:
+    from daemon.adapters import AdapterStore
+    from daemon.client import DaemonClient
+
+    client = DaemonClient.find(settings)
+    if args.action == "rollback":
+        if client is not None:
+            body = {} if args.version is None else {"version": args.version}
+            out = client.request("POST", "/admin/adapters/rollback", body)
+            where = f"live in the daemon at {client.base_url}"
+        else:
+            store = AdapterStore.for_data_dir(settings.paths.data_dir)
+            previous = store.current_version()
+            target = store.rollback_target(args.version)
+            store.set_current(target)
+            out = {"previous_version": previous, "adapter_version": target}
+            where = "(no daemon running: used at its next start)"
+        print(f"adapter v{out['previous_version']} -> v{out['adapter_version']} {where}")
+        return 0
+    store = AdapterStore.for_data_dir(settings.paths.data_dir)
+    current = store.current_version()
+    versions = store.versions()
+    if not versions:
+        print(f"no adapters yet in {store.root}")
+        return 0
+    for v in versions:
+        gate_info = v.manifest.get("gate") or {}
+        before, after = gate_info.get("heldout_before"), gate_info.get("heldout_after")
+        scores = f"{before:.4f} -> {after:.4f}" if before is not None and after is not None else "-"
+        mark = "*" if v.version == current else " "
+        print(
+            f"{mark} v{v.version:<4} {v.status:<9} {_ts(v.manifest.get('created'))}  "
+            f"parent v{v.manifest.get('parent', 0)}  held-out {scores}"
+        )
+    if current == 0:
+        print("* none: the draft serves without an adapter")
+    return 0
+
+
+def cmd_bench_train(args: argparse.Namespace, settings: Settings, sources: ConfigSources) -> int:
+    from daemon.training import bench_train
+
+    result = bench_train(settings, epochs=args.epochs, max_steps=args.max_steps, progress=True)
+    _print_table(
+        {"train": result},
+        [
+            "heldout_before",
+            "heldout_after",
+            "examples",
+            "steps",
+            "tokens_per_s",
+            "peak_memory_bytes",
+            "train_seconds",
+        ],
+    )
+    _write_json(args.json, {"train": result})
+    return 0
+
+
 def cmd_service(args: argparse.Namespace, settings: Settings, sources: ConfigSources) -> int:
     from daemon.install import execute, plan
 
@@ -363,6 +476,36 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"specd {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser(
+        "train",
+        help="train the draft on the buffer now (through the same gate)",
+        description="Train the draft's LoRA adapter on the pending failure cases (plus replay) "
+        "in a subprocess, print held-out agreement before and after, and install the adapter "
+        "only if it beats the one in service by training.min_improvement. Uses the running "
+        "daemon when there is one.",
+    )
+    _common(p)
+    p.add_argument("--epochs", type=int, help="passes over the examples (training.epochs)")
+    p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train, needs_mlx=True)
+
+    p = sub.add_parser(
+        "adapters",
+        help="list adapter versions or roll back",
+        description="List the stored adapter versions, or put another one in "
+        "service (live when the daemon runs).",
+    )
+    p.add_argument("action", choices=["list", "rollback"])
+    p.add_argument(
+        "version",
+        type=int,
+        nargs="?",
+        help="rollback target (default: the installed version before the current; 0 = no adapter)",
+    )
+    _common(p)
+    p.set_defaults(func=cmd_adapters, log_to_file=False)
 
     p = sub.add_parser(
         "serve",
@@ -522,6 +665,19 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=cmd_bench_serve, needs_mlx=True)
 
     q = bsub.add_parser(
+        "train",
+        help="training throughput, peak memory, held-out agreement before -> after",
+        description="Train the configured draft on the buffer in this process (nothing is "
+        "marked used, the adapter is discarded) and report throughput, peak memory and "
+        "held-out agreement before and after.",
+    )
+    _common(q)
+    q.add_argument("--epochs", type=int)
+    q.add_argument("--max-steps", type=int)
+    q.add_argument("--json", type=Path, metavar="OUT", help="also write the results as JSON")
+    q.set_defaults(func=cmd_bench_train, needs_mlx=True)
+
+    q = bsub.add_parser(
         "draft",
         help="layer-skip draft candidates: agreement and cost per token",
         description="Teacher-forced agreement of layer-skip drafts with the "
@@ -584,9 +740,11 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as e:
         # Known failure kinds carry a message meant for the user; anything else is a bug.
+        from daemon.adapters import AdapterError
         from daemon.buffer import BufferError
         from daemon.client import DaemonError
         from daemon.gguf import GGUFImportError
+        from daemon.install import ServiceError
         from daemon.models import ModelLoadError
         from daemon.prompts import PromptFileError
 
@@ -597,6 +755,8 @@ def main(argv: list[str] | None = None) -> int:
             PromptFileError,
             BufferError,
             DaemonError,
+            ServiceError,
+            AdapterError,
         )
         if isinstance(e, known):
             get_logger("cli").error("failed", error=str(e))

@@ -127,6 +127,36 @@ class TrainingSettings(_Section):
     gradient_accumulation_steps: int = Field(4, ge=1)
     min_failure_cases: int = Field(50, ge=1)
     replay_ratio: float = Field(0.2, ge=0.0, lt=1.0)
+    epochs: int = Field(3, ge=1, description="Passes over a run's examples.")
+    max_grad_norm: float = Field(1.0, gt=0.0, description="Clip the global gradient norm.")
+    kd_weight: float = Field(
+        0.0, ge=0.0, description="Weight of KL(target top-k || draft) at rejected positions."
+    )
+    disagreement_weight: float = Field(
+        0.0, ge=0.0, description="Extra CE weight on positions where the draft was rejected."
+    )
+    optimizer: Literal["adamw", "adam"] = "adamw"
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW decoupled weight decay.")
+    min_lr_ratio: float = Field(
+        0.1, ge=0.0, le=1.0, description="Cosine decay ends at learning_rate * this."
+    )
+    eval_max_rows: int = Field(200, ge=1, description="Holdout rows scored before/after a run.")
+    seed: int = Field(0, description="Shuffling, replay sampling and LoRA initialisation.")
+    # The adaptive loop (when training runs by itself, and how candidates are judged).
+    enabled: bool = Field(True, description="Train, gate and hot-swap automatically.")
+    policy: Literal["immediate", "idle"] = Field(
+        "immediate", description="Start a due run at once, or only once the server is idle."
+    )
+    idle_seconds: float = Field(30.0, ge=0.0, description="Idle time the 'idle' policy needs.")
+    cooldown_seconds: float = Field(60.0, ge=0.0, description="Pause between two runs.")
+    max_run_seconds: float = Field(3600.0, gt=0.0, description="A longer run is stopped.")
+    check_interval_seconds: float = Field(30.0, gt=0.0, description="Scheduler check period.")
+    min_improvement: float = Field(
+        0.01, description="Held-out agreement gain a candidate needs over the current adapter."
+    )
+    min_holdout_rows: int = Field(3, ge=1, description="Holdout rows needed before a run.")
+    keep_adapters: int = Field(5, ge=1, description="Adapter versions kept in the store.")
+    nice: int = Field(10, ge=0, le=19, description="Niceness of the training process.")
     lora: LoraSettings = Field(default_factory=LoraSettings)
 
 

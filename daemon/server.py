@@ -44,9 +44,9 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from daemon import __version__
+from daemon import __version__, notify
 from daemon.backend import backend_info
-from daemon.config import ConfigError, ConfigSources, Settings
+from daemon.config import ConfigError, ConfigSources, Settings, default_config_file
 from daemon.logging import get_logger
 from daemon.metrics import SpecdMetrics
 from daemon.models import ModelPair, load_pair
@@ -131,10 +131,20 @@ class Server:
     """
 
     def __init__(
-        self, settings: Settings, sources: ConfigSources, pair: ModelPair | None = None
+        self,
+        settings: Settings,
+        sources: ConfigSources,
+        pair: ModelPair | None = None,
+        overrides: dict[str, Any] | None = None,
+        adaptation: bool = True,
     ) -> None:
         self.settings = settings
         self.sources = sources
+        self.overrides = dict(overrides or {})
+        self.adaptation_enabled = adaptation
+        self.adaptation: Any = None
+        self.reloader: Any = None
+        self.reload_requested = False
         self.should_exit = False
         self.force_exit = False
         self.started = False
@@ -182,14 +192,20 @@ class Server:
             return  # tests may run the server in a thread; signals only reach the main thread
         for sig in HANDLED_SIGNALS:
             self._old_handlers[sig] = signal.signal(sig, self.handle_exit)
+        if hasattr(signal, "SIGHUP"):
+            self._old_handlers[signal.SIGHUP] = signal.signal(signal.SIGHUP, self.handle_reload)
 
     def restore_signal_handlers(self) -> None:
         for sig, handler in self._old_handlers.items():
             signal.signal(sig, handler)
         self._old_handlers.clear()
 
+    def handle_reload(self, sig: int, frame: FrameType | None) -> None:
+        self.reload_requested = True
+        self._wake.set()
+
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if self.should_exit and sig == signal.SIGINT:
+        if self.should_exit:  # a second signal: stop waiting for anything
             self.force_exit = True
         self.should_exit = True
         self._wake.set()
@@ -229,13 +245,70 @@ class Server:
             load_s=round(time.perf_counter() - t0, 2),
         )
         self._start_worker()
+        if self.adaptation_enabled and s.training.enabled:
+            self._start_adaptation()
         self._start_http()
         if self.should_exit:
             return
         self._write_runtime()
+        self._start_reloader()
         self.started = True
         self.ready.set()
+        notify.ready(f"serving on {self.url}")
         log.info("ready", host=self.host, port=self.port, url=self.url, pid=os.getpid())
+
+    @property
+    def config_file(self) -> Path:
+        return self.sources.main_file or default_config_file()
+
+    def _start_adaptation(self) -> None:
+        from daemon.adaptation import AdaptationLoop
+
+        self.adaptation = AdaptationLoop(self.service, self.sources.main_file)
+        self.adaptation.start()
+        self.status_providers.append(lambda: {"training": self.adaptation.status()})
+
+    def _start_reloader(self) -> None:
+        from daemon.reload import ConfigReloader
+
+        self.reloader = ConfigReloader(
+            self.config_file, self.overrides, self.settings, self.apply_settings
+        )
+        try:
+            self.reloader.start()
+        except OSError as e:  # e.g. inotify limits: SIGHUP still reloads
+            log.warning("config_watch_failed", error=str(e))
+
+    def reload_config(self) -> bool:
+        """Re-read the config files now (SIGHUP); invalid files leave everything as it was."""
+        notify.reloading()
+        try:
+            return self.reloader.reload() if self.reloader is not None else False
+        finally:
+            notify.ready(f"serving on {self.url}")
+
+    def apply_settings(self, new: Settings, live_keys: list[str]) -> None:
+        """Make reloaded settings take effect (keys that need a restart are only logged)."""
+        from daemon.engine import SpeculativeConfig
+        from daemon.logging import set_level
+
+        self.settings = new
+        if self.app_state is not None:
+            self.app_state.settings = new  # API key, limits, sampling defaults per request
+        service = self.service
+        if service is None:
+            return
+        service.settings = new  # sampling defaults; the adaptation loop reads training.*
+        if service.writer is not None:
+            service.writer.settings = new.buffer  # failure threshold for new records
+        if any(k.startswith("logging.level") for k in live_keys):
+            set_level(new.logging.level)
+        if any(k.startswith("server.queue_size") for k in live_keys):
+            service.worker.queue_size = new.server.queue_size
+        if any(k.startswith("speculative.") for k in live_keys):
+            config = SpeculativeConfig.from_settings(new.speculative, self.pair.max_context)
+            engine = service.engine
+            service.worker.call_between_requests(lambda: setattr(engine, "config", config))
 
     def _check_bind_security(self) -> None:
         srv = self.settings.server
@@ -309,6 +382,7 @@ class Server:
             max_context=pair.max_context,
             adapter_version=lambda: self.adapter_version,
             status_providers=self.status_providers,
+            admin=self.adaptation,
         )
         self.app = create_app(self.app_state)
         state = self.app_state
@@ -352,6 +426,10 @@ class Server:
     def main_loop(self) -> None:
         while not self.should_exit:
             self._wake.wait(0.5)
+            self._wake.clear()
+            if self.reload_requested and not self.should_exit:
+                self.reload_requested = False
+                self.reload_config()
             if self._http_thread is not None and not self._http_thread.is_alive():
                 log.error("http_server_stopped_unexpectedly")
                 self.exit_code = 1
@@ -360,6 +438,11 @@ class Server:
     # --- shutdown ----------------------------------------------------------------------------
 
     def shutdown(self) -> None:
+        notify.stopping()
+        if self.reloader is not None:
+            self.reloader.stop()
+        if self.adaptation is not None:
+            self.adaptation.stop()  # no new runs; a running one is stopped cleanly
         state = self.app_state
         timeout = self.settings.server.shutdown_timeout
         deadline = time.monotonic() + timeout

@@ -6,9 +6,12 @@ generated and recorded the same way whoever sent it.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from typing import Any
 
+from daemon.adapters import AdapterVersion, apply_adapter
 from daemon.buffer import BufferRecord, BufferWriter, ReplayBuffer
 from daemon.config import Settings
 from daemon.engine import GenerationResult, SamplingParams, SpeculativeConfig, SpeculativeEngine
@@ -32,6 +35,8 @@ class Service:
         self.writer: BufferWriter | None = None
         self.buffer: ReplayBuffer | None = None  # reader for /status and CLI stats
         self.adapter_version = 0
+        self.adapter_path: str | None = None
+        self.last_activity = time.monotonic()
         self.finished_hooks: list[FinishedHook] = []
         self.commit_hooks: list[Callable[[list[BufferRecord]], None]] = []
 
@@ -90,7 +95,40 @@ class Service:
 
     def submit(self, handle: RequestHandle) -> RequestHandle:
         assert self.worker is not None, "service not started"
+        self.last_activity = time.monotonic()
         return self.worker.submit(handle)
+
+    def idle_for(self) -> float:
+        """Seconds since the last request finished; 0 while one is queued or running."""
+        assert self.worker is not None
+        if self.worker.queue_depth or self.worker.active is not None:
+            return 0.0
+        return time.monotonic() - self.last_activity
+
+    def swap_adapter(self, version: AdapterVersion | None) -> Future:
+        """Put ``version`` (None: no adapter) into service between requests.
+
+        Runs on the worker thread, so in-flight requests finish on the old draft and the next
+        one uses the new. The future raises `AdapterError` (old draft kept) if it does not fit.
+        """
+        assert self.worker is not None and self.pair is not None and self.engine is not None
+        pair, engine = self.pair, self.engine
+
+        def swap() -> float:
+            t0 = time.perf_counter()
+            draft = apply_adapter(pair.fresh_draft, version)  # raises before anything changes
+            engine.draft = draft
+            self.adapter_version = version.version if version else 0
+            self.adapter_path = str(version.path) if version else None
+            seconds = time.perf_counter() - t0
+            log.info(
+                "adapter_swapped",
+                adapter_version=self.adapter_version,
+                duration_s=round(seconds, 4),
+            )
+            return seconds
+
+        return self.worker.call_between_requests(swap)
 
     def generate(self, messages: list[dict[str, str]], **params: Any) -> GenerationResult:
         """Blocking convenience: one chat request through the worker, recorded like any other."""
@@ -106,6 +144,7 @@ class Service:
     def _finished(
         self, req: GenerationRequest, result: GenerationResult, queue_s: float, total_s: float
     ) -> None:
+        self.last_activity = time.monotonic()
         if req.record and result.tokens and self.writer is not None and self.pair is not None:
             self.writer.submit(
                 BufferRecord.from_result(

@@ -58,7 +58,8 @@ def start_server(data_dir: Path, pair: ModelPair, **server: Any) -> tuple[Server
     data_dir.mkdir(parents=True, exist_ok=True)
     cfg = data_dir / "config.yaml"
     cfg.write_text("{}\n")
-    overrides = {"paths.data_dir": str(data_dir), "server.port": 0}
+    # No adaptation loop here: tests/test_adaptation.py covers it.
+    overrides = {"paths.data_dir": str(data_dir), "server.port": 0, "training.enabled": False}
     overrides.update({f"server.{k}": v for k, v in server.items()})
     settings, sources = load_settings(cfg, overrides)
     srv = Server(settings, sources, pair)

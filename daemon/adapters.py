@@ -1,0 +1,237 @@
+"""The adapter store: numbered LoRA adapter versions of the draft, and applying one to it.
+
+Layout under ``<data_dir>/adapters``::
+
+    v0001/adapter_config.json  adapters.safetensors  manifest.json
+    v0002/...
+    current            the version in service ("0" = no adapter), replaced atomically
+
+Every version keeps its manifest (parent version, metrics before/after, data counts, config
+hash, sha256 of the weights, time, status ``installed`` or ``rejected``). Installing writes a
+temporary directory, fsyncs it, renames it into place, then moves the ``current`` pointer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ADAPTER_FILES = ("adapter_config.json", "adapters.safetensors")
+_VERSION_DIR = re.compile(r"^v(\d{4,})$")
+
+
+class AdapterError(Exception):
+    """An adapter is missing, corrupt or does not fit the draft; the old one stays in service."""
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    """A short stable hash of the settings a version was trained with."""
+    blob = json.dumps(config, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _fsync_tree(path: Path) -> None:
+    for p in sorted(path.rglob("*")):
+        if p.is_file():
+            with p.open("rb") as f:
+                os.fsync(f.fileno())
+    _fsync_dir(path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class AdapterVersion:
+    version: int
+    path: Path
+    manifest: dict[str, Any]
+
+    @property
+    def status(self) -> str:
+        return str(self.manifest.get("status", "unknown"))
+
+
+class AdapterStore:
+    """Numbered adapter versions with an atomic ``current`` pointer."""
+
+    def __init__(self, root: Path, keep: int = 5) -> None:
+        self.root = Path(root)
+        self.keep = keep
+
+    @classmethod
+    def for_data_dir(cls, data_dir: Path, keep: int = 5) -> AdapterStore:
+        return cls(Path(data_dir) / "adapters", keep)
+
+    # --- reading ---------------------------------------------------------------------------
+
+    def versions(self) -> list[AdapterVersion]:
+        """All stored versions, oldest first (a version without a readable manifest is skipped)."""
+        out = []
+        if not self.root.is_dir():
+            return out
+        for p in self.root.iterdir():
+            m = _VERSION_DIR.match(p.name)
+            if not m or not p.is_dir():
+                continue
+            try:
+                manifest = json.loads((p / "manifest.json").read_text())
+            except (OSError, ValueError):
+                continue
+            out.append(AdapterVersion(int(m.group(1)), p, manifest))
+        return sorted(out, key=lambda v: v.version)
+
+    def get(self, version: int) -> AdapterVersion:
+        for v in self.versions():
+            if v.version == version:
+                return v
+        raise AdapterError(f"no adapter version {version} in {self.root}")
+
+    def current_version(self) -> int:
+        """The version in service; 0 means the plain draft."""
+        try:
+            return int((self.root / "current").read_text().strip() or 0)
+        except FileNotFoundError:
+            return 0
+        except ValueError as e:
+            raise AdapterError(f"{self.root / 'current'}: not a version number") from e
+
+    def current(self) -> AdapterVersion | None:
+        v = self.current_version()
+        return self.get(v) if v else None
+
+    def verify(self, version: AdapterVersion) -> None:
+        """The files exist and the weights match the manifest's checksum."""
+        for name in ADAPTER_FILES:
+            if not (version.path / name).is_file():
+                raise AdapterError(f"adapter v{version.version}: {name} is missing")
+        expected = version.manifest.get("sha256")
+        actual = sha256_file(version.path / "adapters.safetensors")
+        if expected != actual:
+            raise AdapterError(
+                f"adapter v{version.version}: checksum mismatch for adapters.safetensors "
+                f"(manifest {str(expected)[:12]}..., file {actual[:12]}...)"
+            )
+
+    # --- writing ---------------------------------------------------------------------------
+
+    def add(self, adapter_dir: Path, manifest: dict[str, Any], install: bool) -> AdapterVersion:
+        """Store the adapter in ``adapter_dir`` as the next version.
+
+        ``install`` moves the ``current`` pointer to it; otherwise it is kept as rejected.
+        """
+        self.root.mkdir(parents=True, exist_ok=True)
+        for name in ADAPTER_FILES:
+            if not (Path(adapter_dir) / name).is_file():
+                raise AdapterError(f"{adapter_dir}: {name} is missing; not an mlx-lm adapter")
+        existing = [v.version for v in self.versions()]
+        number = max([*existing, self.current_version(), 0]) + 1
+        tmp = Path(tempfile.mkdtemp(prefix=".incoming-", dir=self.root))
+        try:
+            for name in ADAPTER_FILES:
+                shutil.copy2(Path(adapter_dir) / name, tmp / name)
+            manifest = {
+                **manifest,
+                "version": number,
+                "parent": self.current_version(),
+                "sha256": sha256_file(tmp / "adapters.safetensors"),
+                "created": time.time(),
+                "status": "installed" if install else "rejected",
+            }
+            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
+            _fsync_tree(tmp)
+            final = self.root / f"v{number:04d}"
+            os.rename(tmp, final)
+            _fsync_dir(self.root)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        version = AdapterVersion(number, final, manifest)
+        if install:
+            self.set_current(number)
+        self.prune()
+        return version
+
+    def set_current(self, version: int) -> None:
+        """Point ``current`` at ``version`` (0 = no adapter), atomically."""
+        if version:
+            self.verify(self.get(version))
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.root / ".current.tmp"
+        with tmp.open("w") as f:
+            f.write(f"{version}\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.root / "current")
+        _fsync_dir(self.root)
+
+    def prune(self) -> list[int]:
+        """Keep the newest ``keep`` versions (and always the current one)."""
+        current = self.current_version()
+        versions = self.versions()
+        removed = []
+        for v in versions[: max(0, len(versions) - self.keep)]:
+            if v.version != current:
+                shutil.rmtree(v.path, ignore_errors=True)
+                removed.append(v.version)
+        return removed
+
+    def rollback_target(self, version: int | None) -> int:
+        """The version a rollback goes to: ``version`` if given, else the installed version
+        before the current one (0 when there is none)."""
+        if version is not None:
+            if version:
+                v = self.get(version)
+                if v.status != "installed":
+                    raise AdapterError(
+                        f"adapter v{version} was {v.status}; only installed "
+                        "versions can be put back in service"
+                    )
+            return version
+        current = self.current_version()
+        older = [
+            v.version for v in self.versions() if v.status == "installed" and v.version < current
+        ]
+        return older[-1] if older else 0
+
+
+def apply_adapter(draft_factory: Any, version: AdapterVersion | None) -> Any:
+    """A fresh draft (from ``draft_factory()``) with ``version``'s LoRA weights applied.
+
+    Shapes and names are checked by mlx-lm's ``load_adapters``; a mismatch raises
+    `AdapterError` and the caller keeps the draft in service.
+    """
+    import mlx.core as mx
+    from mlx_lm.tuner.utils import load_adapters
+
+    draft = draft_factory()
+    if version is None:
+        return draft
+    try:
+        load_adapters(draft, str(version.path))
+    except (ValueError, KeyError, OSError, TypeError) as e:
+        raise AdapterError(f"adapter v{version.version} does not fit the draft: {e}") from e
+    draft.eval()
+    mx.eval(draft.parameters())
+    return draft
