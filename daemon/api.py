@@ -521,11 +521,11 @@ class _Gate:
                 return
             await self.app(scope, receive, send_wrapper)
         finally:
-            if generation:
-                state.in_flight -= 1
             handle: RequestHandle | None = info.get("handle")
             if handle is not None:
                 handle.cancel()  # no-op once it finished; frees the worker otherwise
+            if generation:  # after the cancel: a drained server has nothing left to run
+                state.in_flight -= 1
             self._finished(info, generation)
 
     def _check(self, scope: Scope, path: str, generation: bool) -> APIError | None:

@@ -246,3 +246,107 @@ def bench_draft(
             "cost_ratio": step / target_step,
         }
     return result
+
+
+def _eval_engine(service: Any, prompts: Sequence[Any], max_tokens: int) -> dict[str, Any]:
+    """Greedy eval traffic through the service (never recorded): speed and acceptance."""
+    tokens = drafted = accepted = rounds = 0
+    t0 = time.perf_counter()
+    for p in prompts:
+        r = service.generate(p, record=False, temperature=0.0, max_tokens=max_tokens)
+        tokens += r.stats.generation_tokens
+        drafted += r.stats.drafted
+        accepted += r.stats.accepted
+        rounds += r.stats.num_drafts
+    seconds = time.perf_counter() - t0
+    return {
+        "tokens_per_s": tokens / seconds,
+        "acceptance_rate": accepted / drafted if drafted else 0.0,
+        "mean_accepted_length": 1.0 + accepted / rounds if rounds else 1.0,
+        "tokens": tokens,
+        "seconds": seconds,
+    }
+
+
+def bench_adapt(
+    settings: Any,
+    config_file: Any,
+    train_prompts: Sequence[list[dict[str, Any]]],
+    eval_prompts: Sequence[list[dict[str, Any]]],
+    max_tokens: int,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """The adaptive loop on the configured pair, measured on eval prompts before and after.
+
+    Runs in a private data directory (a fresh buffer and adapter store): eval traffic is never
+    recorded; train traffic goes through the service exactly as the daemon serves it, and the
+    `AdaptationLoop` trains, gates and swaps as it would, with the configured
+    ``min_failure_cases``. ``heldout_agreement`` is teacher-forced agreement of the draft with
+    the target's greedy answers to the eval prompts.
+    """
+    import tempfile
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from daemon.adaptation import AdaptationLoop
+    from daemon.evaluation import teacher_forced_agreement
+    from daemon.models import load_pair
+    from daemon.service import Service
+
+    wall0 = time.perf_counter()
+    pair = load_pair(settings)
+    tok = pair.tokenizer
+    eval_ids = [encode_prompt(tok, p) for p in eval_prompts]
+    # Target-only reference: speed, and the greedy answers held-out agreement is scored on.
+    _mlx_lm_run(pair.target, tok, eval_ids[0], 8)  # warm-up
+    t0 = time.perf_counter()
+    answers = [_mlx_lm_run(pair.target, tok, ids, max_tokens)[0] for ids in eval_ids]
+    target_s = time.perf_counter() - t0
+    target_tps = sum(len(a) for a in answers) / target_s
+    heldout_rows = list(zip(eval_ids, answers, strict=True))
+
+    with tempfile.TemporaryDirectory(prefix="specd-bench-adapt-") as tmp:
+        s = settings.model_copy(deep=True)
+        s.paths.data_dir = Path(tmp)
+        s.training.cooldown_seconds = 0.0
+        s.training.check_interval_seconds = 2.0
+        s.training.policy = "immediate"
+        service = Service(s, pair)
+        service.start()
+        loop = AdaptationLoop(service, config_file)
+        loop.start()
+        try:
+
+            def measure() -> dict[str, Any]:
+                m = _eval_engine(service, eval_prompts, max_tokens)
+                m["speedup_vs_target"] = m["tokens_per_s"] / target_tps
+                m["heldout_agreement"] = teacher_forced_agreement(
+                    service.engine.draft, heldout_rows
+                ).rate
+                m["adapter_version"] = service.adapter_version
+                return m
+
+            before = measure()
+            for p in tqdm(train_prompts, desc="train traffic", disable=not progress):
+                service.generate(p, temperature=0.0, max_tokens=max_tokens)
+            service.writer.flush(60)
+            loop.check()  # the last failures may have just crossed the threshold
+            while loop.run is not None:  # let a started run finish, gate and swap
+                with loop.runs_done:
+                    loop.runs_done.wait(5)
+            after = measure()
+        finally:
+            loop.stop()
+            service.stop(timeout=60)
+    return {
+        "target_only": {"tokens_per_s": target_tps, "tokens": sum(len(a) for a in answers)},
+        "before": before,
+        "after": after,
+        "adapters_installed": loop.counts["installed"],
+        "training_runs": loop.counts["runs"],
+        "last_run": loop.last_run,
+        "train_requests": len(train_prompts),
+        "eval_requests": len(eval_prompts),
+        "wall_s": time.perf_counter() - wall0,
+    }

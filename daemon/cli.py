@@ -382,6 +382,38 @@ def cmd_adapters(args: argparse.Namespace, settings: Settings, sources: ConfigSo
     return 0
 
 
+def cmd_bench_adapt(args: argparse.Namespace, settings: Settings, sources: ConfigSources) -> int:
+    from daemon.bench import bench_adapt
+    from daemon.prompts import read_prompts
+
+    train = [p.messages for p in read_prompts(args.train_prompts, limit=args.train_limit)]
+    evals = [p.messages for p in read_prompts(args.eval_prompts, limit=args.eval_limit)]
+    print(
+        f"bench adapt: {len(train)} train prompts, {len(evals)} eval prompts, "
+        f"max_tokens={args.max_tokens}, min_failure_cases="
+        f"{settings.training.min_failure_cases}"
+    )
+    result = bench_adapt(settings, sources.main_file, train, evals, args.max_tokens)
+    rows = {k: result[k] for k in ("target_only", "before", "after")}
+    _print_table(
+        rows,
+        [
+            "tokens_per_s",
+            "speedup_vs_target",
+            "acceptance_rate",
+            "mean_accepted_length",
+            "heldout_agreement",
+            "adapter_version",
+        ],
+    )
+    print(
+        f"training runs: {result['training_runs']}, adapters installed: "
+        f"{result['adapters_installed']}, wall: {result['wall_s']:.0f}s"
+    )
+    _write_json(args.json, result)
+    return 0
+
+
 def cmd_bench_train(args: argparse.Namespace, settings: Settings, sources: ConfigSources) -> int:
     from daemon.training import bench_train
 
@@ -663,6 +695,22 @@ def build_parser() -> argparse.ArgumentParser:
     _prompt_args(q, limit=8, max_tokens=64)
     q.add_argument("--clients", type=int, default=4, help="concurrent clients (default 4)")
     q.set_defaults(func=cmd_bench_serve, needs_mlx=True)
+
+    q = bsub.add_parser(
+        "adapt",
+        help="the adaptive loop end to end: eval before, train traffic, eval after",
+        description="Measure the engine on the eval prompts, send the train prompts through it "
+        "exactly as the daemon serves them (the loop trains, gates and swaps with the configured "
+        "min_failure_cases), then measure the eval prompts again. Uses a private data dir.",
+    )
+    _common(q)
+    q.add_argument("--train-prompts", type=Path, required=True, metavar="A.jsonl")
+    q.add_argument("--eval-prompts", type=Path, required=True, metavar="B.jsonl")
+    q.add_argument("--train-limit", type=int, help="use at most this many train prompts")
+    q.add_argument("--eval-limit", type=int, help="use at most this many eval prompts")
+    q.add_argument("--max-tokens", type=int, default=64, help="new tokens per prompt (64)")
+    q.add_argument("--json", type=Path, metavar="OUT", help="also write the results as JSON")
+    q.set_defaults(func=cmd_bench_adapt, needs_mlx=True)
 
     q = bsub.add_parser(
         "train",

@@ -130,12 +130,16 @@ class Service:
 
         return self.worker.call_between_requests(swap)
 
-    def generate(self, messages: list[dict[str, str]], **params: Any) -> GenerationResult:
-        """Blocking convenience: one chat request through the worker, recorded like any other."""
+    def generate(
+        self, messages: list[dict[str, str]], record: bool = True, **params: Any
+    ) -> GenerationResult:
+        """Blocking convenience: one chat request through the worker, recorded like any other
+        unless ``record`` is False (evaluation traffic)."""
         req = GenerationRequest(
             prompt_tokens=self.encode_messages(messages),
             params=self.sampling_params(**params),
             prompt_text=messages[-1]["content"],
+            record=record,
         )
         return self.submit(BlockingHandle(req)).result()  # type: ignore[union-attr]
 

@@ -242,3 +242,37 @@ def test_cli_train_and_adapters_without_daemon(daemon_setup, capsys) -> None:
     assert "adapter v1 -> v0" in capsys.readouterr().out
     assert main(["adapters", "rollback", "5", *common]) == 1
     assert "no adapter version 5" in capsys.readouterr().err
+
+
+def test_bench_adapt_reports_before_and_after(daemon_setup) -> None:
+    from daemon.bench import bench_adapt
+    from daemon.config import load_settings
+
+    tmp_path, cfg = daemon_setup
+    settings, sources = load_settings(cfg, {"paths.data_dir": str(tmp_path / "data")})
+    train = [[{"role": "user", "content": t}] for t in prompts(40, seed=3)]
+    evals = [[{"role": "user", "content": t}] for t in prompts(6, seed=4)]
+    result = bench_adapt(settings, sources.main_file, train, evals, max_tokens=16, progress=False)
+    assert set(result) >= {
+        "target_only",
+        "before",
+        "after",
+        "adapters_installed",
+        "training_runs",
+        "train_requests",
+        "eval_requests",
+        "wall_s",
+    }
+    assert result["train_requests"] == 40 and result["eval_requests"] == 6
+    assert result["training_runs"] >= 1 and result["adapters_installed"] >= 1
+    for row in ("before", "after"):
+        assert {
+            "tokens_per_s",
+            "acceptance_rate",
+            "mean_accepted_length",
+            "speedup_vs_target",
+            "heldout_agreement",
+        } <= set(result[row])
+    assert result["after"]["adapter_version"] >= 1
+    assert result["after"]["heldout_agreement"] > result["before"]["heldout_agreement"]
+    assert not (tmp_path / "data" / "buffer.sqlite").exists()  # a private data dir was used
