@@ -39,11 +39,11 @@ def openblas_preloaded() -> bool:
     return "openblas" in os.environ.get("LD_PRELOAD", "")
 
 
-def maybe_reexec_with_openblas(enabled: bool, argv: list[str]) -> None:
-    """Re-exec this process once with OpenBLAS preloaded (Linux CPU backend only).
+def maybe_reexec_with_openblas(enabled: bool, argv: list[str], module: str = "daemon") -> None:
+    """Re-exec this process (``python -m module argv``) once with OpenBLAS preloaded.
 
-    Does nothing (returns) when disabled, not on Linux, already preloaded, already re-executed
-    once, or no OpenBLAS is installed.
+    Linux CPU backend only. Does nothing (returns) when disabled, not on Linux, already
+    preloaded, already re-executed once, or no OpenBLAS is installed.
     """
     if not enabled or not sys.platform.startswith("linux"):
         return
@@ -55,7 +55,7 @@ def maybe_reexec_with_openblas(enabled: bool, argv: list[str]) -> None:
     env = dict(os.environ)
     env[REEXEC_MARKER] = "1"
     env["LD_PRELOAD"] = ":".join(p for p in (lib, env.get("LD_PRELOAD", "")) if p)
-    os.execve(sys.executable, [sys.executable, "-m", "daemon", *argv], env)
+    os.execve(sys.executable, [sys.executable, "-m", module, *argv], env)
 
 
 def loaded_blas() -> str:

@@ -414,6 +414,28 @@ def cmd_bench_adapt(args: argparse.Namespace, settings: Settings, sources: Confi
     return 0
 
 
+def cmd_bench_blas(args: argparse.Namespace, settings: Settings, sources: ConfigSources) -> int:
+    from daemon.bench import bench_blas, blas_probe
+    from daemon.models import load_pair
+
+    if args.probe:  # the child: one measurement in this process's environment
+        print(json.dumps(blas_probe(load_pair(settings).target)))
+        return 0
+    base = ["bench", "blas"]
+    if args.config:
+        base += ["--config", str(args.config)]
+    base += ["--data-dir", str(settings.paths.data_dir)]
+    result = bench_blas(base)
+    rows = {k: v for k, v in result.items() if isinstance(v, dict)}
+    _print_table(rows, ["blas", "prefill_tokens_per_s", "decode_tokens_per_s"])
+    print(
+        f"OpenBLAS speed-up: prefill {result['prefill_speedup']:.1f}x, "
+        f"decode {result['decode_speedup']:.1f}x"
+    )
+    _write_json(args.json, result)
+    return 0
+
+
 def cmd_bench_train(args: argparse.Namespace, settings: Settings, sources: ConfigSources) -> int:
     from daemon.training import bench_train
 
@@ -711,6 +733,17 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--max-tokens", type=int, default=64, help="new tokens per prompt (64)")
     q.add_argument("--json", type=Path, metavar="OUT", help="also write the results as JSON")
     q.set_defaults(func=cmd_bench_adapt, needs_mlx=True)
+
+    q = bsub.add_parser(
+        "blas",
+        help="MLX's bundled BLAS vs the system OpenBLAS on the target (Linux)",
+        description="Prefill (256 tokens) and decode speed of the target in two child "
+        "processes, one with MLX's bundled reference BLAS and one with OpenBLAS preloaded.",
+    )
+    _common(q)
+    q.add_argument("--json", type=Path, metavar="OUT", help="also write the results as JSON")
+    q.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)
+    q.set_defaults(func=cmd_bench_blas, needs_mlx=False)
 
     q = bsub.add_parser(
         "train",

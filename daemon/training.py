@@ -80,7 +80,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
-from daemon.backend import REEXEC_MARKER, find_openblas, openblas_preloaded
+from daemon.backend import REEXEC_MARKER, find_openblas, maybe_reexec_with_openblas
 from daemon.config import DataSettings, LoraSettings, Settings, TrainingSettings
 from daemon.evaluation import teacher_forced_agreement, truncate_example
 from daemon.logging import get_logger
@@ -99,6 +99,7 @@ __all__ = [
     "Trainer",
     "bench_train",
     "build_example",
+    "generate_traffic",
     "collate",
     "compute_loss",
     "kd_loss",
@@ -949,21 +950,107 @@ def run_training(
     return metrics
 
 
+def generate_traffic(
+    pair: Any,
+    prompts: Iterable[str | list[dict[str, Any]]],
+    buffer: Any,
+    *,
+    max_tokens: int = 64,
+    split: str | None = None,
+    speculative: Any = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Serve ``prompts`` greedily with the engine (chat template applied) and store each
+    request in ``buffer`` (a `daemon.buffer.ReplayBuffer`) as the daemon would; ``split``
+    forces the split (else the buffer's hash of the prompt text decides)."""
+    from tqdm import tqdm
+
+    from daemon.bench import encode_prompt
+    from daemon.buffer import BufferRecord
+    from daemon.engine import SamplingParams, SpeculativeConfig, SpeculativeEngine
+
+    config = (
+        SpeculativeConfig.from_settings(speculative, pair.max_context)
+        if speculative is not None
+        else SpeculativeConfig(max_context=pair.max_context)
+    )
+    engine = SpeculativeEngine(pair.target, pair.draft, pair.tokenizer, config)
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
+    t0 = time.perf_counter()
+    rows = tokens = 0
+    for prompt in tqdm(list(prompts), disable=not progress, file=sys.stderr, unit="prompt"):
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        ids = encode_prompt(pair.tokenizer, messages)
+        result = engine.run(ids, params)
+        record = BufferRecord.from_result(
+            messages[-1]["content"], ids, result, pair.target_id, pair.draft_id
+        )
+        if split is not None:
+            record.split = split
+        buffer.add([record])
+        rows += 1
+        tokens += len(result.tokens)
+    dt = time.perf_counter() - t0
+    return {"records": rows, "tokens": tokens, "seconds": dt, "tokens_per_s": tokens / dt}
+
+
 def bench_train(
     settings: Settings,
     *,
+    prompts: Sequence[str | list[dict[str, Any]]] | None = None,
+    holdout_prompts: Sequence[str | list[dict[str, Any]]] | None = None,
+    max_tokens: int = 64,
     epochs: int | None = None,
     max_steps: int | None = None,
     out_dir: str | os.PathLike[str] | None = None,
     progress: bool = False,
     pair: Any = None,
 ) -> dict[str, Any]:
-    """Training throughput, peak memory and held-out agreement before -> after on the buffer
-    in ``settings.paths.data_dir``, for the configured draft. Marks nothing used; the adapter
-    goes to ``out_dir`` (default: a temporary directory, deleted)."""
+    """Training throughput (tokens/s), peak memory and held-out agreement before -> after for
+    the configured draft.
+
+    Without ``prompts`` it trains on the buffer in ``settings.paths.data_dir`` (its pending
+    failures + replay; holdout rows for evaluation) and marks nothing used. With ``prompts``
+    it first builds traffic in a scratch buffer: each prompt served greedily (``max_tokens``)
+    by the untrained pair, split by the buffer's hash, and ``holdout_prompts`` (if given) all
+    stored as holdout rows. The adapter goes to ``out_dir`` (default: a temporary directory,
+    deleted). CPU note: generation runs at ~5-10 tokens/s for the default pair, so 100 prompts x
+    64 tokens take ~15 minutes.
+    """
+    from daemon.buffer import ReplayBuffer
+    from daemon.models import load_pair
+
+    if pair is None:
+        pair = load_pair(settings)
+    traffic: dict[str, Any] | None = None
     with tempfile.TemporaryDirectory(prefix="specd-bench-train-") as tmp:
+        run_settings = settings
+        if prompts is not None:
+            run_settings = settings.model_copy(deep=True)
+            run_settings.paths.data_dir = Path(tmp) / "data"
+            with ReplayBuffer(run_settings.paths.data_dir, settings.buffer) as buf:
+                traffic = generate_traffic(
+                    pair,
+                    prompts,
+                    buf,
+                    max_tokens=max_tokens,
+                    speculative=settings.speculative,
+                    progress=progress,
+                )
+                if holdout_prompts:
+                    generate_traffic(
+                        pair,
+                        holdout_prompts,
+                        buf,
+                        max_tokens=max_tokens,
+                        split="holdout",
+                        speculative=settings.speculative,
+                        progress=progress,
+                    )
+                traffic["train_records"] = buf.count("train")
+                traffic["holdout_records"] = buf.count("holdout")
         m = run_training(
-            settings,
+            run_settings,
             out_dir=out_dir or Path(tmp) / "adapter",
             epochs=epochs,
             max_steps=max_steps,
@@ -974,10 +1061,11 @@ def bench_train(
         )
     cfg = settings.training
     return {
-        "draft": settings.models.draft or f"layer-skip{settings.models.draft_layers}",
+        "draft": pair.draft_id,
         "heldout_before": m["heldout_before"]["agreement"],
         "heldout_after": m["heldout_after"]["agreement"],
         "heldout_positions": m["heldout_after"]["positions"],
+        "heldout_rows": m["heldout_after"]["rows"],
         "examples": m["examples"]["failures"] + m["examples"]["replay"],
         "epochs": m["epochs"],
         "steps": m["steps"],
@@ -987,9 +1075,11 @@ def bench_train(
         "loss_first": m["loss_first"],
         "loss_last": m["loss_last"],
         "learning_rate": cfg.learning_rate,
+        "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
         "lora_rank": cfg.lora.rank,
         "kd_weight": cfg.kd_weight,
         "disagreement_weight": cfg.disagreement_weight,
+        "traffic": traffic,
         "adapter_path": m["adapter_path"] if out_dir else None,
     }
 
@@ -1161,18 +1251,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _maybe_reexec(enabled: bool, argv: list[str]) -> None:
-    """Like `daemon.backend.maybe_reexec_with_openblas`, re-running this module."""
-    if not enabled or not sys.platform.startswith("linux"):
-        return
-    if openblas_preloaded() or os.environ.get(REEXEC_MARKER):
-        return
-    lib = find_openblas()
-    if lib is None:
-        return
-    env = dict(os.environ)
-    env[REEXEC_MARKER] = "1"
-    env["LD_PRELOAD"] = ":".join(p for p in (lib, env.get("LD_PRELOAD", "")) if p)
-    os.execve(sys.executable, [sys.executable, "-m", "daemon.training", *argv], env)
+    """Like the CLI's OpenBLAS re-exec, re-running this module."""
+    maybe_reexec_with_openblas(enabled, argv, module="daemon.training")
 
 
 def main(argv: list[str] | None = None, *, standalone: bool = False) -> int:

@@ -51,12 +51,13 @@ def test_mac_example_drop_in_is_valid(tmp_path: Path) -> None:
 
 def test_defaults_follow_seed_configuration() -> None:
     s = Settings()
-    assert s.training.learning_rate == 1e-4
+    # Changed from the seed (1e-4, accumulation 4) by measurement: see README.
+    assert s.training.learning_rate == 1e-3
     assert s.training.warmup_steps == 10
     assert s.training.lora.rank == 8
     assert s.training.lora.dropout == 0.05
     assert s.training.batch_size == 1
-    assert s.training.gradient_accumulation_steps == 4
+    assert s.training.gradient_accumulation_steps == 1
     assert s.training.min_failure_cases == 50
     assert s.training.replay_ratio == 0.2
     assert s.data.max_prompt_length == 512

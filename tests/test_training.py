@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import mlx.core as mx
@@ -22,6 +23,7 @@ from daemon.training import (
     IGNORE,
     Trainer,
     apply_lora,
+    bench_train,
     build_example,
     collate,
     compute_loss,
@@ -442,6 +444,21 @@ def test_run_training_in_process(tiny_setup, tmp_path: Path) -> None:
     assert m2["heldout_before"]["agreement"] == m["heldout_after"]["agreement"]
 
 
+def test_bench_train_builds_traffic_and_reports(tiny_setup, tmp_path: Path) -> None:
+    config, data_dir, _ = tiny_setup
+    settings, _ = load_settings(config, {"paths.data_dir": str(tmp_path / "bench-data")})
+    rng = np.random.default_rng(3)
+    prompts = [" ".join(rng.choice(WORDS, 5)) for _ in range(6)]
+    result = bench_train(
+        settings, prompts=prompts, holdout_prompts=prompts[:2], max_tokens=8, epochs=1
+    )
+    assert result["traffic"]["records"] == 6 and result["heldout_rows"] >= 2
+    assert result["steps"] >= 1 and result["tokens_per_s"] > 0
+    assert result["peak_memory_bytes"] > 0
+    assert 0.0 <= result["heldout_before"] <= 1.0 and 0.0 <= result["heldout_after"] <= 1.0
+    assert not (tmp_path / "bench-data" / "buffer.sqlite").exists()  # scratch buffer only
+
+
 def run_child(args: dict, timeout: float = 120) -> tuple[subprocess.Popen, dict]:
     proc = start_training_process(
         **args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO
@@ -491,6 +508,34 @@ def test_training_subprocess_crash_reports_error(tmp_path: Path) -> None:
     assert proc.returncode == 1
     assert result["status"] == "error" and "no-such-model" in result["error"]
     assert json.loads(result_file.read_text())["status"] == "error"
+    assert not (tmp_path / "adapter").exists()
+    with ReplayBuffer(data_dir) as buf:
+        assert buf.pending_failure_count() == len(ids["failures"])
+
+
+def test_sigterm_cancels_cleanly(tiny_setup, tmp_path: Path) -> None:
+    config, data_dir, ids = tiny_setup
+    result_file = tmp_path / "result.json"
+    proc = start_training_process(
+        config=config,
+        data_dir=data_dir,
+        out_dir=tmp_path / "adapter",
+        result_file=result_file,
+        epochs=10_000,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=REPO,
+    )
+    log_file = tmp_path / "specd.log"
+    deadline = time.monotonic() + 60
+    while not (log_file.exists() and "train_step" in log_file.read_text()):
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.1)
+    proc.terminate()
+    proc.wait(30)
+    result = read_result(result_file, proc.returncode)
+    assert proc.returncode == 1
+    assert result["status"] == "error" and "SIGTERM" in result["error"]
     assert not (tmp_path / "adapter").exists()
     with ReplayBuffer(data_dir) as buf:
         assert buf.pending_failure_count() == len(ids["failures"])
