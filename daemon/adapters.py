@@ -24,20 +24,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from daemon.durable import fsync_dir, fsync_file, sha256_file
+
 ADAPTER_FILES = ("adapter_config.json", "adapters.safetensors")
 _VERSION_DIR = re.compile(r"^v(\d{4,})$")
 
 
 class AdapterError(Exception):
     """An adapter is missing, corrupt or does not fit the draft; the old one stays in service."""
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def config_hash(config: dict[str, Any]) -> str:
@@ -49,17 +43,8 @@ def config_hash(config: dict[str, Any]) -> str:
 def _fsync_tree(path: Path) -> None:
     for p in sorted(path.rglob("*")):
         if p.is_file():
-            with p.open("rb") as f:
-                os.fsync(f.fileno())
-    _fsync_dir(path)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+            fsync_file(p)
+    fsync_dir(path)
 
 
 @dataclass
@@ -163,7 +148,7 @@ class AdapterStore:
             _fsync_tree(tmp)
             final = self.root / f"v{number:04d}"
             os.rename(tmp, final)
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -184,7 +169,7 @@ class AdapterStore:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.root / "current")
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
 
     def prune(self) -> list[int]:
         """Keep the newest ``keep`` versions (and always the current one)."""

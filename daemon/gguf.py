@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import os
 import secrets
@@ -30,6 +29,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
+from daemon.durable import fsync_dir, fsync_file, sha256_file
 from daemon.logging import get_logger
 
 log = get_logger("gguf")
@@ -194,7 +194,7 @@ def is_complete_import(out_dir: str | Path, *, check_hash: bool = False) -> bool
                 return False
         except OSError:
             return False
-    if check_hash and _sha256(out / WEIGHTS_NAME) != marker.get("weights_sha256"):
+    if check_hash and sha256_file(out / WEIGHTS_NAME) != marker.get("weights_sha256"):
         return False
     return True
 
@@ -584,7 +584,7 @@ def _write_import(src: Path, stat: os.stat_result, tmp: Path) -> None:
     tokenizer_json, tok_config, gen_config = _tokenizer_files(src, meta)
 
     mx.save_safetensors(str(tmp / WEIGHTS_NAME), weights, metadata={"format": "mlx"})
-    _fsync(tmp / WEIGHTS_NAME)
+    fsync_file(tmp / WEIGHTS_NAME)
     del weights
     _write_text(tmp / "config.json", json.dumps(config, indent=2))
     _write_text(tmp / "tokenizer.json", tokenizer_json)
@@ -597,12 +597,12 @@ def _write_import(src: Path, stat: os.stat_result, tmp: Path) -> None:
         "source": str(src),
         "source_size": stat.st_size,
         "source_mtime_ns": stat.st_mtime_ns,
-        "weights_sha256": _sha256(tmp / WEIGHTS_NAME),
+        "weights_sha256": sha256_file(tmp / WEIGHTS_NAME),
         "files": {p.name: p.stat().st_size for p in sorted(tmp.iterdir())},
     }
     # The marker goes last: a directory without it is never trusted.
     _write_text(tmp / MARKER_NAME, json.dumps(marker, indent=2))
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
 
 
 def _check_loads(src: Path, tmp: Path) -> None:
@@ -620,27 +620,6 @@ def _write_text(path: Path, text: str) -> None:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
-
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _read_marker(out: Path) -> dict[str, Any] | None:
@@ -704,7 +683,7 @@ def _move_into_place(tmp: Path, out: Path) -> None:
         old = _sibling(out, "old")
         os.replace(out, old)
     os.replace(tmp, out)
-    _fsync_dir(out.parent)
+    fsync_dir(out.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 

@@ -82,6 +82,7 @@ from mlx.utils import tree_flatten, tree_map
 
 from daemon.backend import REEXEC_MARKER, find_openblas, maybe_reexec_with_openblas
 from daemon.config import DataSettings, LoraSettings, Settings, TrainingSettings
+from daemon.durable import atomic_write, atomic_write_json
 from daemon.evaluation import teacher_forced_agreement, truncate_example
 from daemon.logging import get_logger
 
@@ -455,23 +456,6 @@ def apply_lora(
     return {"fine_tune_type": "lora", "num_layers": num_layers, "lora_parameters": params}
 
 
-def _atomic_write_bytes(path: Path, write: Callable[[Path], None]) -> None:
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _atomic_write_json(path: Path, data: dict[str, Any]) -> None:
-    text = json.dumps(data, indent=2, default=str) + "\n"
-    _atomic_write_bytes(path, lambda p: p.write_text(text, encoding="utf-8"))
-
-
 def save_adapter(
     model: nn.Module,
     out_dir: str | os.PathLike[str],
@@ -482,10 +466,8 @@ def save_adapter(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     weights = dict(tree_flatten(model.trainable_parameters()))
-    _atomic_write_bytes(out / ADAPTER_WEIGHTS, lambda p: mx.save_safetensors(str(p), weights))
-    _atomic_write_json(
-        out / ADAPTER_CONFIG, {**config, **({"specd": metadata} if metadata else {})}
-    )
+    atomic_write(out / ADAPTER_WEIGHTS, lambda p: mx.save_safetensors(str(p), weights))
+    atomic_write_json(out / ADAPTER_CONFIG, {**config, **({"specd": metadata} if metadata else {})})
     return out
 
 
@@ -933,6 +915,7 @@ def run_training(
         "loss_last": sum(stats.losses[-n:]) / n,
         "grad_norm_mean": sum(stats.grad_norms) / len(stats.grad_norms),
         "tokens": stats.tokens,
+        "target_tokens": stats.target_tokens,
         "tokens_per_s": stats.tokens / max(stats.train_seconds, 1e-9),
         "train_seconds": stats.train_seconds,
         "trainable_parameters": trainable,
@@ -1092,7 +1075,7 @@ def write_result(path: str | os.PathLike[str], result: dict[str, Any]) -> None:
     """Write the result file atomically (readers see the old file or the whole new one)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write_json(path, result)
+    atomic_write_json(path, result)
 
 
 def read_result(path: str | os.PathLike[str], returncode: int | None = None) -> dict[str, Any]:
