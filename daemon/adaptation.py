@@ -105,6 +105,33 @@ def store_candidate(
     )
 
 
+def spawn_run(
+    settings: Settings,
+    config_file: Path | None,
+    run_dir: Path,
+    current: AdapterVersion | None,
+    epochs: int | None,
+    max_steps: int | None,
+    **kwargs: Any,
+) -> subprocess.Popen:
+    """Start the training subprocess for one run in ``run_dir`` (its name is the run id),
+    continuing from ``current``; ``kwargs`` go to `start_training_process`."""
+    from daemon.training import start_training_process
+
+    return start_training_process(
+        out_dir=run_dir / "adapter",
+        result_file=run_dir / "result.json",
+        config=config_file,
+        data_dir=settings.paths.data_dir,
+        init_adapter=current.path if current else None,
+        run_id=run_dir.name,
+        epochs=epochs,
+        max_steps=max_steps,
+        preload_openblas=settings.models.preload_openblas,
+        **kwargs,
+    )
+
+
 class AdaptationLoop:
     """Triggers, supervises and gates training runs for a running `Service`."""
 
@@ -240,32 +267,23 @@ class AdaptationLoop:
     def start_run(
         self, reason: str, pending: int, epochs: int | None = None, max_steps: int | None = None
     ) -> str:
-        from daemon.training import start_training_process
-
-        t = self.settings.training
         run_id = new_run_id()
         run_dir = self.data_dir / "training" / run_id
         run_dir.mkdir(parents=True, exist_ok=True)
         current = self.store.current()
-        stderr = (run_dir / "stderr.log").open("wb")
-        try:
-            proc = start_training_process(
-                out_dir=run_dir / "adapter",
-                result_file=run_dir / "result.json",
-                config=self.config_file,
-                data_dir=self.data_dir,
-                init_adapter=current.path if current else None,
-                run_id=run_id,
-                epochs=epochs,
-                max_steps=max_steps,
-                nice=t.nice,
-                preload_openblas=self.settings.models.preload_openblas,
+        with (run_dir / "stderr.log").open("wb") as stderr:
+            proc = spawn_run(
+                self.settings,
+                self.config_file,
+                run_dir,
+                current,
+                epochs,
+                max_steps,
+                nice=self.settings.training.nice,
                 stdout=subprocess.DEVNULL,
                 stderr=stderr,
                 stdin=subprocess.DEVNULL,
             )
-        finally:
-            stderr.close()
         with self._run_lock:
             self.proc = proc
             self.run = {
@@ -435,25 +453,14 @@ def train_and_gate(
 
     An installed version becomes ``current``; the daemon loads it at its next start.
     """
-    from daemon.training import read_result, start_training_process
+    from daemon.training import read_result
 
     data_dir = Path(settings.paths.data_dir)
     store = AdapterStore.for_data_dir(data_dir, settings.training.keep_adapters)
-    current = store.current()
-    run_id = new_run_id()
-    run_dir = data_dir / "training" / run_id
+    run_dir = data_dir / "training" / new_run_id()
     run_dir.mkdir(parents=True, exist_ok=True)
-    proc = start_training_process(
-        out_dir=run_dir / "adapter",
-        result_file=run_dir / "result.json",
-        config=config_file,
-        data_dir=data_dir,
-        init_adapter=current.path if current else None,
-        run_id=run_id,
-        epochs=epochs,
-        max_steps=max_steps,
-        progress=progress,
-        preload_openblas=settings.models.preload_openblas,
+    proc = spawn_run(
+        settings, config_file, run_dir, store.current(), epochs, max_steps, progress=progress
     )
     try:
         proc.wait()

@@ -12,6 +12,7 @@ import functools
 import glob
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -49,13 +50,21 @@ def maybe_reexec_with_openblas(enabled: bool, argv: list[str], module: str = "da
         return
     if openblas_preloaded() or os.environ.get(REEXEC_MARKER):
         return
+    env = openblas_env(os.environ)
+    if env is not None:
+        os.execve(sys.executable, [sys.executable, "-m", module, *argv], env)
+
+
+def openblas_env(base: Mapping[str, str]) -> dict[str, str] | None:
+    """A copy of ``base`` with the system OpenBLAS first in ``LD_PRELOAD`` and the re-exec
+    marker set; None when no OpenBLAS is installed."""
     lib = find_openblas()
     if lib is None:
-        return
-    env = dict(os.environ)
+        return None
+    env = dict(base)
     env[REEXEC_MARKER] = "1"
     env["LD_PRELOAD"] = ":".join(p for p in (lib, env.get("LD_PRELOAD", "")) if p)
-    os.execve(sys.executable, [sys.executable, "-m", module, *argv], env)
+    return env
 
 
 def loaded_blas() -> str:

@@ -80,7 +80,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
-from daemon.backend import REEXEC_MARKER, find_openblas, maybe_reexec_with_openblas
+from daemon.backend import maybe_reexec_with_openblas, openblas_env
 from daemon.config import DataSettings, LoraSettings, Settings, TrainingSettings
 from daemon.durable import atomic_write, atomic_write_json
 from daemon.evaluation import teacher_forced_agreement, truncate_example
@@ -1181,12 +1181,7 @@ def start_training_process(
         and sys.platform.startswith("linux")
         and "openblas" not in child_env.get("LD_PRELOAD", "")
     ):
-        lib = find_openblas()
-        if lib is not None:
-            child_env["LD_PRELOAD"] = ":".join(
-                p for p in (lib, child_env.get("LD_PRELOAD", "")) if p
-            )
-            child_env[REEXEC_MARKER] = "1"
+        child_env = openblas_env(child_env) or child_env
     repo_root = str(Path(__file__).resolve().parents[1])
     child_env["PYTHONPATH"] = os.pathsep.join(
         p for p in (repo_root, child_env.get("PYTHONPATH", "")) if p
