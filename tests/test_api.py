@@ -672,6 +672,8 @@ def test_client_disconnect_mid_stream_frees_the_worker(served: Server, finished:
 
 
 def test_client_disconnect_while_queued_never_runs(served: Server, finished: Finished) -> None:
+    closed = 'specd_requests_total{endpoint="/v1/completions",status="499"}'
+    given_up = scrape(served).get(closed, 0.0)
     gate = block_worker(served)
     try:
         with pytest.raises(httpx.ReadTimeout):
@@ -680,8 +682,14 @@ def test_client_disconnect_while_queued_never_runs(served: Server, finished: Fin
                 json={"prompt": LONG_PROMPT, "max_tokens": 200},
                 timeout=0.5,
             )
-        # the server notices the closed connection while the request waits in the queue
-        wait_until(lambda: served.app_state.in_flight == 0, what="request given up")
+        # the server notices the closed connection while the request waits in the queue (the
+        # 499 is counted once the handler gave up; in_flight alone can be 0 before it arrives)
+        wait_until(
+            lambda: (
+                scrape(served).get(closed, 0.0) == given_up + 1 and served.app_state.in_flight == 0
+            ),
+            what="request given up",
+        )
     finally:
         gate.set()
     r = httpx.post(f"{served.url}/v1/completions", json={"prompt": "x", "max_tokens": 2})
