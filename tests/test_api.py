@@ -675,6 +675,10 @@ def test_client_disconnect_while_queued_never_runs(served: Server, finished: Fin
     closed = 'specd_requests_total{endpoint="/v1/completions",status="499"}'
     given_up = scrape(served).get(closed, 0.0)
     gate = block_worker(served)
+    # The worker is now inside our gate, so earlier tests' requests have all run their hooks:
+    # from here on, only this test's requests can be recorded.
+    with finished.cond:
+        finished.records.clear()
     try:
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(
