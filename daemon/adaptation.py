@@ -347,6 +347,8 @@ class AdaptationLoop:
         except Exception:  # the loop must survive a bad run
             log.exception("train_run_finish_failed", run_id=run_id)
         finally:
+            # Counted last: whoever sees the run counted also sees its last_run and swap.
+            self.counts["runs"] += 1
             with self._run_lock:
                 self.proc = None
                 self.run = None
@@ -356,7 +358,6 @@ class AdaptationLoop:
 
     def _finish(self, run_id: str, result: dict[str, Any], reason: str) -> None:
         decision = gate(result, self.settings)
-        self.counts["runs"] += 1
         summary: dict[str, Any] = {
             "run_id": run_id,
             "trigger": reason,
