@@ -32,6 +32,7 @@ log = get_logger("adaptation")
 
 DEBOUNCE_S = 2.0
 TERMINATE_GRACE_S = 10.0
+RESULT_FILE = "result.json"  # in a run's directory, written by the training process
 
 
 def new_run_id() -> str:
@@ -120,7 +121,7 @@ def spawn_run(
 
     return start_training_process(
         out_dir=run_dir / "adapter",
-        result_file=run_dir / "result.json",
+        result_file=run_dir / RESULT_FILE,
         config=config_file,
         data_dir=settings.paths.data_dir,
         init_adapter=current.path if current else None,
@@ -333,7 +334,7 @@ class AdaptationLoop:
             timed_out = True
             log.warning("train_run_timeout", run_id=run_id, max_run_seconds=limit)
             self._terminate(proc)
-        result = read_result(run_dir / "result.json", proc.returncode)
+        result = read_result(run_dir / RESULT_FILE, proc.returncode)
         if timed_out:
             result = {
                 **result,
@@ -424,7 +425,14 @@ class AdaptationLoop:
             "last_run": self.last_run,
         }
         if run:
-            out["run"] = {**run, "elapsed_s": round(time.time() - run["started"], 1)}
+            from daemon.training import read_progress
+
+            out["run"] = {
+                **run,
+                "elapsed_s": round(time.time() - run["started"], 1),
+                # phase, step / total_steps, loss: written by the training process as it goes
+                "progress": read_progress(Path(run["dir"]) / RESULT_FILE),
+            }
         return out
 
     def list_adapters(self) -> dict[str, Any]:
@@ -469,7 +477,7 @@ def train_and_gate(
         proc.send_signal(signal.SIGTERM)
         proc.wait()
         raise
-    result = read_result(run_dir / "result.json", proc.returncode)
+    result = read_result(run_dir / RESULT_FILE, proc.returncode)
     decision = gate(result, settings)
     version = store_candidate(store, result, decision, settings, "manual")
     return result, decision, version

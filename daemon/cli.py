@@ -314,11 +314,20 @@ def cmd_train(args: argparse.Namespace, settings: Settings, sources: ConfigSourc
         run_id = client.request("POST", "/admin/train", body)["run_id"]
         print(
             f"training run {run_id} started by the running daemon at {client.base_url} "
-            "(progress: specd logs --training --follow)"
+            "(every step: specd logs --training --follow)"
         )
+        shown = None
         while True:
             time.sleep(2)
             training = client.request("GET", "/status", timeout=30).get("training") or {}
+            run = training.get("run") or {}
+            if not args.quiet and run.get("run_id") == run_id:
+                p = run.get("progress") or {}
+                # a line per phase, and per tenth of the training steps
+                mark = (p.get("phase"), 10 * p.get("step", 0) // max(1, p.get("total_steps", 1)))
+                if mark != shown:
+                    shown = mark
+                    print(f"  {format_progress(p)}", flush=True)
             last = training.get("last_run") or {}
             if last.get("run_id") == run_id:
                 _print_gate(last, last.get("adapter_version"))
@@ -519,7 +528,25 @@ def format_status(url: str, st: dict[str, Any]) -> str:
             "  training: "
             + ", ".join(f"{k}={v}" for k, v in training.items() if not isinstance(v, dict | list))
         )
+        run = training.get("run")
+        if run:
+            lines.append(
+                f"  run:     {run.get('run_id')} ({run.get('trigger')}), "
+                f"{format_progress(run.get('progress'))}, {run.get('elapsed_s', 0):.0f}s"
+            )
     return "\n".join(lines)
+
+
+def format_progress(progress: dict[str, Any] | None) -> str:
+    """A training run's progress (`daemon.training.RunProgress`) in a few words."""
+    if not progress:
+        return "starting"
+    text = str(progress.get("phase", "?"))
+    if progress.get("total_steps"):
+        text += f" step {progress.get('step', 0)}/{progress['total_steps']}"
+    if progress.get("loss") is not None:
+        text += f", loss {progress['loss']:.3f}"
+    return text
 
 
 def build_parser() -> argparse.ArgumentParser:

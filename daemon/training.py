@@ -657,8 +657,10 @@ class Trainer:
         max_steps: int | None = None,
         seed: int = 0,
         progress: bool = False,
+        on_step: Callable[[StepInfo, int], None] | None = None,
     ) -> TrainStats:
-        """``epochs`` shuffled passes (at most ``max_steps`` optimizer steps)."""
+        """``epochs`` shuffled passes (at most ``max_steps`` optimizer steps); ``on_step(info,
+        epoch)`` after each optimizer step."""
         from tqdm import tqdm
 
         cfg = self.cfg
@@ -707,6 +709,8 @@ class Trainer:
                     )
                     bar.update(1)
                     bar.set_postfix(loss=f"{info.loss:.3f}", lr=f"{info.lr:.1e}", epoch=epoch)
+                    if on_step is not None:
+                        on_step(info, epoch)
                     if max_steps is not None and self.stats.steps >= max_steps:
                         break
                 dt = time.perf_counter() - t_epoch
@@ -789,6 +793,7 @@ def run_training(
     progress: bool = False,
     mark_used: bool = True,
     pair: Any = None,
+    progress_file: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
     """One training run of the configured draft on the buffer; returns its metrics.
 
@@ -796,7 +801,8 @@ def run_training(
     evaluates held-out agreement before (with ``init_adapter``) and after, saves the adapter to
     ``out_dir`` and, with ``mark_used``, marks the failures used by ``run_id``. Raises
     `TrainingError` (and marks nothing) when there is nothing to train on or no update was
-    made.
+    made. With ``progress_file`` the run's phase and latest step are kept there
+    (`RunProgress`).
     """
     from daemon.buffer import ReplayBuffer
     from daemon.models import load_pair
@@ -818,6 +824,8 @@ def run_training(
         max_steps=max_steps,
         init_adapter=str(init_adapter) if init_adapter else None,
     )
+    progress_view = RunProgress(Path(progress_file) if progress_file else None)
+    progress_view.update(phase="loading")
 
     if pair is None:
         pair = load_pair(settings)
@@ -854,6 +862,7 @@ def run_training(
     adapter_config = apply_lora(draft, cfg.lora, init_adapter)
     trainable = sum(v.size for _, v in tree_flatten(draft.trainable_parameters()))
 
+    progress_view.update(phase="eval_before", holdout_rows=len(holdout))
     before = heldout_agreement(draft, holdout, settings.data, vocab_limit)
     log.info("heldout_eval", run_id=run_id, when="before", **before)
 
@@ -869,7 +878,16 @@ def run_training(
         learning_rate=cfg.learning_rate,
         lora=adapter_config["lora_parameters"],
     )
-    stats = trainer.fit(examples, epochs, max_steps=max_steps, seed=cfg.seed, progress=progress)
+    progress_view.update(
+        phase="training", step=0, total_steps=total, heldout_before=before["agreement"]
+    )
+
+    def on_step(info: StepInfo, epoch: int) -> None:
+        progress_view.update(step=info.step, epoch=epoch, loss=round(info.loss, 5), lr=info.lr)
+
+    stats = trainer.fit(
+        examples, epochs, max_steps=max_steps, seed=cfg.seed, progress=progress, on_step=on_step
+    )
     if stats.steps == 0:
         raise TrainingError(
             f"no optimizer step was taken: {stats.micro_batches} micro-batches, "
@@ -879,8 +897,10 @@ def run_training(
     if bad:
         raise TrainingError(f"adapter weights became non-finite: {bad[:3]}")
 
+    progress_view.update(phase="eval_after")
     after = heldout_agreement(draft, holdout, settings.data, vocab_limit)
     log.info("heldout_eval", run_id=run_id, when="after", **after)
+    progress_view.update(phase="saving", heldout_after=after["agreement"])
 
     metadata = {
         "run_id": run_id,
@@ -1071,6 +1091,44 @@ def bench_train(
 # The training process
 
 
+@dataclass
+class RunProgress:
+    """A running training run's phase and latest step, kept in a small JSON file that the
+    daemon shows in ``/status``. Replaced atomically but not fsynced: it is only a view, and
+    the result file stays the record. Does nothing without a path."""
+
+    path: Path | None
+    state: dict[str, Any] = field(default_factory=dict)
+
+    def update(self, **fields: Any) -> None:
+        if self.path is None:
+            return
+        self.state.update(fields, updated=time.time())
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        try:
+            tmp.write_text(json.dumps(self.state), encoding="utf-8")
+            os.replace(tmp, self.path)
+        except OSError as e:  # a view must never fail the run
+            log.warning("train_progress_unwritable", path=str(self.path), error=str(e))
+            self.path = None
+
+
+def progress_file_for(result_file: str | os.PathLike[str]) -> Path:
+    """Where the run writing ``result_file`` keeps its `RunProgress`."""
+    result_file = Path(result_file)
+    return result_file.with_name(f"{result_file.stem}.progress.json")
+
+
+def read_progress(result_file: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The latest progress of the run writing ``result_file``; None before its first update
+    (or if the file cannot be read)."""
+    try:
+        data = json.loads(progress_file_for(result_file).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
 def write_result(path: str | os.PathLike[str], result: dict[str, Any]) -> None:
     """Write the result file atomically (readers see the old file or the whole new one)."""
     path = Path(path)
@@ -1175,6 +1233,7 @@ def start_training_process(
     in a threaded parent). ``popen_kwargs`` go to `subprocess.Popen` (stdout, stderr, ...).
     """
     Path(result_file).unlink(missing_ok=True)
+    progress_file_for(result_file).unlink(missing_ok=True)
     child_env = dict(os.environ if env is None else env)
     if (
         preload_openblas
@@ -1277,6 +1336,7 @@ def main(argv: list[str] | None = None, *, standalone: bool = False) -> int:
             run_id=args.run_id,
             progress=args.progress,
             mark_used=not args.no_mark_used,
+            progress_file=progress_file_for(args.result),
         )
     except BaseException as e:  # noqa: BLE001 - every failure must reach the result file
         msg = f"{type(e).__name__}: {e}" if not isinstance(e, TrainingError) else str(e)

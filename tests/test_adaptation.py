@@ -12,6 +12,7 @@ import mlx.core as mx
 import pytest
 
 from daemon.adapters import AdapterError, AdapterStore, apply_adapter
+from daemon.cli import format_status
 from daemon.config import LoraSettings
 from daemon.models import make_layer_skip_draft
 from daemon.training import apply_lora, save_adapter
@@ -178,10 +179,20 @@ def test_daemon_trains_gates_and_hot_swaps(daemon_setup) -> None:
         t = threading.Thread(target=stream_client)
         t.start()
         deadline = time.monotonic() + 240
+        seen_progress: list[dict] = []  # what /status showed of the running run
         while loop.counts["runs"] == 0:
             assert time.monotonic() < deadline, f"no training run finished: {loop.status()}"
-            time.sleep(0.5)
+            st = httpx.get(srv.url + "/status").json()
+            run = st["training"].get("run")
+            if run and run["progress"]:
+                seen_progress.append(st)
+            time.sleep(0.1)
         t.join(240)
+        assert seen_progress, "the run's progress never showed in /status"
+        run = seen_progress[-1]["training"]["run"]
+        assert {"phase", "updated"} <= run["progress"].keys()
+        text = format_status(srv.url, seen_progress[-1])
+        assert f"run:     {run['run_id']} (min_failure_cases), {run['progress']['phase']}" in text
         last = loop.last_run
         assert last is not None and last["trigger"] == "min_failure_cases", last
         assert last["decision"] == "install", last

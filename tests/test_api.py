@@ -227,6 +227,15 @@ def test_cli_client_finds_the_server(served: Server) -> None:
     assert "tiny-target" in text and "queue depth 0" in text
 
 
+def test_format_progress() -> None:
+    from daemon.cli import format_progress
+
+    assert format_progress(None) == "starting"
+    assert format_progress({"phase": "eval_before"}) == "eval_before"
+    p = {"phase": "training", "step": 3, "total_steps": 12, "loss": 1.23456}
+    assert format_progress(p) == "training step 3/12, loss 1.235"
+
+
 def test_loopback_detection() -> None:
     assert is_loopback_host("127.0.0.1")
     assert is_loopback_host("localhost")

@@ -31,6 +31,7 @@ from daemon.training import (
     lr_schedule,
     make_examples,
     model_logits,
+    read_progress,
     read_result,
     run_training,
     save_adapter,
@@ -415,7 +416,9 @@ def test_run_training_in_process(tiny_setup, tmp_path: Path) -> None:
     settings, _ = load_settings(config, {"paths.data_dir": str(data_dir)})
     configure_logging(settings.logging.level, settings.log_file, "off")
     try:
-        m = run_training(settings, out_dir=tmp_path / "a1", run_id="run-1")
+        m = run_training(
+            settings, out_dir=tmp_path / "a1", run_id="run-1", progress_file=tmp_path / "p.json"
+        )
     finally:
         configure_logging("info", None, "off")
     assert m["examples"]["failures"] == 10
@@ -425,6 +428,10 @@ def test_run_training_in_process(tiny_setup, tmp_path: Path) -> None:
     assert m["heldout_before"]["positions"] == 30
     assert m["loss_last"] < m["loss_first"]
     assert m["peak_memory_bytes"] > 0 and m["tokens_per_s"] > 0
+    progress = json.loads((tmp_path / "p.json").read_text())
+    assert progress["phase"] == "saving" and progress["step"] == progress["total_steps"] == 12
+    assert progress["heldout_before"] == m["heldout_before"]["agreement"]
+    assert progress["heldout_after"] == m["heldout_after"]["agreement"]
     with ReplayBuffer(data_dir) as buf:
         assert buf.pending_failure_count() == 0
         assert {buf.get(i).used_for_training for i in ids["failures"]} == {"run-1"}
@@ -485,6 +492,7 @@ def test_training_subprocess_end_to_end(tiny_setup, tmp_path: Path) -> None:
     assert proc.returncode == 0, result
     assert result["status"] == "ok", result
     assert result["metrics"]["steps"] == 3
+    assert read_progress(result_file)["step"] == 3
     adapter = Path(result["adapter_path"])
     assert (adapter / "adapters.safetensors").is_file()
     assert json.loads((adapter / "adapter_config.json").read_text())["fine_tune_type"] == "lora"
@@ -531,6 +539,11 @@ def test_sigterm_cancels_cleanly(tiny_setup, tmp_path: Path) -> None:
     while not (log_file.exists() and "train_step" in log_file.read_text()):
         assert proc.poll() is None and time.monotonic() < deadline
         time.sleep(0.1)
+    # the run's progress (what /status shows) follows its steps
+    while (progress := read_progress(result_file)) is None or progress.get("step", 0) < 1:
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.1)
+    assert progress["phase"] == "training" and progress["total_steps"] == 10_000 * 6
     proc.terminate()
     proc.wait(30)
     result = read_result(result_file, proc.returncode)
