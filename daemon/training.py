@@ -405,14 +405,17 @@ def lora_config(lora: LoraSettings) -> dict[str, Any]:
 
 
 def _lora_keys(model: nn.Module) -> list[str]:
-    """Module keys (relative to a layer) that carry LoRA, for the saved config."""
-    from mlx_lm.tuner.lora import LoRALinear
+    """Module keys that carry LoRA, for the saved config: relative to a layer inside the
+    blocks, full paths outside them (``model.embed_tokens``), as `linear_to_lora_layers`
+    matches them."""
+    from mlx_lm.tuner.lora import LoRAEmbedding, LoRALinear
 
-    keys: set[str] = set()
-    for layer in model.layers:
-        for name, module in layer.named_modules():
-            if isinstance(module, LoRALinear):
-                keys.add(name)
+    def is_lora(module: nn.Module) -> bool:
+        return isinstance(module, LoRALinear | LoRAEmbedding)
+
+    keys = {name for layer in model.layers for name, m in layer.named_modules() if is_lora(m)}
+    in_blocks = {id(m) for layer in model.layers for _, m in layer.named_modules()}
+    keys |= {name for name, m in model.named_modules() if is_lora(m) and id(m) not in in_blocks}
     return sorted(keys)
 
 

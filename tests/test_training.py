@@ -330,6 +330,17 @@ def test_saved_adapter_loads_with_mlx_lm(tmp_path: Path) -> None:
     loaded, _ = load(str(model_dir), adapter_path=str(out))
     assert mx.allclose(loaded(tokens), trained, atol=1e-5).item()
 
+    # LoRA outside the blocks (the tied embedding, i.e. also the head) is saved by its path
+    emb, _ = load(str(model_dir))
+    keys = ["self_attn.q_proj", "mlp.down_proj", "model.embed_tokens"]
+    emb_cfg = apply_lora(emb, LoraSettings(rank=4, dropout=0.0, scale=10.0, keys=keys))
+    assert emb_cfg["lora_parameters"]["keys"] == sorted(keys)
+    Trainer(emb, cfg(), total_steps=3).fit(synthetic_examples(3), epochs=1)
+    emb.eval()
+    out3 = save_adapter(emb, tmp_path / "emb-adapter", emb_cfg)
+    emb_loaded, _ = load(str(model_dir), adapter_path=str(out3))
+    assert mx.allclose(emb_loaded(tokens), emb(tokens), atol=1e-5).item()
+
     # and onto a layer-skip draft of a target
     target, _ = load(str(model_dir))
     skip = make_layer_skip_draft(target, [0, 2, 4])
