@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import mlx.nn as nn
@@ -248,24 +249,49 @@ def bench_draft(
     return result
 
 
-def _eval_engine(service: Any, prompts: Sequence[Any], max_tokens: int) -> dict[str, Any]:
-    """Greedy eval traffic through the service (never recorded): speed and acceptance."""
-    tokens = drafted = accepted = rounds = 0
-    t0 = time.perf_counter()
-    for p in prompts:
+@dataclass
+class _EvalTotals:
+    tokens: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    rounds: int = 0
+    seconds: float = 0.0
+
+    def add(self, stats: Any, seconds: float) -> None:
+        self.tokens += stats.generation_tokens
+        self.drafted += stats.drafted
+        self.accepted += stats.accepted
+        self.rounds += stats.num_drafts
+        self.seconds += seconds
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "tokens_per_s": self.tokens / self.seconds if self.seconds else 0.0,
+            "acceptance_rate": self.accepted / self.drafted if self.drafted else 0.0,
+            "mean_accepted_length": 1.0 + self.accepted / self.rounds if self.rounds else 1.0,
+            "tokens": self.tokens,
+            "seconds": self.seconds,
+        }
+
+
+def _eval_engine(
+    service: Any, prompts: Sequence[Any], max_tokens: int, groups: Sequence[str] | None = None
+) -> dict[str, Any]:
+    """Greedy eval traffic through the service (never recorded): speed and acceptance, and
+    with ``groups`` (a label per prompt) the same per label under ``by_group``."""
+    total = _EvalTotals()
+    by_group: dict[str, _EvalTotals] = {}
+    for i, p in enumerate(prompts):
+        t0 = time.perf_counter()
         r = service.generate(p, record=False, temperature=0.0, max_tokens=max_tokens)
-        tokens += r.stats.generation_tokens
-        drafted += r.stats.drafted
-        accepted += r.stats.accepted
-        rounds += r.stats.num_drafts
-    seconds = time.perf_counter() - t0
-    return {
-        "tokens_per_s": tokens / seconds,
-        "acceptance_rate": accepted / drafted if drafted else 0.0,
-        "mean_accepted_length": 1.0 + accepted / rounds if rounds else 1.0,
-        "tokens": tokens,
-        "seconds": seconds,
-    }
+        seconds = time.perf_counter() - t0
+        total.add(r.stats, seconds)
+        if groups is not None:
+            by_group.setdefault(groups[i], _EvalTotals()).add(r.stats, seconds)
+    out = total.to_dict()
+    if groups is not None:
+        out["by_group"] = {g: t.to_dict() for g, t in by_group.items()}
+    return out
 
 
 def bench_adapt(
@@ -275,6 +301,7 @@ def bench_adapt(
     eval_prompts: Sequence[list[dict[str, Any]]],
     max_tokens: int,
     progress: bool = True,
+    eval_groups: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """The adaptive loop on the configured pair, measured on eval prompts before and after.
 
@@ -282,7 +309,8 @@ def bench_adapt(
     recorded; train traffic goes through the service exactly as the daemon serves it, and the
     `AdaptationLoop` trains, gates and swaps as it would, with the configured
     ``min_failure_cases``. ``heldout_agreement`` is teacher-forced agreement of the draft with
-    the target's greedy answers to the eval prompts.
+    the target's greedy answers to the eval prompts. With ``eval_groups`` (a label per eval
+    prompt, e.g. its domain) ``before`` and ``after`` also break the measures down by label.
     """
     import tempfile
     from pathlib import Path
@@ -295,6 +323,9 @@ def bench_adapt(
     from daemon.service import Service
 
     wall0 = time.perf_counter()
+    groups = list(eval_groups) if eval_groups is not None else None
+    if groups is not None and len(groups) != len(eval_prompts):
+        raise ValueError(f"{len(groups)} eval groups for {len(eval_prompts)} eval prompts")
     pair = load_pair(settings)
     tok = pair.tokenizer
     eval_ids = [encode_prompt(tok, p) for p in eval_prompts]
@@ -319,11 +350,13 @@ def bench_adapt(
         try:
 
             def measure() -> dict[str, Any]:
-                m = _eval_engine(service, eval_prompts, max_tokens)
+                m = _eval_engine(service, eval_prompts, max_tokens, groups)
                 m["speedup_vs_target"] = m["tokens_per_s"] / target_tps
-                m["heldout_agreement"] = teacher_forced_agreement(
-                    service.engine.draft, heldout_rows
-                ).rate
+                draft = service.engine.draft
+                m["heldout_agreement"] = teacher_forced_agreement(draft, heldout_rows).rate
+                for g, gm in m.get("by_group", {}).items():
+                    rows = [r for i, r in enumerate(heldout_rows) if groups[i] == g]
+                    gm["heldout_agreement"] = teacher_forced_agreement(draft, rows).rate
                 m["adapter_version"] = service.adapter_version
                 return m
 

@@ -396,14 +396,23 @@ def cmd_bench_adapt(args: argparse.Namespace, settings: Settings, sources: Confi
     from daemon.prompts import read_prompts
 
     train = [p.messages for p in read_prompts(args.train_prompts, limit=args.train_limit)]
-    evals = [p.messages for p in read_prompts(args.eval_prompts, limit=args.eval_limit)]
+    eval_items = read_prompts(args.eval_prompts, limit=args.eval_limit)
+    evals = [p.messages for p in eval_items]
+    # broken down by the prompt file's "domain" field when every eval prompt has one
+    domains = [p.meta.get("domain") for p in eval_items]
+    groups = [str(d) for d in domains] if all(d is not None for d in domains) else None
     print(
         f"bench adapt: {len(train)} train prompts, {len(evals)} eval prompts, "
         f"max_tokens={args.max_tokens}, min_failure_cases="
         f"{settings.training.min_failure_cases}"
     )
-    result = bench_adapt(settings, sources.main_file, train, evals, args.max_tokens)
+    result = bench_adapt(
+        settings, sources.main_file, train, evals, args.max_tokens, eval_groups=groups
+    )
     rows = {k: result[k] for k in ("target_only", "before", "after")}
+    for when in ("before", "after"):
+        for g, m in result[when].get("by_group", {}).items():
+            rows[f"{when}[{g}]"] = m
     _print_table(
         rows,
         [

@@ -263,7 +263,10 @@ def test_bench_adapt_reports_before_and_after(daemon_setup) -> None:
     settings, sources = load_settings(cfg, {"paths.data_dir": str(tmp_path / "data")})
     train = [[{"role": "user", "content": t}] for t in prompts(40, seed=3)]
     evals = [[{"role": "user", "content": t}] for t in prompts(6, seed=4)]
-    result = bench_adapt(settings, sources.main_file, train, evals, max_tokens=16, progress=False)
+    groups = ["a", "a", "b", "a", "b", "b"]
+    result = bench_adapt(
+        settings, sources.main_file, train, evals, 16, progress=False, eval_groups=groups
+    )
     assert set(result) >= {
         "target_only",
         "before",
@@ -284,6 +287,10 @@ def test_bench_adapt_reports_before_and_after(daemon_setup) -> None:
             "speedup_vs_target",
             "heldout_agreement",
         } <= set(result[row])
+        by_group = result[row]["by_group"]
+        assert set(by_group) == {"a", "b"}
+        assert sum(g["tokens"] for g in by_group.values()) == result[row]["tokens"]
+        assert all(0.0 <= g["heldout_agreement"] <= 1.0 for g in by_group.values())
     assert result["after"]["adapter_version"] >= 1
     assert result["after"]["heldout_agreement"] > result["before"]["heldout_agreement"]
     assert not (tmp_path / "data" / "buffer.sqlite").exists()  # a private data dir was used
