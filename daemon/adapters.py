@@ -207,16 +207,22 @@ def apply_adapter(draft_factory: Any, version: AdapterVersion | None) -> Any:
     Shapes and names are checked by mlx-lm's ``load_adapters``; a mismatch raises
     `AdapterError` and the caller keeps the draft in service.
     """
+    if version is None:
+        return draft_factory()
+    return load_adapter_dir(draft_factory, version.path, f"adapter v{version.version}")
+
+
+def load_adapter_dir(draft_factory: Any, path: Path, name: str | None = None) -> Any:
+    """A fresh draft (from ``draft_factory()``) with the mlx-lm adapter in ``path`` applied;
+    `AdapterError` (naming ``name`` or the path) when it is missing or does not fit."""
     import mlx.core as mx
     from mlx_lm.tuner.utils import load_adapters
 
     draft = draft_factory()
-    if version is None:
-        return draft
     try:
-        load_adapters(draft, str(version.path))
+        load_adapters(draft, str(path))
     except (ValueError, KeyError, OSError, TypeError) as e:
-        raise AdapterError(f"adapter v{version.version} does not fit the draft: {e}") from e
+        raise AdapterError(f"{name or f'adapter {path}'} does not fit the draft: {e}") from e
     draft.eval()
     mx.eval(draft.parameters())
     return draft

@@ -77,6 +77,7 @@ def _write_json(path: Path | None, data: dict[str, Any]) -> None:
 
 
 def cmd_bench_speed(args: argparse.Namespace, settings: Settings, sources: ConfigSources) -> int:
+    from daemon.adapters import AdapterError, AdapterStore, apply_adapter, load_adapter_dir
     from daemon.bench import bench_speed
     from daemon.models import load_pair
     from daemon.prompts import read_prompts
@@ -84,11 +85,20 @@ def cmd_bench_speed(args: argparse.Namespace, settings: Settings, sources: Confi
     prompts = [p.messages for p in read_prompts(args.prompts, limit=args.limit)]
     pair = load_pair(settings)
     k = args.num_draft_tokens or settings.speculative.num_draft_tokens
+    draft, adapter = pair.draft, "none"
+    if args.adapter == "current":
+        store = AdapterStore.for_data_dir(settings.paths.data_dir)
+        version = store.current()
+        if version is None:
+            raise AdapterError(f"no current adapter in {store.root}")
+        draft, adapter = apply_adapter(pair.fresh_draft, version), f"v{version.version}"
+    elif args.adapter is not None:
+        draft, adapter = load_adapter_dir(pair.fresh_draft, args.adapter), str(args.adapter)
     print(
         f"bench speed: {len(prompts)} prompts, max_tokens={args.max_tokens}, k={k}, "
-        f"target={pair.target_id}, draft={pair.draft_id}"
+        f"target={pair.target_id}, draft={pair.draft_id}, adapter={adapter}"
     )
-    result = bench_speed(pair.target, pair.draft, pair.tokenizer, prompts, args.max_tokens, k)
+    result = bench_speed(pair.target, draft, pair.tokenizer, prompts, args.max_tokens, k)
     rows = {k: v for k, v in result.items() if isinstance(v, dict)}
     _print_table(
         rows,
@@ -457,7 +467,9 @@ def cmd_bench_blas(args: argparse.Namespace, settings: Settings, sources: Config
 def cmd_bench_train(args: argparse.Namespace, settings: Settings, sources: ConfigSources) -> int:
     from daemon.training import bench_train
 
-    result = bench_train(settings, epochs=args.epochs, max_steps=args.max_steps, progress=True)
+    result = bench_train(
+        settings, epochs=args.epochs, max_steps=args.max_steps, out_dir=args.out, progress=True
+    )
     _print_table(
         {"train": result},
         [
@@ -740,6 +752,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="K",
         help="draft tokens per round (default: speculative.num_draft_tokens)",
     )
+    q.add_argument(
+        "--adapter",
+        metavar="DIR|current",
+        help="measure the draft with this mlx-lm adapter directory (e.g. `bench train --out`), "
+        "or the data dir's current one (default: no adapter)",
+    )
     q.set_defaults(func=cmd_bench_speed, needs_mlx=True)
 
     q = bsub.add_parser(
@@ -785,12 +803,15 @@ def build_parser() -> argparse.ArgumentParser:
         "train",
         help="training throughput, peak memory, held-out agreement before -> after",
         description="Train the configured draft on the buffer in this process (nothing is "
-        "marked used, the adapter is discarded) and report throughput, peak memory and "
-        "held-out agreement before and after.",
+        "marked used, the adapter is discarded unless --out keeps it) and report throughput, "
+        "peak memory and held-out agreement before and after.",
     )
     _common(q)
     q.add_argument("--epochs", type=int)
     q.add_argument("--max-steps", type=int)
+    q.add_argument(
+        "--out", type=Path, metavar="DIR", help="keep the adapter here (for bench speed --adapter)"
+    )
     q.add_argument("--json", type=Path, metavar="OUT", help="also write the results as JSON")
     q.set_defaults(func=cmd_bench_train, needs_mlx=True)
 

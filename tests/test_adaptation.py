@@ -249,10 +249,25 @@ def test_cli_train_and_adapters_without_daemon(daemon_setup, capsys) -> None:
     assert main(["adapters", "list", *common]) == 0
     out = capsys.readouterr().out
     assert "* v1" in out and "installed" in out
+
+    # bench speed measures the draft with the current adapter, or an adapter directory
+    prompt_file = tmp_path / "p.jsonl"
+    prompt_file.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in prompts(2, 5)))
+    speed = [*common, "--prompts", str(prompt_file), "--max-tokens", "8"]
+    assert main(["bench", "speed", *speed, "--adapter", "current"]) == 0
+    assert "adapter=v1" in capsys.readouterr().out
+    v1 = tmp_path / "data" / "adapters" / "v0001"
+    assert main(["bench", "speed", *speed, "--adapter", str(v1)]) == 0
+    assert f"adapter={v1}" in capsys.readouterr().out
+    assert main(["bench", "speed", *speed, "--adapter", str(tmp_path / "nope")]) == 1
+    assert f"adapter {tmp_path / 'nope'} does not fit the draft" in capsys.readouterr().err
+
     assert main(["adapters", "rollback", *common]) == 0
     assert "adapter v1 -> v0" in capsys.readouterr().out
     assert main(["adapters", "rollback", "5", *common]) == 1
     assert "no adapter version 5" in capsys.readouterr().err
+    assert main(["bench", "speed", *speed, "--adapter", "current"]) == 1
+    assert "no current adapter in" in capsys.readouterr().err
 
 
 def test_bench_adapt_reports_before_and_after(daemon_setup) -> None:
