@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import mlx.nn as nn
@@ -251,25 +251,23 @@ def bench_draft(
 
 @dataclass
 class _EvalTotals:
-    tokens: int = 0
-    drafted: int = 0
-    accepted: int = 0
-    rounds: int = 0
+    """Eval requests summed; the rates are `GenerationStats`'s, over the sums."""
+
+    stats: GenerationStats = field(default_factory=GenerationStats)
     seconds: float = 0.0
 
-    def add(self, stats: Any, seconds: float) -> None:
-        self.tokens += stats.generation_tokens
-        self.drafted += stats.drafted
-        self.accepted += stats.accepted
-        self.rounds += stats.num_drafts
+    def add(self, stats: GenerationStats, seconds: float) -> None:
+        for name in ("generation_tokens", "drafted", "accepted", "num_drafts"):
+            setattr(self.stats, name, getattr(self.stats, name) + getattr(stats, name))
         self.seconds += seconds
 
     def to_dict(self) -> dict[str, Any]:
+        s = self.stats
         return {
-            "tokens_per_s": self.tokens / self.seconds if self.seconds else 0.0,
-            "acceptance_rate": self.accepted / self.drafted if self.drafted else 0.0,
-            "mean_accepted_length": 1.0 + self.accepted / self.rounds if self.rounds else 1.0,
-            "tokens": self.tokens,
+            "tokens_per_s": s.generation_tokens / self.seconds if self.seconds else 0.0,
+            "acceptance_rate": s.acceptance_rate,
+            "mean_accepted_length": s.mean_accepted_length,
+            "tokens": s.generation_tokens,
             "seconds": self.seconds,
         }
 
