@@ -91,6 +91,7 @@ def cmd_bench_speed(args: argparse.Namespace, settings: Settings, sources: Confi
         version = store.current()
         if version is None:
             raise AdapterError(f"no current adapter in {store.root}")
+        store.verify(version)  # the checksum check the daemon makes before a swap
         draft, adapter = apply_adapter(pair.fresh_draft, version), f"v{version.version}"
     elif args.adapter is not None:
         draft, adapter = load_adapter_dir(pair.fresh_draft, args.adapter), str(args.adapter)

@@ -26,6 +26,11 @@ class Agreement:
     def rate(self) -> float:
         return self.matches / self.total if self.total else 0.0
 
+    def __add__(self, other: Agreement) -> Agreement:
+        return Agreement(
+            self.matches + other.matches, self.total + other.total, self.rows + other.rows
+        )
+
     def to_dict(self) -> dict[str, float | int]:
         return {
             "agreement": self.rate,

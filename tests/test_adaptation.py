@@ -306,6 +306,8 @@ def test_bench_adapt_reports_before_and_after(daemon_setup) -> None:
         assert set(by_group) == {"a", "b"}
         assert sum(g["tokens"] for g in by_group.values()) == result[row]["tokens"]
         assert all(0.0 <= g["heldout_agreement"] <= 1.0 for g in by_group.values())
+        rates = [g["heldout_agreement"] for g in by_group.values()]  # overall: their weighted mean
+        assert min(rates) <= result[row]["heldout_agreement"] <= max(rates)
     assert result["after"]["adapter_version"] >= 1
     assert result["after"]["heldout_agreement"] > result["before"]["heldout_agreement"]
     assert not (tmp_path / "data" / "buffer.sqlite").exists()  # a private data dir was used
