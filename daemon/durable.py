@@ -37,21 +37,23 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+def atomic_write(path: Path, write: Callable[[Path], None], fsync: bool = True) -> None:
     """``write`` a temporary file next to ``path``, then rename it over ``path``: readers see
-    the old file or the whole new one."""
+    the old file or the whole new one. ``fsync=False`` skips the flush to disk, for files that
+    are only a view and may be lost in a crash."""
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
         write(tmp)
-        fsync_file(tmp)
+        if fsync:
+            fsync_file(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
 
 
-def atomic_write_json(path: Path, data: dict[str, Any]) -> None:
+def atomic_write_json(path: Path, data: dict[str, Any], fsync: bool = True) -> None:
     text = json.dumps(data, indent=2, default=str) + "\n"
-    atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
+    atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"), fsync)

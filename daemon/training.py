@@ -1107,10 +1107,8 @@ class RunProgress:
         if self.path is None:
             return
         self.state.update(fields, updated=time.time())
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
         try:
-            tmp.write_text(json.dumps(self.state), encoding="utf-8")
-            os.replace(tmp, self.path)
+            atomic_write_json(self.path, self.state, fsync=False)
         except OSError as e:  # a view must never fail the run
             log.warning("train_progress_unwritable", path=str(self.path), error=str(e))
             self.path = None
