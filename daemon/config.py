@@ -113,7 +113,8 @@ class BufferSettings(_Section):
 
 
 class LoraSettings(_Section):
-    rank: int = Field(8, ge=1)
+    # 32, not the seed's 8: +0.026 held-out agreement after one run on 316 failures (README).
+    rank: int = Field(32, ge=1)
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
     scale: float = Field(20.0, gt=0.0)
     keys: list[str] | None = Field(None, description="Module keys to adapt; null = mlx-lm default.")
@@ -128,7 +129,8 @@ class TrainingSettings(_Section):
     batch_size: int = Field(1, ge=1)
     gradient_accumulation_steps: int = Field(1, ge=1)
     min_failure_cases: int = Field(50, ge=1)
-    replay_ratio: float = Field(0.2, ge=0.0, lt=1.0)
+    # 0.5: small runs revisit older traffic; the loop's schedule gains ~+0.04 (README).
+    replay_ratio: float = Field(0.5, ge=0.0, lt=1.0)
     # 3, not 2: +0.025 held-out agreement on 316 failures (README, "Training the draft").
     epochs: int = Field(3, ge=1, description="Passes over a run's examples.")
     max_grad_norm: float = Field(1.0, gt=0.0, description="Clip the global gradient norm.")

@@ -54,12 +54,12 @@ def test_defaults_follow_seed_configuration() -> None:
     # Changed from the seed (1e-4, accumulation 4) by measurement: see README.
     assert s.training.learning_rate == 1e-3
     assert s.training.warmup_steps == 10
-    assert s.training.lora.rank == 8
+    assert s.training.lora.rank == 32
     assert s.training.lora.dropout == 0.05
     assert s.training.batch_size == 1
     assert s.training.gradient_accumulation_steps == 1
     assert s.training.min_failure_cases == 50
-    assert s.training.replay_ratio == 0.2
+    assert s.training.replay_ratio == 0.5
     assert s.data.max_prompt_length == 512
     assert s.data.max_output_length == 256
     assert s.sampling.temperature == 0.0

@@ -419,7 +419,11 @@ def tiny_setup(tmp_path: Path) -> tuple[Path, Path, dict]:
     model_dir = write_model_dir(tmp_path / "model", WORDS, VOCAB, seed=2)
     data_dir = tmp_path / "data"
     ids = make_buffer(data_dir)
-    return write_config(tmp_path, str(model_dir), epochs=2, kd_weight=0.5), data_dir, ids
+    return (
+        write_config(tmp_path, str(model_dir), epochs=2, kd_weight=0.5, replay_ratio=0.2),
+        data_dir,
+        ids,
+    )
 
 
 def test_run_training_in_process(tiny_setup, tmp_path: Path) -> None:
@@ -585,4 +589,4 @@ def test_main_module_is_runnable() -> None:
 
 def test_defaults_are_documented_settings() -> None:
     t = Settings().training
-    assert t.max_grad_norm == 1.0 and t.replay_ratio == 0.2
+    assert t.max_grad_norm == 1.0 and t.replay_ratio == 0.5
