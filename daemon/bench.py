@@ -157,12 +157,7 @@ def bench_speed(
         for p, ref in zip(encoded, ref_tokens, strict=True):
             res, dt = _timed(lambda p=p: eng.run(p, greedy))
             total_t += dt
-            s = res.stats
-            total.generation_tokens += s.generation_tokens
-            total.drafted += s.drafted
-            total.accepted += s.accepted
-            total.num_drafts += s.num_drafts
-            total.target_passes += s.target_passes
+            total.accumulate(res.stats)
             identical &= _strip_eos(res.tokens, eos) == ref
         n = total.generation_tokens
         return {
@@ -257,8 +252,7 @@ class _EvalTotals:
     seconds: float = 0.0
 
     def add(self, stats: GenerationStats, seconds: float) -> None:
-        for name in ("generation_tokens", "drafted", "accepted", "num_drafts"):
-            setattr(self.stats, name, getattr(self.stats, name) + getattr(stats, name))
+        self.stats.accumulate(stats)
         self.seconds += seconds
 
     def to_dict(self) -> dict[str, Any]:

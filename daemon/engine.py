@@ -195,6 +195,21 @@ class GenerationStats:
     prompt_time: float = 0.0
     generation_time: float = 0.0
 
+    def accumulate(self, other: GenerationStats) -> None:
+        """Add ``other``'s counts and times to these (totals over several requests)."""
+        for name in (
+            "prompt_tokens", "generation_tokens", "drafted", "accepted", "num_drafts",
+            "target_passes", "draft_passes", "prompt_time", "generation_time",
+        ):  # fmt: skip
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        for mine, theirs in (
+            (self.accepted_per_position, other.accepted_per_position),
+            (self.drafted_per_position, other.drafted_per_position),
+        ):
+            mine.extend([0] * (len(theirs) - len(mine)))
+            for i, n in enumerate(theirs):
+                mine[i] += n
+
     @property
     def acceptance_rate(self) -> float:
         """accepted / drafted (0 when nothing was drafted)."""

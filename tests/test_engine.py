@@ -13,6 +13,7 @@ from mlx_lm.tokenizer_utils import NaiveStreamingDetokenizer, TokenizerWrapper
 from daemon.engine import (
     GenerationError,
     GenerationResult,
+    GenerationStats,
     SamplingParams,
     SpeculativeConfig,
     SpeculativeEngine,
@@ -597,3 +598,35 @@ def test_bench_speed(tiny_tokenizer, tiny_target, tiny_draft):
         assert out[row]["mean_accepted_length"] >= 1
         assert 0 < out[row]["target_passes_per_token"] <= 1.5
     assert isinstance(out["bookkeeping_overhead"], float)
+
+
+def test_generation_stats_accumulate_sums_counts_and_positions() -> None:
+    total = GenerationStats()
+    total.accumulate(
+        GenerationStats(
+            generation_tokens=5,
+            drafted=4,
+            accepted=2,
+            num_drafts=2,
+            accepted_per_position=[2],
+            drafted_per_position=[2, 2],
+        )
+    )
+    total.accumulate(
+        GenerationStats(
+            generation_tokens=3,
+            drafted=2,
+            accepted=2,
+            num_drafts=1,
+            accepted_per_position=[1, 1],
+            drafted_per_position=[1, 1],
+        )
+    )
+    assert (total.generation_tokens, total.drafted, total.accepted, total.num_drafts) == (
+        8,
+        6,
+        4,
+        3,
+    )
+    assert total.accepted_per_position == [3, 1] and total.drafted_per_position == [3, 3]
+    assert total.acceptance_rate == 4 / 6 and total.mean_accepted_length == 1 + 4 / 3
