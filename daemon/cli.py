@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from daemon import __version__
-from daemon.backend import maybe_reexec_with_openblas
 from daemon.config import ConfigError, ConfigSources, Settings, load_settings
+from daemon.core.backend import maybe_reexec_with_openblas
 
 Handler = Callable[[argparse.Namespace, Settings, ConfigSources], int]
 
@@ -49,7 +49,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings, sources: ConfigSourc
 
 
 def cmd_import_gguf(args: argparse.Namespace, settings: Settings, sources: ConfigSources) -> int:
-    from daemon.gguf import import_gguf
+    from daemon.core.gguf import import_gguf
 
     out = import_gguf(args.gguf, args.outdir, overwrite=args.overwrite)
     print(f"imported {args.gguf} -> {out}")
@@ -77,10 +77,10 @@ def _write_json(path: Path | None, data: dict[str, Any]) -> None:
 
 
 def cmd_bench_speed(args: argparse.Namespace, settings: Settings, sources: ConfigSources) -> int:
-    from daemon.adapters import AdapterError, AdapterStore, apply_adapter, load_adapter_dir
-    from daemon.bench import bench_speed
-    from daemon.models import load_pair
-    from daemon.prompts import read_prompts
+    from daemon.bench.speed import bench_speed
+    from daemon.core.models import load_pair
+    from daemon.core.prompts import read_prompts
+    from daemon.store.adapters import AdapterError, AdapterStore, apply_adapter, load_adapter_dir
 
     prompts = [p.messages for p in read_prompts(args.prompts, limit=args.limit)]
     pair = load_pair(settings)
@@ -122,10 +122,10 @@ def cmd_bench_serve(args: argparse.Namespace, settings: Settings, sources: Confi
     import tempfile
     import threading
 
-    from daemon.bench_serve import bench_direct, bench_serve
-    from daemon.engine import SpeculativeConfig, SpeculativeEngine
-    from daemon.models import load_pair
-    from daemon.prompts import read_prompts
+    from daemon.bench.serve import bench_direct, bench_serve
+    from daemon.core.engine import SpeculativeConfig, SpeculativeEngine
+    from daemon.core.models import load_pair
+    from daemon.core.prompts import read_prompts
     from daemon.server import Server
 
     prompts = [p.messages for p in read_prompts(args.prompts, limit=args.limit)]
@@ -178,9 +178,9 @@ def _candidate(text: str) -> tuple[str, list[int]]:
 
 
 def cmd_bench_draft(args: argparse.Namespace, settings: Settings, sources: ConfigSources) -> int:
-    from daemon.bench import bench_draft
-    from daemon.models import load_pair
-    from daemon.prompts import read_prompts
+    from daemon.bench.draft import bench_draft
+    from daemon.core.models import load_pair
+    from daemon.core.prompts import read_prompts
 
     prompts = [p.messages for p in read_prompts(args.prompts, limit=args.limit)]
     pair = load_pair(settings)
@@ -192,8 +192,8 @@ def cmd_bench_draft(args: argparse.Namespace, settings: Settings, sources: Confi
 
 
 def cmd_collect(args: argparse.Namespace, settings: Settings, sources: ConfigSources) -> int:
-    from daemon.collect import collect
-    from daemon.prompts import PromptFileError, PromptItem, read_prompts
+    from daemon.core.prompts import PromptFileError, PromptItem, read_prompts
+    from daemon.ops.collect import collect
 
     items = [PromptItem(messages=[{"role": "user", "content": p}]) for p in args.prompt or []]
     if args.prompts_file is not None:
@@ -221,7 +221,7 @@ def cmd_collect(args: argparse.Namespace, settings: Settings, sources: ConfigSou
 
 
 def _open_buffer(settings: Settings):
-    from daemon.buffer import ReplayBuffer, buffer_path
+    from daemon.store.buffer import ReplayBuffer, buffer_path
 
     path = buffer_path(settings.paths.data_dir)
     if not path.exists():
@@ -272,7 +272,7 @@ def cmd_buffer_stats(args: argparse.Namespace, settings: Settings, sources: Conf
 
 
 def cmd_buffer_export(args: argparse.Namespace, settings: Settings, sources: ConfigSources) -> int:
-    from daemon.models import load_tokenizer
+    from daemon.core.models import load_tokenizer
 
     tokenizer = load_tokenizer(settings.models.target, settings.models_dir)
     with _open_buffer(settings) as buf:
@@ -317,7 +317,7 @@ def _print_gate(decision: dict[str, Any], version: int | None) -> None:
 def cmd_train(args: argparse.Namespace, settings: Settings, sources: ConfigSources) -> int:
     import time
 
-    from daemon.client import DaemonClient
+    from daemon.ops.client import DaemonClient
 
     client = DaemonClient.find(settings)
     if client is not None:
@@ -343,7 +343,7 @@ def cmd_train(args: argparse.Namespace, settings: Settings, sources: ConfigSourc
             if last.get("run_id") == run_id:
                 _print_gate(last, last.get("adapter_version"))
                 return 0 if last.get("decision") != "error" else 1
-    from daemon.adaptation import train_and_gate
+    from daemon.adaptation.loop import train_and_gate
 
     print("training in a subprocess (no daemon running for this data dir)")
     result, decision, version = train_and_gate(
@@ -364,8 +364,8 @@ def cmd_train(args: argparse.Namespace, settings: Settings, sources: ConfigSourc
 
 
 def cmd_adapters(args: argparse.Namespace, settings: Settings, sources: ConfigSources) -> int:
-    from daemon.adapters import AdapterStore
-    from daemon.client import DaemonClient
+    from daemon.ops.client import DaemonClient
+    from daemon.store.adapters import AdapterStore
 
     client = DaemonClient.find(settings)
     if args.action == "rollback":
@@ -403,8 +403,8 @@ def cmd_adapters(args: argparse.Namespace, settings: Settings, sources: ConfigSo
 
 
 def cmd_bench_adapt(args: argparse.Namespace, settings: Settings, sources: ConfigSources) -> int:
-    from daemon.bench import bench_adapt
-    from daemon.prompts import read_prompts
+    from daemon.bench.adapt import bench_adapt
+    from daemon.core.prompts import read_prompts
 
     train = [p.messages for p in read_prompts(args.train_prompts, limit=args.train_limit)]
     eval_items = read_prompts(args.eval_prompts, limit=args.eval_limit)
@@ -444,8 +444,8 @@ def cmd_bench_adapt(args: argparse.Namespace, settings: Settings, sources: Confi
 
 
 def cmd_bench_blas(args: argparse.Namespace, settings: Settings, sources: ConfigSources) -> int:
-    from daemon.bench import bench_blas, blas_probe
-    from daemon.models import load_pair
+    from daemon.bench.blas import bench_blas, blas_probe
+    from daemon.core.models import load_pair
 
     if args.probe:  # the child: one measurement in this process's environment
         print(json.dumps(blas_probe(load_pair(settings).target)))
@@ -466,7 +466,7 @@ def cmd_bench_blas(args: argparse.Namespace, settings: Settings, sources: Config
 
 
 def cmd_bench_train(args: argparse.Namespace, settings: Settings, sources: ConfigSources) -> int:
-    from daemon.training import bench_train
+    from daemon.adaptation.training import bench_train
 
     result = bench_train(
         settings, epochs=args.epochs, max_steps=args.max_steps, out_dir=args.out, progress=True
@@ -488,7 +488,7 @@ def cmd_bench_train(args: argparse.Namespace, settings: Settings, sources: Confi
 
 
 def cmd_service(args: argparse.Namespace, settings: Settings, sources: ConfigSources) -> int:
-    from daemon.install import execute, plan
+    from daemon.ops.install import execute, plan
 
     config = args.config.expanduser().resolve() if args.config else None
     data_dir = args.data_dir.expanduser().resolve() if args.data_dir else None
@@ -497,7 +497,7 @@ def cmd_service(args: argparse.Namespace, settings: Settings, sources: ConfigSou
 
 
 def cmd_logs(args: argparse.Namespace, settings: Settings, sources: ConfigSources) -> int:
-    from daemon.logview import parse_since, show_logs
+    from daemon.ops.logview import parse_since, show_logs
 
     try:
         since = parse_since(args.since) if args.since else None
@@ -507,7 +507,7 @@ def cmd_logs(args: argparse.Namespace, settings: Settings, sources: ConfigSource
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings, sources: ConfigSources) -> int:
-    from daemon.client import DaemonClient
+    from daemon.ops.client import DaemonClient
 
     client = DaemonClient.find(settings)
     if client is None:
@@ -560,7 +560,7 @@ def format_status(url: str, st: dict[str, Any]) -> str:
 
 
 def format_progress(progress: dict[str, Any] | None) -> str:
-    """A training run's progress (`daemon.training.RunProgress`) in a few words."""
+    """A training run's progress (`daemon.adaptation.training.RunProgress`) in a few words."""
     if not progress:
         return "starting"
     text = str(progress.get("phase", "?"))
@@ -879,13 +879,13 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as e:
         # Known failure kinds carry a message meant for the user; anything else is a bug.
-        from daemon.adapters import AdapterError
-        from daemon.buffer import BufferError
-        from daemon.client import DaemonError
-        from daemon.gguf import GGUFImportError
-        from daemon.install import ServiceError
-        from daemon.models import ModelLoadError
-        from daemon.prompts import PromptFileError
+        from daemon.core.gguf import GGUFImportError
+        from daemon.core.models import ModelLoadError
+        from daemon.core.prompts import PromptFileError
+        from daemon.ops.client import DaemonError
+        from daemon.ops.install import ServiceError
+        from daemon.store.adapters import AdapterError
+        from daemon.store.buffer import BufferError
 
         known = (
             ModelLoadError,

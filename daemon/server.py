@@ -6,8 +6,8 @@ Start-up
     1. refuse a non-loopback ``server.host`` without ``server.api_key`` (unless
        ``server.allow_insecure_bind``), then bind the socket (``--port 0`` picks a free port);
     2. load the models (or take a `ModelPair` given to the constructor) and start the
-       `daemon.service.Service`: replay-buffer writer, engine and generation worker; after each
-       request it records it in the buffer and runs every hook in ``finished_hooks``;
+       `daemon.serving.service.Service`: replay-buffer writer, engine and generation worker;
+       after each request it records it in the buffer and runs every hook in ``finished_hooks``;
     3. start uvicorn on that socket in a thread (uvicorn installs no signal handlers there);
     4. once it listens, write ``runtime.json`` (pid, host, port, url, started, version; atomic,
        mode 0600) into the data directory and log ``ready`` with the actual port.
@@ -44,12 +44,13 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from daemon import __version__, notify
-from daemon.backend import backend_info
+from daemon import __version__
 from daemon.config import ConfigError, ConfigSources, Settings, default_config_file
+from daemon.core.backend import backend_info
+from daemon.core.models import ModelPair, load_pair
 from daemon.logging import get_logger
-from daemon.metrics import SpecdMetrics
-from daemon.models import ModelPair, load_pair
+from daemon.serving import notify
+from daemon.serving.metrics import SpecdMetrics
 
 log = get_logger("server")
 
@@ -262,14 +263,14 @@ class Server:
         return self.sources.main_file or default_config_file()
 
     def _start_adaptation(self) -> None:
-        from daemon.adaptation import AdaptationLoop
+        from daemon.adaptation.loop import AdaptationLoop
 
         self.adaptation = AdaptationLoop(self.service, self.sources.main_file)
         self.adaptation.start()
         self.status_providers.append(lambda: {"training": self.adaptation.status()})
 
     def _start_reloader(self) -> None:
-        from daemon.reload import ConfigReloader
+        from daemon.serving.reload import ConfigReloader
 
         self.reloader = ConfigReloader(
             self.config_file, self.overrides, self.settings, self.apply_settings
@@ -289,7 +290,7 @@ class Server:
 
     def apply_settings(self, new: Settings, live_keys: list[str]) -> None:
         """Make reloaded settings take effect (keys that need a restart are only logged)."""
-        from daemon.engine import SpeculativeConfig
+        from daemon.core.engine import SpeculativeConfig
         from daemon.logging import set_level
 
         self.settings = new
@@ -321,7 +322,7 @@ class Server:
             )
 
     def _start_worker(self) -> None:
-        from daemon.service import Service
+        from daemon.serving.service import Service
 
         assert self.pair is not None
         # The same Service that in-process `specd collect` uses: requests are encoded,
@@ -366,7 +367,7 @@ class Server:
     def _start_http(self) -> None:
         import uvicorn
 
-        from daemon.api import AppState, create_app
+        from daemon.serving.api import AppState, create_app
 
         s, pair = self.settings, self.pair
         assert pair is not None

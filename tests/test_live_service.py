@@ -12,8 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.test_models import write_model_dir
-from tests.test_serve import read_log, start_daemon, wait_for_event
+from tests.helpers import read_log, start_daemon, wait_for_event, write_model_dir
 
 
 @pytest.fixture

@@ -2,62 +2,14 @@
 
 from __future__ import annotations
 
-import json
-import os
 import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from daemon.backend import REEXEC_MARKER, find_openblas
-from tests.test_models import write_model_dir
-
-
-def read_log(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def wait_for_event(path: Path, event: str, proc: subprocess.Popen, timeout: float = 120) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for rec in read_log(path):
-            if rec.get("event") == event:
-                return rec
-        if proc.poll() is not None:
-            raise AssertionError(f"daemon exited early: {proc.returncode}\n{proc.stderr.read()}")
-        time.sleep(0.2)
-    raise AssertionError(f"no {event!r} in {path} within {timeout}s")
-
-
-def start_daemon(tmp_path: Path, config: dict, env_extra: dict | None = None) -> subprocess.Popen:
-    cfg = tmp_path / "config.yaml"
-    config = {**config, "server": {"port": 0, **config.get("server", {})}}  # never 8765
-    cfg.write_text(json.dumps(config))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SPECD_")}
-    env.pop("LD_PRELOAD", None)  # the entry point must find OpenBLAS by itself
-    env.pop(REEXEC_MARKER, None)
-    env.update(env_extra or {})
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "daemon",
-            "serve",
-            "--config",
-            str(cfg),
-            "--data-dir",
-            str(tmp_path / "data"),
-        ],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+from daemon.core.backend import find_openblas
+from tests.helpers import read_log, start_daemon, wait_for_event, write_model_dir
 
 
 @pytest.fixture

@@ -1,0 +1,483 @@
+"""The adaptive loop: train at ``min_failure_cases``, gate on held-out traffic, hot-swap.
+
+An apscheduler ``BackgroundScheduler`` job checks the pending failure count every
+``training.check_interval_seconds`` (and shortly after each recorded failure, debounced). When
+it reaches ``training.min_failure_cases`` (and the policy, cooldown and holdout allow), a
+training run starts in a subprocess (`daemon.adaptation.process`), at lower priority,
+continuing from the adapter in service. The subprocess evaluates held-out agreement of the
+adapter in service and of the candidate; the candidate is installed only if it beats the current
+one by ``training.min_improvement``, else kept as rejected. An installed adapter is swapped into
+the live draft between requests.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from daemon.config import Settings
+from daemon.logging import get_logger
+from daemon.serving.service import Service
+from daemon.store.adapters import AdapterError, AdapterStore, AdapterVersion, config_hash
+from daemon.store.buffer import BufferRecord
+
+log = get_logger("adaptation")
+
+DEBOUNCE_S = 2.0
+TERMINATE_GRACE_S = 10.0
+RESULT_FILE = "result.json"  # in a run's directory, written by the training process
+
+
+def new_run_id() -> str:
+    return time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
+
+
+def gate(result: dict[str, Any], settings: Settings) -> dict[str, Any]:
+    """The decision on a finished run: install, reject, or error (nothing to store)."""
+    if result.get("status") != "ok":
+        return {"decision": "error", "reason": result.get("error") or "training failed"}
+    m = result.get("metrics") or {}
+    before, after = m.get("heldout_before") or {}, m.get("heldout_after") or {}
+    if not after.get("positions"):
+        return {
+            "decision": "reject",
+            "reason": "no held-out positions to evaluate on",
+            "heldout_before": None,
+            "heldout_after": None,
+            "improvement": None,
+        }
+    improvement = after["agreement"] - before["agreement"]
+    need = settings.training.min_improvement
+    install = improvement >= need
+    return {
+        "decision": "install" if install else "reject",
+        "reason": (
+            f"held-out agreement {before['agreement']:.4f} -> {after['agreement']:.4f} "
+            f"({improvement:+.4f}, need {need:+.4f})"
+        ),
+        "heldout_before": before["agreement"],
+        "heldout_after": after["agreement"],
+        "improvement": improvement,
+    }
+
+
+def store_candidate(
+    store: AdapterStore,
+    result: dict[str, Any],
+    decision: dict[str, Any],
+    settings: Settings,
+    reason: str,
+) -> AdapterVersion | None:
+    """Keep the candidate in the store (installed or rejected) with its manifest."""
+    if decision["decision"] == "error" or not result.get("adapter_path"):
+        return None
+    m = result.get("metrics") or {}
+    manifest = {
+        "run_id": m.get("run_id"),
+        "trigger": reason,
+        "gate": decision,
+        "metrics_before": m.get("heldout_before"),
+        "metrics_after": m.get("heldout_after"),
+        "data": m.get("examples"),
+        "training": {
+            k: m.get(k)
+            for k in (
+                "steps",
+                "epochs",
+                "loss_first",
+                "loss_last",
+                "tokens",
+                "tokens_per_s",
+                "wall_s",
+                "skipped_micro_batches",
+            )
+        },
+        "config_hash": config_hash(settings.training.model_dump()),
+    }
+    return store.add(
+        Path(result["adapter_path"]), manifest, install=decision["decision"] == "install"
+    )
+
+
+def spawn_run(
+    settings: Settings,
+    config_file: Path | None,
+    run_dir: Path,
+    current: AdapterVersion | None,
+    epochs: int | None,
+    max_steps: int | None,
+    **kwargs: Any,
+) -> subprocess.Popen:
+    """Start the training subprocess for one run in ``run_dir`` (its name is the run id),
+    continuing from ``current``; ``kwargs`` go to `start_training_process`."""
+    from daemon.adaptation.training import start_training_process
+
+    return start_training_process(
+        out_dir=run_dir / "adapter",
+        result_file=run_dir / RESULT_FILE,
+        config=config_file,
+        data_dir=settings.paths.data_dir,
+        init_adapter=current.path if current else None,
+        run_id=run_dir.name,
+        epochs=epochs,
+        max_steps=max_steps,
+        preload_openblas=settings.models.preload_openblas,
+        **kwargs,
+    )
+
+
+class AdaptationLoop:
+    """Triggers, supervises and gates training runs for a running `Service`."""
+
+    def __init__(self, service: Service, config_file: Path | None) -> None:
+        self.service = service
+        self.config_file = config_file
+        self.data_dir = Path(service.settings.paths.data_dir)
+        self.store = AdapterStore.for_data_dir(
+            self.data_dir, service.settings.training.keep_adapters
+        )
+        self.scheduler = BackgroundScheduler(
+            job_defaults={"max_instances": 1, "coalesce": True, "misfire_grace_time": 60}
+        )
+        self.proc: subprocess.Popen | None = None
+        self.run: dict[str, Any] | None = None
+        self.last_run: dict[str, Any] | None = None
+        self.waiting_for: str | None = None
+        self.counts = {"runs": 0, "installed": 0, "rejected": 0, "failed": 0}
+        self._last_finished: float | None = None
+        self._check_lock = threading.Lock()
+        self._run_lock = threading.Lock()
+        self._watcher: threading.Thread | None = None
+        self._stopping = False
+        self.runs_done = threading.Condition()
+
+    @property
+    def settings(self) -> Settings:
+        return self.service.settings  # replaced on a live config reload
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Put the stored ``current`` adapter into service, then start the scheduler."""
+        self.load_current()
+        self.service.commit_hooks.append(self.on_commit)
+        interval = self.settings.training.check_interval_seconds
+        self.scheduler.add_job(self.check, "interval", seconds=interval, id="check")
+        self.scheduler.start()
+        log.info(
+            "adaptation_started",
+            min_failure_cases=self.settings.training.min_failure_cases,
+            policy=self.settings.training.policy,
+            adapter_version=self.service.adapter_version,
+        )
+
+    def load_current(self) -> None:
+        try:
+            version = self.store.current()
+            if version is not None:
+                self.store.verify(version)
+                self.service.swap_adapter(version).result()
+        except AdapterError as e:
+            log.error("adapter_load_failed", error=str(e), using="the draft without an adapter")
+
+    def stop(self) -> None:
+        """Stop the scheduler and a running training process (SIGTERM, then SIGKILL)."""
+        self._stopping = True
+        if self.scheduler.running:
+            self.scheduler.shutdown(wait=False)
+        proc = self.proc
+        if proc is not None and proc.poll() is None:
+            log.info("train_process_stopping", pid=proc.pid)
+            self._terminate(proc)
+        if self._watcher is not None:
+            self._watcher.join(TERMINATE_GRACE_S + 5)
+
+    # --- triggering ------------------------------------------------------------------------
+
+    def on_commit(self, records: list[BufferRecord]) -> None:
+        """After each buffer commit: a new train failure schedules a check soon (debounced)."""
+        if self._stopping or not self.scheduler.running:
+            return
+        if any(r.is_failure and r.split == "train" for r in records):
+            run_at = time.time() + DEBOUNCE_S
+            from datetime import datetime
+
+            self.scheduler.add_job(
+                self.check,
+                "date",
+                run_date=datetime.fromtimestamp(run_at),
+                id="check-soon",
+                replace_existing=True,
+            )
+
+    def check(self) -> str | None:
+        """Start a run if one is due; returns its run id."""
+        if not self._check_lock.acquire(blocking=False):
+            return None
+        try:
+            return self._check()
+        finally:
+            self._check_lock.release()
+
+    def _wait(self, why: str | None) -> None:
+        if why != self.waiting_for and why is not None:
+            log.info("training_waiting", waiting_for=why)
+        self.waiting_for = why
+
+    def _check(self) -> str | None:
+        if self.run is not None or self._stopping:
+            return None
+        t = self.settings.training
+        buf = self.service.buffer
+        assert buf is not None
+        pending = buf.pending_failure_count()
+        if pending < t.min_failure_cases:
+            self._wait(None)
+            return None
+        if self._last_finished is not None:
+            left = t.cooldown_seconds - (time.monotonic() - self._last_finished)
+            if left > 0:
+                self._wait(f"cooldown ({left:.0f}s left)")
+                return None
+        if buf.count("holdout") < t.min_holdout_rows:
+            self._wait(f"holdout traffic ({buf.count('holdout')}/{t.min_holdout_rows} rows)")
+            return None
+        if t.policy == "idle" and self.service.idle_for() < t.idle_seconds:
+            self._wait(f"the server to be idle for {t.idle_seconds:g}s")
+            return None
+        self._wait(None)
+        return self.start_run("min_failure_cases", pending)
+
+    def train_now(self, epochs: int | None = None, max_steps: int | None = None) -> str:
+        """Start a run now whatever the pending count (``specd train`` against the daemon)."""
+        with self._check_lock:
+            if self.run is not None:
+                raise RuntimeError(f"training run {self.run['run_id']} is already running")
+            pending = self.service.buffer.pending_failure_count()
+            return self.start_run("manual", pending, epochs=epochs, max_steps=max_steps)
+
+    # --- one run ---------------------------------------------------------------------------
+
+    def start_run(
+        self, reason: str, pending: int, epochs: int | None = None, max_steps: int | None = None
+    ) -> str:
+        run_id = new_run_id()
+        run_dir = self.data_dir / "training" / run_id
+        run_dir.mkdir(parents=True, exist_ok=True)
+        current = self.store.current()
+        with (run_dir / "stderr.log").open("wb") as stderr:
+            proc = spawn_run(
+                self.settings,
+                self.config_file,
+                run_dir,
+                current,
+                epochs,
+                max_steps,
+                nice=self.settings.training.nice,
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+                stdin=subprocess.DEVNULL,
+            )
+        with self._run_lock:
+            self.proc = proc
+            self.run = {
+                "run_id": run_id,
+                "trigger": reason,
+                "pid": proc.pid,
+                "started": time.time(),
+                "pending_failures": pending,
+                "parent_version": current.version if current else 0,
+                "dir": str(run_dir),
+            }
+        log.info(
+            "train_run_started",
+            run_id=run_id,
+            reason=reason,
+            pid=proc.pid,
+            pending_failures=pending,
+            parent_version=self.run["parent_version"],
+        )
+        self._watcher = threading.Thread(
+            target=self._watch,
+            args=(proc, run_id, run_dir, reason),
+            name="specd-train-watch",
+            daemon=True,
+        )
+        self._watcher.start()
+        return run_id
+
+    def _terminate(self, proc: subprocess.Popen) -> None:
+        try:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(TERMINATE_GRACE_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        except ProcessLookupError:
+            pass
+
+    def _watch(self, proc: subprocess.Popen, run_id: str, run_dir: Path, reason: str) -> None:
+        from daemon.adaptation.training import read_result
+
+        limit = self.settings.training.max_run_seconds
+        timed_out = False
+        try:
+            proc.wait(timeout=limit)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            log.warning("train_run_timeout", run_id=run_id, max_run_seconds=limit)
+            self._terminate(proc)
+        result = read_result(run_dir / RESULT_FILE, proc.returncode)
+        if timed_out:
+            result = {
+                **result,
+                "status": "error",
+                "error": f"stopped after training.max_run_seconds={limit:g}s",
+            }
+        elif self._stopping and result.get("status") != "ok":
+            result = {**result, "error": "stopped with the daemon"}
+        try:
+            self._finish(run_id, result, reason)
+        except Exception:  # the loop must survive a bad run
+            log.exception("train_run_finish_failed", run_id=run_id)
+        finally:
+            # Counted last: whoever sees the run counted also sees its last_run and swap.
+            self.counts["runs"] += 1
+            with self._run_lock:
+                self.proc = None
+                self.run = None
+            self._last_finished = time.monotonic()
+            with self.runs_done:
+                self.runs_done.notify_all()
+
+    def _finish(self, run_id: str, result: dict[str, Any], reason: str) -> None:
+        decision = gate(result, self.settings)
+        summary: dict[str, Any] = {
+            "run_id": run_id,
+            "trigger": reason,
+            "finished": time.time(),
+            **decision,
+        }
+        if decision["decision"] == "error":
+            self.counts["failed"] += 1
+            log.error("train_run_failed", run_id=run_id, error=decision["reason"])
+            self.last_run = summary
+            return
+        version = store_candidate(self.store, result, decision, self.settings, reason)
+        summary["adapter_version"] = version.version if version else None
+        if decision["decision"] == "install" and version is not None:
+            try:
+                self.service.swap_adapter(version).result(timeout=600)
+                self.counts["installed"] += 1
+                log.info(
+                    "adapter_installed",
+                    run_id=run_id,
+                    adapter_version=version.version,
+                    **{k: decision[k] for k in ("heldout_before", "heldout_after", "improvement")},
+                )
+            except Exception as e:  # refused: put the pointer back on what is serving
+                self.store.set_current(self.service.adapter_version)
+                summary["decision"] = "error"
+                summary["reason"] = f"swap refused: {e}"
+                self.counts["failed"] += 1
+                log.error("adapter_swap_refused", adapter_version=version.version, error=str(e))
+        else:
+            self.counts["rejected"] += 1
+            log.info(
+                "adapter_rejected",
+                run_id=run_id,
+                adapter_version=version.version if version else None,
+                reason=decision["reason"],
+            )
+        self.last_run = summary
+
+    # --- versions --------------------------------------------------------------------------
+
+    def rollback(self, version: int | None = None) -> dict[str, Any]:
+        """Put ``version`` (default: the installed one before the current) back in service."""
+        target = self.store.rollback_target(version)
+        previous = self.service.adapter_version
+        adapter = self.store.get(target) if target else None
+        if adapter is not None:
+            self.store.verify(adapter)
+        self.service.swap_adapter(adapter).result(timeout=600)
+        self.store.set_current(target)
+        log.info("adapter_rollback", from_version=previous, to_version=target)
+        return {"previous_version": previous, "adapter_version": target}
+
+    def status(self) -> dict[str, Any]:
+        t = self.settings.training
+        run = self.run
+        out: dict[str, Any] = {
+            "state": "training" if run else "idle",
+            "pending_failures": self.service.buffer.pending_failure_count(),
+            "min_failure_cases": t.min_failure_cases,
+            "policy": t.policy,
+            "waiting_for": self.waiting_for,
+            **self.counts,
+            "last_run": self.last_run,
+        }
+        if run:
+            from daemon.adaptation.training import read_progress
+
+            out["run"] = {
+                **run,
+                "elapsed_s": round(time.time() - run["started"], 1),
+                # phase, step / total_steps, loss: written by the training process as it goes
+                "progress": read_progress(Path(run["dir"]) / RESULT_FILE),
+            }
+        return out
+
+    def list_adapters(self) -> dict[str, Any]:
+        return {
+            "current": self.store.current_version(),
+            "versions": [
+                {
+                    "version": v.version,
+                    "status": v.status,
+                    "created": v.manifest.get("created"),
+                    "parent": v.manifest.get("parent"),
+                    "gate": v.manifest.get("gate"),
+                }
+                for v in self.store.versions()
+            ],
+        }
+
+
+def train_and_gate(
+    settings: Settings,
+    config_file: Path | None,
+    epochs: int | None = None,
+    max_steps: int | None = None,
+    progress: bool = True,
+) -> tuple[dict[str, Any], dict[str, Any], AdapterVersion | None]:
+    """One run without a daemon (``specd train``): the same subprocess, gate and store.
+
+    An installed version becomes ``current``; the daemon loads it at its next start.
+    """
+    from daemon.adaptation.training import read_result
+
+    data_dir = Path(settings.paths.data_dir)
+    store = AdapterStore.for_data_dir(data_dir, settings.training.keep_adapters)
+    run_dir = data_dir / "training" / new_run_id()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    proc = spawn_run(
+        settings, config_file, run_dir, store.current(), epochs, max_steps, progress=progress
+    )
+    try:
+        proc.wait()
+    except KeyboardInterrupt:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait()
+        raise
+    result = read_result(run_dir / RESULT_FILE, proc.returncode)
+    decision = gate(result, settings)
+    version = store_candidate(store, result, decision, settings, "manual")
+    return result, decision, version

@@ -1,0 +1,5 @@
+"""Benchmarks: leaves, imported by nothing but the CLI.
+
+speed (engine rows side by side), draft (layer-skip candidates), adapt (the whole loop before
+and after), blas (BLAS probe), serve (HTTP load), train (one training run).
+"""

@@ -1,0 +1,152 @@
+"""``specd bench adapt``: the whole adaptive loop, measured on eval prompts before and after."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from daemon.bench.common import mlx_lm_run
+from daemon.core.engine import GenerationStats
+from daemon.core.prompts import encode_prompt
+
+
+@dataclass
+class _EvalTotals:
+    """Eval requests summed; the rates are `GenerationStats`'s, over the sums."""
+
+    stats: GenerationStats = field(default_factory=GenerationStats)
+    seconds: float = 0.0
+
+    def add(self, stats: GenerationStats, seconds: float) -> None:
+        self.stats.accumulate(stats)
+        self.seconds += seconds
+
+    def to_dict(self) -> dict[str, Any]:
+        s = self.stats
+        return {
+            "tokens_per_s": s.generation_tokens / self.seconds if self.seconds else 0.0,
+            "acceptance_rate": s.acceptance_rate,
+            "mean_accepted_length": s.mean_accepted_length,
+            "tokens": s.generation_tokens,
+            "seconds": self.seconds,
+        }
+
+
+def _eval_engine(
+    service: Any, prompts: Sequence[Any], max_tokens: int, groups: Sequence[str] | None = None
+) -> dict[str, Any]:
+    """Greedy eval traffic through the service (never recorded): speed and acceptance, and
+    with ``groups`` (a label per prompt) the same per label under ``by_group``."""
+    total = _EvalTotals()
+    by_group: dict[str, _EvalTotals] = {}
+    for i, p in enumerate(prompts):
+        t0 = time.perf_counter()
+        r = service.generate(p, record=False, temperature=0.0, max_tokens=max_tokens)
+        seconds = time.perf_counter() - t0
+        total.add(r.stats, seconds)
+        if groups is not None:
+            by_group.setdefault(groups[i], _EvalTotals()).add(r.stats, seconds)
+    out = total.to_dict()
+    if groups is not None:
+        out["by_group"] = {g: t.to_dict() for g, t in by_group.items()}
+    return out
+
+
+def bench_adapt(
+    settings: Any,
+    config_file: Any,
+    train_prompts: Sequence[list[dict[str, Any]]],
+    eval_prompts: Sequence[list[dict[str, Any]]],
+    max_tokens: int,
+    progress: bool = True,
+    eval_groups: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """The adaptive loop on the configured pair, measured on eval prompts before and after.
+
+    Runs in a private data directory (a fresh buffer and adapter store): eval traffic is never
+    recorded; train traffic goes through the service exactly as the daemon serves it, and the
+    `AdaptationLoop` trains, gates and swaps as it would, with the configured
+    ``min_failure_cases``. ``heldout_agreement`` is teacher-forced agreement of the draft with
+    the target's greedy answers to the eval prompts. With ``eval_groups`` (a label per eval
+    prompt, e.g. its domain) ``before`` and ``after`` also break the measures down by label.
+    """
+    import tempfile
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from daemon.adaptation.loop import AdaptationLoop
+    from daemon.core.evaluation import Agreement, teacher_forced_agreement
+    from daemon.core.models import load_pair
+    from daemon.serving.service import Service
+
+    wall0 = time.perf_counter()
+    groups = list(eval_groups) if eval_groups is not None else None
+    if groups is not None and len(groups) != len(eval_prompts):
+        raise ValueError(f"{len(groups)} eval groups for {len(eval_prompts)} eval prompts")
+    pair = load_pair(settings)
+    tok = pair.tokenizer
+    eval_ids = [encode_prompt(tok, p) for p in eval_prompts]
+    # Target-only reference: speed, and the greedy answers held-out agreement is scored on.
+    mlx_lm_run(pair.target, tok, eval_ids[0], 8)  # warm-up
+    t0 = time.perf_counter()
+    answers = [mlx_lm_run(pair.target, tok, ids, max_tokens)[0] for ids in eval_ids]
+    target_s = time.perf_counter() - t0
+    target_tps = sum(len(a) for a in answers) / target_s
+    heldout_rows = list(zip(eval_ids, answers, strict=True))
+
+    with tempfile.TemporaryDirectory(prefix="specd-bench-adapt-") as tmp:
+        s = settings.model_copy(deep=True)
+        s.paths.data_dir = Path(tmp)
+        s.training.cooldown_seconds = 0.0
+        s.training.check_interval_seconds = 2.0
+        s.training.policy = "immediate"
+        service = Service(s, pair)
+        service.start()
+        loop = AdaptationLoop(service, config_file)
+        loop.start()
+        try:
+
+            def measure() -> dict[str, Any]:
+                m = _eval_engine(service, eval_prompts, max_tokens, groups)
+                m["speedup_vs_target"] = m["tokens_per_s"] / target_tps
+                # one pass per group; the overall figure is their sum
+                draft = service.engine.draft
+                labels = groups or [""] * len(heldout_rows)
+                agreement = {
+                    g: teacher_forced_agreement(
+                        draft, [r for r, rg in zip(heldout_rows, labels, strict=True) if rg == g]
+                    )
+                    for g in dict.fromkeys(labels)
+                }
+                m["heldout_agreement"] = sum(agreement.values(), Agreement()).rate
+                for g, gm in m.get("by_group", {}).items():
+                    gm["heldout_agreement"] = agreement[g].rate
+                m["adapter_version"] = service.adapter_version
+                return m
+
+            before = measure()
+            for p in tqdm(train_prompts, desc="train traffic", disable=not progress):
+                service.generate(p, temperature=0.0, max_tokens=max_tokens)
+            service.writer.flush(60)
+            loop.check()  # the last failures may have just crossed the threshold
+            while loop.run is not None:  # let a started run finish, gate and swap
+                with loop.runs_done:
+                    loop.runs_done.wait(5)
+            after = measure()
+        finally:
+            loop.stop()
+            service.stop(timeout=60)
+    return {
+        "target_only": {"tokens_per_s": target_tps, "tokens": sum(len(a) for a in answers)},
+        "before": before,
+        "after": after,
+        "adapters_installed": loop.counts["installed"],
+        "training_runs": loop.counts["runs"],
+        "last_run": loop.last_run,
+        "train_requests": len(train_prompts),
+        "eval_requests": len(eval_prompts),
+        "wall_s": time.perf_counter() - wall0,
+    }

@@ -1,0 +1,54 @@
+"""``specd bench draft``: layer-skip draft candidates by agreement and decode-step cost."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import mlx.nn as nn
+from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+from daemon.bench.common import decode_step_seconds, mlx_lm_run
+from daemon.core.prompts import encode_prompt
+
+
+def bench_draft(
+    target: nn.Module,
+    tokenizer: TokenizerWrapper,
+    prompts: Sequence[list[dict[str, Any]]] | Sequence[str],
+    candidates: dict[str, list[int]],
+    max_tokens: int,
+) -> dict[str, Any]:
+    """Layer-skip draft candidates: held-out agreement with the target and cost per token.
+
+    The target answers each prompt greedily once; every candidate is then scored by
+    teacher-forced agreement on those answers (`daemon.core.evaluation`), and its decode step is
+    timed against the target's in the same process (``cost_ratio``).
+    """
+    from daemon.core.evaluation import teacher_forced_agreement
+    from daemon.core.models import make_layer_skip_draft
+
+    rows = []
+    for p in prompts:
+        ids = encode_prompt(tokenizer, p)
+        out, _ = mlx_lm_run(target, tokenizer, ids, max_tokens)
+        rows.append((ids, out))
+    target_step = decode_step_seconds(target)
+    result: dict[str, Any] = {
+        "target": {
+            "layers": len(target.layers),
+            "step_ms": target_step * 1000,
+            "tokens": sum(len(o) for _, o in rows),
+        },
+    }
+    for name, layers in candidates.items():
+        draft = make_layer_skip_draft(target, layers)
+        agreement = teacher_forced_agreement(draft, rows)
+        step = decode_step_seconds(draft)
+        result[name] = {
+            "layers": layers,
+            "heldout_agreement": agreement.rate,
+            "step_ms": step * 1000,
+            "cost_ratio": step / target_step,
+        }
+    return result

@@ -1,0 +1,287 @@
+"""``specd bench serve``: concurrent streaming clients against a running daemon.
+
+`bench_serve` drives N client threads (stdlib ``http.client``, no extra dependency) that send
+streaming chat completions to ``/v1/chat/completions`` and time each one: time to first token
+(the first event carrying text), end-to-end latency and tokens (from the final usage chunk).
+`bench_direct` runs the same prompts through a `SpeculativeEngine` in-process, one after the
+other, so that ``bench_serve(..., direct=bench_direct(...))`` also reports the serving overhead.
+
+The daemon runs one generation at a time, so with N clients requests queue: total throughput
+should stay close to the direct engine's, while time to first token grows with N (queueing).
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import math
+import queue
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+from urllib.parse import urlsplit
+
+__all__ = ["bench_direct", "bench_serve", "summarize"]
+
+
+def _percentile(values: Sequence[float], q: float) -> float:
+    """Linear-interpolated percentile (``q`` in [0, 100]); 0.0 for no values."""
+    if not values:
+        return 0.0
+    xs = sorted(values)
+    pos = (len(xs) - 1) * q / 100.0
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def summarize(values: Sequence[float]) -> dict[str, float]:
+    """mean, p50, p95 and max of ``values`` (zeros when empty)."""
+    return {
+        "mean": sum(values) / len(values) if values else 0.0,
+        "p50": _percentile(values, 50),
+        "p95": _percentile(values, 95),
+        "max": max(values) if values else 0.0,
+    }
+
+
+def _stream_chat(
+    base: Any,
+    api_key: str | None,
+    messages: list[dict[str, Any]],
+    max_tokens: int,
+    model: str | None,
+    timeout: float,
+) -> dict[str, Any]:
+    """One streaming request; returns its timings and token counts."""
+    conn_cls = http.client.HTTPSConnection if base.scheme == "https" else http.client.HTTPConnection
+    conn = conn_cls(base.hostname, base.port, timeout=timeout)
+    body: dict[str, Any] = {
+        "messages": messages,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    if model:
+        body["model"] = model
+    headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    out: dict[str, Any] = {"ok": False, "ttft": None, "tokens": 0, "text_chunks": 0}
+    t0 = time.perf_counter()
+    try:
+        conn.request("POST", base.path + "/v1/chat/completions", json.dumps(body), headers)
+        resp = conn.getresponse()
+        if resp.status != 200:
+            out["error"] = f"HTTP {resp.status}: {resp.read(2000).decode(errors='replace')}"
+            return out
+        usage = None
+        while True:
+            line = resp.readline()
+            if not line:
+                break
+            line = line.strip()
+            if not line.startswith(b"data: "):
+                continue
+            data = line[6:]
+            if data == b"[DONE]":
+                out["ok"] = True
+                break
+            event = json.loads(data)
+            if "error" in event:
+                out["error"] = str(event["error"])
+                break
+            for choice in event.get("choices") or []:
+                if (choice.get("delta") or {}).get("content"):
+                    out["text_chunks"] += 1
+                    if out["ttft"] is None:
+                        out["ttft"] = time.perf_counter() - t0
+            if event.get("usage"):
+                usage = event["usage"]
+        if usage is not None:
+            out["tokens"] = int(usage.get("completion_tokens", 0))
+            out["prompt_tokens"] = int(usage.get("prompt_tokens", 0))
+            spec = usage.get("speculative") or {}
+            out["drafted"] = int(spec.get("drafted", 0))
+            out["accepted"] = int(spec.get("accepted", 0))
+        else:  # a server without include_usage support: count text events
+            out["tokens"] = out["text_chunks"]
+    except (OSError, http.client.HTTPException, ValueError) as e:
+        out["error"] = f"{type(e).__name__}: {e}"
+    finally:
+        out["latency"] = time.perf_counter() - t0
+        if out["ttft"] is None:
+            out["ttft"] = out["latency"]
+        conn.close()
+    return out
+
+
+def bench_serve(
+    base_url: str,
+    api_key: str | None,
+    prompts: Sequence[list[dict[str, Any]]],
+    clients: int,
+    max_tokens: int,
+    *,
+    requests: int | None = None,
+    direct: dict[str, Any] | None = None,
+    model: str | None = None,
+    warmup: bool = True,
+    timeout: float = 600.0,
+) -> dict[str, Any]:
+    """Benchmark a running daemon with ``clients`` concurrent streaming chat clients.
+
+    Args:
+        base_url: the daemon's address, e.g. ``http://127.0.0.1:8765`` (a trailing ``/v1`` is
+            ignored); ``runtime.json`` in the data directory has it.
+        api_key: the bearer token (``server.api_key``), or None.
+        prompts: chat prompts, each a list of ``{"role", "content"}`` messages.
+        clients: number of concurrent clients (threads), >= 1.
+        max_tokens: tokens per request (greedy decoding, temperature 0).
+        requests: total requests (default ``max(len(prompts), clients)``); prompts are used in
+            order, cycling; clients take the next request as soon as they are free.
+        direct: `bench_direct` results on the same prompts and ``max_tokens``; adds
+            ``overhead`` to the result.
+        model: sent as ``model`` (default: omitted, i.e. the served model).
+        warmup: send one untimed request first.
+        timeout: socket timeout per request, in seconds.
+
+    Returns:
+        ``clients``, ``requests``, ``completed``, ``errors`` (+ ``error_samples``), ``wall_s``,
+        ``tokens``, ``ttft_s`` and ``latency_s`` (mean/p50/p95/max over requests),
+        ``total_tokens_per_s`` (all tokens over wall time), ``per_client_tokens_per_s``
+        (each client's tokens over its busy time: mean/p50/p95/max), ``acceptance_rate`` and,
+        with ``direct``, ``overhead``: ``direct_tokens_per_s``, ``throughput_ratio`` (served
+        total / direct; 1.0 = no loss), ``overhead_pct`` ((direct / served - 1) * 100) and
+        ``ttft_added_p50_s`` (served minus direct median TTFT; includes queueing when
+        ``clients`` > 1).
+    """
+    if not prompts:
+        raise ValueError("bench_serve needs at least one prompt")
+    if clients < 1:
+        raise ValueError("clients must be >= 1")
+    if max_tokens < 1:
+        raise ValueError("max_tokens must be >= 1")
+    url = base_url.rstrip("/")
+    url = url.removesuffix("/v1")
+    base = urlsplit(url)
+    if base.scheme not in ("http", "https") or not base.hostname:
+        raise ValueError(f"base_url must be http(s)://host:port, got {base_url!r}")
+    n_requests = requests if requests is not None else max(len(prompts), clients)
+
+    if warmup:
+        _stream_chat(base, api_key, list(prompts[0]), min(max_tokens, 8), model, timeout)
+
+    work: queue.Queue[int] = queue.Queue()
+    for i in range(n_requests):
+        work.put(i)
+    results: list[dict[str, Any] | None] = [None] * n_requests
+    busy = [0.0] * clients
+    client_tokens = [0] * clients
+
+    def client(c: int) -> None:
+        while True:
+            try:
+                i = work.get_nowait()
+            except queue.Empty:
+                return
+            r = _stream_chat(
+                base, api_key, list(prompts[i % len(prompts)]), max_tokens, model, timeout
+            )
+            results[i] = r
+            busy[c] += r["latency"]
+            if r["ok"]:
+                client_tokens[c] += r["tokens"]
+
+    threads = [threading.Thread(target=client, args=(c,), daemon=True) for c in range(clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+
+    done = [r for r in results if r is not None]
+    ok = [r for r in done if r["ok"]]
+    errors = [r.get("error", "incomplete stream") for r in done if not r["ok"]]
+    tokens = sum(r["tokens"] for r in ok)
+    drafted = sum(r.get("drafted", 0) for r in ok)
+    accepted = sum(r.get("accepted", 0) for r in ok)
+    per_client = [client_tokens[c] / busy[c] for c in range(clients) if busy[c] > 0]
+    total_tps = tokens / wall if wall > 0 else 0.0
+    out: dict[str, Any] = {
+        "clients": clients,
+        "requests": n_requests,
+        "completed": len(ok),
+        "errors": len(errors),
+        "error_samples": errors[:5],
+        "max_tokens": max_tokens,
+        "wall_s": wall,
+        "tokens": tokens,
+        "ttft_s": summarize([r["ttft"] for r in ok]),
+        "latency_s": summarize([r["latency"] for r in ok]),
+        "total_tokens_per_s": total_tps,
+        "per_client_tokens_per_s": summarize(per_client),
+        "acceptance_rate": accepted / drafted if drafted else None,
+    }
+    if direct is not None:
+        d_tps = float(direct.get("tokens_per_s", 0.0))
+        d_ttft = float(direct.get("ttft_s", {}).get("p50", 0.0))
+        out["overhead"] = {
+            "direct_tokens_per_s": d_tps,
+            "throughput_ratio": total_tps / d_tps if d_tps > 0 else None,
+            "overhead_pct": (d_tps / total_tps - 1.0) * 100.0 if total_tps > 0 else None,
+            "ttft_added_p50_s": out["ttft_s"]["p50"] - d_ttft,
+        }
+    return out
+
+
+def bench_direct(
+    engine: Any,
+    tokenizer: Any,
+    prompts: Sequence[list[dict[str, Any]]],
+    max_tokens: int,
+    *,
+    warmup: bool = True,
+) -> dict[str, Any]:
+    """The same prompts through ``engine`` in-process, sequentially (greedy), for comparison.
+
+    ``engine`` is a `daemon.core.engine.SpeculativeEngine` that nothing else uses meanwhile.
+    Returns ``requests``, ``tokens``, ``seconds``, ``tokens_per_s`` (tokens over total time),
+    ``ttft_s`` and ``latency_s`` (mean/p50/p95/max) and ``acceptance_rate``.
+    """
+    from daemon.core.engine import GenerationResult, SamplingParams
+    from daemon.core.prompts import encode_prompt
+
+    if not prompts:
+        raise ValueError("bench_direct needs at least one prompt")
+    encoded = [encode_prompt(tokenizer, list(p)) for p in prompts]
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
+    if warmup:
+        engine.run(encoded[0], SamplingParams(temperature=0.0, max_tokens=min(max_tokens, 8)))
+    ttfts, latencies = [], []
+    tokens = drafted = accepted = 0
+    for tok in encoded:
+        result = GenerationResult()
+        t0 = time.perf_counter()
+        ttft = None
+        for chunk in engine.generate(tok, params, result):
+            if ttft is None and chunk.text:
+                ttft = time.perf_counter() - t0
+        latency = time.perf_counter() - t0
+        ttfts.append(ttft if ttft is not None else latency)
+        latencies.append(latency)
+        tokens += result.stats.generation_tokens
+        drafted += result.stats.drafted
+        accepted += result.stats.accepted
+    seconds = sum(latencies)
+    return {
+        "requests": len(encoded),
+        "tokens": tokens,
+        "seconds": seconds,
+        "tokens_per_s": tokens / seconds if seconds > 0 else 0.0,
+        "ttft_s": summarize(ttfts),
+        "latency_s": summarize(latencies),
+        "acceptance_rate": accepted / drafted if drafted else None,
+    }

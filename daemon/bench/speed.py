@@ -1,0 +1,150 @@
+"""``specd bench speed``: target-only vs mlx-lm speculative vs specd's engine, side by side."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import mlx.nn as nn
+from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+from daemon.bench.common import mlx_lm_run, strip_eos, timed
+from daemon.core.engine import GenerationStats, SamplingParams, SpeculativeConfig, SpeculativeEngine
+from daemon.core.prompts import encode_prompt
+
+
+def bench_speed(
+    target: nn.Module,
+    draft: nn.Module,
+    tokenizer: TokenizerWrapper,
+    prompts: Sequence[list[dict[str, Any]]] | Sequence[str],
+    max_tokens: int,
+    num_draft_tokens: int,
+) -> dict[str, Any]:
+    """Greedy decoding speed of four methods on the same prompts (chat template applied).
+
+    Rows: ``target_only`` (mlx-lm ``stream_generate`` without a draft),
+    ``mlx_lm_speculative`` (``stream_generate`` with ``draft_model``), ``specd_fixed``
+    (specd's engine, fixed ``num_draft_tokens``) and ``specd_adaptive`` (adaptive draft length
+    starting at ``num_draft_tokens``).  Each row has ``tokens_per_s`` (generated tokens over
+    wall time, prefill included), ``ratio_vs_target``, ``tokens``, ``seconds`` and
+    ``identical_to_target`` (greedy outputs must match token for token, up to EOS); the
+    speculative rows add ``acceptance_rate``, ``mean_accepted_length`` and
+    ``target_passes_per_token`` (prefill counted as one pass per prompt).  For mlx-lm the
+    rounds are reconstructed from its ``from_draft`` flags (a round ends at the first
+    non-draft token; it drafted ``min(k, tokens left)``).
+
+    ``bookkeeping_overhead`` is (t_on - t_off) / t_off for specd's fixed-k engine with
+    rejection recording on vs off (best of two alternating runs each).
+    """
+    if not prompts:
+        raise ValueError("bench_speed needs at least one prompt")
+    encoded = [encode_prompt(tokenizer, p) for p in prompts]
+    k = int(num_draft_tokens)
+    eos = set(tokenizer.eos_token_ids or ())
+    greedy = SamplingParams(temperature=0.0, max_tokens=max_tokens)
+
+    def make_engine(adaptive: bool, record: bool = True) -> SpeculativeEngine:
+        cfg = SpeculativeConfig(
+            num_draft_tokens=k,
+            adaptive=adaptive,
+            min_draft_tokens=1,
+            max_draft_tokens=max(8, k),
+            record_rejections=record,
+        )
+        return SpeculativeEngine(target, draft, tokenizer, cfg)
+
+    fixed, adaptive = make_engine(False), make_engine(True)
+    fixed_off = make_engine(False, record=False)
+
+    # warm-up (compilation, allocator) on the first prompt
+    warm = encoded[0]
+    warm_n = min(max_tokens, 16)
+    mlx_lm_run(target, tokenizer, warm, warm_n)
+    mlx_lm_run(target, tokenizer, warm, warm_n, draft, k)
+    for eng in (fixed, adaptive, fixed_off):
+        eng.run(warm, SamplingParams(max_tokens=warm_n))
+
+    rows: dict[str, Any] = {}
+
+    # target only
+    ref_tokens: list[list[int]] = []
+    total_t, total_n = 0.0, 0
+    for p in encoded:
+        (toks, _), dt = timed(lambda p=p: mlx_lm_run(target, tokenizer, p, max_tokens))
+        ref_tokens.append(strip_eos(toks, eos))
+        total_t += dt
+        total_n += len(toks)
+    base_tps = total_n / total_t if total_t > 0 else 0.0
+    rows["target_only"] = {
+        "tokens_per_s": base_tps,
+        "ratio_vs_target": 1.0,
+        "tokens": total_n,
+        "seconds": total_t,
+        "target_passes_per_token": (total_n + len(encoded)) / max(total_n, 1),
+        "identical_to_target": True,
+    }
+
+    # mlx-lm speculative
+    total_t, total_n, accepted, drafted, rounds = 0.0, 0, 0, 0, 0
+    identical = True
+    for p, ref in zip(encoded, ref_tokens, strict=True):
+        (toks, flags), dt = timed(
+            lambda p=p: mlx_lm_run(target, tokenizer, p, max_tokens, draft, k)
+        )
+        total_t += dt
+        total_n += len(toks)
+        identical &= strip_eos(toks, eos) == ref
+        start = True
+        for i, f in enumerate(flags):
+            if start:
+                rounds += 1
+                drafted += min(k, max_tokens - i)
+                start = False
+            if f:
+                accepted += 1
+            else:
+                start = True
+    rows["mlx_lm_speculative"] = {
+        "tokens_per_s": total_n / total_t if total_t > 0 else 0.0,
+        "tokens": total_n,
+        "seconds": total_t,
+        "acceptance_rate": accepted / drafted if drafted else 0.0,
+        "mean_accepted_length": 1.0 + accepted / rounds if rounds else 1.0,
+        "target_passes_per_token": (rounds + len(encoded)) / max(total_n, 1),
+        "identical_to_target": identical,
+    }
+
+    def run_engine(eng: SpeculativeEngine) -> dict[str, Any]:
+        total = GenerationStats()
+        total_t, identical = 0.0, True
+        for p, ref in zip(encoded, ref_tokens, strict=True):
+            res, dt = timed(lambda p=p: eng.run(p, greedy))
+            total_t += dt
+            total.accumulate(res.stats)
+            identical &= strip_eos(res.tokens, eos) == ref
+        n = total.generation_tokens
+        return {
+            "tokens_per_s": n / total_t if total_t > 0 else 0.0,
+            "tokens": n,
+            "seconds": total_t,
+            "acceptance_rate": total.acceptance_rate,
+            "mean_accepted_length": total.mean_accepted_length,
+            "target_passes_per_token": total.target_passes / max(n, 1),
+            "identical_to_target": identical,
+        }
+
+    rows["specd_fixed"] = run_engine(fixed)
+    rows["specd_adaptive"] = run_engine(adaptive)
+    for name in ("mlx_lm_speculative", "specd_fixed", "specd_adaptive"):
+        rows[name]["ratio_vs_target"] = rows[name]["tokens_per_s"] / base_tps if base_tps else 0.0
+
+    t_on, t_off = float("inf"), float("inf")
+    for _ in range(2):
+        t_off = min(t_off, sum(timed(lambda p=p: fixed_off.run(p, greedy))[1] for p in encoded))
+        t_on = min(t_on, sum(timed(lambda p=p: fixed.run(p, greedy))[1] for p in encoded))
+    rows["bookkeeping_overhead"] = (t_on - t_off) / t_off if t_off > 0 else 0.0
+    rows["num_prompts"] = len(encoded)
+    rows["max_tokens"] = max_tokens
+    rows["num_draft_tokens"] = k
+    return rows

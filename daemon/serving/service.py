@@ -1,0 +1,173 @@
+"""The generation service without HTTP: models, engine, worker thread and replay buffer.
+
+The HTTP server and in-process ``specd collect`` both serve through it, so a request is encoded,
+generated and recorded the same way whoever sent it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any
+
+from daemon.config import Settings
+from daemon.core.engine import (
+    GenerationResult,
+    SamplingParams,
+    SpeculativeConfig,
+    SpeculativeEngine,
+)
+from daemon.core.models import ModelPair, load_pair
+from daemon.logging import get_logger
+from daemon.serving.worker import BlockingHandle, GenerationRequest, GenerationWorker, RequestHandle
+from daemon.store.adapters import AdapterVersion, apply_adapter
+from daemon.store.buffer import BufferRecord, BufferWriter, ReplayBuffer
+
+log = get_logger("service")
+
+FinishedHook = Callable[[GenerationRequest, GenerationResult, float, float], None]
+
+
+class Service:
+    """Owns the loaded pair, the generation worker and the buffer writer."""
+
+    def __init__(self, settings: Settings, pair: ModelPair | None = None) -> None:
+        self.settings = settings
+        self.pair = pair
+        self.engine: SpeculativeEngine | None = None
+        self.worker: GenerationWorker | None = None
+        self.writer: BufferWriter | None = None
+        self.buffer: ReplayBuffer | None = None  # reader for /status and CLI stats
+        self.adapter_version = 0
+        self.adapter_path: str | None = None
+        self.last_activity = time.monotonic()
+        self.finished_hooks: list[FinishedHook] = []
+        self.commit_hooks: list[Callable[[list[BufferRecord]], None]] = []
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Load models (unless given), open the buffer, start the worker."""
+        s = self.settings
+        # Open the buffer first: a corrupt file stops start-up, untouched, before a slow load.
+        self.writer = BufferWriter(s.paths.data_dir, s.buffer, on_commit=self._committed)
+        self.writer.start()
+        self.buffer = ReplayBuffer(s.paths.data_dir, s.buffer).open()
+        if self.pair is None:
+            self.pair = load_pair(s)
+        self.engine = SpeculativeEngine(
+            self.pair.target,
+            self.pair.draft,
+            self.pair.tokenizer,
+            SpeculativeConfig.from_settings(s.speculative, self.pair.max_context),
+        )
+        self.worker = GenerationWorker(self.engine, s.server.queue_size, self._finished)
+        self.worker.start()
+
+    def stop(self, timeout: float | None = None) -> bool:
+        """Finish queued and in-flight requests (bounded), then flush and close the buffer."""
+        finished = True
+        if self.worker is not None:
+            finished = self.worker.stop(timeout)
+            if not finished:
+                log.warning("requests_unfinished_at_shutdown", timeout_s=timeout)
+        if self.writer is not None:
+            self.writer.close(timeout=30)
+        if self.buffer is not None:
+            self.buffer.close()
+        return finished
+
+    # --- requests --------------------------------------------------------------------------
+
+    def encode_messages(self, messages: list[dict[str, str]]) -> list[int]:
+        from daemon.core.prompts import encode_prompt
+
+        assert self.pair is not None
+        return encode_prompt(self.pair.tokenizer, messages)
+
+    def sampling_params(self, **overrides: Any) -> SamplingParams:
+        """Request parameters, with the configured defaults where the caller gave none."""
+        d = self.settings.sampling
+        values = {
+            "temperature": d.temperature,
+            "top_p": d.top_p,
+            "top_k": d.top_k,
+            "max_tokens": d.max_tokens,
+        }
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return SamplingParams(**values)
+
+    def submit(self, handle: RequestHandle) -> RequestHandle:
+        assert self.worker is not None, "service not started"
+        self.last_activity = time.monotonic()
+        return self.worker.submit(handle)
+
+    def idle_for(self) -> float:
+        """Seconds since the last request finished; 0 while one is queued or running."""
+        assert self.worker is not None
+        if self.worker.queue_depth or self.worker.active is not None:
+            return 0.0
+        return time.monotonic() - self.last_activity
+
+    def swap_adapter(self, version: AdapterVersion | None) -> Future:
+        """Put ``version`` (None: no adapter) into service between requests.
+
+        Runs on the worker thread, so in-flight requests finish on the old draft and the next
+        one uses the new. The future raises `AdapterError` (old draft kept) if it does not fit.
+        """
+        assert self.worker is not None and self.pair is not None and self.engine is not None
+        pair, engine = self.pair, self.engine
+
+        def swap() -> float:
+            t0 = time.perf_counter()
+            draft = apply_adapter(pair.fresh_draft, version)  # raises before anything changes
+            engine.draft = draft
+            self.adapter_version = version.version if version else 0
+            self.adapter_path = str(version.path) if version else None
+            seconds = time.perf_counter() - t0
+            log.info(
+                "adapter_swapped",
+                adapter_version=self.adapter_version,
+                duration_s=round(seconds, 4),
+            )
+            return seconds
+
+        return self.worker.call_between_requests(swap)
+
+    def generate(
+        self, messages: list[dict[str, str]], record: bool = True, **params: Any
+    ) -> GenerationResult:
+        """Blocking convenience: one chat request through the worker, recorded like any other
+        unless ``record`` is False (evaluation traffic)."""
+        req = GenerationRequest(
+            prompt_tokens=self.encode_messages(messages),
+            params=self.sampling_params(**params),
+            prompt_text=messages[-1]["content"],
+            record=record,
+        )
+        return self.submit(BlockingHandle(req)).result()  # type: ignore[union-attr]
+
+    # --- bookkeeping -----------------------------------------------------------------------
+
+    def _finished(
+        self, req: GenerationRequest, result: GenerationResult, queue_s: float, total_s: float
+    ) -> None:
+        self.last_activity = time.monotonic()
+        if req.record and result.tokens and self.writer is not None and self.pair is not None:
+            self.writer.submit(
+                BufferRecord.from_result(
+                    req.prompt_text,
+                    req.prompt_tokens,
+                    result,
+                    self.pair.target_id,
+                    self.pair.draft_id,
+                    self.adapter_version,
+                )
+            )
+        for hook in self.finished_hooks:
+            hook(req, result, queue_s, total_s)
+
+    def _committed(self, records: list[BufferRecord]) -> None:
+        for hook in self.commit_hooks:
+            hook(records)

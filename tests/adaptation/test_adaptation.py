@@ -1,0 +1,313 @@
+"""Adapter store, hot swap and the adaptive loop end to end (tiny models, real subprocess)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import mlx.core as mx
+import pytest
+
+from daemon.adaptation.training import apply_lora, save_adapter
+from daemon.cli import format_status
+from daemon.config import LoraSettings
+from daemon.core.models import make_layer_skip_draft
+from daemon.store.adapters import AdapterError, AdapterStore, apply_adapter
+from tests.helpers import tiny_model, write_model_dir
+
+
+def make_adapter(tmp: Path, target, layers: list[int], seed: int, rank: int = 4) -> Path:
+    """A LoRA adapter for the layer-skip draft, with non-zero (random) B matrices."""
+    draft = make_layer_skip_draft(target, layers)
+    mx.random.seed(seed)
+    config = apply_lora(draft, LoraSettings(rank=rank, dropout=0.0))
+    from mlx.utils import tree_flatten, tree_unflatten
+
+    params = [
+        (k, mx.random.normal(v.shape) * 0.5) for k, v in tree_flatten(draft.trainable_parameters())
+    ]
+    draft.update(tree_unflatten(params))
+    return save_adapter(draft, tmp, config)
+
+
+def test_store_versions_install_reject_rollback_and_prune(tmp_path: Path) -> None:
+    target = tiny_model()
+    store = AdapterStore(tmp_path / "adapters", keep=3)
+    assert store.current_version() == 0 and store.versions() == []
+    a1 = make_adapter(tmp_path / "a1", target, [0, 1], seed=1)
+    v1 = store.add(a1, {"run_id": "r1"}, install=True)
+    assert (v1.version, store.current_version(), v1.manifest["parent"]) == (1, 1, 0)
+    assert v1.manifest["status"] == "installed"
+    v2 = store.add(make_adapter(tmp_path / "a2", target, [0, 1], seed=2), {}, install=False)
+    assert v2.status == "rejected" and store.current_version() == 1
+    v3 = store.add(make_adapter(tmp_path / "a3", target, [0, 1], seed=3), {}, install=True)
+    assert store.current_version() == 3 and v3.manifest["parent"] == 1
+    store.verify(v3)
+    assert store.rollback_target(None) == 1  # the installed version before the current
+    with pytest.raises(AdapterError, match="rejected"):
+        store.rollback_target(2)
+    store.add(make_adapter(tmp_path / "a4", target, [0, 1], seed=4), {}, install=False)
+    store.add(make_adapter(tmp_path / "a5", target, [0, 1], seed=5), {}, install=False)
+    assert [v.version for v in store.versions()] == [3, 4, 5]  # keep=3, current kept
+    assert not list((tmp_path / "adapters").glob(".incoming-*"))
+
+
+def test_corrupt_adapter_is_refused(tmp_path: Path) -> None:
+    target = tiny_model()
+    store = AdapterStore(tmp_path / "adapters")
+    v = store.add(make_adapter(tmp_path / "a", target, [0, 1], seed=1), {}, install=True)
+    weights = v.path / "adapters.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8] + b"garbage!")
+    with pytest.raises(AdapterError, match="checksum mismatch"):
+        store.verify(v)
+    with pytest.raises(AdapterError, match="checksum"):
+        store.set_current(v.version)
+
+
+def test_apply_adapter_checks_shapes_and_never_touches_target(tmp_path: Path) -> None:
+    target = tiny_model()
+    tokens = mx.array([[1, 2, 3, 4]])
+    ref = target(tokens)
+    good = make_adapter(tmp_path / "good", target, [0, 1], seed=1)
+    store = AdapterStore(tmp_path / "adapters")
+    v = store.add(good, {}, install=True)
+    plain = make_layer_skip_draft(target, [0, 1])
+    adapted = apply_adapter(lambda: make_layer_skip_draft(target, [0, 1]), v)
+    assert not mx.allclose(adapted(tokens), plain(tokens))
+    assert mx.array_equal(target(tokens), ref)
+    # An adapter trained for a different draft (3 layers, other rank) does not fit.
+    other = store.add(
+        make_adapter(tmp_path / "bad", target, [0, 1, 2], seed=2, rank=8), {}, install=False
+    )
+    with pytest.raises(AdapterError, match="does not fit"):
+        apply_adapter(lambda: make_layer_skip_draft(target, [0, 1]), other)
+
+
+# --------------------------------------------------------------------------------------------
+# End to end: HTTP traffic -> failures -> training subprocess -> gate -> hot swap
+
+
+WORDS = "the cat sat on a mat dog ran to park big small red blue and then".split()
+
+
+@pytest.fixture
+def daemon_setup(tmp_path: Path):
+    model = write_model_dir(tmp_path / "tiny", WORDS, vocab_size=64, seed=7)
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(
+        json.dumps(
+            {
+                "models": {"target": str(model), "draft_layers": [0]},
+                "server": {"port": 0},
+                "sampling": {"max_tokens": 24},
+                "buffer": {"holdout_fraction": 0.25, "failure_threshold": 0.9},
+                "training": {
+                    "min_failure_cases": 12,
+                    "min_holdout_rows": 2,
+                    "cooldown_seconds": 0,
+                    "check_interval_seconds": 1,
+                    "learning_rate": 0.003,
+                    "warmup_steps": 0,
+                    "epochs": 8,
+                    "gradient_accumulation_steps": 1,
+                    "batch_size": 4,
+                    "replay_ratio": 0.0,
+                    "min_improvement": 0.01,
+                    "nice": 0,
+                    "lora": {"rank": 8, "dropout": 0.0},
+                },
+            }
+        )
+    )
+    return tmp_path, cfg
+
+
+def prompts(n: int, seed: int) -> list[str]:
+    import random
+
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 8))) for _ in range(n)]
+
+
+def test_daemon_trains_gates_and_hot_swaps(daemon_setup) -> None:
+    from openai import OpenAI
+
+    from daemon.config import load_settings
+    from daemon.core.evaluation import teacher_forced_agreement
+    from daemon.server import Server
+
+    tmp_path, cfg = daemon_setup
+    settings, sources = load_settings(cfg, {"paths.data_dir": str(tmp_path / "data")})
+    srv = Server(settings, sources)
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    assert srv.ready.wait(120), "server did not start"
+    try:
+        client = OpenAI(base_url=srv.url + "/v1", api_key="unused")
+        loop = srv.adaptation
+        buf = srv.service.buffer
+        sent = 0
+        for text in prompts(60, seed=1):  # until enough failures are pending
+            client.chat.completions.create(
+                model="specd", messages=[{"role": "user", "content": text}]
+            )
+            sent += 1
+            srv.service.writer.flush(10)
+            if buf.pending_failure_count() >= 12 and buf.count("holdout") >= 2:
+                break
+        holdout = [(r.prompt_tokens, r.output_tokens) for r in buf.holdout()]
+        before = teacher_forced_agreement(srv.service.engine.draft, holdout).rate
+
+        # A client streams while the run trains and the new adapter is swapped in.
+        streamed: list[str] = []
+
+        def stream_client() -> None:
+            deadline = time.monotonic() + 240
+            while loop.counts["runs"] == 0 and time.monotonic() < deadline:
+                s = client.chat.completions.create(
+                    model="specd",
+                    stream=True,
+                    max_tokens=24,
+                    messages=[{"role": "user", "content": "the big red dog"}],
+                )
+                text = "".join(c.choices[0].delta.content or "" for c in s if c.choices)
+                streamed.append(text)
+
+        t = threading.Thread(target=stream_client)
+        t.start()
+        deadline = time.monotonic() + 240
+        seen_progress: list[dict] = []  # what /status showed of the running run
+        while loop.counts["runs"] == 0:
+            assert time.monotonic() < deadline, f"no training run finished: {loop.status()}"
+            st = httpx.get(srv.url + "/status").json()
+            run = st["training"].get("run")
+            if run and run["progress"]:
+                seen_progress.append(st)
+            time.sleep(0.1)
+        t.join(240)
+        assert seen_progress, "the run's progress never showed in /status"
+        run = seen_progress[-1]["training"]["run"]
+        assert {"phase", "updated"} <= run["progress"].keys()
+        text = format_status(srv.url, seen_progress[-1])
+        assert f"run:     {run['run_id']} (min_failure_cases), {run['progress']['phase']}" in text
+        last = loop.last_run
+        assert last is not None and last["trigger"] == "min_failure_cases", last
+        assert last["decision"] == "install", last
+        assert srv.service.adapter_version == last["adapter_version"] == 1
+        assert loop.store.current_version() == 1
+        after = teacher_forced_agreement(srv.service.engine.draft, holdout).rate
+        assert after > before
+        assert streamed and all(streamed)  # every streamed answer completed
+        st = httpx.get(srv.url + "/status").json()
+        assert st["adapter_version"] == 1 and st["training"]["installed"] == 1
+        assert st["buffer"]["used_for_training"] >= 12  # the run marked the failures it used
+
+        # Roll back live, then forward again.
+        r = httpx.post(srv.url + "/admin/adapters/rollback", json={})
+        assert r.status_code == 200 and r.json() == {"previous_version": 1, "adapter_version": 0}
+        assert srv.service.adapter_version == 0
+        r = httpx.post(srv.url + "/admin/adapters/rollback", json={"version": 1})
+        assert r.json()["adapter_version"] == 1
+        r = httpx.post(srv.url + "/admin/adapters/rollback", json={"version": 7})
+        assert r.status_code == 404 and "no adapter version 7" in r.json()["error"]["message"]
+        listing = httpx.get(srv.url + "/admin/adapters").json()
+        assert listing["current"] == 1 and listing["versions"][0]["status"] == "installed"
+    finally:
+        srv.handle_exit(15, None)
+        thread.join(60)
+    assert srv.exit_code == 0
+    # On restart the daemon loads the `current` adapter again.
+    srv2 = Server(settings, sources)
+    thread = threading.Thread(target=srv2.run, daemon=True)
+    thread.start()
+    try:
+        assert srv2.ready.wait(120)
+        assert srv2.service.adapter_version == 1
+    finally:
+        srv2.handle_exit(15, None)
+        thread.join(60)
+
+
+def test_cli_train_and_adapters_without_daemon(daemon_setup, capsys) -> None:
+    from daemon.cli import main
+
+    tmp_path, cfg = daemon_setup
+    common = ["--config", str(cfg), "--data-dir", str(tmp_path / "data")]
+    assert main(["adapters", "list", *common]) == 0
+    assert "no adapters yet" in capsys.readouterr().out
+    for text in prompts(30, seed=2):
+        assert main(["collect", *common, "-p", text, "--in-process", "-q"]) == 0
+    capsys.readouterr()
+    assert main(["train", *common, "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "training in a subprocess (no daemon running" in out
+    assert "held-out agreement: before" in out
+    assert "adapter: installed as v1" in out, out
+    assert main(["adapters", "list", *common]) == 0
+    out = capsys.readouterr().out
+    assert "* v1" in out and "installed" in out
+
+    # bench speed measures the draft with the current adapter, or an adapter directory
+    prompt_file = tmp_path / "p.jsonl"
+    prompt_file.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in prompts(2, 5)))
+    speed = [*common, "--prompts", str(prompt_file), "--max-tokens", "8"]
+    assert main(["bench", "speed", *speed, "--adapter", "current"]) == 0
+    assert "adapter=v1" in capsys.readouterr().out
+    v1 = tmp_path / "data" / "adapters" / "v0001"
+    assert main(["bench", "speed", *speed, "--adapter", str(v1)]) == 0
+    assert f"adapter={v1}" in capsys.readouterr().out
+    assert main(["bench", "speed", *speed, "--adapter", str(tmp_path / "nope")]) == 1
+    assert f"adapter {tmp_path / 'nope'} does not fit the draft" in capsys.readouterr().err
+
+    assert main(["adapters", "rollback", *common]) == 0
+    assert "adapter v1 -> v0" in capsys.readouterr().out
+    assert main(["adapters", "rollback", "5", *common]) == 1
+    assert "no adapter version 5" in capsys.readouterr().err
+    assert main(["bench", "speed", *speed, "--adapter", "current"]) == 1
+    assert "no current adapter in" in capsys.readouterr().err
+
+
+def test_bench_adapt_reports_before_and_after(daemon_setup) -> None:
+    from daemon.bench.adapt import bench_adapt
+    from daemon.config import load_settings
+
+    tmp_path, cfg = daemon_setup
+    settings, sources = load_settings(cfg, {"paths.data_dir": str(tmp_path / "data")})
+    train = [[{"role": "user", "content": t}] for t in prompts(40, seed=3)]
+    evals = [[{"role": "user", "content": t}] for t in prompts(6, seed=4)]
+    groups = ["a", "a", "b", "a", "b", "b"]
+    result = bench_adapt(
+        settings, sources.main_file, train, evals, 16, progress=False, eval_groups=groups
+    )
+    assert set(result) >= {
+        "target_only",
+        "before",
+        "after",
+        "adapters_installed",
+        "training_runs",
+        "train_requests",
+        "eval_requests",
+        "wall_s",
+    }
+    assert result["train_requests"] == 40 and result["eval_requests"] == 6
+    assert result["training_runs"] >= 1 and result["adapters_installed"] >= 1
+    for row in ("before", "after"):
+        assert {
+            "tokens_per_s",
+            "acceptance_rate",
+            "mean_accepted_length",
+            "speedup_vs_target",
+            "heldout_agreement",
+        } <= set(result[row])
+        by_group = result[row]["by_group"]
+        assert set(by_group) == {"a", "b"}
+        assert sum(g["tokens"] for g in by_group.values()) == result[row]["tokens"]
+        assert all(0.0 <= g["heldout_agreement"] <= 1.0 for g in by_group.values())
+        rates = [g["heldout_agreement"] for g in by_group.values()]  # overall: their weighted mean
+        assert min(rates) <= result[row]["heldout_agreement"] <= max(rates)
+    assert result["after"]["adapter_version"] >= 1
+    assert result["after"]["heldout_agreement"] > result["before"]["heldout_agreement"]
+    assert not (tmp_path / "data" / "buffer.sqlite").exists()  # a private data dir was used

@@ -1,0 +1,56 @@
+"""The real default pair: SmolLM2-135M target with the default layer-skip draft."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import pytest
+from mlx_lm.generate import generate_step
+
+from daemon.core.engine import SamplingParams, SpeculativeConfig, SpeculativeEngine
+from daemon.core.prompts import encode_prompt
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a Python function that returns the square of a number.",
+    "Explain in one sentence what a hash table is.",
+]
+MAX_TOKENS = 32
+
+
+def target_greedy(model, prompt: list[int], max_tokens: int, eos: set[int]) -> list[int]:
+    out: list[int] = []
+    for token, _ in generate_step(mx.array(prompt), model, max_tokens=max_tokens):
+        out.append(int(token))
+        if int(token) in eos:
+            break
+    return out
+
+
+def test_real_pair_greedy_equals_target(smollm_pair) -> None:
+    pair = smollm_pair
+    eos = set(pair.tokenizer.eos_token_ids)
+    engines = [
+        SpeculativeEngine(
+            pair.target,
+            pair.draft,
+            pair.tokenizer,
+            SpeculativeConfig(num_draft_tokens=k, adaptive=adaptive, max_context=pair.max_context),
+        )
+        for k, adaptive in ((3, False), (4, True))
+    ]
+    drafted = 0
+    for text in PROMPTS:
+        prompt = encode_prompt(pair.tokenizer, text)
+        expected = target_greedy(pair.target, prompt, MAX_TOKENS, eos)
+        for engine in engines:
+            result = engine.run(prompt, SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS))
+            assert result.tokens == expected, text
+            drafted += result.stats.drafted
+            for rej in result.rejections:
+                assert result.tokens[rej.position] == rej.target_token
+                assert rej.draft_token != rej.target_token
+                assert rej.top_ids[0] == rej.target_token  # greedy: the target's argmax
+                assert len(rej.top_ids) == 20
+    assert drafted > 0

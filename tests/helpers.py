@@ -1,0 +1,197 @@
+"""Helpers shared by the tests: tiny tokenizers and models, model directories, a daemon
+process and its log. Fixtures live in ``conftest.py``; test modules import these, never each
+other."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
+from mlx_lm.models.llama import Model, ModelArgs
+from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer, TokenizerWrapper
+from mlx_lm.utils import save_config, save_model
+
+from daemon.core.backend import REEXEC_MARKER
+
+TINY_CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Speculative decoding drafts tokens with a small model and verifies them with a large one.",
+    "Hello world! This is a tiny tokenizer for tests.",
+    "def main():\n    print('hello')\n    return 0\n",
+    "Numbers: 0 1 2 3 4 5 6 7 8 9 10 100 1000.",
+    "the cat sat on the mat and the dog sat on the log",
+]
+EOS = "<|endoftext|>"
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def build_tiny_tokenizer(vocab_size: int = 320) -> TokenizerWrapper:
+    """A byte-level BPE tokenizer (all 256 bytes + a few merges + special tokens)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS, "<|pad|>", "<|user|>", "<|assistant|>", "<|system|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(TINY_CORPUS, trainer)
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token="<|pad|>")
+    hf.chat_template = CHAT_TEMPLATE
+    return TokenizerWrapper(hf, detokenizer_class=BPEStreamingDetokenizer)
+
+
+def make_tiny_llama(
+    vocab_size: int,
+    seed: int = 0,
+    hidden_size: int = 64,
+    num_hidden_layers: int = 2,
+    intermediate_size: int = 128,
+    lm_head_scale: float = 8.0,
+    max_position_embeddings: int = 512,
+) -> nn.Module:
+    """A random float32 llama; ``lm_head_scale`` sharpens its next-token distributions."""
+    mx.random.seed(seed)
+    args = ModelArgs(
+        model_type="llama",
+        hidden_size=hidden_size,
+        num_hidden_layers=num_hidden_layers,
+        intermediate_size=intermediate_size,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rms_norm_eps=1e-5,
+        vocab_size=vocab_size,
+        tie_word_embeddings=False,
+        max_position_embeddings=max_position_embeddings,
+    )
+    model = Model(args)
+    model.lm_head.weight = model.lm_head.weight * lm_head_scale
+    mx.eval(model.parameters())
+    return model
+
+
+def perturbed_copy(
+    model: nn.Module, seed: int = 1, noise: float = 0.3, extra_vocab: int = 0
+) -> nn.Module:
+    """Copy of a tiny llama with relative Gaussian noise on every weight.
+
+    ``extra_vocab`` > 0 pads the vocabulary (embedding and lm_head rows) like a padded
+    checkpoint; the extra lm_head rows are random.
+    """
+    args = ModelArgs.from_dict(
+        {**vars(model.args), "vocab_size": model.args.vocab_size + extra_vocab}
+    )
+    copy = Model(args)
+    mx.random.seed(seed)
+
+    def noisy(w: mx.array) -> mx.array:
+        return w + noise * mx.std(w) * mx.random.normal(w.shape)
+
+    params = dict(tree_flatten(tree_map(noisy, model.parameters())))
+    if extra_vocab:
+        for name in ("model.embed_tokens.weight", "lm_head.weight"):
+            w = params[name]
+            pad = mx.std(w) * mx.random.normal((extra_vocab, w.shape[1]))
+            params[name] = mx.concatenate([w, pad], axis=0)
+    copy.update(tree_unflatten(list(params.items())))
+    mx.eval(copy.parameters())
+    return copy
+
+
+def tiny_args(vocab: int = 40, layers: int = 6) -> ModelArgs:
+    return ModelArgs(
+        model_type="llama",
+        hidden_size=32,
+        num_hidden_layers=layers,
+        intermediate_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rms_norm_eps=1e-5,
+        vocab_size=vocab,
+        tie_word_embeddings=False,
+        rope_traditional=True,
+    )
+
+
+def tiny_model(vocab: int = 40, layers: int = 6, seed: int = 0) -> Model:
+    mx.random.seed(seed)
+    model = Model(tiny_args(vocab, layers))
+    model.set_dtype(mx.float32)
+    mx.eval(model.parameters())
+    return model
+
+
+def write_model_dir(path: Path, words: list[str], vocab_size: int, seed: int) -> Path:
+    """A loadable MLX model directory with a word-level tokenizer over ``words``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<unk>", "<eos>", *words])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>")
+    model = tiny_model(vocab_size, seed=seed)
+    path.mkdir(parents=True)
+    save_model(path, model)
+    config = {k: v for k, v in vars(model.args).items() if v is not None}
+    save_config(config, path / "config.json")
+    hf.save_pretrained(path)
+    return path
+
+
+def read_log(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def wait_for_event(path: Path, event: str, proc: subprocess.Popen, timeout: float = 120) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for rec in read_log(path):
+            if rec.get("event") == event:
+                return rec
+        if proc.poll() is not None:
+            raise AssertionError(f"daemon exited early: {proc.returncode}\n{proc.stderr.read()}")
+        time.sleep(0.2)
+    raise AssertionError(f"no {event!r} in {path} within {timeout}s")
+
+
+def start_daemon(tmp_path: Path, config: dict, env_extra: dict | None = None) -> subprocess.Popen:
+    cfg = tmp_path / "config.yaml"
+    config = {**config, "server": {"port": 0, **config.get("server", {})}}  # never 8765
+    cfg.write_text(json.dumps(config))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SPECD_")}
+    env.pop("LD_PRELOAD", None)  # the entry point must find OpenBLAS by itself
+    env.pop(REEXEC_MARKER, None)
+    env.update(env_extra or {})
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "daemon",
+            "serve",
+            "--config",
+            str(cfg),
+            "--data-dir",
+            str(tmp_path / "data"),
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )

@@ -1,0 +1,971 @@
+"""The OpenAI-compatible HTTP service: a real server on a loopback port with the tiny models.
+
+Most tests share one in-process `Server` (uvicorn in a thread, port 0) around the conftest tiny
+models; a few start their own, and two run ``python -m daemon serve`` as a subprocess.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import re
+import signal
+import stat
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from pydantic import SecretStr
+
+from daemon.config import load_settings
+from daemon.core.engine import GenerationResult, SamplingParams
+from daemon.core.models import ModelPair
+from daemon.core.prompts import encode_prompt
+from daemon.server import Server, is_loopback_host
+from daemon.serving.api import MAX_BODY_BYTES
+from tests.helpers import read_log, start_daemon, wait_for_event, write_model_dir
+
+LONG_PROMPT = "The quick brown fox"  # greedy output runs to max_tokens (no early EOS)
+
+
+# --------------------------------------------------------------------------------------------
+# Fixtures and helpers
+
+
+@pytest.fixture(scope="module")
+def pair(tiny_tokenizer, tiny_target, tiny_draft) -> ModelPair:
+    return ModelPair(
+        target=tiny_target,
+        draft=tiny_draft,
+        tokenizer=tiny_tokenizer,
+        target_id="tiny-target",
+        draft_id="tiny-draft",
+        target_path="",
+        draft_kind="model",
+        dtype="float32",
+        dequantized=False,
+    )
+
+
+def start_server(data_dir: Path, pair: ModelPair, **server: Any) -> tuple[Server, threading.Thread]:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    cfg = data_dir / "config.yaml"
+    cfg.write_text("{}\n")
+    # No adaptation loop here: tests/test_adaptation.py covers it.
+    overrides = {"paths.data_dir": str(data_dir), "server.port": 0, "training.enabled": False}
+    overrides.update({f"server.{k}": v for k, v in server.items()})
+    settings, sources = load_settings(cfg, overrides)
+    srv = Server(settings, sources, pair)
+    thread = threading.Thread(target=srv.run, name="test-server", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not srv.ready.wait(0.1):
+        assert thread.is_alive(), "server thread died during start-up"
+        assert time.monotonic() < deadline, "server did not become ready"
+    return srv, thread
+
+
+def stop_server(srv: Server, thread: threading.Thread) -> None:
+    srv.handle_exit(signal.SIGTERM, None)
+    thread.join(60)
+    assert not thread.is_alive()
+
+
+@pytest.fixture(scope="module")
+def log_file(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """JSON logs of this module's servers go to a file (and not to the terminal)."""
+    import logging
+
+    import structlog
+
+    from daemon.logging import configure_logging
+
+    root = logging.getLogger()
+    level = root.level
+    path = tmp_path_factory.mktemp("logs") / "specd.log"
+    configure_logging("info", path, "off")
+    yield path
+    root.setLevel(level)
+    for h in [h for h in root.handlers if getattr(h, "_specd", False)]:
+        root.removeHandler(h)
+        h.close()
+    structlog.reset_defaults()
+
+
+@pytest.fixture(scope="module")
+def served(
+    tmp_path_factory: pytest.TempPathFactory, pair: ModelPair, log_file: Path
+) -> Iterator[Server]:
+    srv, thread = start_server(tmp_path_factory.mktemp("api") / "data", pair, max_tokens_limit=256)
+    yield srv
+    stop_server(srv, thread)
+    assert srv.exit_code == 0
+
+
+class Finished:
+    """Captures what the worker's on_finished hooks see, by completion id."""
+
+    def __init__(self) -> None:
+        self.records: dict[str, GenerationResult] = {}
+        self.cond = threading.Condition()
+
+    def __call__(self, request: Any, result: GenerationResult, queue_s: float, total_s: float):
+        with self.cond:
+            self.records[request.meta.get("id", "")] = result
+            self.cond.notify_all()
+
+    def wait(self, rid: str, timeout: float = 10.0) -> GenerationResult:
+        with self.cond:
+            assert self.cond.wait_for(lambda: rid in self.records, timeout), f"{rid} never finished"
+            return self.records[rid]
+
+
+@pytest.fixture
+def finished(served: Server) -> Iterator[Finished]:
+    hook = Finished()
+    served.finished_hooks.append(hook)
+    yield hook
+    served.finished_hooks.remove(hook)
+
+
+def client(srv: Server, **kw: Any) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused", max_retries=0, **kw)
+
+
+def reference(srv: Server, tokens: list[int], params: SamplingParams) -> GenerationResult:
+    """The engine run directly (on the worker thread, between requests)."""
+    return srv.worker.call_between_requests(lambda: srv.engine.run(tokens, params)).result(60)
+
+
+def chat_tokens(srv: Server, content: str) -> list[int]:
+    return encode_prompt(srv.pair.tokenizer, [{"role": "user", "content": content}])
+
+
+def scrape(srv: Server) -> dict[str, float]:
+    """/metrics as {'name{labels}': value}."""
+    text = httpx.get(f"{srv.url}/metrics").text
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            out[key] = float(value)
+    return out
+
+
+def sse_events(lines: list[str]) -> list[Any]:
+    out: list[Any] = []
+    for line in lines:
+        if line.startswith("data: "):
+            data = line[len("data: ") :]
+            out.append(data if data == "[DONE]" else json.loads(data))
+    return out
+
+
+def assert_error(r: httpx.Response, status: int, code: str | None = None) -> dict:
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body) == {"error"}
+    err = body["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert isinstance(err["message"], str) and err["message"]
+    if code is not None:
+        assert err["code"] == code, err
+    return err
+
+
+def wait_until(cond: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def block_worker(srv: Server) -> threading.Event:
+    """Occupy the worker thread until the returned event is set."""
+    gate = threading.Event()
+    fut = srv.worker.call_between_requests(lambda: gate.wait(30))
+    wait_until(fut.running, what="worker blocked")
+    return gate
+
+
+# --------------------------------------------------------------------------------------------
+# Basics
+
+
+def test_runtime_file_health_models(served: Server) -> None:
+    path = served.settings.runtime_file
+    data = json.loads(path.read_text())
+    assert data["port"] == served.port > 0
+    assert data["host"] == "127.0.0.1"
+    assert data["pid"] == os.getpid()
+    assert data["url"] == served.url
+    assert {"started", "version"} <= data.keys()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+    assert httpx.get(f"{served.url}/health").json() == {"status": "ok"}
+    models = client(served).models.list()
+    assert [(m.id, m.owned_by) for m in models.data] == [("tiny-target", "specd")]
+    assert httpx.get(f"{served.url}/v1/models/tiny-target").json()["id"] == "tiny-target"
+    assert_error(httpx.get(f"{served.url}/v1/models/gpt-4"), 404, "model_not_found")
+
+
+def test_cli_client_finds_the_server(served: Server) -> None:
+    """`specd status`/`specd collect` find the daemon through runtime.json."""
+    from daemon.cli import format_status
+    from daemon.ops.client import DaemonClient
+
+    c = DaemonClient.find(served.settings)
+    assert c is not None and c.base_url == served.url
+    text = format_status(c.base_url, c.request("GET", "/status"))
+    assert "tiny-target" in text and "queue depth 0" in text
+
+
+def test_format_progress() -> None:
+    from daemon.cli import format_progress
+
+    assert format_progress(None) == "starting"
+    assert format_progress({"phase": "eval_before"}) == "eval_before"
+    p = {"phase": "training", "step": 3, "total_steps": 12, "loss": 1.23456}
+    assert format_progress(p) == "training step 3/12, loss 1.235"
+
+
+def test_loopback_detection() -> None:
+    assert is_loopback_host("127.0.0.1")
+    assert is_loopback_host("localhost")
+    assert is_loopback_host("::1")
+    assert not is_loopback_host("0.0.0.0")
+    assert not is_loopback_host("")
+
+
+# --------------------------------------------------------------------------------------------
+# Generation through the official client, compared with the engine
+
+
+def test_chat_non_streaming_matches_engine(served: Server) -> None:
+    resp = client(served).chat.completions.create(
+        model="tiny-target",
+        messages=[{"role": "user", "content": "Hello world!"}],
+        max_tokens=24,
+    )
+    ref = reference(served, chat_tokens(served, "Hello world!"), SamplingParams(max_tokens=24))
+    choice = resp.choices[0]
+    assert choice.message.role == "assistant"
+    assert choice.message.content == ref.text
+    assert choice.finish_reason == ref.finish_reason
+    assert resp.model == "tiny-target"
+    assert resp.id.startswith("chatcmpl-")
+    u = resp.usage
+    assert u.prompt_tokens == len(chat_tokens(served, "Hello world!"))
+    assert u.completion_tokens == len(ref.tokens)
+    assert u.total_tokens == u.prompt_tokens + u.completion_tokens
+    spec = u.model_extra["speculative"]
+    assert spec["drafted"] == ref.stats.drafted and spec["accepted"] == ref.stats.accepted
+    assert spec["acceptance_rate"] == pytest.approx(ref.stats.acceptance_rate)
+    assert spec["mean_accepted_length"] == pytest.approx(ref.stats.mean_accepted_length)
+
+
+def test_chat_streaming_with_usage(served: Server) -> None:
+    stream = client(served).chat.completions.create(
+        model="specd",
+        messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+        max_completion_tokens=30,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    ref = reference(
+        served, encode_prompt(served.pair.tokenizer, msgs), SamplingParams(max_tokens=30)
+    )
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == ref.text
+    finals = [
+        c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason
+    ]
+    assert finals == [ref.finish_reason]
+    assert len({c.id for c in chunks}) == 1
+    last = chunks[-1]
+    assert last.choices == []
+    assert last.usage.completion_tokens == len(ref.tokens)
+    assert "speculative" in last.usage.model_extra
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+def test_completions_non_streaming_and_streaming(served: Server) -> None:
+    c = client(served)
+    tokens = served.pair.tokenizer.encode(LONG_PROMPT)
+    ref = reference(served, tokens, SamplingParams(max_tokens=40))
+    assert ref.finish_reason == "length"
+    resp = c.completions.create(model="tiny-target", prompt=LONG_PROMPT, max_tokens=40)
+    assert resp.object == "text_completion"
+    assert resp.choices[0].text == ref.text
+    assert resp.choices[0].finish_reason == "length"
+    assert resp.usage.completion_tokens == 40
+    assert resp.usage.prompt_tokens == len(tokens)
+
+    chunks = list(
+        c.completions.create(prompt=LONG_PROMPT, max_tokens=40, stream=True, model="specd")
+    )
+    assert "".join(ch.choices[0].text for ch in chunks) == ref.text
+    assert chunks[-1].choices[0].finish_reason == "length"
+    assert all(ch.usage is None for ch in chunks)  # no include_usage
+
+    # token-id prompts are accepted too (one prompt, not a batch)
+    resp = c.completions.create(model="tiny-target", prompt=tokens, max_tokens=40)
+    assert resp.choices[0].text == ref.text
+
+
+def test_sampling_parameters_reach_the_engine(served: Server) -> None:
+    c = client(served)
+    tokens = served.pair.tokenizer.encode(LONG_PROMPT)
+    greedy = reference(served, tokens, SamplingParams(max_tokens=30))
+    stop = greedy.text[8:12]
+    assert stop and stop in greedy.text
+    ref = reference(served, tokens, SamplingParams(max_tokens=30, stop=[stop]))
+    resp = c.completions.create(model="specd", prompt=LONG_PROMPT, max_tokens=30, stop=stop)
+    assert resp.choices[0].text == ref.text == greedy.text[: greedy.text.find(stop)]
+    assert resp.choices[0].finish_reason == "stop"
+
+    params = SamplingParams(temperature=0.8, top_p=0.9, seed=7, max_tokens=20)
+    ref = reference(served, tokens, params)
+    for stream in (False, True):
+        r = httpx.post(
+            f"{served.url}/v1/completions",
+            json={
+                "prompt": LONG_PROMPT,
+                "temperature": 0.8,
+                "top_p": 0.9,
+                "seed": 7,
+                "max_tokens": 20,
+                "stream": stream,
+            },
+        )
+        assert r.status_code == 200
+        if stream:
+            text = "".join(
+                e["choices"][0]["text"] for e in sse_events(r.text.splitlines()) if e != "[DONE]"
+            )
+        else:
+            text = r.json()["choices"][0]["text"]
+        assert text == ref.text  # same seed, same sample
+
+
+def test_defaults_come_from_settings(served: Server) -> None:
+    old = served.settings.sampling.max_tokens
+    served.settings.sampling.max_tokens = 7
+    try:
+        r = httpx.post(f"{served.url}/v1/completions", json={"prompt": LONG_PROMPT})
+    finally:
+        served.settings.sampling.max_tokens = old
+    assert r.status_code == 200
+    assert r.json()["usage"]["completion_tokens"] == 7
+
+
+def test_request_finished_is_logged(served: Server, log_file: Path) -> None:
+    r = httpx.post(f"{served.url}/v1/completions", json={"prompt": LONG_PROMPT, "max_tokens": 9})
+    rid = r.json()["id"]
+
+    def record() -> dict | None:
+        return next((x for x in read_log(log_file) if x.get("request_id") == rid), None)
+
+    wait_until(lambda: record() is not None, 5, "request_finished record")
+    rec = record()
+    assert rec["event"] == "request_finished" and rec["component"] == "api"
+    assert rec["level"] == "info" and rec["status"] == 200
+    assert rec["endpoint"] == "/v1/completions" and rec["completion_tokens"] == 9
+    assert rec["prompt_tokens"] == r.json()["usage"]["prompt_tokens"]
+    assert 0 <= rec["acceptance_rate"] <= 1 and rec["duration_s"] > 0
+
+
+def test_eight_concurrent_clients_get_correct_answers(served: Server) -> None:
+    prompts = [f"Client {i}: the cat sat on the mat" for i in range(8)]
+    refs = [
+        reference(served, chat_tokens(served, p), SamplingParams(max_tokens=32)) for p in prompts
+    ]
+    results: dict[int, str] = {}
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        try:
+            c = client(served)
+            msgs = [{"role": "user", "content": prompts[i]}]
+            if i % 2:
+                stream = c.chat.completions.create(
+                    model="specd", messages=msgs, max_tokens=32, stream=True
+                )
+                results[i] = "".join(ch.choices[0].delta.content or "" for ch in stream)
+            else:
+                resp = c.chat.completions.create(model="specd", messages=msgs, max_tokens=32)
+                results[i] = resp.choices[0].message.content
+        except BaseException as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    assert results == {i: r.text for i, r in enumerate(refs)}
+
+
+# --------------------------------------------------------------------------------------------
+# Metrics and status
+
+
+def test_metrics_counters_move(served: Server) -> None:
+    before = scrape(served)
+    resp = httpx.post(
+        f"{served.url}/v1/completions", json={"prompt": LONG_PROMPT, "max_tokens": 25}
+    ).json()
+    spec = resp["usage"]["speculative"]
+    ep = 'endpoint="/v1/completions"'
+    expected = {
+        "specd_spec_decode_num_draft_tokens_total": spec["drafted"],
+        "specd_spec_decode_num_accepted_tokens_total": spec["accepted"],
+        "specd_spec_decode_num_drafts_total": spec["num_drafts"],
+        "specd_generation_tokens_total": 25,
+        "specd_prompt_tokens_total": resp["usage"]["prompt_tokens"],
+        f'specd_requests_total{{{ep},status="200"}}': 1,
+        f"specd_request_duration_seconds_count{{{ep}}}": 1,
+        f"specd_time_to_first_token_seconds_count{{{ep}}}": 1,
+    }
+
+    def deltas() -> dict[str, float]:
+        after = scrape(served)
+        return {k: after.get(k, 0.0) - before.get(k, 0.0) for k in expected}
+
+    # the worker's on_finished hook and the request counter run just after the response
+    wait_until(lambda: deltas() == expected, 5, f"metrics {expected}")
+    after = scrape(served)
+    per_pos = sum(
+        after[k] - before.get(k, 0.0)
+        for k in after
+        if k.startswith("specd_spec_decode_num_accepted_tokens_per_pos")
+    )
+    assert per_pos == spec["accepted"]
+    assert after["specd_queue_depth"] == 0
+    assert after["specd_adapter_version"] == 0
+    assert after["specd_buffer_records"] >= 1  # every served request is recorded
+
+    key = f'specd_requests_total{{{ep},status="400"}}'
+    httpx.post(f"{served.url}/v1/completions", json={"prompt": LONG_PROMPT, "max_tokens": 0})
+    wait_until(lambda: scrape(served).get(key, 0.0) - after.get(key, 0.0) == 1, 5, key)
+
+
+def test_metrics_exposition_parses(served: Server) -> None:
+    parser = pytest.importorskip("prometheus_client.parser")
+    r = httpx.get(f"{served.url}/metrics")
+    assert r.headers["content-type"].startswith("text/plain; version=0.0.4")
+    families = {f.name: f for f in parser.text_string_to_metric_families(r.text)}
+    assert families["specd_spec_decode_num_drafts"].type == "counter"
+    assert families["specd_request_duration_seconds"].type == "histogram"
+    assert families["specd_queue_depth"].type == "gauge"
+    names = {s.name for f in families.values() for s in f.samples}
+    assert {"specd_requests_total", "specd_spec_decode_num_accepted_tokens_total"} <= names
+
+
+def test_status_and_hooks(served: Server) -> None:
+    httpx.post(f"{served.url}/v1/completions", json={"prompt": LONG_PROMPT, "max_tokens": 10})
+    wait_until(lambda: httpx.get(f"{served.url}/status").json()["acceptance"]["requests"] > 0)
+    st = httpx.get(f"{served.url}/status").json()
+    assert st["models"] == {
+        "target": "tiny-target",
+        "draft": "tiny-draft",
+        "draft_kind": "model",
+        "dtype": "float32",
+        "max_context": 512,
+    }
+    assert st["backend"]["device"] == "cpu"
+    assert st["adapter_version"] == 0
+    assert st["acceptance"]["requests"] >= 1
+    assert 0 <= st["acceptance"]["acceptance_rate"] <= 1
+    assert st["queue"] == {"depth": 0, "size": 16, "active": False, "in_flight": 0}
+    assert st["queue_depth"] == 0 and st["pid"] == os.getpid()
+    assert st["rolling_acceptance"] == st["acceptance"]["acceptance_rate"]
+    assert st["uptime_s"] > 0 and st["accepting"] is True
+    # Every served request is recorded: /status reports the replay buffer's real counts.
+    buf = served.service.buffer
+    assert st["buffer"]["records"] == buf.count() >= 1
+    assert st["buffer"]["pending_failures"] == buf.pending_failure_count()
+    assert "training" not in st  # no adaptation loop attached: nothing reported
+
+    def broken() -> dict:
+        raise RuntimeError("boom")
+
+    served.status_providers.extend([lambda: {"extra": {"answer": 42}}, broken])
+    served.service.adapter_version = 2
+    try:
+        st = httpx.get(f"{served.url}/status").json()
+        assert st["extra"] == {"answer": 42}
+        assert st["adapter_version"] == 2
+        assert "boom" in next(iter(st["provider_errors"].values()))
+        m = scrape(served)
+        assert m["specd_adapter_version"] == 2 and m["specd_buffer_records"] == buf.count()
+    finally:
+        del served.status_providers[-2:]
+        served.service.adapter_version = 0
+
+
+# --------------------------------------------------------------------------------------------
+# Errors
+
+
+def _chat(**kw: Any) -> dict:
+    return {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, **kw}
+
+
+BAD_REQUESTS = [
+    ("chat", b"{", 400, "invalid_json"),
+    ("chat", b"[]", 400, None),
+    ("chat", b"", 400, None),
+    ("chat", {"messages": []}, 400, None),
+    ("chat", {"messages": "hi"}, 400, None),
+    ("chat", {"messages": [{"role": "wizard", "content": "x"}]}, 400, None),
+    ("chat", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400, None),
+    ("chat", _chat(model="gpt-4"), 404, "model_not_found"),
+    ("chat", _chat(n=2), 400, "unsupported"),
+    ("chat", _chat(max_tokens=0), 400, None),
+    ("chat", _chat(max_tokens=-3), 400, None),
+    ("chat", _chat(max_tokens="many"), 400, None),
+    ("chat", _chat(max_tokens=257), 400, "invalid_value"),  # above server.max_tokens_limit
+    ("chat", _chat(max_completion_tokens=10_000, max_tokens=None), 400, None),
+    ("chat", _chat(temperature="hot"), 400, None),
+    ("chat", _chat(temperature=-1), 400, None),
+    ("chat", _chat(top_p=0), 400, None),
+    ("chat", _chat(stop=""), 400, None),
+    ("chat", _chat(stop=[1, 2]), 400, None),
+    ("chat", _chat(logprobs=True), 400, "unsupported"),
+    ("chat", _chat(stream="yes please"), 400, None),
+    ("completions", {"prompt": ["a", "b"]}, 400, "unsupported"),
+    ("completions", {"prompt": [[1, 2], [3]]}, 400, "unsupported"),
+    ("completions", {"prompt": []}, 400, None),
+    ("completions", {"prompt": [10**6]}, 400, None),
+    ("completions", {"prompt": [10**6], "stream": True}, 400, None),
+    ("completions", {"prompt": list(range(5, 605))}, 400, "context_length_exceeded"),
+    ("completions", {"prompt": "x", "echo": True}, 400, "unsupported"),
+    ("completions", {"prompt": "x", "best_of": 3}, 400, "unsupported"),
+    ("completions", {}, 400, None),
+    ("completions", b'{"prompt": "\\ud800"}', 400, "invalid_value"),  # lone surrogate
+    ("chat", b'{"messages": [{"role": "user", "content": "\\udfff"}]}', 400, None),
+    ("chat", b'{"messages": [{"role": "user", "content": "x"}], "model": "\\ud800"}', 404, None),
+    ("chat", b"--x--", 400, "invalid_json"),
+]
+
+
+@pytest.mark.parametrize(("endpoint", "body", "status", "code"), BAD_REQUESTS)
+def test_bad_requests_get_openai_errors(
+    served: Server, endpoint: str, body: Any, status: int, code: str | None
+) -> None:
+    path = "/v1/chat/completions" if endpoint == "chat" else "/v1/completions"
+    if isinstance(body, bytes):
+        r = httpx.post(
+            served.url + path, content=body, headers={"content-type": "application/json"}
+        )
+    else:
+        r = httpx.post(served.url + path, json={k: v for k, v in body.items() if v is not None})
+    assert_error(r, status, code)
+
+
+def test_json_body_is_read_whatever_the_content_type(served: Server) -> None:
+    """``curl -d '{...}'`` sends application/x-www-form-urlencoded: still JSON to us."""
+    body = json.dumps({"prompt": "x", "max_tokens": 2}).encode()
+    for ctype in ("application/x-www-form-urlencoded", "text/plain", None):
+        headers = {"content-type": ctype} if ctype else {}
+        r = httpx.post(f"{served.url}/v1/completions", content=body, headers=headers)
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["completion_tokens"] == 2
+
+
+def test_other_http_errors(served: Server) -> None:
+    url = served.url
+    big = b'{"prompt": "' + b"a" * (MAX_BODY_BYTES + 10) + b'"}'
+    assert_error(httpx.post(f"{url}/v1/completions", content=big), 413, "request_too_large")
+    assert_error(httpx.get(f"{url}/v1/chat/completions"), 405)
+    assert_error(httpx.get(f"{url}/nope"), 404)
+    # a long prompt text: the tokenizer result is checked against the context
+    r = httpx.post(f"{url}/v1/completions", json={"prompt": "the cat " * 400, "max_tokens": 1})
+    assert_error(r, 400, "context_length_exceeded")
+    with pytest.raises(openai.NotFoundError):
+        client(served).chat.completions.create(
+            model="nope", messages=[{"role": "user", "content": "x"}]
+        )
+
+
+def test_api_key(served: Server) -> None:
+    url = served.url
+    served.settings.server.api_key = SecretStr("sekrit")
+    try:
+        for path in ("/v1/models", "/status", "/metrics", "/openapi.json"):
+            assert_error(httpx.get(url + path), 401, "invalid_api_key")
+        r = httpx.post(f"{url}/v1/completions", json={"prompt": "x"})
+        assert_error(r, 401, "invalid_api_key")
+        assert r.headers["www-authenticate"] == "Bearer"
+        bad = {"Authorization": "Bearer wrong"}
+        assert_error(httpx.get(f"{url}/v1/models", headers=bad), 401, "invalid_api_key")
+        basic = {"Authorization": "Basic c2Vrcml0"}
+        assert_error(httpx.get(f"{url}/v1/models", headers=basic), 401)
+        assert httpx.get(f"{url}/health").status_code == 200  # liveness needs no key
+        good = {"Authorization": "Bearer sekrit"}
+        assert httpx.get(f"{url}/status", headers=good).status_code == 200
+        with pytest.raises(openai.AuthenticationError):
+            client(served).models.list()
+        c = openai.OpenAI(base_url=f"{url}/v1", api_key="sekrit", max_retries=0)
+        resp = c.chat.completions.create(
+            model="specd", messages=[{"role": "user", "content": "hi"}], max_tokens=3
+        )
+        assert resp.usage.completion_tokens <= 3
+    finally:
+        served.settings.server.api_key = None
+
+
+# --------------------------------------------------------------------------------------------
+# Queueing, cancellation
+
+
+def test_queue_full_gets_429(served: Server) -> None:
+    worker = served.worker
+    old = worker.queue_size
+    gate = block_worker(served)
+    worker.queue_size = 1
+    out: dict[str, httpx.Response] = {}
+    t = threading.Thread(
+        target=lambda: out.setdefault(
+            "r",
+            httpx.post(
+                f"{served.url}/v1/completions", json={"prompt": "x", "max_tokens": 3}, timeout=60
+            ),
+        )
+    )
+    try:
+        t.start()
+        wait_until(lambda: worker.queue_depth == 1, what="queued request")
+        r = httpx.post(f"{served.url}/v1/completions", json={"prompt": "y", "max_tokens": 3})
+        assert_error(r, 429, "queue_full")
+        assert int(r.headers["retry-after"]) >= 1
+        with pytest.raises(openai.RateLimitError):
+            client(served).completions.create(model="specd", prompt="z", max_tokens=3)
+        st = httpx.get(f"{served.url}/status").json()
+        assert st["queue"]["depth"] == 1 and st["queue"]["in_flight"] == 1
+        assert scrape(served)["specd_queue_depth"] == 1
+    finally:
+        gate.set()
+        worker.queue_size = old
+        t.join(60)
+    assert out["r"].status_code == 200
+
+
+def test_client_disconnect_mid_stream_frees_the_worker(served: Server, finished: Finished) -> None:
+    body = {"prompt": LONG_PROMPT, "max_tokens": 256, "stream": True}
+    with httpx.Client(base_url=served.url, timeout=30) as c:
+        with c.stream("POST", "/v1/completions", json=body) as r:
+            assert r.status_code == 200
+            first = next(line for line in r.iter_lines() if line.startswith("data: "))
+            rid = json.loads(first[6:])["id"]
+    result = finished.wait(rid)
+    assert result.finish_reason == "cancelled"
+    assert 0 < result.stats.generation_tokens < 256
+    t0 = time.monotonic()
+    r = httpx.post(f"{served.url}/v1/completions", json={"prompt": "x", "max_tokens": 5})
+    assert r.status_code == 200
+    assert time.monotonic() - t0 < 5
+    wait_until(lambda: served.app_state.in_flight == 0, what="in-flight count back to 0")
+
+
+def test_client_disconnect_while_queued_never_runs(served: Server, finished: Finished) -> None:
+    closed = 'specd_requests_total{endpoint="/v1/completions",status="499"}'
+    given_up = scrape(served).get(closed, 0.0)
+    gate = block_worker(served)
+    # The worker is now inside our gate, so earlier tests' requests have all run their hooks:
+    # from here on, only this test's requests can be recorded.
+    with finished.cond:
+        finished.records.clear()
+    try:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(
+                f"{served.url}/v1/completions",
+                json={"prompt": LONG_PROMPT, "max_tokens": 200},
+                timeout=0.5,
+            )
+        # the server notices the closed connection while the request waits in the queue (the
+        # 499 is counted once the handler gave up; in_flight alone can be 0 before it arrives)
+        wait_until(
+            lambda: (
+                scrape(served).get(closed, 0.0) == given_up + 1 and served.app_state.in_flight == 0
+            ),
+            what="request given up",
+        )
+    finally:
+        gate.set()
+    r = httpx.post(f"{served.url}/v1/completions", json={"prompt": "x", "max_tokens": 2})
+    assert r.status_code == 200
+    rid = r.json()["id"]
+    finished.wait(rid)
+    assert len(finished.records) == 1  # the abandoned request never generated
+
+
+# --------------------------------------------------------------------------------------------
+# OpenAPI: accurate and fuzzed
+
+
+def test_openapi_document(served: Server) -> None:
+    doc = httpx.get(f"{served.url}/openapi.json").json()
+    paths = doc["paths"]
+    for p in ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/status"):
+        assert p in paths
+    chat = paths["/v1/chat/completions"]["post"]
+    assert "text/event-stream" in chat["responses"]["200"]["content"]
+    assert {"400", "401", "404", "413", "429", "503"} <= chat["responses"].keys()
+    schemas = doc["components"]["schemas"]
+    assert "speculative" in schemas["Usage"]["properties"]
+    assert "HTTPBearer" in doc["components"]["securitySchemes"]
+
+
+def test_schemathesis_finds_no_server_error(served: Server) -> None:
+    schemathesis = pytest.importorskip("schemathesis")
+    from hypothesis import HealthCheck, given
+    from hypothesis import settings as hsettings
+    from hypothesis import strategies as st
+    from schemathesis import GenerationMode
+    from schemathesis.checks import not_a_server_error
+    from schemathesis.specs.openapi.checks import (
+        content_type_conformance,
+        response_schema_conformance,
+        status_code_conformance,
+    )
+
+    schema = schemathesis.openapi.from_url(f"{served.url}/openapi.json")
+    checks = [
+        not_a_server_error,
+        status_code_conformance,
+        content_type_conformance,
+        response_schema_conformance,
+    ]
+    limit = served.settings.server.max_tokens_limit
+    served.settings.server.max_tokens_limit = 32  # keep generated requests cheap
+    t0 = time.monotonic()
+    ran = 0
+    statuses: dict[str, collections.Counter[int]] = collections.defaultdict(collections.Counter)
+    modes = (GenerationMode.POSITIVE, GenerationMode.NEGATIVE)
+
+    def fuzz_operation(op: Any) -> None:
+        tally = statuses[f"{op.method.upper()} {op.path}"]
+
+        @given(case=st.one_of(*(op.as_strategy(generation_mode=m) for m in modes)))
+        @hsettings(
+            max_examples=25,
+            deadline=None,
+            database=None,
+            derandomize=True,
+            suppress_health_check=list(HealthCheck),
+        )
+        def fuzz(case: Any) -> None:
+            r = case.call_and_validate(base_url=served.url, checks=checks, timeout=30)
+            tally[r.status_code] += 1
+
+        fuzz()
+
+    try:
+        for result in schema.get_all_operations():
+            fuzz_operation(result.ok())
+            ran += 1
+    finally:
+        served.settings.server.max_tokens_limit = limit
+    assert ran >= 7
+    # both accepted and rejected requests were generated for the generation endpoints
+    generation = sum(
+        (statuses[p] for p in ("POST /v1/chat/completions", "POST /v1/completions")),
+        collections.Counter(),
+    )
+    assert generation[200] > 0 and generation[400] > 0, statuses
+    assert time.monotonic() - t0 < 90
+
+
+# --------------------------------------------------------------------------------------------
+# Shutdown
+
+
+def test_graceful_shutdown_finishes_in_flight_stream(tmp_path: Path, pair: ModelPair) -> None:
+    srv, thread = start_server(tmp_path / "data", pair)
+    url = srv.url
+    runtime = srv.settings.runtime_file
+    assert runtime.exists()
+    gate = block_worker(srv)
+    lines: list[str] = []
+    status: list[int] = []
+
+    def consume() -> None:
+        body = {"prompt": LONG_PROMPT, "max_tokens": 20, "stream": True}
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as r:
+            status.append(r.status_code)
+            lines.extend(r.iter_lines())
+
+    t = threading.Thread(target=consume)
+    try:
+        t.start()
+        wait_until(lambda: srv.worker.queue_depth == 1, what="queued stream")
+        srv.handle_exit(signal.SIGTERM, None)
+        wait_until(lambda: httpx.get(f"{url}/health").status_code == 503, what="draining")
+        assert httpx.get(f"{url}/health").json() == {"status": "shutting_down"}
+        r = httpx.post(f"{url}/v1/completions", json={"prompt": "x", "max_tokens": 2})
+        assert_error(r, 503, "shutting_down")
+    finally:
+        gate.set()
+    t.join(60)
+    thread.join(60)
+    assert not thread.is_alive() and srv.exit_code == 0
+    assert status == [200]
+    events = sse_events(lines)
+    assert events[-1] == "[DONE]"
+    assert events[-2]["choices"][0]["finish_reason"] == "length"
+    assert not runtime.exists()
+
+
+# --------------------------------------------------------------------------------------------
+# `specd serve` as a process
+
+
+@pytest.fixture
+def tiny_dir(tmp_path: Path) -> Path:
+    return write_model_dir(tmp_path / "tiny", ["a", "b", "c"], vocab_size=40, seed=3)
+
+
+def test_serve_process_http_runtime_file_and_sigterm_drain(tmp_path: Path, tiny_dir: Path) -> None:
+    config = {
+        "models": {"target": str(tiny_dir), "draft_layers": [0, 5]},
+        "server": {"port": 0, "shutdown_timeout": 60},
+    }
+    proc = start_daemon(tmp_path, config)
+    log_file = tmp_path / "data" / "logs" / "specd.log"
+    runtime = tmp_path / "data" / "runtime.json"
+    try:
+        ready = wait_for_event(log_file, "ready", proc)
+        port = ready["port"]
+        assert port > 0
+        info = json.loads(runtime.read_text())
+        assert info["port"] == port and info["pid"] == proc.pid
+        assert stat.S_IMODE(runtime.stat().st_mode) == 0o600
+        url = f"http://127.0.0.1:{port}"
+        assert httpx.get(f"{url}/health").json() == {"status": "ok"}
+        c = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+        resp = c.completions.create(model=str(tiny_dir), prompt="a b c", max_tokens=5)
+        assert resp.usage.completion_tokens == 5
+
+        lines: list[str] = []
+        started = threading.Event()
+
+        def consume() -> None:
+            body = {
+                "prompt": "a b c",
+                "max_tokens": 1000,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            }
+            with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120) as r:
+                for line in r.iter_lines():
+                    lines.append(line)
+                    started.set()
+
+        t = threading.Thread(target=consume)
+        t.start()
+        assert started.wait(60)
+        proc.send_signal(signal.SIGTERM)
+        wait_until(lambda: httpx.get(f"{url}/health").status_code == 503, 10, "draining")
+        r = httpx.post(f"{url}/v1/completions", json={"prompt": "a", "max_tokens": 2})
+        assert_error(r, 503, "shutting_down")
+        t.join(120)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        proc.kill()
+        proc.wait()
+    events = sse_events(lines)
+    assert events[-1] == "[DONE]"
+    assert events[-1 - 1]["usage"]["completion_tokens"] == 1000  # the stream ran to the end
+    assert events[-3]["choices"][0]["finish_reason"] == "length"
+    assert not runtime.exists()
+    records = read_log(log_file)
+    finished_logs = [r for r in records if r["event"] == "request_finished"]
+    assert any(r["completion_tokens"] == 1000 and r["status"] == 200 for r in finished_logs)
+    assert all(r["component"] == "api" for r in finished_logs)
+    assert [r["event"] for r in records][-1] == "stopped"
+
+
+def test_serve_refuses_public_bind_without_key(tmp_path: Path, tiny_dir: Path) -> None:
+    config = {"models": {"target": str(tiny_dir)}, "server": {"host": "0.0.0.0", "port": 0}}
+    proc = start_daemon(tmp_path, config)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1
+    assert "api_key" in err and "0.0.0.0" in err
+    assert not (tmp_path / "data" / "runtime.json").exists()
+    assert not any(
+        r["event"] == "models_loaded" for r in read_log(tmp_path / "data" / "logs" / "specd.log")
+    )
+
+
+def test_sse_event_format(served: Server) -> None:
+    """Raw wire format: 'data: {json}' events separated by blank lines, ending with [DONE]."""
+    r = httpx.post(
+        f"{served.url}/v1/chat/completions",
+        json={**_chat(max_tokens=5), "stream": True},
+    )
+    assert r.headers["content-type"].startswith("text/event-stream")
+    blocks = r.text.split("\n\n")
+    assert blocks[-1] == ""
+    assert all(re.fullmatch(r"data: .+", b) for b in blocks[:-1])
+    assert blocks[-2] == "data: [DONE]"
+
+
+# --------------------------------------------------------------------------------------------
+# bench serve
+
+
+def test_bench_serve_against_the_daemon(served: Server) -> None:
+    from daemon.bench.serve import bench_direct, bench_serve
+
+    prompts = [[{"role": "user", "content": f"Prompt {i}: hello world"}] for i in range(4)]
+    direct = served.worker.call_between_requests(
+        lambda: bench_direct(served.engine, served.pair.tokenizer, prompts, 12)
+    ).result(60)
+    assert direct["requests"] == 4 and direct["tokens_per_s"] > 0
+    out = bench_serve(served.url + "/v1", None, prompts, clients=3, max_tokens=12, direct=direct)
+    assert out["errors"] == 0, out["error_samples"]
+    assert out["completed"] == out["requests"] == 4
+    assert out["tokens"] == direct["tokens"]  # greedy: the same outputs
+    assert out["total_tokens_per_s"] > 0
+    assert 0 < out["ttft_s"]["p50"] <= out["ttft_s"]["p95"] <= out["latency_s"]["max"]
+    assert out["per_client_tokens_per_s"]["mean"] > 0
+    assert out["overhead"]["throughput_ratio"] > 0
+
+    served.settings.server.api_key = SecretStr("k")
+    try:
+        bad = bench_serve(served.url, None, prompts[:1], 1, 4, warmup=False)
+        assert bad["errors"] == 1 and "401" in bad["error_samples"][0]
+        good = bench_serve(served.url, "k", prompts[:1], 1, 4, warmup=False)
+        assert good["errors"] == 0
+    finally:
+        served.settings.server.api_key = None
+
+
+def test_collect_goes_through_the_running_daemon(served: Server) -> None:
+    from daemon.core.prompts import PromptItem
+    from daemon.ops.collect import collect
+
+    buf = served.service.buffer
+    served.service.writer.flush(10)
+    before = buf.count()
+    items = [PromptItem([{"role": "user", "content": t}]) for t in ("Hello world", "the cat")]
+    summary = collect(served.settings, items, max_tokens=6, progress=False)
+    assert summary.mode == f"daemon {served.url}"
+    assert summary.requests == 2 and not summary.errors
+    assert summary.drafted > 0
+    served.service.writer.flush(10)
+    records = list(buf.iter_records())[before:]
+    assert [r.prompt_text for r in records] == ["Hello world", "the cat"]
+    assert summary.pending_failures is not None
