@@ -25,9 +25,12 @@ run: setup
 test: setup
 	$(PRELOAD) $(PY) -m pytest $(PYTEST_ARGS)
 
+# ruff for style, mypy for types, import-linter for the package's layer rules (pyproject.toml).
 lint: setup
 	$(VENV)/bin/ruff check daemon tests
 	$(VENV)/bin/ruff format --check daemon tests
+	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 format: setup
 	$(VENV)/bin/ruff format daemon tests

@@ -1,6 +1,6 @@
 import sys
 
-from daemon.cli import main
+from daemon.cli import entry
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())

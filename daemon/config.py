@@ -27,14 +27,12 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from daemon.errors import ConfigError
+
 APP_NAME = "specd"
 ENV_PREFIX = "SPECD_"
 ENV_NESTED = "__"
 EMBEDDED_TARGET = "embedded:smollm2-135m"
-
-
-class ConfigError(Exception):
-    """A configuration file or value is invalid; the message names the source, key and reason."""
 
 
 class _Section(BaseModel):
@@ -371,7 +369,7 @@ def load_settings(
     A missing default config file is fine; a missing explicit one is an error.
     """
     explicit = config_file is not None
-    main = Path(config_file).expanduser() if explicit else default_config_file()
+    main = Path(config_file).expanduser() if config_file is not None else default_config_file()
     sources = ConfigSources()
     origin = sources.origin
     merged: dict[str, Any] = {}

@@ -37,7 +37,7 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def atomic_write(path: Path, write: Callable[[Path], None], fsync: bool = True) -> None:
+def atomic_write(path: Path, write: Callable[[Path], object], fsync: bool = True) -> None:
     """``write`` a temporary file next to ``path``, then rename it over ``path``: readers see
     the old file or the whole new one. ``fsync=False`` skips the flush to disk, for files that
     are only a view and may be lost in a crash."""

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import structlog
+from structlog.typing import EventDict, Processor
 
 _LEVELS = {
     "debug": logging.DEBUG,
@@ -21,14 +22,14 @@ _LEVELS = {
 }
 
 # Processors shared by structlog loggers and foreign (stdlib) records.
-_SHARED: list[Any] = [
+_SHARED: list[Processor] = [
     structlog.contextvars.merge_contextvars,
     structlog.stdlib.add_log_level,
     structlog.processors.TimeStamper(fmt="iso", utc=True),
 ]
 
 
-def _default_component(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
+def _default_component(_: Any, __: str, event: EventDict) -> EventDict:
     event.setdefault("component", "specd")
     return event
 
@@ -92,7 +93,7 @@ def configure_logging(
             if console == "pretty"
             else structlog.processors.JSONRenderer(default=str)
         )
-        procs = [structlog.stdlib.ProcessorFormatter.remove_processors_meta]
+        procs: list[Processor] = [structlog.stdlib.ProcessorFormatter.remove_processors_meta]
         if console == "json":
             procs.append(structlog.processors.format_exc_info)
         sh = logging.StreamHandler(sys.stderr)

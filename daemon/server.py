@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import json
+import math
 import os
 import signal
 import socket
@@ -42,7 +43,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from daemon import __version__
 from daemon.config import ConfigError, ConfigSources, Settings, default_config_file
@@ -51,12 +52,15 @@ from daemon.core.models import ModelPair, load_pair
 from daemon.logging import get_logger
 from daemon.serving import notify
 from daemon.serving.metrics import SpecdMetrics
+from daemon.serving.worker import FinishedHook
+
+if TYPE_CHECKING:  # imported lazily at run time: `specd --help` need not load MLX
+    from daemon.adaptation.loop import AdaptationLoop
+    from daemon.serving.service import Service
 
 log = get_logger("server")
 
 HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-FinishedHook = Callable[[Any, Any, float, float], None]
 
 
 def is_loopback_host(host: str) -> bool:
@@ -67,7 +71,7 @@ def is_loopback_host(host: str) -> bool:
         infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
     except OSError:
         return False
-    addrs = {info[4][0].split("%", 1)[0] for info in infos}
+    addrs = {str(info[4][0]).split("%", 1)[0] for info in infos}
     try:
         return bool(addrs) and all(ipaddress.ip_address(a).is_loopback for a in addrs)
     except ValueError:
@@ -143,7 +147,7 @@ class Server:
         self.sources = sources
         self.overrides = dict(overrides or {})
         self.adaptation_enabled = adaptation
-        self.adaptation: Any = None
+        self.adaptation: AdaptationLoop | None = None
         self.reloader: Any = None
         self.reload_requested = False
         self.should_exit = False
@@ -156,7 +160,7 @@ class Server:
         self.app: Any = None
         self.app_state: Any = None
         self.metrics = SpecdMetrics()
-        self.service: Any = None
+        self.service: Service | None = None
         self.finished_hooks: list[FinishedHook] = [self.metrics.observe_generation]
         self.status_providers: list[Callable[[], dict[str, Any]]] = []
         self.host: str | None = None
@@ -265,9 +269,10 @@ class Server:
     def _start_adaptation(self) -> None:
         from daemon.adaptation.loop import AdaptationLoop
 
-        self.adaptation = AdaptationLoop(self.service, self.sources.main_file)
-        self.adaptation.start()
-        self.status_providers.append(lambda: {"training": self.adaptation.status()})
+        assert self.service is not None, "the service starts first"
+        adaptation = self.adaptation = AdaptationLoop(self.service, self.sources.main_file)
+        adaptation.start()
+        self.status_providers.append(lambda: {"training": adaptation.status()})
 
     def _start_reloader(self) -> None:
         from daemon.serving.reload import ConfigReloader
@@ -297,19 +302,20 @@ class Server:
         if self.app_state is not None:
             self.app_state.settings = new  # API key, limits, sampling defaults per request
         service = self.service
-        if service is None:
+        if service is None or service.worker is None:
             return
+        worker = service.worker
         service.settings = new  # sampling defaults; the adaptation loop reads training.*
         if service.writer is not None:
             service.writer.settings = new.buffer  # failure threshold for new records
         if any(k.startswith("logging.level") for k in live_keys):
             set_level(new.logging.level)
         if any(k.startswith("server.queue_size") for k in live_keys):
-            service.worker.queue_size = new.server.queue_size
-        if any(k.startswith("speculative.") for k in live_keys):
+            worker.queue_size = new.server.queue_size
+        if any(k.startswith("speculative.") for k in live_keys) and self.pair is not None:
             config = SpeculativeConfig.from_settings(new.speculative, self.pair.max_context)
             engine = service.engine
-            service.worker.call_between_requests(lambda: setattr(engine, "config", config))
+            worker.call_between_requests(lambda: setattr(engine, "config", config))
 
     def _check_bind_security(self) -> None:
         srv = self.settings.server
@@ -333,7 +339,9 @@ class Server:
         self.engine, self.worker = service.engine, service.worker
         self.metrics.queue_depth.set_function(lambda: self.worker.queue_depth)
         self.metrics.adapter_version.set_function(lambda: self.adapter_version)
-        self.metrics.buffer_records.set_function(lambda: service.buffer.count())
+        self.metrics.buffer_records.set_function(
+            lambda: service.buffer.count() if service.buffer is not None else 0
+        )
         self.status_providers.append(self._buffer_status)
 
     @property
@@ -395,7 +403,7 @@ class Server:
             lifespan="off",
             http="h11",
             ws="none",
-            timeout_graceful_shutdown=max(1.0, s.server.shutdown_timeout),
+            timeout_graceful_shutdown=max(1, math.ceil(s.server.shutdown_timeout)),  # int: uvicorn
         )
         self._http = uvicorn.Server(config)
         sock = self._socket

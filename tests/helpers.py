@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import mlx.core as mx
@@ -19,6 +20,21 @@ from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer, TokenizerWrapper
 from mlx_lm.utils import save_config, save_model
 
 from daemon.core.backend import REEXEC_MARKER
+
+# A guard against a hang, not a speed requirement: tests poll for the state they wait for and
+# give up only after this long, so no test depends on how fast the machine is.
+HANG_GUARD_S = 600.0
+
+
+def wait_until(
+    cond: Callable[[], object], what: str, timeout: float = HANG_GUARD_S, interval: float = 0.01
+) -> None:
+    """Poll ``cond`` until it is true; fail naming ``what`` if it never becomes true."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"gave up waiting for {what} after {timeout:.0f} s"
+        time.sleep(interval)
+
 
 TINY_CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -159,7 +175,9 @@ def read_log(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def wait_for_event(path: Path, event: str, proc: subprocess.Popen, timeout: float = 120) -> dict:
+def wait_for_event(
+    path: Path, event: str, proc: subprocess.Popen, timeout: float = HANG_GUARD_S
+) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for rec in read_log(path):
@@ -195,3 +213,20 @@ def start_daemon(tmp_path: Path, config: dict, env_extra: dict | None = None) ->
         stderr=subprocess.PIPE,
         text=True,
     )
+
+
+def make_adapter(tmp: Path, target, layers: list[int], seed: int, rank: int = 4) -> Path:
+    """A LoRA adapter for the layer-skip draft, with non-zero (random) B matrices."""
+    from daemon.adaptation.lora import apply_lora
+    from daemon.config import LoraSettings
+    from daemon.core.models import make_layer_skip_draft
+    from daemon.store.adapters import save_adapter
+
+    draft = make_layer_skip_draft(target, layers)
+    mx.random.seed(seed)
+    config = apply_lora(draft, LoraSettings(rank=rank, dropout=0.0))
+    params = [
+        (k, mx.random.normal(v.shape) * 0.5) for k, v in tree_flatten(draft.trainable_parameters())
+    ]
+    draft.update(tree_unflatten(params))
+    return save_adapter(draft, tmp, config)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from daemon.core.backend import find_openblas
-from tests.helpers import read_log, start_daemon, wait_for_event, write_model_dir
+from tests.helpers import HANG_GUARD_S, read_log, start_daemon, wait_for_event, write_model_dir
 
 
 @pytest.fixture
@@ -25,7 +25,7 @@ def test_serve_logs_ready_and_exits_cleanly(tmp_path: Path, tiny_dir: Path, sig:
         loaded = wait_for_event(log_file, "models_loaded", proc)
         wait_for_event(log_file, "ready", proc)
         proc.send_signal(sig)
-        assert proc.wait(timeout=30) == 0
+        assert proc.wait(timeout=HANG_GUARD_S) == 0
     finally:
         proc.kill()
         proc.wait()
@@ -51,7 +51,7 @@ def test_serve_openblas_opt_out(tmp_path: Path, tiny_dir: Path) -> None:
     try:
         loaded = wait_for_event(tmp_path / "data" / "logs" / "specd.log", "models_loaded", proc)
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0
+        assert proc.wait(timeout=HANG_GUARD_S) == 0
     finally:
         proc.kill()
         proc.wait()
@@ -60,6 +60,6 @@ def test_serve_openblas_opt_out(tmp_path: Path, tiny_dir: Path) -> None:
 
 def test_serve_bad_model_fails_with_clear_message(tmp_path: Path) -> None:
     proc = start_daemon(tmp_path, {"models": {"target": str(tmp_path / "missing-model")}})
-    _, err = proc.communicate(timeout=120)
+    _, err = proc.communicate(timeout=HANG_GUARD_S)
     assert proc.returncode == 1
     assert "missing-model" in err

@@ -6,8 +6,11 @@ it reaches ``training.min_failure_cases`` (and the policy, cooldown and holdout 
 training run starts in a subprocess (`daemon.adaptation.process`), at lower priority,
 continuing from the adapter in service. The subprocess evaluates held-out agreement of the
 adapter in service and of the candidate; the candidate is installed only if it beats the current
-one by ``training.min_improvement``, else kept as rejected. An installed adapter is swapped into
-the live draft between requests.
+one by ``training.min_improvement`` (`gate`), else kept as rejected. An installed adapter is
+swapped into the live draft between requests.
+
+The loop never imports serving: it drives whatever satisfies `ServingPort` (the daemon's
+``Service`` does, structurally), handed to it by the composition root (`daemon.server`).
 """
 
 from __future__ import annotations
@@ -17,93 +20,117 @@ import subprocess
 import threading
 import time
 import uuid
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import asdict, dataclass, replace
+from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
+from daemon.adaptation.process import TrainingArgs, start_training_process
 from daemon.config import Settings
+from daemon.errors import AdapterError
 from daemon.logging import get_logger
-from daemon.serving.service import Service
-from daemon.store.adapters import AdapterError, AdapterStore, AdapterVersion, config_hash
-from daemon.store.buffer import BufferRecord
+from daemon.store.adapters import AdapterStore, AdapterVersion, config_hash
+from daemon.store.buffer import BufferRecord, ReplayBuffer
+from daemon.store.runs import (
+    RESULT_FILE,
+    FinishedRun,
+    GateDecision,
+    TrainingResult,
+    read_progress,
+    read_result,
+)
 
 log = get_logger("adaptation")
 
 DEBOUNCE_S = 2.0
 TERMINATE_GRACE_S = 10.0
-RESULT_FILE = "result.json"  # in a run's directory, written by the training process
+# what an adapter's manifest keeps of its run's metrics, under "training"
+MANIFEST_TRAINING_KEYS = (
+    "steps",
+    "epochs",
+    "loss_first",
+    "loss_last",
+    "tokens",
+    "tokens_per_s",
+    "wall_s",
+    "skipped_micro_batches",
+)
+
+
+class ServingPort(Protocol):
+    """What the loop needs of the service that serves the draft."""
+
+    @property
+    def settings(self) -> Settings: ...  # replaced on a live config reload
+
+    @property
+    def buffer(self) -> ReplayBuffer | None: ...  # a reader; None before the service starts
+
+    @property
+    def adapter_version(self) -> int: ...  # the version in service, 0 = none
+
+    @property
+    def commit_hooks(self) -> list[Callable[[list[BufferRecord]], None]]: ...
+
+    def swap_adapter(self, version: AdapterVersion | None) -> Future[Any]:
+        """Put ``version`` (None: no adapter) into service between requests."""
+        ...
+
+    def idle_for(self) -> float:
+        """Seconds since the last request finished; 0 while one is queued or running."""
+        ...
 
 
 def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
 
 
-def gate(result: dict[str, Any], settings: Settings) -> dict[str, Any]:
+def gate(result: TrainingResult, settings: Settings) -> GateDecision:
     """The decision on a finished run: install, reject, or error (nothing to store)."""
-    if result.get("status") != "ok":
-        return {"decision": "error", "reason": result.get("error") or "training failed"}
-    m = result.get("metrics") or {}
-    before, after = m.get("heldout_before") or {}, m.get("heldout_after") or {}
-    if not after.get("positions"):
-        return {
-            "decision": "reject",
-            "reason": "no held-out positions to evaluate on",
-            "heldout_before": None,
-            "heldout_after": None,
-            "improvement": None,
-        }
-    improvement = after["agreement"] - before["agreement"]
+    if not result.ok:
+        return GateDecision("error", result.error or "training failed")
+    m = result.metrics
+    if m is None or not m.heldout_after.positions:
+        return GateDecision("reject", "no held-out positions to evaluate on")
+    before, after = m.heldout_before.agreement, m.heldout_after.agreement
+    improvement = after - before
     need = settings.training.min_improvement
-    install = improvement >= need
-    return {
-        "decision": "install" if install else "reject",
-        "reason": (
-            f"held-out agreement {before['agreement']:.4f} -> {after['agreement']:.4f} "
-            f"({improvement:+.4f}, need {need:+.4f})"
-        ),
-        "heldout_before": before["agreement"],
-        "heldout_after": after["agreement"],
-        "improvement": improvement,
-    }
+    return GateDecision(
+        "install" if improvement >= need else "reject",
+        f"held-out agreement {before:.4f} -> {after:.4f} ({improvement:+.4f}, need {need:+.4f})",
+        heldout_before=before,
+        heldout_after=after,
+        improvement=improvement,
+    )
 
 
 def store_candidate(
     store: AdapterStore,
-    result: dict[str, Any],
-    decision: dict[str, Any],
+    result: TrainingResult,
+    decision: GateDecision,
     settings: Settings,
     reason: str,
 ) -> AdapterVersion | None:
     """Keep the candidate in the store (installed or rejected) with its manifest."""
-    if decision["decision"] == "error" or not result.get("adapter_path"):
+    m = result.metrics
+    if decision.decision == "error" or not result.adapter_path or m is None:
         return None
-    m = result.get("metrics") or {}
+    metrics = m.to_dict()
     manifest = {
-        "run_id": m.get("run_id"),
+        "run_id": m.run_id,
         "trigger": reason,
-        "gate": decision,
-        "metrics_before": m.get("heldout_before"),
-        "metrics_after": m.get("heldout_after"),
-        "data": m.get("examples"),
-        "training": {
-            k: m.get(k)
-            for k in (
-                "steps",
-                "epochs",
-                "loss_first",
-                "loss_last",
-                "tokens",
-                "tokens_per_s",
-                "wall_s",
-                "skipped_micro_batches",
-            )
-        },
+        "gate": decision.to_dict(),
+        "metrics_before": metrics["heldout_before"],
+        "metrics_after": metrics["heldout_after"],
+        "data": metrics["examples"],
+        "training": {k: metrics[k] for k in MANIFEST_TRAINING_KEYS},
         "config_hash": config_hash(settings.training.model_dump()),
     }
-    return store.add(
-        Path(result["adapter_path"]), manifest, install=decision["decision"] == "install"
-    )
+    return store.add(Path(result.adapter_path), manifest, install=decision.decision == "install")
 
 
 def spawn_run(
@@ -113,13 +140,14 @@ def spawn_run(
     current: AdapterVersion | None,
     epochs: int | None,
     max_steps: int | None,
-    **kwargs: Any,
-) -> subprocess.Popen:
+    *,
+    progress: bool = False,
+    nice: int = 0,
+    **popen_kwargs: Any,
+) -> subprocess.Popen[Any]:
     """Start the training subprocess for one run in ``run_dir`` (its name is the run id),
-    continuing from ``current``; ``kwargs`` go to `start_training_process`."""
-    from daemon.adaptation.training import start_training_process
-
-    return start_training_process(
+    continuing from ``current``; ``popen_kwargs`` go to `subprocess.Popen`."""
+    args = TrainingArgs(
         out_dir=run_dir / "adapter",
         result_file=run_dir / RESULT_FILE,
         config=config_file,
@@ -128,15 +156,52 @@ def spawn_run(
         run_id=run_dir.name,
         epochs=epochs,
         max_steps=max_steps,
-        preload_openblas=settings.models.preload_openblas,
-        **kwargs,
+        progress=progress,
+        nice=nice,
+    )
+    return start_training_process(
+        args, preload_openblas=settings.models.preload_openblas, **popen_kwargs
     )
 
 
-class AdaptationLoop:
-    """Triggers, supervises and gates training runs for a running `Service`."""
+@dataclass
+class ActiveRun:
+    """The run in progress, as ``/status`` shows it (``training.run``)."""
 
-    def __init__(self, service: Service, config_file: Path | None) -> None:
+    run_id: str
+    trigger: str
+    pid: int
+    started: float
+    pending_failures: int
+    parent_version: int
+    dir: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class RunCounts:
+    """Runs finished since the loop started, by outcome."""
+
+    runs: int = 0
+    installed: int = 0
+    rejected: int = 0
+    failed: int = 0
+
+
+@dataclass
+class LoopSummary:
+    """What the loop has done: its counts and the last run it finished."""
+
+    counts: RunCounts
+    last_run: FinishedRun | None
+
+
+class AdaptationLoop:
+    """Triggers, supervises and gates training runs for a running service."""
+
+    def __init__(self, service: ServingPort, config_file: Path | None) -> None:
         self.service = service
         self.config_file = config_file
         self.data_dir = Path(service.settings.paths.data_dir)
@@ -146,21 +211,28 @@ class AdaptationLoop:
         self.scheduler = BackgroundScheduler(
             job_defaults={"max_instances": 1, "coalesce": True, "misfire_grace_time": 60}
         )
-        self.proc: subprocess.Popen | None = None
-        self.run: dict[str, Any] | None = None
-        self.last_run: dict[str, Any] | None = None
+        self.proc: subprocess.Popen[Any] | None = None
+        self.active: ActiveRun | None = None
+        self.last_run: FinishedRun | None = None
         self.waiting_for: str | None = None
-        self.counts = {"runs": 0, "installed": 0, "rejected": 0, "failed": 0}
+        self.counts = RunCounts()
         self._last_finished: float | None = None
         self._check_lock = threading.Lock()
         self._run_lock = threading.Lock()
         self._watcher: threading.Thread | None = None
         self._stopping = False
-        self.runs_done = threading.Condition()
+        self._runs_done = threading.Condition()
 
     @property
     def settings(self) -> Settings:
         return self.service.settings  # replaced on a live config reload
+
+    @property
+    def buffer(self) -> ReplayBuffer:
+        buffer = self.service.buffer
+        if buffer is None:
+            raise RuntimeError("the service is not started: no replay buffer")
+        return buffer
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -206,13 +278,10 @@ class AdaptationLoop:
         if self._stopping or not self.scheduler.running:
             return
         if any(r.is_failure and r.split == "train" for r in records):
-            run_at = time.time() + DEBOUNCE_S
-            from datetime import datetime
-
             self.scheduler.add_job(
                 self.check,
                 "date",
-                run_date=datetime.fromtimestamp(run_at),
+                run_date=datetime.fromtimestamp(time.time() + DEBOUNCE_S),
                 id="check-soon",
                 replace_existing=True,
             )
@@ -232,11 +301,10 @@ class AdaptationLoop:
         self.waiting_for = why
 
     def _check(self) -> str | None:
-        if self.run is not None or self._stopping:
+        if self.active is not None or self._stopping:
             return None
         t = self.settings.training
-        buf = self.service.buffer
-        assert buf is not None
+        buf = self.buffer
         pending = buf.pending_failure_count()
         if pending < t.min_failure_cases:
             self._wait(None)
@@ -258,10 +326,22 @@ class AdaptationLoop:
     def train_now(self, epochs: int | None = None, max_steps: int | None = None) -> str:
         """Start a run now whatever the pending count (``specd train`` against the daemon)."""
         with self._check_lock:
-            if self.run is not None:
-                raise RuntimeError(f"training run {self.run['run_id']} is already running")
-            pending = self.service.buffer.pending_failure_count()
+            if self.active is not None:
+                raise RuntimeError(f"training run {self.active.run_id} is already running")
+            pending = self.buffer.pending_failure_count()
             return self.start_run("manual", pending, epochs=epochs, max_steps=max_steps)
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Wait until no run is in progress: a started run has finished, been gated and (if
+        installed) swapped in. False if ``timeout`` seconds passed first."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._runs_done:
+            while self.active is not None:
+                left = 5.0 if deadline is None else min(5.0, deadline - time.monotonic())
+                if left <= 0:
+                    return False
+                self._runs_done.wait(left)
+        return True
 
     # --- one run ---------------------------------------------------------------------------
 
@@ -285,24 +365,25 @@ class AdaptationLoop:
                 stderr=stderr,
                 stdin=subprocess.DEVNULL,
             )
+        active = ActiveRun(
+            run_id=run_id,
+            trigger=reason,
+            pid=proc.pid,
+            started=time.time(),
+            pending_failures=pending,
+            parent_version=current.version if current else 0,
+            dir=str(run_dir),
+        )
         with self._run_lock:
             self.proc = proc
-            self.run = {
-                "run_id": run_id,
-                "trigger": reason,
-                "pid": proc.pid,
-                "started": time.time(),
-                "pending_failures": pending,
-                "parent_version": current.version if current else 0,
-                "dir": str(run_dir),
-            }
+            self.active = active
         log.info(
             "train_run_started",
             run_id=run_id,
             reason=reason,
             pid=proc.pid,
             pending_failures=pending,
-            parent_version=self.run["parent_version"],
+            parent_version=active.parent_version,
         )
         self._watcher = threading.Thread(
             target=self._watch,
@@ -313,7 +394,7 @@ class AdaptationLoop:
         self._watcher.start()
         return run_id
 
-    def _terminate(self, proc: subprocess.Popen) -> None:
+    def _terminate(self, proc: subprocess.Popen[Any]) -> None:
         try:
             proc.send_signal(signal.SIGTERM)
             proc.wait(TERMINATE_GRACE_S)
@@ -323,9 +404,7 @@ class AdaptationLoop:
         except ProcessLookupError:
             pass
 
-    def _watch(self, proc: subprocess.Popen, run_id: str, run_dir: Path, reason: str) -> None:
-        from daemon.adaptation.training import read_result
-
+    def _watch(self, proc: subprocess.Popen[Any], run_id: str, run_dir: Path, reason: str) -> None:
         limit = self.settings.training.max_run_seconds
         timed_out = False
         try:
@@ -336,69 +415,63 @@ class AdaptationLoop:
             self._terminate(proc)
         result = read_result(run_dir / RESULT_FILE, proc.returncode)
         if timed_out:
-            result = {
-                **result,
-                "status": "error",
-                "error": f"stopped after training.max_run_seconds={limit:g}s",
-            }
-        elif self._stopping and result.get("status") != "ok":
-            result = {**result, "error": "stopped with the daemon"}
+            result = replace(
+                result, status="error", error=f"stopped after training.max_run_seconds={limit:g}s"
+            )
+        elif self._stopping and not result.ok:
+            result = replace(result, error="stopped with the daemon")
         try:
             self._finish(run_id, result, reason)
         except Exception:  # the loop must survive a bad run
             log.exception("train_run_finish_failed", run_id=run_id)
         finally:
             # Counted last: whoever sees the run counted also sees its last_run and swap.
-            self.counts["runs"] += 1
+            self.counts.runs += 1
             with self._run_lock:
                 self.proc = None
-                self.run = None
+                self.active = None
             self._last_finished = time.monotonic()
-            with self.runs_done:
-                self.runs_done.notify_all()
+            with self._runs_done:
+                self._runs_done.notify_all()
 
-    def _finish(self, run_id: str, result: dict[str, Any], reason: str) -> None:
+    def _finish(self, run_id: str, result: TrainingResult, reason: str) -> None:
         decision = gate(result, self.settings)
-        summary: dict[str, Any] = {
-            "run_id": run_id,
-            "trigger": reason,
-            "finished": time.time(),
-            **decision,
-        }
-        if decision["decision"] == "error":
-            self.counts["failed"] += 1
-            log.error("train_run_failed", run_id=run_id, error=decision["reason"])
-            self.last_run = summary
+        finished = FinishedRun(run_id=run_id, trigger=reason, finished=time.time(), gate=decision)
+        if decision.decision == "error":
+            self.counts.failed += 1
+            log.error("train_run_failed", run_id=run_id, error=decision.reason)
+            self.last_run = finished
             return
         version = store_candidate(self.store, result, decision, self.settings, reason)
-        summary["adapter_version"] = version.version if version else None
-        if decision["decision"] == "install" and version is not None:
+        finished.adapter_version = version.version if version else None
+        if decision.decision == "install" and version is not None:
             try:
                 self.service.swap_adapter(version).result(timeout=600)
-                self.counts["installed"] += 1
+                self.counts.installed += 1
                 log.info(
                     "adapter_installed",
                     run_id=run_id,
                     adapter_version=version.version,
-                    **{k: decision[k] for k in ("heldout_before", "heldout_after", "improvement")},
+                    heldout_before=decision.heldout_before,
+                    heldout_after=decision.heldout_after,
+                    improvement=decision.improvement,
                 )
             except Exception as e:  # refused: put the pointer back on what is serving
                 self.store.set_current(self.service.adapter_version)
-                summary["decision"] = "error"
-                summary["reason"] = f"swap refused: {e}"
-                self.counts["failed"] += 1
+                finished.gate = replace(decision, decision="error", reason=f"swap refused: {e}")
+                self.counts.failed += 1
                 log.error("adapter_swap_refused", adapter_version=version.version, error=str(e))
         else:
-            self.counts["rejected"] += 1
+            self.counts.rejected += 1
             log.info(
                 "adapter_rejected",
                 run_id=run_id,
                 adapter_version=version.version if version else None,
-                reason=decision["reason"],
+                reason=decision.reason,
             )
-        self.last_run = summary
+        self.last_run = finished
 
-    # --- versions --------------------------------------------------------------------------
+    # --- versions and reports --------------------------------------------------------------
 
     def rollback(self, version: int | None = None) -> dict[str, Any]:
         """Put ``version`` (default: the installed one before the current) back in service."""
@@ -412,26 +485,29 @@ class AdaptationLoop:
         log.info("adapter_rollback", from_version=previous, to_version=target)
         return {"previous_version": previous, "adapter_version": target}
 
+    def summary(self) -> LoopSummary:
+        """Runs finished so far, by outcome, and the last one."""
+        return LoopSummary(counts=replace(self.counts), last_run=self.last_run)
+
     def status(self) -> dict[str, Any]:
         t = self.settings.training
-        run = self.run
+        active = self.active
         out: dict[str, Any] = {
-            "state": "training" if run else "idle",
-            "pending_failures": self.service.buffer.pending_failure_count(),
+            "state": "training" if active else "idle",
+            "pending_failures": self.buffer.pending_failure_count(),
             "min_failure_cases": t.min_failure_cases,
             "policy": t.policy,
             "waiting_for": self.waiting_for,
-            **self.counts,
-            "last_run": self.last_run,
+            **asdict(self.counts),
+            "last_run": self.last_run.to_dict() if self.last_run else None,
         }
-        if run:
-            from daemon.adaptation.training import read_progress
-
+        if active:
+            progress = read_progress(Path(active.dir) / RESULT_FILE)
             out["run"] = {
-                **run,
-                "elapsed_s": round(time.time() - run["started"], 1),
+                **active.to_dict(),
+                "elapsed_s": round(time.time() - active.started, 1),
                 # phase, step / total_steps, loss: written by the training process as it goes
-                "progress": read_progress(Path(run["dir"]) / RESULT_FILE),
+                "progress": progress.to_dict() if progress else None,
             }
         return out
 
@@ -457,13 +533,11 @@ def train_and_gate(
     epochs: int | None = None,
     max_steps: int | None = None,
     progress: bool = True,
-) -> tuple[dict[str, Any], dict[str, Any], AdapterVersion | None]:
+) -> tuple[TrainingResult, GateDecision, AdapterVersion | None]:
     """One run without a daemon (``specd train``): the same subprocess, gate and store.
 
     An installed version becomes ``current``; the daemon loads it at its next start.
     """
-    from daemon.adaptation.training import read_result
-
     data_dir = Path(settings.paths.data_dir)
     store = AdapterStore.for_data_dir(data_dir, settings.training.keep_adapters)
     run_dir = data_dir / "training" / new_run_id()

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import argparse
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from daemon.bench.common import mlx_lm_run
+from daemon.bench.report import print_table, write_json
+from daemon.config import ConfigSources, Settings
 from daemon.core.engine import GenerationStats
-from daemon.core.prompts import encode_prompt
+from daemon.core.prompts import encode_prompt, read_prompts
 
 
 @dataclass
@@ -113,7 +116,7 @@ def bench_adapt(
                 m = _eval_engine(service, eval_prompts, max_tokens, groups)
                 m["speedup_vs_target"] = m["tokens_per_s"] / target_tps
                 # one pass per group; the overall figure is their sum
-                draft = service.engine.draft
+                draft = service.draft
                 labels = groups or [""] * len(heldout_rows)
                 agreement = {
                     g: teacher_forced_agreement(
@@ -130,23 +133,61 @@ def bench_adapt(
             before = measure()
             for p in tqdm(train_prompts, desc="train traffic", disable=not progress):
                 service.generate(p, temperature=0.0, max_tokens=max_tokens)
-            service.writer.flush(60)
+            service.flush(60)
             loop.check()  # the last failures may have just crossed the threshold
-            while loop.run is not None:  # let a started run finish, gate and swap
-                with loop.runs_done:
-                    loop.runs_done.wait(5)
+            loop.wait_idle()  # let a started run finish, gate and swap
             after = measure()
         finally:
             loop.stop()
             service.stop(timeout=60)
+    summary = loop.summary()
     return {
         "target_only": {"tokens_per_s": target_tps, "tokens": sum(len(a) for a in answers)},
         "before": before,
         "after": after,
-        "adapters_installed": loop.counts["installed"],
-        "training_runs": loop.counts["runs"],
-        "last_run": loop.last_run,
+        "adapters_installed": summary.counts.installed,
+        "training_runs": summary.counts.runs,
+        "last_run": summary.last_run.to_dict() if summary.last_run else None,
         "train_requests": len(train_prompts),
         "eval_requests": len(eval_prompts),
         "wall_s": time.perf_counter() - wall0,
     }
+
+
+def run(args: argparse.Namespace, settings: Settings, sources: ConfigSources) -> int:
+    """``specd bench adapt``: `bench_adapt` on the two prompt files, as a table."""
+    train = [p.messages for p in read_prompts(args.train_prompts, limit=args.train_limit)]
+    eval_items = read_prompts(args.eval_prompts, limit=args.eval_limit)
+    evals = [p.messages for p in eval_items]
+    # broken down by the prompt file's "domain" field when every eval prompt has one
+    domains = [p.meta.get("domain") for p in eval_items]
+    groups = [str(d) for d in domains] if all(d is not None for d in domains) else None
+    print(
+        f"bench adapt: {len(train)} train prompts, {len(evals)} eval prompts, "
+        f"max_tokens={args.max_tokens}, min_failure_cases="
+        f"{settings.training.min_failure_cases}"
+    )
+    result = bench_adapt(
+        settings, sources.main_file, train, evals, args.max_tokens, eval_groups=groups
+    )
+    rows = {k: result[k] for k in ("target_only", "before", "after")}
+    for when in ("before", "after"):
+        for g, m in result[when].get("by_group", {}).items():
+            rows[f"{when}[{g}]"] = m
+    print_table(
+        rows,
+        [
+            "tokens_per_s",
+            "speedup_vs_target",
+            "acceptance_rate",
+            "mean_accepted_length",
+            "heldout_agreement",
+            "adapter_version",
+        ],
+    )
+    print(
+        f"training runs: {result['training_runs']}, adapters installed: "
+        f"{result['adapters_installed']}, wall: {result['wall_s']:.0f}s"
+    )
+    write_json(args.json, result)
+    return 0

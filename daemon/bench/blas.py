@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import argparse
+import json
 import time
 from typing import Any
 
 import mlx.nn as nn
 
 from daemon.bench.common import decode_step_seconds
+from daemon.bench.report import print_table, write_json
+from daemon.config import ConfigSources, Settings
+from daemon.core.models import load_pair
 
 
 def blas_probe(target: nn.Module, prompt_tokens: int = 256, decode_steps: int = 32) -> dict:
@@ -33,7 +38,6 @@ def blas_probe(target: nn.Module, prompt_tokens: int = 256, decode_steps: int = 
 
 def bench_blas(argv_base: list[str]) -> dict[str, Any]:
     """The same probe in two child processes: MLX's bundled BLAS, then the system OpenBLAS."""
-    import json
     import os
     import subprocess
     import sys
@@ -62,3 +66,23 @@ def bench_blas(argv_base: list[str]) -> dict[str, Any]:
     for key in ("prefill_tokens_per_s", "decode_tokens_per_s"):
         rows[f"{key.split('_')[0]}_speedup"] = rows["openblas"][key] / rows["bundled"][key]
     return rows
+
+
+def run(args: argparse.Namespace, settings: Settings, sources: ConfigSources) -> int:
+    """``specd bench blas``: runs itself twice as ``bench blas --probe`` children."""
+    if args.probe:  # the child: one measurement in this process's environment
+        print(json.dumps(blas_probe(load_pair(settings).target)))
+        return 0
+    base = ["bench", "blas"]
+    if args.config:
+        base += ["--config", str(args.config)]
+    base += ["--data-dir", str(settings.paths.data_dir)]
+    result = bench_blas(base)
+    rows = {k: v for k, v in result.items() if isinstance(v, dict)}
+    print_table(rows, ["blas", "prefill_tokens_per_s", "decode_tokens_per_s"])
+    print(
+        f"OpenBLAS speed-up: prefill {result['prefill_speedup']:.1f}x, "
+        f"decode {result['decode_speedup']:.1f}x"
+    )
+    write_json(args.json, result)
+    return 0

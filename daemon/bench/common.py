@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import mlx.nn as nn
 from mlx_lm import stream_generate
@@ -30,7 +30,10 @@ def mlx_lm_run(
     return toks, flags
 
 
-def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+T = TypeVar("T")
+
+
+def timed(fn: Callable[[], T]) -> tuple[T, float]:
     t0 = time.perf_counter()
     out = fn()
     return out, time.perf_counter() - t0

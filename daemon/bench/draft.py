@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Sequence
 from typing import Any
 
@@ -9,7 +10,10 @@ import mlx.nn as nn
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from daemon.bench.common import decode_step_seconds, mlx_lm_run
-from daemon.core.prompts import encode_prompt
+from daemon.bench.report import print_table, write_json
+from daemon.config import ConfigSources, Settings
+from daemon.core.models import load_pair
+from daemon.core.prompts import encode_prompt, read_prompts
 
 
 def bench_draft(
@@ -52,3 +56,24 @@ def bench_draft(
             "cost_ratio": step / target_step,
         }
     return result
+
+
+def parse_candidate(text: str) -> tuple[str, list[int]]:
+    """``--candidate NAME=LAYERS``: ``first4=0-3`` or ``ends=0,1,28,29`` (no name: the spec)."""
+    name, _, spec = text.rpartition("=")
+    layers: list[int] = []
+    for part in spec.split(","):
+        lo, _, hi = part.partition("-")
+        layers += list(range(int(lo), int(hi or lo) + 1))
+    return name or spec, layers
+
+
+def run(args: argparse.Namespace, settings: Settings, sources: ConfigSources) -> int:
+    """``specd bench draft``: every ``--candidate`` against the configured target."""
+    prompts = [p.messages for p in read_prompts(args.prompts, limit=args.limit)]
+    pair = load_pair(settings)
+    candidates = dict(parse_candidate(c) for c in args.candidate)
+    result = bench_draft(pair.target, pair.tokenizer, prompts, candidates, args.max_tokens)
+    print_table(result, ["layers", "heldout_agreement", "step_ms", "cost_ratio"])
+    write_json(args.json, result)
+    return 0

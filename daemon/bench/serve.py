@@ -8,10 +8,15 @@ other, so that ``bench_serve(..., direct=bench_direct(...))`` also reports the s
 
 The daemon runs one generation at a time, so with N clients requests queue: total throughput
 should stay close to the direct engine's, while time to first token grows with N (queueing).
+
+`run` is the ``specd bench serve`` command: it starts a private in-process `Server` on the
+configured pair and measures it with these clients. It imports the models and the server
+itself, so the client half of this module stays stdlib-only.
 """
 
 from __future__ import annotations
 
+import argparse
 import http.client
 import json
 import math
@@ -19,10 +24,15 @@ import queue
 import threading
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-__all__ = ["bench_direct", "bench_serve", "summarize"]
+from daemon.bench.report import write_json
+
+if TYPE_CHECKING:
+    from daemon.config import ConfigSources, Settings
+
+__all__ = ["bench_direct", "bench_serve", "run", "summarize"]
 
 
 def _percentile(values: Sequence[float], q: float) -> float:
@@ -285,3 +295,54 @@ def bench_direct(
         "latency_s": summarize(latencies),
         "acceptance_rate": accepted / drafted if drafted else None,
     }
+
+
+def run(args: argparse.Namespace, settings: Settings, sources: ConfigSources) -> int:
+    """``specd bench serve``: the engine called directly, then N clients over HTTP."""
+    import signal
+    import tempfile
+    from pathlib import Path
+
+    from daemon.core.engine import SpeculativeConfig, SpeculativeEngine
+    from daemon.core.models import load_pair
+    from daemon.core.prompts import read_prompts
+    from daemon.server import Server
+
+    prompts = [p.messages for p in read_prompts(args.prompts, limit=args.limit)]
+    pair = load_pair(settings)
+    engine = SpeculativeEngine(
+        pair.target,
+        pair.draft,
+        pair.tokenizer,
+        SpeculativeConfig.from_settings(settings.speculative, pair.max_context),
+    )
+    print(
+        f"bench serve: {len(prompts)} prompts, {args.clients} clients, "
+        f"max_tokens={args.max_tokens}; direct engine first, then over HTTP"
+    )
+    direct = bench_direct(engine, pair.tokenizer, prompts, args.max_tokens)
+    # A private server on a free port with a throwaway buffer: benchmark traffic is not recorded
+    # into the user's buffer, and the user's daemon (if any) is left alone.
+    with tempfile.TemporaryDirectory(prefix="specd-bench-") as tmp:
+        bench_settings = settings.model_copy(deep=True)
+        bench_settings.paths.data_dir = Path(tmp)
+        bench_settings.server.port = 0
+        bench_settings.server.host = "127.0.0.1"
+        bench_settings.server.api_key = None
+        srv = Server(bench_settings, sources, pair)
+        thread = threading.Thread(target=srv.run, daemon=True)
+        thread.start()
+        while not srv.ready.wait(0.1):
+            if not thread.is_alive():
+                raise RuntimeError("benchmark server failed to start")
+        url = srv.url
+        assert url is not None  # ready: the port is bound
+        try:
+            result = bench_serve(url, None, prompts, args.clients, args.max_tokens, direct=direct)
+        finally:
+            srv.handle_exit(signal.SIGTERM, None)
+            thread.join(60)
+    result["direct"] = direct
+    print(json.dumps(result, indent=2))
+    write_json(args.json, result)
+    return 0

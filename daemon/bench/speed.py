@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import mlx.nn as nn
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from daemon.bench.common import mlx_lm_run, strip_eos, timed
+from daemon.bench.report import print_table, write_json
+from daemon.config import ConfigSources, Settings
 from daemon.core.engine import GenerationStats, SamplingParams, SpeculativeConfig, SpeculativeEngine
-from daemon.core.prompts import encode_prompt
+from daemon.core.models import load_pair
+from daemon.core.prompts import encode_prompt, read_prompts
+from daemon.errors import AdapterError
+from daemon.store.adapters import AdapterStore, apply_adapter, load_adapter_dir
 
 
 def bench_speed(
@@ -71,7 +78,7 @@ def bench_speed(
     ref_tokens: list[list[int]] = []
     total_t, total_n = 0.0, 0
     for p in encoded:
-        (toks, _), dt = timed(lambda p=p: mlx_lm_run(target, tokenizer, p, max_tokens))
+        (toks, _), dt = timed(partial(mlx_lm_run, target, tokenizer, p, max_tokens))
         ref_tokens.append(strip_eos(toks, eos))
         total_t += dt
         total_n += len(toks)
@@ -89,9 +96,7 @@ def bench_speed(
     total_t, total_n, accepted, drafted, rounds = 0.0, 0, 0, 0, 0
     identical = True
     for p, ref in zip(encoded, ref_tokens, strict=True):
-        (toks, flags), dt = timed(
-            lambda p=p: mlx_lm_run(target, tokenizer, p, max_tokens, draft, k)
-        )
+        (toks, flags), dt = timed(partial(mlx_lm_run, target, tokenizer, p, max_tokens, draft, k))
         total_t += dt
         total_n += len(toks)
         identical &= strip_eos(toks, eos) == ref
@@ -119,7 +124,7 @@ def bench_speed(
         total = GenerationStats()
         total_t, identical = 0.0, True
         for p, ref in zip(encoded, ref_tokens, strict=True):
-            res, dt = timed(lambda p=p: eng.run(p, greedy))
+            res, dt = timed(partial(eng.run, p, greedy))
             total_t += dt
             total.accumulate(res.stats)
             identical &= strip_eos(res.tokens, eos) == ref
@@ -141,10 +146,47 @@ def bench_speed(
 
     t_on, t_off = float("inf"), float("inf")
     for _ in range(2):
-        t_off = min(t_off, sum(timed(lambda p=p: fixed_off.run(p, greedy))[1] for p in encoded))
-        t_on = min(t_on, sum(timed(lambda p=p: fixed.run(p, greedy))[1] for p in encoded))
+        t_off = min(t_off, sum(timed(partial(fixed_off.run, p, greedy))[1] for p in encoded))
+        t_on = min(t_on, sum(timed(partial(fixed.run, p, greedy))[1] for p in encoded))
     rows["bookkeeping_overhead"] = (t_on - t_off) / t_off if t_off > 0 else 0.0
     rows["num_prompts"] = len(encoded)
     rows["max_tokens"] = max_tokens
     rows["num_draft_tokens"] = k
     return rows
+
+
+def run(args: argparse.Namespace, settings: Settings, sources: ConfigSources) -> int:
+    """``specd bench speed``: the four rows on the configured pair, optionally with an adapter."""
+    prompts = [p.messages for p in read_prompts(args.prompts, limit=args.limit)]
+    pair = load_pair(settings)
+    k = args.num_draft_tokens or settings.speculative.num_draft_tokens
+    draft, adapter = pair.draft, "none"
+    if args.adapter == "current":
+        store = AdapterStore.for_data_dir(settings.paths.data_dir)
+        version = store.current()
+        if version is None:
+            raise AdapterError(f"no current adapter in {store.root}")
+        store.verify(version)  # the checksum check the daemon makes before a swap
+        draft, adapter = apply_adapter(pair.fresh_draft, version), f"v{version.version}"
+    elif args.adapter is not None:
+        draft, adapter = load_adapter_dir(pair.fresh_draft, args.adapter), str(args.adapter)
+    print(
+        f"bench speed: {len(prompts)} prompts, max_tokens={args.max_tokens}, k={k}, "
+        f"target={pair.target_id}, draft={pair.draft_id}, adapter={adapter}"
+    )
+    result = bench_speed(pair.target, draft, pair.tokenizer, prompts, args.max_tokens, k)
+    rows = {k: v for k, v in result.items() if isinstance(v, dict)}
+    print_table(
+        rows,
+        [
+            "tokens_per_s",
+            "ratio_vs_target",
+            "acceptance_rate",
+            "mean_accepted_length",
+            "target_passes_per_token",
+            "identical_to_target",
+        ],
+    )
+    print(f"bookkeeping_overhead: {result['bookkeeping_overhead']:.2%}")
+    write_json(args.json, result)
+    return 0

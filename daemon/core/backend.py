@@ -94,7 +94,7 @@ def backend_info() -> dict[str, Any]:
     metal = bool(mx.metal.is_available()) if hasattr(mx, "metal") else False
     device = "gpu" if metal and mx.default_device() == mx.gpu else "cpu"
     return {
-        "mlx_version": mx.__version__,
+        "mlx_version": getattr(mx, "__version__", "unknown"),  # not in mlx's type stub
         "device": device,
         "metal": metal,
         "blas": loaded_blas() if device == "cpu" else "metal",

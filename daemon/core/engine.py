@@ -51,9 +51,9 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from collections.abc import Generator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, cast
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -61,8 +61,9 @@ import numpy as np
 from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-from daemon.core.sampling import process_logits
-from daemon.store.buffer import Rejection
+from daemon.core.records import GenerationStats, Rejection
+from daemon.core.sampling import process_logits, round_keys, verify_sampled
+from daemon.errors import GenerationError
 
 __all__ = [
     "GenerationChunk",
@@ -74,13 +75,6 @@ __all__ = [
     "SpeculativeConfig",
     "SpeculativeEngine",
 ]
-
-
-class GenerationError(ValueError):
-    """A request the engine refuses (bad prompt or sampling parameters).
-
-    Raised by :meth:`SpeculativeEngine.generate` before any cache is created or touched.
-    """
 
 
 def _is_int(x: Any) -> bool:
@@ -180,68 +174,6 @@ class SpeculativeConfig:
 
 
 @dataclass
-class GenerationStats:
-    """Per-request statistics (see the module docstring for the counting rules)."""
-
-    prompt_tokens: int = 0
-    generation_tokens: int = 0
-    drafted: int = 0
-    accepted: int = 0
-    num_drafts: int = 0
-    accepted_per_position: list[int] = field(default_factory=list)
-    drafted_per_position: list[int] = field(default_factory=list)
-    target_passes: int = 0
-    draft_passes: int = 0
-    prompt_time: float = 0.0
-    generation_time: float = 0.0
-
-    def accumulate(self, other: GenerationStats) -> None:
-        """Add ``other``'s counts and times to these (totals over several requests)."""
-        for name in (
-            "prompt_tokens", "generation_tokens", "drafted", "accepted", "num_drafts",
-            "target_passes", "draft_passes", "prompt_time", "generation_time",
-        ):  # fmt: skip
-            setattr(self, name, getattr(self, name) + getattr(other, name))
-        for mine, theirs in (
-            (self.accepted_per_position, other.accepted_per_position),
-            (self.drafted_per_position, other.drafted_per_position),
-        ):
-            mine.extend([0] * (len(theirs) - len(mine)))
-            for i, n in enumerate(theirs):
-                mine[i] += n
-
-    @property
-    def acceptance_rate(self) -> float:
-        """accepted / drafted (0 when nothing was drafted)."""
-        return self.accepted / self.drafted if self.drafted else 0.0
-
-    @property
-    def mean_accepted_length(self) -> float:
-        """1 + accepted / num_drafts: tokens emitted per verification round (vLLM's metric)."""
-        return 1.0 + self.accepted / self.num_drafts if self.num_drafts else 1.0
-
-    @property
-    def prompt_tps(self) -> float:
-        return self.prompt_tokens / self.prompt_time if self.prompt_time > 0 else 0.0
-
-    @property
-    def generation_tps(self) -> float:
-        if self.generation_time <= 0:
-            return 0.0
-        return self.generation_tokens / self.generation_time
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d.update(
-            acceptance_rate=self.acceptance_rate,
-            mean_accepted_length=self.mean_accepted_length,
-            prompt_tps=self.prompt_tps,
-            generation_tps=self.generation_tps,
-        )
-        return d
-
-
-@dataclass
 class GenerationResult:
     """Everything about one request; filled in while :meth:`SpeculativeEngine.generate` runs.
 
@@ -282,7 +214,7 @@ def _vocab_size(model: nn.Module) -> int:
     except Exception:  # noqa: BLE001 - fall back to the config
         args = getattr(model, "args", None)
         vocab = getattr(args, "vocab_size", None)
-        if _is_int(vocab) and vocab > 0:
+        if isinstance(vocab, int) and not isinstance(vocab, bool) and vocab > 0:
             return vocab
         raise
 
@@ -334,7 +266,7 @@ class SpeculativeEngine:
         prompt_tokens: Sequence[int],
         params: SamplingParams,
         result: GenerationResult | None = None,
-    ) -> Iterator[GenerationChunk]:
+    ) -> Generator[GenerationChunk, None, None]:
         """Validate the request and return a generator of :class:`GenerationChunk`.
 
         Validation happens here, eagerly: a :class:`GenerationError` is raised by this call,
@@ -414,7 +346,7 @@ class SpeculativeEngine:
         prompt: list[int],
         params: SamplingParams,
         result: GenerationResult,
-    ) -> Iterator[GenerationChunk]:
+    ) -> Generator[GenerationChunk, None, None]:
         cfg = self.config
         stats = result.stats
         tokens = result.tokens
@@ -429,7 +361,7 @@ class SpeculativeEngine:
         record = cfg.record_rejections
         n_top = cfg.top_logprobs
         if greedy:
-            key = None
+            key = mx.random.key(0)  # never split: greedy rounds draw nothing
         else:
             seed = params.seed if params.seed is not None else random.getrandbits(63)
             key = mx.random.key(seed & 0xFFFFFFFFFFFFFFFF)
@@ -497,8 +429,7 @@ class SpeculativeEngine:
                     break
                 k = int(max(0, min(k_cur, remaining - 1)))
                 if not greedy:
-                    keys = mx.random.split(key, k + 3)
-                    key = keys[0]
+                    key, keys = round_keys(key, k)
 
                 # ---- draft k tokens
                 d_toks: list[mx.array] = []
@@ -514,7 +445,7 @@ class SpeculativeEngine:
                                 d_rows.append(_as_f32(dl))
                         else:
                             lq = process_logits(dl, temp, top_k, top_p)
-                            tok = mx.random.categorical(lq, key=keys[i + 1])
+                            tok = mx.random.categorical(lq, key=keys[i])
                             q_rows.append(lq)
                         mx.async_eval(tok, *d_rows[-1:])
                         d_toks.append(tok)
@@ -523,7 +454,8 @@ class SpeculativeEngine:
 
                 # ---- verify with the target in one pass
                 t_in = mx.array(target_in, dtype=mx.uint32)
-                d_arr = mx.stack(d_toks) if k else None
+                # an empty array when nothing was drafted keeps one type for the code below
+                d_arr = mx.stack(d_toks) if k else mx.zeros((0,), dtype=mx.uint32)
                 if k:
                     t_in = mx.concatenate([t_in, d_arr])
                 t_logits = target(t_in[None], cache=target_cache)[0, -(k + 1) :, :]
@@ -541,37 +473,25 @@ class SpeculativeEngine:
                 else:
                     lp = process_logits(tl, temp, top_k, top_p)
                     if k:
-                        p = mx.exp(lp[:k])
-                        q = mx.exp(mx.stack(q_rows))
-                        idx = d_arr[:, None]
-                        px = mx.take_along_axis(p, idx, axis=-1)[:, 0]
-                        qx = mx.take_along_axis(q, idx, axis=-1)[:, 0]
-                        u = mx.random.uniform(shape=(k,), key=keys[k + 1])
-                        accept = u * qx < px  # P(accept) = min(1, p/q)
-                        residual = mx.maximum(p - q, 0.0)
-                        res_lp = mx.where(
-                            mx.sum(residual, axis=-1, keepdims=True) > 0,
-                            mx.log(residual),
-                            lp[:k],
+                        accept, qx, choice = verify_sampled(
+                            lp, mx.stack(q_rows), d_arr, keys[k], keys[k + 1]
                         )
-                        cand_lp = mx.concatenate([res_lp, lp[k:]], axis=0)
                         to_eval += [accept, qx]
                     else:
-                        cand_lp = lp
-                    choice = mx.random.categorical(cand_lp, key=keys[k + 2])
+                        choice = mx.random.categorical(lp, key=keys[k + 1])
                     to_eval.append(choice)
                 mx.async_eval(to_eval)
                 materialize()  # the previous round's rejection, on the host, overlapping
                 mx.eval(to_eval)
 
-                choice_l = choice.tolist()
-                d_list = d_arr.tolist() if k else []
+                choice_l = cast(list[int], choice.tolist())
+                d_list = cast(list[int], d_arr.tolist()) if k else []
                 n = 0
                 if greedy:
                     while n < k and d_list[n] == choice_l[n]:
                         n += 1
                 else:
-                    acc = accept.tolist() if k else []
+                    acc = cast(list[bool], accept.tolist()) if k else []
                     while n < k and acc[n]:
                         n += 1
                 emitted = d_list[:n] + [choice_l[n]]
@@ -594,7 +514,7 @@ class SpeculativeEngine:
                             position=pos,
                             context_length=len(prompt) + pos,
                             draft_token=d_list[n],
-                            draft_prob=0.0 if greedy else qx[n].item(),
+                            draft_prob=0.0 if greedy else cast(float, qx[n].item()),
                             target_token=choice_l[n],
                         )
                         rejections.append(rej)

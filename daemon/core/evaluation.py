@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -70,7 +71,7 @@ def teacher_forced_agreement(
         if vocab_limit is not None:
             logits = logits[:, :vocab_limit]
         pred = mx.argmax(logits, axis=-1)
-        matches = (pred == mx.array(output)).sum().item()
+        matches = cast(int, (pred == mx.array(output)).sum().item())
         result.matches += int(matches)
         result.total += len(output)
         result.rows += 1

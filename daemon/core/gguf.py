@@ -24,12 +24,13 @@ import shutil
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import mlx.core as mx
 import numpy as np
 
 from daemon.durable import fsync_dir, fsync_file, sha256_file
+from daemon.errors import GGUFImportError
 from daemon.logging import get_logger
 
 log = get_logger("gguf")
@@ -130,15 +131,6 @@ _REGEX_PRE = {
 _LLAMA3_PRE = {"llama-bpe", "llama3", "llama-v3", "falcon3", "smaug-bpe", "dbrx"}
 
 
-class GGUFImportError(Exception):
-    """A GGUF file could not be imported; the message names the file and the reason."""
-
-    def __init__(self, path: str | Path, reason: str):
-        self.path = str(path)
-        self.reason = reason
-        super().__init__(f"cannot import GGUF file {self.path}: {reason}")
-
-
 def import_gguf(gguf_path: str | Path, out_dir: str | Path, *, overwrite: bool = False) -> Path:
     """Import ``gguf_path`` into the MLX model directory ``out_dir`` and return its path.
 
@@ -211,7 +203,11 @@ def _load_gguf(src: Path) -> tuple[dict[str, mx.array], dict[str, Any]]:
     if magic != b"GGUF":
         raise GGUFImportError(src, f"not a GGUF file (starts with {magic!r}, expected b'GGUF')")
     try:
-        weights, metadata = mx.load(str(src), format="gguf", return_metadata=True)
+        # with return_metadata, mx.load returns (tensors, metadata); its stub types the union
+        weights, metadata = cast(
+            tuple[dict[str, mx.array], dict[str, Any]],
+            mx.load(str(src), format="gguf", return_metadata=True),
+        )
     except Exception as e:
         raise GGUFImportError(src, f"MLX could not read it ({e})") from e
     return weights, {k: _plain(v) for k, v in metadata.items()}
@@ -442,9 +438,9 @@ def _build_tokenizer(src: Path, meta: dict[str, Any]):
     ends = {}
     for key, wanted in (("bos", add_bos), ("eos", add_eos)):
         token_id = meta.get(f"tokenizer.ggml.{key}_token_id")
-        if wanted and _token_name(tokens, token_id) is not None:
+        if wanted and token_id is not None and _token_name(tokens, token_id) is not None:
             ends[key] = (tokens[token_id], token_id)
-    steps = []
+    steps: list[Any] = []  # tokenizers' post-processors
     if meta["tokenizer.ggml.model"] == "gpt2":
         steps.append(processors.ByteLevel(trim_offsets=False))
     if ends:

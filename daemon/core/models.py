@@ -13,7 +13,7 @@ import importlib.util
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -22,13 +22,10 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from daemon.config import EMBEDDED_TARGET, Settings
 from daemon.core.backend import backend_info
+from daemon.errors import ModelLoadError
 
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_DIRNAME = "SmolLM2-135M-Instruct"
-
-
-class ModelLoadError(Exception):
-    """A model cannot be loaded or the pair is incompatible; the message names the models."""
 
 
 @dataclass
@@ -128,7 +125,7 @@ def prepare_for_backend(model: nn.Module, dequantize_mode: str) -> tuple[bool, s
         # Half precision has no fast CPU kernels; float32 is the fast path there.
         model.set_dtype(mx.float32)
     mx.eval(model.parameters())
-    dtypes = {str(v.dtype).removeprefix("mlx.core.") for _, v in tree_flatten(model.parameters())}
+    dtypes = {str(v.dtype).removeprefix("mlx.core.") for _, v in flat_parameters(model)}
     return done, ",".join(sorted(dtypes))
 
 
@@ -138,16 +135,23 @@ def load_model(name: str, settings: Settings) -> tuple[nn.Module, TokenizerWrapp
 
     path = resolve_model(name, settings.models_dir)
     try:
-        model, tokenizer = load(
+        loaded = load(
             path,
             model_config={},
             tokenizer_config={"trust_remote_code": settings.models.trust_remote_code},
         )
+        model, tokenizer = loaded[0], loaded[1]  # (model, tokenizer[, config])
     except Exception as e:  # mlx_lm raises many kinds; name the model in one message
         raise ModelLoadError(f"cannot load model {name!r} from {path}: {e}") from e
     model.eval()
     dequantized, dtype = prepare_for_backend(model, settings.models.dequantize)
     return model, tokenizer, path, dequantized, dtype
+
+
+def flat_parameters(model: nn.Module, trainable: bool = False) -> list[tuple[str, mx.array]]:
+    """``tree_flatten`` of a model's (trainable) parameters, typed: dotted name, array."""
+    tree = model.trainable_parameters() if trainable else model.parameters()
+    return cast(list[tuple[str, mx.array]], tree_flatten(tree))
 
 
 def _model_layers(model: nn.Module) -> list[nn.Module]:
@@ -187,7 +191,7 @@ def make_layer_skip_draft(target: nn.Module, layer_indices: list[int]) -> nn.Mod
         and len(getattr(target.args, f.name)) == n
     }
     args = dataclasses.replace(target.args, num_hidden_layers=len(layer_indices), **per_layer)
-    draft = type(target)(args)
+    draft = cast(Any, type(target))(args)  # mlx-lm's Model(args); nn.Module's stub takes none
 
     remap = {src: j for j, src in enumerate(layer_indices)}
     target_modules = dict(target.named_modules())
@@ -204,7 +208,7 @@ def make_layer_skip_draft(target: nn.Module, layer_indices: list[int]) -> nn.Mod
         nn.quantize(draft, class_predicate=quant_params)
 
     weights = []
-    for name, value in tree_flatten(target.parameters()):
+    for name, value in flat_parameters(target):
         m = _LAYER.search(name)
         if m is None:
             weights.append((name, value))

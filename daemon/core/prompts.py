@@ -7,16 +7,15 @@ A ``"prompt"`` string is sent as a single user message through the chat template
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from daemon.errors import PromptFileError
+
 if TYPE_CHECKING:
     from mlx_lm.tokenizer_utils import TokenizerWrapper
-
-
-class PromptFileError(ValueError):
-    """A prompt file cannot be read; the message names the file and line."""
 
 
 @dataclass
@@ -28,8 +27,21 @@ class PromptItem:
 
     @property
     def text(self) -> str:
-        """The last user message: what holdout hashing and reports key on."""
-        return self.messages[-1]["content"]
+        """What holdout hashing and reports key on (`prompt_text`)."""
+        return prompt_text(self.messages)
+
+
+def prompt_text(messages: Sequence[Mapping[str, Any]]) -> str:
+    """The one rule for the text a conversation is keyed on (its train/holdout split, reports).
+
+    The last *user* message, whoever sent the request (HTTP, ``specd collect``, benchmarks), so
+    a conversation lands in the same split by every entry point; a conversation without a user
+    message is keyed on all its messages' contents joined by newlines.
+    """
+    users = [str(m.get("content") or "") for m in messages if m.get("role") == "user"]
+    if users:
+        return users[-1]
+    return "\n".join(str(m.get("content") or "") for m in messages)
 
 
 def _messages(obj: dict[str, Any], where: str) -> list[dict[str, str]]:

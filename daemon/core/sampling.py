@@ -17,7 +17,14 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-__all__ = ["apply_top_k", "apply_top_p", "log_softmax", "process_logits"]
+__all__ = [
+    "apply_top_k",
+    "apply_top_p",
+    "log_softmax",
+    "process_logits",
+    "round_keys",
+    "verify_sampled",
+]
 
 
 def log_softmax(x: mx.array) -> mx.array:
@@ -69,3 +76,44 @@ def process_logits(
     if top_p < 1.0:
         lp = log_softmax(apply_top_p(lp, top_p))
     return lp
+
+
+# --------------------------------------------------------------------------------------------
+# Speculative sampling (Leviathan et al. 2023; Chen et al. 2023), one round at a time.
+# The engine's rounds call these two functions; the tests swap them for deliberately broken
+# variants to show that the distribution test catches each rule being wrong.
+
+
+def round_keys(key: mx.array, k: int) -> tuple[mx.array, mx.array]:
+    """Split ``key`` for one round that drafts ``k`` tokens: (the next round's key, k + 2 keys
+    for this round: k for the draft's samples, one for the accept test, one for the final
+    sample). A key is never used twice, so rounds are independent."""
+    keys = mx.random.split(key, k + 3)
+    return keys[0], keys[1:]
+
+
+def verify_sampled(
+    lp: mx.array, q_lp: mx.array, drafted: mx.array, accept_key: mx.array, sample_key: mx.array
+) -> tuple[mx.array, mx.array, mx.array]:
+    """Verify ``k`` drafted tokens against the target, lazily (nothing is evaluated here).
+
+    ``lp``: the target's processed log-probs at the k + 1 verified positions; ``q_lp``: the
+    draft's at the k drafted positions; ``drafted``: the k draft tokens. Returns ``(accept,
+    qx, choice)``: ``accept[i]`` says whether draft token ``i`` passes, with probability
+    min(1, p(d)/q(d)); ``qx[i]`` is q(d_i); ``choice[i]`` (i < k) is the token to emit when
+    draft ``i`` is the first rejected one, a sample of normalise(max(0, p - q)) (of p where
+    that is all zero); ``choice[k]`` is the bonus token after k acceptances, a sample of p.
+    Emitted tokens are then distributed exactly as the target's own samples.
+    """
+    k = drafted.shape[0]
+    p = mx.exp(lp[:k])
+    q = mx.exp(q_lp)
+    idx = drafted[:, None]
+    px = mx.take_along_axis(p, idx, axis=-1)[:, 0]
+    qx = mx.take_along_axis(q, idx, axis=-1)[:, 0]
+    u = mx.random.uniform(shape=(k,), key=accept_key)
+    accept = u * qx < px  # P(accept) = min(1, p/q)
+    residual = mx.maximum(p - q, 0.0)
+    res_lp = mx.where(mx.sum(residual, axis=-1, keepdims=True) > 0, mx.log(residual), lp[:k])
+    candidates = mx.concatenate([res_lp, lp[k:]], axis=0)
+    return accept, qx, mx.random.categorical(candidates, key=sample_key)

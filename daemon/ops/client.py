@@ -11,14 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from daemon.config import Settings
-
-
-class DaemonError(Exception):
-    """The daemon answered with an error, or could not be reached."""
-
-    def __init__(self, message: str, status: int | None = None) -> None:
-        super().__init__(message)
-        self.status = status
+from daemon.errors import DaemonError
 
 
 def _pid_alive(pid: int) -> bool:

@@ -6,14 +6,17 @@ process with the same `Service` the daemon serves with.
 
 from __future__ import annotations
 
+import argparse
 import sys
 from dataclasses import dataclass, field
 from typing import Any
 
 from tqdm import tqdm
 
-from daemon.config import Settings
-from daemon.core.prompts import PromptItem
+from daemon.config import ConfigSources, Settings
+from daemon.core.prompts import PromptItem, read_prompts
+from daemon.core.records import acceptance_rate, is_failure_case
+from daemon.errors import PromptFileError
 from daemon.ops.client import DaemonClient
 
 
@@ -32,15 +35,15 @@ class CollectSummary:
 
     @property
     def acceptance_rate(self) -> float:
-        return self.accepted / self.drafted if self.drafted else 0.0
+        return acceptance_rate(self.accepted, self.drafted) or 0.0
 
     def add(self, drafted: int, accepted: int, tokens: int, threshold: float) -> None:
         self.requests += 1
         self.drafted += drafted
         self.accepted += accepted
         self.completion_tokens += tokens
-        # Below the threshold (<= 1) with drafts implies at least one rejected token.
-        if drafted and accepted / drafted < threshold:
+        # The daemon reports counts, not rejections: drafted - accepted tokens were rejected.
+        if is_failure_case(acceptance_rate(accepted, drafted), drafted - accepted, threshold):
             self.failure_cases += 1
 
     def to_dict(self) -> dict[str, Any]:
@@ -135,3 +138,30 @@ def _in_process(
     with ReplayBuffer(settings.paths.data_dir, settings.buffer) as buf:
         summary.pending_failures = buf.pending_failure_count()
     return summary
+
+
+def run(args: argparse.Namespace, settings: Settings, sources: ConfigSources) -> int:
+    """``specd collect``: exit 1 when every request failed."""
+    items = [PromptItem(messages=[{"role": "user", "content": p}]) for p in args.prompt or []]
+    if args.prompts_file is not None:
+        items += read_prompts(args.prompts_file, limit=args.limit)
+    if not items:
+        raise PromptFileError("nothing to collect: give -p PROMPT and/or --prompts-file FILE")
+    summary = collect(
+        settings, items, args.max_tokens, progress=not args.quiet, use_daemon=not args.in_process
+    )
+    d = summary.to_dict()
+    print(f"collected through: {summary.mode}")
+    print(
+        f"requests: {d['requests']}  failure cases: {d['failure_cases']}  "
+        f"acceptance rate: {d['acceptance_rate']:.3f} ({d['accepted']}/{d['drafted']} drafted)  "
+        f"completion tokens: {d['completion_tokens']}"
+    )
+    if d["pending_failures"] is not None:
+        print(
+            f"pending failures in the buffer: {d['pending_failures']} "
+            f"(training starts at {settings.training.min_failure_cases})"
+        )
+    for err in d["errors"]:
+        print(f"error: {err}", file=sys.stderr)
+    return 1 if d["errors"] and not d["requests"] else 0

@@ -1,29 +1,33 @@
 """``specd service install|uninstall|status``: a launchd user agent (macOS) or systemd user unit.
 
-The templates live in ``launchd/`` and ``systemd/`` at the top of the source tree; they are
-rendered with this install's absolute paths.
+Both are rendered with this install's absolute paths (the ``specd`` executable, config file,
+data dir). The launchd agent is a dict written with `plistlib`, so every path is escaped by the
+library. The systemd unit is a template, ``daemon/ops/templates/specd.service.in``, shipped as
+package data so that a plain wheel install can render it. The file itself lives in the package,
+and ``systemd/specd.service.in`` at the top of the tree is a symlink to it (for people browsing
+the tree): the wheel then never depends on how a build treats symlinks. ``launchd/README.md``
+says where the agent comes from.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
+import plistlib
 import shlex
 import shutil
 import subprocess
 import sys
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
-from xml.sax.saxutils import escape
 
-from daemon.config import Settings
+from daemon.config import ConfigSources, Settings
+from daemon.errors import ServiceError
 
 LABEL = "com.specd.daemon"
 UNIT = "specd.service"
-ROOT = Path(__file__).resolve().parents[2]
-
-
-class ServiceError(Exception):
-    """The service files cannot be rendered or the service manager refused."""
+SYSTEMD_TEMPLATE = "templates/specd.service.in"  # package data of daemon.ops
 
 
 @dataclass
@@ -58,14 +62,19 @@ def program_arguments(config_file: Path | None, data_dir: Path | None) -> list[s
 
 
 def _template(name: str) -> str:
-    path = ROOT / name
     try:
-        return path.read_text()
+        return resources.files(__package__).joinpath(name).read_text()
     except OSError as e:
         raise ServiceError(
-            f"service template {path} not found ({e.strerror}); "
-            "install specd from a source checkout (make run)"
+            f"service template {name} missing from the specd package ({e}); reinstall specd"
         ) from e
+
+
+def _documentation() -> str | None:
+    # A source checkout has the README beside the package; a wheel install has none, and the
+    # unit then goes without a Documentation= line rather than point at a missing file.
+    readme = Path(__file__).resolve().parents[2] / "README.md"
+    return f"file://{readme}" if readme.is_file() else None
 
 
 def _systemd_quote(arg: str) -> str:
@@ -74,31 +83,41 @@ def _systemd_quote(arg: str) -> str:
 
 
 def render_systemd(args: list[str]) -> str:
-    text = _template("systemd/specd.service.in")
+    text = _template(SYSTEMD_TEMPLATE)
+    doc = _documentation()
+    if doc is None:
+        text = "".join(line for line in text.splitlines(keepends=True) if "@DOC@" not in line)
     return text.replace("@EXEC@", " ".join(_systemd_quote(a) for a in args)).replace(
-        "@DOC@", str(ROOT / "README.md")
+        "@DOC@", doc or ""
     )
 
 
 def render_launchd(args: list[str], log_dir: Path) -> str:
-    text = _template("launchd/com.specd.daemon.plist.in")
-    program = "\n".join(f"        <string>{escape(a)}</string>" for a in args)
-    values = {
-        "@LABEL@": LABEL,
-        "@PROGRAM_ARGUMENTS@": program,
-        "@LOG_DIR@": escape(str(log_dir)),
-        "@PATH@": escape(os.environ.get("PATH", "/usr/bin:/bin:/usr/sbin:/sbin")),
-        "@HOME@": escape(str(Path.home())),
+    agent = {
+        "Label": LABEL,
+        "ProgramArguments": args,
+        "RunAtLoad": True,
+        # Restart only after a failure: a clean exit (specd stopped on purpose) stays down.
+        "KeepAlive": {"SuccessfulExit": False},
+        "ThrottleInterval": 30,
+        "ExitTimeOut": 90,
+        "StandardOutPath": f"{log_dir}/specd.stdout.log",
+        "StandardErrorPath": f"{log_dir}/specd.stderr.log",
+        "EnvironmentVariables": {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin:/usr/sbin:/sbin"),
+            "PYTHONUNBUFFERED": "1",
+        },
+        "WorkingDirectory": str(Path.home()),
+        # Standard: not throttled like Background, since users wait on its answers.
+        "ProcessType": "Standard",
     }
-    for key, value in values.items():
-        text = text.replace(key, value)
-    return text
+    return plistlib.dumps(agent, sort_keys=False).decode()
 
 
 def plan(
     action: str,
     settings: Settings,
-    config_file: Path,
+    config_file: Path | None,
     data_dir: Path | None,
     manager: str | None = None,
 ) -> ServicePlan:
@@ -175,3 +194,11 @@ def execute(p: ServicePlan, action: str, dry_run: bool) -> int:
         p.path.unlink()
         print(f"removed {p.path}")
     return rc
+
+
+def run(args: argparse.Namespace, settings: Settings, sources: ConfigSources) -> int:
+    """``specd service install|uninstall|status [--dry-run]``."""
+    config = args.config.expanduser().resolve() if args.config else None
+    data_dir = args.data_dir.expanduser().resolve() if args.data_dir else None
+    p = plan(args.action, settings, config, data_dir, manager=args.manager)
+    return execute(p, args.action, args.dry_run)

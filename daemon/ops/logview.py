@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import json
 import os
@@ -11,6 +12,9 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
+
+from daemon.config import ConfigSources, Settings
+from daemon.errors import ConfigError
 
 TRAINING_COMPONENTS = {"training", "adaptation", "adapters"}
 TRAINING_EVENT = re.compile(r"^(train|heldout|adapter|gate|swap|rollback)")
@@ -140,3 +144,12 @@ def show_logs(
         except KeyboardInterrupt:
             return 0
     return 0
+
+
+def run(args: argparse.Namespace, settings: Settings, sources: ConfigSources) -> int:
+    """``specd logs [--follow] [--training] [--since T]`` on the data dir's log file."""
+    try:
+        since = parse_since(args.since) if args.since else None
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return show_logs(settings.log_file, follow=args.follow, training=args.training, since=since)

@@ -72,6 +72,7 @@ class ConfigReloader:
         self._lock = threading.Lock()
         self._observer: Any = None
         self.reloads = 0
+        self.rejected = 0  # reloads refused as invalid (the previous settings stayed)
 
     def start(self) -> None:
         handler = _Handler(self)
@@ -120,6 +121,7 @@ class ConfigReloader:
         try:
             new, sources = load_settings(self.config_file, self.overrides)
         except ConfigError as e:
+            self.rejected += 1
             log.error("config_reload_rejected", error=str(e), kept="previous settings")
             return False
         changed = settings_diff(self.current, new)

@@ -19,14 +19,19 @@ from daemon.core.engine import (
     SpeculativeEngine,
 )
 from daemon.core.models import ModelPair, load_pair
+from daemon.core.prompts import encode_prompt, prompt_text
 from daemon.logging import get_logger
-from daemon.serving.worker import BlockingHandle, GenerationRequest, GenerationWorker, RequestHandle
+from daemon.serving.worker import (
+    BlockingHandle,
+    FinishedHook,
+    GenerationRequest,
+    GenerationWorker,
+    RequestHandle,
+)
 from daemon.store.adapters import AdapterVersion, apply_adapter
 from daemon.store.buffer import BufferRecord, BufferWriter, ReplayBuffer
 
 log = get_logger("service")
-
-FinishedHook = Callable[[GenerationRequest, GenerationResult, float, float], None]
 
 
 class Service:
@@ -62,7 +67,13 @@ class Service:
             self.pair.tokenizer,
             SpeculativeConfig.from_settings(s.speculative, self.pair.max_context),
         )
-        self.worker = GenerationWorker(self.engine, s.server.queue_size, self._finished)
+        self.worker = GenerationWorker(
+            self.engine,
+            s.server.queue_size,
+            self._finished,
+            record=self._record,
+            adapter_version=lambda: self.adapter_version,
+        )
         self.worker.start()
 
     def stop(self, timeout: float | None = None) -> bool:
@@ -81,15 +92,13 @@ class Service:
     # --- requests --------------------------------------------------------------------------
 
     def encode_messages(self, messages: list[dict[str, str]]) -> list[int]:
-        from daemon.core.prompts import encode_prompt
-
         assert self.pair is not None
         return encode_prompt(self.pair.tokenizer, messages)
 
     def sampling_params(self, **overrides: Any) -> SamplingParams:
         """Request parameters, with the configured defaults where the caller gave none."""
         d = self.settings.sampling
-        values = {
+        values: dict[str, Any] = {
             "temperature": d.temperature,
             "top_p": d.top_p,
             "top_k": d.top_k,
@@ -102,6 +111,16 @@ class Service:
         assert self.worker is not None, "service not started"
         self.last_activity = time.monotonic()
         return self.worker.submit(handle)
+
+    @property
+    def draft(self) -> Any:
+        """The draft in service (with its adapter, if any)."""
+        assert self.engine is not None, "service not started"
+        return self.engine.draft
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every record submitted so far is committed; False on timeout."""
+        return self.writer.flush(timeout) if self.writer is not None else True
 
     def idle_for(self) -> float:
         """Seconds since the last request finished; 0 while one is queued or running."""
@@ -143,28 +162,34 @@ class Service:
         req = GenerationRequest(
             prompt_tokens=self.encode_messages(messages),
             params=self.sampling_params(**params),
-            prompt_text=messages[-1]["content"],
+            prompt_text=prompt_text(messages),
             record=record,
         )
-        return self.submit(BlockingHandle(req)).result()  # type: ignore[union-attr]
+        handle = BlockingHandle(req)
+        self.submit(handle)
+        return handle.result()
 
     # --- bookkeeping -----------------------------------------------------------------------
+
+    def _record(self, req: GenerationRequest, result: GenerationResult) -> Future[int] | None:
+        writer, pair = self.writer, self.pair
+        if not (req.record and result.tokens) or writer is None or pair is None:
+            return None
+        return writer.submit(
+            BufferRecord.from_result(
+                req.prompt_text,
+                req.prompt_tokens,
+                result,
+                pair.target_id,
+                pair.draft_id,
+                self.adapter_version,
+            )
+        )
 
     def _finished(
         self, req: GenerationRequest, result: GenerationResult, queue_s: float, total_s: float
     ) -> None:
         self.last_activity = time.monotonic()
-        if req.record and result.tokens and self.writer is not None and self.pair is not None:
-            self.writer.submit(
-                BufferRecord.from_result(
-                    req.prompt_text,
-                    req.prompt_tokens,
-                    result,
-                    self.pair.target_id,
-                    self.pair.draft_id,
-                    self.adapter_version,
-                )
-            )
         for hook in self.finished_hooks:
             hook(req, result, queue_s, total_s)
 

@@ -47,6 +47,9 @@ class GenerationRequest:
     prompt_text: str = ""
     record: bool = True  # store the outcome in the replay buffer
     meta: dict[str, Any] = field(default_factory=dict)
+    # The draft adapter in service when the request started (set by the worker); swaps run
+    # between requests, so it is the one that served every round of it.
+    adapter_version: int = 0
     id: int = field(default_factory=lambda: next(_ids))
     enqueued: float = field(default_factory=time.monotonic)
 
@@ -59,9 +62,17 @@ class Done:
     error: BaseException | None = None
     queue_s: float = 0.0
     total_s: float = 0.0
+    # Resolves (to the buffer row id) once the request's record is committed; None when the
+    # request is not recorded. The HTTP API waits for it before the response's last byte.
+    recorded: Future[int] | None = None
 
 
 Event = GenerationChunk | Done
+
+# Runs on the worker thread after each request with a result: (request, result, queue_s, total_s).
+FinishedHook = Callable[[GenerationRequest, GenerationResult, float, float], None]
+# Hands a finished request's record to the buffer writer: the future of its commit, or None.
+RecordHook = Callable[[GenerationRequest, GenerationResult], "Future[int] | None"]
 
 
 class RequestHandle:
@@ -110,19 +121,24 @@ class BlockingHandle(RequestHandle):
 class GenerationWorker:
     """Runs requests one at a time on a dedicated thread.
 
-    ``on_finished(request, result, queue_s, total_s)`` runs on the worker thread after each
-    request that produced a result (metrics, replay buffer); it must be quick.
+    ``record(request, result)`` runs on the worker thread when a request produced a result,
+    before its final event: the future it returns travels in `Done.recorded`.
+    ``on_finished(request, result, queue_s, total_s)`` runs after the final event (metrics,
+    hooks). Both must be quick.
     """
 
     def __init__(
         self,
         engine: SpeculativeEngine,
         queue_size: int = 16,
-        on_finished: Callable[[GenerationRequest, GenerationResult, float, float], None]
-        | None = None,
+        on_finished: FinishedHook | None = None,
+        record: RecordHook | None = None,
+        adapter_version: Callable[[], int] | None = None,
     ) -> None:
         self.engine = engine
         self.on_finished = on_finished
+        self.record = record
+        self.adapter_version = adapter_version
         self._queue: queue.Queue[RequestHandle | Callable[[], None] | None] = queue.Queue()
         self._queue_size = queue_size
         self._pending = 0  # requests queued, not yet started
@@ -210,6 +226,8 @@ class GenerationWorker:
             handle.emit(Done(None, error=None, queue_s=queue_s))
             return
         result = GenerationResult()
+        if self.adapter_version is not None:
+            req.adapter_version = self.adapter_version()
         self.active = req
         try:
             gen = self.engine.generate(req.prompt_tokens, req.params, result)
@@ -230,7 +248,13 @@ class GenerationWorker:
         finally:
             self.active = None
         total_s = time.monotonic() - req.enqueued
-        handle.emit(Done(result, queue_s=queue_s, total_s=total_s))
+        recorded = None
+        if self.record is not None:
+            try:
+                recorded = self.record(req, result)
+            except Exception:  # a full or closed buffer must not fail the response
+                log.exception("record_failed", request_id=req.id)
+        handle.emit(Done(result, queue_s=queue_s, total_s=total_s, recorded=recorded))
         if self.on_finished is not None:
             try:
                 self.on_finished(req, result, queue_s, total_s)

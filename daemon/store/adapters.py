@@ -1,4 +1,9 @@
-"""The adapter store: numbered LoRA adapter versions of the draft, and applying one to it.
+"""The adapter format and store: numbered LoRA adapter versions of the draft, and applying one.
+
+An adapter is a directory in mlx-lm's format, `ADAPTER_CONFIG` + `ADAPTER_WEIGHTS` (the file
+names are defined here only). `save_adapter` writes one from a model's trainable (LoRA)
+parameters; ``mlx_lm.load(model_dir, adapter_path=...)`` and `load_adapter_dir` (mlx-lm's
+``load_adapters``) apply it.
 
 Layout under ``<data_dir>/adapters``::
 
@@ -24,14 +29,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from daemon.durable import fsync_dir, fsync_file, sha256_file
+from daemon.durable import atomic_write, atomic_write_json, fsync_dir, fsync_file, sha256_file
+from daemon.errors import AdapterError
 
-ADAPTER_FILES = ("adapter_config.json", "adapters.safetensors")
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapters.safetensors"
+ADAPTER_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS)
 _VERSION_DIR = re.compile(r"^v(\d{4,})$")
-
-
-class AdapterError(Exception):
-    """An adapter is missing, corrupt or does not fit the draft; the old one stays in service."""
 
 
 def config_hash(config: dict[str, Any]) -> str:
@@ -73,7 +77,7 @@ class AdapterStore:
 
     def versions(self) -> list[AdapterVersion]:
         """All stored versions, oldest first (a version without a readable manifest is skipped)."""
-        out = []
+        out: list[AdapterVersion] = []
         if not self.root.is_dir():
             return out
         for p in self.root.iterdir():
@@ -112,10 +116,10 @@ class AdapterStore:
             if not (version.path / name).is_file():
                 raise AdapterError(f"adapter v{version.version}: {name} is missing")
         expected = version.manifest.get("sha256")
-        actual = sha256_file(version.path / "adapters.safetensors")
+        actual = sha256_file(version.path / ADAPTER_WEIGHTS)
         if expected != actual:
             raise AdapterError(
-                f"adapter v{version.version}: checksum mismatch for adapters.safetensors "
+                f"adapter v{version.version}: checksum mismatch for {ADAPTER_WEIGHTS} "
                 f"(manifest {str(expected)[:12]}..., file {actual[:12]}...)"
             )
 
@@ -140,7 +144,7 @@ class AdapterStore:
                 **manifest,
                 "version": number,
                 "parent": self.current_version(),
-                "sha256": sha256_file(tmp / "adapters.safetensors"),
+                "sha256": sha256_file(tmp / ADAPTER_WEIGHTS),
                 "created": time.time(),
                 "status": "installed" if install else "rejected",
             }
@@ -226,3 +230,39 @@ def load_adapter_dir(draft_factory: Any, path: Path, name: str | None = None) ->
     draft.eval()
     mx.eval(draft.parameters())
     return draft
+
+
+def read_adapter_config(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The mlx-lm adapter config (``fine_tune_type``, ``num_layers``, ``lora_parameters``) of
+    the adapter directory ``path``; `AdapterError` when it is missing or unreadable."""
+    file = Path(path) / ADAPTER_CONFIG
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise AdapterError(f"{file}: cannot read the adapter config: {e}") from e
+    if not isinstance(config, dict):
+        raise AdapterError(f"{file}: not an adapter config")
+    return config
+
+
+def save_adapter(
+    model: Any,
+    out_dir: str | os.PathLike[str],
+    config: dict[str, Any],
+    metadata: dict[str, Any] | None = None,
+) -> Path:
+    """Save ``model``'s trainable (LoRA) parameters and ``config`` (the mlx-lm adapter config,
+    with ``metadata`` under ``"specd"``) as an adapter directory in mlx-lm's format.
+
+    Each file is replaced atomically; the weights are written first, so a reader that finds the
+    config finds the weights too.
+    """
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    weights = dict(tree_flatten(model.trainable_parameters()))
+    atomic_write(out / ADAPTER_WEIGHTS, lambda p: mx.save_safetensors(str(p), weights))
+    atomic_write_json(out / ADAPTER_CONFIG, {**config, **({"specd": metadata} if metadata else {})})
+    return out

@@ -49,12 +49,14 @@ import time
 from array import array
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import quote
 
 from daemon.config import BufferSettings
+from daemon.core.records import Rejection, acceptance_rate, is_failure_case
+from daemon.errors import BufferError
 from daemon.logging import get_logger
 
 log = get_logger("buffer")
@@ -67,36 +69,8 @@ Split = Literal["train", "holdout"]
 SPLITS = ("train", "holdout")
 
 
-class BufferError(Exception):  # deliberately shadows the builtin within this module
-    """The buffer database cannot be used (unreadable, corrupt, foreign or too new)."""
-
-
 # --------------------------------------------------------------------------------------------
 # Records
-
-
-@dataclass
-class Rejection:
-    """One draft token the target rejected: the record the engine produces and the buffer stores.
-
-    ``position`` indexes the output tokens where the target's token (``target_token``) was
-    emitted instead of ``draft_token``; ``context_length`` = prompt tokens + generated tokens
-    before it. ``draft_prob`` is q(draft_token) under the draft's processed distribution
-    (temperature > 0) or its raw softmax (temperature 0, where the processed one is a point
-    mass). ``top_ids``/``top_logprobs`` are the target's raw (temperature 1, before top-k/top-p)
-    top-k log-probabilities at that position, most likely first.
-    """
-
-    position: int
-    context_length: int
-    draft_token: int
-    draft_prob: float
-    target_token: int
-    top_ids: list[int] = field(default_factory=list)
-    top_logprobs: list[float] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass
@@ -161,23 +135,18 @@ def assign_split(prompt_text: str, holdout_fraction: float) -> Split:
     return "holdout" if u < holdout_fraction else "train"
 
 
-def acceptance_rate(stats: dict) -> float | None:
-    """The engine's ``acceptance_rate``, else ``accepted / drafted``; None if nothing drafted."""
+def stats_acceptance_rate(stats: dict) -> float | None:
+    """A stored request's acceptance: the engine's ``acceptance_rate``, else ``accepted /
+    drafted``; None if nothing was drafted (the engine reports 0.0 there: no evidence)."""
     if stats.get("drafted") == 0:
-        return None  # the engine reports 0.0 here; it is no evidence either way
+        return None
     rate = stats.get("acceptance_rate")
     if rate is not None:
         return float(rate)
     drafted, accepted = stats.get("drafted"), stats.get("accepted")
-    if drafted and accepted is not None:
-        return float(accepted) / float(drafted)
-    return None
-
-
-def is_failure_case(stats: dict, num_rejections: int, failure_threshold: float) -> bool:
-    """A request the draft did badly on: acceptance below the threshold and something rejected."""
-    rate = acceptance_rate(stats)
-    return num_rejections > 0 and rate is not None and rate < failure_threshold
+    if drafted is None or accepted is None:
+        return None
+    return acceptance_rate(int(accepted), int(drafted))
 
 
 # --------------------------------------------------------------------------------------------
@@ -469,7 +438,9 @@ def _encode(record: BufferRecord, settings: BufferSettings) -> tuple[tuple[Any, 
         raise ValueError(f"split must be 'train' or 'holdout', not {split!r}")
     failure = record.is_failure
     if failure is None:
-        failure = is_failure_case(stats, len(rejections), settings.failure_threshold)
+        failure = is_failure_case(
+            stats_acceptance_rate(stats), len(rejections), settings.failure_threshold
+        )
     top_k: list[int] = []
     top_ids: list[int] = []
     top_lp: list[float] = []
@@ -482,7 +453,7 @@ def _encode(record: BufferRecord, settings: BufferSettings) -> tuple[tuple[Any, 
         top_k.append(len(ids))
         top_ids += ids
         top_lp += lps
-    rate = acceptance_rate(stats)
+    rate = stats_acceptance_rate(stats)
     drafted, accepted = stats.get("drafted"), stats.get("accepted")
     params = (
         float(record.created),
@@ -617,6 +588,12 @@ class _Pending:
     future: Future[int]
 
 
+@dataclass
+class _Call:  # runs on the writer thread, with its connection
+    fn: Callable[[sqlite3.Connection], Any]
+    future: Future[Any]
+
+
 _STOP = object()
 OnCommit = Callable[[list[BufferRecord]], None]
 
@@ -702,6 +679,18 @@ class BufferWriter:
             self._queue.put(_Pending(record, fut))
         return fut
 
+    def pragma(self, name: str, timeout: float | None = 30) -> Any:
+        """The writer connection's ``PRAGMA name`` as SQLite reports it (``synchronous``: 2 is
+        FULL), read on the writer thread: what the writes really run with."""
+        if not name.isidentifier():
+            raise ValueError(f"not a pragma name: {name!r}")
+        fut: Future[Any] = Future()
+        with self._lock:
+            if self._thread is None or self._closed:
+                raise RuntimeError("buffer writer is not running")
+            self._queue.put(_Call(lambda c: c.execute(f"PRAGMA {name}").fetchone()[0], fut))
+        return fut.result(timeout)
+
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until everything submitted so far is committed (or failed); False on timeout."""
         with self._lock:
@@ -763,6 +752,11 @@ class BufferWriter:
                 for it in items:
                     if isinstance(it, threading.Event):
                         it.set()
+                    elif isinstance(it, _Call):
+                        try:
+                            it.future.set_result(it.fn(conn))
+                        except Exception as e:
+                            it.future.set_exception(e)
                 if any(it is _STOP for it in items):
                     break
         finally:
@@ -775,7 +769,7 @@ class BufferWriter:
                 it = self._queue.get_nowait()
             except queue.Empty:
                 return
-            if isinstance(it, _Pending) and not it.future.done():
+            if isinstance(it, _Pending | _Call) and not it.future.done():
                 it.future.set_exception(RuntimeError("buffer writer stopped"))
             elif isinstance(it, threading.Event):
                 it.set()
@@ -945,7 +939,7 @@ class ReplayBuffer:
             chunk = chosen[start : start + 500]
             marks = ", ".join("?" for _ in chunk)
             for rec in self._records(f"id IN ({marks})", chunk):
-                found[rec.id] = rec  # type: ignore[index]
+                found[rec.id] = rec
         return [found[i] for i in chosen if i in found]  # a row may vanish between the queries
 
     def holdout(self, limit: int | None = None) -> list[BufferRecord]:
@@ -975,7 +969,7 @@ class ReplayBuffer:
             yield from page
             if len(page) < batch_size:
                 return
-            last = (page[-1].created, page[-1].id)  # type: ignore[assignment]
+            last = (page[-1].created, page[-1].id)
 
     def size_on_disk(self) -> int:
         """Bytes used by the database and its WAL."""
@@ -1056,7 +1050,7 @@ class ReplayBuffer:
             entry[split] = {
                 "records": n,
                 "mean_acceptance": mean,
-                "token_acceptance": (acc / drafted) if drafted else None,
+                "token_acceptance": acceptance_rate(acc or 0, drafted or 0),
             }
         for entry in adapters.values():
             parts = [entry[s] for s in SPLITS if s in entry]
@@ -1138,7 +1132,7 @@ def _acceptance(rows: Sequence[tuple[Any, ...]]) -> dict[str, Any]:
     return {
         "records": len(rows),
         "mean_acceptance": sum(rates) / len(rates) if rates else None,
-        "token_acceptance": accepted / drafted if drafted else None,
+        "token_acceptance": acceptance_rate(accepted, drafted),
     }
 
 

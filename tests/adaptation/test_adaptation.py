@@ -4,33 +4,16 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from pathlib import Path
 
 import httpx
 import mlx.core as mx
 import pytest
 
-from daemon.adaptation.training import apply_lora, save_adapter
-from daemon.cli import format_status
-from daemon.config import LoraSettings
 from daemon.core.models import make_layer_skip_draft
+from daemon.ops.status import format_status
 from daemon.store.adapters import AdapterError, AdapterStore, apply_adapter
-from tests.helpers import tiny_model, write_model_dir
-
-
-def make_adapter(tmp: Path, target, layers: list[int], seed: int, rank: int = 4) -> Path:
-    """A LoRA adapter for the layer-skip draft, with non-zero (random) B matrices."""
-    draft = make_layer_skip_draft(target, layers)
-    mx.random.seed(seed)
-    config = apply_lora(draft, LoraSettings(rank=rank, dropout=0.0))
-    from mlx.utils import tree_flatten, tree_unflatten
-
-    params = [
-        (k, mx.random.normal(v.shape) * 0.5) for k, v in tree_flatten(draft.trainable_parameters())
-    ]
-    draft.update(tree_unflatten(params))
-    return save_adapter(draft, tmp, config)
+from tests.helpers import HANG_GUARD_S, make_adapter, tiny_model, wait_until, write_model_dir
 
 
 def test_store_versions_install_reject_rollback_and_prune(tmp_path: Path) -> None:
@@ -125,6 +108,22 @@ def daemon_setup(tmp_path: Path):
     return tmp_path, cfg
 
 
+def greedy_tokens(srv, messages: list[dict[str, str]], max_tokens: int) -> list[int]:
+    """The target's own greedy answer, by mlx-lm (not specd's engine), EOS included."""
+    from mlx_lm.generate import generate_step
+
+    from daemon.core.prompts import encode_prompt
+
+    tok = srv.pair.tokenizer
+    prompt = mx.array(encode_prompt(tok, messages))
+    out: list[int] = []
+    for token, _ in generate_step(prompt, srv.pair.target, max_tokens=max_tokens):
+        out.append(int(token))
+        if int(token) in tok.eos_token_ids:
+            break
+    return out
+
+
 def prompts(n: int, seed: int) -> list[str]:
     import random
 
@@ -144,9 +143,11 @@ def test_daemon_trains_gates_and_hot_swaps(daemon_setup) -> None:
     srv = Server(settings, sources)
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
-    assert srv.ready.wait(120), "server did not start"
+    wait_until(lambda: srv.ready.is_set() or not thread.is_alive(), "server start-up")
+    assert srv.ready.is_set(), "server did not start"
     try:
-        client = OpenAI(base_url=srv.url + "/v1", api_key="unused")
+        # No silent retries: a 5xx during the swap must show up as an error here.
+        client = OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
         loop = srv.adaptation
         buf = srv.service.buffer
         sent = 0
@@ -155,52 +156,78 @@ def test_daemon_trains_gates_and_hot_swaps(daemon_setup) -> None:
                 model="specd", messages=[{"role": "user", "content": text}]
             )
             sent += 1
-            srv.service.writer.flush(10)
+            srv.service.flush(HANG_GUARD_S)
             if buf.pending_failure_count() >= 12 and buf.count("holdout") >= 2:
                 break
         holdout = [(r.prompt_tokens, r.output_tokens) for r in buf.holdout()]
         before = teacher_forced_agreement(srv.service.engine.draft, holdout).rate
 
-        # A client streams while the run trains and the new adapter is swapped in.
-        streamed: list[str] = []
+        # A client streams while the run trains and the new adapter is swapped in. Greedy
+        # decoding is lossless, so every stream must be the target's own answer, whichever
+        # draft served it; each must report one adapter version, the one its record has.
+        question = [{"role": "user", "content": "the big red dog"}]
+        expected_tokens = greedy_tokens(srv, question, 24)
+        eos = set(srv.pair.tokenizer.eos_token_ids)
+        expected = srv.pair.tokenizer.decode([x for x in expected_tokens if x not in eos])
+        streamed: list[tuple[str, int]] = []  # (text, usage adapter_version)
+        errors: list[BaseException] = []
+        trained = threading.Event()
 
         def stream_client() -> None:
-            deadline = time.monotonic() + 240
-            while loop.counts["runs"] == 0 and time.monotonic() < deadline:
-                s = client.chat.completions.create(
-                    model="specd",
-                    stream=True,
-                    max_tokens=24,
-                    messages=[{"role": "user", "content": "the big red dog"}],
-                )
-                text = "".join(c.choices[0].delta.content or "" for c in s if c.choices)
-                streamed.append(text)
+            try:
+                after_swap = 0
+                while after_swap < 2:  # keep going until two requests ran after the run
+                    after_swap += trained.is_set()
+                    s = client.chat.completions.create(
+                        model="specd",
+                        stream=True,
+                        max_tokens=24,
+                        messages=question,  # type: ignore[arg-type]
+                        stream_options={"include_usage": True},
+                    )
+                    chunks = list(s)
+                    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+                    usage = [c.usage for c in chunks if c.usage is not None]
+                    assert len(usage) == 1, chunks
+                    streamed.append((text, usage[0].speculative.adapter_version))  # type: ignore[attr-defined]
+            except BaseException as e:  # collected: the thread's failures fail the test
+                errors.append(e)
 
         t = threading.Thread(target=stream_client)
         t.start()
-        deadline = time.monotonic() + 240
         seen_progress: list[dict] = []  # what /status showed of the running run
-        while loop.counts["runs"] == 0:
-            assert time.monotonic() < deadline, f"no training run finished: {loop.status()}"
+
+        def run_counted() -> bool:
             st = httpx.get(srv.url + "/status").json()
             run = st["training"].get("run")
             if run and run["progress"]:
                 seen_progress.append(st)
-            time.sleep(0.1)
-        t.join(240)
+            return loop.summary().counts.runs > 0 or bool(errors)
+
+        wait_until(run_counted, f"a finished training run: {loop.status()}", interval=0.1)
+        trained.set()
+        t.join(HANG_GUARD_S)
+        assert not t.is_alive() and not errors, errors
         assert seen_progress, "the run's progress never showed in /status"
         run = seen_progress[-1]["training"]["run"]
         assert {"phase", "updated"} <= run["progress"].keys()
         text = format_status(srv.url, seen_progress[-1])
         assert f"run:     {run['run_id']} (min_failure_cases), {run['progress']['phase']}" in text
-        last = loop.last_run
+        last = loop.status()["last_run"]
         assert last is not None and last["trigger"] == "min_failure_cases", last
         assert last["decision"] == "install", last
         assert srv.service.adapter_version == last["adapter_version"] == 1
         assert loop.store.current_version() == 1
         after = teacher_forced_agreement(srv.service.engine.draft, holdout).rate
         assert after > before
-        assert streamed and all(streamed)  # every streamed answer completed
+        assert streamed and all(text == expected for text, _ in streamed), (expected, streamed)
+        versions = [v for _, v in streamed]
+        assert versions[0] == 0 and versions[-1] == 1, versions  # swapped under load
+        srv.service.flush(HANG_GUARD_S)
+        records = [r for r in buf.iter_records() if r.prompt_text == "the big red dog"]
+        assert all(r.output_tokens == expected_tokens for r in records)  # token for token
+        # the version at the start of each request (usage) is the one at its end (record)
+        assert [r.adapter_version for r in records] == versions
         st = httpx.get(srv.url + "/status").json()
         assert st["adapter_version"] == 1 and st["training"]["installed"] == 1
         assert st["buffer"]["used_for_training"] >= 12  # the run marked the failures it used
@@ -217,18 +244,19 @@ def test_daemon_trains_gates_and_hot_swaps(daemon_setup) -> None:
         assert listing["current"] == 1 and listing["versions"][0]["status"] == "installed"
     finally:
         srv.handle_exit(15, None)
-        thread.join(60)
+        thread.join(HANG_GUARD_S)
     assert srv.exit_code == 0
     # On restart the daemon loads the `current` adapter again.
     srv2 = Server(settings, sources)
     thread = threading.Thread(target=srv2.run, daemon=True)
     thread.start()
     try:
-        assert srv2.ready.wait(120)
+        wait_until(lambda: srv2.ready.is_set() or not thread.is_alive(), "server restart")
+        assert srv2.ready.is_set()
         assert srv2.service.adapter_version == 1
     finally:
         srv2.handle_exit(15, None)
-        thread.join(60)
+        thread.join(HANG_GUARD_S)
 
 
 def test_cli_train_and_adapters_without_daemon(daemon_setup, capsys) -> None:

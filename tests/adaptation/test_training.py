@@ -4,9 +4,9 @@ mlx-lm loads, the target left untouched, and the training subprocess (ok and cra
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import mlx.core as mx
@@ -15,31 +15,22 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_unflatten
 
-from daemon.adaptation.training import (
-    IGNORE,
-    Trainer,
-    apply_lora,
-    bench_train,
-    build_example,
-    collate,
-    compute_loss,
-    kd_loss,
-    lr_schedule,
-    make_examples,
-    model_logits,
-    read_progress,
-    read_result,
-    run_training,
-    save_adapter,
-    start_training_process,
-)
+from daemon.adaptation.data import IGNORE, build_example, collate, make_examples
+from daemon.adaptation.lora import apply_lora
+from daemon.adaptation.loss import compute_loss, kd_loss, model_logits
+from daemon.adaptation.process import TrainingArgs, start_training_process
+from daemon.adaptation.run import run_training
+from daemon.adaptation.trainer import Trainer, lr_schedule
+from daemon.bench.train import bench_train
 from daemon.config import DataSettings, LoraSettings, Settings, TrainingSettings, load_settings
 from daemon.core.models import make_layer_skip_draft
 from daemon.logging import configure_logging
+from daemon.store.adapters import save_adapter
 from daemon.store.buffer import BufferRecord, Rejection, ReplayBuffer
-from tests.helpers import make_tiny_llama, write_model_dir
+from daemon.store.runs import read_progress, read_result
+from tests.helpers import HANG_GUARD_S, make_tiny_llama, wait_until, write_model_dir
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 VOCAB = 64
 WORDS = [f"w{i}" for i in range(VOCAB - 2)]
 
@@ -275,6 +266,39 @@ def test_schedule_warms_up_then_decays() -> None:
     assert lrs[20] == pytest.approx(1e-4)
 
 
+def reference_lr(lr: float, warmup: int, total: int, min_ratio: float, step: int) -> float:
+    """The schedule as it was hand-written before it moved onto `mlx.optimizers`."""
+    if step < warmup:
+        return lr * (step + 1) / max(warmup, 1)
+    floor = lr * min_ratio
+    t = min(max((step - warmup) / max(1, total - warmup), 0.0), 1.0)
+    return floor + (lr - floor) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+@pytest.mark.parametrize(
+    ("warmup", "total", "min_ratio"),
+    [(0, 20, 0.1), (1, 20, 0.0), (2, 3, 0.1), (4, 20, 0.1), (10, 10, 0.0), (3, 1, 0.5)],
+)
+def test_schedule_matches_the_hand_written_one(warmup: int, total: int, min_ratio: float) -> None:
+    sched = lr_schedule(1e-3, warmup, total, min_ratio)
+    for step in range(total + 4):  # past the end it stays at the floor
+        want = reference_lr(1e-3, warmup, total, min_ratio, step)
+        # the optimizer passes its step count as an unsigned array
+        for s in (mx.array(step), mx.array(step, dtype=mx.uint64)):
+            assert sched(s).item() == pytest.approx(want, rel=1e-5, abs=1e-9), (step, s.dtype)
+
+
+def test_trainer_schedule_uses_the_effective_warmup() -> None:
+    # warmup is at most half of a short run, so it still reaches the full learning rate
+    trainer = Trainer(fresh_draft(), cfg(warmup_steps=10, min_lr_ratio=0.1), total_steps=6)
+    assert trainer.warmup == 3
+    lrs = [trainer.schedule(mx.array(s)).item() for s in range(7)]
+    want = [reference_lr(1e-3, 3, 6, 0.1, s) for s in range(7)]
+    assert lrs == pytest.approx(want, rel=1e-5)
+    assert lrs[2] == pytest.approx(1e-3) and lrs[6] == pytest.approx(1e-4)
+    assert Trainer(fresh_draft(), cfg(warmup_steps=10), total_steps=1).warmup == 0
+
+
 def test_lora_on_quantized_draft() -> None:
     model = make_tiny_llama(VOCAB, seed=4, hidden_size=64, intermediate_size=128)
     nn.quantize(model, group_size=32, bits=4)
@@ -432,7 +456,7 @@ def test_run_training_in_process(tiny_setup, tmp_path: Path) -> None:
     try:
         m = run_training(
             settings, out_dir=tmp_path / "a1", run_id="run-1", progress_file=tmp_path / "p.json"
-        )
+        ).to_dict()
     finally:
         configure_logging("info", None, "off")
     assert m["examples"]["failures"] == 10
@@ -461,7 +485,9 @@ def test_run_training_in_process(tiny_setup, tmp_path: Path) -> None:
         run_training(settings, out_dir=tmp_path / "a2")
     # continuing the adapter starts where the first run ended
     make_buffer(data_dir, n_fail=4, n_ok=0, n_holdout=0)
-    m2 = run_training(settings, out_dir=tmp_path / "a2", init_adapter=tmp_path / "a1", epochs=1)
+    m2 = run_training(
+        settings, out_dir=tmp_path / "a2", init_adapter=tmp_path / "a1", epochs=1
+    ).to_dict()
     assert m2["heldout_before"]["agreement"] == m["heldout_after"]["agreement"]
 
 
@@ -480,12 +506,23 @@ def test_bench_train_builds_traffic_and_reports(tiny_setup, tmp_path: Path) -> N
     assert not (tmp_path / "bench-data" / "buffer.sqlite").exists()  # scratch buffer only
 
 
+def result_dict(path: Path, returncode: int | None = None) -> dict:
+    """The result file as the JSON contract (`TrainingResult.to_dict`)."""
+    return read_result(path, returncode).to_dict()
+
+
+def progress_dict(result_file: Path) -> dict | None:
+    """The progress file as the JSON contract (`RunProgress.to_dict`), None before it exists."""
+    progress = read_progress(result_file)
+    return None if progress is None else progress.to_dict()
+
+
 def run_child(args: dict, timeout: float = 120) -> tuple[subprocess.Popen, dict]:
     proc = start_training_process(
-        **args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO
+        TrainingArgs(**args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO
     )
     out, _ = proc.communicate(timeout=timeout)
-    return proc, {**read_result(args["result_file"], proc.returncode), "output": out}
+    return proc, {**result_dict(args["result_file"], proc.returncode), "output": out}
 
 
 def test_training_subprocess_end_to_end(tiny_setup, tmp_path: Path) -> None:
@@ -506,7 +543,7 @@ def test_training_subprocess_end_to_end(tiny_setup, tmp_path: Path) -> None:
     assert proc.returncode == 0, result
     assert result["status"] == "ok", result
     assert result["metrics"]["steps"] == 3
-    assert read_progress(result_file)["step"] == 3
+    assert progress_dict(result_file)["step"] == 3
     adapter = Path(result["adapter_path"])
     assert (adapter / "adapters.safetensors").is_file()
     assert json.loads((adapter / "adapter_config.json").read_text())["fine_tune_type"] == "lora"
@@ -539,28 +576,36 @@ def test_sigterm_cancels_cleanly(tiny_setup, tmp_path: Path) -> None:
     config, data_dir, ids = tiny_setup
     result_file = tmp_path / "result.json"
     proc = start_training_process(
-        config=config,
-        data_dir=data_dir,
-        out_dir=tmp_path / "adapter",
-        result_file=result_file,
-        epochs=10_000,
+        TrainingArgs(
+            config=config,
+            data_dir=data_dir,
+            out_dir=tmp_path / "adapter",
+            result_file=result_file,
+            epochs=10_000,
+        ),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         cwd=REPO,
     )
     log_file = tmp_path / "specd.log"
-    deadline = time.monotonic() + 60
-    while not (log_file.exists() and "train_step" in log_file.read_text()):
-        assert proc.poll() is None and time.monotonic() < deadline
-        time.sleep(0.1)
+    wait_until(
+        lambda: (
+            proc.poll() is not None or (log_file.exists() and "train_step" in log_file.read_text())
+        ),
+        "the first train_step",
+    )
+    assert proc.poll() is None
     # the run's progress (what /status shows) follows its steps
-    while (progress := read_progress(result_file)) is None or progress.get("step", 0) < 1:
-        assert proc.poll() is None and time.monotonic() < deadline
-        time.sleep(0.1)
+    wait_until(
+        lambda: proc.poll() is not None or (progress_dict(result_file) or {}).get("step", 0) >= 1,
+        "progress at step 1",
+    )
+    progress = progress_dict(result_file)
+    assert proc.poll() is None and progress is not None
     assert progress["phase"] == "training" and progress["total_steps"] == 10_000 * 6
     proc.terminate()
-    proc.wait(30)
-    result = read_result(result_file, proc.returncode)
+    proc.wait(HANG_GUARD_S)
+    result = result_dict(result_file, proc.returncode)
     assert proc.returncode == 1
     assert result["status"] == "error" and "SIGTERM" in result["error"]
     assert not (tmp_path / "adapter").exists()
@@ -569,19 +614,19 @@ def test_sigterm_cancels_cleanly(tiny_setup, tmp_path: Path) -> None:
 
 
 def test_read_result_without_file_says_how_the_process_ended(tmp_path: Path) -> None:
-    r = read_result(tmp_path / "missing.json", returncode=-9)
+    r = result_dict(tmp_path / "missing.json", returncode=-9)
     assert r["status"] == "error" and "SIGKILL" in r["error"]
     (tmp_path / "half.json").write_text('{"status": "o')
-    assert read_result(tmp_path / "half.json", returncode=1)["status"] == "error"
+    assert result_dict(tmp_path / "half.json", returncode=1)["status"] == "error"
 
 
 def test_main_module_is_runnable() -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "daemon.adaptation.training", "--help"],
+        [sys.executable, "-m", "daemon.adaptation.process", "--help"],
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=HANG_GUARD_S,
     )
     assert out.returncode == 0 and "--result" in out.stdout
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from daemon.core.backend import REEXEC_MARKER, find_openblas
+from tests.helpers import HANG_GUARD_S
 
 SCRIPT = """
 import sys
@@ -40,7 +41,7 @@ def run_logits(out: Path, preload: str | None) -> str:
         env=env,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=HANG_GUARD_S,
         check=True,
     )
     return proc.stdout.strip()

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -325,70 +323,7 @@ def test_process_logits_matches_numpy(temperature, top_k, top_p):
         np.testing.assert_allclose(g, _np_process(row, temperature, top_k, top_p), atol=1e-5)
 
 
-def _chi2_critical(df: int, z: float = 3.2905) -> float:
-    """Wilson-Hilferty approximation of the chi-square quantile (z=3.29: alpha = 5e-4)."""
-    return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
-
-
-def _joint_first_two(model, prompt, vocab, temperature, top_k, top_p) -> dict:
-    """Exact P(t1, t2) of the target's own (processed) sampling distribution."""
-    first = model(mx.array(prompt)[None])[0, -1, :vocab]
-    p1 = np.array(mx.exp(process_logits(first, temperature, top_k, top_p)), dtype=np.float64)
-    joint = {}
-    for t1 in np.nonzero(p1 > 0)[0]:
-        second = model(mx.array(prompt + [int(t1)])[None])[0, -1, :vocab]
-        p2 = np.array(mx.exp(process_logits(second, temperature, top_k, top_p)), np.float64)
-        for t2 in np.nonzero(p2 > 0)[0]:
-            joint[(int(t1), int(t2))] = p1[t1] * p2[t2]
-    return joint
-
-
-@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 5, 1.0), (1.2, 0, 0.9)])
-def test_sampling_is_lossless_chi_square(tiny_tokenizer, temperature, top_k, top_p):
-    vocab = 32
-    target = make_tiny_llama(vocab, seed=3, lm_head_scale=4.0)
-    draft = perturbed_copy(target, seed=4, noise=0.3, extra_vocab=8)  # padded draft vocab
-    tok = no_eos(tiny_tokenizer)
-    engine = SpeculativeEngine(
-        target, draft, tok, SpeculativeConfig(num_draft_tokens=2, adaptive=False)
-    )
-    prompt = [7, 19, 3, 25]
-    expected = _joint_first_two(target, prompt, vocab, temperature, top_k, top_p)
-    q_joint = _joint_first_two(draft, prompt, vocab, temperature, top_k, top_p)
-    tv = 0.5 * sum(
-        abs(expected.get(c, 0) - q_joint.get(c, 0)) for c in set(expected) | set(q_joint)
-    )
-    assert tv > 0.3, "draft too close to the target for a meaningful test"
-
-    n = 2000
-    counts: dict[tuple[int, int], int] = {}
-    accepted = drafted = 0
-    for seed in range(n):
-        params = SamplingParams(
-            temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, max_tokens=3
-        )
-        res = engine.run(prompt, params)
-        c = (res.tokens[0], res.tokens[1])
-        counts[c] = counts.get(c, 0) + 1
-        accepted += res.stats.accepted
-        drafted += res.stats.drafted
-        for r in res.rejections:
-            assert r.target_token == res.tokens[r.position] != r.draft_token
-    assert 0.05 < accepted / drafted < 0.95
-    assert set(counts) <= set(expected), "sampled a token outside the target's support"
-
-    # chi-square with rare cells pooled
-    cells = sorted(expected, key=lambda c: -expected[c])
-    big = [c for c in cells if expected[c] * n >= 5]
-    other_e = sum(expected[c] for c in cells if c not in big) * n
-    other_o = sum(v for c, v in counts.items() if c not in big)
-    chi2 = sum((counts.get(c, 0) - expected[c] * n) ** 2 / (expected[c] * n) for c in big)
-    df = len(big) - 1
-    if other_e > 0:
-        chi2 += (other_o - other_e) ** 2 / other_e
-        df += 1
-    assert df >= 5
-    assert chi2 < _chi2_critical(df), (chi2, df)
+# The distribution test for speculative sampling is tests/core/test_lossless_sampling.py.
 
 
 def test_seeded_sampling_is_reproducible(tiny_tokenizer, tiny_target, tiny_draft):

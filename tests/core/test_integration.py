@@ -54,3 +54,45 @@ def test_real_pair_greedy_equals_target(smollm_pair) -> None:
                 assert rej.top_ids[0] == rej.target_token  # greedy: the target's argmax
                 assert len(rej.top_ids) == 20
     assert drafted > 0
+
+
+def test_real_pair_high_acceptance_drafts_equal_target(smollm_pair) -> None:
+    """Multi-token acceptance and cache trimming on the real 30-layer model.
+
+    The default draft accepts a few percent of its tokens, so most rounds end at the first
+    draft token. Two drafts that agree far more: all 30 layers (the target itself as a separate
+    module tree: every drafted token is accepted, the bonus token ends each round) and the
+    target without two middle layers (about half accepted: long accepted runs, then a rejection
+    that trims both caches by several positions).
+    """
+    from daemon.core.models import make_layer_skip_draft
+
+    pair = smollm_pair
+    eos = set(pair.tokenizer.eos_token_ids)
+    n = len(pair.target.layers)
+    drafts = {
+        "all-layers": (make_layer_skip_draft(pair.target, list(range(n))), 0.9),
+        "skip-two-middle": (make_layer_skip_draft(pair.target, [*range(14), *range(16, n)]), 0.4),
+    }
+    for name, (draft, min_acceptance) in drafts.items():
+        engine = SpeculativeEngine(
+            pair.target,
+            draft,
+            pair.tokenizer,
+            SpeculativeConfig(num_draft_tokens=4, adaptive=True, max_context=pair.max_context),
+        )
+        drafted = accepted = rejected_rounds = long_runs = 0
+        for text in PROMPTS:
+            prompt = encode_prompt(pair.tokenizer, text)
+            expected = target_greedy(pair.target, prompt, MAX_TOKENS, eos)
+            result = engine.run(prompt, SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS))
+            assert result.tokens == expected, (name, text)
+            s = result.stats
+            drafted += s.drafted
+            accepted += s.accepted
+            rejected_rounds += len(result.rejections)
+            long_runs += sum(s.accepted_per_position[2:])  # accepted at the 3rd position or later
+        assert drafted > 0 and accepted / drafted > min_acceptance, (name, accepted, drafted)
+        assert long_runs > 0, name  # several draft tokens accepted in one round
+        if name == "skip-two-middle":
+            assert rejected_rounds > 0  # and rounds that trimmed the caches back

@@ -94,12 +94,24 @@ def test_vocabulary_mismatch_names_both_models(tmp_path: Path) -> None:
     assert "cat" in msg and "dog" in msg
 
 
-def test_check_vocab_accepts_identical_tokenizers(tmp_path: Path) -> None:
+def test_check_vocab_compares_token_by_token(tmp_path: Path) -> None:
     from mlx_lm.tokenizer_utils import load as load_tokenizer
 
-    t = write_model_dir(tmp_path / "a", ["x", "y"], vocab_size=40, seed=1)
-    tok = load_tokenizer(t)
-    check_vocab(tok, tok, "a", "a")
+    # Two tokenizers loaded from two directories: equal vocabularies, padded tables differ.
+    a = load_tokenizer(write_model_dir(tmp_path / "a", ["x", "y", "z"], vocab_size=48, seed=1))
+    b = load_tokenizer(write_model_dir(tmp_path / "b", ["x", "y", "z"], vocab_size=40, seed=2))
+    assert a is not b and a.get_vocab() == b.get_vocab()
+    check_vocab(a, b, "a", "b")  # compatible: returns without raising
+
+    # Same size, one token renamed: vocab_size agrees, the vocabulary does not.
+    c = load_tokenizer(write_model_dir(tmp_path / "c", ["x", "y", "w"], vocab_size=48, seed=3))
+    assert len(c.get_vocab()) == len(a.get_vocab())
+    with pytest.raises(ModelLoadError, match=r"only in target: \['z'\].*only in draft: \['w'\]"):
+        check_vocab(a, c, "a", "c")
+    # Same tokens, different ids: also incompatible.
+    d = load_tokenizer(write_model_dir(tmp_path / "d", ["y", "x", "z"], vocab_size=48, seed=4))
+    with pytest.raises(ModelLoadError, match="different ids for"):
+        check_vocab(a, d, "a", "d")
 
 
 def test_missing_model_is_a_clear_error(tmp_path: Path) -> None:

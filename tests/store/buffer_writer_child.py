@@ -11,11 +11,12 @@ import sys
 import threading
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from daemon.config import BufferSettings  # noqa: E402
+from daemon.core.records import Rejection  # noqa: E402
 from daemon.logging import configure_logging  # noqa: E402
-from daemon.store.buffer import BufferRecord, BufferWriter, Rejection  # noqa: E402
+from daemon.store.buffer import BufferRecord, BufferWriter  # noqa: E402
 
 
 def make_record(i: int) -> BufferRecord:

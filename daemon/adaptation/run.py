@@ -1,0 +1,258 @@
+"""One training run, in this process: buffer rows in, a saved adapter and its metrics out.
+
+What goes in
+------------
+Each run uses the train-split failure cases no run has used yet (`ReplayBuffer.pending_failures`)
+plus ``training.replay_ratio`` of the run's examples drawn from older train rows
+(`ReplayBuffer.sample_replay`), so the draft does not forget. Holdout rows are only ever
+evaluated on: teacher-forced agreement with the target's outputs before the run (with the
+adapter it continues) and after it (`heldout_agreement`), which the loop's gate compares.
+
+What comes out
+--------------
+The adapter in mlx-lm's format (`daemon.store.adapters.save_adapter`) and `RunMetrics`
+(`daemon.store.runs`). A run that takes no update at all, or ends with a non-finite adapter
+weight, raises `TrainingError`, saves nothing and marks nothing used (guard 5 in
+`daemon.adaptation`). Log events (component ``training``): ``train_start``, ``train_data``,
+``train_plan``, ``heldout_eval`` before and after, ``train_run``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from daemon.adaptation.data import make_examples
+from daemon.adaptation.lora import apply_lora
+from daemon.adaptation.trainer import StepInfo, Trainer, planned_steps
+from daemon.config import DataSettings, Settings
+from daemon.core.evaluation import teacher_forced_agreement
+from daemon.core.models import flat_parameters, load_pair
+from daemon.errors import TrainingError
+from daemon.logging import get_logger
+from daemon.store.adapters import save_adapter
+from daemon.store.runs import ExampleCounts, HeldoutEval, ProgressFile, RunMetrics
+
+log = get_logger("training")
+
+
+def output_vocab(model: nn.Module) -> int:
+    """Logit width of ``model`` (lazy graph, never evaluated)."""
+    return int(model(mx.zeros((1, 1), dtype=mx.int32)).shape[-1])
+
+
+def heldout_agreement(
+    model: nn.Module,
+    records: Sequence[Any],
+    data: DataSettings,
+    vocab_limit: int | None = None,
+) -> HeldoutEval:
+    """Teacher-forced agreement of ``model`` with the records' target outputs."""
+    model.eval()
+    t0 = time.perf_counter()
+    result = teacher_forced_agreement(
+        model,
+        [(r.prompt_tokens, r.output_tokens) for r in records],
+        max_prompt=data.max_prompt_length,
+        max_output=data.max_output_length,
+        vocab_limit=vocab_limit,
+    )
+    return HeldoutEval(
+        agreement=result.rate,
+        matches=result.matches,
+        positions=result.total,
+        rows=result.rows,
+        seconds=round(time.perf_counter() - t0, 2),
+    )
+
+
+def replay_count(num_failures: int, ratio: float) -> int:
+    """Replay rows so that they are ``ratio`` of the run's examples."""
+    if ratio <= 0 or num_failures <= 0:
+        return 0
+    return int(round(num_failures * ratio / (1.0 - ratio)))
+
+
+def default_run_id() -> str:
+    return time.strftime("train-%Y%m%dT%H%M%S", time.gmtime()) + f"-{os.getpid()}"
+
+
+def run_training(
+    settings: Settings,
+    *,
+    out_dir: str | os.PathLike[str],
+    epochs: int | None = None,
+    max_steps: int | None = None,
+    init_adapter: str | os.PathLike[str] | None = None,
+    run_id: str | None = None,
+    progress: bool = False,
+    mark_used: bool = True,
+    pair: Any = None,
+    progress_file: str | os.PathLike[str] | None = None,
+) -> RunMetrics:
+    """One training run of the configured draft on the buffer; returns its metrics.
+
+    Loads the pair (or uses ``pair``), builds examples from the pending failures plus replay,
+    evaluates held-out agreement before (with ``init_adapter``) and after, saves the adapter to
+    ``out_dir`` and, with ``mark_used``, marks the failures used by ``run_id``. Raises
+    `TrainingError` (and marks nothing) when there is nothing to train on or no update was
+    made. With ``progress_file`` the run's phase and latest step are kept there
+    (`daemon.store.runs.RunProgress`).
+    """
+    from daemon.store.buffer import ReplayBuffer
+
+    t0 = time.perf_counter()
+    mx.reset_peak_memory()
+    cfg = settings.training
+    run_id = run_id or default_run_id()
+    epochs = int(epochs if epochs is not None else cfg.epochs)
+    if epochs < 1:
+        raise TrainingError(f"epochs must be >= 1, got {epochs}")
+    if max_steps is not None and max_steps < 1:
+        raise TrainingError(f"max_steps must be >= 1, got {max_steps}")
+    log.info(
+        "train_start",
+        run_id=run_id,
+        out_dir=str(out_dir),
+        epochs=epochs,
+        max_steps=max_steps,
+        init_adapter=str(init_adapter) if init_adapter else None,
+    )
+    progress_view = ProgressFile(Path(progress_file) if progress_file else None)
+    progress_view.update(phase="loading")
+
+    if pair is None:
+        pair = load_pair(settings)
+    draft = pair.draft
+    vocab_limit = min(output_vocab(pair.target), output_vocab(draft))
+
+    with ReplayBuffer(settings.paths.data_dir, settings.buffer, create=False) as buffer:
+        failures = buffer.pending_failures()
+        replay = buffer.sample_replay(
+            replay_count(len(failures), cfg.replay_ratio),
+            exclude_ids=[r.id for r in failures if r.id is not None],
+            seed=cfg.seed,
+        )
+        holdout = buffer.holdout(cfg.eval_max_rows)
+    fail_ex, skipped_f = make_examples(failures, settings.data, "failure")
+    replay_ex, skipped_r = make_examples(replay, settings.data, "replay")
+    examples = fail_ex + replay_ex
+    counts = ExampleCounts(
+        failures=len(fail_ex),
+        replay=len(replay_ex),
+        skipped_empty=skipped_f + skipped_r,
+        target_tokens=sum(e.num_targets for e in examples),
+        rejected_positions=sum(len(e.rejected) for e in examples),
+        holdout_rows=len(holdout),
+    )
+    log.info("train_data", run_id=run_id, **counts.to_dict())
+    if not fail_ex:
+        raise TrainingError(
+            f"nothing to train on: {len(failures)} pending failure cases "
+            f"({skipped_f} empty after truncation) in {buffer.path}"
+        )
+
+    mx.random.seed(cfg.seed)
+    adapter_config = apply_lora(draft, cfg.lora, init_adapter)
+    trainable = sum(v.size for _, v in flat_parameters(draft, trainable=True))
+
+    progress_view.update(phase="eval_before", holdout_rows=len(holdout))
+    before = heldout_agreement(draft, holdout, settings.data, vocab_limit)
+    log.info("heldout_eval", run_id=run_id, when="before", **before.to_dict())
+
+    total = planned_steps(len(examples), cfg, epochs, max_steps)
+    trainer = Trainer(draft, cfg, total, vocab_limit=vocab_limit)
+    log.info(
+        "train_plan",
+        run_id=run_id,
+        examples=len(examples),
+        steps=total,
+        warmup_steps=trainer.warmup,
+        trainable_parameters=trainable,
+        learning_rate=cfg.learning_rate,
+        lora=adapter_config["lora_parameters"],
+    )
+    progress_view.update(
+        phase="training", step=0, total_steps=total, heldout_before=before.agreement
+    )
+
+    def on_step(info: StepInfo, epoch: int) -> None:
+        progress_view.update(step=info.step, epoch=epoch, loss=round(info.loss, 5), lr=info.lr)
+
+    stats = trainer.fit(
+        examples, epochs, max_steps=max_steps, seed=cfg.seed, progress=progress, on_step=on_step
+    )
+    if stats.steps == 0:
+        raise TrainingError(
+            f"no optimizer step was taken: {stats.micro_batches} micro-batches, "
+            f"{stats.skipped_nonfinite} non-finite, {stats.skipped_empty_batches} without targets"
+        )
+    bad = [k for k, v in flat_parameters(draft, trainable=True) if not mx.isfinite(v).all()]
+    if bad:
+        raise TrainingError(f"adapter weights became non-finite: {bad[:3]}")
+
+    progress_view.update(phase="eval_after")
+    after = heldout_agreement(draft, holdout, settings.data, vocab_limit)
+    log.info("heldout_eval", run_id=run_id, when="after", **after.to_dict())
+    progress_view.update(phase="saving", heldout_after=after.agreement)
+
+    metadata = {
+        "run_id": run_id,
+        "created": time.time(),
+        "target": pair.target_id,
+        "draft": pair.draft_id,
+        "init_adapter": str(init_adapter) if init_adapter else None,
+        "heldout_before": before.agreement,
+        "heldout_after": after.agreement,
+    }
+    path = save_adapter(draft, out_dir, adapter_config, metadata)
+    # every pending failure this run consumed, the ones skipped as empty too (they would only
+    # be skipped again)
+    used = [r.id for r in failures if r.id is not None]
+    marked = buffer.mark_used(used, run_id) if mark_used else 0
+    buffer.close()
+
+    n = max(1, min(5, len(stats.losses) // 4 or 1))
+    metrics = RunMetrics(
+        run_id=run_id,
+        heldout_before=before,
+        heldout_after=after,
+        examples=counts,
+        epochs=epochs,
+        steps=stats.steps,
+        planned_steps=total,
+        micro_batches=stats.micro_batches,
+        skipped_micro_batches=stats.skipped_micro_batches,
+        skipped_nonfinite=stats.skipped_nonfinite,
+        skipped_empty_batches=stats.skipped_empty_batches,
+        empty_windows=stats.empty_windows,
+        loss_first=sum(stats.losses[:n]) / n,
+        loss_last=sum(stats.losses[-n:]) / n,
+        grad_norm_mean=sum(stats.grad_norms) / len(stats.grad_norms),
+        tokens=stats.tokens,
+        target_tokens=stats.target_tokens,
+        tokens_per_s=stats.tokens / max(stats.train_seconds, 1e-9),
+        train_seconds=stats.train_seconds,
+        trainable_parameters=trainable,
+        peak_memory_bytes=int(mx.get_peak_memory()),
+        marked_used=marked,
+        wall_s=time.perf_counter() - t0,
+        adapter_path=str(path),
+    )
+    log.info(
+        "train_run",
+        **{
+            k: v
+            for k, v in metrics.to_dict().items()
+            if k not in ("heldout_before", "heldout_after")
+        },
+        heldout_before=before.agreement,
+        heldout_after=after.agreement,
+    )
+    return metrics

@@ -1,0 +1,310 @@
+"""The optimiser loop: gradient accumulation, clipping, the learning-rate schedule, and the
+guards that keep a run finite.
+
+The `Trainer` is our own, not mlx-lm's ``tuner.trainer``: mlx-lm compiles one step over the
+whole accumulation window, so it cannot skip a single non-finite micro-batch or average over the
+valid ones only, which the guards below need.
+
+4. **Exploding updates**: gradients are averaged over the accumulation window, clipped to
+   ``training.max_grad_norm`` (`mlx.optimizers.clip_grad_norm`), and the learning rate warms up
+   linearly before its cosine decay (`lr_schedule`, built from `mlx.optimizers`' schedules);
+   Adam runs with bias correction.
+5. **One bad micro-batch poisoning the weights**: a non-finite loss or any non-finite gradient
+   skips that micro-batch (counted, ``skipped_nonfinite``); the accumulated gradient is averaged
+   over the *valid* micro-steps only, and a window with none makes no update. A micro-batch
+   without targets is not even run (counted, ``skipped_empty_batches``).
+
+Training health (JSON log, component ``training``): one ``train_step`` event per optimizer step
+(``step``, ``epoch``, ``loss``, ``ce``, ``kd``, ``grad_norm``, ``lr``, ``tokens_per_s``,
+``skipped_micro_batches``) and ``train_epoch`` per epoch.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten, tree_map
+
+from daemon.adaptation.data import Batch, Example, collate
+from daemon.adaptation.loss import compute_loss
+from daemon.config import TrainingSettings
+from daemon.logging import get_logger
+
+log = get_logger("training")
+
+Schedule = Callable[[Any], mx.array]
+
+
+def lr_schedule(
+    learning_rate: float, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0
+) -> Schedule:
+    """Linear warmup to ``learning_rate`` over ``warmup_steps`` optimizer steps (the first step
+    already gets ``lr / warmup``), then cosine decay to ``min_lr_ratio * learning_rate`` at
+    ``total_steps``, constant after it."""
+    warmup = max(0, int(warmup_steps))
+    decay = optim.cosine_decay(
+        learning_rate, max(1, int(total_steps) - warmup), learning_rate * min_lr_ratio
+    )
+    if warmup == 0:
+        return decay
+    # step s < warmup gets lr * (s + 1) / warmup: a line from lr / warmup at step 0 to lr at
+    # step warmup - 1 (a single warmup step is lr already; mlx needs at least one step)
+    warm = optim.linear_schedule(learning_rate / warmup, learning_rate, max(1, warmup - 1))
+    return optim.join_schedules([warm, decay], [warmup])
+
+
+def _effective_warmup(warmup_steps: int, total_steps: int) -> int:
+    """A short run still reaches the full learning rate: warmup is at most half of it."""
+    return min(warmup_steps, total_steps // 2)
+
+
+def _all_finite(loss: mx.array, grads: Any) -> mx.array:
+    ok = mx.isfinite(loss).all()
+    for _, g in cast(list[tuple[str, mx.array]], tree_flatten(grads)):
+        ok = ok & mx.isfinite(g).all()
+    return ok
+
+
+@dataclass
+class StepInfo:
+    step: int
+    loss: float
+    ce: float
+    kd: float
+    grad_norm: float
+    lr: float
+    micro_steps: int
+    tokens: int
+
+
+@dataclass
+class TrainStats:
+    micro_batches: int = 0
+    skipped_nonfinite: int = 0
+    skipped_empty_batches: int = 0
+    empty_windows: int = 0
+    steps: int = 0
+    tokens: int = 0
+    target_tokens: int = 0
+    train_seconds: float = 0.0
+    losses: list[float] = field(default_factory=list)
+    grad_norms: list[float] = field(default_factory=list)
+
+    @property
+    def skipped_micro_batches(self) -> int:
+        return self.skipped_nonfinite + self.skipped_empty_batches
+
+
+class Trainer:
+    """Gradient accumulation, clipping, schedule and the finite-ness guards around one model.
+
+    Drive it with `micro_step` (one padded batch) and `update` (end of an accumulation window),
+    or with `fit`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        cfg: TrainingSettings,
+        total_steps: int,
+        *,
+        vocab_limit: int | None = None,
+    ) -> None:
+        self.model = model
+        self.cfg = cfg
+        self.vocab_limit = vocab_limit
+        self.total_steps = max(1, int(total_steps))
+        self.warmup = _effective_warmup(cfg.warmup_steps, self.total_steps)
+        self.schedule = lr_schedule(
+            cfg.learning_rate, self.warmup, self.total_steps, cfg.min_lr_ratio
+        )
+        if cfg.optimizer == "adam":
+            self.optimizer: optim.Optimizer = optim.Adam(
+                learning_rate=self.schedule, bias_correction=True
+            )
+        else:
+            self.optimizer = optim.AdamW(
+                learning_rate=self.schedule,
+                weight_decay=cfg.weight_decay,
+                bias_correction=True,
+            )
+        self.value_and_grad = nn.value_and_grad(model, self.loss_fn)
+        self.stats = TrainStats()
+        self._accum: Any = None
+        self._n = 0
+        self._loss = self._ce = self._kd = 0.0
+        self._tokens = 0
+
+    def loss_fn(self, model: nn.Module, *arrays: mx.array, start: int = 0) -> Any:
+        return compute_loss(
+            model,
+            *arrays,
+            start=start,
+            kd_weight=self.cfg.kd_weight,
+            disagreement_weight=self.cfg.disagreement_weight,
+            vocab_limit=self.vocab_limit,
+        )
+
+    def micro_step(self, batch: Batch) -> bool:
+        """Forward/backward one micro-batch and accumulate it; False if it was skipped."""
+        self.stats.micro_batches += 1
+        if batch.num_targets == 0:
+            self.stats.skipped_empty_batches += 1
+            log.debug("train_micro_batch_skipped", reason="no target positions")
+            return False
+        (loss, (ce, kd, _)), grads = self.value_and_grad(
+            self.model, *batch.arrays(), start=batch.start
+        )
+        ok = _all_finite(loss, grads)
+        mx.eval(loss, ce, kd, grads, ok)
+        if not ok.item():
+            self.stats.skipped_nonfinite += 1
+            log.warning(
+                "train_micro_batch_skipped",
+                reason="non-finite loss or gradient",
+                loss=float(loss.item()),
+                skipped=self.stats.skipped_nonfinite,
+            )
+            return False
+        self._accum = grads if self._accum is None else tree_map(mx.add, self._accum, grads)
+        mx.eval(self._accum)
+        self._n += 1
+        self._loss += float(loss.item())
+        self._ce += float(ce.item())
+        self._kd += float(kd.item())
+        self._tokens += batch.num_tokens
+        self.stats.tokens += batch.num_tokens
+        self.stats.target_tokens += batch.num_targets
+        return True
+
+    def update(self) -> StepInfo | None:
+        """Apply the window's averaged, clipped gradient; None (no update) if nothing is valid."""
+        n, accum = self._n, self._accum
+        self._accum, self._n = None, 0
+        loss, ce, kd, tokens = self._loss, self._ce, self._kd, self._tokens
+        self._loss = self._ce = self._kd = 0.0
+        self._tokens = 0
+        if n == 0 or accum is None:
+            self.stats.empty_windows += 1
+            return None
+        grads = tree_map(lambda g: g / n, accum)
+        grads, norm = optim.clip_grad_norm(grads, self.cfg.max_grad_norm)
+        lr = self.schedule(self.optimizer.step)
+        self.optimizer.update(self.model, grads)
+        mx.eval(self.model.trainable_parameters(), self.optimizer.state, norm, lr)
+        self.stats.steps += 1
+        info = StepInfo(
+            step=self.stats.steps,
+            loss=loss / n,
+            ce=ce / n,
+            kd=kd / n,
+            grad_norm=float(norm.item()),
+            lr=float(lr),
+            micro_steps=n,
+            tokens=tokens,
+        )
+        self.stats.losses.append(info.loss)
+        self.stats.grad_norms.append(info.grad_norm)
+        return info
+
+    def fit(
+        self,
+        examples: Sequence[Example],
+        epochs: int,
+        *,
+        max_steps: int | None = None,
+        seed: int = 0,
+        progress: bool = False,
+        on_step: Callable[[StepInfo, int], None] | None = None,
+    ) -> TrainStats:
+        """``epochs`` shuffled passes (at most ``max_steps`` optimizer steps); ``on_step(info,
+        epoch)`` after each optimizer step."""
+        from tqdm import tqdm
+
+        cfg = self.cfg
+        rng = np.random.default_rng(seed)
+        accum = cfg.gradient_accumulation_steps
+        bar = tqdm(
+            total=self.total_steps, disable=not progress, file=sys.stderr, unit="step", leave=True
+        )
+        self.model.train()
+        t_start = time.perf_counter()
+        try:
+            for epoch in range(1, epochs + 1):
+                t_epoch = time.perf_counter()
+                steps_before, tokens_before = self.stats.steps, self.stats.tokens
+                order = rng.permutation(len(examples))
+                batches = [
+                    [examples[i] for i in order[j : j + cfg.batch_size]]
+                    for j in range(0, len(order), cfg.batch_size)
+                ]
+                epoch_losses: list[float] = []
+                t_window = time.perf_counter()
+                for i, group in enumerate(batches):
+                    self.micro_step(collate(group, self.vocab_limit))
+                    if (i + 1) % accum and i + 1 < len(batches):
+                        continue
+                    tokens = self._tokens
+                    info = self.update()
+                    now = time.perf_counter()
+                    tps = tokens / max(now - t_window, 1e-9)
+                    t_window = now
+                    if info is None:
+                        log.warning("train_step_skipped", epoch=epoch, reason="no valid micro-step")
+                        continue
+                    epoch_losses.append(info.loss)
+                    log.info(
+                        "train_step",
+                        step=info.step,
+                        epoch=epoch,
+                        loss=round(info.loss, 5),
+                        ce=round(info.ce, 5),
+                        kd=round(info.kd, 5),
+                        grad_norm=round(info.grad_norm, 5),
+                        lr=info.lr,
+                        tokens_per_s=round(tps, 1),
+                        skipped_micro_batches=self.stats.skipped_micro_batches,
+                    )
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{info.loss:.3f}", lr=f"{info.lr:.1e}", epoch=epoch)
+                    if on_step is not None:
+                        on_step(info, epoch)
+                    if max_steps is not None and self.stats.steps >= max_steps:
+                        break
+                dt = time.perf_counter() - t_epoch
+                log.info(
+                    "train_epoch",
+                    epoch=epoch,
+                    steps=self.stats.steps - steps_before,
+                    mean_loss=(
+                        round(sum(epoch_losses) / len(epoch_losses), 5) if epoch_losses else None
+                    ),
+                    tokens_per_s=round((self.stats.tokens - tokens_before) / max(dt, 1e-9), 1),
+                    seconds=round(dt, 2),
+                    skipped_micro_batches=self.stats.skipped_micro_batches,
+                )
+                if max_steps is not None and self.stats.steps >= max_steps:
+                    break
+        finally:
+            bar.close()
+            self.model.eval()
+            self.stats.train_seconds += time.perf_counter() - t_start
+        return self.stats
+
+
+def planned_steps(
+    num_examples: int, cfg: TrainingSettings, epochs: int, max_steps: int | None
+) -> int:
+    """Optimizer steps a run of this size takes (the cosine decay's length)."""
+    micro = math.ceil(num_examples / cfg.batch_size)
+    steps = epochs * math.ceil(micro / cfg.gradient_accumulation_steps)
+    return min(steps, max_steps) if max_steps is not None else steps

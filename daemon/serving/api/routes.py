@@ -1,0 +1,404 @@
+"""The route handlers, on three routers: OpenAI-compatible, the daemon's own, and admin.
+
+Handlers get the `AppState` through the `get_state` dependency (``request.app.state.specd``),
+so the routers are plain module-level objects that `create_app` includes. A generation route
+validates what the worker cannot check (model name, unsupported options, token limits, the
+prompt against the context) and hands the request to a `GenerationRun`; everything it refuses
+is an `APIError` (400/404), before anything reaches the worker.
+
+Authentication is enforced by the gate; the ``HTTPBearer`` dependency on the routes only
+documents it in the OpenAPI schema (``/health`` takes no key).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from typing import Annotated, Any, Literal, cast
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.security import HTTPBearer
+from pydantic import BaseModel
+from starlette.concurrency import run_in_threadpool
+
+from daemon import __version__
+from daemon.core.backend import backend_info
+from daemon.core.engine import SamplingParams
+from daemon.core.prompts import encode_prompt, prompt_text
+from daemon.errors import AdapterError, GenerationError
+from daemon.serving.api.errors import APIError
+from daemon.serving.api.schemas import (
+    ERROR_RESPONSES,
+    SSE_DOC,
+    AcceptanceStatus,
+    AdapterList,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatMessage,
+    CompletionRequest,
+    CompletionResponse,
+    ErrorResponse,
+    GenerationParams,
+    HealthResponse,
+    ModelCard,
+    ModelList,
+    ModelsStatus,
+    QueueStatus,
+    RollbackRequest,
+    RollbackResponse,
+    StatusResponse,
+    TrainRequest,
+    TrainResponse,
+)
+from daemon.serving.api.state import (
+    CHAT_PATH,
+    COMPLETIONS_PATH,
+    MODEL_ALIASES,
+    AdminControl,
+    AppState,
+)
+from daemon.serving.api.streaming import GenerationRun
+from daemon.serving.metrics import CONTENT_TYPE
+
+__all__ = ["admin_router", "daemon_router", "get_state", "openai_router"]
+
+
+async def get_state(request: Request) -> AppState:
+    """The application's `AppState` (async: a sync dependency would cost a threadpool hop)."""
+    state: AppState = request.app.state.specd
+    return state
+
+
+State = Annotated[AppState, Depends(get_state)]
+
+bearer = HTTPBearer(auto_error=False, description="server.api_key, when configured")
+AUTH = [Depends(bearer)]  # documents the scheme; the gate enforces it
+GENERATION_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"content": SSE_DOC},
+    **ERROR_RESPONSES,
+}
+
+openai_router = APIRouter(tags=["openai"], dependencies=AUTH)
+daemon_router = APIRouter(tags=["daemon"])  # per route: /health takes no key
+admin_router = APIRouter(tags=["admin"], dependencies=AUTH)
+
+
+# --------------------------------------------------------------------------------------------
+# Checks shared by the generation routes
+
+
+def _check_model(state: AppState, model: str | None) -> None:
+    if model in (None, "", state.model_id, *MODEL_ALIASES):
+        return
+    raise APIError(
+        404,
+        f"The model '{model}' does not exist; this server serves '{state.model_id}'.",
+        param="model",
+        code="model_not_found",
+    )
+
+
+def _unsupported(param: str, what: str) -> APIError:
+    return APIError(400, f"{what} is not supported by specd.", param=param, code="unsupported")
+
+
+def _sampling(
+    state: AppState, body: GenerationParams, max_tokens: int | None, max_tokens_param: str
+) -> SamplingParams:
+    s = state.settings
+    limit = s.server.max_tokens_limit
+    if body.n is not None and body.n > 1:
+        raise _unsupported("n", "n > 1 (several choices)")
+    if max_tokens is None:
+        max_tokens = min(s.sampling.max_tokens, limit)
+        if state.max_context is not None:
+            max_tokens = min(max_tokens, state.max_context)
+    elif max_tokens > limit:
+        raise APIError(
+            400,
+            f"{max_tokens_param} ({max_tokens}) exceeds this server's limit of {limit} "
+            "(server.max_tokens_limit).",
+            param=max_tokens_param,
+            code="invalid_value",
+        )
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    params = SamplingParams(
+        temperature=s.sampling.temperature if body.temperature is None else body.temperature,
+        top_p=s.sampling.top_p if body.top_p is None else body.top_p,
+        top_k=s.sampling.top_k if body.top_k is None else body.top_k,
+        seed=body.seed,
+        max_tokens=max_tokens,
+        stop=stop,
+    )
+    try:
+        params.validate(state.max_context)
+    except GenerationError as e:
+        raise APIError(400, str(e), code="invalid_value") from None
+    return params
+
+
+def _check_prompt(state: AppState, tokens: list[int], param: str) -> None:
+    if not tokens:
+        raise APIError(400, "The prompt is empty.", param=param, code="invalid_value")
+    ctx = state.max_context
+    if ctx is not None and len(tokens) >= ctx:
+        raise APIError(
+            400,
+            f"This model's maximum context length is {ctx} tokens; the prompt has "
+            f"{len(tokens)} tokens (at least one must remain for the completion).",
+            param=param,
+            code="context_length_exceeded",
+        )
+
+
+def _message_text(m: ChatMessage) -> str:
+    if m.content is None:
+        return ""
+    if isinstance(m.content, str):
+        return m.content
+    return "\n".join(p.text for p in m.content)
+
+
+async def _run(
+    state: AppState,
+    request: Request,
+    kind: Literal["chat", "completion"],
+    tokens: list[int],
+    text: str,
+    params: SamplingParams,
+    body: GenerationParams,
+) -> Response | BaseModel:
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    run = GenerationRun(state, request, kind, tokens, text, params, include_usage)
+    return await run.respond(bool(body.stream))
+
+
+# --------------------------------------------------------------------------------------------
+# OpenAI-compatible routes
+
+
+@openai_router.post(
+    CHAT_PATH,
+    response_model=ChatCompletionResponse,
+    responses=GENERATION_RESPONSES,
+    summary="Chat completion (OpenAI-compatible)",
+)
+async def chat_completions(
+    body: ChatCompletionRequest, request: Request, state: State
+) -> Response | BaseModel:
+    _check_model(state, body.model)
+    if body.logprobs:
+        raise _unsupported("logprobs", "logprobs")
+    max_tokens = body.max_completion_tokens if body.max_tokens is None else body.max_tokens
+    param = "max_tokens" if body.max_tokens is not None else "max_completion_tokens"
+    params = _sampling(state, body, max_tokens, param)
+    messages = [
+        {"role": "system" if m.role == "developer" else m.role, "content": _message_text(m)}
+        for m in body.messages
+    ]
+    try:
+        tokens = await run_in_threadpool(encode_prompt, state.tokenizer, messages)
+    except Exception as e:  # template errors (roles, missing fields) are the request's fault
+        raise APIError(400, f"Cannot apply the chat template: {e}", param="messages") from None
+    _check_prompt(state, tokens, "messages")
+    return await _run(state, request, "chat", tokens, prompt_text(messages), params, body)
+
+
+@openai_router.post(
+    COMPLETIONS_PATH,
+    response_model=CompletionResponse,
+    responses=GENERATION_RESPONSES,
+    summary="Text completion (OpenAI-compatible legacy endpoint)",
+)
+async def completions(
+    body: CompletionRequest, request: Request, state: State
+) -> Response | BaseModel:
+    _check_model(state, body.model)
+    if body.echo:
+        raise _unsupported("echo", "echo")
+    if body.logprobs:
+        raise _unsupported("logprobs", "logprobs")
+    if body.best_of is not None and body.best_of > 1:
+        raise _unsupported("best_of", "best_of > 1")
+    if body.suffix:
+        raise _unsupported("suffix", "suffix")
+    params = _sampling(state, body, body.max_tokens, "max_tokens")
+    prompt = body.prompt
+    if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+        if len(prompt) > 1:
+            raise APIError(
+                400,
+                "Batched prompts are not supported: send one prompt per request.",
+                param="prompt",
+                code="unsupported",
+            )
+        prompt = prompt[0]
+    tok = state.tokenizer
+    if isinstance(prompt, str):
+        text = prompt
+        try:
+            tokens = [int(t) for t in await run_in_threadpool(tok.encode, prompt)]
+        except Exception as e:  # e.g. lone surrogates the tokenizer cannot take
+            raise APIError(
+                400, f"Cannot tokenize the prompt: {e}", param="prompt", code="invalid_value"
+            ) from None
+    else:  # token ids: a batch of several prompts was refused above
+        tokens = [int(t) for t in cast("list[int]", prompt)]
+        try:
+            text = tok.decode(tokens)
+        except Exception:  # out-of-range ids: the engine refuses them below
+            text = ""
+    _check_prompt(state, tokens, "prompt")
+    return await _run(state, request, "completion", tokens, text, params, body)
+
+
+def _model_card(state: AppState) -> ModelCard:
+    return ModelCard(id=state.model_id, created=int(state.started))
+
+
+@openai_router.get("/v1/models", response_model=ModelList)
+async def list_models(state: State) -> ModelList:
+    return ModelList(data=[_model_card(state)])
+
+
+@openai_router.get(
+    "/v1/models/{model:path}",
+    response_model=ModelCard,
+    responses={404: ERROR_RESPONSES[404]},
+)
+async def get_model(model: str, state: State) -> ModelCard:
+    _check_model(state, model or "?")
+    return _model_card(state)
+
+
+# --------------------------------------------------------------------------------------------
+# The daemon's own routes
+
+
+@daemon_router.get(
+    "/health",
+    response_model=HealthResponse,
+    responses={503: {"model": HealthResponse, "description": "Shutting down"}},
+)
+async def health(state: State) -> Response | HealthResponse:
+    if not state.accepting:
+        return JSONResponse({"status": "shutting_down"}, status_code=503)
+    return HealthResponse(status="ok")
+
+
+@daemon_router.get("/status", response_model=StatusResponse, dependencies=AUTH)
+async def status(state: State) -> StatusResponse:
+    worker = state.worker
+    extra: dict[str, Any] = {}
+    errors: dict[str, str] = {}
+    for provider in list(state.status_providers):
+        try:
+            extra.update(provider())
+        except Exception as e:  # one broken component must not hide the rest
+            name = getattr(provider, "__qualname__", repr(provider))
+            errors[name] = repr(e)
+    for key in [k for k in extra if k in StatusResponse.model_fields]:
+        errors[f"key:{key}"] = "reserved key, ignored"
+        del extra[key]
+    if errors:
+        extra["provider_errors"] = errors
+    acceptance = state.metrics.rolling_acceptance()
+    depth = worker.queue_depth
+    return StatusResponse(
+        version=__version__,
+        pid=os.getpid(),
+        uptime_s=round(time.time() - state.started, 3),
+        accepting=state.accepting,
+        models=ModelsStatus(
+            target=state.model_id,
+            draft=state.draft_id,
+            draft_kind=state.draft_kind,
+            dtype=state.dtype,
+            max_context=state.max_context,
+        ),
+        backend=backend_info(),
+        adapter_version=int(state.adapter_version()),
+        acceptance=AcceptanceStatus(**acceptance),
+        queue_depth=depth,
+        rolling_acceptance=acceptance["acceptance_rate"],
+        queue=QueueStatus(
+            depth=depth,
+            size=worker.queue_size,
+            active=worker.active is not None,
+            in_flight=state.in_flight,
+        ),
+        **extra,
+    )
+
+
+@daemon_router.get(
+    "/metrics",
+    response_class=PlainTextResponse,
+    dependencies=AUTH,
+    responses={200: {"content": {CONTENT_TYPE: {"schema": {"type": "string"}}}}},
+)
+async def metrics(state: State) -> PlainTextResponse:
+    return PlainTextResponse(state.metrics.render(), media_type=CONTENT_TYPE)
+
+
+# --------------------------------------------------------------------------------------------
+# Admin routes: the adaptation loop, through `AdminControl`
+
+
+def _admin(state: AppState) -> AdminControl:
+    if state.admin is None:
+        # 409, not 5xx: the server works; its configuration (training.enabled) says no.
+        raise APIError(
+            409,
+            "The adaptation loop is not running (training.enabled is false).",
+            code="adaptation_disabled",
+        )
+    return state.admin
+
+
+@admin_router.get(
+    "/admin/adapters",
+    response_model=AdapterList,
+    responses={409: {"model": ErrorResponse}},
+)
+async def list_adapters(state: State) -> AdapterList:
+    """Stored adapter versions and the one in service."""
+    return AdapterList(**await asyncio.to_thread(_admin(state).list_adapters))
+
+
+@admin_router.post(
+    "/admin/adapters/rollback",
+    response_model=RollbackResponse,
+    responses={
+        400: {"model": ErrorResponse},
+        404: {"model": ErrorResponse},
+        409: {"model": ErrorResponse},
+    },
+)
+async def rollback(state: State, body: RollbackRequest | None = None) -> RollbackResponse:
+    """Swap the draft to another stored version between requests (live, no restart)."""
+    control = _admin(state)
+    try:
+        out = await asyncio.to_thread(control.rollback, body.version if body else None)
+    except AdapterError as e:
+        code = 404 if "no adapter version" in str(e) else 409
+        raise APIError(code, str(e), param="version", code="adapter_error") from None
+    return RollbackResponse(**out)
+
+
+@admin_router.post(
+    "/admin/train",
+    response_model=TrainResponse,
+    responses={400: {"model": ErrorResponse}, 409: {"model": ErrorResponse}},
+)
+async def train_now(state: State, body: TrainRequest | None = None) -> TrainResponse:
+    """Start a training run now (it goes through the same gate as automatic ones)."""
+    control = _admin(state)
+    body = body or TrainRequest()
+    try:
+        run_id = await asyncio.to_thread(control.train_now, body.epochs, body.max_steps)
+    except RuntimeError as e:
+        raise APIError(409, str(e), code="training_running") from None
+    return TrainResponse(run_id=run_id)

@@ -1,0 +1,310 @@
+"""The HTTP API's pydantic models: requests, responses, errors, and OpenAPI doc fragments.
+
+Generation requests ignore unknown fields (clients send OpenAI options specd has no use for);
+the admin requests forbid them. The response models are both the JSON written and the
+``/openapi.json`` schema, which the tests fuzz with schemathesis; renaming a model renames its
+``components/schemas`` entry. Errors are OpenAI's ``{"error": {"message", "type", "param",
+"code"}}`` (`ErrorResponse`); `daemon.serving.api.errors` raises and renders them.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# --------------------------------------------------------------------------------------------
+# Errors
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error shape."""
+
+    error: ErrorDetail
+
+
+# --------------------------------------------------------------------------------------------
+# OpenAPI doc fragments
+
+# The errors a generation route can answer; the other routes document a subset.
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorResponse, "description": "Invalid request"},
+    401: {"model": ErrorResponse, "description": "Missing or wrong API key"},
+    404: {"model": ErrorResponse, "description": "Unknown model"},
+    413: {"model": ErrorResponse, "description": "Request body too large"},
+    429: {"model": ErrorResponse, "description": "Request queue full; see Retry-After"},
+    503: {"model": ErrorResponse, "description": "Shutting down"},
+}
+SSE_DOC = {
+    "text/event-stream": {
+        "schema": {
+            "type": "string",
+            "description": "With stream=true: server-sent events, one JSON chunk per "
+            "'data:' line, ending with 'data: [DONE]'.",
+        }
+    }
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Request and response models
+
+
+# Requests are validated strictly: JSON ``false`` is not a ``top_k`` of 0, nor ``"1"`` a
+# temperature (pydantic's lax mode would coerce both). Integers are still valid floats.
+STRICT = ConfigDict(strict=True)
+
+
+class StreamOptions(BaseModel):
+    model_config = STRICT
+
+    include_usage: bool = Field(False, description="Send a final chunk carrying usage.")
+
+
+Stop = Annotated[str, Field(min_length=1)]
+
+
+class GenerationParams(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    model: str | None = Field(
+        None, description="The served target model id or 'specd'; may be omitted."
+    )
+    max_tokens: int | None = Field(
+        None, ge=1, description="Tokens to generate at most (up to server.max_tokens_limit)."
+    )
+    temperature: float | None = Field(None, ge=0, le=2, description="0: greedy.")
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=0, description="Extension: top-k filter (0: off).")
+    stop: Stop | list[Stop] | None = Field(
+        None, max_length=16, description="Stop string(s), not included in the output."
+    )
+    seed: int | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    n: int | None = Field(None, ge=1, description="Only 1 is supported.")
+    user: str | None = None
+
+
+class TextContentPart(BaseModel):
+    model_config = STRICT
+
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextContentPart] | None = None
+    name: str | None = None
+
+
+class ChatCompletionRequest(GenerationParams):
+    messages: list[ChatMessage] = Field(..., min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1, description="Alias of max_tokens.")
+    logprobs: bool | None = Field(None, description="Not supported (must be false).")
+    top_logprobs: int | None = Field(None, ge=0)
+
+
+class CompletionRequest(GenerationParams):
+    prompt: str | list[int] | list[str] | list[list[int]] = Field(
+        ..., description="A string, or one prompt's token ids; batches are not supported."
+    )
+    echo: bool | None = Field(False, description="Not supported (must be false).")
+    logprobs: int | None = Field(None, ge=0, description="Not supported.")
+    best_of: int | None = Field(None, ge=1, description="Only 1 is supported.")
+    suffix: str | None = Field(None, description="Not supported.")
+
+
+class SpeculativeUsage(BaseModel):
+    drafted: int = Field(description="Draft tokens proposed.")
+    accepted: int = Field(description="Draft tokens the target accepted.")
+    num_drafts: int = Field(description="Verification rounds that drafted tokens.")
+    acceptance_rate: float = Field(description="accepted / drafted (0 if nothing drafted).")
+    mean_accepted_length: float = Field(description="1 + accepted / num_drafts.")
+    adapter_version: int = Field(
+        description="The draft adapter version that served the request (0: none). Adapters are "
+        "swapped between requests, so one version served all of it.",
+    )
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    speculative: SpeculativeUsage
+
+
+FinishReason = Literal["stop", "length"]
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    finish_reason: FinishReason
+    logprobs: None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    system_fingerprint: str | None = None
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    finish_reason: FinishReason | None = None
+    logprobs: None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One SSE event of a streamed chat completion."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+    system_fingerprint: str | None = None
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    finish_reason: FinishReason | None = None
+    logprobs: None = None
+
+
+class CompletionResponse(BaseModel):
+    """A completion; streamed chunks have the same shape (usage null until the last)."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+    system_fingerprint: str | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "specd"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok", "shutting_down"]
+
+
+class ModelsStatus(BaseModel):
+    target: str
+    draft: str
+    draft_kind: str
+    dtype: str
+    max_context: int | None
+
+
+class AcceptanceStatus(BaseModel):
+    window: int | None = Field(description="Number of most recent requests considered.")
+    requests: int
+    drafted: int
+    accepted: int
+    acceptance_rate: float | None
+    mean_accepted_length: float | None
+
+
+class QueueStatus(BaseModel):
+    depth: int = Field(description="Requests waiting for the worker.")
+    size: int = Field(description="Queue capacity (server.queue_size).")
+    active: bool = Field(description="A generation is running.")
+    in_flight: int = Field(description="Generation requests being served (queued included).")
+
+
+class StatusResponse(BaseModel):
+    """Daemon status; attached components (replay buffer, training) add their own keys."""
+
+    model_config = ConfigDict(extra="allow")
+
+    version: str
+    pid: int
+    uptime_s: float
+    accepting: bool
+    models: ModelsStatus
+    backend: dict[str, Any]
+    adapter_version: int
+    acceptance: AcceptanceStatus
+    queue: QueueStatus
+    queue_depth: int = Field(description="Same as queue.depth.")
+    rolling_acceptance: float | None = Field(description="Same as acceptance.acceptance_rate.")
+
+
+class RollbackRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    version: int | None = Field(
+        None,
+        ge=0,
+        description="Version to put in service (0: no adapter); default: the "
+        "installed version before the current one.",
+    )
+
+
+class RollbackResponse(BaseModel):
+    previous_version: int
+    adapter_version: int
+
+
+class AdapterInfo(BaseModel):
+    version: int
+    status: str
+    created: float | None = None
+    parent: int | None = None
+    gate: dict[str, Any] | None = None
+
+
+class AdapterList(BaseModel):
+    current: int
+    versions: list[AdapterInfo]
+
+
+class TrainRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    epochs: int | None = Field(None, ge=1, description="Default: training.epochs.")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many updates.")
+
+
+class TrainResponse(BaseModel):
+    run_id: str

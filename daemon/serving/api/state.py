@@ -1,0 +1,107 @@
+"""What the HTTP layer shares: `AppState`, the `AdminControl` protocol, per-request `RequestInfo`.
+
+`AppState` is built by :class:`daemon.server.Server` and reaches the routes as
+``request.app.state.specd``; the gate holds it directly. `AdminControl` is what the admin routes
+need from the adaptation loop: serving never imports adaptation, the server passes its
+``AdaptationLoop`` in and it fits the protocol structurally. `RequestInfo` is the record the
+gate opens for each request (``scope["specd"]``), the generation route fills in, and the gate
+counts and logs once the response has ended.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from daemon.config import Settings
+from daemon.serving.metrics import SpecdMetrics
+from daemon.serving.worker import GenerationWorker, RequestHandle
+
+__all__ = [
+    "CHAT_PATH",
+    "CLIENT_CLOSED",
+    "COMPLETIONS_PATH",
+    "GENERATION_PATHS",
+    "MODEL_ALIASES",
+    "AdminControl",
+    "AppState",
+    "RequestInfo",
+]
+
+MODEL_ALIASES = ("specd",)  # accepted in "model" besides the target id (and omitting it)
+CHAT_PATH = "/v1/chat/completions"
+COMPLETIONS_PATH = "/v1/completions"
+GENERATION_PATHS = (CHAT_PATH, COMPLETIONS_PATH)
+CLIENT_CLOSED = 499  # nginx's "client closed request", for logs and metrics only
+
+
+class AdminControl(Protocol):
+    """The adaptation loop as the ``/admin`` routes see it (blocking calls, run in a thread).
+
+    ``list_adapters()``: ``{"current": int, "versions": [{"version", "status", "created",
+    "parent", "gate"}, ...]}``. ``rollback(version)``: ``{"previous_version": int,
+    "adapter_version": int}``; raises ``daemon.store.adapters.AdapterError`` for a version it
+    cannot put in service. ``train_now(epochs, max_steps)``: the new run's id; raises
+    RuntimeError while a run is going.
+    """
+
+    def list_adapters(self) -> Mapping[str, Any]: ...
+
+    def rollback(self, version: int | None = None) -> Mapping[str, Any]: ...
+
+    def train_now(self, epochs: int | None = None, max_steps: int | None = None) -> str: ...
+
+
+@dataclass
+class AppState:
+    """What the HTTP handlers need; `daemon.server.Server` builds it.
+
+    ``status_providers``: callables returning a dict merged into ``/status`` (e.g.
+    ``{"buffer": {...}}``, ``{"training": {...}}``); a provider that raises is reported under
+    ``provider_errors`` instead. ``adapter_version``: returns the version of the draft adapter in
+    use (0: none). ``admin``: the adaptation loop, when it runs (the admin routes answer 409
+    without it). ``accepting`` turns False when shutdown starts: generation requests get 503.
+    ``in_flight`` counts generation requests between arrival and their last byte.
+    """
+
+    settings: Settings
+    worker: GenerationWorker
+    tokenizer: Any
+    metrics: SpecdMetrics
+    model_id: str
+    draft_id: str = ""
+    draft_kind: str = ""
+    dtype: str = ""
+    max_context: int | None = None
+    adapter_version: Callable[[], int] = lambda: 0
+    status_providers: list[Callable[[], dict[str, Any]]] = field(default_factory=list)
+    admin: AdminControl | None = None
+    started: float = field(default_factory=time.time)
+    accepting: bool = True
+    in_flight: int = 0
+
+
+@dataclass
+class RequestInfo:
+    """One request as the gate counts and logs it; the generation route fills in the rest.
+
+    ``status`` is the status sent; ``status_override`` replaces it in metrics and logs (499 when
+    the client went away mid-stream, after a 200 was already sent). ``handle`` is the submitted
+    generation, cancelled by the gate when the response ends (a no-op once it finished).
+    """
+
+    t0: float
+    endpoint: str
+    status: int | None = None
+    status_override: int | None = None
+    handle: RequestHandle | None = None
+    request_id: str | None = None
+    stream: bool | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    acceptance_rate: float | None = None
+    finish_reason: str | None = None
+    ttft: float | None = None  # seconds from arrival to the first generated token
+    error: str | None = None

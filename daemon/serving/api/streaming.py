@@ -1,0 +1,352 @@
+"""Running one admitted generation request: worker -> asyncio bridge, and the two renderings.
+
+Requests are handed to the `GenerationWorker` (one thread owning the models, a bounded FIFO);
+its events are bridged into asyncio by `AsyncHandle` (``loop.call_soon_threadsafe``).
+`GenerationRun` submits the request (a full queue answers 429 with a ``Retry-After`` estimated
+from the queue depth and the mean request time), then renders the events as one JSON response
+or as server-sent events. A client that goes away cancels its generation (the worker stops at
+the next round) and is counted as 499.
+
+A response ends only after the request's record is committed to the replay buffer (the last
+bytes wait for `Done.recorded`): a client that received a complete response knows the record
+is durable. A buffer that fails or stalls (more than ``RECORD_WAIT_S``) is logged and the
+response is sent anyway: serving comes before recording.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import secrets
+import time
+from collections.abc import AsyncIterator
+from typing import Literal
+
+from fastapi import Request
+from fastapi.responses import Response, StreamingResponse
+from pydantic import BaseModel
+
+from daemon.core.engine import GenerationChunk, GenerationError, GenerationResult, SamplingParams
+from daemon.logging import get_logger
+from daemon.serving.api.errors import APIError, error_body
+from daemon.serving.api.schemas import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionResponse,
+    ChatDelta,
+    CompletionChoice,
+    CompletionResponse,
+    FinishReason,
+    SpeculativeUsage,
+    Usage,
+)
+from daemon.serving.api.state import (
+    CHAT_PATH,
+    CLIENT_CLOSED,
+    COMPLETIONS_PATH,
+    AppState,
+    RequestInfo,
+)
+from daemon.serving.worker import (
+    Done,
+    Event,
+    GenerationRequest,
+    QueueFullError,
+    RequestHandle,
+    WorkerStoppedError,
+)
+
+log = get_logger("api")
+
+RECORD_WAIT_S = 30.0  # longest a response waits for its buffer record to commit
+
+__all__ = ["AsyncHandle", "GenerationRun"]
+
+DISCONNECT_POLL_S = 0.25  # how often a waiting request checks that its client is still there
+
+
+class AsyncHandle(RequestHandle):
+    """A request handle whose events land in an ``asyncio.Queue`` on ``loop``."""
+
+    def __init__(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop) -> None:
+        self.events: asyncio.Queue[Event] = asyncio.Queue()
+        self._loop = loop
+        super().__init__(request, self._emit)
+
+    def _emit(self, event: Event) -> None:  # runs on the worker thread
+        try:
+            self._loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:  # the loop is closed: nobody listens any more
+            self.cancel()
+
+    async def next_event(self, request: Request | None = None) -> Event | None:
+        """The next event; None if ``request``'s client disconnected while we waited."""
+        if not self.events.empty():
+            return self.events.get_nowait()
+        while True:
+            try:
+                return await asyncio.wait_for(self.events.get(), DISCONNECT_POLL_S)
+            except TimeoutError:
+                if request is not None and await request.is_disconnected():
+                    return None
+
+
+def _usage(result: GenerationResult, adapter_version: int) -> Usage:
+    s = result.stats
+    return Usage(
+        prompt_tokens=s.prompt_tokens,
+        completion_tokens=s.generation_tokens,
+        total_tokens=s.prompt_tokens + s.generation_tokens,
+        speculative=SpeculativeUsage(
+            drafted=s.drafted,
+            accepted=s.accepted,
+            num_drafts=s.num_drafts,
+            acceptance_rate=s.acceptance_rate,
+            mean_accepted_length=s.mean_accepted_length,
+            adapter_version=adapter_version,
+        ),
+    )
+
+
+def _finish_reason(result: GenerationResult) -> FinishReason:
+    return "length" if result.finish_reason == "length" else "stop"
+
+
+def _sse(model: BaseModel) -> bytes:
+    return b"data: " + model.model_dump_json().encode() + b"\n\n"
+
+
+class GenerationRun:
+    """One admitted generation request: submit, wait, and render events."""
+
+    def __init__(
+        self,
+        state: AppState,
+        request: Request,
+        kind: Literal["chat", "completion"],
+        prompt_tokens: list[int],
+        prompt_text: str,
+        params: SamplingParams,
+        include_usage: bool,
+    ) -> None:
+        self.state = state
+        self.request = request
+        self.kind = kind
+        info = request.scope.get("specd")
+        # The gate opened it; an app mounted without the gate still runs (nothing is counted).
+        self.info = info if isinstance(info, RequestInfo) else RequestInfo(time.monotonic(), "")
+        self.id = ("chatcmpl-" if kind == "chat" else "cmpl-") + secrets.token_hex(12)
+        self.created = int(time.time())
+        self.include_usage = include_usage
+        self.info.request_id = self.id
+        self.info.prompt_tokens = len(prompt_tokens)
+        gen_req = GenerationRequest(
+            prompt_tokens=prompt_tokens,
+            params=params,
+            prompt_text=prompt_text,
+            meta={"endpoint": kind, "id": self.id},
+        )
+        self.handle = AsyncHandle(gen_req, asyncio.get_running_loop())
+
+    def submit(self) -> None:
+        worker = self.state.worker
+        try:
+            worker.submit(self.handle)
+        except QueueFullError as e:
+            depth = max(worker.queue_depth, 1)
+            mean = self.state.metrics.mean_request_seconds(
+                CHAT_PATH if self.kind == "chat" else COMPLETIONS_PATH
+            )
+            retry = max(1, min(60, math.ceil(mean * depth)))
+            raise APIError(
+                429,
+                f"The server is busy: {e}. Retry after {retry} s.",
+                type="rate_limit_error",
+                code="queue_full",
+                headers={"Retry-After": str(retry)},
+            ) from None
+        except WorkerStoppedError:
+            raise APIError(
+                503,
+                "The server is shutting down and accepts no new requests.",
+                type="service_unavailable",
+                code="shutting_down",
+            ) from None
+        self.info.handle = self.handle
+
+    def _note_chunk(self, chunk: GenerationChunk) -> None:
+        if chunk.tokens and self.info.ttft is None:
+            self.info.ttft = time.monotonic() - self.info.t0
+
+    def _note_result(self, result: GenerationResult) -> None:
+        s = result.stats
+        self.info.completion_tokens = s.generation_tokens
+        self.info.acceptance_rate = round(s.acceptance_rate, 4)
+        self.info.finish_reason = _finish_reason(result)
+
+    def _client_gone(self) -> None:
+        self.handle.cancel()
+        self.info.status_override = CLIENT_CLOSED
+
+    def _raise_for(self, done: Done) -> None:
+        """Turn a final event without a result into an APIError."""
+        err = done.error
+        if isinstance(err, GenerationError):
+            self.info.error = str(err)
+            raise APIError(400, str(err), code="invalid_value")
+        if err is not None:
+            self.info.error = repr(err)
+            raise APIError(
+                500, f"Generation failed: {err}", type="server_error", code="generation_failed"
+            )
+
+    async def _recorded(self, done: Done) -> None:
+        """Wait until the request's record is committed (see the module docstring)."""
+        if done.recorded is None:
+            return
+        try:
+            await asyncio.wait_for(asyncio.wrap_future(done.recorded), RECORD_WAIT_S)
+        except Exception as e:  # TimeoutError or the writer's error: log, answer anyway
+            log.error("record_not_committed", request_id=self.id, error=repr(e))
+
+    async def first_event(self) -> Event | None:
+        ev = await self.handle.next_event(self.request)
+        if ev is None:
+            self._client_gone()
+        return ev
+
+    # --- non-streaming -------------------------------------------------------------------
+
+    async def complete(self) -> Response | BaseModel:
+        while True:
+            ev = await self.handle.next_event(self.request)
+            if ev is None:
+                self._client_gone()
+                return Response(status_code=CLIENT_CLOSED)
+            if isinstance(ev, GenerationChunk):
+                self._note_chunk(ev)
+                continue
+            self._raise_for(ev)
+            if ev.result is None:  # cancelled before it started
+                return Response(status_code=CLIENT_CLOSED)
+            result = ev.result
+            self._note_result(result)
+            await self._recorded(ev)
+            usage = _usage(result, self.handle.request.adapter_version)
+            if self.kind == "chat":
+                return ChatCompletionResponse(
+                    id=self.id,
+                    created=self.created,
+                    model=self.state.model_id,
+                    choices=[
+                        ChatChoice(
+                            index=0,
+                            message=AssistantMessage(content=result.text),
+                            finish_reason=_finish_reason(result),
+                        )
+                    ],
+                    usage=usage,
+                )
+            return CompletionResponse(
+                id=self.id,
+                created=self.created,
+                model=self.state.model_id,
+                choices=[
+                    CompletionChoice(
+                        index=0, text=result.text, finish_reason=_finish_reason(result)
+                    )
+                ],
+                usage=usage,
+            )
+
+    # --- streaming -----------------------------------------------------------------------
+
+    def _chunk(self, text: str | None, finish: FinishReason | None, role: bool = False) -> bytes:
+        if self.kind == "chat":
+            delta = ChatDelta(role="assistant" if role else None, content=text)
+            choice = ChatChunkChoice(index=0, delta=delta, finish_reason=finish)
+            return _sse(
+                ChatCompletionChunk(
+                    id=self.id, created=self.created, model=self.state.model_id, choices=[choice]
+                )
+            )
+        return _sse(
+            CompletionResponse(
+                id=self.id,
+                created=self.created,
+                model=self.state.model_id,
+                choices=[CompletionChoice(index=0, text=text or "", finish_reason=finish)],
+            )
+        )
+
+    def _usage_chunk(self, result: GenerationResult) -> bytes:
+        cls = ChatCompletionChunk if self.kind == "chat" else CompletionResponse
+        return _sse(
+            cls(
+                id=self.id,
+                created=self.created,
+                model=self.state.model_id,
+                choices=[],
+                usage=_usage(result, self.handle.request.adapter_version),
+            )
+        )
+
+    async def stream(self, first: Event) -> AsyncIterator[bytes]:
+        finished = False
+        try:
+            if self.kind == "chat":
+                yield self._chunk("", None, role=True)
+            ev: Event | None = first
+            while True:
+                if ev is None:
+                    self._client_gone()
+                    return
+                if isinstance(ev, GenerationChunk):
+                    self._note_chunk(ev)
+                    if ev.text:
+                        yield self._chunk(ev.text, None)
+                else:
+                    if ev.result is None:  # an error after the stream started (not expected)
+                        msg = str(ev.error) if ev.error is not None else "generation cancelled"
+                        self.info.error = msg
+                        body = error_body(msg, "server_error", code="generation_failed")
+                        yield b"data: " + json.dumps(body).encode() + b"\n\n"
+                    else:
+                        result = ev.result
+                        self._note_result(result)
+                        await self._recorded(ev)
+                        yield self._chunk(
+                            None if self.kind == "chat" else "", _finish_reason(result)
+                        )
+                        if self.include_usage:
+                            yield self._usage_chunk(result)
+                    yield b"data: [DONE]\n\n"
+                    finished = True
+                    return
+                ev = await self.handle.next_event(self.request)
+        finally:
+            if not finished:
+                self._client_gone()
+
+    async def respond(self, stream: bool) -> Response | BaseModel:
+        self.info.stream = stream
+        self.submit()
+        if not stream:
+            return await self.complete()
+        # Wait for the first event before sending headers, so a request the engine refuses
+        # still gets a proper 4xx status instead of an error inside a 200 stream.
+        first = await self.first_event()
+        if first is None:
+            return Response(status_code=CLIENT_CLOSED)
+        if isinstance(first, Done):
+            self._raise_for(first)
+            if first.result is None:
+                return Response(status_code=CLIENT_CLOSED)
+        return StreamingResponse(
+            self.stream(first),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )

@@ -1,0 +1,303 @@
+"""The adaptation loop's branches, each run: the gate's reject, the waits (holdout traffic,
+``policy: idle``, ``cooldown_seconds``), ``max_run_seconds`` (SIGTERM, then SIGKILL, serving
+unharmed) and the live refusal of a corrupt or mismatched adapter with the old one kept.
+
+The loop drives a real `Service` on a tiny model. Where a test needs a training process that
+behaves in a particular way, ``spawn_run`` is replaced by one that starts that process.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from daemon.adaptation import loop as loop_mod
+from daemon.adaptation.loop import AdaptationLoop, gate
+from daemon.config import Settings, load_settings
+from daemon.core.models import load_pair
+from daemon.errors import AdapterError
+from daemon.serving.service import Service
+from daemon.store.adapters import ADAPTER_WEIGHTS
+from daemon.store.runs import (
+    RESULT_FILE,
+    ExampleCounts,
+    HeldoutEval,
+    RunMetrics,
+    TrainingResult,
+    write_result,
+)
+from tests.helpers import HANG_GUARD_S, make_adapter, make_tiny_llama, write_model_dir
+
+WORDS = ["the", "a", "big", "small", "red", "dog", "cat", "runs", "sleeps", "on", "mat"]
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[tuple[Service, Path]]:
+    model = write_model_dir(tmp_path / "tiny", WORDS, vocab_size=40, seed=7)
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(
+        json.dumps(
+            {
+                "models": {"target": str(model), "draft_layers": [0]},
+                "sampling": {"max_tokens": 16},
+                "buffer": {"holdout_fraction": 0.25, "failure_threshold": 0.9},
+                "training": {
+                    "min_failure_cases": 4,
+                    "min_holdout_rows": 1,
+                    "cooldown_seconds": 0,
+                    "epochs": 1,
+                    "batch_size": 4,
+                    "warmup_steps": 0,
+                    "nice": 0,
+                    "lora": {"rank": 4, "dropout": 0.0},
+                },
+            }
+        )
+    )
+    settings, _ = load_settings(cfg, {"paths.data_dir": str(tmp_path / "data")})
+    service = Service(settings, load_pair(settings))
+    service.start()
+    try:
+        yield service, cfg
+    finally:
+        service.stop(HANG_GUARD_S)
+
+
+def fill(service: Service, failures: int, holdout: int) -> None:
+    """Serve prompts until enough failure cases and holdout rows are recorded."""
+    import random
+
+    rng = random.Random(3)
+    buf = service.buffer
+    assert buf is not None
+    for _ in range(400):
+        if buf.pending_failure_count() >= failures and buf.count("holdout") >= holdout:
+            return
+        text = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 8)))
+        service.generate([{"role": "user", "content": text}], temperature=0.0)
+        service.flush(HANG_GUARD_S)
+    raise AssertionError("the tiny model did not produce enough failure cases")
+
+
+def spawn(argv: list[str], started: list[subprocess.Popen[Any]], before=None):
+    """A ``spawn_run`` that starts ``python argv`` instead of a training process."""
+
+    def fake_spawn_run(settings, config_file, run_dir, current, epochs, max_steps, **kw):
+        if before is not None:
+            before(run_dir)
+        kw = {k: v for k, v in kw.items() if k not in ("nice", "progress")}
+        proc = subprocess.Popen([sys.executable, *argv], **kw)
+        started.append(proc)
+        return proc
+
+    return fake_spawn_run
+
+
+def metrics(before: float, after: float, adapter_path: str) -> RunMetrics:
+    def held(rate: float) -> HeldoutEval:
+        return HeldoutEval(
+            agreement=rate, matches=int(rate * 100), positions=100, rows=5, seconds=0
+        )
+
+    return RunMetrics(
+        run_id="synthetic",
+        heldout_before=held(before),
+        heldout_after=held(after),
+        examples=ExampleCounts(4, 0, 0, 64, 10, 5),
+        epochs=1,
+        steps=1,
+        planned_steps=1,
+        micro_batches=1,
+        skipped_micro_batches=0,
+        skipped_nonfinite=0,
+        skipped_empty_batches=0,
+        empty_windows=0,
+        loss_first=3.0,
+        loss_last=2.0,
+        grad_norm_mean=1.0,
+        tokens=64,
+        target_tokens=64,
+        tokens_per_s=100.0,
+        train_seconds=1.0,
+        trainable_parameters=10,
+        peak_memory_bytes=0,
+        marked_used=4,
+        wall_s=1.0,
+        adapter_path=adapter_path,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# The gate on synthetic results
+
+
+def test_gate_installs_rejects_and_errors() -> None:
+    s = Settings()
+    s.training.min_improvement = 0.125  # binary fractions: the boundary is exact
+    ok = TrainingResult.success(metrics(0.25, 0.5, "/x"))
+    assert gate(ok, s).decision == "install"
+    assert gate(ok, s).improvement == 0.25
+    small = TrainingResult.success(metrics(0.25, 0.3125, "/x"))
+    decision = gate(small, s)
+    assert decision.decision == "reject" and "need +0.1250" in decision.reason
+    worse = TrainingResult.success(metrics(0.25, 0.125, "/x"))
+    assert gate(worse, s).decision == "reject"
+    exact = TrainingResult.success(metrics(0.25, 0.375, "/x"))  # the boundary installs
+    assert gate(exact, s).decision == "install"
+    empty = metrics(0.3, 0.9, "/x")
+    empty.heldout_after.positions = 0
+    no_holdout = gate(TrainingResult.success(empty), s)
+    assert no_holdout.decision == "reject" and "no held-out positions" in no_holdout.reason
+    failed = gate(TrainingResult.failure("boom"), s)
+    assert failed.decision == "error" and failed.reason == "boom"
+
+
+# --------------------------------------------------------------------------------------------
+# Waiting: holdout traffic, idle policy, cooldown
+
+
+def test_check_waits_for_holdout_idle_and_cooldown(served, monkeypatch) -> None:
+    service, cfg = served
+    fill(service, failures=4, holdout=1)
+    started: list[subprocess.Popen[Any]] = []
+    monkeypatch.setattr(loop_mod, "spawn_run", spawn(["-c", "raise SystemExit(3)"], started))
+    loop = AdaptationLoop(service, cfg)  # not started: checks run when this test says
+    t = service.settings.training
+
+    t.min_holdout_rows = 10_000
+    assert loop.check() is None and not started
+    assert loop.waiting_for is not None and loop.waiting_for.startswith("holdout traffic")
+
+    t.min_holdout_rows, t.policy, t.idle_seconds = 1, "idle", 3600.0
+    assert loop.check() is None and not started
+    assert loop.waiting_for == "the server to be idle for 3600s"
+
+    t.idle_seconds = 0.0  # idle long enough: the run starts (and its process fails)
+    assert loop.check() is not None and len(started) == 1
+    assert loop.wait_idle(HANG_GUARD_S)
+    summary = loop.summary()
+    assert summary.counts.failed == 1 and summary.last_run is not None
+    assert summary.last_run.gate.decision == "error"
+    assert "exited with code 3" in summary.last_run.gate.reason
+
+    t.cooldown_seconds = 3600.0  # just finished: the next run waits
+    assert loop.check() is None and len(started) == 1
+    assert loop.waiting_for is not None and loop.waiting_for.startswith("cooldown")
+    t.cooldown_seconds = 0.0
+    assert loop.check() is not None and len(started) == 2
+    assert loop.wait_idle(HANG_GUARD_S)
+    assert service.adapter_version == 0  # nothing was installed by failed runs
+
+
+# --------------------------------------------------------------------------------------------
+# max_run_seconds
+
+
+@pytest.mark.parametrize(
+    ("code", "signal_seen"),
+    [
+        ("import time; time.sleep(600)", signal.SIGTERM),
+        # ignores SIGTERM: the loop must escalate to SIGKILL
+        ("import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)",
+         signal.SIGKILL),
+    ],
+)  # fmt: skip
+def test_max_run_seconds_stops_the_run_and_serving_goes_on(
+    served, monkeypatch, code: str, signal_seen: int
+) -> None:
+    service, cfg = served
+    fill(service, failures=1, holdout=0)
+    started: list[subprocess.Popen[Any]] = []
+    monkeypatch.setattr(loop_mod, "spawn_run", spawn(["-c", code], started))
+    monkeypatch.setattr(loop_mod, "TERMINATE_GRACE_S", 1.0)
+    service.settings.training.max_run_seconds = 1.0
+    loop = AdaptationLoop(service, cfg)
+    loop.train_now()
+    assert loop.wait_idle(HANG_GUARD_S)
+    (proc,) = started
+    assert proc.returncode == -signal_seen
+    last = loop.summary().last_run
+    assert last is not None and last.gate.decision == "error"
+    assert "training.max_run_seconds=1s" in last.gate.reason
+    # serving is unharmed: requests are answered, the draft is unchanged
+    r = service.generate([{"role": "user", "content": "the dog"}], temperature=0.0)
+    assert r.tokens and service.adapter_version == 0
+
+
+# --------------------------------------------------------------------------------------------
+# The reject branch with a real training run
+
+
+def test_a_run_below_min_improvement_is_rejected_and_kept(served) -> None:
+    service, cfg = served
+    fill(service, failures=4, holdout=1)
+    service.settings.training.min_improvement = 1.0  # no candidate can gain a whole 1.0
+    loop = AdaptationLoop(service, cfg)
+    run_id = loop.train_now()
+    assert loop.wait_idle(HANG_GUARD_S)
+    s = loop.summary()
+    assert s.counts.runs == 1 and s.counts.rejected == 1 and s.counts.installed == 0, s
+    assert s.last_run is not None and s.last_run.run_id == run_id
+    assert s.last_run.gate.decision == "reject" and "need +1.0000" in s.last_run.gate.reason
+    (kept,) = loop.store.versions()  # the candidate is stored, marked rejected
+    assert kept.status == "rejected" and s.last_run.adapter_version == kept.version
+    assert loop.store.current_version() == 0 and service.adapter_version == 0
+
+
+# --------------------------------------------------------------------------------------------
+# Live refusal of a corrupt or mismatched adapter
+
+
+def test_corrupt_or_mismatched_adapters_are_refused_live(served, tmp_path, monkeypatch) -> None:
+    service, cfg = served
+    loop = AdaptationLoop(service, cfg)
+    target = service.pair.target if service.pair else None
+    assert target is not None
+    good = loop.store.add(make_adapter(tmp_path / "good", target, [0], seed=1), {}, install=True)
+    loop.load_current()
+    assert service.adapter_version == good.version == 1
+
+    # Installed, then its weights damaged on disk: the checksum refuses it before any swap.
+    corrupt = loop.store.add(make_adapter(tmp_path / "c", target, [0], seed=2), {}, install=True)
+    loop.store.set_current(good.version)
+    weights = Path(corrupt.path) / ADAPTER_WEIGHTS
+    weights.write_bytes(weights.read_bytes()[:-16] + b"\0" * 16)
+    with pytest.raises(AdapterError):
+        loop.rollback(corrupt.version)
+    assert service.adapter_version == 1 and loop.store.current_version() == 1
+
+    # An intact adapter made for another model's shapes: the swap refuses it, the old one stays.
+    other = make_tiny_llama(40, hidden_size=64, num_hidden_layers=2, intermediate_size=128)
+    foreign_dir = make_adapter(tmp_path / "foreign", other, [0], seed=3)
+    foreign = loop.store.add(foreign_dir, {}, install=True)
+    loop.store.set_current(good.version)
+    with pytest.raises(AdapterError):
+        loop.rollback(foreign.version)
+    assert service.adapter_version == 1 and loop.store.current_version() == 1
+
+    # A run whose gate installs the mismatched adapter: the swap is refused, the pointer goes
+    # back to what serves, the outcome says why.
+    def result_with_foreign_adapter(run_dir: Path) -> None:
+        write_result(
+            run_dir / RESULT_FILE, TrainingResult.success(metrics(0.1, 0.9, str(foreign_dir)))
+        )
+
+    started: list[subprocess.Popen[Any]] = []
+    monkeypatch.setattr(
+        loop_mod, "spawn_run", spawn(["-c", "pass"], started, before=result_with_foreign_adapter)
+    )
+    loop.train_now()
+    assert loop.wait_idle(HANG_GUARD_S)
+    last = loop.summary().last_run
+    assert last is not None and last.gate.decision == "error"
+    assert last.gate.reason.startswith("swap refused")
+    assert service.adapter_version == 1 and loop.store.current_version() == 1
+    r = service.generate([{"role": "user", "content": "the cat"}], temperature=0.0)
+    assert r.tokens  # still serving, on the good adapter
