@@ -1,4 +1,4 @@
-"""Tests for specd's speculative decoding engine (daemon/engine.py)."""
+"""Tests for specd's speculative decoding engine (daemon/core/engine.py)."""
 
 from __future__ import annotations
 
@@ -17,11 +17,7 @@ from daemon.core.engine import (
     SpeculativeEngine,
 )
 from daemon.core.sampling import process_logits
-
-try:  # tests/ is a package (tests/__init__.py)
-    from tests.helpers import TINY_CORPUS, make_tiny_llama, perturbed_copy
-except ImportError:  # pragma: no cover - rootdir-less layouts
-    from conftest import TINY_CORPUS, make_tiny_llama, perturbed_copy
+from tests.helpers import TINY_CORPUS, make_tiny_llama, perturbed_copy
 
 MAX_TOKENS = 24
 # Required top-1 / top-2 log-prob gap at every step of the reference decoding.  Scoring k+1
