@@ -119,6 +119,9 @@ def test_log_file_survives_rotation(daemon) -> None:
     completion_tokens(url)
     # the daemon reopens the path: the new file gets the next request's record
     wait_until(lambda: log.exists() and events(log, "request_finished"), "a record in the new file")
+    rotated = log.with_name("specd.log.1")
+    assert len(events(rotated, "request_finished")) == 1  # the first request, before the move
+    assert len(events(log, "request_finished")) == 1  # the second, in the reopened file
 
 
 def test_second_signal_exits_at_once(daemon) -> None:

@@ -189,7 +189,8 @@ def test_daemon_trains_gates_and_hot_swaps(daemon_setup) -> None:
                     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
                     usage = [c.usage for c in chunks if c.usage is not None]
                     assert len(usage) == 1, chunks
-                    streamed.append((text, usage[0].speculative.adapter_version))  # type: ignore[attr-defined]
+                    speculative = usage[0].model_dump()["speculative"]  # specd's extension
+                    streamed.append((text, speculative["adapter_version"]))
             except BaseException as e:  # collected: the thread's failures fail the test
                 errors.append(e)
 

@@ -178,6 +178,8 @@ def test_logs_follow_survives_rotation(tmp_path: Path) -> None:
     log.rename(tmp_path / "specd.log.1")  # logrotate / newsyslog
     log.write_text(_log_line("after_rotation") + "\n")
     wait_for("after_rotation")
+    order = [next(i for i, line in enumerate(lines) if w in line) for w in ("old", "appended")]
+    assert order == sorted(order) and "after_rotation" in lines[-1]  # in order, nothing lost
 
 
 def test_settings_diff_and_restart_keys() -> None:
