@@ -89,6 +89,14 @@ class SpeculativeSettings(_Section):
     min_draft_tokens: int = Field(1, ge=1, le=64)
     max_draft_tokens: int = Field(8, ge=1, le=64)
     top_logprobs: int = Field(20, ge=1, le=1000)
+    lookup: bool = Field(True, description="Draft by copying from the request's own context.")
+    suffix_tokens: int = Field(
+        65536, ge=0, description="Past outputs kept to draft from (tokens; 0: off)."
+    )
+    max_proposal_tokens: int = Field(16, ge=1, le=64)
+    cost_aware: bool = Field(
+        True, description="Choose each round's source and length by measured tokens per second."
+    )
 
     @model_validator(mode="after")
     def _check_bounds(self) -> SpeculativeSettings:

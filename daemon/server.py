@@ -314,6 +314,7 @@ class Server:
             worker.queue_size = new.server.queue_size
         if any(k.startswith("speculative.") for k in live_keys) and self.pair is not None:
             config = SpeculativeConfig.from_settings(new.speculative, self.pair.max_context)
+            service.suffix.budget = new.speculative.suffix_tokens  # applies from the next add
             engine = service.engine
             worker.call_between_requests(lambda: setattr(engine, "config", config))
 
@@ -343,6 +344,8 @@ class Server:
             lambda: service.buffer.count() if service.buffer is not None else 0
         )
         self.status_providers.append(self._buffer_status)
+        # the suffix drafting index: past outputs held (daemon.core.drafting.SuffixIndex)
+        self.status_providers.append(lambda: {"suffix_index": service.suffix.stats()})
 
     @property
     def adapter_version(self) -> int:

@@ -154,8 +154,8 @@ def test_second_signal_exits_at_once(daemon) -> None:
     proc.send_signal(signal.SIGTERM)
     proc.wait(HANG_GUARD_S)
     t.join(HANG_GUARD_S)
-    # It exited at once: the long request was cut off, not finished (4000 tokens would have
-    # been answered with 200 after a full drain).
-    assert outcome and isinstance(outcome[0], httpx.HTTPError), outcome
+    # It exited at once: the long request was cut off (the connection dropped, or a 5xx as the
+    # worker stopped under it), not finished: a full drain would have answered 200.
+    assert outcome and (isinstance(outcome[0], httpx.HTTPError) or outcome[0] != 200), outcome
     assert not [r for r in events(log, "request_finished") if r.get("completion_tokens") == 4000]
     assert not (tmp_path / "data" / "runtime.json").exists()

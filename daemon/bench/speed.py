@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
+from dataclasses import replace
 from functools import partial
 from typing import Any
 
@@ -12,12 +13,14 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from daemon.bench.common import mlx_lm_run, strip_eos, timed
 from daemon.bench.report import print_table, write_json
-from daemon.config import ConfigSources, Settings
+from daemon.config import ConfigSources, Settings, SpeculativeSettings
+from daemon.core.drafting import SuffixIndex
 from daemon.core.engine import GenerationStats, SamplingParams, SpeculativeConfig, SpeculativeEngine
 from daemon.core.models import load_pair
 from daemon.core.prompts import encode_prompt, read_prompts
 from daemon.errors import AdapterError
 from daemon.store.adapters import AdapterStore, apply_adapter, load_adapter_dir
+from daemon.store.buffer import ReplayBuffer, buffer_path
 
 
 def bench_speed(
@@ -27,16 +30,23 @@ def bench_speed(
     prompts: Sequence[list[dict[str, Any]]] | Sequence[str],
     max_tokens: int,
     num_draft_tokens: int,
+    speculative: SpeculativeSettings | None = None,
+    suffix: SuffixIndex | None = None,
 ) -> dict[str, Any]:
-    """Greedy decoding speed of four methods on the same prompts (chat template applied).
+    """Greedy decoding speed of each method on the same prompts (chat template applied).
 
     Rows: ``target_only`` (mlx-lm ``stream_generate`` without a draft),
     ``mlx_lm_speculative`` (``stream_generate`` with ``draft_model``), ``specd_fixed``
-    (specd's engine, fixed ``num_draft_tokens``) and ``specd_adaptive`` (adaptive draft length
-    starting at ``num_draft_tokens``).  Each row has ``tokens_per_s`` (generated tokens over
-    wall time, prefill included), ``ratio_vs_target``, ``tokens``, ``seconds`` and
-    ``identical_to_target`` (greedy outputs must match token for token, up to EOS); the
-    speculative rows add ``acceptance_rate``, ``mean_accepted_length`` and
+    (specd's engine, the model draft at fixed ``num_draft_tokens``), ``specd_adaptive``
+    (specd's defaults, everything on: ``speculative`` settings, cost-aware rounds over the
+    model draft, lookup and the ``suffix`` index), and one row per drafting source alone:
+    ``specd_model`` (the model draft, adaptive length, no proposals), ``specd_lookup`` and
+    ``specd_suffix`` (proposals only, no model draft; cost-aware).  Each row has
+    ``tokens_per_s`` (generated tokens over wall time, prefill included),
+    ``ratio_vs_target``, ``tokens``, ``seconds`` and ``identical_to_target`` (greedy
+    outputs must match token for token, up to EOS); the
+    speculative rows add ``acceptance_rate``, ``mean_accepted_length``, the tokens drafted
+    and accepted per source (``drafted_by_source``, ``accepted_by_source``) and
     ``target_passes_per_token`` (prefill counted as one pass per prompt).  For mlx-lm the
     rounds are reconstructed from its ``from_draft`` flags (a round ends at the first
     non-draft token; it drafted ``min(k, tokens left)``).
@@ -61,15 +71,25 @@ def bench_speed(
         )
         return SpeculativeEngine(target, draft, tokenizer, cfg)
 
-    fixed, adaptive = make_engine(False), make_engine(True)
+    spec = speculative or SpeculativeSettings()
+    defaults = SpeculativeConfig.from_settings(spec)
+
+    def source_engine(lookup: bool, with_suffix: bool) -> SpeculativeEngine:
+        cfg = replace(defaults, lookup=lookup, cost_aware=True, model_draft=False)
+        return SpeculativeEngine(target, draft, tokenizer, cfg, suffix if with_suffix else None)
+
+    fixed, model_only = make_engine(False), make_engine(True)
     fixed_off = make_engine(False, record=False)
+    everything = SpeculativeEngine(target, draft, tokenizer, defaults, suffix=suffix)
+    lookup_only, suffix_only = source_engine(True, False), source_engine(False, True)
+    specd_engines = (fixed, model_only, fixed_off, everything, lookup_only, suffix_only)
 
     # warm-up (compilation, allocator) on the first prompt
     warm = encoded[0]
     warm_n = min(max_tokens, 16)
     mlx_lm_run(target, tokenizer, warm, warm_n)
     mlx_lm_run(target, tokenizer, warm, warm_n, draft, k)
-    for eng in (fixed, adaptive, fixed_off):
+    for eng in specd_engines:
         eng.run(warm, SamplingParams(max_tokens=warm_n))
 
     rows: dict[str, Any] = {}
@@ -137,12 +157,24 @@ def bench_speed(
             "mean_accepted_length": total.mean_accepted_length,
             "target_passes_per_token": total.target_passes / max(n, 1),
             "identical_to_target": identical,
+            "drafted_by_source": dict(total.drafted_by_source),
+            "accepted_by_source": dict(total.accepted_by_source),
         }
 
     rows["specd_fixed"] = run_engine(fixed)
-    rows["specd_adaptive"] = run_engine(adaptive)
-    for name in ("mlx_lm_speculative", "specd_fixed", "specd_adaptive"):
+    rows["specd_adaptive"] = run_engine(everything)
+    rows["specd_model"] = run_engine(model_only)
+    rows["specd_lookup"] = run_engine(lookup_only)
+    rows["specd_suffix"] = run_engine(suffix_only)
+    for name in ("mlx_lm_speculative", "specd_fixed", "specd_adaptive", "specd_model"):
         rows[name]["ratio_vs_target"] = rows[name]["tokens_per_s"] / base_tps if base_tps else 0.0
+    for name in ("specd_lookup", "specd_suffix"):
+        rows[name]["ratio_vs_target"] = rows[name]["tokens_per_s"] / base_tps if base_tps else 0.0
+    mlx_tps = rows["mlx_lm_speculative"]["tokens_per_s"]
+    rows["specd_adaptive"]["ratio_vs_mlx_lm"] = (
+        rows["specd_adaptive"]["tokens_per_s"] / mlx_tps if mlx_tps else 0.0
+    )
+    rows["suffix_index"] = suffix.stats() if suffix is not None else {"tokens": 0}
 
     t_on, t_off = float("inf"), float("inf")
     for _ in range(2):
@@ -174,8 +206,23 @@ def run(args: argparse.Namespace, settings: Settings, sources: ConfigSources) ->
         f"bench speed: {len(prompts)} prompts, max_tokens={args.max_tokens}, k={k}, "
         f"target={pair.target_id}, draft={pair.draft_id}, adapter={adapter}"
     )
-    result = bench_speed(pair.target, draft, pair.tokenizer, prompts, args.max_tokens, k)
-    rows = {k: v for k, v in result.items() if isinstance(v, dict)}
+    # the suffix source drafts from the data dir's recorded outputs, as the daemon would
+    suffix = SuffixIndex(settings.speculative.suffix_tokens)
+    if buffer_path(settings.paths.data_dir).exists():
+        with ReplayBuffer(settings.paths.data_dir, create=False) as buf:
+            for output in buf.recent_outputs(suffix.budget):
+                suffix.add(output)
+    result = bench_speed(
+        pair.target,
+        draft,
+        pair.tokenizer,
+        prompts,
+        args.max_tokens,
+        k,
+        speculative=settings.speculative,
+        suffix=suffix,
+    )
+    rows = {k: v for k, v in result.items() if isinstance(v, dict) and "tokens_per_s" in v}
     print_table(
         rows,
         [

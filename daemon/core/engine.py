@@ -28,13 +28,28 @@ Adaptive draft length (``SpeculativeConfig.adaptive``, the default)
     within the bounds.  It settles where a full acceptance happens about one round in three,
     i.e. a longer draft for a draft that agrees more with the target.
 
+Drafting sources (``lookup``, ``suffix``, ``cost_aware``; off unless configured)
+    Besides the draft model, a round can verify a *proposal* copied from tokens already seen
+    (:mod:`daemon.core.drafting`): the request's own context (lookup) or the target's past
+    outputs (suffix index). A proposal costs no draft pass; at temperature > 0 it is verified
+    as a point mass (q = 1 on the proposed token: accepted with probability p(d), on
+    rejection a sample of p without d), which keeps sampling exact. With ``cost_aware`` the
+    :class:`~daemon.core.policy.SpeculationPolicy` picks each round's source and length (zero
+    included: a plain target step) by measured tokens per second; without it a proposal is
+    used when there is one and the model draft otherwise. The draft model's cache catches up
+    on tokens it did not draft the next time it drafts. Only model rounds record rejections
+    (they are what the draft is trained on). A request with a ``seed`` drafts only from the
+    model and its own context, never from the suffix index or the policy, so the same seed
+    gives the same sample.
+
 Statistics
     ``target_passes`` counts target forward passes: every verification round is one pass and
     the prefill counts as one pass in total (however many chunks), and only when the prompt
     has more than one token (the last prompt token is always scored by the first round).
     ``drafted``/``accepted``/``num_drafts`` count verification outcomes of rounds that
     drafted at least one token, even when EOS, a stop string or ``max_tokens`` later cut
-    the emitted output short.
+    the emitted output short, and ``drafted_by_source``/``accepted_by_source`` split them by
+    source.
 
 Rejections
     For each round with a rejection, its first rejected draft token is recorded (later draft
@@ -52,7 +67,7 @@ import math
 import random
 import time
 from collections.abc import Generator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, cast
 
 import mlx.core as mx
@@ -61,6 +76,8 @@ import numpy as np
 from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
+from daemon.core.drafting import NGRAM_SIZES, ContextIndex, Proposal, SuffixIndex
+from daemon.core.policy import Choice, SpeculationPolicy
 from daemon.core.records import GenerationStats, Rejection
 from daemon.core.sampling import process_logits, round_keys, verify_sampled
 from daemon.errors import GenerationError
@@ -144,6 +161,14 @@ class SpeculativeConfig:
     max_context: int | None = None
     prefill_step_size: int = 512
     record_rejections: bool = True
+    # Drafting without a model (daemon.core.drafting) and the cost-aware choice of each round
+    # (daemon.core.policy). Off here so that an engine built by hand drafts as configured;
+    # the daemon's settings turn them on.
+    lookup: bool = False
+    cost_aware: bool = False
+    model_draft: bool = True  # False: only proposals (benchmarks of one source)
+    max_proposal_tokens: int = 16
+    tokens_per_match: int = 2
 
     @classmethod
     def from_settings(cls, spec: Any, max_context: int | None = None) -> SpeculativeConfig:
@@ -155,6 +180,9 @@ class SpeculativeConfig:
             max_draft_tokens=spec.max_draft_tokens,
             top_logprobs=spec.top_logprobs,
             max_context=max_context,
+            lookup=spec.lookup,
+            cost_aware=spec.cost_aware,
+            max_proposal_tokens=spec.max_proposal_tokens,
         )
 
     def validate(self) -> None:
@@ -171,6 +199,10 @@ class SpeculativeConfig:
             raise ValueError("max_context must be None or an integer >= 2")
         if not _is_int(self.prefill_step_size) or self.prefill_step_size < 1:
             raise ValueError("prefill_step_size must be an integer >= 1")
+        if not _is_int(self.max_proposal_tokens) or self.max_proposal_tokens < 1:
+            raise ValueError("max_proposal_tokens must be an integer >= 1")
+        if not _is_int(self.tokens_per_match) or self.tokens_per_match < 1:
+            raise ValueError("tokens_per_match must be an integer >= 1")
 
 
 @dataclass
@@ -250,12 +282,15 @@ class SpeculativeEngine:
         draft: nn.Module,
         tokenizer: TokenizerWrapper,
         config: SpeculativeConfig | None = None,
+        suffix: SuffixIndex | None = None,
     ) -> None:
         self.target = target
         self.draft = draft
         self.tokenizer = tokenizer
         self.config = config or SpeculativeConfig()
         self.config.validate()
+        self.suffix = suffix  # past outputs to draft from (shared with the buffer's commits)
+        self._policy: tuple[SpeculativeConfig, SpeculationPolicy] | None = None
         self.last_result: GenerationResult | None = None
         self._target_vocab: tuple[nn.Module, int] | None = None
 
@@ -297,6 +332,17 @@ class SpeculativeEngine:
         return result
 
     # ------------------------------------------------------------------ internals
+
+    @property
+    def policy(self) -> SpeculationPolicy:
+        """The cost-aware policy; measurements carry across requests (rebuilt when the
+        configuration is replaced, e.g. by a live reload)."""
+        cfg = self.config
+        if self._policy is None or self._policy[0] is not cfg:
+            model_tokens = cfg.max_draft_tokens if cfg.model_draft else 0
+            policy = SpeculationPolicy(model_tokens, cfg.max_proposal_tokens)
+            self._policy = (cfg, policy)
+        return self._policy[1]
 
     def _target_vocab_size(self) -> int:
         cached = self._target_vocab
@@ -418,6 +464,15 @@ class SpeculativeEngine:
 
             target_in = [prompt[-1]]  # tokens the target has not processed yet
             draft_in = [prompt[-1]]  # tokens the draft has not processed yet
+            lookup = ContextIndex(prompt) if cfg.lookup else None
+            # A seeded sample is reproducible: its rounds must not depend on other traffic
+            # (the suffix index) or on measured timings (the policy), only on its own input.
+            seeded = not greedy and params.seed is not None
+            suffix = None if seeded else self.suffix
+            policy = self.policy if cfg.cost_aware and not seeded else None
+            if policy is not None:
+                policy.new_request(id(draft))
+            tail = max(NGRAM_SIZES)
             rounds = 0
             while True:
                 new_tokens: list[int] = []
@@ -427,7 +482,27 @@ class SpeculativeEngine:
                 if remaining <= 0:
                     finish = "length"
                     break
-                k = int(max(0, min(k_cur, remaining - 1)))
+                # ---- choose the round: a proposal from seen tokens, the model, or neither
+                proposal: Proposal | None = None
+                max_p = int(min(cfg.max_proposal_tokens, remaining - 1))
+                if max_p >= 1 and lookup is not None:
+                    proposal = lookup.propose(max_p, cfg.tokens_per_match)
+                if max_p >= 1 and proposal is None and suffix is not None:
+                    context = (prompt[-tail:] + tokens[-tail:])[-tail:]
+                    proposal = suffix.propose(context, max_p, cfg.tokens_per_match)
+                if proposal is not None and max(proposal.tokens) >= vocab:
+                    # a token the draft's vocabulary lacks cannot be verified as a draft token
+                    cut = next(i for i, t in enumerate(proposal.tokens) if t >= vocab)
+                    proposal = replace(proposal, tokens=proposal.tokens[:cut]) if cut else None
+                if policy is not None:
+                    plan = policy.choose(proposal, int(min(remaining, 1 << 30)))
+                elif proposal is not None:
+                    plan = Choice(proposal.source, len(proposal.tokens), proposal.tokens)
+                else:
+                    k = int(max(0, min(k_cur, remaining - 1))) if cfg.model_draft else 0
+                    plan = Choice("model" if k else "none", k)
+                k = plan.k
+                model_round = plan.source == "model" and k > 0
                 if not greedy:
                     key, keys = round_keys(key, k)
 
@@ -435,7 +510,9 @@ class SpeculativeEngine:
                 d_toks: list[mx.array] = []
                 d_rows: list[mx.array] = []  # raw draft logits (greedy, for draft_prob)
                 q_rows: list[mx.array] = []
-                if k:
+                t_draft = time.perf_counter()
+                catch_up = len(draft_in)  # > 2: the draft first reads tokens it skipped
+                if model_round:
                     dy = mx.array(draft_in, dtype=mx.uint32)
                     for i in range(k):
                         dl = draft(dy[None], cache=draft_cache)[0, -1, :vocab]
@@ -451,6 +528,15 @@ class SpeculativeEngine:
                         d_toks.append(tok)
                         dy = tok.reshape(1)
                     stats.draft_passes += k
+                    if policy is not None:
+                        mx.eval(d_toks[-1])  # the verify needs them anyway: time the draft alone
+                elif k:  # a proposal: a point mass at each proposed token (q = 1)
+                    d_toks = [mx.array(t, dtype=mx.uint32) for t in plan.tokens]
+                    if not greedy:
+                        onehot = mx.arange(vocab)[None, :] == mx.array(plan.tokens)[:, None]
+                        q_rows = list(mx.where(onehot, 0.0, -mx.inf))
+                t_verify = time.perf_counter()
+                draft_s = t_verify - t_draft
 
                 # ---- verify with the target in one pass
                 t_in = mx.array(target_in, dtype=mx.uint32)
@@ -483,6 +569,7 @@ class SpeculativeEngine:
                 mx.async_eval(to_eval)
                 materialize()  # the previous round's rejection, on the host, overlapping
                 mx.eval(to_eval)
+                verify_s = time.perf_counter() - t_verify
 
                 choice_l = cast(list[int], choice.tolist())
                 d_list = cast(list[int], d_arr.tolist()) if k else []
@@ -495,12 +582,15 @@ class SpeculativeEngine:
                     while n < k and acc[n]:
                         n += 1
                 emitted = d_list[:n] + [choice_l[n]]
+                if policy is not None:
+                    policy.observe(plan, n, verify_s, draft_s if catch_up <= 2 else None)
 
                 # ---- statistics and rejection record
                 if k:
                     stats.num_drafts += 1
                     stats.drafted += k
                     stats.accepted += n
+                    stats.count_source(plan.source, k, n)
                     while len(stats.drafted_per_position) < k:
                         stats.drafted_per_position.append(0)
                         stats.accepted_per_position.append(0)
@@ -508,7 +598,7 @@ class SpeculativeEngine:
                         stats.drafted_per_position[i] += 1
                     for i in range(n):
                         stats.accepted_per_position[i] += 1
-                    if record and n < k:
+                    if record and model_round and n < k:  # what the draft model got wrong
                         pos = len(tokens) + n
                         rej = Rejection(
                             position=pos,
@@ -525,18 +615,20 @@ class SpeculativeEngine:
                 # ---- rewind caches to the accepted prefix
                 if k - n:
                     trim_prompt_cache(target_cache, k - n)
-                if k:
+                if model_round:
                     if n < k:
                         if k - n - 1:
                             trim_prompt_cache(draft_cache, k - n - 1)
                         draft_in = [emitted[-1]]
                     else:  # d_k was never fed to the draft
                         draft_in = [d_list[-1], emitted[-1]]
-                else:
-                    draft_in = draft_in + [emitted[-1]]
+                else:  # the draft did not run: it reads these tokens when it next drafts
+                    draft_in = draft_in + emitted
                 target_in = [emitted[-1]]
+                if lookup is not None:
+                    lookup.extend(emitted)
 
-                if cfg.adaptive and k and k == k_cur:
+                if cfg.adaptive and model_round and policy is None and k == k_cur:
                     if n == k:
                         k_cur = min(k_cur + 2, cfg.max_draft_tokens)
                     else:

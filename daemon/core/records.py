@@ -63,6 +63,9 @@ class GenerationStats:
     drafted_per_position: list[int] = field(default_factory=list)
     target_passes: int = 0
     draft_passes: int = 0
+    # per drafting source ("model", "lookup", "suffix"): tokens drafted and accepted
+    drafted_by_source: dict[str, int] = field(default_factory=dict)
+    accepted_by_source: dict[str, int] = field(default_factory=dict)
     prompt_time: float = 0.0
     generation_time: float = 0.0
 
@@ -73,6 +76,8 @@ class GenerationStats:
             "target_passes", "draft_passes", "prompt_time", "generation_time",
         ):  # fmt: skip
             setattr(self, name, getattr(self, name) + getattr(other, name))
+        for source, n in other.drafted_by_source.items():
+            self.count_source(source, n, other.accepted_by_source.get(source, 0))
         for mine, theirs in (
             (self.accepted_per_position, other.accepted_per_position),
             (self.drafted_per_position, other.drafted_per_position),
@@ -80,6 +85,10 @@ class GenerationStats:
             mine.extend([0] * (len(theirs) - len(mine)))
             for i, n in enumerate(theirs):
                 mine[i] += n
+
+    def count_source(self, source: str, drafted: int, accepted: int) -> None:
+        self.drafted_by_source[source] = self.drafted_by_source.get(source, 0) + drafted
+        self.accepted_by_source[source] = self.accepted_by_source.get(source, 0) + accepted
 
     @property
     def acceptance_rate(self) -> float:

@@ -118,6 +118,20 @@ class SpecdMetrics:
         self.num_accepted_tokens = Counter(
             f"{p}spec_decode_num_accepted_tokens", "Draft tokens accepted.", registry=r
         )
+        # vLLM's totals above stay unlabelled; these split them by drafting source
+        # (model, lookup, suffix: daemon.core.drafting).
+        self.draft_tokens_by_source = Counter(
+            f"{p}spec_decode_num_draft_tokens_by_source",
+            "Draft tokens proposed, by drafting source.",
+            ["source"],
+            registry=r,
+        )
+        self.accepted_tokens_by_source = Counter(
+            f"{p}spec_decode_num_accepted_tokens_by_source",
+            "Draft tokens accepted, by drafting source.",
+            ["source"],
+            registry=r,
+        )
         self.accepted_per_pos = Counter(
             f"{p}spec_decode_num_accepted_tokens_per_pos",
             "Draft tokens accepted at each draft position (0-based).",
@@ -198,6 +212,10 @@ class SpecdMetrics:
         self.num_drafts.inc(s.num_drafts)
         self.num_draft_tokens.inc(s.drafted)
         self.num_accepted_tokens.inc(s.accepted)
+        for source, n in s.drafted_by_source.items():
+            self.draft_tokens_by_source.labels(source=source).inc(n)
+            accepted = s.accepted_by_source.get(source, 0)
+            self.accepted_tokens_by_source.labels(source=source).inc(accepted)
         for i, n in enumerate(s.accepted_per_position):
             self.accepted_per_pos.labels(position=i).inc(n)
         for i, n in enumerate(s.drafted_per_position):

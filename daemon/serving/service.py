@@ -12,6 +12,7 @@ from concurrent.futures import Future
 from typing import Any
 
 from daemon.config import Settings
+from daemon.core.drafting import SuffixIndex
 from daemon.core.engine import (
     GenerationResult,
     SamplingParams,
@@ -48,7 +49,9 @@ class Service:
         self.adapter_path: str | None = None
         self.last_activity = time.monotonic()
         self.finished_hooks: list[FinishedHook] = []
-        self.commit_hooks: list[Callable[[list[BufferRecord]], None]] = []
+        self.commit_hooks: list[Callable[[list[BufferRecord]], None]] = [self._index_outputs]
+        # Past outputs to draft from; filled from the buffer at start, then as records commit.
+        self.suffix = SuffixIndex(settings.speculative.suffix_tokens)
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -59,6 +62,8 @@ class Service:
         self.writer = BufferWriter(s.paths.data_dir, s.buffer, on_commit=self._committed)
         self.writer.start()
         self.buffer = ReplayBuffer(s.paths.data_dir, s.buffer).open()
+        for output in self.buffer.recent_outputs(self.suffix.budget):
+            self.suffix.add(output)
         if self.pair is None:
             self.pair = load_pair(s)
         self.engine = SpeculativeEngine(
@@ -66,6 +71,7 @@ class Service:
             self.pair.draft,
             self.pair.tokenizer,
             SpeculativeConfig.from_settings(s.speculative, self.pair.max_context),
+            suffix=self.suffix,
         )
         self.worker = GenerationWorker(
             self.engine,
@@ -192,6 +198,12 @@ class Service:
         self.last_activity = time.monotonic()
         for hook in self.finished_hooks:
             hook(req, result, queue_s, total_s)
+
+    def _index_outputs(self, records: list[BufferRecord]) -> None:
+        """Train outputs become draftable as soon as they commit; holdout rows never do."""
+        for r in records:
+            if r.split == "train":
+                self.suffix.add(r.output_tokens)
 
     def _committed(self, records: list[BufferRecord]) -> None:
         for hook in self.commit_hooks:

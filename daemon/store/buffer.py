@@ -971,6 +971,29 @@ class ReplayBuffer:
                 return
             last = (page[-1].created, page[-1].id)
 
+    def recent_outputs(self, max_tokens: int, split: str = "train") -> list[list[int]]:
+        """The output tokens of the newest records of ``split``, oldest first, as many as fit
+        in ``max_tokens`` (what the suffix drafting index is rebuilt from at start)."""
+        out: list[list[int]] = []
+        total, offset, page = 0, 0, 256
+        while total < max_tokens:
+            rows = self._query(
+                "SELECT output_tokens FROM records WHERE split = ? "
+                "ORDER BY created DESC, id DESC LIMIT ? OFFSET ?",
+                (split, page, offset),
+            )
+            for (blob,) in rows:
+                ids = unpack_ids(blob)
+                out.append(ids)
+                total += len(ids)
+                if total >= max_tokens:
+                    break
+            if len(rows) < page:
+                break
+            offset += page
+        out.reverse()
+        return out
+
     def size_on_disk(self) -> int:
         """Bytes used by the database and its WAL."""
         return _size_on_disk(self.path)

@@ -37,6 +37,7 @@ from mlx_lm.models.cache import trim_prompt_cache
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from daemon.core import engine as engine_mod
+from daemon.core.drafting import SuffixIndex
 from daemon.core.engine import SamplingParams, SpeculativeConfig, SpeculativeEngine
 from daemon.core.sampling import round_keys, verify_sampled
 from tests.helpers import make_tiny_llama, perturbed_copy
@@ -154,13 +155,22 @@ def models(tiny_tokenizer: TokenizerWrapper):
     return target, draft, tok
 
 
-def sample(models, temperature: float, top_k: int, top_p: float, strict: bool = True):
+def sample(
+    models,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    strict: bool = True,
+    cfg: SpeculativeConfig | None = None,
+    suffix: SuffixIndex | None = None,
+):
     target, draft, tok = models
-    cfg = SpeculativeConfig(
+    cfg = cfg or SpeculativeConfig(
         num_draft_tokens=2, adaptive=True, min_draft_tokens=1, max_draft_tokens=4
     )
-    engine = SpeculativeEngine(target, draft, tok, cfg)
+    engine = SpeculativeEngine(target, draft, tok, cfg, suffix=suffix)
     samples, drafted, accepted, full_rounds, rounds = [], 0, 0, 0, 0
+    by_source: Counter[str] = Counter()
     for seed in range(N):
         params = SamplingParams(
             temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, max_tokens=LENGTH
@@ -172,12 +182,14 @@ def sample(models, temperature: float, top_k: int, top_p: float, strict: bool = 
         accepted += s.accepted
         rounds += s.num_drafts
         full_rounds += s.num_drafts - len(res.rejections)  # rounds that ended with a bonus token
+        by_source.update(s.drafted_by_source)
         for r in res.rejections:  # (a broken rule may break this too: only the test counts)
             assert not strict or r.target_token == res.tokens[r.position] != r.draft_token
     return samples, {
         "acceptance": accepted / drafted,
         "bonus_rounds": full_rounds / rounds,
         "rounds_per_sample": rounds / N,
+        "drafted_by_source": dict(by_source),
     }
 
 
@@ -193,6 +205,30 @@ def test_sampled_output_is_distributed_as_the_target(models, temperature, top_k,
     assert stats["rounds_per_sample"] > 2, stats
     tests = distribution_tests(models[0], samples, temperature, top_k, top_p)
     assert all(t.df > 0 for t in tests), tests
+    assert not [t for t in tests if t.rejected], tests
+
+
+def test_proposal_and_hybrid_rounds_keep_the_distribution(models) -> None:
+    """Lookup and suffix proposals are verified as point masses (q = 1 on the proposed
+    token), and the cost-aware policy mixes them with model drafts and plain target steps."""
+    temperature, top_k, top_p = 1.0, 3, 1.0
+    seeds, _ = sample(models, temperature, top_k, top_p)
+    suffix = SuffixIndex(budget=1 << 16)
+    for s in seeds[:300]:  # past "outputs" to copy from: the proposals will often be right
+        suffix.add(PROMPT + s)
+    cfg = SpeculativeConfig(
+        num_draft_tokens=2,
+        min_draft_tokens=1,
+        max_draft_tokens=4,
+        lookup=True,
+        cost_aware=True,
+        max_proposal_tokens=4,
+    )
+    samples, stats = sample(models, temperature, top_k, top_p, cfg=cfg, suffix=suffix)
+    used = stats["drafted_by_source"]
+    assert used.get("suffix", 0) > 1000 and used.get("model", 0) > 0, stats
+    assert 0.2 < stats["acceptance"], stats
+    tests = distribution_tests(models[0], samples, temperature, top_k, top_p)
     assert not [t for t in tests if t.rejected], tests
 
 

@@ -125,12 +125,21 @@ class CompletionRequest(GenerationParams):
     suffix: str | None = Field(None, description="Not supported.")
 
 
+class SourceUsage(BaseModel):
+    drafted: int = Field(description="Tokens this source proposed.")
+    accepted: int = Field(description="Of those, tokens the target accepted.")
+
+
 class SpeculativeUsage(BaseModel):
     drafted: int = Field(description="Draft tokens proposed.")
     accepted: int = Field(description="Draft tokens the target accepted.")
     num_drafts: int = Field(description="Verification rounds that drafted tokens.")
     acceptance_rate: float = Field(description="accepted / drafted (0 if nothing drafted).")
     mean_accepted_length: float = Field(description="1 + accepted / num_drafts.")
+    sources: dict[str, SourceUsage] = Field(
+        description="drafted / accepted by drafting source: 'model' (the draft model), "
+        "'lookup' (copied from the request's own context), 'suffix' (from past outputs)."
+    )
     adapter_version: int = Field(
         description="The draft adapter version that served the request (0: none). Adapters are "
         "swapped between requests, so one version served all of it.",

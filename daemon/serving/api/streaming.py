@@ -40,6 +40,7 @@ from daemon.serving.api.schemas import (
     CompletionChoice,
     CompletionResponse,
     FinishReason,
+    SourceUsage,
     SpeculativeUsage,
     Usage,
 )
@@ -106,6 +107,10 @@ def _usage(result: GenerationResult, adapter_version: int) -> Usage:
             num_drafts=s.num_drafts,
             acceptance_rate=s.acceptance_rate,
             mean_accepted_length=s.mean_accepted_length,
+            sources={
+                source: SourceUsage(drafted=n, accepted=s.accepted_by_source.get(source, 0))
+                for source, n in s.drafted_by_source.items()
+            },
             adapter_version=adapter_version,
         ),
     )

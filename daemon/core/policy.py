@@ -1,0 +1,154 @@
+"""Cost-aware speculation: each round's drafting source and length, chosen by measurement.
+
+Drafting pays only when the tokens it gains outweigh what it costs, and on a CPU both sides
+cost: a layer-skip draft token is ~0.23 of a target step here, and verifying ``k + 1`` rows in
+one target pass costs far more than one row (a 5-row pass about twice a 1-row pass), unlike a
+memory-bound GPU. So the engine measures as it runs and, per round, maximises the expected
+tokens per second
+
+    E(k) / (verify(k + 1) + draft(k)),    E(k) = 1 + sum_{i<=k} a_1 a_2 ... a_i
+
+over the model draft (k = 0 .. max), the proposal at hand (its first k tokens; no draft cost)
+and plain target decoding (k = 0, E = 1). ``a_i`` is the acceptance of position ``i`` given the
+ones before were accepted, per source, as an exponential moving average with a neutral prior;
+``verify(rows)`` and the model's per-token cost are moving averages of measured times. When
+the model draft is not worth running it is still tried with one token every
+``PROBE_EVERY`` rounds, so a draft that improves (a new adapter) is noticed; a new draft
+(adapter swap) resets its estimates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from daemon.core.drafting import Proposal
+
+EMA = 0.1  # weight of a new observation
+PRIOR_ACCEPT = 0.5
+PROBE_EVERY = 32
+MAX_POSITIONS = 32
+
+
+@dataclass
+class Choice:
+    """One round's plan: ``source`` is "model", "lookup", "suffix" or "none" (k = 0)."""
+
+    source: str
+    k: int
+    tokens: list[int] = field(default_factory=list)  # the proposal's tokens, for proposals
+
+
+@dataclass
+class SourceStats:
+    """Conditional acceptance per draft position, as moving averages."""
+
+    accept: list[float] = field(default_factory=lambda: [PRIOR_ACCEPT] * MAX_POSITIONS)
+
+    def expected(self, k: int) -> float:
+        """Expected tokens emitted by a round that drafts ``k`` (the target's own included)."""
+        total, p = 1.0, 1.0
+        for i in range(k):
+            p *= self.accept[min(i, MAX_POSITIONS - 1)]
+            total += p
+        return total
+
+    def observe(self, k: int, accepted: int) -> None:
+        for i in range(min(k, accepted + 1, MAX_POSITIONS)):
+            hit = 1.0 if i < accepted else 0.0
+            self.accept[i] += EMA * (hit - self.accept[i])
+
+
+class SpeculationPolicy:
+    """Chooses rounds for one engine; lives across requests (measurements carry over)."""
+
+    def __init__(self, max_model_tokens: int, max_proposal_tokens: int) -> None:
+        self.max_model_tokens = max_model_tokens
+        self.max_proposal_tokens = max_proposal_tokens
+        self.sources: dict[str, SourceStats] = {}
+        self.verify_s: dict[int, float] = {}  # rows -> seconds of one target pass
+        self.draft_token_s: float | None = None
+        self._since_model = 0
+        self._draft_id: int | None = None
+
+    # --- estimates -------------------------------------------------------------------------
+
+    def stats(self, source: str) -> SourceStats:
+        return self.sources.setdefault(source, SourceStats())
+
+    def verify_cost(self, rows: int) -> float:
+        """Seconds of a ``rows``-row target pass: measured, else interpolated, else a prior
+        (one row measured or 1.0, +25% per extra row)."""
+        known = self.verify_s
+        if rows in known:
+            return known[rows]
+        below = [r for r in known if r < rows]
+        above = [r for r in known if r > rows]
+        if below and above:
+            lo, hi = max(below), min(above)
+            w = (rows - lo) / (hi - lo)
+            return known[lo] + w * (known[hi] - known[lo])
+        base = known.get(1, 1.0)
+        if below:
+            lo = max(below)
+            per_row = (known[lo] - base) / (lo - 1) if lo > 1 else 0.25 * base
+            return known[lo] + max(per_row, 0.05 * base) * (rows - lo)
+        return base * (1 + 0.25 * (rows - 1))
+
+    def draft_cost(self, k: int) -> float:
+        per = self.draft_token_s if self.draft_token_s is not None else 0.25 * self.verify_cost(1)
+        return per * k
+
+    def rate(self, source: str, k: int) -> float:
+        cost = self.verify_cost(k + 1) + (self.draft_cost(k) if source == "model" else 0.0)
+        return self.stats(source).expected(k) / cost
+
+    # --- choosing ----------------------------------------------------------------------------
+
+    def new_request(self, draft_id: int) -> None:
+        """Called at each request; a different draft (adapter swap) starts from the prior."""
+        if draft_id != self._draft_id:
+            self._draft_id = draft_id
+            self.sources.pop("model", None)
+            self.draft_token_s = None
+
+    def choose(self, proposal: Proposal | None, remaining: int) -> Choice:
+        """The round with the best expected tokens per second; ``remaining`` bounds k."""
+        limit = max(remaining - 1, 0)
+        best = Choice("none", 0)
+        best_rate = self.rate("none", 0)
+        for k in range(1, min(self.max_model_tokens, limit) + 1):
+            r = self.rate("model", k)
+            if r > best_rate:
+                best, best_rate = Choice("model", k), r
+        if proposal is not None:
+            for k in range(1, min(len(proposal.tokens), self.max_proposal_tokens, limit) + 1):
+                r = self.rate(proposal.source, k)
+                if r > best_rate:
+                    best, best_rate = Choice(proposal.source, k, proposal.tokens[:k]), r
+        if best.source == "model":
+            self._since_model = 0
+        else:
+            self._since_model += 1
+            probe = self.max_model_tokens > 0 and limit >= 1 and best.source == "none"
+            if probe and self._since_model >= PROBE_EVERY:
+                self._since_model = 0
+                return Choice("model", 1)  # keep measuring the draft
+        return best
+
+    # --- measuring ---------------------------------------------------------------------------
+
+    def observe(
+        self, choice: Choice, accepted: int, verify_s: float, draft_s: float | None
+    ) -> None:
+        """Record a round: acceptance of its source, the pass's time, the draft's time per
+        token (None when it includes catching up on earlier tokens, which is no per-token
+        figure)."""
+        rows = choice.k + 1
+        prev = self.verify_s.get(rows)
+        self.verify_s[rows] = verify_s if prev is None else prev + EMA * (verify_s - prev)
+        if choice.k:
+            self.stats(choice.source).observe(choice.k, accepted)
+        if choice.source == "model" and choice.k and draft_s is not None:
+            per = draft_s / choice.k
+            prev_d = self.draft_token_s
+            self.draft_token_s = per if prev_d is None else prev_d + EMA * (per - prev_d)

@@ -1,0 +1,137 @@
+"""Drafting without a model: the n-gram indexes, the cost-aware policy, and the engine's
+rounds that use them (greedy output still token for token the target's)."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import pytest
+from mlx_lm.generate import generate_step
+from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+from daemon.core.drafting import ContextIndex, NgramIndex, Proposal, SuffixIndex
+from daemon.core.engine import SamplingParams, SpeculativeConfig, SpeculativeEngine
+from daemon.core.policy import PROBE_EVERY, Choice, SpeculationPolicy
+from tests.helpers import make_tiny_llama, perturbed_copy
+
+# --------------------------------------------------------------------------- indexes
+
+
+def test_longest_match_wins_and_continues_its_latest_occurrence() -> None:
+    idx = NgramIndex()
+    idx.add_document([1, 2, 3, 4, 5, 1, 2, 9, 9])
+    p = idx.propose([7, 1, 2], max_tokens=8)
+    assert p == Proposal([9, 9], "lookup", 2, 2)  # "1 2" last ended before 9 9
+    p = idx.propose([3, 4], max_tokens=8)
+    assert p is not None and p.tokens == [5, 1, 2, 9] and p.match == 2  # 2 tokens per match
+    assert idx.propose([3, 4], max_tokens=1).tokens == [5]  # type: ignore[union-attr]
+    assert idx.propose([42], max_tokens=8) is None
+
+
+def test_documents_never_run_into_each_other() -> None:
+    idx = NgramIndex()
+    idx.add_document([1, 2, 3])
+    idx.add_document([4, 5, 6])
+    assert idx.propose([2, 3], 8) is None  # nothing follows 2 3 in its own document
+    spanning = idx.propose([3, 4], 8)  # no "3 4" across the boundary: only "4" matches
+    assert spanning is not None and spanning.match == 1 and spanning.tokens == [5, 6]
+    assert idx.propose([4, 5], 8).tokens == [6]  # type: ignore[union-attr]
+
+
+def test_context_index_copies_an_earlier_occurrence_not_its_own_end() -> None:
+    ctx = ContextIndex([10, 11, 12, 13, 14, 10, 11])
+    p = ctx.propose(4)
+    assert p is not None and p.tokens == [12, 13, 14, 10] and p.source == "lookup"
+    ctx.extend([12])
+    p = ctx.propose(4)
+    assert p is not None and p.tokens == [13, 14, 10, 11]
+    assert ContextIndex([5, 6, 7]).propose(4) is None  # nothing repeats yet
+
+
+def test_suffix_index_keeps_a_token_budget_and_evicts_the_oldest() -> None:
+    s = SuffixIndex(budget=12)
+    s.add([1, 2, 3, 4])
+    s.add([5, 6, 7, 8])
+    assert s.propose([1, 2], 8) == Proposal([3, 4], "suffix", 2, 1)
+    s.add([9, 10, 11, 12])  # 4 + 4 + 4 tokens and 2 boundaries: over budget
+    assert s.stats()["tokens"] <= 12 and s.stats()["outputs"] == 2
+    assert s.propose([1, 2], 8) is None  # the oldest output is gone
+    assert s.propose([9, 10], 8).tokens == [11, 12]  # type: ignore[union-attr]
+    assert s.propose([11], 8) is None  # one shared token is not enough across requests
+    off = SuffixIndex(budget=0)
+    off.add([1, 2, 3])
+    assert off.propose([1, 2], 8) is None and off.stats()["tokens"] == 0
+
+
+# --------------------------------------------------------------------------- policy
+
+
+def test_policy_prefers_what_pays_and_probes_the_model() -> None:
+    pol = SpeculationPolicy(max_model_tokens=4, max_proposal_tokens=8)
+    pol.new_request(draft_id=1)
+    # A CPU-like cost: each extra verified row costs 40% of a one-row pass; the draft 30%.
+    for rows in range(1, 10):
+        pol.verify_s[rows] = 1.0 + 0.4 * (rows - 1)
+    pol.draft_token_s = 0.3
+    for _ in range(50):  # the model draft is bad, lookups are good
+        pol.stats("model").observe(2, 0)
+        pol.stats("lookup").observe(4, 4)
+    assert pol.choose(None, remaining=100).source == "none"  # drafting would not pay
+    good = Proposal([1, 2, 3, 4, 5, 6], "lookup", 3, 1)
+    plan = pol.choose(good, remaining=100)
+    assert plan.source == "lookup" and plan.k >= 4 and plan.tokens == good.tokens[: plan.k]
+    assert pol.choose(good, remaining=3).k <= 2  # never past the tokens left
+    seen = {pol.choose(None, remaining=100).source for _ in range(PROBE_EVERY + 1)}
+    assert seen == {"none", "model"}  # a bad draft is still probed now and then
+    pol.new_request(draft_id=2)  # another draft (an adapter swap): its estimates start over
+    assert pol.stats("model").accept[0] == 0.5
+
+
+def test_policy_learns_costs_from_observations() -> None:
+    pol = SpeculationPolicy(max_model_tokens=4, max_proposal_tokens=8)
+    for _ in range(60):
+        pol.observe(Choice("none", 0), 0, verify_s=0.07, draft_s=None)
+        pol.observe(Choice("model", 2), 2, verify_s=0.10, draft_s=0.02)
+    assert pol.verify_cost(1) == pytest.approx(0.07, rel=0.01)
+    assert pol.verify_cost(2) == pytest.approx(0.085, rel=0.05)  # interpolated
+    assert pol.draft_token_s == pytest.approx(0.01, rel=0.01)
+    assert pol.stats("model").accept[0] > 0.9
+
+
+# --------------------------------------------------------------------------- the engine
+
+
+def reference(model, prompt: list[int], n: int) -> list[int]:
+    return [int(t) for t, _ in generate_step(mx.array(prompt), model, max_tokens=n)]
+
+
+@pytest.mark.parametrize("cost_aware", [False, True])
+def test_greedy_with_lookup_and_suffix_equals_the_target(tiny_tokenizer, cost_aware) -> None:
+    vocab = len(tiny_tokenizer)
+    target = make_tiny_llama(vocab, seed=0)
+    draft = perturbed_copy(target, seed=1, noise=0.3)
+    tok = TokenizerWrapper(
+        tiny_tokenizer._tokenizer, detokenizer_class=type(tiny_tokenizer._detokenizer)
+    )
+    tok.eos_token_ids = []  # always 24 tokens
+    # Prompts that repeat themselves (as edits do), and past outputs of the target to copy.
+    base = [tok.encode(s) for s in ("def main():\n    print('hello')", "the cat sat on the mat")]
+    prompts = [p + p[: len(p) // 2] for p in base] + [base[1], [5, 6, 7]]
+    suffix = SuffixIndex(budget=4096)
+    for p in prompts:
+        suffix.add(reference(target, p, 24))
+    cfg = SpeculativeConfig(
+        num_draft_tokens=3, lookup=True, cost_aware=cost_aware, max_proposal_tokens=8
+    )
+    engine = SpeculativeEngine(target, draft, tok, cfg, suffix=suffix)
+    sources: dict[str, int] = {}
+    accepted: dict[str, int] = {}
+    for p in prompts:
+        res = engine.run(p, SamplingParams(max_tokens=24))
+        assert res.tokens == reference(target, p, 24), p
+        for s, n in res.stats.drafted_by_source.items():
+            sources[s] = sources.get(s, 0) + n
+            accepted[s] = accepted.get(s, 0) + res.stats.accepted_by_source[s]
+        assert res.stats.drafted == sum(res.stats.drafted_by_source.values())
+        assert all(r.position < len(res.tokens) for r in res.rejections)
+    assert {"lookup", "suffix"} <= sources.keys(), sources
+    assert accepted["suffix"] > 0 and accepted["lookup"] > 0, accepted
