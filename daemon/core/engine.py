@@ -675,6 +675,8 @@ class SpeculativeEngine:
             sent = end
             result.text = text[:end]
             result.finish_reason = finish
+            if policy is not None:
+                stats.draft_acceptance_estimate = policy.draft_acceptance()
             self._finalize(result, pending, materialize, t_gen)
             yield GenerationChunk(
                 text=delta, tokens=new_tokens, finish_reason=finish, result=result

@@ -25,8 +25,9 @@ from daemon.core.drafting import Proposal
 
 EMA = 0.1  # weight of a new observation
 PRIOR_ACCEPT = 0.5
-PROBE_EVERY = 32
+PROBE_EVERY = 16
 MAX_POSITIONS = 32
+MIN_EVIDENCE = 8  # rounds before an estimate is reported as evidence about the draft
 
 
 @dataclass
@@ -43,6 +44,7 @@ class SourceStats:
     """Conditional acceptance per draft position, as moving averages."""
 
     accept: list[float] = field(default_factory=lambda: [PRIOR_ACCEPT] * MAX_POSITIONS)
+    rounds: int = 0  # rounds observed: below MIN_EVIDENCE the figures are mostly the prior
 
     def expected(self, k: int) -> float:
         """Expected tokens emitted by a round that drafts ``k`` (the target's own included)."""
@@ -53,6 +55,7 @@ class SourceStats:
         return total
 
     def observe(self, k: int, accepted: int) -> None:
+        self.rounds += 1
         for i in range(min(k, accepted + 1, MAX_POSITIONS)):
             hit = 1.0 if i < accepted else 0.0
             self.accept[i] += EMA * (hit - self.accept[i])
@@ -97,6 +100,11 @@ class SpeculationPolicy:
     def draft_cost(self, k: int) -> float:
         per = self.draft_token_s if self.draft_token_s is not None else 0.25 * self.verify_cost(1)
         return per * k
+
+    def draft_acceptance(self) -> float | None:
+        """The model draft's estimated first-position acceptance, once measured enough."""
+        model = self.sources.get("model")
+        return model.accept[0] if model is not None and model.rounds >= MIN_EVIDENCE else None
 
     def rate(self, source: str, k: int) -> float:
         cost = self.verify_cost(k + 1) + (self.draft_cost(k) if source == "model" else 0.0)

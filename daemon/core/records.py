@@ -66,6 +66,10 @@ class GenerationStats:
     # per drafting source ("model", "lookup", "suffix"): tokens drafted and accepted
     drafted_by_source: dict[str, int] = field(default_factory=dict)
     accepted_by_source: dict[str, int] = field(default_factory=dict)
+    # The cost-aware policy's running estimate of the draft model's acceptance when the
+    # request ended (None without the policy): evidence about the draft even for a request
+    # whose rounds it did not draft because it was not worth running.
+    draft_acceptance_estimate: float | None = None
     prompt_time: float = 0.0
     generation_time: float = 0.0
 

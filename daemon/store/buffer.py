@@ -135,6 +135,26 @@ def assign_split(prompt_text: str, holdout_fraction: float) -> Split:
     return "holdout" if u < holdout_fraction else "train"
 
 
+def draft_evidence(stats: dict, rejections: int) -> tuple[float | None, int]:
+    """What a failure case is judged on: (the draft model's acceptance, rejections seen).
+
+    The model's own rounds when it drafted in the request (tokens proposed by lookup or the
+    suffix index say nothing about the model the loop trains). When it did not draft because
+    the cost-aware policy judged it not worth running, the policy's running estimate of its
+    acceptance, which probes across requests measured, counts as one piece of evidence: a
+    draft too poor to run is what training is for. Older records: the request's acceptance.
+    """
+    by_source = stats.get("drafted_by_source")
+    if isinstance(by_source, dict) and (by_source or "draft_acceptance_estimate" in stats):
+        drafted = int(by_source.get("model", 0))
+        if drafted:
+            accepted = int((stats.get("accepted_by_source") or {}).get("model", 0))
+            return acceptance_rate(accepted, drafted), rejections
+        estimate = stats.get("draft_acceptance_estimate")
+        return (float(estimate), 1) if estimate is not None else (None, rejections)
+    return stats_acceptance_rate(stats), rejections
+
+
 def stats_acceptance_rate(stats: dict) -> float | None:
     """A stored request's acceptance: the engine's ``acceptance_rate``, else ``accepted /
     drafted``; None if nothing was drafted (the engine reports 0.0 there: no evidence)."""
@@ -439,7 +459,7 @@ def _encode(record: BufferRecord, settings: BufferSettings) -> tuple[tuple[Any, 
     failure = record.is_failure
     if failure is None:
         failure = is_failure_case(
-            stats_acceptance_rate(stats), len(rejections), settings.failure_threshold
+            *draft_evidence(stats, len(rejections)), settings.failure_threshold
         )
     top_k: list[int] = []
     top_ids: list[int] = []

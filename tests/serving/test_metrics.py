@@ -16,6 +16,8 @@ COUNTERS = {
     "specd_spec_decode_num_drafts": (),
     "specd_spec_decode_num_draft_tokens": (),
     "specd_spec_decode_num_accepted_tokens": (),
+    "specd_spec_decode_num_draft_tokens_by_source": ("source",),
+    "specd_spec_decode_num_accepted_tokens_by_source": ("source",),
     "specd_spec_decode_num_accepted_tokens_per_pos": ("position",),
     "specd_spec_decode_num_draft_tokens_per_pos": ("position",),
     "specd_requests": ("endpoint", "status"),
@@ -46,6 +48,8 @@ def finished(drafted: int, accepted: int, num_drafts: int, reason: str | None = 
         num_drafts=num_drafts,
         accepted_per_position=[accepted],
         drafted_per_position=[drafted],
+        drafted_by_source={"model": drafted},
+        accepted_by_source={"model": accepted},
     )
     return SimpleNamespace(stats=stats, finish_reason=reason)
 
@@ -82,6 +86,9 @@ def test_exposition_names_types_and_labels() -> None:
     assert samples[("specd_spec_decode_num_draft_tokens_total", ())] == 4
     assert samples[("specd_spec_decode_num_accepted_tokens_total", ())] == 3
     assert samples[("specd_spec_decode_num_drafts_total", ())] == 2
+    model = (("source", "model"),)
+    assert samples[("specd_spec_decode_num_draft_tokens_by_source_total", model)] == 4
+    assert samples[("specd_spec_decode_num_accepted_tokens_by_source_total", model)] == 3
     assert samples[("specd_spec_decode_num_accepted_tokens_per_pos_total", (("position", "0"),))]
     assert samples[("specd_generations_total", (("finish_reason", "stop"),))] == 1
     key = (("endpoint", "/v1/completions"), ("status", "200"))

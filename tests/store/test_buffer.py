@@ -156,6 +156,33 @@ def test_failure_classification(buf: ReplayBuffer, stats: dict, n_rej: int, fail
     assert buf.pending_failure_count() == int(failure)
 
 
+@pytest.mark.parametrize(
+    ("stats", "n_rej", "failure"),
+    [
+        # the draft model's own rounds decide, not tokens copied by lookup or the suffix index
+        ({"drafted_by_source": {"model": 10, "lookup": 20},
+          "accepted_by_source": {"model": 2, "lookup": 20}}, 1, True),
+        ({"drafted_by_source": {"model": 10, "suffix": 20},
+          "accepted_by_source": {"model": 9, "suffix": 0}}, 1, False),
+        # the model did not draft: only the policy's measured estimate is evidence
+        ({"drafted_by_source": {"lookup": 8}, "accepted_by_source": {"lookup": 1}}, 0, False),
+        ({"drafted_by_source": {"lookup": 8}, "accepted_by_source": {"lookup": 8},
+          "draft_acceptance_estimate": 0.2}, 0, True),
+        ({"drafted_by_source": {}, "accepted_by_source": {},
+          "draft_acceptance_estimate": 0.9}, 0, False),
+        ({"drafted_by_source": {}, "accepted_by_source": {},
+          "draft_acceptance_estimate": None}, 0, False),
+    ],
+)  # fmt: skip
+def test_failure_cases_are_judged_on_the_draft_model(
+    buf: ReplayBuffer, stats: dict, n_rej: int, failure: bool
+) -> None:
+    r = rec(n_rej=n_rej, split="train")
+    r.stats = {"drafted": 30, "accepted": 21, **stats}
+    buf.add([r])
+    assert r.is_failure is failure
+
+
 def test_holdout_assignment_is_stable(tmp_path: Path) -> None:
     settings = BufferSettings(holdout_fraction=0.3)
     prompts = [f"prompt number {i}" for i in range(200)]

@@ -44,10 +44,16 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 SSE_DOC = {
     "text/event-stream": {
+        # Before OpenAPI 3.2 the media type's schema describes one event of the stream.
         "schema": {
-            "type": "string",
+            "type": "object",
             "description": "With stream=true: server-sent events, one JSON chunk per "
             "'data:' line, ending with 'data: [DONE]'.",
+            "properties": {
+                "data": {"type": "string", "description": "A JSON chunk, or [DONE]."},
+                "event": {"type": "string"},
+            },
+            "required": ["data"],
         }
     }
 }
