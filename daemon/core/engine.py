@@ -497,7 +497,9 @@ class SpeculativeEngine:
                 if policy is not None:
                     plan = policy.choose(proposal, int(min(remaining, 1 << 30)))
                 elif proposal is not None:
-                    plan = Choice(proposal.source, len(proposal.tokens), proposal.tokens)
+                    plan = Choice(
+                        proposal.source, len(proposal.tokens), proposal.tokens, proposal.match
+                    )
                 else:
                     k = int(max(0, min(k_cur, remaining - 1))) if cfg.model_draft else 0
                     plan = Choice("model" if k else "none", k)

@@ -10,7 +10,9 @@ tokens per second
 
 over the model draft (k = 0 .. max), the proposal at hand (its first k tokens; no draft cost)
 and plain target decoding (k = 0, E = 1). ``a_i`` is the acceptance of position ``i`` given the
-ones before were accepted, per source, as an exponential moving average with a neutral prior;
+ones before were accepted, per source (for a proposal's first token, per matched n-gram
+length too, the frequency-based confidence: 1, 2, 3-4, 5-8, 9-16, longer), as an exponential
+moving average with a neutral prior;
 ``verify(rows)`` and the model's per-token cost are moving averages of measured times. When
 the model draft is not worth running it is still tried with one token every
 ``PROBE_EVERY`` rounds, so a draft that improves (a new adapter) is noticed; a new draft
@@ -25,9 +27,22 @@ from daemon.core.drafting import Proposal
 
 EMA = 0.1  # weight of a new observation
 PRIOR_ACCEPT = 0.5
+# A copied continuation that starts right tends to stay right (it is a repeat), so a
+# proposal's later positions start optimistic; otherwise long proposals would never be tried
+# and their estimates never leave the prior.
+PRIOR_CONTINUE = 0.8
 PROBE_EVERY = 16
 MAX_POSITIONS = 32
 MIN_EVIDENCE = 8  # rounds before an estimate is reported as evidence about the draft
+
+
+def evidence_key(source: str, match: int) -> str:
+    """Acceptance is tracked per source and, for proposals, per matched n-gram length: a
+    long match predicts its continuation far better than a one-token match."""
+    if match <= 0:
+        return source
+    bucket = next(b for b in (1, 2, 4, 8, 16, 1 << 30) if match <= b)
+    return f"{source}/{bucket}"
 
 
 @dataclass
@@ -37,6 +52,7 @@ class Choice:
     source: str
     k: int
     tokens: list[int] = field(default_factory=list)  # the proposal's tokens, for proposals
+    match: int = 0  # the proposal's matched n-gram length
 
 
 @dataclass
@@ -46,11 +62,13 @@ class SourceStats:
     accept: list[float] = field(default_factory=lambda: [PRIOR_ACCEPT] * MAX_POSITIONS)
     rounds: int = 0  # rounds observed: below MIN_EVIDENCE the figures are mostly the prior
 
-    def expected(self, k: int) -> float:
-        """Expected tokens emitted by a round that drafts ``k`` (the target's own included)."""
+    def expected(self, k: int, first: float | None = None) -> float:
+        """Expected tokens emitted by a round that drafts ``k`` (the target's own included);
+        ``first`` replaces the first position's acceptance."""
         total, p = 1.0, 1.0
         for i in range(k):
-            p *= self.accept[min(i, MAX_POSITIONS - 1)]
+            a = first if i == 0 and first is not None else self.accept[min(i, MAX_POSITIONS - 1)]
+            p *= a
             total += p
         return total
 
@@ -76,7 +94,12 @@ class SpeculationPolicy:
     # --- estimates -------------------------------------------------------------------------
 
     def stats(self, source: str) -> SourceStats:
-        return self.sources.setdefault(source, SourceStats())
+        found = self.sources.get(source)
+        if found is None:
+            found = self.sources[source] = SourceStats()
+            if not source.startswith(("model", "none")):
+                found.accept[1:] = [PRIOR_CONTINUE] * (MAX_POSITIONS - 1)
+        return found
 
     def verify_cost(self, rows: int) -> float:
         """Seconds of a ``rows``-row target pass: measured, else interpolated, else a prior
@@ -106,9 +129,12 @@ class SpeculationPolicy:
         model = self.sources.get("model")
         return model.accept[0] if model is not None and model.rounds >= MIN_EVIDENCE else None
 
-    def rate(self, source: str, k: int) -> float:
+    def rate(self, source: str, k: int, match: int = 0) -> float:
         cost = self.verify_cost(k + 1) + (self.draft_cost(k) if source == "model" else 0.0)
-        return self.stats(source).expected(k) / cost
+        # Whether a proposal starts right depends on its match length; once it does, how far
+        # it stays right is much the same for all of them: the source's later positions.
+        first = self.stats(evidence_key(source, match)).accept[0] if match else None
+        return self.stats(source).expected(k, first) / cost
 
     # --- choosing ----------------------------------------------------------------------------
 
@@ -129,10 +155,11 @@ class SpeculationPolicy:
             if r > best_rate:
                 best, best_rate = Choice("model", k), r
         if proposal is not None:
-            for k in range(1, min(len(proposal.tokens), self.max_proposal_tokens, limit) + 1):
-                r = self.rate(proposal.source, k)
+            p = proposal
+            for k in range(1, min(len(p.tokens), self.max_proposal_tokens, limit) + 1):
+                r = self.rate(p.source, k, p.match)
                 if r > best_rate:
-                    best, best_rate = Choice(proposal.source, k, proposal.tokens[:k]), r
+                    best, best_rate = Choice(p.source, k, p.tokens[:k], p.match), r
         if best.source == "model":
             self._since_model = 0
         else:
@@ -156,6 +183,8 @@ class SpeculationPolicy:
         self.verify_s[rows] = verify_s if prev is None else prev + EMA * (verify_s - prev)
         if choice.k:
             self.stats(choice.source).observe(choice.k, accepted)
+            if choice.match:
+                self.stats(evidence_key(choice.source, choice.match)).observe(choice.k, accepted)
         if choice.source == "model" and choice.k and draft_s is not None:
             per = draft_s / choice.k
             prev_d = self.draft_token_s

@@ -10,7 +10,7 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from daemon.core.drafting import ContextIndex, NgramIndex, Proposal, SuffixIndex
 from daemon.core.engine import SamplingParams, SpeculativeConfig, SpeculativeEngine
-from daemon.core.policy import PROBE_EVERY, Choice, SpeculationPolicy
+from daemon.core.policy import PROBE_EVERY, Choice, SpeculationPolicy, evidence_key
 from tests.helpers import make_tiny_llama, perturbed_copy
 
 # --------------------------------------------------------------------------- indexes
@@ -74,7 +74,7 @@ def test_policy_prefers_what_pays_and_probes_the_model() -> None:
     pol.draft_token_s = 0.3
     for _ in range(50):  # the model draft is bad, lookups are good
         pol.stats("model").observe(2, 0)
-        pol.stats("lookup").observe(4, 4)
+        pol.observe(Choice("lookup", 6, [1, 2, 3, 4, 5, 6], match=3), 6, 3.0, None)
     assert pol.choose(None, remaining=100).source == "none"  # drafting would not pay
     good = Proposal([1, 2, 3, 4, 5, 6], "lookup", 3, 1)
     plan = pol.choose(good, remaining=100)
@@ -84,6 +84,20 @@ def test_policy_prefers_what_pays_and_probes_the_model() -> None:
     assert seen == {"none", "model"}  # a bad draft is still probed now and then
     pol.new_request(draft_id=2)  # another draft (an adapter swap): its estimates start over
     assert pol.stats("model").accept[0] == 0.5
+
+
+def test_acceptance_is_tracked_per_match_length() -> None:
+    pol = SpeculationPolicy(max_model_tokens=0, max_proposal_tokens=8)
+    for rows in range(1, 10):
+        pol.verify_s[rows] = 1.0 + 0.4 * (rows - 1)
+    for _ in range(50):  # one-token matches are wrong, long matches right
+        pol.observe(Choice("lookup", 4, [1, 2, 3, 4], match=1), 0, 2.6, None)
+        pol.observe(Choice("lookup", 4, [1, 2, 3, 4], match=8), 4, 2.6, None)
+    weak = Proposal([1, 2, 3, 4], "lookup", 1, 1)
+    strong = Proposal([1, 2, 3, 4], "lookup", 8, 1)
+    assert pol.choose(weak, remaining=100).source == "none"
+    assert pol.choose(strong, remaining=100).k == 4
+    assert evidence_key("lookup", 3) == evidence_key("lookup", 4) != evidence_key("lookup", 5)
 
 
 def test_policy_learns_costs_from_observations() -> None:
