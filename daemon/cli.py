@@ -242,7 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="target-only vs mlx-lm speculative vs specd, side by side",
         description="Greedy decoding speed on the same prompts, in one process: "
         "target-only (mlx-lm), mlx-lm's speculative path with the "
-        "same draft, specd's engine with fixed and adaptive k.",
+        "same draft, specd's engine with a fixed k, with its defaults (everything on), and "
+        "with each drafting source alone (model, lookup, suffix; the suffix index is the "
+        "data dir's recorded outputs).",
     )
     _common(q)
     _prompt_args(q, limit=8, max_tokens=64)
