@@ -70,6 +70,10 @@ class NgramIndex:
     def _get(self, pos: int) -> int:
         return self._tokens[pos - self.base]
 
+    def tail(self, n: int) -> list[int]:
+        """The last ``n`` tokens held (what a context that is itself indexed ends with)."""
+        return self._tokens[-n:]
+
     def add_document(self, tokens: Iterable[int]) -> None:
         """Index ``tokens`` as a new document (a past output, or a request's context)."""
         if self._tokens and self._tokens[-1] != _BOUNDARY:
@@ -151,15 +155,15 @@ class ContextIndex:
     def __init__(self, prompt: Sequence[int]) -> None:
         self.index = NgramIndex()
         self.index.add_document(prompt)
-        self.context: list[int] = list(prompt)
 
     def extend(self, tokens: Sequence[int]) -> None:
         self.index.extend(tokens)
-        self.context.extend(tokens)
 
     def propose(self, max_tokens: int, tokens_per_match: int = 2) -> Proposal | None:
-        end = self.index.base + self.index.size  # the context's own end: nothing follows yet
-        return self.index.propose(self.context, max_tokens, tokens_per_match, exclude_end=end)
+        index = self.index
+        end = index.base + index.size  # the context's own end: nothing follows it yet
+        context = index.tail(index.sizes[0])  # the longest n-gram it can end with
+        return index.propose(context, max_tokens, tokens_per_match, exclude_end=end)
 
 
 class SuffixIndex:
@@ -172,9 +176,13 @@ class SuffixIndex:
     def __init__(self, budget: int) -> None:
         self.budget = budget
         self._index = NgramIndex(min_match=2)  # one shared token is no evidence across requests
-        self._docs: deque[tuple[int, int]] = deque()  # (start, end) absolute positions
+        self._ends: deque[int] = deque()  # where each output ends (absolute), oldest first
         self._lock = threading.Lock()
-        self.outputs = 0
+
+    @property
+    def outputs(self) -> int:
+        with self._lock:
+            return len(self._ends)
 
     @property
     def tokens(self) -> int:
@@ -188,16 +196,14 @@ class SuffixIndex:
         output = list(output)[-self.budget :]
         with self._lock:
             idx = self._index
-            start = idx.base + idx.size
             idx.add_document(output)
-            self._docs.append((start, idx.base + idx.size))
-            self.outputs += 1
-            while idx.size > self.budget and self._docs:
-                _, end = self._docs.popleft()
-                idx.drop_before(end)
-                self.outputs -= 1
+            self._ends.append(idx.base + idx.size)
+            while idx.size > self.budget and self._ends:
+                idx.drop_before(self._ends.popleft())
             if idx.entries > 8 * max(idx.size, 1) * len(idx.sizes):
-                idx.compact()  # stale entries outnumber live ones: reclaim them
+                # far more entries than the live tokens can hold (at most one per token and
+                # n-gram size): most point into dropped outputs, so reclaim them
+                idx.compact()
 
     def propose(
         self, context: Sequence[int], max_tokens: int, tokens_per_match: int = 2
@@ -208,7 +214,7 @@ class SuffixIndex:
     def stats(self) -> dict[str, int]:
         with self._lock:
             return {
-                "outputs": self.outputs,
+                "outputs": len(self._ends),
                 "tokens": self._index.size,
                 "budget": self.budget,
                 "entries": self._index.entries,

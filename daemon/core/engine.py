@@ -68,7 +68,7 @@ import random
 import time
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, cast
+from typing import Any, TypeGuard, cast
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -94,7 +94,7 @@ __all__ = [
 ]
 
 
-def _is_int(x: Any) -> bool:
+def _is_int(x: Any) -> TypeGuard[int]:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
@@ -246,7 +246,7 @@ def _vocab_size(model: nn.Module) -> int:
     except Exception:  # noqa: BLE001 - fall back to the config
         args = getattr(model, "args", None)
         vocab = getattr(args, "vocab_size", None)
-        if isinstance(vocab, int) and not isinstance(vocab, bool) and vocab > 0:
+        if _is_int(vocab) and vocab > 0:
             return vocab
         raise
 
@@ -495,7 +495,7 @@ class SpeculativeEngine:
                     cut = next(i for i, t in enumerate(proposal.tokens) if t >= vocab)
                     proposal = replace(proposal, tokens=proposal.tokens[:cut]) if cut else None
                 if policy is not None:
-                    plan = policy.choose(proposal, int(min(remaining, 1 << 30)))
+                    plan = policy.choose(proposal, int(remaining))
                 elif proposal is not None:
                     plan = Choice(
                         proposal.source, len(proposal.tokens), proposal.tokens, proposal.match
@@ -508,10 +508,13 @@ class SpeculativeEngine:
                 if not greedy:
                     key, keys = round_keys(key, k)
 
-                # ---- draft k tokens
+                # ---- draft k tokens (d_arr; q_lp: their draft log-probs, when sampling)
                 d_toks: list[mx.array] = []
                 d_rows: list[mx.array] = []  # raw draft logits (greedy, for draft_prob)
                 q_rows: list[mx.array] = []
+                # an empty array when nothing is drafted keeps one type for the code below
+                d_arr = mx.zeros((0,), dtype=mx.uint32)
+                q_lp: mx.array | None = None
                 t_draft = time.perf_counter()
                 catch_up = len(draft_in)  # > 2: the draft first reads tokens it skipped
                 if model_round:
@@ -532,18 +535,18 @@ class SpeculativeEngine:
                     stats.draft_passes += k
                     if policy is not None:
                         mx.eval(d_toks[-1])  # the verify needs them anyway: time the draft alone
+                    d_arr = mx.stack(d_toks)
+                    q_lp = None if greedy else mx.stack(q_rows)
                 elif k:  # a proposal: a point mass at each proposed token (q = 1)
-                    d_toks = [mx.array(t, dtype=mx.uint32) for t in plan.tokens]
+                    d_arr = mx.array(plan.tokens, dtype=mx.uint32)
                     if not greedy:
-                        onehot = mx.arange(vocab)[None, :] == mx.array(plan.tokens)[:, None]
-                        q_rows = list(mx.where(onehot, 0.0, -mx.inf))
+                        onehot = mx.arange(vocab)[None, :] == d_arr[:, None]
+                        q_lp = mx.where(onehot, 0.0, -mx.inf)
                 t_verify = time.perf_counter()
                 draft_s = t_verify - t_draft
 
                 # ---- verify with the target in one pass
                 t_in = mx.array(target_in, dtype=mx.uint32)
-                # an empty array when nothing was drafted keeps one type for the code below
-                d_arr = mx.stack(d_toks) if k else mx.zeros((0,), dtype=mx.uint32)
                 if k:
                     t_in = mx.concatenate([t_in, d_arr])
                 t_logits = target(t_in[None], cache=target_cache)[0, -(k + 1) :, :]
@@ -552,7 +555,7 @@ class SpeculativeEngine:
                 to_eval: list[mx.array] = []
                 if k:
                     to_eval.append(d_arr)
-                    if record:
+                    if record and model_round:  # only model rounds record rejections
                         t_rec = _as_f32(t_logits)
                         to_eval.append(t_rec)
                 if greedy:
@@ -560,10 +563,8 @@ class SpeculativeEngine:
                     to_eval.append(choice)
                 else:
                     lp = process_logits(tl, temp, top_k, top_p)
-                    if k:
-                        accept, qx, choice = verify_sampled(
-                            lp, mx.stack(q_rows), d_arr, keys[k], keys[k + 1]
-                        )
+                    if q_lp is not None:  # k > 0
+                        accept, qx, choice = verify_sampled(lp, q_lp, d_arr, keys[k], keys[k + 1])
                         to_eval += [accept, qx]
                     else:
                         choice = mx.random.categorical(lp, key=keys[k + 1])

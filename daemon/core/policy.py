@@ -2,9 +2,8 @@
 
 Drafting pays only when the tokens it gains outweigh what it costs, and on a CPU both sides
 cost: a layer-skip draft token is ~0.23 of a target step here, and verifying ``k + 1`` rows in
-one target pass costs far more than one row (a 5-row pass about twice a 1-row pass), unlike a
-memory-bound GPU. So the engine measures as it runs and, per round, maximises the expected
-tokens per second
+one target pass costs clearly more than one row, unlike on a memory-bound GPU. So the engine
+measures as it runs and, per round, maximises the expected tokens per second
 
     E(k) / (verify(k + 1) + draft(k)),    E(k) = 1 + sum_{i<=k} a_1 a_2 ... a_i
 
