@@ -333,6 +333,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME=LAYERS",
         help="e.g. 'first4=0-3' or 'ends=0,1,28,29' (repeatable)",
     )
+    q.add_argument(
+        "--head-tokens",
+        default="0",
+        metavar="N,N,...",
+        help="also measure each candidate with its output head cut to N tokens (0: full head; "
+        "default 0)",
+    )
     q.set_defaults(func="daemon.bench.draft:run", needs_mlx=True)
     return parser
 

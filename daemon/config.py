@@ -51,6 +51,12 @@ class ModelsSettings(_Section):
         default_factory=lambda: [0, 1, 2, 3],
         description="Target layer indices that make up the layer-skip draft.",
     )
+    draft_head_tokens: int = Field(
+        8192,
+        ge=0,
+        description="Cut the draft's output head to this many frequent tokens (FR-Spec; the "
+        "target still verifies over the full vocabulary); 0: the full head.",
+    )
     dequantize: Literal["auto", "always", "never"] = Field(
         "auto", description="auto: dequantize quantized weights to float32 on the CPU backend only."
     )
@@ -109,7 +115,12 @@ class SamplingSettings(_Section):
     temperature: float = Field(0.0, ge=0.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0)
-    max_tokens: int = Field(256, ge=1)
+    max_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="Default for requests without max_tokens; null: until EOS or the end of "
+        "the context (within server.max_tokens_limit).",
+    )
 
 
 class BufferSettings(_Section):

@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING, Any
 from daemon import __version__
 from daemon.config import ConfigError, ConfigSources, Settings, default_config_file
 from daemon.core.backend import backend_info
+from daemon.core.heads import pruned_head
 from daemon.core.models import ModelPair, load_pair
 from daemon.logging import get_logger
 from daemon.serving import notify
@@ -351,6 +352,10 @@ class Server:
     def adapter_version(self) -> int:
         return self.service.adapter_version if self.service is not None else 0
 
+    def _draft_head_tokens(self) -> int | None:
+        head = pruned_head(self.service.draft) if self.service is not None else None
+        return head.size if head is not None else None
+
     def _buffer_status(self) -> dict[str, Any]:
         assert self.service is not None and self.service.buffer is not None
         st = self.service.buffer.stats(trend_window=200, trend_buckets=4)
@@ -393,6 +398,7 @@ class Server:
             dtype=pair.dtype,
             max_context=pair.max_context,
             adapter_version=lambda: self.adapter_version,
+            draft_head_tokens=self._draft_head_tokens,
             status_providers=self.status_providers,
             admin=self.adaptation,
         )

@@ -129,6 +129,7 @@ def store_candidate(
         "data": metrics["examples"],
         "training": {k: metrics[k] for k in MANIFEST_TRAINING_KEYS},
         "config_hash": config_hash(settings.training.model_dump()),
+        "draft_head_tokens": m.head_tokens,  # the ids: specd.head_tokens in adapter_config.json
     }
     return store.add(Path(result.adapter_path), manifest, install=decision.decision == "install")
 

@@ -3,18 +3,22 @@ up and an optional distillation term from the target's stored top-k.
 
 ``loss = ce + disagreement_weight * ce_on_rejected + kd_weight * kd`` (`compute_loss`), each CE
 term divided by the number of target positions (at least 1: a batch without targets is 0, never
-0/0, guard 1 in `daemon.adaptation`). ``kd`` (`kd_loss`) is the forward KL from the target's
-stored top-k to the draft, both renormalised over those ids, masked with the finite `NEG` (guard
-2). Logits are upcast to float32 first: a log-softmax over a 49k vocabulary in float16 overflows
-(guard 3).
+0/0, guard 1 in `daemon.adaptation`). A draft with a pruned head (`daemon.core.heads`) is
+trained over its subset: targets outside it are not counted. ``kd`` (`kd_loss`) is the forward
+KL from the target's stored top-k to the draft, both renormalised over those ids, masked with
+the finite `NEG` (guard 2). Logits are upcast to float32 first: a log-softmax over a 49k
+vocabulary in float16 overflows (guard 3).
 """
 
 from __future__ import annotations
+
+from typing import cast
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from daemon.adaptation.data import IGNORE, NEG
+from daemon.core.heads import PLAIN_HEAD_MODULES, output_head, pruned_head
 
 __all__ = ["IGNORE", "NEG", "compute_loss", "kd_loss", "model_logits"]
 
@@ -48,21 +52,17 @@ def kd_loss(
     return (kl * row_valid).sum() / mx.maximum(row_valid.sum(), 1.0)
 
 
-# Architectures whose ``Model.__call__`` is exactly ``head(self.model(inputs))`` with the head
-# ``lm_head`` or the tied ``embed_tokens.as_linear``: for them the head (a vocabulary-sized
-# matmul, most of a small draft's compute) runs only on the positions that carry labels.
-_PLAIN_HEAD_MODULES = ("mlx_lm.models.llama", "mlx_lm.models.qwen2", "mlx_lm.models.qwen3")
-
-
 def model_logits(model: nn.Module, inputs: mx.array, start: int = 0) -> mx.array:
-    """``model(inputs)[:, start:]``, computing the output head only from ``start`` where the
-    architecture allows (`_PLAIN_HEAD_MODULES`)."""
-    inner = getattr(model, "model", None)
-    if start > 0 and type(model).__module__ in _PLAIN_HEAD_MODULES and inner is not None:
-        hidden = inner(inputs)[:, start:]
-        if getattr(model.args, "tie_word_embeddings", False):
-            return inner.embed_tokens.as_linear(hidden)
-        return model.lm_head(hidden)
+    """``model(inputs)[:, start:]``, computing the output head (a vocabulary-sized matmul, most
+    of a small draft's compute) only from ``start`` where the architecture allows
+    (`PLAIN_HEAD_MODULES`). A draft with a pruned head gets logits over its subset only
+    (``(..., N)``; `PrunedHead.index` maps token ids to their columns)."""
+    inner: nn.Module | None = getattr(model, "model", None)
+    head = pruned_head(model)
+    if head is not None and inner is not None:
+        return head.subset_logits(inner(inputs)[:, start:])
+    if start > 0 and type(model).__module__ in PLAIN_HEAD_MODULES and inner is not None:
+        return cast(mx.array, output_head(model)(inner(inputs)[:, start:]))
     return model(inputs)[:, start:] if start > 0 else model(inputs)
 
 
@@ -90,9 +90,18 @@ def compute_loss(
     """
     start = max(0, min(int(start), inputs.shape[1] - 1))
     logits = model_logits(model, inputs, start).astype(mx.float32)
-    if vocab_limit is not None and logits.shape[-1] > vocab_limit:
-        logits = logits[..., :vocab_limit]
     labels, rejected = labels[:, start:], rejected[:, start:]
+    head = pruned_head(model)
+    if head is not None:
+        # the loss over the head's subset: labels (and KD ids) become subset columns; a label
+        # outside the subset is a token this draft can never propose, so it is no target
+        sub = head.index[mx.where(labels == IGNORE, 0, labels)]
+        labels = mx.where((labels == IGNORE) | (sub < 0), IGNORE, sub)
+        kd_sub = head.index[kd_ids]
+        kd_mask = mx.where(kd_sub < 0, 0, kd_mask)
+        kd_ids = mx.maximum(kd_sub, 0)
+    elif vocab_limit is not None and logits.shape[-1] > vocab_limit:
+        logits = logits[..., :vocab_limit]
     valid = labels != IGNORE
     count = valid.sum()
     denom = mx.maximum(count, 1).astype(mx.float32)

@@ -10,7 +10,10 @@ adapter it continues) and after it (`heldout_agreement`), which the loop's gate 
 
 What comes out
 --------------
-The adapter in mlx-lm's format (`daemon.store.adapters.save_adapter`) and `RunMetrics`
+The adapter in mlx-lm's format (`daemon.store.adapters.save_adapter`), with the token subset
+of the draft's pruned head when ``models.draft_head_tokens`` is set (the most frequent tokens of
+the target's recent train-split outputs, `daemon.core.heads.frequent_tokens`; the loss is taken
+over it), and `RunMetrics`
 (`daemon.store.runs`). A run that takes no update at all, or ends with a non-finite adapter
 weight, raises `TrainingError`, saves nothing and marks nothing used (guard 5 in
 `daemon.adaptation`). Log events (component ``training``): ``train_start``, ``train_data``,
@@ -23,7 +26,7 @@ import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -33,18 +36,17 @@ from daemon.adaptation.lora import apply_lora
 from daemon.adaptation.trainer import StepInfo, Trainer, planned_steps
 from daemon.config import DataSettings, Settings
 from daemon.core.evaluation import teacher_forced_agreement
-from daemon.core.models import flat_parameters, load_pair
+from daemon.core.heads import frequent_tokens, prune_head
+from daemon.core.models import flat_parameters, load_pair, output_vocab
 from daemon.errors import TrainingError
 from daemon.logging import get_logger
-from daemon.store.adapters import save_adapter
+from daemon.store.adapters import adapter_head, save_adapter
 from daemon.store.runs import ExampleCounts, HeldoutEval, ProgressFile, RunMetrics
 
 log = get_logger("training")
 
-
-def output_vocab(model: nn.Module) -> int:
-    """Logit width of ``model`` (lazy graph, never evaluated)."""
-    return int(model(mx.zeros((1, 1), dtype=mx.int32)).shape[-1])
+# recent target output tokens a pruned draft head's subset is counted from
+HEAD_SAMPLE_TOKENS = 1 << 20
 
 
 def heldout_agreement(
@@ -140,6 +142,16 @@ def run_training(
             seed=cfg.seed,
         )
         holdout = buffer.holdout(cfg.eval_max_rows)
+        head = (
+            frequent_tokens(
+                buffer.recent_outputs(HEAD_SAMPLE_TOKENS),
+                pair.head_tokens,
+                pair.shared_vocab,
+                pair.special_ids(),
+            )
+            if pair.prunes_head
+            else None
+        )
     fail_ex, skipped_f = make_examples(failures, settings.data, "failure")
     replay_ex, skipped_r = make_examples(replay, settings.data, "replay")
     examples = fail_ex + replay_ex
@@ -163,8 +175,17 @@ def run_training(
     trainable = sum(v.size for _, v in flat_parameters(draft, trainable=True))
 
     progress_view.update(phase="eval_before", holdout_rows=len(holdout))
+    if head is not None and init_adapter is not None:
+        # "before" is the draft in service: the init adapter with its own head
+        init_head = adapter_head(init_adapter)
+        prune_head(draft, init_head or cast(list[int], pair.default_head()), vocab_limit)
     before = heldout_agreement(draft, holdout, settings.data, vocab_limit)
     log.info("heldout_eval", run_id=run_id, when="before", **before.to_dict())
+    if head is not None:
+        # the head this version will serve with, from the target's recent outputs; the loss
+        # is taken over it (daemon.adaptation.loss)
+        prune_head(draft, head, vocab_limit)
+        log.info("train_head", run_id=run_id, tokens=len(head))
 
     total = planned_steps(len(examples), cfg, epochs, max_steps)
     trainer = Trainer(draft, cfg, total, vocab_limit=vocab_limit)
@@ -210,6 +231,7 @@ def run_training(
         "init_adapter": str(init_adapter) if init_adapter else None,
         "heldout_before": before.agreement,
         "heldout_after": after.agreement,
+        **({"head_tokens": head} if head is not None else {}),
     }
     path = save_adapter(draft, out_dir, adapter_config, metadata)
     # every pending failure this run consumed, the ones skipped as empty too (they would only
@@ -244,6 +266,7 @@ def run_training(
         marked_used=marked,
         wall_s=time.perf_counter() - t0,
         adapter_path=str(path),
+        head_tokens=len(head) if head is not None else 0,
     )
     log.info(
         "train_run",

@@ -22,15 +22,22 @@ def bench_draft(
     prompts: Sequence[list[dict[str, Any]]] | Sequence[str],
     candidates: dict[str, list[int]],
     max_tokens: int,
+    head_tokens: Sequence[int] = (0,),
 ) -> dict[str, Any]:
     """Layer-skip draft candidates: held-out agreement with the target and cost per token.
 
     The target answers each prompt greedily once; every candidate is then scored by
     teacher-forced agreement on those answers (`daemon.core.evaluation`), and its decode step is
     timed against the target's in the same process (``cost_ratio``).
+
+    Each ``head_tokens`` N > 0 adds a row per candidate with its head cut to N tokens: the
+    default list an unadapted draft uses (agreement and ``head_coverage``, the share of answer
+    tokens in it), and ``traffic_coverage``, the coverage of the subset an adapter would get
+    from traffic, counted on the even-numbered answers and measured on the odd ones.
     """
     from daemon.core.evaluation import teacher_forced_agreement
-    from daemon.core.models import make_layer_skip_draft
+    from daemon.core.heads import default_head_tokens, frequent_tokens, prune_head
+    from daemon.core.models import make_layer_skip_draft, output_vocab
 
     rows = []
     for p in prompts:
@@ -45,16 +52,32 @@ def bench_draft(
             "tokens": sum(len(o) for _, o in rows),
         },
     }
+    vocab = output_vocab(target)
+    special = sorted({*(tokenizer.eos_token_ids or ()), *tokenizer.all_special_ids})
+    answers = [o for _, o in rows]
+    seen, unseen = answers[0::2], [t for o in answers[1::2] for t in o]
+
+    def coverage(ids: list[int], tokens: list[int]) -> float | None:
+        keep = set(ids)
+        return sum(t in keep for t in tokens) / len(tokens) if tokens else None
+
     for name, layers in candidates.items():
-        draft = make_layer_skip_draft(target, layers)
-        agreement = teacher_forced_agreement(draft, rows)
-        step = decode_step_seconds(draft)
-        result[name] = {
-            "layers": layers,
-            "heldout_agreement": agreement.rate,
-            "step_ms": step * 1000,
-            "cost_ratio": step / target_step,
-        }
+        for n in head_tokens:
+            draft = make_layer_skip_draft(target, layers)
+            row: dict[str, Any] = {"layers": layers, "head_tokens": n or vocab}
+            if 0 < n < vocab:
+                head = default_head_tokens(n, vocab, special)
+                prune_head(draft, head, vocab)
+                row["head_coverage"] = coverage(head, [t for o in answers for t in o])
+                row["traffic_coverage"] = coverage(frequent_tokens(seen, n, vocab, special), unseen)
+            agreement = teacher_forced_agreement(draft, rows)
+            step = decode_step_seconds(draft)
+            row |= {
+                "heldout_agreement": agreement.rate,
+                "step_ms": step * 1000,
+                "cost_ratio": step / target_step,
+            }
+            result[name if n == 0 else f"{name}/head{n}"] = row
     return result
 
 
@@ -73,7 +96,24 @@ def run(args: argparse.Namespace, settings: Settings, sources: ConfigSources) ->
     prompts = [p.messages for p in read_prompts(args.prompts, limit=args.limit)]
     pair = load_pair(settings)
     candidates = dict(parse_candidate(c) for c in args.candidate)
-    result = bench_draft(pair.target, pair.tokenizer, prompts, candidates, args.max_tokens)
-    print_table(result, ["layers", "heldout_agreement", "step_ms", "cost_ratio"])
+    try:
+        heads = [int(n) for n in str(args.head_tokens).split(",")]
+    except ValueError:
+        raise SystemExit(f"--head-tokens: not a list of integers: {args.head_tokens!r}") from None
+    if any(n < 0 for n in heads):
+        raise SystemExit("--head-tokens: sizes must be >= 0")
+    result = bench_draft(pair.target, pair.tokenizer, prompts, candidates, args.max_tokens, heads)
+    print_table(
+        result,
+        [
+            "layers",
+            "head_tokens",
+            "heldout_agreement",
+            "head_coverage",
+            "traffic_coverage",
+            "step_ms",
+            "cost_ratio",
+        ],
+    )
     write_json(args.json, result)
     return 0

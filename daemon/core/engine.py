@@ -1,7 +1,8 @@
 """specd's speculative decoding engine.
 
 One request = fresh KV caches for the target and the draft, a chunked prefill of the prompt
-(all but its last token), then *rounds*:
+(all but its last token) by the target, then *rounds* (the draft reads the prompt, in chunks
+too, at its first model round, so a request served from proposals alone never runs it):
 
 1. the draft proposes ``k`` tokens autoregressively (``mx.async_eval`` per token, so the
    graph for the next token is built while the previous one computes);
@@ -77,6 +78,7 @@ from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_p
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from daemon.core.drafting import NGRAM_SIZES, ContextIndex, Proposal, SuffixIndex
+from daemon.core.heads import last_logits
 from daemon.core.policy import Choice, SpeculationPolicy
 from daemon.core.records import GenerationStats, Rejection
 from daemon.core.sampling import process_logits, round_keys, verify_sampled
@@ -374,13 +376,16 @@ class SpeculativeEngine:
             )
         return prompt
 
-    def _prefill(self, model: nn.Module, cache: list[Any], tokens: mx.array) -> None:
-        """Run ``tokens`` through ``model`` in chunks, filling ``cache``."""
+    def _prefill(
+        self, model: nn.Module, cache: list[Any], tokens: mx.array, clear: bool = True
+    ) -> None:
+        """Run ``tokens`` through ``model`` in chunks, filling ``cache`` (only the cache is
+        evaluated, so the lazy graph never computes the output head)."""
         step = self.config.prefill_step_size
         for start in range(0, tokens.size, step):
             model(tokens[start : start + step][None], cache=cache)
             mx.eval([c.state for c in cache])
-        if tokens.size:
+        if tokens.size and clear:
             mx.clear_cache()
 
     def _generate(
@@ -455,15 +460,15 @@ class SpeculativeEngine:
         try:
             prompt_arr = mx.array(prompt, dtype=mx.uint32)
             if len(prompt) > 1:
-                self._prefill(draft, draft_cache, prompt_arr[:-1])
                 self._prefill(target, target_cache, prompt_arr[:-1])
                 stats.target_passes += 1
-                stats.draft_passes += 1
             t_gen = time.perf_counter()
             stats.prompt_time = t_gen - t_start
 
             target_in = [prompt[-1]]  # tokens the target has not processed yet
-            draft_in = [prompt[-1]]  # tokens the draft has not processed yet
+            # tokens the draft has not processed yet: the whole prompt, read at its first
+            # model round (a request served from proposals never pays the draft's prefill)
+            draft_in = list(prompt)
             lookup = ContextIndex(prompt) if cfg.lookup else None
             # A seeded sample is reproducible: its rounds must not depend on other traffic
             # (the suffix index) or on measured timings (the policy), only on its own input.
@@ -518,9 +523,12 @@ class SpeculativeEngine:
                 t_draft = time.perf_counter()
                 catch_up = len(draft_in)  # > 2: the draft first reads tokens it skipped
                 if model_round:
-                    dy = mx.array(draft_in, dtype=mx.uint32)
+                    if catch_up > 2:  # in chunks, its cache only: no output head computed
+                        self._prefill(draft, draft_cache, mx.array(draft_in[:-1]), clear=False)
+                        stats.draft_passes += 1
+                    dy = mx.array(draft_in if catch_up <= 2 else draft_in[-1:], dtype=mx.uint32)
                     for i in range(k):
-                        dl = draft(dy[None], cache=draft_cache)[0, -1, :vocab]
+                        dl = last_logits(draft, dy[None], draft_cache)[:vocab]
                         if greedy:
                             tok = mx.argmax(dl, axis=-1)
                             if record:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -22,6 +23,7 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from daemon.config import EMBEDDED_TARGET, Settings
 from daemon.core.backend import backend_info
+from daemon.core.heads import default_head_tokens, prune_head
 from daemon.errors import ModelLoadError
 
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -44,17 +46,50 @@ class ModelPair:
 
     draft_layers: list[int] | None = None  # layer-skip drafts only
     base_draft: nn.Module | None = None  # separate drafts: the loaded model, never adapted
+    head_tokens: int = 0  # models.draft_head_tokens: 0 = the draft keeps its full head
 
     @property
     def max_context(self) -> int | None:
         return getattr(self.target.args, "max_position_embeddings", None)
 
-    def fresh_draft(self) -> nn.Module:
-        """A new draft without any adapter; cheap, since it shares the weight arrays."""
+    @property
+    def shared_vocab(self) -> int:
+        """Logit columns target and draft share (padded embedding tables may differ)."""
+        return min(output_vocab(self.target), output_vocab(self.base_draft or self.target))
+
+    @property
+    def prunes_head(self) -> bool:
+        """Whether the draft's head is cut (``head_tokens`` set and below the vocabulary)."""
+        return 0 < self.head_tokens < self.shared_vocab
+
+    def special_ids(self) -> list[int]:
+        """Tokens a pruned head always keeps (EOS must stay proposable)."""
+        return sorted({*(self.tokenizer.eos_token_ids or ()), *self.tokenizer.all_special_ids})
+
+    def default_head(self) -> list[int] | None:
+        """The draft head's token subset before any adapter brings its own; None: full head."""
+        if not self.prunes_head:
+            return None
+        return default_head_tokens(self.head_tokens, self.shared_vocab, self.special_ids())
+
+    def fresh_draft(self, head: Sequence[int] | None = None) -> nn.Module:
+        """A new draft without any adapter; cheap, since it shares the weight arrays. With
+        ``head_tokens`` set its head is cut to ``head`` (an adapter's subset) or else to
+        `default_head`; without, it keeps the full head whatever ``head`` says."""
         if self.draft_layers is not None:
-            return make_layer_skip_draft(self.target, self.draft_layers)
-        assert self.base_draft is not None
-        return make_layer_skip_draft(self.base_draft, list(range(len(self.base_draft.layers))))
+            draft = make_layer_skip_draft(self.target, self.draft_layers)
+        else:
+            assert self.base_draft is not None
+            draft = make_layer_skip_draft(self.base_draft, list(range(len(self.base_draft.layers))))
+        if self.prunes_head:
+            ids = head if head is not None else self.default_head()
+            prune_head(draft, cast(Sequence[int], ids), output_vocab(draft))
+        return draft
+
+
+def output_vocab(model: nn.Module) -> int:
+    """Logit width of ``model`` (lazy graph, never evaluated), padded vocabulary included."""
+    return int(model(mx.zeros((1, 1), dtype=mx.int32)).shape[-1])
 
 
 def embedded_gguf_path() -> Path:
@@ -258,7 +293,7 @@ def load_pair(settings: Settings) -> ModelPair:
         check_vocab(tokenizer, dtok, cfg.target, cfg.draft)
         draft = make_layer_skip_draft(base_draft, list(range(len(base_draft.layers))))
         draft_id, kind = cfg.draft, "model"
-    return ModelPair(
+    pair = ModelPair(
         target=target,
         draft=draft,
         tokenizer=tokenizer,
@@ -270,4 +305,8 @@ def load_pair(settings: Settings) -> ModelPair:
         dequantized=deq,
         draft_layers=layers,
         base_draft=base_draft,
+        head_tokens=cfg.draft_head_tokens,
     )
+    if pair.prunes_head:
+        prune_head(draft, cast(list[int], pair.default_head()), output_vocab(draft))
+    return pair

@@ -44,7 +44,9 @@ def format_status(url: str, st: dict[str, Any]) -> str:
         f"specd at {url}  (up {st.get('uptime_s', 0):.0f}s, pid {st.get('pid', '?')})",
         f"  target:  {models.get('target')}",
         f"  draft:   {models.get('draft')} ({models.get('draft_kind')}), adapter "
-        f"v{st.get('adapter_version', 0)}",
+        f"v{st.get('adapter_version', 0)}, head "
+        f"{models.get('draft_head_tokens') or 'full vocabulary'}"
+        f"{' tokens' if models.get('draft_head_tokens') else ''}",
         f"  backend: {backend.get('device')} {models.get('dtype', '')}, BLAS {backend.get('blas')}",
         f"  requests: queue depth {st.get('queue_depth', 0)}, rolling acceptance "
         f"{pct(st.get('rolling_acceptance'))}",

@@ -104,11 +104,15 @@ class Service:
     def sampling_params(self, **overrides: Any) -> SamplingParams:
         """Request parameters, with the configured defaults where the caller gave none."""
         d = self.settings.sampling
+        limit = self.settings.server.max_tokens_limit
+        max_tokens = limit if d.max_tokens is None else min(d.max_tokens, limit)
+        if self.pair is not None and self.pair.max_context is not None:
+            max_tokens = min(max_tokens, self.pair.max_context)
         values: dict[str, Any] = {
             "temperature": d.temperature,
             "top_p": d.top_p,
             "top_k": d.top_k,
-            "max_tokens": d.max_tokens,
+            "max_tokens": max_tokens,
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return SamplingParams(**values)

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from daemon.durable import atomic_write, atomic_write_json, fsync_dir, fsync_file, sha256_file
-from daemon.errors import AdapterError
+from daemon.errors import AdapterError, ModelLoadError
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapters.safetensors"
@@ -216,13 +216,38 @@ def apply_adapter(draft_factory: Any, version: AdapterVersion | None) -> Any:
     return load_adapter_dir(draft_factory, version.path, f"adapter v{version.version}")
 
 
+def adapter_head(path: str | os.PathLike[str]) -> list[int] | None:
+    """The token ids of the pruned draft head an adapter was trained with (kept in its config
+    as ``specd.head_tokens``), or None when it was trained with the full head."""
+    config = read_adapter_config(path)
+    meta = config.get("specd")
+    ids = meta.get("head_tokens") if isinstance(meta, dict) else None
+    if ids is None:
+        return None
+    if not isinstance(ids, list) or not ids or not all(type(t) is int and t >= 0 for t in ids):
+        raise AdapterError(
+            f"{Path(path) / ADAPTER_CONFIG}: specd.head_tokens must be a non-empty list of "
+            "token ids"
+        )
+    return ids
+
+
 def load_adapter_dir(draft_factory: Any, path: Path, name: str | None = None) -> Any:
     """A fresh draft (from ``draft_factory()``) with the mlx-lm adapter in ``path`` applied;
-    `AdapterError` (naming ``name`` or the path) when it is missing or does not fit."""
+    `AdapterError` (naming ``name`` or the path) when it is missing or does not fit. An
+    adapter trained with a pruned head gets that head (``draft_factory(head=ids)``)."""
     import mlx.core as mx
     from mlx_lm.tuner.utils import load_adapters
 
-    draft = draft_factory()
+    label = name or f"adapter {path}"
+    try:
+        head = adapter_head(path)
+    except AdapterError as e:
+        raise AdapterError(f"{label} does not fit the draft: {e}") from e
+    try:
+        draft = draft_factory() if head is None else draft_factory(head=head)
+    except ModelLoadError as e:
+        raise AdapterError(f"{label}: its draft head does not fit: {e}") from e
     try:
         load_adapters(draft, str(path))
     except (ValueError, KeyError, OSError, TypeError) as e:

@@ -114,6 +114,7 @@ class RunMetrics:
     marked_used: int
     wall_s: float
     adapter_path: str
+    head_tokens: int = 0  # the draft head's subset size (the ids are in the adapter); 0: full
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)  # nested dataclasses become dicts too

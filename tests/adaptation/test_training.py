@@ -7,6 +7,7 @@ import json
 import math
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import mlx.core as mx
@@ -23,6 +24,7 @@ from daemon.adaptation.run import run_training
 from daemon.adaptation.trainer import Trainer, lr_schedule
 from daemon.bench.train import bench_train
 from daemon.config import DataSettings, LoraSettings, Settings, TrainingSettings, load_settings
+from daemon.core.heads import prune_head
 from daemon.core.models import make_layer_skip_draft
 from daemon.logging import configure_logging
 from daemon.store.adapters import save_adapter
@@ -188,6 +190,33 @@ def test_head_runs_only_on_label_positions_with_the_same_loss(tied: bool) -> Non
     fast = compute_loss(model, *batch.arrays(), start=batch.start, **kw)[0]
     slow = compute_loss(model, *batch.arrays(), start=0, **kw)[0]
     assert fast.item() == pytest.approx(slow.item(), rel=1e-5)
+
+
+def test_a_pruned_head_is_trained_over_its_subset() -> None:
+    """The loss of a draft with a pruned head is the cross-entropy over the subset; a label
+    outside it (a token the draft can never propose) is no target."""
+    model = fresh_draft()
+    examples = synthetic_examples(3)
+    batch = collate(examples)
+    labels = np.array(batch.labels)
+    seen = sorted({int(t) for t in labels.ravel() if t != IGNORE})
+    ids = seen[: len(seen) // 2] + [VOCAB - 1]
+    prune_head(model, ids)
+    loss, (ce, _, count) = compute_loss(model, *batch.arrays())
+    logits = np.array(model(batch.inputs)[..., mx.array(ids)].astype(mx.float32))
+    total, n = 0.0, 0
+    for b, t in zip(*np.nonzero(labels != IGNORE), strict=True):
+        if labels[b, t] in ids:
+            row = logits[b, t]
+            lse = row.max() + np.log(np.exp(row - row.max()).sum())
+            total += lse - row[ids.index(labels[b, t])]
+            n += 1
+    assert 0 < n < (labels != IGNORE).sum() and count.item() == n
+    assert ce.item() == pytest.approx(total / n, rel=1e-4)
+    assert loss.item() == pytest.approx(ce.item(), rel=1e-6)
+    # the KD term is taken over the subset too: finite, whatever the stored ids are
+    kd_loss_value = compute_loss(model, *batch.arrays(), kd_weight=1.0)[1][1]
+    assert math.isfinite(kd_loss_value.item())
 
 
 def test_all_masked_batch_is_finite_and_makes_no_update() -> None:
@@ -489,6 +518,47 @@ def test_run_training_in_process(tiny_setup, tmp_path: Path) -> None:
         settings, out_dir=tmp_path / "a2", init_adapter=tmp_path / "a1", epochs=1
     ).to_dict()
     assert m2["heldout_before"]["agreement"] == m["heldout_after"]["agreement"]
+
+
+def test_a_run_with_a_pruned_head_keeps_its_subset_in_the_adapter(tmp_path: Path) -> None:
+    """The subset is the target outputs' most frequent tokens; the adapter carries it, a
+    draft loaded from the adapter gets it, and the next run's "before" uses it."""
+    from daemon.core.heads import pruned_head
+    from daemon.core.models import load_pair
+    from daemon.store.adapters import adapter_head, load_adapter_dir
+
+    model_dir = write_model_dir(tmp_path / "model", WORDS, VOCAB, seed=2)
+    data_dir = tmp_path / "data"
+    make_buffer(data_dir)
+    config = write_config(tmp_path, str(model_dir), epochs=1)
+    settings, _ = load_settings(
+        config, {"paths.data_dir": str(data_dir), "models.draft_head_tokens": 24}
+    )
+    pair = load_pair(settings)
+    assert pair.prunes_head and (head := pruned_head(pair.draft)) is not None
+    assert head.size == 24  # before any traffic: the default list
+    m = run_training(settings, out_dir=tmp_path / "a1", pair=pair)
+    assert m.head_tokens == 24
+    ids = adapter_head(tmp_path / "a1")
+    assert ids is not None and len(ids) == 24
+    with ReplayBuffer(data_dir) as buf:
+        outputs = [t for o in buf.recent_outputs(1 << 20) for t in o]
+    common = [t for t, _ in Counter(outputs).most_common(10)]
+    assert set(common) <= set(ids)
+    fresh = load_pair(settings)
+    draft = load_adapter_dir(fresh.fresh_draft, tmp_path / "a1")
+    assert pruned_head(draft).token_ids() == ids
+    make_buffer(data_dir, n_fail=4, n_ok=0, n_holdout=0)
+    m2 = run_training(settings, out_dir=tmp_path / "a2", init_adapter=tmp_path / "a1", pair=fresh)
+    assert m2.heldout_before.agreement == m.heldout_after.agreement
+    # pruning off: the same adapter loads with the full head
+    off = Settings.model_validate(
+        {
+            **settings.model_dump(),
+            "models": {**settings.models.model_dump(), "draft_head_tokens": 0},
+        }
+    )
+    assert pruned_head(load_adapter_dir(load_pair(off).fresh_draft, tmp_path / "a1")) is None
 
 
 def test_bench_train_builds_traffic_and_reports(tiny_setup, tmp_path: Path) -> None:

@@ -40,6 +40,7 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from daemon.core import engine as engine_mod
 from daemon.core.drafting import SuffixIndex
 from daemon.core.engine import SamplingParams, SpeculativeConfig, SpeculativeEngine
+from daemon.core.heads import prune_head
 from daemon.core.sampling import round_keys, verify_sampled
 from tests.helpers import make_tiny_llama, perturbed_copy
 
@@ -237,6 +238,20 @@ def test_proposal_and_hybrid_rounds_keep_the_distribution(models) -> None:
     assert used.get("suffix", 0) > 1000 and used.get("model", 0) > 0, stats
     assert 0.2 < stats["acceptance"], stats
     tests = distribution_tests(models[0], samples, temperature, top_k, top_p)
+    assert not [t for t in tests if t.rejected], tests
+
+
+def test_a_pruned_draft_head_keeps_the_distribution(models) -> None:
+    """A draft whose head covers half the vocabulary has q = 0 on the other half, tokens
+    the target does sample: they come only from residual and bonus samples."""
+    target, _, tok = models
+    draft = perturbed_copy(target, seed=4, noise=0.3, extra_vocab=4)
+    prune_head(draft, list(range(0, VOCAB, 2)))
+    temperature, top_k, top_p = 1.0, 3, 1.0
+    samples, stats = sample((target, draft, tok), temperature, top_k, top_p)
+    assert 0.1 < stats["acceptance"] < 0.9, stats
+    assert any(t % 2 for s in samples for t in s)  # tokens the draft cannot propose
+    tests = distribution_tests(target, samples, temperature, top_k, top_p)
     assert not [t for t in tests if t.rejected], tests
 
 

@@ -371,6 +371,22 @@ def test_defaults_come_from_settings(served: Server) -> None:
     assert r.json()["usage"]["completion_tokens"] == 7
 
 
+def test_without_max_tokens_the_answer_is_complete(served: Server) -> None:
+    """No max_tokens and no configured default: until EOS or the context end, within
+    server.max_tokens_limit; never a fixed cut."""
+    assert served.settings.sampling.max_tokens is None
+    limit = served.settings.server.max_tokens_limit
+    r = httpx.post(f"{served.url}/v1/completions", json={"prompt": LONG_PROMPT})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    n = body["usage"]["completion_tokens"]
+    if body["choices"][0]["finish_reason"] == "length":
+        context = served.pair.max_context or limit
+        assert n == min(limit, context - body["usage"]["prompt_tokens"]) or n == limit
+    else:
+        assert body["choices"][0]["finish_reason"] == "stop" and n <= limit
+
+
 def test_request_finished_is_logged(served: Server, log_file: Path) -> None:
     r = httpx.post(f"{served.url}/v1/completions", json={"prompt": LONG_PROMPT, "max_tokens": 9})
     rid = r.json()["id"]
@@ -486,6 +502,7 @@ def test_status_and_hooks(served: Server) -> None:
         "target": "tiny-target",
         "draft": "tiny-draft",
         "draft_kind": "model",
+        "draft_head_tokens": None,
         "dtype": "float32",
         "max_context": 512,
     }
@@ -563,7 +580,39 @@ BAD_REQUESTS = [
     ("chat", b'{"messages": [{"role": "user", "content": "\\udfff"}]}', 400, None),
     ("chat", b'{"messages": [{"role": "user", "content": "x"}], "model": "\\ud800"}', 404, None),
     ("chat", b"--x--", 400, "invalid_json"),
+    # fields specd does not implement are refused by name, never dropped
+    ("chat", _chat(tools=[{"type": "function"}]), 400, "unsupported_parameter"),
+    ("chat", _chat(response_format={"type": "json_object"}), 400, "unsupported_parameter"),
+    ("chat", _chat(frobnicate=1), 400, "unsupported_parameter"),
+    ("chat", _chat(frequency_penalty=0.5), 400, "unsupported"),
+    ("chat", _chat(presence_penalty=-1.0), 400, "unsupported"),
+    ("chat", _chat(logit_bias={"5": 3.0}), 400, "unsupported"),
+    (
+        "chat",
+        {"messages": [{"role": "tool", "content": "x", "tool_call_id": "c1"}]},
+        400,
+        "unsupported_parameter",
+    ),
+    ("completions", {"prompt": "x", "tools": []}, 400, "unsupported_parameter"),
 ]
+
+
+def test_unsupported_fields_are_named_and_harmless_ones_accepted(served: Server) -> None:
+    r = httpx.post(served.url + "/v1/chat/completions", json=_chat(tool_choice="auto"))
+    assert_error(r, 400, "unsupported_parameter")
+    err = r.json()["error"]
+    assert err["param"] == "tool_choice" and "tool_choice" in err["message"]
+    harmless = _chat(
+        user="u1",
+        metadata={"k": "v"},
+        store=False,
+        service_tier="auto",
+        frequency_penalty=0,
+        presence_penalty=0.0,
+        logit_bias={},
+    )
+    r = httpx.post(served.url + "/v1/chat/completions", json=harmless)
+    assert r.status_code == 200, r.text
 
 
 @pytest.mark.parametrize(("endpoint", "body", "status", "code"), BAD_REQUESTS)

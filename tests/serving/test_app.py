@@ -143,7 +143,9 @@ def test_admin_routes_go_through_the_protocol(client: TestClient, state: AppStat
     )
     assert client.post("/admin/train", json={"max_steps": 5}).json() == {"run_id": "r2"}
     assert error_code(client.post("/admin/train", json={"epochs": 9}), 409) == "training_running"
-    assert error_code(client.post("/admin/train", json={"bogus": 1}), 400) == "invalid_value"
+    assert error_code(client.post("/admin/train", json={"bogus": 1}), 400) == (
+        "unsupported_parameter"
+    )
     admin = state.admin
     assert isinstance(admin, FakeAdmin)
     assert admin.calls == [

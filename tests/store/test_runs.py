@@ -23,6 +23,7 @@ from daemon.store.runs import (
 
 METRIC_KEYS = {
     "run_id",
+    "head_tokens",
     "heldout_before",
     "heldout_after",
     "examples",

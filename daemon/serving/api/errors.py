@@ -79,6 +79,13 @@ def add_error_handlers(app: FastAPI) -> None:
             message = f"Invalid JSON body: {first.get('ctx', {}).get('error', first.get('msg'))}"
             code = "invalid_json"
             param = None
+        elif first.get("type") == "extra_forbidden":
+            # a field specd does not implement: refused, never silently dropped
+            message = (
+                f"Unsupported field {param!r}: specd does not implement it, and a request is "
+                "never served with a field ignored."
+            )
+            code = "unsupported_parameter"
         else:
             parts = []
             for e in errors[:5]:

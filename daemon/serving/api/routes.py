@@ -111,8 +111,16 @@ def _sampling(
     limit = s.server.max_tokens_limit
     if body.n is not None and body.n > 1:
         raise _unsupported("n", "n > 1 (several choices)")
+    for name in ("frequency_penalty", "presence_penalty"):
+        if getattr(body, name):  # a penalty changes the target's distribution: not lossless
+            raise _unsupported(name, f"{name} other than 0")
+    if body.logit_bias:
+        raise _unsupported("logit_bias", "logit_bias")
     if max_tokens is None:
-        max_tokens = min(s.sampling.max_tokens, limit)
+        # no limit asked: a complete answer, until EOS or the context end (the engine stops
+        # there), within the server's bound
+        default = s.sampling.max_tokens
+        max_tokens = limit if default is None else min(default, limit)
         if state.max_context is not None:
             max_tokens = min(max_tokens, state.max_context)
     elif max_tokens > limit:
@@ -315,6 +323,7 @@ async def status(state: State) -> StatusResponse:
             target=state.model_id,
             draft=state.draft_id,
             draft_kind=state.draft_kind,
+            draft_head_tokens=state.draft_head_tokens(),
             dtype=state.dtype,
             max_context=state.max_context,
         ),

@@ -1,7 +1,8 @@
 """The HTTP API's pydantic models: requests, responses, errors, and OpenAPI doc fragments.
 
-Generation requests ignore unknown fields (clients send OpenAI options specd has no use for);
-the admin requests forbid them. The response models are both the JSON written and the
+Every request field is honoured or refused: an unknown or unimplemented field is a 400 naming
+it (never silently dropped), except the documented harmless ones (`IGNORED_FIELDS`), which are
+accepted and ignored. The response models are both the JSON written and the
 ``/openapi.json`` schema, which the tests fuzz with schemathesis; renaming a model renames its
 ``components/schemas`` entry. Errors are OpenAI's ``{"error": {"message", "type", "param",
 "code"}}`` (`ErrorResponse`); `daemon.serving.api.errors` raises and renders them.
@@ -77,8 +78,13 @@ class StreamOptions(BaseModel):
 Stop = Annotated[str, Field(min_length=1)]
 
 
+# Accepted and ignored: they describe the request to OpenAI's platform (tracking, storage,
+# billing tier), not the generation.
+IGNORED_FIELDS = ("user", "metadata", "store", "service_tier")
+
+
 class GenerationParams(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str | None = Field(
         None, description="The served target model id or 'specd'; may be omitted."
@@ -96,7 +102,13 @@ class GenerationParams(BaseModel):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     n: int | None = Field(None, ge=1, description="Only 1 is supported.")
-    user: str | None = None
+    frequency_penalty: float | None = Field(None, description="Only 0 is supported.")
+    presence_penalty: float | None = Field(None, description="Only 0 is supported.")
+    logit_bias: dict[str, float] | None = Field(None, description="Only {} is supported.")
+    user: str | None = Field(None, description="Accepted and ignored.")
+    metadata: dict[str, str] | None = Field(None, description="Accepted and ignored.")
+    store: bool | None = Field(None, description="Accepted and ignored (nothing is stored).")
+    service_tier: str | None = Field(None, description="Accepted and ignored.")
 
 
 class TextContentPart(BaseModel):
@@ -107,7 +119,7 @@ class TextContentPart(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextContentPart] | None = None
@@ -247,6 +259,10 @@ class ModelsStatus(BaseModel):
     target: str
     draft: str
     draft_kind: str
+    draft_head_tokens: int | None = Field(
+        description="Tokens the draft's pruned output head covers (the adapter's subset); "
+        "null: the full vocabulary."
+    )
     dtype: str
     max_context: int | None
 

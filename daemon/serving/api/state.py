@@ -61,7 +61,7 @@ class AppState:
     ``status_providers``: callables returning a dict merged into ``/status`` (e.g.
     ``{"buffer": {...}}``, ``{"training": {...}}``); a provider that raises is reported under
     ``provider_errors`` instead. ``adapter_version``: returns the version of the draft adapter in
-    use (0: none). ``admin``: the adaptation loop, when it runs (the admin routes answer 409
+    use (0: none); ``draft_head_tokens`` the size of its pruned output head. ``admin``: the adaptation loop, when it runs (the admin routes answer 409
     without it). ``accepting`` turns False when shutdown starts: generation requests get 503.
     ``in_flight`` counts generation requests between arrival and their last byte.
     """
@@ -76,6 +76,7 @@ class AppState:
     dtype: str = ""
     max_context: int | None = None
     adapter_version: Callable[[], int] = lambda: 0
+    draft_head_tokens: Callable[[], int | None] = lambda: None  # None: the full head
     status_providers: list[Callable[[], dict[str, Any]]] = field(default_factory=list)
     admin: AdminControl | None = None
     started: float = field(default_factory=time.time)
