@@ -61,8 +61,9 @@ class AppState:
     ``status_providers``: callables returning a dict merged into ``/status`` (e.g.
     ``{"buffer": {...}}``, ``{"training": {...}}``); a provider that raises is reported under
     ``provider_errors`` instead. ``adapter_version``: returns the version of the draft adapter in
-    use (0: none); ``draft_head_tokens`` the size of its pruned output head. ``admin``: the adaptation loop, when it runs (the admin routes answer 409
-    without it). ``accepting`` turns False when shutdown starts: generation requests get 503.
+    use (0: none); ``draft_head_tokens`` the size of its pruned output head (None: full).
+    ``admin``: the adaptation loop, when it runs (the admin routes answer 409 without it).
+    ``accepting`` turns False when shutdown starts: generation requests get 503.
     ``in_flight`` counts generation requests between arrival and their last byte.
     """
 
