@@ -270,8 +270,15 @@ def build_parser() -> argparse.ArgumentParser:
         "the engine directly on the same prompts.",
     )
     _common(q)
-    _prompt_args(q, limit=8, max_tokens=64)
+    _prompt_args(q, limit=8, max_tokens=64, required=False)
     q.add_argument("--clients", type=int, default=4, help="concurrent clients (default 4)")
+    q.add_argument(
+        "--conversations",
+        type=Path,
+        metavar="FILE.jsonl",
+        help="multi-turn instead: one {'turns': [user messages]} per line, each turn sent with "
+        "the whole history; TTFT per turn with and without the prompt cache",
+    )
     q.set_defaults(func="daemon.bench.serve:run", needs_mlx=True)
 
     q = bsub.add_parser(
@@ -344,11 +351,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _prompt_args(p: argparse.ArgumentParser, limit: int, max_tokens: int) -> None:
+def _prompt_args(
+    p: argparse.ArgumentParser, limit: int, max_tokens: int, required: bool = True
+) -> None:
     p.add_argument(
         "--prompts",
         type=Path,
-        required=True,
+        required=required,
         metavar="FILE.jsonl",
         help="JSON Lines, one object per line with 'prompt' or 'messages'",
     )

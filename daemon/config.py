@@ -87,6 +87,20 @@ class ServerSettings(_Section):
     queue_size: int = Field(16, ge=1, description="Requests waiting for the generation worker.")
     max_tokens_limit: int = Field(4096, ge=1, description="Largest max_tokens a request may ask.")
     shutdown_timeout: float = Field(30.0, ge=0, description="Seconds to finish in-flight work.")
+    cors_origins: list[str] = Field(
+        default_factory=list,
+        description="Browser origins allowed to call the API (CORS), e.g. "
+        "'http://localhost:3000', or '*'; empty: none.",
+    )
+    prompt_cache_size: int = Field(
+        10,
+        ge=0,
+        description="Finished requests whose KV caches are kept so that a prompt starting "
+        "the same way (the next turn of a chat) skips that prefill; 0: off.",
+    )
+    prompt_cache_bytes: int = Field(
+        1 << 31, ge=0, description="Memory the kept KV caches may use, target and draft together."
+    )
 
 
 class SpeculativeSettings(_Section):

@@ -313,6 +313,11 @@ class Server:
             set_level(new.logging.level)
         if any(k.startswith("server.queue_size") for k in live_keys):
             worker.queue_size = new.server.queue_size
+        if any(k.startswith("server.prompt_cache_") for k in live_keys):
+            size, nbytes = new.server.prompt_cache_size, new.server.prompt_cache_bytes
+            assert service.engine is not None
+            cache = service.engine.prompt_cache
+            worker.call_between_requests(lambda: cache.resize(size, nbytes))
         if any(k.startswith("speculative.") for k in live_keys) and self.pair is not None:
             config = SpeculativeConfig.from_settings(new.speculative, self.pair.max_context)
             service.suffix.budget = new.speculative.suffix_tokens  # applies from the next add
@@ -347,6 +352,10 @@ class Server:
         self.status_providers.append(self._buffer_status)
         # the suffix drafting index: past outputs held (daemon.core.drafting.SuffixIndex)
         self.status_providers.append(lambda: {"suffix_index": service.suffix.stats()})
+        assert service.engine is not None
+        prompt_cache = service.engine.prompt_cache
+        self.metrics.prompt_cache_bytes.set_function(lambda: prompt_cache.nbytes)
+        self.status_providers.append(lambda: {"prompt_cache": prompt_cache.status()})
 
     @property
     def adapter_version(self) -> int:

@@ -159,3 +159,48 @@ def test_second_signal_exits_at_once(daemon) -> None:
     assert outcome and (isinstance(outcome[0], httpx.HTTPError) or outcome[0] != 200), outcome
     assert not [r for r in events(log, "request_finished") if r.get("completion_tokens") == 4000]
     assert not (tmp_path / "data" / "runtime.json").exists()
+
+
+def test_drop_ins_are_seen_from_an_empty_home(tmp_path: Path) -> None:
+    """A new user's first start: no config directory exists; the daemon creates it and its
+    conf.d, and a drop-in written afterwards applies live."""
+    import os
+    import sys
+
+    home = tmp_path / "home"
+    home.mkdir()
+    model = write_model_dir(tmp_path / "tiny", ["a", "b", "c", "d"], vocab_size=40, seed=5)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SPECD_", "XDG_"))}
+    env.pop("LD_PRELOAD", None)
+    env.update(
+        HOME=str(home),
+        SPECD_MODELS__TARGET=str(model),
+        SPECD_MODELS__DRAFT_LAYERS="[0, 1]",
+        SPECD_SERVER__PORT="0",
+        SPECD_TRAINING__ENABLED="false",
+    )
+    data = tmp_path / "data"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "daemon", "serve", "--data-dir", str(data)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    log = data / "logs" / "specd.log"
+    try:
+        wait_for_event(log, "ready", proc)
+        conf_d = home / ".config" / "specd" / "conf.d"
+        watching = events(log, "config_watch_started")[-1]["watching"]
+        assert str(conf_d) in watching and conf_d.is_dir()
+        url = json.loads((data / "runtime.json").read_text())["url"]
+        (conf_d / "10-tokens.yaml").write_text("sampling:\n  max_tokens: 3\n")
+        wait_events(log, "config_reloaded", 1)
+        assert completion_tokens(url) == 3
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(HANG_GUARD_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -78,7 +78,7 @@ def _stream_chat(
     headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
     if api_key:
         headers["Authorization"] = f"Bearer {api_key}"
-    out: dict[str, Any] = {"ok": False, "ttft": None, "tokens": 0, "text_chunks": 0}
+    out: dict[str, Any] = {"ok": False, "ttft": None, "tokens": 0, "text_chunks": 0, "text": ""}
     t0 = time.perf_counter()
     try:
         conn.request("POST", base.path + "/v1/chat/completions", json.dumps(body), headers)
@@ -104,6 +104,7 @@ def _stream_chat(
                 break
             for choice in event.get("choices") or []:
                 if (choice.get("delta") or {}).get("content"):
+                    out["text"] += choice["delta"]["content"]
                     out["text_chunks"] += 1
                     if out["ttft"] is None:
                         out["ttft"] = time.perf_counter() - t0
@@ -112,6 +113,8 @@ def _stream_chat(
         if usage is not None:
             out["tokens"] = int(usage.get("completion_tokens", 0))
             out["prompt_tokens"] = int(usage.get("prompt_tokens", 0))
+            details = usage.get("prompt_tokens_details") or {}
+            out["cached_tokens"] = int(details.get("cached_tokens", 0))
             spec = usage.get("speculative") or {}
             out["drafted"] = int(spec.get("drafted", 0))
             out["accepted"] = int(spec.get("accepted", 0))
@@ -247,6 +250,75 @@ def bench_serve(
     return out
 
 
+def read_conversations(path: Any, limit: int | None = None) -> list[list[str]]:
+    """``{"turns": [user message, ...]}`` per line; `ValueError` naming the bad line."""
+    from pathlib import Path
+
+    out: list[list[str]] = []
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            turns = json.loads(line)["turns"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{path}:{n}: not a JSON object with 'turns' ({e})") from None
+        if not isinstance(turns, list) or not turns or not all(isinstance(t, str) for t in turns):
+            raise ValueError(f"{path}:{n}: 'turns' must be a non-empty list of strings")
+        out.append(turns)
+        if limit is not None and len(out) >= limit:
+            break
+    if not out:
+        raise ValueError(f"{path}: no conversations")
+    return out
+
+
+def bench_conversations(
+    urls: dict[str, str],
+    conversations: Sequence[Sequence[str]],
+    max_tokens: int,
+    timeout: float = 600.0,
+) -> dict[str, Any]:
+    """Multi-turn conversations against each server in ``urls`` (name -> base URL), side by
+    side: each conversation runs on every server before the next, so drift hits all alike.
+
+    A turn sends the whole history, the server's own earlier answers included, as chat clients
+    do. Returns a row per server and turn (``{name}_turn{i}``: ``ttft_s`` mean/p50/p95/max,
+    ``prompt_tokens`` and ``cached_tokens`` means), ``identical`` (every answer the same on
+    every server) and ``errors``.
+    """
+    bases = {name: urlsplit(url.rstrip("/").removesuffix("/v1")) for name, url in urls.items()}
+    for base in bases.values():  # warm-up, untimed
+        _stream_chat(base, None, [{"role": "user", "content": "Hi"}], 4, None, timeout)
+    per: dict[str, dict[int, list[dict[str, Any]]]] = {name: {} for name in urls}
+    answers: dict[str, list[str]] = {name: [] for name in urls}
+    errors: list[str] = []
+    for turns in conversations:
+        for name, base in bases.items():
+            history: list[dict[str, Any]] = []
+            for i, user in enumerate(turns, 1):
+                history.append({"role": "user", "content": user})
+                r = _stream_chat(base, None, list(history), max_tokens, None, timeout)
+                if not r["ok"]:
+                    errors.append(f"{name} turn {i}: {r.get('error', 'incomplete stream')}")
+                    break
+                per[name].setdefault(i, []).append(r)
+                answers[name].append(r["text"])
+                history.append({"role": "assistant", "content": r["text"]})
+    out: dict[str, Any] = {}
+    for name, turns_seen in per.items():
+        for i, rs in sorted(turns_seen.items()):
+            out[f"{name}_turn{i}"] = {
+                "requests": len(rs),
+                "ttft_s": summarize([r["ttft"] for r in rs]),
+                "prompt_tokens": sum(r.get("prompt_tokens", 0) for r in rs) / len(rs),
+                "cached_tokens": sum(r.get("cached_tokens", 0) for r in rs) / len(rs),
+            }
+    texts = list(answers.values())
+    out["identical"] = all(t == texts[0] for t in texts[1:])
+    out["errors"] = errors
+    return out
+
+
 def bench_direct(
     engine: Any,
     tokenizer: Any,
@@ -301,13 +373,15 @@ def run(args: argparse.Namespace, settings: Settings, sources: ConfigSources) ->
     """``specd bench serve``: the engine called directly, then N clients over HTTP."""
     import signal
     import tempfile
-    from pathlib import Path
 
     from daemon.core.engine import SpeculativeConfig, SpeculativeEngine
     from daemon.core.models import load_pair
     from daemon.core.prompts import read_prompts
-    from daemon.server import Server
 
+    if args.conversations is not None:
+        return _run_conversations(args, settings, sources)
+    if args.prompts is None:
+        raise SystemExit("bench serve: give --prompts FILE.jsonl or --conversations FILE.jsonl")
     prompts = [p.messages for p in read_prompts(args.prompts, limit=args.limit)]
     pair = load_pair(settings)
     engine = SpeculativeEngine(
@@ -321,28 +395,102 @@ def run(args: argparse.Namespace, settings: Settings, sources: ConfigSources) ->
         f"max_tokens={args.max_tokens}; direct engine first, then over HTTP"
     )
     direct = bench_direct(engine, pair.tokenizer, prompts, args.max_tokens)
-    # A private server on a free port with a throwaway buffer: benchmark traffic is not recorded
-    # into the user's buffer, and the user's daemon (if any) is left alone.
     with tempfile.TemporaryDirectory(prefix="specd-bench-") as tmp:
-        bench_settings = settings.model_copy(deep=True)
-        bench_settings.paths.data_dir = Path(tmp)
-        bench_settings.server.port = 0
-        bench_settings.server.host = "127.0.0.1"
-        bench_settings.server.api_key = None
-        srv = Server(bench_settings, sources, pair)
-        thread = threading.Thread(target=srv.run, daemon=True)
-        thread.start()
-        while not srv.ready.wait(0.1):
-            if not thread.is_alive():
-                raise RuntimeError("benchmark server failed to start")
-        url = srv.url
-        assert url is not None  # ready: the port is bound
+        srv, thread = _private_server(settings, sources, pair, tmp)
         try:
-            result = bench_serve(url, None, prompts, args.clients, args.max_tokens, direct=direct)
+            result = bench_serve(
+                srv.url, None, prompts, args.clients, args.max_tokens, direct=direct
+            )
         finally:
             srv.handle_exit(signal.SIGTERM, None)
             thread.join(60)
     result["direct"] = direct
     print(json.dumps(result, indent=2))
+    write_json(args.json, result)
+    return 0
+
+
+def _private_server(
+    settings: Settings, sources: ConfigSources, pair: Any, tmp: str
+) -> tuple[Any, threading.Thread]:
+    """A `Server` on a free loopback port with a throwaway data dir (benchmark traffic is not
+    recorded into the user's buffer) and no training (it would compete for the CPU)."""
+    from pathlib import Path
+
+    from daemon.server import Server
+
+    s = settings.model_copy(deep=True)
+    s.paths.data_dir = Path(tmp)
+    s.server.port = 0
+    s.server.host = "127.0.0.1"
+    s.server.api_key = None
+    s.training.enabled = False
+    srv = Server(s, sources, pair)
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    while not srv.ready.wait(0.1):
+        if not thread.is_alive():
+            raise RuntimeError("benchmark server failed to start")
+    return srv, thread
+
+
+def _run_conversations(args: argparse.Namespace, settings: Settings, sources: ConfigSources) -> int:
+    """``--conversations``: TTFT per turn with and without the prompt cache, side by side."""
+    import signal
+    import tempfile
+
+    from daemon.bench.report import print_table
+    from daemon.core.models import load_pair
+
+    conversations = read_conversations(args.conversations, args.limit)
+    pair = load_pair(settings)
+    if not settings.server.prompt_cache_size:
+        raise SystemExit("bench serve --conversations: server.prompt_cache_size is 0 (off)")
+    off = settings.model_copy(deep=True)
+    off.server.prompt_cache_size = 0
+    print(
+        f"bench serve: {len(conversations)} conversations, max_tokens={args.max_tokens}, "
+        f"prompt cache {settings.server.prompt_cache_size} entries vs off"
+    )
+    servers = []
+    with tempfile.TemporaryDirectory(prefix="specd-bench-") as a:
+        with tempfile.TemporaryDirectory(prefix="specd-bench-") as b:
+            try:
+                servers = [
+                    _private_server(settings, sources, pair, a),
+                    _private_server(off, sources, pair, b),
+                ]
+                urls = {"cache": servers[0][0].url, "no_cache": servers[1][0].url}
+                result = bench_conversations(urls, conversations, args.max_tokens)
+            finally:
+                for srv, thread in servers:
+                    srv.handle_exit(signal.SIGTERM, None)
+                    thread.join(60)
+    turns = sorted({int(k.rsplit("turn", 1)[1]) for k in result if "_turn" in k})
+    for i in turns:
+        on, no = result.get(f"cache_turn{i}"), result.get(f"no_cache_turn{i}")
+        if on and no and no["ttft_s"]["p50"] > 0:
+            result[f"turn{i}_ttft_ratio"] = {
+                "p50": on["ttft_s"]["p50"] / no["ttft_s"]["p50"],
+                "mean": on["ttft_s"]["mean"] / no["ttft_s"]["mean"],
+            }
+    rows = {
+        k: {
+            "ttft_p50_s": v["ttft_s"]["p50"],
+            "ttft_mean_s": v["ttft_s"]["mean"],
+            "prompt_tokens": v["prompt_tokens"],
+            "cached_tokens": v["cached_tokens"],
+        }
+        for k, v in result.items()
+        if k.endswith(tuple(f"_turn{i}" for i in turns)) and isinstance(v, dict)
+    }
+    print_table(rows, ["ttft_p50_s", "ttft_mean_s", "prompt_tokens", "cached_tokens"])
+    for i in turns:
+        if f"turn{i}_ttft_ratio" in result:
+            r = result[f"turn{i}_ttft_ratio"]
+            print(
+                f"turn {i}: TTFT with the cache / without: p50 {r['p50']:.3f}, mean {r['mean']:.3f}"
+            )
+    print(f"identical answers: {result['identical']}; errors: {len(result['errors'])}")
     write_json(args.json, result)
     return 0

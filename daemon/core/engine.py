@@ -80,6 +80,7 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from daemon.core.drafting import NGRAM_SIZES, ContextIndex, Proposal, SuffixIndex
 from daemon.core.heads import last_logits
 from daemon.core.policy import Choice, SpeculationPolicy
+from daemon.core.prompt_cache import PromptCache
 from daemon.core.records import GenerationStats, Rejection
 from daemon.core.sampling import process_logits, round_keys, verify_sampled
 from daemon.errors import GenerationError
@@ -285,6 +286,7 @@ class SpeculativeEngine:
         tokenizer: TokenizerWrapper,
         config: SpeculativeConfig | None = None,
         suffix: SuffixIndex | None = None,
+        prompt_cache: PromptCache | None = None,
     ) -> None:
         self.target = target
         self.draft = draft
@@ -295,6 +297,8 @@ class SpeculativeEngine:
         self._policy: tuple[SpeculativeConfig, SpeculationPolicy] | None = None
         self.last_result: GenerationResult | None = None
         self._target_vocab: tuple[nn.Module, int] | None = None
+        # KV caches kept across requests; off unless given one with entries
+        self.prompt_cache = prompt_cache if prompt_cache is not None else PromptCache(0, 0)
 
     # ------------------------------------------------------------------ public API
 
@@ -314,8 +318,13 @@ class SpeculativeEngine:
         """
         prompt = self._validate(prompt_tokens, params)
         target, draft = self.target, self.draft
-        target_cache = make_prompt_cache(target)
-        draft_cache = make_prompt_cache(draft)
+        self.prompt_cache.use_draft(draft)
+        # the longest cached prefix of the prompt (all but its last token, which the first
+        # round scores), else fresh caches
+        target_cache, t_cached = self.prompt_cache.fetch("target", prompt[:-1])
+        draft_cache, d_cached = self.prompt_cache.fetch("draft", prompt[:-1])
+        target_cache = target_cache if target_cache is not None else make_prompt_cache(target)
+        draft_cache = draft_cache if draft_cache is not None else make_prompt_cache(draft)
         for name, cache in (("target", target_cache), ("draft", draft_cache)):
             if not can_trim_prompt_cache(cache):
                 raise GenerationError(
@@ -323,8 +332,11 @@ class SpeculativeEngine:
                     f"cache ({sorted({type(c).__name__ for c in cache})}) is not"
                 )
         result = result if result is not None else GenerationResult()
+        result.stats.cached_tokens = t_cached
         self.last_result = result
-        return self._generate(target, draft, target_cache, draft_cache, prompt, params, result)
+        return self._generate(
+            target, draft, target_cache, draft_cache, prompt, params, result, d_cached
+        )
 
     def run(self, prompt_tokens: Sequence[int], params: SamplingParams) -> GenerationResult:
         """Non-streaming convenience: generate to completion and return the result."""
@@ -397,6 +409,7 @@ class SpeculativeEngine:
         prompt: list[int],
         params: SamplingParams,
         result: GenerationResult,
+        draft_cached: int = 0,
     ) -> Generator[GenerationChunk, None, None]:
         cfg = self.config
         stats = result.stats
@@ -455,12 +468,14 @@ class SpeculativeEngine:
             return len(text)
 
         finish: str | None = None
+        seq = list(prompt)  # every token verified so far: both caches hold a prefix of it
         t_start = time.perf_counter()
         t_gen = t_start
         try:
             prompt_arr = mx.array(prompt, dtype=mx.uint32)
-            if len(prompt) > 1:
-                self._prefill(target, target_cache, prompt_arr[:-1])
+            t_cached = stats.cached_tokens
+            if len(prompt) - 1 > t_cached:
+                self._prefill(target, target_cache, prompt_arr[t_cached:-1])
                 stats.target_passes += 1
             t_gen = time.perf_counter()
             stats.prompt_time = t_gen - t_start
@@ -468,7 +483,7 @@ class SpeculativeEngine:
             target_in = [prompt[-1]]  # tokens the target has not processed yet
             # tokens the draft has not processed yet: the whole prompt, read at its first
             # model round (a request served from proposals never pays the draft's prefill)
-            draft_in = list(prompt)
+            draft_in = prompt[draft_cached:]
             lookup = ContextIndex(prompt) if cfg.lookup else None
             # A seeded sample is reproducible: its rounds must not depend on other traffic
             # (the suffix index) or on measured timings (the policy), only on its own input.
@@ -636,6 +651,7 @@ class SpeculativeEngine:
                 else:  # the draft did not run: it reads these tokens when it next drafts
                     draft_in = draft_in + emitted
                 target_in = [emitted[-1]]
+                seq += emitted
                 if lookup is not None:
                     lookup.extend(emitted)
 
@@ -689,17 +705,29 @@ class SpeculativeEngine:
             if policy is not None:
                 stats.draft_acceptance_estimate = policy.draft_acceptance()
             self._finalize(result, pending, materialize, t_gen)
+            self._keep_caches(seq, target_cache, draft_cache)
             yield GenerationChunk(
                 text=delta, tokens=new_tokens, finish_reason=finish, result=result
             )
         except GeneratorExit:
             result.finish_reason = result.finish_reason or "cancelled"
+            # closed between rounds: the caches hold a prefix of seq, as after a full answer
+            self._keep_caches(seq, target_cache, draft_cache)
             raise
         except BaseException:
             result.finish_reason = result.finish_reason or "error"
             raise
         finally:
             self._finalize(result, pending, materialize, t_gen)
+
+    def _keep_caches(self, seq: list[int], target_cache: list[Any], draft_cache: list[Any]) -> None:
+        """Hand the finished request's caches to the prompt cache, keyed by what they hold."""
+        if not self.prompt_cache.enabled:
+            return
+        for which, cache in (("target", target_cache), ("draft", draft_cache)):
+            held = getattr(cache[0], "offset", 0) if cache else 0
+            if isinstance(held, int) and 0 < held <= len(seq):
+                self.prompt_cache.store(which, seq[:held], cache)
 
     @staticmethod
     def _finalize(result: GenerationResult, pending: list, materialize: Any, t_gen: float) -> None:

@@ -55,6 +55,7 @@ class GenerationStats:
     """Per-request statistics (see the module docstring for the counting rules)."""
 
     prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens the prompt cache covered (not prefilled again)
     generation_tokens: int = 0
     drafted: int = 0
     accepted: int = 0
@@ -76,7 +77,8 @@ class GenerationStats:
     def accumulate(self, other: GenerationStats) -> None:
         """Add ``other``'s counts and times to these (totals over several requests)."""
         for name in (
-            "prompt_tokens", "generation_tokens", "drafted", "accepted", "num_drafts",
+            "prompt_tokens", "cached_tokens", "generation_tokens", "drafted", "accepted",
+            "num_drafts",
             "target_passes", "draft_passes", "prompt_time", "generation_time",
         ):  # fmt: skip
             setattr(self, name, getattr(self, name) + getattr(other, name))

@@ -157,6 +157,20 @@ class SpecdMetrics:
             registry=r,
         )
         self.prompt_tokens = Counter(f"{p}prompt_tokens", "Prompt tokens processed.", registry=r)
+        self.prompt_cache_lookups = Counter(
+            f"{p}prompt_cache_lookups",
+            "Generations by whether the prompt cache held a prefix of their prompt.",
+            ["result"],
+            registry=r,
+        )
+        self.prompt_cache_cached_tokens = Counter(
+            f"{p}prompt_cache_cached_tokens",
+            "Prompt tokens served from the prompt cache instead of being prefilled.",
+            registry=r,
+        )
+        self.prompt_cache_bytes = _Gauge(
+            f"{p}prompt_cache_bytes", "Memory held by the prompt cache.", registry=r
+        )
         self.generation_tokens = Counter(f"{p}generation_tokens", "Tokens generated.", registry=r)
         self.request_duration = Histogram(
             f"{p}request_duration_seconds",
@@ -207,6 +221,8 @@ class SpecdMetrics:
         """Worker ``on_finished`` hook: engine statistics of one finished generation."""
         s = result.stats
         self.prompt_tokens.inc(s.prompt_tokens)
+        self.prompt_cache_lookups.labels(result="hit" if s.cached_tokens else "miss").inc()
+        self.prompt_cache_cached_tokens.inc(s.cached_tokens)
         self.generation_tokens.inc(s.generation_tokens)
         self.generations.labels(finish_reason=result.finish_reason or "unknown").inc()
         self.num_drafts.inc(s.num_drafts)

@@ -14,7 +14,13 @@ from typing import Any
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
-from daemon.config import ConfigError, Settings, drop_in_dir, load_settings
+from daemon.config import (
+    ConfigError,
+    Settings,
+    default_config_file,
+    drop_in_dir,
+    load_settings,
+)
 from daemon.logging import get_logger
 
 log = get_logger("reload")
@@ -25,6 +31,7 @@ RESTART_KEYS = (
     "server.host",
     "server.port",
     "server.allow_insecure_bind",
+    "server.cors_origins",
     "paths.",
     "logging.file",
     "logging.console",
@@ -79,9 +86,17 @@ class ConfigReloader:
         self._observer = Observer()
         self._observer.daemon = True
         watched = []
-        if self.config_file.parent.is_dir():
-            # Watch conf.d even before the first drop-in arrives.
-            drop_in_dir(self.config_file).mkdir(exist_ok=True)
+        try:
+            # A new user has no config directory yet: create it and conf.d, so that a drop-in
+            # written later is seen without a restart.
+            drop_in_dir(self.config_file).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            log.warning(
+                "config_dir_not_created",
+                path=str(drop_in_dir(self.config_file)),
+                error=str(e),
+                note="drop-ins there are read at the next start only",
+            )
         for directory in (self.config_file.parent, drop_in_dir(self.config_file)):
             if directory.is_dir():
                 self._observer.schedule(handler, str(directory), recursive=False)
@@ -118,8 +133,15 @@ class ConfigReloader:
 
     def reload(self) -> bool:
         """Rebuild and apply the settings now; False if the new ones are invalid."""
+        # the default main file may not exist (a new user with drop-ins only), as at start;
+        # a file named explicitly must
+        missing_default = (
+            not self.config_file.exists() and self.config_file == default_config_file()
+        )
         try:
-            new, sources = load_settings(self.config_file, self.overrides)
+            new, sources = load_settings(
+                None if missing_default else self.config_file, self.overrides
+            )
         except ConfigError as e:
             self.rejected += 1
             log.error("config_reload_rejected", error=str(e), kept="previous settings")

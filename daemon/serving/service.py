@@ -20,6 +20,7 @@ from daemon.core.engine import (
     SpeculativeEngine,
 )
 from daemon.core.models import ModelPair, load_pair
+from daemon.core.prompt_cache import PromptCache
 from daemon.core.prompts import encode_prompt, prompt_text
 from daemon.logging import get_logger
 from daemon.serving.worker import (
@@ -72,6 +73,7 @@ class Service:
             self.pair.tokenizer,
             SpeculativeConfig.from_settings(s.speculative, self.pair.max_context),
             suffix=self.suffix,
+            prompt_cache=PromptCache(s.server.prompt_cache_size, s.server.prompt_cache_bytes),
         )
         self.worker = GenerationWorker(
             self.engine,

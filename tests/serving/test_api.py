@@ -1047,6 +1047,44 @@ def test_bench_serve_against_the_daemon(served: Server) -> None:
         served.settings.server.api_key = None
 
 
+def test_conversations_reuse_the_prompt_cache(served: Server, tmp_path: Path) -> None:
+    """Each turn resends the history: from the second turn on, most of the prompt comes from
+    the prompt cache (usage, /metrics, /status), and bench serve --conversations reports it."""
+    from daemon.bench.serve import bench_conversations, read_conversations
+
+    conv = tmp_path / "conv.jsonl"
+    conv.write_text(
+        json.dumps({"turns": ["hello world", "the cat sat", "and then?"]})
+        + "\n\n"
+        + json.dumps({"turns": ["the dog", "hello"]})
+        + "\n"
+    )
+    conversations = read_conversations(conv)
+    assert conversations == [["hello world", "the cat sat", "and then?"], ["the dog", "hello"]]
+    out = bench_conversations({"a": served.url, "b": served.url + "/v1"}, conversations, 8)
+    assert out["errors"] == [] and out["identical"] is True
+    assert out["a_turn1"]["requests"] == 2 and out["a_turn3"]["requests"] == 1
+    assert out["a_turn3"]["cached_tokens"] > 0.5 * out["a_turn3"]["prompt_tokens"]
+    # the same prompt once more: nearly all of it cached, as usage says
+    msgs = [{"role": "user", "content": "hello world"}]
+    r1 = httpx.post(f"{served.url}/v1/chat/completions", json={"messages": msgs, "max_tokens": 3})
+    r2 = httpx.post(f"{served.url}/v1/chat/completions", json={"messages": msgs, "max_tokens": 3})
+    u1, u2 = r1.json()["usage"], r2.json()["usage"]
+    # all but the last prompt token (the first round scores it), less the one token mlx-lm's
+    # cache lookup leaves to process when the cached sequence runs past the prompt
+    assert u2["prompt_tokens_details"]["cached_tokens"] == u2["prompt_tokens"] - 2
+    assert r1.json()["choices"] == r2.json()["choices"]
+    metrics = httpx.get(f"{served.url}/metrics").text
+    assert 'specd_prompt_cache_lookups_total{result="hit"}' in metrics
+    assert "specd_prompt_cache_cached_tokens_total" in metrics
+    status = httpx.get(f"{served.url}/status").json()["prompt_cache"]
+    assert status["hits"] >= 3 and status["bytes"] > 0 and u1["prompt_tokens"] > 0
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"turns": "hi"}\n')
+    with pytest.raises(ValueError, match="bad.jsonl:1"):
+        read_conversations(bad)
+
+
 def test_collect_goes_through_the_running_daemon(served: Server) -> None:
     from daemon.core.prompts import PromptItem
     from daemon.ops.collect import collect

@@ -221,3 +221,25 @@ def test_generation_through_the_run(client: TestClient, state: AppState) -> None
         "specd_time_to_first_token_seconds_count", {"endpoint": "/v1/completions"}
     )
     assert count == 1  # the run's RequestInfo reached the gate
+
+
+def test_cors_is_off_unless_origins_are_configured() -> None:
+    preflight = {
+        "Origin": "http://localhost:3000",
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization, content-type",
+    }
+    with TestClient(create_app(make_state())) as c:
+        r = c.get("/health", headers={"Origin": "http://localhost:3000"})
+        assert "access-control-allow-origin" not in r.headers
+    state = make_state(cors_origins=["http://localhost:3000"], api_key="k")
+    with TestClient(create_app(state)) as c:
+        r = c.options("/v1/chat/completions", headers=preflight)  # no key: a preflight has none
+        assert r.status_code == 200
+        assert r.headers["access-control-allow-origin"] == "http://localhost:3000"
+        assert "authorization" in r.headers["access-control-allow-headers"].lower()
+        r = c.get("/v1/models", headers={"Origin": "http://localhost:3000"})
+        assert r.status_code == 401  # errors reach the browser with the header too
+        assert r.headers["access-control-allow-origin"] == "http://localhost:3000"
+        r = c.get("/health", headers={"Origin": "http://evil.example"})
+        assert "access-control-allow-origin" not in r.headers

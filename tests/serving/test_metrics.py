@@ -23,6 +23,8 @@ COUNTERS = {
     "specd_requests": ("endpoint", "status"),
     "specd_generations": ("finish_reason",),
     "specd_prompt_tokens": (),
+    "specd_prompt_cache_lookups": ("result",),
+    "specd_prompt_cache_cached_tokens": (),
     "specd_generation_tokens": (),
 }
 HISTOGRAMS = {
@@ -36,6 +38,7 @@ GAUGES = (
     "specd_requests_in_flight",
     "specd_adapter_version",
     "specd_buffer_records",
+    "specd_prompt_cache_bytes",
 )
 
 

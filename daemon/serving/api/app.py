@@ -10,6 +10,7 @@ import copy
 from typing import Any
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 
 from daemon import __version__
 from daemon.serving.api.errors import add_error_handlers
@@ -35,6 +36,16 @@ def create_app(state: AppState) -> FastAPI:
     app.include_router(daemon_router)
     app.include_router(admin_router)
     app.add_middleware(Gate, state=state)
+    origins = state.settings.server.cors_origins
+    if origins:
+        # outermost, so that preflights and error responses carry the CORS headers too
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=origins,
+            allow_methods=["*"],
+            allow_headers=["*"],
+            expose_headers=["Retry-After"],
+        )
     _document_auth_as_configured(app, state)
     return app
 

@@ -40,6 +40,7 @@ from daemon.serving.api.schemas import (
     CompletionChoice,
     CompletionResponse,
     FinishReason,
+    PromptTokensDetails,
     SourceUsage,
     SpeculativeUsage,
     Usage,
@@ -101,6 +102,7 @@ def _usage(result: GenerationResult, adapter_version: int) -> Usage:
         prompt_tokens=s.prompt_tokens,
         completion_tokens=s.generation_tokens,
         total_tokens=s.prompt_tokens + s.generation_tokens,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=s.cached_tokens),
         speculative=SpeculativeUsage(
             drafted=s.drafted,
             accepted=s.accepted,
