@@ -77,6 +77,7 @@ import numpy as np
 from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
+from daemon.core.constraints import Constraint
 from daemon.core.drafting import NGRAM_SIZES, ContextIndex, Proposal, SuffixIndex
 from daemon.core.heads import last_logits
 from daemon.core.policy import Choice, SpeculationPolicy
@@ -307,8 +308,12 @@ class SpeculativeEngine:
         prompt_tokens: Sequence[int],
         params: SamplingParams,
         result: GenerationResult | None = None,
+        constraint: Constraint | None = None,
     ) -> Generator[GenerationChunk, None, None]:
         """Validate the request and return a generator of :class:`GenerationChunk`.
+
+        With ``constraint`` (`daemon.core.constraints`) the output follows its grammar: the
+        target's and the draft's logits are masked to what it allows at each position.
 
         Validation happens here, eagerly: a :class:`GenerationError` is raised by this call,
         before any cache exists.  ``result`` (or a new :class:`GenerationResult`, also
@@ -335,13 +340,18 @@ class SpeculativeEngine:
         result.stats.cached_tokens = t_cached
         self.last_result = result
         return self._generate(
-            target, draft, target_cache, draft_cache, prompt, params, result, d_cached
+            target, draft, target_cache, draft_cache, prompt, params, result, d_cached, constraint
         )
 
-    def run(self, prompt_tokens: Sequence[int], params: SamplingParams) -> GenerationResult:
+    def run(
+        self,
+        prompt_tokens: Sequence[int],
+        params: SamplingParams,
+        constraint: Constraint | None = None,
+    ) -> GenerationResult:
         """Non-streaming convenience: generate to completion and return the result."""
         result = GenerationResult()
-        for _ in self.generate(prompt_tokens, params, result):
+        for _ in self.generate(prompt_tokens, params, result, constraint):
             pass
         return result
 
@@ -410,6 +420,7 @@ class SpeculativeEngine:
         params: SamplingParams,
         result: GenerationResult,
         draft_cached: int = 0,
+        constraint: Constraint | None = None,
     ) -> Generator[GenerationChunk, None, None]:
         cfg = self.config
         stats = result.stats
@@ -514,6 +525,10 @@ class SpeculativeEngine:
                     # a token the draft's vocabulary lacks cannot be verified as a draft token
                     cut = next(i for i, t in enumerate(proposal.tokens) if t >= vocab)
                     proposal = replace(proposal, tokens=proposal.tokens[:cut]) if cut else None
+                if proposal is not None and constraint is not None:
+                    # only what the grammar allows is worth verifying
+                    cut = constraint.allows(proposal.tokens)
+                    proposal = replace(proposal, tokens=proposal.tokens[:cut]) if cut else None
                 if policy is not None:
                     plan = policy.choose(proposal, int(remaining))
                 elif proposal is not None:
@@ -535,6 +550,8 @@ class SpeculativeEngine:
                 # an empty array when nothing is drafted keeps one type for the code below
                 d_arr = mx.zeros((0,), dtype=mx.uint32)
                 q_lp: mx.array | None = None
+                masks: list[np.ndarray] = []  # constrained: allowed tokens at each position
+                pushed = 0  # draft tokens the grammar state advanced through, to undo
                 t_draft = time.perf_counter()
                 catch_up = len(draft_in)  # > 2: the draft first reads tokens it skipped
                 if model_round:
@@ -544,6 +561,11 @@ class SpeculativeEngine:
                     dy = mx.array(draft_in if catch_up <= 2 else draft_in[-1:], dtype=mx.uint32)
                     for i in range(k):
                         dl = last_logits(draft, dy[None], draft_cache)[:vocab]
+                        if constraint is not None:
+                            if i:  # the grammar moves past the token just drafted
+                                pushed += constraint.push([cast(int, d_toks[-1].item())])
+                            masks.append(constraint.mask(vocab))
+                            dl = mx.where(mx.array(masks[-1]), dl, -mx.inf)
                         if greedy:
                             tok = mx.argmax(dl, axis=-1)
                             if record:
@@ -556,12 +578,20 @@ class SpeculativeEngine:
                         d_toks.append(tok)
                         dy = tok.reshape(1)
                     stats.draft_passes += k
+                    if constraint is not None:  # the mask after the last draft token, then back
+                        pushed += constraint.push([cast(int, d_toks[-1].item())])
+                        masks.append(constraint.mask(vocab))
+                        constraint.pop(pushed)
                     if policy is not None:
                         mx.eval(d_toks[-1])  # the verify needs them anyway: time the draft alone
                     d_arr = mx.stack(d_toks)
                     q_lp = None if greedy else mx.stack(q_rows)
                 elif k:  # a proposal: a point mass at each proposed token (q = 1)
                     d_arr = mx.array(plan.tokens, dtype=mx.uint32)
+                    if constraint is not None:
+                        for t in plan.tokens:
+                            masks.append(constraint.mask(vocab))
+                            pushed += constraint.push([t])
                     if not greedy:
                         onehot = mx.arange(vocab)[None, :] == d_arr[:, None]
                         q_lp = mx.where(onehot, 0.0, -mx.inf)
@@ -574,6 +604,11 @@ class SpeculativeEngine:
                     t_in = mx.concatenate([t_in, d_arr])
                 t_logits = target(t_in[None], cache=target_cache)[0, -(k + 1) :, :]
                 tl = t_logits[:, :vocab]
+                if constraint is not None:
+                    if len(masks) == k:  # proposal and plain rounds: the last position's mask
+                        masks.append(constraint.mask(vocab))
+                        constraint.pop(pushed)
+                    tl = mx.where(mx.array(np.stack(masks)), tl, -mx.inf)
                 stats.target_passes += 1
                 to_eval: list[mx.array] = []
                 if k:
@@ -676,6 +711,11 @@ class SpeculativeEngine:
                     if stops:
                         stop_at = find_stop(detok.text)
                         if stop_at is not None:
+                            finish = "stop"
+                            break
+                    if constraint is not None:
+                        constraint.consume([t])
+                        if constraint.done:  # the grammar is complete: nothing may follow
                             finish = "stop"
                             break
                 if finish is not None:

@@ -16,6 +16,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
+from daemon.core.constraints import Constraint
 from daemon.core.engine import (
     GenerationChunk,
     GenerationError,
@@ -46,6 +47,7 @@ class GenerationRequest:
     params: SamplingParams
     prompt_text: str = ""
     record: bool = True  # store the outcome in the replay buffer
+    constraint: Constraint | None = None  # the grammar the output follows (response_format)
     meta: dict[str, Any] = field(default_factory=dict)
     # The draft adapter in service when the request started (set by the worker); swaps run
     # between requests, so it is the one that served every round of it.
@@ -230,7 +232,7 @@ class GenerationWorker:
             req.adapter_version = self.adapter_version()
         self.active = req
         try:
-            gen = self.engine.generate(req.prompt_tokens, req.params, result)
+            gen = self.engine.generate(req.prompt_tokens, req.params, result, req.constraint)
             try:
                 for chunk in gen:
                     handle.emit(chunk)

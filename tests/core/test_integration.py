@@ -96,3 +96,70 @@ def test_real_pair_high_acceptance_drafts_equal_target(smollm_pair) -> None:
         assert long_runs > 0, name  # several draft tokens accepted in one round
         if name == "skip-two-middle":
             assert rejected_rounds > 0  # and rounds that trimmed the caches back
+
+
+def test_real_pair_prompt_cache_changes_nothing(smollm_pair) -> None:
+    """A 3-turn conversation with the prompt cache on gives the same answers as without."""
+    from daemon.core.prompt_cache import PromptCache
+
+    pair = smollm_pair
+    cfg = dict(lookup=True, max_context=pair.max_context)
+    plain = SpeculativeEngine(pair.target, pair.draft, pair.tokenizer, SpeculativeConfig(**cfg))
+    cached = SpeculativeEngine(
+        pair.target,
+        pair.draft,
+        pair.tokenizer,
+        SpeculativeConfig(**cfg),
+        prompt_cache=PromptCache(4, 1 << 30),
+    )
+    history: list[dict[str, str]] = []
+    for i, text in enumerate(PROMPTS):
+        history.append({"role": "user", "content": text})
+        prompt = encode_prompt(pair.tokenizer, history)
+        params = SamplingParams(temperature=0.0, max_tokens=24)
+        want, got = plain.run(prompt, params), cached.run(prompt, params)
+        assert got.tokens == want.tokens, text
+        assert (got.stats.cached_tokens > 0) == (i > 0)
+        history.append({"role": "assistant", "content": got.text})
+
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "answer": {"type": "string", "maxLength": 40},
+        "confidence": {"type": "integer", "minimum": 0, "maximum": 100},
+        "topic": {"enum": ["python", "geography", "math", "other"]},
+    },
+    "required": ["answer", "confidence", "topic"],
+    "additionalProperties": False,
+}
+
+
+def test_real_pair_json_schema_output_is_always_valid(smollm_pair) -> None:
+    """20 requests with a JSON schema on the 135M model: every answer parses and follows it."""
+    import json
+
+    from daemon.core.constraints import Constraint
+
+    pair = smollm_pair
+    engine = SpeculativeEngine(
+        pair.target,
+        pair.draft,
+        pair.tokenizer,
+        SpeculativeConfig(lookup=True, cost_aware=True, max_context=pair.max_context),
+    )
+    questions = [f"{p} Answer in JSON." for p in PROMPTS] + [
+        f"Question {i}: what is {i} times {i + 3}? Reply as JSON." for i in range(17)
+    ]
+    for i, q in enumerate(questions):
+        params = SamplingParams(temperature=0.0 if i % 2 else 0.8, seed=i, max_tokens=100)
+        c = Constraint.json_schema(pair.tokenizer, SCHEMA)
+        res = engine.run(encode_prompt(pair.tokenizer, q), params, constraint=c)
+        assert res.finish_reason == "stop", (q, res.text)
+        value = json.loads(res.text)
+        assert set(value) == {"answer", "confidence", "topic"}, res.text
+        assert isinstance(value["answer"], str) and len(value["answer"]) <= 40
+        assert (
+            0 <= value["confidence"] <= 100
+            and value["topic"] in SCHEMA["properties"]["topic"]["enum"]
+        )

@@ -582,7 +582,14 @@ BAD_REQUESTS = [
     ("chat", b"--x--", 400, "invalid_json"),
     # fields specd does not implement are refused by name, never dropped
     ("chat", _chat(tools=[{"type": "function"}]), 400, "unsupported_parameter"),
-    ("chat", _chat(response_format={"type": "json_object"}), 400, "unsupported_parameter"),
+    ("chat", _chat(response_format={"type": "json_schema"}), 400, "invalid_value"),
+    (
+        "chat",
+        _chat(response_format={"type": "json_schema", "json_schema": {"schema": {"type": "x"}}}),
+        400,
+        "invalid_value",
+    ),
+    ("chat", _chat(response_format={"type": "yaml"}), 400, None),
     ("chat", _chat(frobnicate=1), 400, "unsupported_parameter"),
     ("chat", _chat(frequency_penalty=0.5), 400, "unsupported"),
     ("chat", _chat(presence_penalty=-1.0), 400, "unsupported"),
@@ -1083,6 +1090,47 @@ def test_conversations_reuse_the_prompt_cache(served: Server, tmp_path: Path) ->
     bad.write_text('{"turns": "hi"}\n')
     with pytest.raises(ValueError, match="bad.jsonl:1"):
         read_conversations(bad)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_response_format_json_schema_is_followed(served: Server, stream: bool) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"ok": {"type": "boolean"}, "word": {"enum": ["the", "cat", "hello"]}},
+        "required": ["ok", "word"],
+        "additionalProperties": False,
+    }
+    fmt = {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}}
+    for content in ("hello world", "the cat sat", "x"):
+        body = _chat(max_tokens=40, response_format=fmt, stream=stream)
+        body["messages"][0]["content"] = content
+        r = httpx.post(f"{served.url}/v1/chat/completions", json=body, timeout=HANG_GUARD_S)
+        assert r.status_code == 200, r.text
+        if stream:
+            events = [e for e in sse_events(r.text.splitlines()) if e != "[DONE]"]
+            text = "".join(e["choices"][0]["delta"].get("content") or "" for e in events)
+        else:
+            text = r.json()["choices"][0]["message"]["content"]
+        value = json.loads(text)
+        assert set(value) == {"ok", "word"} and value["word"] in ("the", "cat", "hello")
+    r = httpx.post(
+        f"{served.url}/v1/completions",
+        json={"prompt": "hello", "max_tokens": 30, "response_format": {"type": "json_object"}},
+    )
+    assert r.status_code == 200, r.text
+    text = r.json()["choices"][0]["text"]
+    assert r.json()["choices"][0]["finish_reason"] == "length" or isinstance(json.loads(text), dict)
+    err = assert_error(
+        httpx.post(
+            f"{served.url}/v1/chat/completions",
+            json=_chat(
+                response_format={"type": "json_schema", "json_schema": {"schema": {"type": 5}}}
+            ),
+        ),
+        400,
+        "invalid_value",
+    )
+    assert err["param"] == "response_format.json_schema.schema"
 
 
 def test_collect_goes_through_the_running_daemon(served: Server) -> None:

@@ -25,6 +25,7 @@ from starlette.concurrency import run_in_threadpool
 
 from daemon import __version__
 from daemon.core.backend import backend_info
+from daemon.core.constraints import Constraint
 from daemon.core.engine import SamplingParams
 from daemon.core.prompts import encode_prompt, prompt_text
 from daemon.errors import AdapterError, GenerationError
@@ -104,6 +105,36 @@ def _unsupported(param: str, what: str) -> APIError:
     return APIError(400, f"{what} is not supported by specd.", param=param, code="unsupported")
 
 
+def _constraint(state: AppState, body: GenerationParams) -> Constraint | None:
+    """The grammar of ``response_format`` (None for plain text); a 400 naming what is wrong."""
+    fmt = body.response_format
+    if fmt is None or fmt.type == "text":
+        if fmt is not None and fmt.json_schema is not None:
+            raise APIError(
+                400,
+                "response_format.json_schema is only valid with type 'json_schema'.",
+                param="response_format.json_schema",
+                code="invalid_value",
+            )
+        return None
+    if fmt.type == "json_object":
+        schema: dict[str, Any] = {"type": "object"}
+        param = "response_format"
+    else:
+        if fmt.json_schema is None or not fmt.json_schema.schema_:
+            raise APIError(
+                400,
+                "response_format type 'json_schema' needs json_schema.schema.",
+                param="response_format.json_schema.schema",
+                code="invalid_value",
+            )
+        schema, param = fmt.json_schema.schema_, "response_format.json_schema.schema"
+    try:
+        return Constraint.json_schema(state.tokenizer, schema)
+    except GenerationError as e:
+        raise APIError(400, f"{param}: {e}", param=param, code="invalid_value") from None
+
+
 def _sampling(
     state: AppState, body: GenerationParams, max_tokens: int | None, max_tokens_param: str
 ) -> SamplingParams:
@@ -179,7 +210,8 @@ async def _run(
     body: GenerationParams,
 ) -> Response | BaseModel:
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    run = GenerationRun(state, request, kind, tokens, text, params, include_usage)
+    constraint = await run_in_threadpool(_constraint, state, body)
+    run = GenerationRun(state, request, kind, tokens, text, params, include_usage, constraint)
     return await run.respond(bool(body.stream))
 
 

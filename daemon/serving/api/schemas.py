@@ -83,6 +83,24 @@ Stop = Annotated[str, Field(min_length=1)]
 IGNORED_FIELDS = ("user", "metadata", "store", "service_tier")
 
 
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+
+    name: str = Field("response", max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] = Field(
+        default_factory=dict, alias="schema", description="The JSON schema the output follows."
+    )
+    strict: bool | None = Field(None, description="Output always follows the schema exactly.")
+
+
+class ResponseFormat(BaseModel):
+    model_config = STRICT | ConfigDict(extra="forbid")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
 class GenerationParams(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
@@ -102,6 +120,11 @@ class GenerationParams(BaseModel):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     n: int | None = Field(None, ge=1, description="Only 1 is supported.")
+    response_format: ResponseFormat | None = Field(
+        None,
+        description="json_object or json_schema: the output follows it, by constrained "
+        "decoding of the target and the draft (llguidance).",
+    )
     frequency_penalty: float | None = Field(None, description="Only 0 is supported.")
     presence_penalty: float | None = Field(None, description="Only 0 is supported.")
     logit_bias: dict[str, float] | None = Field(None, description="Only {} is supported.")

@@ -27,6 +27,7 @@ from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel
 
+from daemon.core.constraints import Constraint
 from daemon.core.engine import GenerationChunk, GenerationError, GenerationResult, SamplingParams
 from daemon.logging import get_logger
 from daemon.serving.api.errors import APIError, error_body
@@ -138,6 +139,7 @@ class GenerationRun:
         prompt_text: str,
         params: SamplingParams,
         include_usage: bool,
+        constraint: Constraint | None = None,
     ) -> None:
         self.state = state
         self.request = request
@@ -155,6 +157,7 @@ class GenerationRun:
             params=params,
             prompt_text=prompt_text,
             meta={"endpoint": kind, "id": self.id},
+            constraint=constraint,
         )
         self.handle = AsyncHandle(gen_req, asyncio.get_running_loop())
 
