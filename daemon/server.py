@@ -349,6 +349,10 @@ class Server:
         self.metrics.buffer_records.set_function(
             lambda: service.buffer.count() if service.buffer is not None else 0
         )
+        writer = service.writer
+        if writer is not None:
+            self.metrics.buffer_unsaved.set_function(lambda: writer.retry_backlog)
+            self.metrics.buffer_dropped.set_function(lambda: writer.dropped)
         self.status_providers.append(self._buffer_status)
         # the suffix drafting index: past outputs held (daemon.core.drafting.SuffixIndex)
         self.status_providers.append(lambda: {"suffix_index": service.suffix.stats()})
@@ -379,7 +383,13 @@ class Server:
             "max_records",
             "acceptance_trend",
         )
-        return {"buffer": {k: st[k] for k in keys}}
+        out = {k: st[k] for k in keys}
+        writer = self.service.writer
+        if writer is not None:  # records a full disk kept out: waiting in memory, or lost
+            out["unsaved_records"] = writer.retry_backlog
+            out["dropped_records"] = writer.dropped
+            out["commit_failures"] = writer.commit_failures
+        return {"buffer": out}
 
     def _on_finished(self, request: Any, result: Any, queue_s: float, total_s: float) -> None:
         """The worker's ``on_finished``: every hook, in order; one failing stops no other."""

@@ -208,6 +208,16 @@ class SpecdMetrics:
             "Records in the replay buffer (0 when none is attached).",
             registry=r,
         )
+        self.buffer_unsaved = _Gauge(
+            f"{p}buffer_unsaved_records",
+            "Records that failed to commit (e.g. a full disk), kept in memory for a retry.",
+            registry=r,
+        )
+        self.buffer_dropped = _Gauge(
+            f"{p}buffer_dropped_records",
+            "Records lost since start: the retry queue was full or they still failed at exit.",
+            registry=r,
+        )
         self._exposed = _WithoutCreated(r)
         self.started = time.time()
         self._window: deque[tuple[int, int, int]] = deque(maxlen=rolling_window)

@@ -47,6 +47,7 @@ import sys
 import threading
 import time
 from array import array
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -627,6 +628,11 @@ class BufferWriter:
     replaced at any time (config reload); each batch uses the current value. ``verify`` runs
     SQLite's quick_check when starting (the daemon's start-up), so that a damaged file is refused
     before anything is written to it.
+
+    A batch that fails to commit (a full disk, an I/O error) is not lost: its records wait in
+    memory, at most ``retry_limit`` of them (the oldest give way, counted in ``dropped``), and
+    are written again every ``retry_s`` seconds and at close. Their submitters' futures fail at
+    once (a response does not wait for the disk); ``on_commit`` runs when they do commit.
     """
 
     def __init__(
@@ -638,6 +644,8 @@ class BufferWriter:
         max_batch: int = 256,
         synchronous: str = "FULL",
         verify: bool = True,
+        retry_limit: int = 1000,
+        retry_s: float = 5.0,
     ) -> None:
         self.path = _resolve(path)
         self.settings = settings
@@ -652,6 +660,12 @@ class BufferWriter:
         self._closed = False
         self.committed = 0  # records committed since start
         self.evicted = 0
+        self.retry_limit = retry_limit
+        self.retry_s = retry_s
+        self._retry: deque[BufferRecord] = deque()  # failed to commit, to be written again
+        self._retry_at = 0.0  # monotonic time of the next attempt
+        self.dropped = 0  # records lost: the retry queue was full, or still failing at close
+        self.commit_failures = 0  # batches that failed to commit
 
     # lifecycle
     def start(self) -> BufferWriter:
@@ -678,6 +692,11 @@ class BufferWriter:
     @property
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and not self._closed
+
+    @property
+    def retry_backlog(self) -> int:
+        """Records that failed to commit and wait in memory for another attempt."""
+        return len(self._retry)
 
     @property
     def backlog(self) -> int:
@@ -754,13 +773,21 @@ class BufferWriter:
         assert conn is not None
         try:
             while True:
-                items = [self._queue.get()]
+                try:
+                    # with records to retry, wake up for them even when nothing else comes
+                    wait = max(0.0, self._retry_at - time.monotonic()) if self._retry else None
+                    items = [self._queue.get(timeout=wait)]
+                except queue.Empty:
+                    items = []
                 while len(items) < self.max_batch:
                     try:
                         items.append(self._queue.get_nowait())
                     except queue.Empty:
                         break
                 pending = [it for it in items if isinstance(it, _Pending)]
+                stopping = any(it is _STOP for it in items)
+                if self._retry and (stopping or time.monotonic() >= self._retry_at):
+                    self._write_retries(conn, final=stopping)
                 if pending:
                     try:
                         self._write(conn, pending)
@@ -777,11 +804,49 @@ class BufferWriter:
                             it.future.set_result(it.fn(conn))
                         except Exception as e:
                             it.future.set_exception(e)
-                if any(it is _STOP for it in items):
+                if stopping:
+                    if self._retry:  # the batch that just failed gets its last chance too
+                        self._write_retries(conn, final=True)
                     break
         finally:
             self._drain_after_stop()
             conn.close()
+
+    def _keep_for_retry(self, records: list[BufferRecord], error: BaseException) -> None:
+        self.commit_failures += 1
+        self._retry.extend(records)
+        over = len(self._retry) - self.retry_limit
+        for _ in range(max(0, over)):
+            self._retry.popleft()
+        if over > 0:
+            self.dropped += over
+        self._retry_at = time.monotonic() + self.retry_s
+        log.error(
+            "buffer_commit_failed",
+            path=str(self.path),
+            records=len(records),
+            error=str(error),
+            kept_for_retry=len(self._retry),
+            dropped=max(0, over),
+            dropped_total=self.dropped,
+        )
+
+    def _write_retries(self, conn: sqlite3.Connection, final: bool) -> None:
+        """Write the records that failed before; at close (``final``) the ones that still
+        fail are counted as dropped."""
+        records = list(self._retry)
+        self._retry.clear()
+        before = self.commit_failures
+        for i in range(0, len(records), self.max_batch):
+            batch = records[i : i + self.max_batch]
+            futures = [_Pending(r, Future()) for r in batch]
+            self._write(conn, futures)
+        if self.commit_failures == before:
+            log.info("buffer_retry_committed", records=len(records))
+        elif final:
+            self.dropped += len(self._retry)
+            log.error("buffer_records_dropped", records=len(self._retry), at="close")
+            self._retry.clear()
 
     def _drain_after_stop(self) -> None:
         while True:
@@ -814,11 +879,11 @@ class BufferWriter:
         try:
             ids, evicted = _insert(conn, rows, settings.max_records)
         except Exception as e:
-            log.error("buffer_commit_failed", path=str(self.path), records=len(rows), error=str(e))
             err = BufferError(f"{self.path}: could not store {len(rows)} record(s): {e}")
             err.__cause__ = e
             for p, _, _ in ok:
                 p.future.set_exception(err)
+            self._keep_for_retry([p.record for p, _, _ in ok], e)
             return
         self.committed += len(ids)
         self.evicted += evicted

@@ -39,6 +39,8 @@ GAUGES = (
     "specd_adapter_version",
     "specd_buffer_records",
     "specd_prompt_cache_bytes",
+    "specd_buffer_unsaved_records",
+    "specd_buffer_dropped_records",
 )
 
 

@@ -14,6 +14,7 @@ import time
 from array import array
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
@@ -29,7 +30,7 @@ from daemon.store.buffer import (
     assign_split,
     buffer_path,
 )
-from tests.helpers import HANG_GUARD_S
+from tests.helpers import HANG_GUARD_S, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 CHILD = Path(__file__).with_name("buffer_writer_child.py")
@@ -393,6 +394,59 @@ def test_writer_callbacks_errors_and_close(db: Path) -> None:
         w.submit(rec())
     assert [i for batch in seen for i in batch] == [f_good.result(), f_good.result() + 1]
     assert bad.id is None and w.committed == 2
+
+
+def test_a_full_disk_loses_nothing_while_memory_lasts(
+    db: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Commits fail as on a full disk (SQLite's SQLITE_FULL): the records wait in memory, at
+    most retry_limit of them (older ones counted as dropped), and are written once space
+    returns; nothing stored before is touched."""
+    real_insert = buffer_mod._insert
+    full = threading.Event()
+    full.set()
+
+    def insert(*args: Any, **kw: Any) -> Any:
+        if full.is_set():
+            raise sqlite3.OperationalError("database or disk is full")
+        return real_insert(*args, **kw)
+
+    committed: list[str] = []
+    w = BufferWriter(
+        db,
+        BufferSettings(),
+        on_commit=lambda rs: committed.extend(r.prompt_text for r in rs),
+        retry_limit=5,
+        retry_s=0.05,
+    ).start()
+    assert w.submit(rec("before")).result(timeout=HANG_GUARD_S) > 0
+    monkeypatch.setattr(buffer_mod, "_insert", insert)
+    futures = [w.submit(rec(f"during {i}")) for i in range(7)]
+    for f in futures:
+        with pytest.raises(BufferError, match="disk is full"):
+            f.result(timeout=HANG_GUARD_S)  # the submitter hears at once
+    wait_until(lambda: w.retry_backlog == 5 and w.dropped == 2, "5 kept, 2 dropped")
+    full.clear()  # space returns
+    wait_until(lambda: w.retry_backlog == 0, "the kept records written")
+    assert w.close(HANG_GUARD_S)
+    assert committed == ["before"] + [f"during {i}" for i in range(2, 7)]
+    with ReplayBuffer(db, BufferSettings()) as b:
+        assert b.count() == 6
+    assert w.dropped == 2 and w.commit_failures >= 1
+
+
+def test_records_still_failing_at_close_are_counted(
+    db: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def insert(*args: Any, **kw: Any) -> Any:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    w = BufferWriter(db, BufferSettings(), retry_s=60).start()
+    monkeypatch.setattr(buffer_mod, "_insert", insert)
+    with pytest.raises(BufferError):
+        w.submit(rec("lost")).result(timeout=HANG_GUARD_S)
+    assert w.close(HANG_GUARD_S)
+    assert w.dropped == 1 and w.retry_backlog == 0
 
 
 def test_concurrent_writers_and_reader(db: Path) -> None:
