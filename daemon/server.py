@@ -159,6 +159,7 @@ class Server:
         self.engine: Any = None
         self.worker: Any = None
         self.app: Any = None
+        self._switch: Any = None  # the HTTP front (daemon.serving.api.loading.LoadingSwitch)
         self.app_state: Any = None
         self.metrics = SpecdMetrics()
         self.service: Service | None = None
@@ -227,10 +228,14 @@ class Server:
             log_file=str(s.log_file),
         )
         self._check_bind_security()
-        # Bind before the (slow) model load: a busy port fails at once.
+        # Bind and serve before the (slow) model load: a busy port fails at once, and /health
+        # answers 503 "loading" meanwhile (daemon.serving.api.loading).
         self._socket = bind_socket(s.server.host, s.server.port)
         self.host = s.server.host
         self.port = self._socket.getsockname()[1]
+        self._start_http()
+        if self.should_exit:
+            return
 
         t0 = time.perf_counter()
         if self.pair is None:
@@ -253,9 +258,7 @@ class Server:
         self._start_worker()
         if self.adaptation_enabled and s.training.enabled:
             self._start_adaptation()
-        self._start_http()
-        if self.should_exit:
-            return
+        self._open_api()
         self._write_runtime()
         self._start_reloader()
         self.started = True
@@ -399,9 +402,8 @@ class Server:
             except Exception:
                 log.exception("finished_hook_failed", hook=getattr(hook, "__qualname__", "?"))
 
-    def _start_http(self) -> None:
-        import uvicorn
-
+    def _open_api(self) -> None:
+        """Attach the API to the running HTTP server: the models are ready."""
         from daemon.serving.api import AppState, create_app
 
         s, pair = self.settings, self.pair
@@ -424,8 +426,18 @@ class Server:
         self.app = create_app(self.app_state)
         state = self.app_state
         self.metrics.in_flight.set_function(lambda: state.in_flight)
+        self._switch.app = self.app
+
+    def _start_http(self) -> None:
+        """Serve HTTP on the bound socket; until `_open_api`, only the loading answers."""
+        import uvicorn
+
+        from daemon.serving.api.loading import LoadingSwitch
+
+        s = self.settings
+        self._switch = LoadingSwitch()
         config = uvicorn.Config(
-            self.app,
+            self._switch,
             log_config=None,  # keep specd's logging configuration
             access_log=False,
             lifespan="off",

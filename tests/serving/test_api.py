@@ -112,6 +112,51 @@ def served(
     assert srv.exit_code == 0
 
 
+def test_health_says_loading_until_the_models_are_ready(
+    tmp_path: Path, pair: ModelPair, log_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The port answers while the models load: /health 503 loading, the API 503 with
+    Retry-After; then 200 once ready."""
+    import daemon.server as server_mod
+
+    release = threading.Event()
+
+    def slow_load(settings: Any) -> ModelPair:
+        assert release.wait(HANG_GUARD_S)
+        return pair
+
+    monkeypatch.setattr(server_mod, "load_pair", slow_load)
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text("{}\n")
+    overrides = {"paths.data_dir": str(tmp_path / "data"), "server.port": 0}
+    settings, sources = load_settings(cfg, {**overrides, "training.enabled": False})
+    srv = Server(settings, sources, None)
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: srv.port is not None and srv._switch is not None, "HTTP bound")
+        url = f"http://127.0.0.1:{srv.port}"
+        wait_until(lambda: _get_status(f"{url}/health") == 503, "loading answers")
+        r = httpx.get(f"{url}/health")
+        assert r.json() == {"status": "loading"} and not srv.ready.is_set()
+        r = httpx.post(f"{url}/v1/completions", json={"prompt": "x"})
+        assert_error(r, 503, "loading")
+        assert r.headers["retry-after"] == "5"
+        release.set()
+        wait_until(srv.ready.is_set, "models loaded")
+        assert httpx.get(f"{url}/health").json()["status"] == "ok"
+    finally:
+        release.set()
+        stop_server(srv, thread)
+
+
+def _get_status(url: str) -> int | None:
+    try:
+        return httpx.get(url).status_code
+    except httpx.HTTPError:
+        return None
+
+
 class Finished:
     """Captures what the worker's on_finished hooks see, by completion id."""
 

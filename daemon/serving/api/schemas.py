@@ -282,7 +282,9 @@ class ModelList(BaseModel):
 
 
 class HealthResponse(BaseModel):
-    status: Literal["ok", "shutting_down"]
+    status: Literal["ok", "shutting_down", "loading"] = Field(
+        description="'loading' (with 503) while the models load after start"
+    )
 
 
 class ModelsStatus(BaseModel):
