@@ -403,8 +403,17 @@ class SpeculativeEngine:
     ) -> None:
         """Run ``tokens`` through ``model`` in chunks, filling ``cache`` (only the cache is
         evaluated, so the lazy graph never computes the output head)."""
+        for _ in self._prefill_steps(model, cache, tokens, clear):
+            pass
+
+    def _prefill_steps(
+        self, model: nn.Module, cache: list[Any], tokens: mx.array, clear: bool = True
+    ) -> Generator[None, None, None]:
+        """`_prefill`, yielding between chunks (where a closed request stops)."""
         step = self.config.prefill_step_size
         for start in range(0, tokens.size, step):
+            if start:
+                yield
             model(tokens[start : start + step][None], cache=cache)
             mx.eval([c.state for c in cache])
         if tokens.size and clear:
@@ -486,7 +495,10 @@ class SpeculativeEngine:
             prompt_arr = mx.array(prompt, dtype=mx.uint32)
             t_cached = stats.cached_tokens
             if len(prompt) - 1 > t_cached:
-                self._prefill(target, target_cache, prompt_arr[t_cached:-1])
+                # a long prompt yields empty chunks between its prefill chunks: a client that
+                # hangs up stops the request there, not after the whole prefill
+                for _ in self._prefill_steps(target, target_cache, prompt_arr[t_cached:-1]):
+                    yield GenerationChunk(text="", tokens=[])
                 stats.target_passes += 1
             t_gen = time.perf_counter()
             stats.prompt_time = t_gen - t_start

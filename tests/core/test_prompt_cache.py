@@ -116,3 +116,23 @@ def test_a_cancelled_request_leaves_a_usable_cache(pair) -> None:
     plain = SpeculativeEngine(target, draft, tok, SpeculativeConfig(**CFG))
     assert res.tokens == plain.run(prompt + seen, SamplingParams(max_tokens=10)).tokens
     assert mx.array(res.tokens).size == 10
+
+
+def test_a_long_prefill_stops_between_chunks_when_closed(pair) -> None:
+    """A request closed during its prefill stops at the next chunk; what was prefilled is
+    kept for the same prompt's next attempt."""
+    target, draft, tok = pair
+    cache = PromptCache(4, 1 << 30)
+    cfg = SpeculativeConfig(**CFG, prefill_step_size=8)
+    engine = SpeculativeEngine(target, draft, tok, cfg, prompt_cache=cache)
+    prompt = tok.encode(" ".join(TINY_CORPUS[:3]))
+    assert len(prompt) > 24
+    gen = engine.generate(prompt, SamplingParams(max_tokens=5))
+    first = next(gen)  # after the first prefill chunk
+    assert first.text == "" and first.tokens == []
+    gen.close()
+    assert engine.last_result is not None and engine.last_result.finish_reason == "cancelled"
+    res = engine.run(prompt, SamplingParams(max_tokens=5))
+    assert res.stats.cached_tokens == 8  # the one chunk prefilled before the close
+    plain = SpeculativeEngine(target, draft, tok, SpeculativeConfig(**CFG))
+    assert res.tokens == plain.run(prompt, SamplingParams(max_tokens=5)).tokens

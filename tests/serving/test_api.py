@@ -13,6 +13,7 @@ import re
 import signal
 import stat
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -1135,6 +1136,41 @@ def test_conversations_reuse_the_prompt_cache(served: Server, tmp_path: Path) ->
     bad.write_text('{"turns": "hi"}\n')
     with pytest.raises(ValueError, match="bad.jsonl:1"):
         read_conversations(bad)
+
+
+def test_a_queued_stream_gets_headers_and_keep_alives(
+    served: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stream waiting behind another request starts at once and sends SSE comments until
+    its first token, then the usual events."""
+    from daemon.serving.api import streaming
+
+    monkeypatch.setattr(streaming, "KEEPALIVE_S", 0.1)
+    monkeypatch.setattr(streaming, "FIRST_EVENT_WAIT_S", 0.1)
+    gate = block_worker(served)
+    lines: list[str] = []
+    got_headers = threading.Event()
+
+    def client() -> None:
+        body = {"prompt": "hello world", "max_tokens": 4, "stream": True}
+        with httpx.stream("POST", f"{served.url}/v1/completions", json=body) as r:
+            assert r.status_code == 200
+            got_headers.set()
+            lines.extend(r.iter_lines())
+
+    t = threading.Thread(target=client)
+    t.start()
+    try:
+        assert got_headers.wait(HANG_GUARD_S)  # headers while the worker is still blocked
+        wait_until(lambda: any(x.startswith(":") for x in lines) or t.is_alive(), "a comment")
+        time.sleep(0.4)  # a few keep-alive periods before the worker is freed
+    finally:
+        gate.set()
+    t.join(HANG_GUARD_S)
+    keepalives = [x for x in lines if x.startswith(":")]
+    assert keepalives, lines
+    events = sse_events(lines)
+    assert events[-1] == "[DONE]" and "".join(e["choices"][0]["text"] for e in events[:-1])
 
 
 @pytest.mark.parametrize("stream", [False, True])

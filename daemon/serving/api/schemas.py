@@ -49,7 +49,8 @@ SSE_DOC = {
         "schema": {
             "type": "object",
             "description": "With stream=true: server-sent events, one JSON chunk per "
-            "'data:' line, ending with 'data: [DONE]'.",
+            "'data:' line, ending with 'data: [DONE]'. Lines starting with ':' are keep-alive "
+            "comments, sent while the request waits in the queue or prefills.",
             "properties": {
                 "data": {"type": "string", "description": "A JSON chunk, or [DONE]."},
                 "event": {"type": "string"},

@@ -69,6 +69,12 @@ RECORD_WAIT_S = 30.0  # longest a response waits for its buffer record to commit
 __all__ = ["AsyncHandle", "GenerationRun"]
 
 DISCONNECT_POLL_S = 0.25  # how often a waiting request checks that its client is still there
+# A stream whose first event takes longer than this (queued behind other requests, or a long
+# prefill) starts at once: headers, then an SSE comment every KEEPALIVE_S, so that clients and
+# proxies with idle timeouts keep the connection.
+FIRST_EVENT_WAIT_S = 0.5
+KEEPALIVE_S = 5.0
+KEEPALIVE = b": keep-alive\n\n"
 
 
 class AsyncHandle(RequestHandle):
@@ -85,16 +91,25 @@ class AsyncHandle(RequestHandle):
         except RuntimeError:  # the loop is closed: nobody listens any more
             self.cancel()
 
-    async def next_event(self, request: Request | None = None) -> Event | None:
-        """The next event; None if ``request``'s client disconnected while we waited."""
+    async def next_event(
+        self, request: Request | None = None, within: float | None = None
+    ) -> Event | None | Literal["waiting"]:
+        """The next event; None if ``request``'s client disconnected while we waited;
+        "waiting" when none came ``within`` seconds."""
         if not self.events.empty():
             return self.events.get_nowait()
+        deadline = None if within is None else time.monotonic() + within
         while True:
+            wait = DISCONNECT_POLL_S
+            if deadline is not None:
+                wait = min(wait, max(0.0, deadline - time.monotonic()))
             try:
-                return await asyncio.wait_for(self.events.get(), DISCONNECT_POLL_S)
+                return await asyncio.wait_for(self.events.get(), wait)
             except TimeoutError:
                 if request is not None and await request.is_disconnected():
                     return None
+                if deadline is not None and time.monotonic() >= deadline:
+                    return "waiting"
 
 
 def _usage(result: GenerationResult, adapter_version: int) -> Usage:
@@ -222,17 +237,22 @@ class GenerationRun:
         except Exception as e:  # TimeoutError or the writer's error: log, answer anyway
             log.error("record_not_committed", request_id=self.id, error=repr(e))
 
-    async def first_event(self) -> Event | None:
-        ev = await self.handle.next_event(self.request)
+    async def first_event(self, within: float | None = None) -> Event | None | Literal["waiting"]:
+        ev = await self.handle.next_event(self.request, within)
         if ev is None:
             self._client_gone()
+        return ev
+
+    async def _event(self) -> Event | None:
+        ev = await self.handle.next_event(self.request)
+        assert ev != "waiting"  # without a deadline it never is
         return ev
 
     # --- non-streaming -------------------------------------------------------------------
 
     async def complete(self) -> Response | BaseModel:
         while True:
-            ev = await self.handle.next_event(self.request)
+            ev = await self._event()
             if ev is None:
                 self._client_gone()
                 return Response(status_code=CLIENT_CLOSED)
@@ -304,12 +324,29 @@ class GenerationRun:
             )
         )
 
-    async def stream(self, first: Event) -> AsyncIterator[bytes]:
+    async def stream(self, first: Event | Literal["waiting"]) -> AsyncIterator[bytes]:
         finished = False
         try:
-            if self.kind == "chat":
+            ev: Event | None
+            if first == "waiting":  # queued or prefilling: keep the connection alive
+                yield KEEPALIVE
+                waited = await self.handle.next_event(self.request, KEEPALIVE_S)
+                while waited == "waiting":
+                    yield KEEPALIVE
+                    waited = await self.handle.next_event(self.request, KEEPALIVE_S)
+                ev = waited
+                if isinstance(ev, Done) and ev.result is None and ev.error is not None:
+                    # refused after the stream started: the error as an event, then the end
+                    self.info.error = str(ev.error)
+                    body = error_body(str(ev.error), "invalid_request_error", code="invalid_value")
+                    yield b"data: " + json.dumps(body).encode() + b"\n\n"
+                    yield b"data: [DONE]\n\n"
+                    finished = True
+                    return
+            else:
+                ev = first
+            if self.kind == "chat" and ev is not None:
                 yield self._chunk("", None, role=True)
-            ev: Event | None = first
             while True:
                 if ev is None:
                     self._client_gone()
@@ -336,7 +373,7 @@ class GenerationRun:
                     yield b"data: [DONE]\n\n"
                     finished = True
                     return
-                ev = await self.handle.next_event(self.request)
+                ev = await self._event()
         finally:
             if not finished:
                 self._client_gone()
@@ -346,9 +383,10 @@ class GenerationRun:
         self.submit()
         if not stream:
             return await self.complete()
-        # Wait for the first event before sending headers, so a request the engine refuses
-        # still gets a proper 4xx status instead of an error inside a 200 stream.
-        first = await self.first_event()
+        # Wait briefly for the first event before sending headers, so a request the engine
+        # refuses still gets a proper 4xx status instead of an error inside a 200 stream; one
+        # that waits longer (queue, long prefill) streams keep-alive comments meanwhile.
+        first = await self.first_event(FIRST_EVENT_WAIT_S)
         if first is None:
             return Response(status_code=CLIENT_CLOSED)
         if isinstance(first, Done):
