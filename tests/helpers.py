@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -20,6 +23,10 @@ from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer, TokenizerWrapper
 from mlx_lm.utils import save_config, save_model
 
 from daemon.core.backend import REEXEC_MARKER
+
+if TYPE_CHECKING:
+    from daemon.core.models import ModelPair
+    from daemon.server import Server
 
 # A guard against a hang, not a speed requirement: tests poll for the state they wait for and
 # give up only after this long, so no test depends on how fast the machine is.
@@ -230,3 +237,29 @@ def make_adapter(tmp: Path, target, layers: list[int], seed: int, rank: int = 4)
     ]
     draft.update(tree_unflatten(params))
     return save_adapter(draft, tmp, config)
+
+
+def start_server(data_dir: Path, pair: ModelPair, **server: Any) -> tuple[Server, threading.Thread]:
+    """An in-process `Server` on a free port with ``pair``, in a thread, until ready."""
+    from daemon.config import load_settings
+    from daemon.server import Server
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    cfg = data_dir / "config.yaml"
+    cfg.write_text("{}\n")
+    # No adaptation loop here: tests/test_adaptation.py covers it.
+    overrides = {"paths.data_dir": str(data_dir), "server.port": 0, "training.enabled": False}
+    overrides.update({f"server.{k}": v for k, v in server.items()})
+    settings, sources = load_settings(cfg, overrides)
+    srv = Server(settings, sources, pair)
+    thread = threading.Thread(target=srv.run, name="test-server", daemon=True)
+    thread.start()
+    wait_until(lambda: srv.ready.is_set() or not thread.is_alive(), "server start-up")
+    assert thread.is_alive(), "server thread died during start-up"
+    return srv, thread
+
+
+def stop_server(srv: Server, thread: threading.Thread) -> None:
+    srv.handle_exit(signal.SIGTERM, None)
+    thread.join(HANG_GUARD_S)
+    assert not thread.is_alive()

@@ -94,14 +94,22 @@ def read_prompts(path: str | Path, limit: int | None = None) -> list[PromptItem]
     return items
 
 
-def encode_prompt(tokenizer: TokenizerWrapper, prompt: str | list[dict[str, Any]]) -> list[int]:
-    """Token ids of a prompt with the chat template applied (a string is one user message).
+def encode_prompt(
+    tokenizer: TokenizerWrapper,
+    prompt: str | list[dict[str, Any]],
+    tools: list[dict[str, Any]] | None = None,
+) -> list[int]:
+    """Token ids of a prompt with the chat template applied (a string is one user message),
+    ``tools`` rendered by it when given.
 
     Without a chat template the plain text (or the messages' contents joined) is encoded.
     """
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
     if getattr(tokenizer, "has_chat_template", False):
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        extra = {"tools": tools} if tools else {}
+        ids = tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, **extra
+        )
         if isinstance(ids, dict):  # some transformers versions return a BatchEncoding
             ids = ids["input_ids"]
         return [int(t) for t in ids]

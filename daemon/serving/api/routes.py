@@ -13,6 +13,7 @@ documents it in the OpenAPI schema (``/health`` takes no key).
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import time
 from typing import Annotated, Any, Literal, cast
@@ -61,6 +62,7 @@ from daemon.serving.api.state import (
     AppState,
 )
 from daemon.serving.api.streaming import GenerationRun
+from daemon.serving.api.tools import forced_call_grammar
 from daemon.serving.metrics import CONTENT_TYPE
 
 __all__ = ["admin_router", "daemon_router", "get_state", "openai_router"]
@@ -208,10 +210,17 @@ async def _run(
     text: str,
     params: SamplingParams,
     body: GenerationParams,
+    tools: list[dict[str, Any]] | None = None,
+    forced_call: str | None = None,
 ) -> Response | BaseModel:
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    constraint = await run_in_threadpool(_constraint, state, body)
-    run = GenerationRun(state, request, kind, tokens, text, params, include_usage, constraint)
+    if forced_call is not None:
+        constraint: Constraint | None = Constraint(state.tokenizer, forced_call)
+    else:
+        constraint = await run_in_threadpool(_constraint, state, body)
+    run = GenerationRun(
+        state, request, kind, tokens, text, params, include_usage, constraint, tools
+    )
     return await run.respond(bool(body.stream))
 
 
@@ -234,16 +243,88 @@ async def chat_completions(
     max_tokens = body.max_completion_tokens if body.max_tokens is None else body.max_tokens
     param = "max_tokens" if body.max_tokens is not None else "max_completion_tokens"
     params = _sampling(state, body, max_tokens, param)
-    messages = [
-        {"role": "system" if m.role == "developer" else m.role, "content": _message_text(m)}
-        for m in body.messages
-    ]
+    tools, forced = _tools(state, body)
+    messages = [_template_message(i, m) for i, m in enumerate(body.messages)]
     try:
-        tokens = await run_in_threadpool(encode_prompt, state.tokenizer, messages)
+        tokens = await run_in_threadpool(encode_prompt, state.tokenizer, messages, tools)
     except Exception as e:  # template errors (roles, missing fields) are the request's fault
         raise APIError(400, f"Cannot apply the chat template: {e}", param="messages") from None
     _check_prompt(state, tokens, "messages")
-    return await _run(state, request, "chat", tokens, prompt_text(messages), params, body)
+    return await _run(
+        state, request, "chat", tokens, prompt_text(messages), params, body, tools, forced
+    )
+
+
+def _template_message(i: int, m: ChatMessage) -> dict[str, Any]:
+    """A message as chat templates take it (tool-call arguments as objects, as HF's do)."""
+    out: dict[str, Any] = {
+        "role": "system" if m.role == "developer" else m.role,
+        "content": _message_text(m),
+    }
+    if m.tool_calls:
+        calls = []
+        for j, call in enumerate(m.tool_calls):
+            try:
+                args = json.loads(call.function.arguments)
+            except ValueError:
+                raise APIError(
+                    400,
+                    "tool call arguments must be JSON text",
+                    param=f"messages.{i}.tool_calls.{j}.function.arguments",
+                    code="invalid_value",
+                ) from None
+            fn = {"name": call.function.name, "arguments": args}
+            calls.append({"id": call.id, "type": "function", "function": fn})
+        out["tool_calls"] = calls
+    if m.tool_call_id is not None:
+        out["tool_call_id"] = m.tool_call_id
+    return out
+
+
+def _tools(
+    state: AppState, body: ChatCompletionRequest
+) -> tuple[list[dict[str, Any]] | None, str | None]:
+    """The tools to render (None: none) and, when a call is forced, its grammar."""
+    choice = body.tool_choice
+    if not body.tools:
+        if choice not in (None, "none"):
+            raise APIError(
+                400, "tool_choice needs tools.", param="tool_choice", code="invalid_value"
+            )
+        return None, None
+    if not getattr(state.tokenizer, "has_tool_calling", False):
+        raise APIError(
+            400,
+            f"The model {state.model_id!r} does not support tools: its chat template has no "
+            "tool-call format.",
+            param="tools",
+            code="unsupported",
+        )
+    if choice == "none":
+        return None, None
+    tools = [t.model_dump(exclude_none=True) for t in body.tools]
+    if choice is None or choice == "auto":
+        return tools, None
+    if body.response_format is not None and body.response_format.type != "text":
+        raise APIError(
+            400,
+            "A forced tool call and response_format cannot both constrain the answer.",
+            param="tool_choice",
+            code="invalid_value",
+        )
+    name = None if choice == "required" else choice.function.name
+    if name is not None and name not in {t.function.name for t in body.tools}:
+        raise APIError(400, f"tool_choice names an unknown function {name!r}.", param="tool_choice")
+    grammar = forced_call_grammar(state.tokenizer, tools, name)
+    if grammar is None:
+        raise APIError(
+            400,
+            "Forcing a tool call needs the JSON tool-call format; this model's template uses "
+            "another one. Use tool_choice 'auto'.",
+            param="tool_choice",
+            code="unsupported",
+        )
+    return tools, grammar
 
 
 @openai_router.post(

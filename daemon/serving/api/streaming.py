@@ -21,7 +21,7 @@ import math
 import secrets
 import time
 from collections.abc import AsyncIterator
-from typing import Literal
+from typing import Any, Literal
 
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
@@ -41,9 +41,12 @@ from daemon.serving.api.schemas import (
     CompletionChoice,
     CompletionResponse,
     FinishReason,
+    FunctionCall,
     PromptTokensDetails,
     SourceUsage,
     SpeculativeUsage,
+    ToolCall,
+    ToolCallDelta,
     Usage,
 )
 from daemon.serving.api.state import (
@@ -53,6 +56,7 @@ from daemon.serving.api.state import (
     AppState,
     RequestInfo,
 )
+from daemon.serving.api.tools import ParsedCall, ToolStream, split_tool_calls
 from daemon.serving.worker import (
     Done,
     Event,
@@ -138,6 +142,14 @@ def _finish_reason(result: GenerationResult) -> FinishReason:
     return "length" if result.finish_reason == "length" else "stop"
 
 
+def _function(call: ParsedCall) -> FunctionCall:
+    return FunctionCall(name=call.name, arguments=call.arguments)
+
+
+def _tool_call(call: ParsedCall) -> ToolCall:
+    return ToolCall(id=call.id, function=_function(call))
+
+
 def _sse(model: BaseModel) -> bytes:
     return b"data: " + model.model_dump_json().encode() + b"\n\n"
 
@@ -155,8 +167,11 @@ class GenerationRun:
         params: SamplingParams,
         include_usage: bool,
         constraint: Constraint | None = None,
+        tools: list[dict[str, Any]] | None = None,
     ) -> None:
         self.state = state
+        self.tools = tools  # given: the answer's tool calls are parsed (daemon.serving.api.tools)
+        self.calls = 0  # tool calls streamed so far
         self.request = request
         self.kind = kind
         info = request.scope.get("specd")
@@ -267,6 +282,15 @@ class GenerationRun:
             await self._recorded(ev)
             usage = _usage(result, self.handle.request.adapter_version)
             if self.kind == "chat":
+                content: str | None = result.text
+                finish = _finish_reason(result)
+                tool_calls = None
+                if self.tools is not None:
+                    content, calls = split_tool_calls(self.state.tokenizer, result.text, self.tools)
+                    if calls:
+                        tool_calls = [_tool_call(c) for c in calls]
+                        content = content or None
+                        finish = "tool_calls" if finish == "stop" else finish
                 return ChatCompletionResponse(
                     id=self.id,
                     created=self.created,
@@ -274,8 +298,8 @@ class GenerationRun:
                     choices=[
                         ChatChoice(
                             index=0,
-                            message=AssistantMessage(content=result.text),
-                            finish_reason=_finish_reason(result),
+                            message=AssistantMessage(content=content, tool_calls=tool_calls),
+                            finish_reason=finish,
                         )
                     ],
                     usage=usage,
@@ -294,9 +318,22 @@ class GenerationRun:
 
     # --- streaming -----------------------------------------------------------------------
 
-    def _chunk(self, text: str | None, finish: FinishReason | None, role: bool = False) -> bytes:
+    def _chunk(
+        self,
+        text: str | None,
+        finish: FinishReason | None,
+        role: bool = False,
+        calls: list[ParsedCall] | None = None,
+    ) -> bytes:
         if self.kind == "chat":
-            delta = ChatDelta(role="assistant" if role else None, content=text)
+            deltas = None
+            if calls:
+                deltas = [
+                    ToolCallDelta(index=self.calls + i, id=c.id, function=_function(c))
+                    for i, c in enumerate(calls)
+                ]
+                self.calls += len(calls)
+            delta = ChatDelta(role="assistant" if role else None, content=text, tool_calls=deltas)
             choice = ChatChunkChoice(index=0, delta=delta, finish_reason=finish)
             return _sse(
                 ChatCompletionChunk(
@@ -347,15 +384,24 @@ class GenerationRun:
                 ev = first
             if self.kind == "chat" and ev is not None:
                 yield self._chunk("", None, role=True)
+            tools = ToolStream(self.state.tokenizer, self.tools) if self.tools is not None else None
             while True:
                 if ev is None:
                     self._client_gone()
                     return
                 if isinstance(ev, GenerationChunk):
                     self._note_chunk(ev)
-                    if ev.text:
+                    if ev.text and tools is not None:
+                        text, calls = tools.feed(ev.text)
+                        if text or calls:
+                            yield self._chunk(text or None, None, calls=calls)
+                    elif ev.text:
                         yield self._chunk(ev.text, None)
                 else:
+                    if tools is not None and ev.result is not None:
+                        text, calls = tools.finish()
+                        if text or calls:
+                            yield self._chunk(text or None, None, calls=calls)
                     if ev.result is None:  # an error after the stream started (not expected)
                         msg = str(ev.error) if ev.error is not None else "generation cancelled"
                         self.info.error = msg
@@ -365,9 +411,10 @@ class GenerationRun:
                         result = ev.result
                         self._note_result(result)
                         await self._recorded(ev)
-                        yield self._chunk(
-                            None if self.kind == "chat" else "", _finish_reason(result)
-                        )
+                        finish = _finish_reason(result)
+                        if self.calls and finish == "stop":
+                            finish = "tool_calls"
+                        yield self._chunk(None if self.kind == "chat" else "", finish)
                         if self.include_usage:
                             yield self._usage_chunk(result)
                     yield b"data: [DONE]\n\n"
