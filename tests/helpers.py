@@ -263,3 +263,32 @@ def stop_server(srv: Server, thread: threading.Thread) -> None:
     srv.handle_exit(signal.SIGTERM, None)
     thread.join(HANG_GUARD_S)
     assert not thread.is_alive()
+
+
+def stop_daemon(proc: subprocess.Popen) -> None:
+    """SIGTERM a daemon subprocess and wait for it (killed if it hangs)."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(HANG_GUARD_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def tiny_pair(target: nn.Module, draft: nn.Module, tokenizer: Any, target_id: str) -> ModelPair:
+    """A `ModelPair` around tiny in-memory models (a separate draft)."""
+    from daemon.core.models import ModelPair
+
+    return ModelPair(
+        target=target,
+        draft=draft,
+        tokenizer=tokenizer,
+        target_id=target_id,
+        draft_id="tiny-draft",
+        target_path="",
+        draft_kind="model",
+        dtype="float32",
+        dequantized=False,
+    )

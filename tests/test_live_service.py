@@ -15,6 +15,7 @@ from tests.helpers import (
     HANG_GUARD_S,
     read_log,
     start_daemon,
+    stop_daemon,
     wait_for_event,
     wait_until,
     write_model_dir,
@@ -39,13 +40,7 @@ def daemon(tmp_path: Path):
         runtime = json.loads((tmp_path / "data" / "runtime.json").read_text())
         yield proc, tmp_path, log, runtime["url"]
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(HANG_GUARD_S)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_daemon(proc)
 
 
 def events(log: Path, name: str) -> list[dict]:
@@ -198,9 +193,4 @@ def test_drop_ins_are_seen_from_an_empty_home(tmp_path: Path) -> None:
         wait_events(log, "config_reloaded", 1)
         assert completion_tokens(url) == 3
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(HANG_GUARD_S)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_daemon(proc)

@@ -35,6 +35,7 @@ from tests.helpers import (
     start_daemon,
     start_server,
     stop_server,
+    tiny_pair,
     wait_for_event,
     wait_until,
     write_model_dir,
@@ -49,17 +50,7 @@ LONG_PROMPT = "The quick brown fox"  # greedy output runs to max_tokens (no earl
 
 @pytest.fixture(scope="module")
 def pair(tiny_tokenizer, tiny_target, tiny_draft) -> ModelPair:
-    return ModelPair(
-        target=tiny_target,
-        draft=tiny_draft,
-        tokenizer=tiny_tokenizer,
-        target_id="tiny-target",
-        draft_id="tiny-draft",
-        target_path="",
-        draft_kind="model",
-        dtype="float32",
-        dequantized=False,
-    )
+    return tiny_pair(tiny_target, tiny_draft, tiny_tokenizer, "tiny-target")
 
 
 @pytest.fixture(scope="module")

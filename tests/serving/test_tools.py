@@ -16,7 +16,14 @@ from mlx_lm.utils import save_config, save_model
 from daemon.core.models import ModelPair
 from daemon.server import Server
 from daemon.serving.api.tools import ToolStream, split_tool_calls
-from tests.helpers import HANG_GUARD_S, make_tiny_llama, perturbed_copy, start_server, stop_server
+from tests.helpers import (
+    HANG_GUARD_S,
+    make_tiny_llama,
+    perturbed_copy,
+    start_server,
+    stop_server,
+    tiny_pair,
+)
 
 # Qwen2.5-Instruct's chat template (tool parts as published; the default system text shortened)
 QWEN_TEMPLATE = (
@@ -190,17 +197,8 @@ def test_tool_errors_name_the_field(served: Server) -> None:
 
 
 def test_a_model_without_tool_support_says_so(tmp_path: Path, tiny_tokenizer, tiny_target) -> None:
-    pair = ModelPair(
-        target=tiny_target,
-        draft=perturbed_copy(tiny_target, seed=2, noise=0.2),
-        tokenizer=tiny_tokenizer,
-        target_id="no-tools",
-        draft_id="d",
-        target_path="",
-        draft_kind="model",
-        dtype="float32",
-        dequantized=False,
-    )
+    draft = perturbed_copy(tiny_target, seed=2, noise=0.2)
+    pair = tiny_pair(tiny_target, draft, tiny_tokenizer, "no-tools")
     srv, thread = start_server(tmp_path / "data", pair)
     try:
         r = httpx.post(
