@@ -12,7 +12,9 @@ and plain target decoding (k = 0, E = 1). ``a_i`` is the acceptance of position 
 ones before were accepted, per source (for a proposal's first token, per matched n-gram
 length too, the frequency-based confidence: 1, 2, 3-4, 5-8, 9-16, longer), as an exponential
 moving average with a neutral prior;
-``verify(rows)`` and the model's per-token cost are moving averages of measured times. When
+``verify(rows)`` and the model's per-token cost are moving averages of measured times (a row
+count's figure rescaled by how the one-row time has moved since it was measured, so a spell of
+CPU contention, such as a training run, does not leave stale costs behind). When
 the model draft is not worth running it is still tried with one token every
 ``PROBE_EVERY`` rounds, so a draft that improves (a new adapter) is noticed; a new draft
 (adapter swap) resets its estimates.
@@ -86,6 +88,10 @@ class SpeculationPolicy:
         self.max_proposal_tokens = max_proposal_tokens
         self.sources: dict[str, SourceStats] = {}
         self.verify_s: dict[int, float] = {}  # rows -> seconds of one target pass
+        # rows -> the one-row time when verify_s[rows] was last measured: a row count seen
+        # rarely keeps an old figure, taken maybe while a training run shared the CPU; it is
+        # rescaled by how much the (often measured) one-row time has moved since
+        self._one_row_at: dict[int, float] = {}
         self.draft_token_s: float | None = None
         self._since_model = 0
         self._draft_id: int | None = None
@@ -103,7 +109,11 @@ class SpeculationPolicy:
     def verify_cost(self, rows: int) -> float:
         """Seconds of a ``rows``-row target pass: measured, else interpolated, else a prior
         (one row measured or 1.0, +25% per extra row)."""
-        known = self.verify_s
+        one = self.verify_s.get(1)
+        known = {
+            r: v * (one / self._one_row_at[r] if one and self._one_row_at.get(r) else 1.0)
+            for r, v in self.verify_s.items()
+        }
         if rows in known:
             return known[rows]
         below = [r for r in known if r < rows]
@@ -180,6 +190,8 @@ class SpeculationPolicy:
         rows = choice.k + 1
         prev = self.verify_s.get(rows)
         self.verify_s[rows] = verify_s if prev is None else prev + EMA * (verify_s - prev)
+        if rows > 1 and 1 in self.verify_s:
+            self._one_row_at[rows] = self.verify_s[1]
         if choice.k:
             self.stats(choice.source).observe(choice.k, accepted)
             if choice.match:

@@ -111,6 +111,19 @@ def test_policy_learns_costs_from_observations() -> None:
     assert pol.stats("model").accept[0] > 0.9
 
 
+def test_costs_measured_under_contention_do_not_linger() -> None:
+    """A training run doubles every pass's time for a while; a row count used only then keeps
+    its old figure, which follows the one-row time back down once the contention ends."""
+    pol = SpeculationPolicy(max_model_tokens=0, max_proposal_tokens=8)
+    for _ in range(30):
+        pol.observe(Choice("none", 0), 0, verify_s=0.14, draft_s=None)  # contended
+        pol.observe(Choice("lookup", 4, [1, 2, 3, 4], match=2), 4, verify_s=0.20, draft_s=None)
+    for _ in range(60):
+        pol.observe(Choice("none", 0), 0, verify_s=0.07, draft_s=None)  # calm again
+    assert pol.verify_cost(1) == pytest.approx(0.07, rel=0.02)
+    assert pol.verify_cost(5) == pytest.approx(0.10, rel=0.05)  # not 0.20
+
+
 # --------------------------------------------------------------------------- the engine
 
 
