@@ -77,6 +77,7 @@ DISCONNECT_POLL_S = 0.25  # how often a waiting request checks that its client i
 # prefill) starts at once: headers, then an SSE comment every KEEPALIVE_S, so that clients and
 # proxies with idle timeouts keep the connection.
 FIRST_EVENT_WAIT_S = 0.5
+STOPPED = "The generation was stopped before it finished: the server is shutting down."
 KEEPALIVE_S = 5.0
 KEEPALIVE = b": keep-alive\n\n"
 
@@ -277,6 +278,9 @@ class GenerationRun:
             self._raise_for(ev)
             if ev.result is None:  # cancelled before it started
                 return Response(status_code=CLIENT_CLOSED)
+            if ev.result.finish_reason == "cancelled":  # stopped under it: no complete answer
+                self.info.error = STOPPED
+                raise APIError(503, STOPPED, type="service_unavailable", code="shutting_down")
             result = ev.result
             self._note_result(result)
             await self._recorded(ev)
@@ -402,8 +406,9 @@ class GenerationRun:
                         text, calls = tools.finish()
                         if text or calls:
                             yield self._chunk(text or None, None, calls=calls)
-                    if ev.result is None:  # an error after the stream started (not expected)
-                        msg = str(ev.error) if ev.error is not None else "generation cancelled"
+                    if ev.result is None or ev.result.finish_reason == "cancelled":
+                        # an error after the stream started, or the server stopped it
+                        msg = str(ev.error) if ev.error is not None else STOPPED
                         self.info.error = msg
                         body = error_body(msg, "server_error", code="generation_failed")
                         yield b"data: " + json.dumps(body).encode() + b"\n\n"
