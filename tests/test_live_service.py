@@ -32,6 +32,9 @@ def daemon(tmp_path: Path):
             "models": {"target": str(model), "draft_layers": [0, 1]},
             "sampling": {"max_tokens": 5},
             "training": {"enabled": False},
+            # Model-draft rounds only: this tiny model repeats itself, and copying from its own
+            # output would finish test_second_signal_exits_at_once's long request at once.
+            "speculative": {"lookup": False, "suffix_tokens": 0},
         },
     )
     log = tmp_path / "data" / "logs" / "specd.log"
@@ -110,6 +113,8 @@ def test_sighup_reloads(daemon) -> None:
 def test_log_file_survives_rotation(daemon) -> None:
     proc, tmp_path, log, url = daemon
     completion_tokens(url)
+    # the record is logged just after the response's last byte: wait for it before the move
+    wait_until(lambda: events(log, "request_finished"), "the first request's record")
     log.rename(log.with_name("specd.log.1"))  # logrotate / newsyslog move it away
     completion_tokens(url)
     # the daemon reopens the path: the new file gets the next request's record
