@@ -37,7 +37,7 @@ from daemon.adaptation.trainer import StepInfo, Trainer, planned_steps
 from daemon.config import DataSettings, Settings
 from daemon.core.evaluation import teacher_forced_agreement
 from daemon.core.heads import frequent_tokens, prune_head
-from daemon.core.models import flat_parameters, load_pair, output_vocab
+from daemon.core.models import flat_parameters, load_pair
 from daemon.errors import TrainingError
 from daemon.logging import get_logger
 from daemon.store.adapters import adapter_head, save_adapter
@@ -132,7 +132,7 @@ def run_training(
     if pair is None:
         pair = load_pair(settings)
     draft = pair.draft
-    vocab_limit = min(output_vocab(pair.target), output_vocab(draft))
+    vocab_limit = pair.shared_vocab
 
     with ReplayBuffer(settings.paths.data_dir, settings.buffer, create=False) as buffer:
         failures = buffer.pending_failures()
@@ -146,7 +146,7 @@ def run_training(
             frequent_tokens(
                 buffer.recent_outputs(HEAD_SAMPLE_TOKENS),
                 pair.head_tokens,
-                pair.shared_vocab,
+                vocab_limit,
                 pair.special_ids(),
             )
             if pair.prunes_head

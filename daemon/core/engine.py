@@ -590,10 +590,8 @@ class SpeculativeEngine:
                         d_toks.append(tok)
                         dy = tok.reshape(1)
                     stats.draft_passes += k
-                    if constraint is not None:  # the mask after the last draft token, then back
+                    if constraint is not None:  # past the last draft token too
                         pushed += constraint.push([cast(int, d_toks[-1].item())])
-                        masks.append(constraint.mask(vocab))
-                        constraint.pop(pushed)
                     if policy is not None:
                         mx.eval(d_toks[-1])  # the verify needs them anyway: time the draft alone
                     d_arr = mx.stack(d_toks)
@@ -607,6 +605,9 @@ class SpeculativeEngine:
                     if not greedy:
                         onehot = mx.arange(vocab)[None, :] == d_arr[:, None]
                         q_lp = mx.where(onehot, 0.0, -mx.inf)
+                if constraint is not None:  # the last position's mask, then the state back
+                    masks.append(constraint.mask(vocab))
+                    constraint.pop(pushed)
                 t_verify = time.perf_counter()
                 draft_s = t_verify - t_draft
 
@@ -617,9 +618,6 @@ class SpeculativeEngine:
                 t_logits = target(t_in[None], cache=target_cache)[0, -(k + 1) :, :]
                 tl = t_logits[:, :vocab]
                 if constraint is not None:
-                    if len(masks) == k:  # proposal and plain rounds: the last position's mask
-                        masks.append(constraint.mask(vocab))
-                        constraint.pop(pushed)
                     tl = mx.where(mx.array(np.stack(masks)), tl, -mx.inf)
                 stats.target_passes += 1
                 to_eval: list[mx.array] = []
@@ -757,20 +755,20 @@ class SpeculativeEngine:
             if policy is not None:
                 stats.draft_acceptance_estimate = policy.draft_acceptance()
             self._finalize(result, pending, materialize, t_gen)
-            self._keep_caches(seq, target_cache, draft_cache)
             yield GenerationChunk(
                 text=delta, tokens=new_tokens, finish_reason=finish, result=result
             )
         except GeneratorExit:
             result.finish_reason = result.finish_reason or "cancelled"
-            # closed between rounds: the caches hold a prefix of seq, as after a full answer
-            self._keep_caches(seq, target_cache, draft_cache)
             raise
         except BaseException:
             result.finish_reason = result.finish_reason or "error"
             raise
         finally:
             self._finalize(result, pending, materialize, t_gen)
+            if result.finish_reason != "error":
+                # finished, or closed between rounds: the caches hold a prefix of seq either way
+                self._keep_caches(seq, target_cache, draft_cache)
 
     def _keep_caches(self, seq: list[int], target_cache: list[Any], draft_cache: list[Any]) -> None:
         """Hand the finished request's caches to the prompt cache, keyed by what they hold."""

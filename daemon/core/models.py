@@ -9,6 +9,7 @@ target's layers with its embeddings, final norm and head.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import re
 from collections.abc import Sequence
@@ -52,7 +53,7 @@ class ModelPair:
     def max_context(self) -> int | None:
         return getattr(self.target.args, "max_position_embeddings", None)
 
-    @property
+    @functools.cached_property
     def shared_vocab(self) -> int:
         """Logit columns target and draft share (padded embedding tables may differ)."""
         return min(output_vocab(self.target), output_vocab(self.base_draft or self.target))

@@ -214,8 +214,10 @@ async def _run(
     forced_call: str | None = None,
 ) -> Response | BaseModel:
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    if forced_call is not None:
-        constraint: Constraint | None = Constraint(state.tokenizer, forced_call)
+    if forced_call is not None:  # building a matcher is CPU work, like _constraint's
+        constraint: Constraint | None = await run_in_threadpool(
+            Constraint, state.tokenizer, forced_call
+        )
     else:
         constraint = await run_in_threadpool(_constraint, state, body)
     run = GenerationRun(

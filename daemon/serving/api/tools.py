@@ -20,6 +20,7 @@ import secrets
 from dataclasses import dataclass
 from typing import Any
 
+from daemon.core.constraints import JSON_OPTIONS
 from daemon.logging import get_logger
 
 __all__ = ["ParsedCall", "ToolStream", "forced_call_grammar", "split_tool_calls"]
@@ -122,7 +123,6 @@ def forced_call_grammar(
     parser = getattr(tokenizer, "tool_parser", None)
     if parser is None or not getattr(parser, "__module__", "").endswith("json_tools"):
         return None
-    options = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
     variants = []
     for tool in tools:
         fn = tool["function"]
@@ -139,9 +139,8 @@ def forced_call_grammar(
                 "additionalProperties": False,
             }
         )
-    schema = {"anyOf": variants, "x-guidance": options} if len(variants) > 1 else variants[0]
-    if len(variants) == 1:
-        schema = {**schema, "x-guidance": options}
+    one = variants[0] if len(variants) == 1 else {"anyOf": variants}
+    schema = {**one, "x-guidance": JSON_OPTIONS}  # compact JSON, as response_format's
     end = getattr(tokenizer, "tool_call_end", None) or ""
     lark = (
         f"start: {json.dumps(tokenizer.tool_call_start + chr(10))} call "
