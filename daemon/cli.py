@@ -271,7 +271,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _common(q)
     _prompt_args(q, limit=8, max_tokens=64, required=False)
-    q.add_argument("--clients", type=int, default=4, help="concurrent clients (default 4)")
+    q.add_argument(
+        "--clients",
+        default="4",
+        help="concurrent clients (default 4); a list like 1,2,4,8 runs each count on one "
+        "server, side by side, with tokens/s and TTFT relative to the first count",
+    )
     q.add_argument(
         "--conversations",
         type=Path,

@@ -85,6 +85,13 @@ class ServerSettings(_Section):
         False, description="Allow binding a non-loopback address without an API key."
     )
     queue_size: int = Field(16, ge=1, description="Requests waiting for the generation worker.")
+    batch_size: int = Field(
+        8,
+        ge=1,
+        le=256,
+        description="Requests decoded together when several are ready (continuous batching, "
+        "no speculation inside a batch); 1: one at a time, always speculative.",
+    )
     max_tokens_limit: int = Field(4096, ge=1, description="Largest max_tokens a request may ask.")
     shutdown_timeout: float = Field(30.0, ge=0, description="Seconds to finish in-flight work.")
     cors_origins: list[str] = Field(

@@ -316,6 +316,9 @@ class Server:
             set_level(new.logging.level)
         if any(k.startswith("server.queue_size") for k in live_keys):
             worker.queue_size = new.server.queue_size
+        if any(k.startswith("server.batch_size") for k in live_keys):
+            size = new.server.batch_size
+            worker.call_between_requests(lambda: setattr(worker, "batch_size", size))
         if any(k.startswith("server.prompt_cache_") for k in live_keys):
             size, nbytes = new.server.prompt_cache_size, new.server.prompt_cache_bytes
             assert service.engine is not None
@@ -348,6 +351,7 @@ class Server:
         service.start()
         self.engine, self.worker = service.engine, service.worker
         self.metrics.queue_depth.set_function(lambda: self.worker.queue_depth)
+        self.metrics.batched.set_function(lambda: self.worker.batched)
         self.metrics.adapter_version.set_function(lambda: self.adapter_version)
         self.metrics.buffer_records.set_function(
             lambda: service.buffer.count() if service.buffer is not None else 0
@@ -508,9 +512,14 @@ class Server:
                 log.warning(
                     "shutdown_timeout", in_flight=state.in_flight, shutdown_timeout_s=timeout
                 )
+        forced = self.force_exit or time.monotonic() >= deadline
+        if forced and self.worker is not None:
+            # Stop the generations themselves: their handlers answer 503 if they still can,
+            # and nothing runs on to finish a request nobody waits for.
+            self.worker.abort()
         if self._http is not None:
             self._http.should_exit = True
-            if self.force_exit or time.monotonic() >= deadline:
+            if forced:
                 self._http.force_exit = True
         if self._http_thread is not None:
             self._http_thread.join(max(1.0, deadline - time.monotonic()) + 5.0)

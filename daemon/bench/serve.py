@@ -6,8 +6,10 @@ streaming chat completions to ``/v1/chat/completions`` and time each one: time t
 `bench_direct` runs the same prompts through a `SpeculativeEngine` in-process, one after the
 other, so that ``bench_serve(..., direct=bench_direct(...))`` also reports the serving overhead.
 
-The daemon runs one generation at a time, so with N clients requests queue: total throughput
-should stay close to the direct engine's, while time to first token grows with N (queueing).
+A lone request is decoded speculatively; concurrent ones are decoded together (continuous
+batching), so total throughput grows with the number of clients while each request's time to
+first token stays near a lone request's (a new request joins the running batch).
+`bench_scaling` runs several client counts on one server, side by side.
 
 `run` is the ``specd bench serve`` command: it starts a private in-process `Server` on the
 configured pair and measures it with these clients. It imports the models and the server
@@ -32,7 +34,7 @@ from daemon.bench.report import write_json
 if TYPE_CHECKING:
     from daemon.config import ConfigSources, Settings
 
-__all__ = ["bench_direct", "bench_serve", "run", "summarize"]
+__all__ = ["bench_direct", "bench_scaling", "bench_serve", "run", "summarize"]
 
 
 def _percentile(values: Sequence[float], q: float) -> float:
@@ -118,6 +120,7 @@ def _stream_chat(
             spec = usage.get("speculative") or {}
             out["drafted"] = int(spec.get("drafted", 0))
             out["accepted"] = int(spec.get("accepted", 0))
+            out["batched_tokens"] = int(spec.get("batched_tokens", 0))
         else:  # a server without include_usage support: count text events
             out["tokens"] = out["text_chunks"]
     except (OSError, http.client.HTTPException, ValueError) as e:
@@ -237,6 +240,8 @@ def bench_serve(
         "total_tokens_per_s": total_tps,
         "per_client_tokens_per_s": summarize(per_client),
         "acceptance_rate": accepted / drafted if drafted else None,
+        # share of the tokens decoded in a batch with other requests (continuous batching)
+        "batched_share": sum(r.get("batched_tokens", 0) for r in ok) / tokens if tokens else 0.0,
     }
     if direct is not None:
         d_tps = float(direct.get("tokens_per_s", 0.0))
@@ -319,6 +324,48 @@ def bench_conversations(
     return out
 
 
+def bench_scaling(
+    base_url: str,
+    api_key: str | None,
+    prompts: Sequence[list[dict[str, Any]]],
+    client_counts: Sequence[int],
+    max_tokens: int,
+    *,
+    requests_per_client: int = 2,
+) -> dict[str, Any]:
+    """`bench_serve` at each of ``client_counts`` on one server, side by side.
+
+    Each count sends ``max(len(prompts), requests_per_client * clients)`` requests. Returns
+    one row per count (``clients_N``: `bench_serve`'s result) and ``scaling``: per count, its
+    total tokens/s and TTFT p50 over those of the smallest count (1 client: a lone request).
+    """
+    if not client_counts:
+        raise ValueError("bench_scaling needs at least one client count")
+    out: dict[str, Any] = {}
+    for i, n in enumerate(client_counts):
+        out[f"clients_{n}"] = bench_serve(
+            base_url,
+            api_key,
+            prompts,
+            n,
+            max_tokens,
+            requests=max(len(prompts), requests_per_client * n),
+            warmup=i == 0,
+        )
+    base = out[f"clients_{client_counts[0]}"]
+    b_tps, b_ttft = base["total_tokens_per_s"], base["ttft_s"]["p50"]
+    out["scaling"] = {
+        f"clients_{n}": {
+            "total_tokens_per_s_ratio": out[f"clients_{n}"]["total_tokens_per_s"] / b_tps
+            if b_tps
+            else None,
+            "ttft_p50_ratio": out[f"clients_{n}"]["ttft_s"]["p50"] / b_ttft if b_ttft else None,
+        }
+        for n in client_counts
+    }
+    return out
+
+
 def bench_direct(
     engine: Any,
     tokenizer: Any,
@@ -383,7 +430,10 @@ def run(args: argparse.Namespace, settings: Settings, sources: ConfigSources) ->
     if args.prompts is None:
         raise SystemExit("bench serve: give --prompts FILE.jsonl or --conversations FILE.jsonl")
     prompts = [p.messages for p in read_prompts(args.prompts, limit=args.limit)]
+    counts = _client_counts(args.clients)
     pair = load_pair(settings)
+    if len(counts) > 1:
+        return _run_scaling(args, settings, sources, pair, prompts, counts)
     engine = SpeculativeEngine(
         pair.target,
         pair.draft,
@@ -391,21 +441,72 @@ def run(args: argparse.Namespace, settings: Settings, sources: ConfigSources) ->
         SpeculativeConfig.from_settings(settings.speculative, pair.max_context),
     )
     print(
-        f"bench serve: {len(prompts)} prompts, {args.clients} clients, "
+        f"bench serve: {len(prompts)} prompts, {counts[0]} clients, "
         f"max_tokens={args.max_tokens}; direct engine first, then over HTTP"
     )
     direct = bench_direct(engine, pair.tokenizer, prompts, args.max_tokens)
     with tempfile.TemporaryDirectory(prefix="specd-bench-") as tmp:
         srv, thread = _private_server(settings, sources, pair, tmp)
         try:
-            result = bench_serve(
-                srv.url, None, prompts, args.clients, args.max_tokens, direct=direct
-            )
+            result = bench_serve(srv.url, None, prompts, counts[0], args.max_tokens, direct=direct)
         finally:
             srv.handle_exit(signal.SIGTERM, None)
             thread.join(60)
     result["direct"] = direct
     print(json.dumps(result, indent=2))
+    write_json(args.json, result)
+    return 0
+
+
+def _client_counts(text: str) -> list[int]:
+    try:
+        counts = [int(x) for x in str(text).split(",") if x.strip()]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise SystemExit(f"bench serve: --clients takes counts >= 1 like 1,2,4,8, got {text!r}")
+    return counts
+
+
+def _run_scaling(
+    args: argparse.Namespace,
+    settings: Settings,
+    sources: ConfigSources,
+    pair: Any,
+    prompts: list[list[dict[str, Any]]],
+    counts: list[int],
+) -> int:
+    """``--clients 1,2,4,8``: each count against one private server, side by side."""
+    import signal
+    import tempfile
+
+    from daemon.bench.report import print_table
+
+    print(
+        f"bench serve: {len(prompts)} prompts, clients {counts}, max_tokens={args.max_tokens}, "
+        f"server.batch_size={settings.server.batch_size}"
+    )
+    with tempfile.TemporaryDirectory(prefix="specd-bench-") as tmp:
+        srv, thread = _private_server(settings, sources, pair, tmp)
+        try:
+            result = bench_scaling(srv.url, None, prompts, counts, args.max_tokens)
+        finally:
+            srv.handle_exit(signal.SIGTERM, None)
+            thread.join(60)
+    rows = {}
+    for n in counts:
+        r, sc = result[f"clients_{n}"], result["scaling"][f"clients_{n}"]
+        rows[f"clients_{n}"] = {
+            "total_tok_s": r["total_tokens_per_s"],
+            "x_total": sc["total_tokens_per_s_ratio"],
+            "per_client_tok_s_p50": r["per_client_tokens_per_s"]["p50"],
+            "ttft_p50_s": r["ttft_s"]["p50"],
+            "ttft_p95_s": r["ttft_s"]["p95"],
+            "x_ttft_p50": sc["ttft_p50_ratio"],
+            "batched_share": r["batched_share"],
+            "errors": r["errors"],
+        }
+    print_table(rows, list(next(iter(rows.values())).keys()))
     write_json(args.json, result)
     return 0
 

@@ -80,6 +80,7 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from daemon.core.constraints import Constraint
 from daemon.core.drafting import NGRAM_SIZES, ContextIndex, Proposal, SuffixIndex
 from daemon.core.heads import last_logits
+from daemon.core.output import TextStream
 from daemon.core.policy import Choice, SpeculationPolicy
 from daemon.core.prompt_cache import PromptCache
 from daemon.core.records import GenerationStats, Rejection
@@ -87,6 +88,8 @@ from daemon.core.sampling import process_logits, round_keys, verify_sampled
 from daemon.errors import GenerationError
 
 __all__ = [
+    "Handoff",
+    "HandoffState",
     "GenerationChunk",
     "GenerationError",
     "GenerationResult",
@@ -240,6 +243,25 @@ class GenerationChunk:
     result: GenerationResult | None = None
 
 
+class Handoff(Exception):  # noqa: N818 (a signal thrown into the generator, not an error)
+    """Thrown into a running generation (``gen.throw(Handoff())``) between two chunks: the
+    generator ends without a final chunk and leaves its state in ``engine.handed_off`` for
+    another decoder to continue (`daemon.core.batch`)."""
+
+
+@dataclass
+class HandoffState:
+    """Where a handed-off generation stands: ``target_cache`` holds a prefix of ``seq`` (the
+    prompt and every token emitted so far; its ``offset`` says how long), ``text`` what was
+    detokenized and sent, ``t_gen`` when its generation phase started."""
+
+    seq: list[int]
+    target_cache: list[Any]
+    text: TextStream
+    t_gen: float
+    prompt_tokens: int
+
+
 def _vocab_size(model: nn.Module) -> int:
     """The model's output (logits) width, padded vocabulary included.
 
@@ -300,6 +322,7 @@ class SpeculativeEngine:
         self._target_vocab: tuple[nn.Module, int] | None = None
         # KV caches kept across requests; off unless given one with entries
         self.prompt_cache = prompt_cache if prompt_cache is not None else PromptCache(0, 0)
+        self.handed_off: HandoffState | None = None  # see Handoff
 
     # ------------------------------------------------------------------ public API
 
@@ -367,6 +390,10 @@ class SpeculativeEngine:
             policy = SpeculationPolicy(model_tokens, cfg.max_proposal_tokens)
             self._policy = (cfg, policy)
         return self._policy[1]
+
+    def shared_vocab(self) -> int:
+        """The vocabulary the target and the draft share: what every path samples from."""
+        return min(self._target_vocab_size(), _vocab_size(self.draft))
 
     def _target_vocab_size(self) -> int:
         cached = self._target_vocab
@@ -455,12 +482,7 @@ class SpeculativeEngine:
             k_cur = cfg.num_draft_tokens
         ctx_limit = cfg.max_context if cfg.max_context is not None else math.inf
 
-        detok = self.tokenizer.detokenizer
-        eos_ids = set(self.tokenizer.eos_token_ids or ())
-        stops = list(params.stop)
-        max_stop = max((len(s) for s in stops), default=0)
-        sent = 0  # characters of detok.text already handed out
-        stop_at: int | None = None  # index in detok.text where a stop string starts
+        out = TextStream(self.tokenizer, params.stop, self.tokenizer.eos_token_ids or ())
 
         # rejections still to complete on the host: (record, evaluated float32 target logits
         # of its round, row, evaluated float32 draft logits row or None)
@@ -474,18 +496,6 @@ class SpeculativeEngine:
                     d = np.asarray(d_row)
                     rej.draft_prob = float(np.exp(d[rej.draft_token] - _logsumexp(d)))
             pending.clear()
-
-        def find_stop(text: str) -> int | None:
-            hits = [i for i in (text.find(s, sent) for s in stops) if i >= 0]
-            return min(hits) if hits else None
-
-        def visible_end(text: str) -> int:
-            """End of the text that can be sent: hold back a possible stop-string prefix."""
-            for n in range(min(max_stop - 1, len(text) - sent), 0, -1):
-                tail = text[len(text) - n :]
-                if any(s.startswith(tail) for s in stops):
-                    return len(text) - n
-            return len(text)
 
         finish: str | None = None
         seq = list(prompt)  # every token verified so far: both caches hold a prefix of it
@@ -714,15 +724,9 @@ class SpeculativeEngine:
                 for t in emitted:
                     tokens.append(t)
                     new_tokens.append(t)
-                    if t in eos_ids:
-                        finish = "stop"
+                    finish = out.add(t)
+                    if finish is not None:
                         break
-                    detok.add_token(t)
-                    if stops:
-                        stop_at = find_stop(detok.text)
-                        if stop_at is not None:
-                            finish = "stop"
-                            break
                     if constraint is not None:
                         constraint.consume([t])
                         if constraint.done:  # the grammar is complete: nothing may follow
@@ -730,27 +734,15 @@ class SpeculativeEngine:
                             break
                 if finish is not None:
                     break
-                text = detok.text
-                end = visible_end(text) if stops else len(text)
-                delta = text[sent:end]
-                sent = end
-                result.text = text[:sent]
+                delta = out.delta()
+                result.text = out.text
                 yield GenerationChunk(text=delta, tokens=new_tokens)
 
             # ---- finish: flush the detokenizer, apply stop strings, final chunk
-            if stop_at is None:
-                detok.finalize()
-                text = detok.text
-                if stops:
-                    stop_at = find_stop(text)
-                    if stop_at is not None:
-                        finish = "stop"
-            else:
-                text = detok.text
-            end = stop_at if stop_at is not None else len(text)
-            delta = text[sent:end]
-            sent = end
-            result.text = text[:end]
+            delta = out.finish()
+            if out.stopped_by_string:
+                finish = "stop"
+            result.text = out.text
             result.finish_reason = finish
             if policy is not None:
                 stats.draft_acceptance_estimate = policy.draft_acceptance()
@@ -758,6 +750,8 @@ class SpeculativeEngine:
             yield GenerationChunk(
                 text=delta, tokens=new_tokens, finish_reason=finish, result=result
             )
+        except Handoff:  # between rounds: both caches hold a prefix of seq
+            self.handed_off = HandoffState(seq, target_cache, out, t_gen, len(prompt))
         except GeneratorExit:
             result.finish_reason = result.finish_reason or "cancelled"
             raise
@@ -766,7 +760,9 @@ class SpeculativeEngine:
             raise
         finally:
             self._finalize(result, pending, materialize, t_gen)
-            if result.finish_reason != "error":
+            if self.handed_off is not None and self.handed_off.seq is seq:
+                pass  # the caches go on with the request, not into the prompt cache
+            elif result.finish_reason != "error":
                 # finished, or closed between rounds: the caches hold a prefix of seq either way
                 self._keep_caches(seq, target_cache, draft_cache)
 

@@ -73,13 +73,15 @@ class GenerationStats:
     draft_acceptance_estimate: float | None = None
     prompt_time: float = 0.0
     generation_time: float = 0.0
+    # tokens decoded in a batch with other requests (daemon.core.batch): no drafting there
+    batched_tokens: int = 0
 
     def accumulate(self, other: GenerationStats) -> None:
         """Add ``other``'s counts and times to these (totals over several requests)."""
         for name in (
             "prompt_tokens", "cached_tokens", "generation_tokens", "drafted", "accepted",
             "num_drafts",
-            "target_passes", "draft_passes", "prompt_time", "generation_time",
+            "target_passes", "draft_passes", "prompt_time", "generation_time", "batched_tokens",
         ):  # fmt: skip
             setattr(self, name, getattr(self, name) + getattr(other, name))
         for source, n in other.drafted_by_source.items():

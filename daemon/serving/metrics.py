@@ -195,6 +195,11 @@ class SpecdMetrics:
         self.queue_depth = _Gauge(
             f"{p}queue_depth", "Requests waiting for the generation worker.", registry=r
         )
+        self.batched = _Gauge(
+            f"{p}batched_requests",
+            "Requests being decoded together in a batch (continuous batching).",
+            registry=r,
+        )
         self.in_flight = _Gauge(
             f"{p}requests_in_flight",
             "Generation requests being served (queued included).",

@@ -81,6 +81,7 @@ class Service:
             self._finished,
             record=self._record,
             adapter_version=lambda: self.adapter_version,
+            batch_size=s.server.batch_size,
         )
         self.worker.start()
 

@@ -1,8 +1,19 @@
 """The generation worker: one thread owns the MLX models, requests wait in a bounded FIFO.
 
 Callers (HTTP handlers, ``specd collect``) submit a `GenerationRequest` and read its events from
-the returned `RequestHandle`. Work that must not overlap a request (swapping the draft's
-adapter) is queued with `call_between_requests` and runs on the worker thread between requests.
+the returned `RequestHandle`.
+
+A lone request is decoded speculatively (`SpeculativeEngine`). When more requests are ready,
+they are decoded together by continuous batching (`daemon.core.batch.BatchDecoder`, up to
+``batch_size`` at once, speculation off): a request that arrives while one runs joins it at
+the next round boundary, the running one included (handed over with its caches and text), so
+nobody waits for another's whole answer. Requests beyond ``batch_size`` wait in the queue
+(``queue_size`` of them; more get `QueueFullError`).
+
+Work that must not overlap a speculative request (swapping the draft's adapter, replacing the
+engine's configuration) is queued with `call_between_requests`; it runs on the worker thread
+when no request is being decoded speculatively (between batch steps too: a batch never uses
+the draft).
 """
 
 from __future__ import annotations
@@ -11,16 +22,19 @@ import itertools
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
+from daemon.core.batch import BatchDecoder
 from daemon.core.constraints import Constraint
 from daemon.core.engine import (
     GenerationChunk,
     GenerationError,
     GenerationResult,
+    Handoff,
     SamplingParams,
     SpeculativeEngine,
 )
@@ -121,7 +135,7 @@ class BlockingHandle(RequestHandle):
 
 
 class GenerationWorker:
-    """Runs requests one at a time on a dedicated thread.
+    """Runs requests on a dedicated thread: alone speculatively, together in a batch.
 
     ``record(request, result)`` runs on the worker thread when a request produced a result,
     before its final event: the future it returns travels in `Done.recorded`.
@@ -136,6 +150,7 @@ class GenerationWorker:
         on_finished: FinishedHook | None = None,
         record: RecordHook | None = None,
         adapter_version: Callable[[], int] | None = None,
+        batch_size: int = 1,
     ) -> None:
         self.engine = engine
         self.on_finished = on_finished
@@ -146,8 +161,15 @@ class GenerationWorker:
         self._pending = 0  # requests queued, not yet started
         self._lock = threading.Lock()
         self._accepting = True
+        self._live: set[RequestHandle] = set()  # submitted and not yet finished (for abort)
         self._thread = threading.Thread(target=self._run, name="specd-generation", daemon=True)
-        self.active: GenerationRequest | None = None
+        self.batch = BatchDecoder(engine, max(1, batch_size))
+        # the worker thread's own state
+        self._waiting: deque[RequestHandle] = deque()  # taken off the queue, not started
+        self._jobs: deque[Callable[[], None]] = deque()
+        self._lone: _Lone | None = None
+        self._batched: dict[int, _Started] = {}
+        self._stopping = False
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -165,6 +187,15 @@ class GenerationWorker:
         self._thread.join(timeout)
         return not self._thread.is_alive()
 
+    def abort(self) -> None:
+        """Stop accepting and cancel every queued and running request (a forced shutdown):
+        each ends at its next round with finish_reason "cancelled"."""
+        with self._lock:
+            self._accepting = False
+            live = list(self._live)
+        for handle in live:
+            handle.cancel()
+
     @property
     def queue_depth(self) -> int:
         with self._lock:
@@ -178,6 +209,28 @@ class GenerationWorker:
     def queue_size(self, value: int) -> None:
         self._queue_size = value  # takes effect for the next submit
 
+    @property
+    def batch_size(self) -> int:
+        return self.batch.max_batch
+
+    @batch_size.setter
+    def batch_size(self, value: int) -> None:
+        self.batch.max_batch = max(1, value)  # members beyond it finish; none join meanwhile
+
+    @property
+    def active(self) -> GenerationRequest | None:
+        """A request being decoded now (None when idle)."""
+        lone = self._lone
+        if lone is not None:
+            return lone.started.handle.request
+        batched = list(self._batched.values())
+        return batched[0].handle.request if batched else None
+
+    @property
+    def batched(self) -> int:
+        """Requests being decoded together in the batch now."""
+        return len(self._batched)
+
     # --- submitting ------------------------------------------------------------------------
 
     def submit(self, handle: RequestHandle) -> RequestHandle:
@@ -188,11 +241,12 @@ class GenerationWorker:
             if self._pending >= self._queue_size:
                 raise QueueFullError(f"request queue is full ({self._queue_size} waiting)")
             self._pending += 1
+            self._live.add(handle)
         self._queue.put(handle)
         return handle
 
     def call_between_requests(self, fn: Callable[[], Any]) -> Future:
-        """Run ``fn`` on the worker thread once the current request (if any) has finished."""
+        """Run ``fn`` on the worker thread when no request is decoded speculatively."""
         fut: Future = Future()
 
         def job() -> None:
@@ -210,55 +264,208 @@ class GenerationWorker:
 
     def _run(self) -> None:
         while True:
-            item = self._queue.get()
-            if item is None:
+            self._take(block=self._idle and not self._stopping)
+            if self._lone is None:
+                while self._jobs:
+                    self._jobs.popleft()()
+            if self._stopping and self._idle:
                 return
-            if isinstance(item, RequestHandle):
-                with self._lock:
-                    self._pending -= 1
-                self._serve(item)
-            else:
-                item()
+            self._drop_cancelled()
+            self._admit()
+            if self._lone is not None:
+                self._step_lone()
+            elif self._batched:
+                self._step_batch()
 
-    def _serve(self, handle: RequestHandle) -> None:
+    @property
+    def _idle(self) -> bool:
+        return self._lone is None and not self._batched and not self._waiting and not self._jobs
+
+    def _take(self, block: bool) -> None:
+        """Move what arrived on the queue into the worker's own lists (wait for it if
+        ``block``)."""
+        while True:
+            try:
+                item = self._queue.get(block=block)
+            except queue.Empty:
+                return
+            block = False
+            if item is None:
+                self._stopping = True
+            elif isinstance(item, RequestHandle):
+                self._waiting.append(item)
+            else:
+                self._jobs.append(item)
+
+    def _drop_cancelled(self) -> None:
+        for handle in [h for h in self._waiting if h.cancelled]:
+            self._waiting.remove(handle)
+            self._start(handle)  # counts it as started, then ends it unstarted
+        for uid, started in list(self._batched.items()):
+            if started.handle.cancelled:
+                del self._batched[uid]
+                self._finish(started, self.batch.cancel(uid))
+
+    def _admit(self) -> None:
+        """Start waiting requests: alone when nothing else runs, else into the batch."""
+        batching = self.batch.max_batch > 1
+        if self._waiting and batching and self._lone is not None and not self.batch.full:
+            self._hand_over()
+        while self._waiting:
+            if (
+                self._lone is None
+                and not self._batched
+                and (len(self._waiting) == 1 or not batching)
+            ):
+                self._start_lone(self._waiting.popleft())
+                return
+            if self._lone is not None or self.batch.full:
+                return
+            self._start_batched(self._waiting.popleft())
+
+    def _start(self, handle: RequestHandle) -> _Started | None:
+        """Count a request as started; None (after its final event) if it was cancelled."""
+        with self._lock:
+            self._pending -= 1
         req = handle.request
-        started = time.monotonic()
-        queue_s = started - req.enqueued
+        started = _Started(handle, time.monotonic(), GenerationResult())
         if handle.cancelled:
-            handle.emit(Done(None, error=None, queue_s=queue_s))
-            return
-        result = GenerationResult()
+            self._end(handle, Done(None, error=None, queue_s=started.queue_s))
+            return None
         if self.adapter_version is not None:
             req.adapter_version = self.adapter_version()
-        self.active = req
+        return started
+
+    def _start_lone(self, handle: RequestHandle) -> None:
+        started = self._start(handle)
+        if started is None:
+            return
+        req = handle.request
         try:
-            gen = self.engine.generate(req.prompt_tokens, req.params, result, req.constraint)
-            try:
-                for chunk in gen:
-                    handle.emit(chunk)
-                    if handle.cancelled:
-                        break
-            finally:
-                gen.close()
+            gen = self.engine.generate(
+                req.prompt_tokens, req.params, started.result, req.constraint
+            )
         except GenerationError as e:
-            handle.emit(Done(None, error=e, queue_s=queue_s))
+            self._end(handle, Done(None, error=e, queue_s=started.queue_s))
+            return
+        self._lone = _Lone(started, gen)
+
+    def _start_batched(self, handle: RequestHandle) -> None:
+        started = self._start(handle)
+        if started is None:
+            return
+        req = handle.request
+        try:
+            uid = self.batch.add(req.prompt_tokens, req.params, started.result, req.constraint)
+        except GenerationError as e:
+            self._end(handle, Done(None, error=e, queue_s=started.queue_s))
+            return
+        self._batched[uid] = started
+
+    def _hand_over(self) -> None:
+        """Move the speculative request into the batch, from where it stands."""
+        lone = self._lone
+        assert lone is not None
+        self._lone = None
+        try:
+            lone.gen.throw(Handoff())
+        except StopIteration:
+            pass
+        state = self.engine.handed_off
+        self.engine.handed_off = None
+        assert state is not None, "the engine ends a handed-off generation with its state"
+        req = lone.started.handle.request
+        uid = self.batch.adopt(state, req.params, lone.started.result, req.constraint)
+        self._batched[uid] = lone.started
+
+    def _step_lone(self) -> None:
+        lone = self._lone
+        assert lone is not None
+        handle = lone.started.handle
+        try:
+            if handle.cancelled:
+                lone.gen.close()  # ends it as "cancelled"
+                chunk = None
+            else:
+                chunk = next(lone.gen, None)
+                if chunk is not None:
+                    handle.emit(chunk)
+            if chunk is not None and chunk.result is None:
+                return  # more to come
+            lone.gen.close()
+        except GenerationError as e:
+            self._lone = None
+            self._end(handle, Done(None, error=e, queue_s=lone.started.queue_s))
             return
         except Exception as e:  # a bug or an MLX failure must not kill the worker thread
-            log.exception("generation_failed", request_id=req.id)
-            handle.emit(Done(None, error=e, queue_s=queue_s))
+            self._lone = None
+            log.exception("generation_failed", request_id=handle.request.id)
+            self._end(handle, Done(None, error=e, queue_s=lone.started.queue_s))
             return
-        finally:
-            self.active = None
+        self._lone = None
+        self._finish(lone.started, lone.started.result)
+
+    def _step_batch(self) -> None:
+        try:
+            chunks = self.batch.step()
+        except Exception as e:  # every member fails with it; the worker goes on
+            log.exception(
+                "batch_step_failed", requests=[s.handle.request.id for s in self._batched.values()]
+            )
+            for uid, started in list(self._batched.items()):
+                del self._batched[uid]
+                self._end(started.handle, Done(None, error=e, queue_s=started.queue_s))
+            self.batch = BatchDecoder(self.engine, self.batch.max_batch)
+            return
+        for uid, chunk in chunks:
+            member = self._batched.get(uid)
+            if member is None:
+                continue
+            member.handle.emit(chunk)
+            if chunk.result is not None:
+                del self._batched[uid]
+                self._finish(member, chunk.result)
+
+    def _finish(self, started: _Started, result: GenerationResult) -> None:
+        """A request that produced a result: record it, then its final event and hooks."""
+        req = started.handle.request
         total_s = time.monotonic() - req.enqueued
         recorded = None
-        if self.record is not None:
+        if self.record is not None and result.finish_reason != "error":
             try:
                 recorded = self.record(req, result)
             except Exception:  # a full or closed buffer must not fail the response
                 log.exception("record_failed", request_id=req.id)
-        handle.emit(Done(result, queue_s=queue_s, total_s=total_s, recorded=recorded))
+        self._end(
+            started.handle,
+            Done(result, queue_s=started.queue_s, total_s=total_s, recorded=recorded),
+        )
         if self.on_finished is not None:
             try:
-                self.on_finished(req, result, queue_s, total_s)
+                self.on_finished(req, result, started.queue_s, total_s)
             except Exception:
                 log.exception("on_finished_failed", request_id=req.id)
+
+    def _end(self, handle: RequestHandle, done: Done) -> None:
+        handle.emit(done)
+        with self._lock:
+            self._live.discard(handle)
+
+
+@dataclass
+class _Started:
+    handle: RequestHandle
+    started: float
+    result: GenerationResult
+
+    @property
+    def queue_s(self) -> float:
+        return self.started - self.handle.request.enqueued
+
+
+@dataclass
+class _Lone:
+    """The request decoded speculatively now, and its engine generator."""
+
+    started: _Started
+    gen: Any  # Generator[GenerationChunk, None, None]

@@ -426,6 +426,7 @@ def test_eight_concurrent_clients_get_correct_answers(served: Server) -> None:
         reference(served, chat_tokens(served, p), SamplingParams(max_tokens=32)) for p in prompts
     ]
     results: dict[int, str] = {}
+    batched: dict[int, int] = {}
     errors: list[BaseException] = []
 
     def run(i: int) -> None:
@@ -440,6 +441,7 @@ def test_eight_concurrent_clients_get_correct_answers(served: Server) -> None:
             else:
                 resp = c.chat.completions.create(model="specd", messages=msgs, max_tokens=32)
                 results[i] = resp.choices[0].message.content
+                batched[i] = resp.model_dump()["usage"]["speculative"]["batched_tokens"]
         except BaseException as e:  # reported below
             errors.append(e)
 
@@ -449,7 +451,9 @@ def test_eight_concurrent_clients_get_correct_answers(served: Server) -> None:
     for t in threads:
         t.join(HANG_GUARD_S)
     assert not errors, errors
+    # decoded together (continuous batching) and still the target's own greedy answers
     assert results == {i: r.text for i, r in enumerate(refs)}
+    assert any(batched.values()), batched
 
 
 # --------------------------------------------------------------------------------------------
@@ -527,7 +531,14 @@ def test_status_and_hooks(served: Server) -> None:
     assert st["adapter_version"] == 0
     assert st["acceptance"]["requests"] >= 1
     assert 0 <= st["acceptance"]["acceptance_rate"] <= 1
-    assert st["queue"] == {"depth": 0, "size": 16, "active": False, "in_flight": 0}
+    assert st["queue"] == {
+        "depth": 0,
+        "size": 16,
+        "active": False,
+        "batched": 0,
+        "batch_size": 8,
+        "in_flight": 0,
+    }
     assert st["queue_depth"] == 0 and st["pid"] == os.getpid()
     assert st["rolling_acceptance"] == st["acceptance"]["acceptance_rate"]
     assert st["uptime_s"] > 0 and st["accepting"] is True
@@ -1070,6 +1081,20 @@ def test_bench_serve_against_the_daemon(served: Server) -> None:
         assert good["errors"] == 0
     finally:
         served.settings.server.api_key = None
+
+
+def test_bench_serve_client_counts_side_by_side(served: Server) -> None:
+    from daemon.bench.serve import bench_scaling
+
+    prompts = [[{"role": "user", "content": f"Prompt {i}: the cat sat"}] for i in range(4)]
+    out = bench_scaling(served.url, None, prompts, [1, 3], 10)
+    one, three = out["clients_1"], out["clients_3"]
+    assert one["errors"] == three["errors"] == 0
+    assert one["requests"] == 4 and three["requests"] == 6
+    assert one["batched_share"] == 0  # one client at a time: always speculative, alone
+    assert three["batched_share"] > 0  # three at once: decoded together
+    assert out["scaling"]["clients_1"]["total_tokens_per_s_ratio"] == 1.0
+    assert out["scaling"]["clients_3"]["ttft_p50_ratio"] > 0
 
 
 def test_conversations_reuse_the_prompt_cache(served: Server, tmp_path: Path) -> None:

@@ -35,6 +35,7 @@ HISTOGRAMS = {
 REQUEST: Any = None  # observe_generation ignores the request
 GAUGES = (
     "specd_queue_depth",
+    "specd_batched_requests",
     "specd_requests_in_flight",
     "specd_adapter_version",
     "specd_buffer_records",

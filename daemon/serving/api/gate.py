@@ -193,6 +193,7 @@ class Gate:
                 prompt_tokens=info.prompt_tokens,
                 completion_tokens=info.completion_tokens,
                 acceptance_rate=info.acceptance_rate,
+                batched_tokens=info.batched_tokens,
                 finish_reason=info.finish_reason,
                 duration_s=round(duration, 4),
                 ttft_s=round(info.ttft, 4) if info.ttft is not None else None,

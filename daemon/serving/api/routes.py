@@ -451,6 +451,8 @@ async def status(state: State) -> StatusResponse:
             depth=depth,
             size=worker.queue_size,
             active=worker.active is not None,
+            batched=worker.batched,
+            batch_size=worker.batch_size,
             in_flight=state.in_flight,
         ),
         **extra,

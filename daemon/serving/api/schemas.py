@@ -243,6 +243,11 @@ class SpeculativeUsage(BaseModel):
         description="The draft adapter version that served the request (0: none). Adapters are "
         "swapped between requests, so one version served all of it.",
     )
+    batched_tokens: int = Field(
+        0,
+        description="Completion tokens decoded in a batch with other requests (continuous "
+        "batching; nothing is drafted there). 0: served alone, speculatively, throughout.",
+    )
 
 
 class PromptTokensDetails(BaseModel):
@@ -379,6 +384,8 @@ class QueueStatus(BaseModel):
     depth: int = Field(description="Requests waiting for the worker.")
     size: int = Field(description="Queue capacity (server.queue_size).")
     active: bool = Field(description="A generation is running.")
+    batched: int = Field(description="Requests being decoded together in a batch now.")
+    batch_size: int = Field(description="The most decoded together (server.batch_size).")
     in_flight: int = Field(description="Generation requests being served (queued included).")
 
 

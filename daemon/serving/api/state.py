@@ -104,6 +104,7 @@ class RequestInfo:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     acceptance_rate: float | None = None
+    batched_tokens: int | None = None
     finish_reason: str | None = None
     ttft: float | None = None  # seconds from arrival to the first generated token
     error: str | None = None

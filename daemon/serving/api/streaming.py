@@ -109,7 +109,10 @@ class AsyncHandle(RequestHandle):
             if deadline is not None:
                 wait = min(wait, max(0.0, deadline - time.monotonic()))
             try:
-                return await asyncio.wait_for(self.events.get(), wait)
+                # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a cancellation that
+                # lands as an event arrives, and a cancelled handler must stop.
+                async with asyncio.timeout(wait):
+                    return await self.events.get()
             except TimeoutError:
                 if request is not None and await request.is_disconnected():
                     return None
@@ -135,6 +138,7 @@ def _usage(result: GenerationResult, adapter_version: int) -> Usage:
                 for source, n in s.drafted_by_source.items()
             },
             adapter_version=adapter_version,
+            batched_tokens=s.batched_tokens,
         ),
     )
 
@@ -226,6 +230,7 @@ class GenerationRun:
         s = result.stats
         self.info.completion_tokens = s.generation_tokens
         self.info.acceptance_rate = round(s.acceptance_rate, 4)
+        self.info.batched_tokens = s.batched_tokens
         self.info.finish_reason = _finish_reason(result)
 
     def _client_gone(self) -> None:

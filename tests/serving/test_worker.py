@@ -1,0 +1,234 @@
+"""The generation worker: a lone request is speculative, concurrent ones are batched.
+
+Batched greedy output must still be the target's own (token for token), a request running
+speculatively hands over to the batch mid-answer without a change in its output, and the
+per-request machinery (stop strings, max_tokens, grammars, cancel, seeds, abort) works inside
+a batch.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+
+from daemon.core.constraints import Constraint
+from daemon.core.engine import (
+    GenerationChunk,
+    GenerationResult,
+    SamplingParams,
+    SpeculativeConfig,
+    SpeculativeEngine,
+)
+from daemon.core.prompt_cache import PromptCache
+from daemon.serving.worker import BlockingHandle, Done, GenerationRequest, GenerationWorker
+from tests.core.test_constraints import SCHEMA, constrained_greedy
+from tests.core.test_engine import make_prompts, no_eos, reference_greedy
+from tests.helpers import HANG_GUARD_S, perturbed_copy
+
+N = 24
+
+
+@pytest.fixture
+def engine(tiny_tokenizer, tiny_target) -> SpeculativeEngine:
+    draft = perturbed_copy(tiny_target, seed=1, noise=0.2)
+    cfg = SpeculativeConfig(num_draft_tokens=3, max_draft_tokens=5, lookup=True)
+    return SpeculativeEngine(
+        tiny_target, draft, no_eos(tiny_tokenizer), cfg, prompt_cache=PromptCache(8, 1 << 28)
+    )
+
+
+def lone_text(engine: SpeculativeEngine, prompt: list[int], n: int) -> str:
+    """The text of the same answer served alone (the detokenizer's rules, not decode's)."""
+    # a separate engine: the worker's prompt cache holds arrays of the worker thread's stream
+    alone = SpeculativeEngine(engine.target, engine.draft, engine.tokenizer)
+    return alone.run(prompt, SamplingParams(max_tokens=n)).text
+
+
+def make_worker(engine: SpeculativeEngine, batch_size: int = 4, **kw) -> GenerationWorker:
+    return GenerationWorker(engine, queue_size=32, batch_size=batch_size, **kw)
+
+
+def submit(worker: GenerationWorker, prompt: list[int], **params) -> BlockingHandle:
+    params.setdefault("max_tokens", N)
+    handle = BlockingHandle(GenerationRequest(list(prompt), SamplingParams(**params)))
+    worker.submit(handle)
+    return handle
+
+
+def test_batched_greedy_is_the_targets_output(engine, tiny_target) -> None:
+    prompts = make_prompts(engine.tokenizer, 12)[4:10]
+    worker = make_worker(engine, batch_size=4)
+    # queued before the thread starts: they are ready together and go into one batch
+    handles = [submit(worker, p) for p in prompts]
+    worker.start()
+    try:
+        results = [h.result(HANG_GUARD_S) for h in handles]
+    finally:
+        assert worker.stop(HANG_GUARD_S)
+    for prompt, res in zip(prompts, results, strict=True):
+        assert res.tokens == reference_greedy(tiny_target, prompt, N), prompt
+        assert res.finish_reason == "length" and res.stats.generation_tokens == N
+    # the first four were batched from their first token (nothing drafted, nothing to
+    # train on); the last two joined as the first ones finished
+    for prompt, res in zip(prompts, results, strict=True):
+        assert res.stats.batched_tokens == N and res.stats.drafted == 0
+        assert not res.rejections
+        assert res.text == lone_text(engine, prompt, N)
+
+
+def test_a_running_request_hands_over_to_the_batch(engine, tiny_target) -> None:
+    prompts = make_prompts(engine.tokenizer, 12)[5:8]
+    worker = make_worker(engine, batch_size=4)
+    worker.start()
+    try:
+        first = submit(worker, prompts[0], max_tokens=64)
+        chunks: list[GenerationChunk] = []
+        events = first.events(HANG_GUARD_S)
+        while sum(len(c.tokens) for c in chunks) < 8:  # it runs alone, speculatively
+            ev = next(events)
+            assert isinstance(ev, GenerationChunk)
+            chunks.append(ev)
+        others = [submit(worker, p) for p in prompts[1:]]
+        rest = list(events)
+        done = rest[-1]
+        assert isinstance(done, Done) and done.result is not None
+        res = done.result
+        other_results = [h.result(HANG_GUARD_S) for h in others]
+    finally:
+        assert worker.stop(HANG_GUARD_S)
+    assert res.tokens == reference_greedy(tiny_target, prompts[0], 64)
+    assert res.stats.drafted > 0 and 0 < res.stats.batched_tokens < 64
+    streamed = "".join(c.text for c in chunks + rest if isinstance(c, GenerationChunk))
+    assert streamed == res.text == lone_text(engine, prompts[0], 64)
+    for prompt, r in zip(prompts[1:], other_results, strict=True):
+        assert r.tokens == reference_greedy(tiny_target, prompt, N)
+
+
+def test_stop_strings_max_tokens_and_cancel_inside_a_batch(engine, tiny_target) -> None:
+    tok = engine.tokenizer
+    prompts = make_prompts(tok, 12)[6:9]
+    ref = reference_greedy(tiny_target, prompts[0], N)
+    full = tok.decode(ref)
+    stop = full[len(full) // 2 : len(full) // 2 + 3]
+    worker = make_worker(engine, batch_size=4)
+    stopped = submit(worker, prompts[0], stop=[stop])
+    short = submit(worker, prompts[1], max_tokens=5)
+    cancelled = submit(worker, prompts[2], max_tokens=400)
+    worker.start()
+    try:
+        res_stop = stopped.result(HANG_GUARD_S)
+        res_short = short.result(HANG_GUARD_S)
+        cancelled.cancel()
+        done = [e for e in cancelled.events(HANG_GUARD_S) if isinstance(e, Done)][0]
+    finally:
+        assert worker.stop(HANG_GUARD_S)
+    assert res_stop.finish_reason == "stop" and res_stop.text == full[: full.find(stop)]
+    assert res_short.finish_reason == "length" and res_short.tokens == reference_greedy(
+        tiny_target, prompts[1], 5
+    )
+    assert done.result is not None and done.result.finish_reason == "cancelled"
+    assert (
+        done.result.tokens
+        == reference_greedy(tiny_target, prompts[2], 400)[: len(done.result.tokens)]
+    )
+
+
+def test_grammar_inside_a_batch(engine, tiny_target, tiny_tokenizer) -> None:
+    prompts = make_prompts(tiny_tokenizer, 12)[:3]
+    engine.tokenizer = tiny_tokenizer  # EOS ends a JSON answer
+    worker = make_worker(engine, batch_size=4)
+    handles = []
+    for p in prompts:
+        req = GenerationRequest(
+            list(p),
+            SamplingParams(max_tokens=60),
+            constraint=Constraint.json_schema(tiny_tokenizer, SCHEMA),
+        )
+        handles.append(worker.submit(BlockingHandle(req)))
+    worker.start()
+    try:
+        results = [h.result(HANG_GUARD_S) for h in handles]
+    finally:
+        assert worker.stop(HANG_GUARD_S)
+    for p, res in zip(prompts, results, strict=True):
+        assert res.stats.batched_tokens > 0
+        assert res.tokens == constrained_greedy(tiny_target, tiny_tokenizer, p, 60)
+        value = json.loads(res.text)
+        assert set(value) == {"ok", "kind", "n"}
+
+
+def test_seeded_samples_in_a_batch_repeat(engine) -> None:
+    prompt = make_prompts(engine.tokenizer, 12)[7]
+
+    def batch_of(seeds: list[int]) -> list[list[int]]:
+        worker = make_worker(engine, batch_size=4)
+        handles = [submit(worker, prompt, temperature=1.0, seed=s) for s in seeds]
+        worker.start()
+        try:
+            return [h.result(HANG_GUARD_S).tokens for h in handles]
+        finally:
+            assert worker.stop(HANG_GUARD_S)
+
+    a = batch_of([1, 2, 1])
+    assert a[0] == a[2] and a[0] != a[1]
+    assert batch_of([1, 3])[0] == a[0]  # whatever else shares the batch
+
+
+def test_batch_size_one_serves_one_at_a_time_speculatively(engine, tiny_target) -> None:
+    prompts = make_prompts(engine.tokenizer, 12)[4:7]
+    worker = make_worker(engine, batch_size=1)
+    handles = [submit(worker, p) for p in prompts]
+    worker.start()
+    try:
+        results = [h.result(HANG_GUARD_S) for h in handles]
+    finally:
+        assert worker.stop(HANG_GUARD_S)
+    for p, res in zip(prompts, results, strict=True):
+        assert res.tokens == reference_greedy(tiny_target, p, N)
+        assert res.stats.batched_tokens == 0 and res.stats.drafted > 0
+
+
+def test_batched_requests_are_recorded_and_finished(engine) -> None:
+    prompts = make_prompts(engine.tokenizer, 12)[4:7]
+    recorded: list[GenerationResult] = []
+    finished: list[int] = []
+    worker = make_worker(
+        engine,
+        record=lambda req, res: recorded.append(res),
+        on_finished=lambda req, res, q, t: finished.append(req.id),
+    )
+    handles = [submit(worker, p) for p in prompts]
+    worker.start()
+    try:
+        for h in handles:
+            h.result(HANG_GUARD_S)
+    finally:
+        assert worker.stop(HANG_GUARD_S)
+    assert len(recorded) == 3 and all(r.stats.batched_tokens for r in recorded)
+    assert sorted(finished) == sorted(h.request.id for h in handles)
+
+
+def test_abort_cancels_running_and_queued_requests(engine) -> None:
+    prompts = make_prompts(engine.tokenizer, 12)[4:10]
+    worker = make_worker(engine, batch_size=2)
+    handles = [submit(worker, p, max_tokens=400) for p in prompts]
+    started = threading.Event()
+    first = handles[0]
+    worker.start()
+    try:
+        for ev in first.events(HANG_GUARD_S):
+            if isinstance(ev, GenerationChunk) and ev.tokens:
+                started.set()
+                break
+        worker.abort()
+        with pytest.raises(Exception, match="shutting down"):
+            submit(worker, prompts[0])
+        finals = [[e for e in h.events(HANG_GUARD_S) if isinstance(e, Done)][0] for h in handles]
+    finally:
+        assert worker.stop(HANG_GUARD_S)
+    assert started.is_set()
+    for done in finals:  # cut short if running, never started if queued
+        assert done.result is None or done.result.finish_reason == "cancelled"
+    assert any(d.result is None for d in finals)
