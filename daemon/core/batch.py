@@ -28,6 +28,7 @@ from typing import Any, cast
 import mlx.core as mx
 import numpy as np
 from mlx_lm.generate import BatchGenerator
+from mlx_lm.models.cache import make_prompt_cache
 
 from daemon.core.constraints import Constraint
 from daemon.core.engine import (
@@ -37,6 +38,7 @@ from daemon.core.engine import (
     SamplingParams,
     SpeculativeEngine,
 )
+from daemon.core.heads import last_logits
 from daemon.core.output import TextStream
 from daemon.core.sampling import process_logits
 
@@ -77,6 +79,10 @@ class _Processor:
         self.constraint = constraint
         self.vocab, self.width, self.base, self.eos = vocab, width, base, eos
         self._outside = None if width <= vocab else mx.arange(width) < vocab
+
+    def mask(self, logits: mx.array) -> mx.array:
+        """The mask alone (the first token, drawn before the member joins the batch)."""
+        return self(mx.zeros((self.base,), dtype=mx.uint32), logits)
 
     def __call__(self, context: mx.array, logits: mx.array) -> mx.array:
         if self.constraint is not None:
@@ -137,27 +143,30 @@ class BatchDecoder:
             )
         return self._gen
 
-    def _insert(
-        self,
-        seq: list[int],
-        cache: list[Any] | None,
-        cached: int,
-        params: SamplingParams,
-        member: _Member,
-    ) -> int:
-        """Start decoding after ``seq`` (the cache holds its first ``cached`` tokens)."""
+    def _masking(self, constraint: Constraint | None, base: int) -> list[Any]:
+        """The member's logits processors (see `_Processor`); none when nothing is masked."""
         engine = self.engine
         width = engine._target_vocab_size()
         vocab = min(width, engine.shared_vocab())
+        if constraint is None and width <= vocab:
+            return []
         eos = set(engine.tokenizer.eos_token_ids or ())
-        processors: list[Callable[[mx.array, mx.array], mx.array]] = []
-        if member.constraint is not None or width > vocab:
-            processors.append(_Processor(member.constraint, vocab, width, len(seq), eos))
-        sampler = _greedy if params.temperature == 0 else _Sampler(params)
+        return [_Processor(constraint, vocab, width, base, eos)]
+
+    def _insert(
+        self,
+        seq: list[int],
+        cache: list[Any],
+        cached: int,
+        sampler: Callable[[mx.array], mx.array],
+        member: _Member,
+        processors: list[Any],
+    ) -> int:
+        """Decode on after ``seq`` (the cache holds its first ``cached`` tokens)."""
         (uid,) = self._generator().insert(
             [seq[cached:]],
             max_tokens=[max(1, member.limit - len(member.result.tokens))],
-            caches=[cache] if cache is not None else None,
+            caches=[cache],
             all_tokens=[seq[:cached]],
             samplers=[sampler],
             logits_processors=[processors],
@@ -171,11 +180,16 @@ class BatchDecoder:
         params: SamplingParams,
         result: GenerationResult,
         constraint: Constraint | None = None,
-    ) -> int:
-        """A new request (validated as the engine validates it); returns its id here."""
+    ) -> tuple[int | None, GenerationChunk]:
+        """A new request (validated as the engine validates it): its prompt is read and its
+        first token drawn here, at once (the batch's steps wait for it), so that it answers as
+        soon as a lone request would; then it joins the batch. Returns its id here (None when
+        that first token already ended it) and its first chunk."""
         engine = self.engine
+        t0 = time.perf_counter()
         prompt = engine._validate(prompt_tokens, params)
         cache, cached = engine.prompt_cache.fetch("target", prompt[:-1])
+        cache = cache if cache is not None else make_prompt_cache(engine.target)
         result.stats.cached_tokens = cached
         result.stats.prompt_tokens = len(prompt)
         member = _Member(
@@ -183,10 +197,32 @@ class BatchDecoder:
             TextStream(engine.tokenizer, params.stop, engine.tokenizer.eos_token_ids or ()),
             constraint,
             self._limit(params, len(prompt)),
-            time.perf_counter(),
+            t0,
             len(prompt),
         )
-        return self._insert(prompt, cache, cached, params, member)
+        # the prompt in chunks; its last chunk's last row gives the first token's logits
+        rest = mx.array(prompt[cached:], dtype=mx.uint32)
+        last = min(rest.size, engine.config.prefill_step_size)
+        engine._prefill(engine.target, cache, rest[:-last], clear=False)
+        logits = last_logits(engine.target, rest[-last:][None], cache)[None]
+        processors = self._masking(constraint, len(prompt) + 1)
+        for p in processors:
+            logits = p.mask(logits)
+        sampler = _greedy if params.temperature == 0 else _Sampler(params)
+        token = cast(int, sampler(logits - mx.logsumexp(logits, axis=-1, keepdims=True)).item())
+        result.stats.target_passes += 1
+        result.stats.prompt_time = time.perf_counter() - t0
+        member.t_gen = time.perf_counter()
+        if constraint is not None and token not in (engine.tokenizer.eos_token_ids or ()):
+            constraint.consume([token])  # mlx-lm's processor takes over from the next one
+        chunk = self._advance(member, token)
+        if chunk.result is not None:  # that token ended it
+            self._keep(prompt, cache)
+            return None, chunk
+        # mlx-lm's processor sees the cache's tokens, then each input: the first token is the
+        # first input, so the output it feeds to the grammar starts after it
+        uid = self._insert(prompt + [token], cache, len(prompt), sampler, member, processors)
+        return uid, chunk
 
     def adopt(
         self,
@@ -205,7 +241,9 @@ class BatchDecoder:
             state.t_gen,
             state.prompt_tokens,
         )
-        return self._insert(state.seq, state.target_cache, held, params, member)
+        processors = self._masking(constraint, len(state.seq))
+        sampler = _greedy if params.temperature == 0 else _Sampler(params)
+        return self._insert(state.seq, state.target_cache, held, sampler, member, processors)
 
     def _limit(self, params: SamplingParams, prompt_tokens: int) -> int:
         ctx = self.engine.config.max_context
@@ -221,32 +259,36 @@ class BatchDecoder:
         done: list[int] = []
         for r in responses:
             m = self._members.get(r.uid)
-            if m is None:
+            if m is None or r.uid in done:
                 continue
-            if r.uid in done:
-                continue
-            if not m.result.tokens and not m.new_tokens:
-                m.result.stats.prompt_time = time.perf_counter() - m.t_gen
-                m.t_gen = time.perf_counter()
-            m.result.tokens.append(r.token)
-            m.new_tokens += 1
-            finish = m.text.add(r.token)
-            if finish is None and m.constraint is not None and m.constraint.done:
-                finish = "stop"  # the processor fed it this token: nothing may follow
-            if finish is None and len(m.result.tokens) >= m.limit:
-                finish = "length"
-            if finish is None:
-                out.append((r.uid, GenerationChunk(text=m.text.delta(), tokens=[r.token])))
-                continue
-            if r.finish_reason is None:
-                done.append(r.uid)
-            else:  # mlx-lm ended it too (its max_tokens): the cache came with the response
-                self._keep(r.all_tokens, r.prompt_cache)
-            out.append((r.uid, self._final(r.uid, finish, [r.token])))
+            chunk = self._advance(m, r.token)
+            if chunk.result is not None:
+                del self._members[r.uid]
+                if r.finish_reason is None:
+                    done.append(r.uid)
+                else:  # mlx-lm ended it too (its max_tokens): the cache came with it
+                    self._keep(r.all_tokens, r.prompt_cache)
+            out.append((r.uid, chunk))
         if done:
             for cache, tokens in gen.remove(done, return_prompt_caches=True).values():
                 self._keep(tokens, cache)
+        if not self._members:
+            self.close()
         return out
+
+    def _advance(self, m: _Member, token: int) -> GenerationChunk:
+        """``token`` is ``m``'s next (its grammar already fed it): its chunk, final
+        (``result`` set) if it ends the answer."""
+        m.result.tokens.append(token)
+        m.new_tokens += 1
+        finish = m.text.add(token)
+        if finish is None and m.constraint is not None and m.constraint.done:
+            finish = "stop"  # the grammar is complete: nothing may follow
+        if finish is None and len(m.result.tokens) >= m.limit:
+            finish = "length"
+        if finish is None:
+            return GenerationChunk(text=m.text.delta(), tokens=[token])
+        return self._final(m, finish, [token])
 
     def cancel(self, uid: int) -> GenerationResult:
         """End a member now (its client left, or the server stops): finish_reason
@@ -254,12 +296,13 @@ class BatchDecoder:
         if self._gen is not None:
             for cache, tokens in self._gen.remove([uid], return_prompt_caches=True).values():
                 self._keep(tokens, cache)
-        chunk = self._final(uid, "cancelled", [])
+        chunk = self._final(self._members.pop(uid), "cancelled", [])
+        if not self._members:
+            self.close()
         assert chunk.result is not None
         return chunk.result
 
-    def _final(self, uid: int, finish: str, tokens: list[int]) -> GenerationChunk:
-        m = self._members.pop(uid)
+    def _final(self, m: _Member, finish: str, tokens: list[int]) -> GenerationChunk:
         delta = m.text.finish() if finish != "cancelled" else ""
         if finish != "cancelled" and m.text.stopped_by_string:
             finish = "stop"
@@ -271,8 +314,6 @@ class BatchDecoder:
         stats.batched_tokens += m.new_tokens
         stats.target_passes += m.new_tokens  # one step each (the prefill's pass aside)
         stats.generation_time = time.perf_counter() - m.t_gen
-        if not self._members:
-            self.close()
         return GenerationChunk(text=delta, tokens=tokens, finish_reason=finish, result=result)
 
     def _keep(self, tokens: list[int] | None, cache: list[Any] | None) -> None:

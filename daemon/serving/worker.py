@@ -356,11 +356,21 @@ class GenerationWorker:
             return
         req = handle.request
         try:
-            uid = self.batch.add(req.prompt_tokens, req.params, started.result, req.constraint)
+            uid, first = self.batch.add(
+                req.prompt_tokens, req.params, started.result, req.constraint
+            )
         except GenerationError as e:
             self._end(handle, Done(None, error=e, queue_s=started.queue_s))
             return
-        self._batched[uid] = started
+        except Exception as e:  # a bug or an MLX failure must not kill the worker thread
+            log.exception("generation_failed", request_id=req.id)
+            self._end(handle, Done(None, error=e, queue_s=started.queue_s))
+            return
+        handle.emit(first)
+        if uid is None:  # its first token ended it
+            self._finish(started, started.result)
+        else:
+            self._batched[uid] = started
 
     def _hand_over(self) -> None:
         """Move the speculative request into the batch, from where it stands."""

@@ -40,6 +40,8 @@ class FakeWorker:
         self.queue_depth = 0
         self.queue_size = 16
         self.active = None
+        self.batched = 0
+        self.batch_size = 8
         self.refuse: Exception | None = None
         self.text = "hi there"
         self.submitted: list[RequestHandle] = []
