@@ -64,6 +64,12 @@ class ModelsSettings(_Section):
         True, description="Linux CPU backend: re-exec once with a system OpenBLAS preloaded."
     )
     trust_remote_code: bool = False
+    keep_alive_seconds: float | None = Field(
+        None,
+        gt=0,
+        description="Free the models' memory after this many seconds without requests and "
+        "load them again on the next one (Ollama's keep_alive); null: keep them loaded.",
+    )
 
     @field_validator("draft_layers")
     @classmethod

@@ -316,6 +316,9 @@ class Server:
             set_level(new.logging.level)
         if any(k.startswith("server.queue_size") for k in live_keys):
             worker.queue_size = new.server.queue_size
+        if "models.keep_alive_seconds" in live_keys:
+            worker.keep_alive = new.models.keep_alive_seconds
+            worker.wake()  # an idle worker sets its unload timer anew
         if any(k.startswith("server.batch_size") for k in live_keys):
             size = new.server.batch_size
             worker.call_between_requests(lambda: setattr(worker, "batch_size", size))

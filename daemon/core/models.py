@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import gc
 import importlib.util
 import re
 from collections.abc import Sequence
@@ -19,7 +20,7 @@ from typing import Any, cast
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from daemon.config import EMBEDDED_TARGET, Settings
@@ -311,3 +312,51 @@ def load_pair(settings: Settings) -> ModelPair:
     if pair.prunes_head:
         prune_head(draft, cast(list[int], pair.default_head()), output_vocab(draft))
     return pair
+
+
+@dataclass
+class Offloaded:
+    """Models whose weights were written to ``path`` and dropped from memory (`offload`);
+    `restore` puts them back."""
+
+    models: list[nn.Module]
+    layouts: list[list[tuple[str, str]]]  # per model: (parameter name, key in the file)
+    path: Path
+
+    def restore(self) -> None:
+        """Load the weights back into the same module objects (arrays that were shared
+        between models are shared again), then delete the file."""
+        loaded = cast(dict[str, mx.array], mx.load(str(self.path)))
+        for model, layout in zip(self.models, self.layouts, strict=True):
+            model.update(tree_unflatten([(name, loaded[key]) for name, key in layout]))
+        mx.eval(list(loaded.values()))
+        self.path.unlink(missing_ok=True)
+
+
+def offload(models: Sequence[nn.Module], path: Path) -> Offloaded:
+    """Write the weights of ``models`` to ``path`` (one copy of each array, however many
+    models share it: a layer-skip draft shares the target's) and replace them with empty
+    arrays, so that their memory is freed once nothing else holds them. The module objects
+    stay, so everything that refers to them keeps working after `Offloaded.restore`."""
+    unique: dict[int, tuple[str, mx.array]] = {}
+    layouts: list[list[tuple[str, str]]] = []
+    distinct = list({id(m): m for m in models}.values())
+    for model in distinct:
+        layout = []
+        for name, array in cast(list[tuple[str, mx.array]], tree_flatten(model.parameters())):
+            key, _ = unique.setdefault(id(array), (str(len(unique)), array))
+            layout.append((name, key))
+        layouts.append(layout)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    mx.save_safetensors(str(tmp), {key: array for key, array in unique.values()})
+    tmp.replace(path)
+    for model, layout in zip(distinct, layouts, strict=True):
+        arrays = dict(tree_flatten(model.parameters()))
+        model.update(
+            tree_unflatten([(name, mx.zeros((0,), dtype=arrays[name].dtype)) for name, _ in layout])
+        )
+    del unique, arrays
+    gc.collect()
+    mx.clear_cache()  # MLX keeps freed buffers for reuse: give them back
+    return Offloaded(distinct, layouts, path)

@@ -74,6 +74,10 @@ class PromptCache:
             lru.trim_to(n_sequences=max_entries, n_bytes=max_bytes)
         self._lrus["draft"].trim_to(n_bytes=max(0, max_bytes - self._lrus["target"].nbytes))
 
+    def clear(self) -> None:
+        """Drop every entry (the models' memory is being freed)."""
+        self._lrus = {w: LRUPromptCache(self.max_entries, self.max_bytes) for w in self._lrus}
+
     def use_draft(self, draft: object) -> None:
         """Drop the draft's entries when ``draft`` is not the one that made them."""
         if id(draft) != self._draft_owner:

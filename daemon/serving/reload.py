@@ -54,7 +54,13 @@ def settings_diff(old: Settings, new: Settings) -> list[str]:
     return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
 
 
+# ... except these, which apply live although their section does not
+LIVE_KEYS = ("models.keep_alive_seconds",)
+
+
 def needs_restart(key: str) -> bool:
+    if key in LIVE_KEYS:
+        return False
     return any(key == r or (r.endswith(".") and key.startswith(r)) for r in RESTART_KEYS)
 
 

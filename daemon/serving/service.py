@@ -6,9 +6,11 @@ generated and recorded the same way whoever sent it.
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
+from pathlib import Path
 from typing import Any
 
 from daemon.config import Settings
@@ -19,7 +21,7 @@ from daemon.core.engine import (
     SpeculativeConfig,
     SpeculativeEngine,
 )
-from daemon.core.models import ModelPair, load_pair
+from daemon.core.models import ModelPair, Offloaded, load_pair, offload
 from daemon.core.prompt_cache import PromptCache
 from daemon.core.prompts import encode_prompt, prompt_text
 from daemon.logging import get_logger
@@ -53,6 +55,7 @@ class Service:
         self.commit_hooks: list[Callable[[list[BufferRecord]], None]] = [self._index_outputs]
         # Past outputs to draft from; filled from the buffer at start, then as records commit.
         self.suffix = SuffixIndex(settings.speculative.suffix_tokens)
+        self._offloaded: Offloaded | None = None  # models.keep_alive_seconds
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -82,8 +85,42 @@ class Service:
             record=self._record,
             adapter_version=lambda: self.adapter_version,
             batch_size=s.server.batch_size,
+            keep_alive=s.models.keep_alive_seconds,
+            unload=self._unload_models,
+            load=self._load_models,
         )
+        shutil.rmtree(self._offload_dir, ignore_errors=True)  # a previous run's, if it died
         self.worker.start()
+
+    # --- idle unload (models.keep_alive_seconds); both run on the worker thread -------------
+
+    @property
+    def _offload_dir(self) -> Path:
+        return self.settings.paths.data_dir / "offloaded"
+
+    def _unload_models(self) -> None:
+        """Write the weights to the data dir and free them (and the prompt cache)."""
+        assert self.pair is not None and self.engine is not None
+        t0 = time.perf_counter()
+        pair, engine = self.pair, self.engine
+        engine.prompt_cache.clear()
+        models = [pair.target, pair.draft, engine.draft]
+        if pair.base_draft is not None:
+            models.append(pair.base_draft)
+        self._offloaded = offload(models, self._offload_dir / "weights.safetensors")
+        log.info(
+            "models_unloaded",
+            idle_s=round(time.monotonic() - self.last_activity, 1),
+            duration_s=round(time.perf_counter() - t0, 3),
+        )
+
+    def _load_models(self) -> None:
+        if self._offloaded is None:
+            return
+        t0 = time.perf_counter()
+        self._offloaded.restore()
+        self._offloaded = None
+        log.info("models_loaded_again", duration_s=round(time.perf_counter() - t0, 3))
 
     def stop(self, timeout: float | None = None) -> bool:
         """Finish queued and in-flight requests (bounded), then flush and close the buffer."""

@@ -10,6 +10,9 @@ the next round boundary, the running one included (handed over with its caches a
 nobody waits for another's whole answer. Requests beyond ``batch_size`` wait in the queue
 (``queue_size`` of them; more get `QueueFullError`).
 
+With ``keep_alive`` set, the worker frees the models (``unload``) after that many idle seconds
+and loads them again (``load``) before the next request or job.
+
 Work that must not overlap a speculative request (swapping the draft's adapter, replacing the
 engine's configuration) is queued with `call_between_requests`; it runs on the worker thread
 when no request is being decoded speculatively (between batch steps too: a batch never uses
@@ -151,6 +154,9 @@ class GenerationWorker:
         record: RecordHook | None = None,
         adapter_version: Callable[[], int] | None = None,
         batch_size: int = 1,
+        keep_alive: float | None = None,
+        unload: Callable[[], None] | None = None,
+        load: Callable[[], None] | None = None,
     ) -> None:
         self.engine = engine
         self.on_finished = on_finished
@@ -170,6 +176,11 @@ class GenerationWorker:
         self._lone: _Lone | None = None
         self._batched: dict[int, _Started] = {}
         self._stopping = False
+        # idle unload (models.keep_alive_seconds)
+        self.keep_alive = keep_alive
+        self._unload, self._load = unload, load
+        self.loaded = True
+        self._last_work = time.monotonic()
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -186,6 +197,10 @@ class GenerationWorker:
         self._queue.put(None)
         self._thread.join(timeout)
         return not self._thread.is_alive()
+
+    def wake(self) -> None:
+        """Make an idle worker look at its state again (e.g. a new ``keep_alive``)."""
+        self._queue.put(_nothing)
 
     def abort(self) -> None:
         """Stop accepting and cancel every queued and running request (a forced shutdown):
@@ -264,7 +279,13 @@ class GenerationWorker:
 
     def _run(self) -> None:
         while True:
-            self._take(block=self._idle and not self._stopping)
+            block = self._idle and not self._stopping
+            self._take(block, self._unload_in() if block else None)
+            if self._idle and not self._stopping and self._unload_in() == 0:
+                self._free_models()
+                continue
+            if (self._jobs or self._waiting) and not self.loaded:
+                self._load_models()
             if self._lone is None:
                 while self._jobs:
                     self._jobs.popleft()()
@@ -276,17 +297,49 @@ class GenerationWorker:
                 self._step_lone()
             elif self._batched:
                 self._step_batch()
+            self._last_work = time.monotonic()
+
+    def _unload_in(self) -> float | None:
+        """Seconds until an idle worker frees the models; None: never (now)."""
+        if self.keep_alive is None or not self.loaded or self._unload is None:
+            return None
+        return max(0.0, self._last_work + self.keep_alive - time.monotonic())
+
+    def _free_models(self) -> None:
+        assert self._unload is not None
+        try:
+            self._unload()
+        except Exception:  # the models stay as they were: serving is unaffected
+            log.exception("models_unload_failed")
+            self._last_work = time.monotonic()
+            return
+        self.loaded = False
+
+    def _load_models(self) -> None:
+        """Load the models back before the work that needs them; on failure, every waiting
+        request ends with the error (the next one tries again)."""
+        try:
+            if self._load is not None:
+                self._load()
+            self.loaded = True
+        except Exception as e:
+            log.exception("models_load_failed")
+            while self._waiting:
+                handle = self._waiting.popleft()
+                with self._lock:
+                    self._pending -= 1
+                self._end(handle, Done(None, error=e))
 
     @property
     def _idle(self) -> bool:
         return self._lone is None and not self._batched and not self._waiting and not self._jobs
 
-    def _take(self, block: bool) -> None:
+    def _take(self, block: bool, timeout: float | None = None) -> None:
         """Move what arrived on the queue into the worker's own lists (wait for it if
-        ``block``)."""
+        ``block``, at most ``timeout`` seconds)."""
         while True:
             try:
-                item = self._queue.get(block=block)
+                item = self._queue.get(block=block, timeout=timeout if block else None)
             except queue.Empty:
                 return
             block = False
@@ -294,7 +347,7 @@ class GenerationWorker:
                 self._stopping = True
             elif isinstance(item, RequestHandle):
                 self._waiting.append(item)
-            else:
+            elif item is not _nothing:
                 self._jobs.append(item)
 
     def _drop_cancelled(self) -> None:
@@ -460,6 +513,10 @@ class GenerationWorker:
         handle.emit(done)
         with self._lock:
             self._live.discard(handle)
+
+
+def _nothing() -> None:
+    """Queued by `GenerationWorker.wake`: no work, only a look at the state."""
 
 
 @dataclass

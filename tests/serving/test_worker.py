@@ -232,3 +232,55 @@ def test_abort_cancels_running_and_queued_requests(engine) -> None:
     for done in finals:  # cut short if running, never started if queued
         assert done.result is None or done.result.finish_reason == "cancelled"
     assert any(d.result is None for d in finals)
+
+
+def test_idle_unload_frees_the_models_and_the_next_request_loads_them(tmp_path) -> None:
+    """models.keep_alive_seconds: the weights leave memory after the idle time (a layer-skip
+    draft's shared arrays included) and come back, the same, for the next request."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    from daemon.config import load_settings
+    from daemon.core.models import load_pair
+    from daemon.serving.service import Service
+    from tests.helpers import wait_until, write_model_dir
+
+    model = write_model_dir(tmp_path / "tiny", ["a", "b", "c", "d"], vocab_size=40, seed=5)
+    settings, _ = load_settings(
+        None,
+        {
+            "paths.data_dir": str(tmp_path / "data"),
+            "models.target": str(model),
+            "models.draft_layers": [0, 1],
+            "models.keep_alive_seconds": 0.5,
+        },
+    )
+    pair = load_pair(settings)
+    service = Service(settings, pair)
+    service.start()
+    worker = service.worker
+    assert worker is not None and service.engine is not None
+
+    def weight_bytes() -> int:
+        arrays = {
+            id(a): a
+            for m in (pair.target, service.engine.draft)
+            for _, a in tree_flatten(m.parameters())
+        }
+        return sum(a.nbytes for a in arrays.values())
+
+    try:
+        before = service.generate([{"role": "user", "content": "a b c"}], max_tokens=12)
+        loaded = weight_bytes()
+        wait_until(lambda: not worker.loaded, "models unloaded after the idle time")
+        assert weight_bytes() == 0
+        assert (tmp_path / "data" / "offloaded" / "weights.safetensors").is_file()
+        assert len(service.engine.prompt_cache) == 0
+        # the draft still shares the target's arrays after the reload
+        after = service.generate([{"role": "user", "content": "a b c"}], max_tokens=12)
+        assert worker.loaded and weight_bytes() == loaded
+        assert after.tokens == before.tokens and after.text == before.text
+        assert not (tmp_path / "data" / "offloaded" / "weights.safetensors").exists()
+        mx.eval(pair.target.parameters())
+    finally:
+        assert service.stop(HANG_GUARD_S)

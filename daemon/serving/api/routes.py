@@ -441,6 +441,7 @@ async def status(state: State) -> StatusResponse:
             draft_head_tokens=state.draft_head_tokens(),
             dtype=state.dtype,
             max_context=state.max_context,
+            loaded=worker.loaded,
         ),
         backend=backend_info(),
         adapter_version=int(state.adapter_version()),

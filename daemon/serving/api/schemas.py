@@ -369,6 +369,10 @@ class ModelsStatus(BaseModel):
     )
     dtype: str
     max_context: int | None
+    loaded: bool = Field(
+        description="The weights are in memory; false after models.keep_alive_seconds without "
+        "requests (the next request loads them again)."
+    )
 
 
 class AcceptanceStatus(BaseModel):
