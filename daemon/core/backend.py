@@ -99,3 +99,24 @@ def backend_info() -> dict[str, Any]:
         "metal": metal,
         "blas": loaded_blas() if device == "cpu" else "metal",
     }
+
+
+def release_freed_memory() -> None:
+    """Give memory MLX freed back to the operating system: MLX's buffer cache, then (glibc)
+    the malloc arenas, which otherwise keep freed CPU buffers resident (measured: 727 MB
+    resident after offloading the embedded pair, 144 MB after ``malloc_trim``)."""
+    import ctypes
+    import ctypes.util
+
+    import mlx.core as mx
+
+    mx.clear_cache()
+    if sys.platform.startswith("linux"):
+        name = ctypes.util.find_library("c")
+        try:
+            libc = ctypes.CDLL(name) if name else None
+        except OSError:
+            libc = None
+        trim = getattr(libc, "malloc_trim", None)
+        if trim is not None:  # glibc only
+            trim(0)

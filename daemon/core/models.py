@@ -24,7 +24,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from daemon.config import EMBEDDED_TARGET, Settings
-from daemon.core.backend import backend_info
+from daemon.core.backend import backend_info, release_freed_memory
 from daemon.core.heads import default_head_tokens, prune_head
 from daemon.errors import ModelLoadError
 
@@ -348,7 +348,7 @@ def offload(models: Sequence[nn.Module], path: Path) -> Offloaded:
             layout.append((name, key))
         layouts.append(layout)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name("tmp-" + path.name)  # MLX appends .safetensors to other names
     mx.save_safetensors(str(tmp), {key: array for key, array in unique.values()})
     tmp.replace(path)
     for model, layout in zip(distinct, layouts, strict=True):
@@ -358,5 +358,5 @@ def offload(models: Sequence[nn.Module], path: Path) -> Offloaded:
         )
     del unique, arrays
     gc.collect()
-    mx.clear_cache()  # MLX keeps freed buffers for reuse: give them back
+    release_freed_memory()
     return Offloaded(distinct, layouts, path)
