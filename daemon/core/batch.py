@@ -28,7 +28,7 @@ from typing import Any, cast
 import mlx.core as mx
 import numpy as np
 from mlx_lm.generate import BatchGenerator
-from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
 
 from daemon.core.constraints import Constraint
 from daemon.core.engine import (
@@ -289,6 +289,29 @@ class BatchDecoder:
         if finish is None:
             return GenerationChunk(text=m.text.delta(), tokens=[token])
         return self._final(m, finish, [token])
+
+    def releasable(self, uid: int, params: SamplingParams) -> bool:
+        """Whether the member can go back to the speculative path: it is decoding (not reading
+        its prompt) and its draws do not follow a seed (the engine would start the seed's
+        key sequence over)."""
+        m = self._members.get(uid)
+        seeded = params.temperature > 0 and params.seed is not None
+        return m is not None and m.new_tokens > 0 and not seeded
+
+    def release(self, uid: int) -> HandoffState:
+        """Take a member out of the batch with its state, for `SpeculativeEngine.resume`.
+        The token the batch already drew for it ahead of time is dropped (drawn again there)."""
+        m = self._members.pop(uid)
+        assert self._gen is not None
+        ((cache, tokens),) = self._gen.remove([uid], return_prompt_caches=True).values()
+        seq = list(tokens)
+        if not self._members:
+            self.close()
+        # the cache holds every returned token, the last included: the engine scores that one
+        trim_prompt_cache(cache, cache[0].offset - (len(seq) - 1))
+        m.result.stats.batched_tokens += m.new_tokens
+        m.result.stats.target_passes += m.new_tokens
+        return HandoffState(seq, cache, m.text, m.t_gen, m.prompt_tokens)
 
     def cancel(self, uid: int) -> GenerationResult:
         """End a member now (its client left, or the server stops): finish_reason

@@ -366,6 +366,36 @@ class SpeculativeEngine:
             target, draft, target_cache, draft_cache, prompt, params, result, d_cached, constraint
         )
 
+    def resume(
+        self,
+        state: HandoffState,
+        params: SamplingParams,
+        result: GenerationResult,
+        constraint: Constraint | None = None,
+    ) -> Generator[GenerationChunk, None, None]:
+        """Go on speculatively with a generation the batch decoder hands back
+        (`daemon.core.batch.BatchDecoder.release`): ``state.target_cache`` holds all of
+        ``state.seq`` but at least its last token, ``result`` has its output so far. The draft
+        starts from a fresh cache (it reads the sequence at its first model round)."""
+        if not state.target_cache or state.target_cache[0].offset >= len(state.seq):
+            raise ValueError("a resumed generation needs its last token outside the cache")
+        draft = self.draft
+        self.prompt_cache.use_draft(draft)
+        self.last_result = result
+        prompt = state.seq[: state.prompt_tokens]
+        return self._generate(
+            self.target,
+            draft,
+            state.target_cache,
+            make_prompt_cache(draft),
+            prompt,
+            params,
+            result,
+            0,
+            constraint,
+            resume=state,
+        )
+
     def run(
         self,
         prompt_tokens: Sequence[int],
@@ -457,6 +487,7 @@ class SpeculativeEngine:
         result: GenerationResult,
         draft_cached: int = 0,
         constraint: Constraint | None = None,
+        resume: HandoffState | None = None,
     ) -> Generator[GenerationChunk, None, None]:
         cfg = self.config
         stats = result.stats
@@ -482,7 +513,10 @@ class SpeculativeEngine:
             k_cur = cfg.num_draft_tokens
         ctx_limit = cfg.max_context if cfg.max_context is not None else math.inf
 
-        out = TextStream(self.tokenizer, params.stop, self.tokenizer.eos_token_ids or ())
+        if resume is not None:  # where the batch left it
+            out = resume.text
+        else:
+            out = TextStream(self.tokenizer, params.stop, self.tokenizer.eos_token_ids or ())
 
         # rejections still to complete on the host: (record, evaluated float32 target logits
         # of its round, row, evaluated float32 draft logits row or None)
@@ -498,26 +532,31 @@ class SpeculativeEngine:
             pending.clear()
 
         finish: str | None = None
-        seq = list(prompt)  # every token verified so far: both caches hold a prefix of it
+        # every token verified so far: both caches hold a prefix of it
+        seq = list(resume.seq) if resume is not None else list(prompt)
         t_start = time.perf_counter()
         t_gen = t_start
         try:
-            prompt_arr = mx.array(prompt, dtype=mx.uint32)
-            t_cached = stats.cached_tokens
-            if len(prompt) - 1 > t_cached:
-                # a long prompt yields empty chunks between its prefill chunks: a client that
-                # hangs up stops the request there, not after the whole prefill
-                for _ in self._prefill_steps(target, target_cache, prompt_arr[t_cached:-1]):
-                    yield GenerationChunk(text="", tokens=[])
-                stats.target_passes += 1
-            t_gen = time.perf_counter()
-            stats.prompt_time = t_gen - t_start
-
-            target_in = [prompt[-1]]  # tokens the target has not processed yet
-            # tokens the draft has not processed yet: the whole prompt, read at its first
-            # model round (a request served from proposals never pays the draft's prefill)
-            draft_in = prompt[draft_cached:]
-            lookup = ContextIndex(prompt) if cfg.lookup else None
+            if resume is None:
+                prompt_arr = mx.array(prompt, dtype=mx.uint32)
+                t_cached = stats.cached_tokens
+                if len(prompt) - 1 > t_cached:
+                    # a long prompt yields empty chunks between its prefill chunks: a client
+                    # that hangs up stops the request there, not after the whole prefill
+                    for _ in self._prefill_steps(target, target_cache, prompt_arr[t_cached:-1]):
+                        yield GenerationChunk(text="", tokens=[])
+                    stats.target_passes += 1
+                t_gen = time.perf_counter()
+                stats.prompt_time = t_gen - t_start
+                target_in = [prompt[-1]]  # tokens the target has not processed yet
+                # tokens the draft has not processed yet: the whole prompt, read at its first
+                # model round (a request served from proposals never pays the draft's prefill)
+                draft_in = prompt[draft_cached:]
+            else:
+                t_gen = resume.t_gen
+                target_in = seq[target_cache[0].offset :]
+                draft_in = list(seq)  # a fresh draft cache: it reads all at its first round
+            lookup = ContextIndex(seq) if cfg.lookup else None
             # A seeded sample is reproducible: its rounds must not depend on other traffic
             # (the suffix index) or on measured timings (the policy), only on its own input.
             seeded = not greedy and params.seed is not None

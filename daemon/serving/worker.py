@@ -297,6 +297,7 @@ class GenerationWorker:
                 self._step_lone()
             elif self._batched:
                 self._step_batch()
+                self._release_lone_member()
             self._last_work = time.monotonic()
 
     def _unload_in(self) -> float | None:
@@ -440,6 +441,20 @@ class GenerationWorker:
         req = lone.started.handle.request
         uid = self.batch.adopt(state, req.params, lone.started.result, req.constraint)
         self._batched[uid] = lone.started
+
+    def _release_lone_member(self) -> None:
+        """A batch down to one member with nobody waiting: it goes on speculatively (a lone
+        request keeps the speculative path, whether it started alone or not)."""
+        if len(self._batched) != 1 or self._waiting or self._stopping:
+            return
+        ((uid, started),) = self._batched.items()
+        req = started.handle.request
+        if started.handle.cancelled or not self.batch.releasable(uid, req.params):
+            return
+        del self._batched[uid]
+        state = self.batch.release(uid)
+        gen = self.engine.resume(state, req.params, started.result, req.constraint)
+        self._lone = _Lone(started, gen)
 
     def _step_lone(self) -> None:
         lone = self._lone

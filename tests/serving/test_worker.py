@@ -106,6 +106,24 @@ def test_a_running_request_hands_over_to_the_batch(engine, tiny_target) -> None:
         assert r.tokens == reference_greedy(tiny_target, prompt, N)
 
 
+def test_the_last_member_of_a_batch_goes_back_to_speculation(engine, tiny_target) -> None:
+    prompts = make_prompts(engine.tokenizer, 12)[5:7]
+    worker = make_worker(engine, batch_size=4)
+    short = submit(worker, prompts[0], max_tokens=4)
+    long = submit(worker, prompts[1], max_tokens=64, stop=["\u00ff\u00fe"])  # never matches
+    worker.start()
+    try:
+        res_short = short.result(HANG_GUARD_S)
+        res = long.result(HANG_GUARD_S)
+    finally:
+        assert worker.stop(HANG_GUARD_S)
+    assert res_short.stats.batched_tokens == 4
+    # batched while the short one ran, then alone and speculative again: the same answer
+    assert 0 < res.stats.batched_tokens < 64 and res.stats.drafted > 0
+    assert res.tokens == reference_greedy(tiny_target, prompts[1], 64)
+    assert res.text == lone_text(engine, prompts[1], 64)
+
+
 def test_stop_strings_max_tokens_and_cancel_inside_a_batch(engine, tiny_target) -> None:
     tok = engine.tokenizer
     prompts = make_prompts(tok, 12)[6:9]
