@@ -7,6 +7,11 @@ package data so that a plain wheel install can render it. The file itself lives 
 and ``systemd/specd.service.in`` at the top of the tree is a symlink to it (for people browsing
 the tree): the wheel then never depends on how a build treats symlinks. ``launchd/README.md``
 says where the agent comes from.
+
+Install also writes a starter ``config.yaml`` (every key with its default, commented; the
+package's ``templates/config.yaml``, which ``configs/config.yaml`` links to) where the daemon
+will look for it, unless ``--config`` names another file or one exists already: a new user has
+a file to edit and a ``conf.d/`` beside it.
 """
 
 from __future__ import annotations
@@ -22,12 +27,13 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from daemon.config import ConfigSources, Settings
+from daemon.config import ConfigSources, Settings, default_config_file, drop_in_dir
 from daemon.errors import ServiceError
 
 LABEL = "com.specd.daemon"
 UNIT = "specd.service"
 SYSTEMD_TEMPLATE = "templates/specd.service.in"  # package data of daemon.ops
+STARTER_CONFIG = "templates/config.yaml"
 
 
 @dataclass
@@ -39,6 +45,7 @@ class ServicePlan:
     content: str | None
     commands: list[list[str]] = field(default_factory=list)
     log_dir: Path | None = None
+    starter_config: Path | None = None  # written (install) when no config file exists there
 
 
 def detect_manager() -> str:
@@ -157,12 +164,17 @@ def plan(
         }[action]
     else:
         raise ServiceError(f"unknown service manager {manager!r}")
-    return ServicePlan(manager, path, content, commands, settings.log_dir)
+    starter = None
+    if action == "install" and config_file is None and not default_config_file().exists():
+        starter = default_config_file()
+    return ServicePlan(manager, path, content, commands, settings.log_dir, starter)
 
 
 def execute(p: ServicePlan, action: str, dry_run: bool) -> int:
     """Write/remove the file and run the commands (or print them with ``dry_run``)."""
     if dry_run:
+        if p.starter_config is not None:
+            print(f"# would write a starter config (every key, commented) to {p.starter_config}")
         if p.content is not None:
             print(f"# would write {p.path}:\n{p.content}")
         elif action == "uninstall":
@@ -170,6 +182,12 @@ def execute(p: ServicePlan, action: str, dry_run: bool) -> int:
         for cmd in p.commands:
             print("# would run: " + shlex.join(cmd))
         return 0
+    if action == "install" and p.starter_config is not None and not p.starter_config.exists():
+        drop_in_dir(p.starter_config).mkdir(parents=True, exist_ok=True)
+        tmp = p.starter_config.with_suffix(".tmp")
+        tmp.write_text(_template(STARTER_CONFIG))
+        os.replace(tmp, p.starter_config)
+        print(f"wrote a starter config (every key with its default) to {p.starter_config}")
     if action == "install":
         assert p.content is not None
         if p.log_dir is not None:

@@ -257,3 +257,29 @@ def test_reload_rejects_invalid_and_logs_file_and_key(tmp_path: Path) -> None:
         assert r.reload() is True
     assert any(e["event"] == "config_needs_restart" and e["keys"] == ["server.port"] for e in logs)
     assert os.path.exists(bad)
+
+
+def test_install_writes_a_starter_config_where_the_daemon_looks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    from daemon.config import Settings, load_settings
+    from daemon.ops.install import execute, plan
+
+    config = tmp_path / "xdg" / "specd" / "config.yaml"
+    monkeypatch.setenv("SPECD_CONFIG", str(config))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+    p = plan("install", Settings(), None, tmp_path / "d", manager="systemd")
+    assert p.starter_config == config
+    execute(p, "install", dry_run=True)
+    assert "would write a starter config" in capsys.readouterr().out and not config.exists()
+    p.commands = []  # no systemctl here: the files alone
+    execute(p, "install", dry_run=False)
+    assert config.is_file() and (config.parent / "conf.d").is_dir()
+    settings, _ = load_settings(config)  # every key at its default
+    assert settings.model_dump(exclude={"paths"}) == Settings().model_dump(exclude={"paths"})
+    config.write_text("server:\n  port: 9\n")  # the user's own file is never replaced
+    assert plan("install", Settings(), None, None, manager="systemd").starter_config is None
+    assert (
+        plan("install", Settings(), tmp_path / "c.yaml", None, manager="systemd").starter_config
+        is None
+    )
