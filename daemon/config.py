@@ -202,7 +202,21 @@ class TrainingSettings(_Section):
     max_run_seconds: float = Field(3600.0, gt=0.0, description="A longer run is stopped.")
     check_interval_seconds: float = Field(30.0, gt=0.0, description="Scheduler check period.")
     min_improvement: float = Field(
-        0.01, description="Held-out agreement gain a candidate needs over the current adapter."
+        0.01,
+        description="Held-out agreement gain a candidate needs over the current adapter "
+        "(gate: agreement).",
+    )
+    gate: Literal["speed", "agreement"] = Field(
+        "speed",
+        description="What a candidate must beat the draft in service on: the expected tokens "
+        "per second on the holdout (a paired bootstrap test) or held-out agreement alone.",
+    )
+    gate_confidence: float = Field(
+        0.9,
+        gt=0.5,
+        lt=1.0,
+        description="gate: speed installs when the expected speedup gain's lower bound at "
+        "this confidence is above zero.",
     )
     min_holdout_rows: int = Field(3, ge=1, description="Holdout rows needed before a run.")
     keep_adapters: int = Field(5, ge=1, description="Adapter versions kept in the store.")

@@ -31,6 +31,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from daemon.adaptation.process import TrainingArgs, start_training_process
 from daemon.config import Settings
+from daemon.core.speed import StepCosts, compare
 from daemon.errors import AdapterError
 from daemon.logging import get_logger
 from daemon.store.adapters import AdapterStore, AdapterVersion, config_hash
@@ -84,13 +85,25 @@ class ServingPort(Protocol):
         """Seconds since the last request finished; 0 while one is queued or running."""
         ...
 
+    def step_costs(self) -> StepCosts | None:
+        """The live engine's measured target and draft step costs (None: not measured yet)."""
+        ...
+
 
 def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
 
 
-def gate(result: TrainingResult, settings: Settings) -> GateDecision:
-    """The decision on a finished run: install, reject, or error (nothing to store)."""
+def gate(
+    result: TrainingResult, settings: Settings, costs: StepCosts | None = None
+) -> GateDecision:
+    """The decision on a finished run: install, reject, or error (nothing to store).
+
+    ``training.gate: speed`` compares the pair's expected tokens per second on the holdout rows
+    before and after (`daemon.core.speed.compare`, a paired bootstrap over the rows), with
+    ``costs`` (the live engine's measurements) or else the ones the run timed; ``agreement``
+    (or a run without per-row matches) compares held-out agreement against min_improvement.
+    """
     if not result.ok:
         return GateDecision("error", result.error or "training failed")
     m = result.metrics
@@ -98,10 +111,27 @@ def gate(result: TrainingResult, settings: Settings) -> GateDecision:
         return GateDecision("reject", "no held-out positions to evaluate on")
     before, after = m.heldout_before.agreement, m.heldout_after.agreement
     improvement = after - before
-    need = settings.training.min_improvement
+    agreement = f"held-out agreement {before:.4f} -> {after:.4f} ({improvement:+.4f})"
+    cfg = settings.training
+    costs = costs or (StepCosts.from_dict(m.costs) if m.costs else None)
+    rows_b, rows_a = m.heldout_before.match_rows(), m.heldout_after.match_rows()
+    if cfg.gate == "speed" and costs is not None and rows_a and len(rows_a) == len(rows_b):
+        c = compare(rows_b, rows_a, costs, cfg.gate_confidence)
+        b, a = c.before, c.after
+        return GateDecision(
+            "install" if c.better else "reject",
+            f"expected speedup {b.speedup:.3f}x (k={b.k}) -> {a.speedup:.3f}x (k={a.k}): "
+            f"{c.delta:+.3f}, lower bound {c.lower:+.3f} at {c.confidence:.0%} over "
+            f"{c.rows} rows (step costs: {costs.source}); {agreement}",
+            heldout_before=before,
+            heldout_after=after,
+            improvement=improvement,
+            speed=c.to_dict(),
+        )
+    need = cfg.min_improvement
     return GateDecision(
         "install" if improvement >= need else "reject",
-        f"held-out agreement {before:.4f} -> {after:.4f} ({improvement:+.4f}, need {need:+.4f})",
+        f"{agreement}, need {need:+.4f}",
         heldout_before=before,
         heldout_after=after,
         improvement=improvement,
@@ -124,8 +154,8 @@ def store_candidate(
         "run_id": m.run_id,
         "trigger": reason,
         "gate": decision.to_dict(),
-        "metrics_before": metrics["heldout_before"],
-        "metrics_after": metrics["heldout_after"],
+        "metrics_before": m.heldout_before.summary(),
+        "metrics_after": m.heldout_after.summary(),
         "data": metrics["examples"],
         "training": {k: metrics[k] for k in MANIFEST_TRAINING_KEYS},
         "config_hash": config_hash(settings.training.model_dump()),
@@ -436,7 +466,8 @@ class AdaptationLoop:
                 self._runs_done.notify_all()
 
     def _finish(self, run_id: str, result: TrainingResult, reason: str) -> None:
-        decision = gate(result, self.settings)
+        decision = gate(result, self.settings, self.service.step_costs())
+        log.info("gate_decision", run_id=run_id, **decision.to_dict())
         finished = FinishedRun(run_id=run_id, trigger=reason, finished=time.time(), gate=decision)
         if decision.decision == "error":
             self.counts.failed += 1
@@ -522,6 +553,10 @@ class AdaptationLoop:
                     "created": v.manifest.get("created"),
                     "parent": v.manifest.get("parent"),
                     "gate": v.manifest.get("gate"),
+                    "heldout_agreement": (v.manifest.get("metrics_after") or {}).get("agreement"),
+                    "expected_speedup": ((v.manifest.get("gate") or {}).get("speed") or {})
+                    .get("after", {})
+                    .get("speedup"),
                 }
                 for v in self.store.versions()
             ],

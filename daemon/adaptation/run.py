@@ -38,6 +38,7 @@ from daemon.config import DataSettings, Settings
 from daemon.core.evaluation import teacher_forced_agreement
 from daemon.core.heads import frequent_tokens, prune_head
 from daemon.core.models import flat_parameters, load_pair
+from daemon.core.speed import measure_costs
 from daemon.errors import TrainingError
 from daemon.logging import get_logger
 from daemon.store.adapters import adapter_head, save_adapter
@@ -58,12 +59,14 @@ def heldout_agreement(
     """Teacher-forced agreement of ``model`` with the records' target outputs."""
     model.eval()
     t0 = time.perf_counter()
+    by_row: list[list[bool]] = []
     result = teacher_forced_agreement(
         model,
         [(r.prompt_tokens, r.output_tokens) for r in records],
         max_prompt=data.max_prompt_length,
         max_output=data.max_output_length,
         vocab_limit=vocab_limit,
+        by_row=by_row,
     )
     return HeldoutEval(
         agreement=result.rate,
@@ -71,6 +74,7 @@ def heldout_agreement(
         positions=result.total,
         rows=result.rows,
         seconds=round(time.perf_counter() - t0, 2),
+        by_row=["".join("1" if m else "0" for m in row) for row in by_row],
     )
 
 
@@ -180,7 +184,7 @@ def run_training(
         init_head = adapter_head(init_adapter)
         prune_head(draft, init_head or cast(list[int], pair.default_head()), vocab_limit)
     before = heldout_agreement(draft, holdout, settings.data, vocab_limit)
-    log.info("heldout_eval", run_id=run_id, when="before", **before.to_dict())
+    log.info("heldout_eval", run_id=run_id, when="before", **before.summary())
     if head is not None:
         # the head this version will serve with, from the target's recent outputs; the loss
         # is taken over it (daemon.adaptation.loss)
@@ -220,8 +224,10 @@ def run_training(
 
     progress_view.update(phase="eval_after")
     after = heldout_agreement(draft, holdout, settings.data, vocab_limit)
-    log.info("heldout_eval", run_id=run_id, when="after", **after.to_dict())
+    log.info("heldout_eval", run_id=run_id, when="after", **after.summary())
     progress_view.update(phase="saving", heldout_after=after.agreement)
+    # the pair's step costs, for a gate with no live engine to ask (`specd train`)
+    costs = measure_costs(pair.target, draft)
 
     metadata = {
         "run_id": run_id,
@@ -267,13 +273,14 @@ def run_training(
         wall_s=time.perf_counter() - t0,
         adapter_path=str(path),
         head_tokens=len(head) if head is not None else 0,
+        costs=costs.to_dict(),
     )
     log.info(
         "train_run",
         **{
             k: v
             for k, v in metrics.to_dict().items()
-            if k not in ("heldout_before", "heldout_after")
+            if k not in ("heldout_before", "heldout_after", "costs")
         },
         heldout_before=before.agreement,
         heldout_after=after.agreement,

@@ -55,11 +55,13 @@ def teacher_forced_agreement(
     max_prompt: int = 512,
     max_output: int = 256,
     vocab_limit: int | None = None,
+    by_row: list[list[bool]] | None = None,
 ) -> Agreement:
     """Agreement of ``model``'s argmax with each row's output tokens.
 
     ``rows`` holds (prompt tokens, target output tokens). ``vocab_limit`` slices the logits to
-    the vocabulary shared with the target (padded embedding tables may differ).
+    the vocabulary shared with the target (padded embedding tables may differ). ``by_row``
+    receives each scored row's match per position (`daemon.core.speed` walks them).
     """
     result = Agreement()
     for prompt, output in rows:
@@ -70,8 +72,10 @@ def teacher_forced_agreement(
         logits = model(tokens)[0, len(prompt) - 1 :]
         if vocab_limit is not None:
             logits = logits[:, :vocab_limit]
-        pred = mx.argmax(logits, axis=-1)
-        matches = cast(int, (pred == mx.array(output)).sum().item())
+        hits = mx.argmax(logits, axis=-1) == mx.array(output)
+        matches = cast(int, hits.sum().item())
+        if by_row is not None:
+            by_row.append(cast(list[bool], hits.tolist()))
         result.matches += int(matches)
         result.total += len(output)
         result.rows += 1

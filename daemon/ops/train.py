@@ -28,11 +28,25 @@ def print_gate(decision: GateDecision, version: int | None) -> None:
         print(
             f"held-out agreement: before {before:.4f} -> after {after:.4f} ({after - before:+.4f})"
         )
+    speed = _speedups(decision)
+    if speed is not None:
+        print(f"expected speedup over the target: before {speed}")
     what = {"install": "installed", "reject": "kept as rejected", "error": "failed"}
     print(
         f"adapter: {what.get(decision.decision, decision.decision)}"
         + (f" as v{version}" if version else "")
         + f" ({decision.reason})"
+    )
+
+
+def _speedups(decision: GateDecision) -> str | None:
+    """ "1.02x -> 1.31x (+0.29, lower bound +0.12 at 90%)" from a speed gate's comparison."""
+    s = decision.speed
+    if not s:
+        return None
+    return (
+        f"{s['before']['speedup']:.2f}x -> {s['after']['speedup']:.2f}x "
+        f"({s['delta']:+.2f}, lower bound {s['lower_bound']:+.2f} at {s['confidence']:.0%})"
     )
 
 
@@ -117,9 +131,11 @@ def run_adapters(args: argparse.Namespace, settings: Settings, sources: ConfigSo
         after = gate.heldout_after if gate else None
         scores = f"{before:.4f} -> {after:.4f}" if before is not None and after is not None else "-"
         mark = "*" if v.version == current else " "
+        speed = _speedups(gate) if gate else None
         print(
             f"{mark} v{v.version:<4} {v.status:<9} {format_time(v.manifest.get('created'))}  "
             f"parent v{v.manifest.get('parent', 0)}  held-out {scores}"
+            + (f"  expected speedup {speed}" if speed else "")
         )
     if current == 0:
         print("* none: the draft serves without an adapter")

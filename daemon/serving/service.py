@@ -24,6 +24,7 @@ from daemon.core.engine import (
 from daemon.core.models import ModelPair, Offloaded, load_pair, offload
 from daemon.core.prompt_cache import PromptCache
 from daemon.core.prompts import encode_prompt, prompt_text
+from daemon.core.speed import StepCosts
 from daemon.logging import get_logger
 from daemon.serving.worker import (
     BlockingHandle,
@@ -178,6 +179,10 @@ class Service:
         if self.worker.queue_depth or self.worker.active is not None:
             return 0.0
         return time.monotonic() - self.last_activity
+
+    def step_costs(self) -> StepCosts | None:
+        """The live engine's measured step costs (`daemon.core.speed`), for the gate."""
+        return StepCosts.from_policy(self.engine.policy) if self.engine is not None else None
 
     def swap_adapter(self, version: AdapterVersion | None) -> Future:
         """Put ``version`` (None: no adapter) into service between requests.

@@ -58,9 +58,20 @@ class HeldoutEval:
     positions: int
     rows: int
     seconds: float
+    # each row's matches per position, "1"/"0" (what the speed gate walks; daemon.core.speed)
+    by_row: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def summary(self) -> dict[str, Any]:
+        """The figures without the per-row matches (logs, manifests)."""
+        out = asdict(self)
+        del out["by_row"]
+        return out
+
+    def match_rows(self) -> list[list[bool]]:
+        return [[c == "1" for c in row] for row in self.by_row]
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> HeldoutEval:
@@ -115,6 +126,9 @@ class RunMetrics:
     wall_s: float
     adapter_path: str
     head_tokens: int = 0  # the draft head's subset size (the ids are in the adapter); 0: full
+    # the pair's step costs timed in the training process (daemon.core.speed.StepCosts): what
+    # the speed gate uses when no live engine has measured them
+    costs: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)  # nested dataclasses become dicts too
@@ -306,9 +320,14 @@ class GateDecision:
     heldout_before: float | None = None
     heldout_after: float | None = None
     improvement: float | None = None
+    # gate: speed: the paired comparison (daemon.core.speed.Comparison.to_dict): expected
+    # speedup over the target before and after, the gain and its lower bound
+    speed: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"decision": self.decision, "reason": self.reason}
+        if self.speed is not None:
+            out["speed"] = self.speed
         # A run that failed before it was scored has no score keys at all, as it always had.
         if self.decision != "error" or self.heldout_after is not None:
             out.update(

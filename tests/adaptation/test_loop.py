@@ -159,6 +159,42 @@ def test_gate_installs_rejects_and_errors() -> None:
     assert failed.decision == "error" and failed.reason == "boom"
 
 
+def test_speed_gate_decides_by_expected_tokens_per_second() -> None:
+    import random
+
+    from daemon.core.speed import StepCosts
+
+    s = Settings()
+    assert s.training.gate == "speed"
+    costs = StepCosts(target=1.0, verify=[1.1 + 0.1 * k for k in range(1, 9)], draft=0.2)
+    rng = random.Random(0)
+
+    def rows(rate: float) -> list[str]:
+        return ["".join("1" if rng.random() < rate else "0" for _ in range(60)) for _ in range(20)]
+
+    def run(before: list[str], after: list[str]) -> TrainingResult:
+        m = metrics(0.3, 0.4, "/x")
+        m.heldout_before.by_row, m.heldout_after.by_row = before, after
+        m.costs = costs.to_dict()  # what the run timed
+        return TrainingResult.success(m)
+
+    base = rows(0.3)
+    up = gate(run(base, rows(0.7)), s)
+    assert up.decision == "install" and up.speed is not None
+    assert up.speed["after"]["speedup"] > up.speed["before"]["speedup"]
+    assert up.speed["lower_bound"] > 0 and "lower bound" in up.reason
+    assert "step costs: measured" in up.reason
+    # agreement went up (0.3 -> 0.4 in the figures) but the rows say no faster: rejected
+    flat = gate(run(base, base), s)
+    assert flat.decision == "reject" and flat.speed is not None
+    # the live engine's costs win over the run's: a draft that costs as much as the target
+    dear = StepCosts(1.0, [1.0 + 0.5 * k for k in range(1, 9)], 1.0, source="service")
+    slow = gate(run(base, rows(0.45)), s, dear)
+    assert slow.decision == "reject" and "step costs: service" in slow.reason
+    s.training.gate = "agreement"
+    assert gate(run(base, base), s).speed is None
+
+
 # --------------------------------------------------------------------------------------------
 # Waiting: holdout traffic, idle policy, cooldown
 

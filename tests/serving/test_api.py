@@ -526,6 +526,7 @@ def test_status_and_hooks(served: Server) -> None:
         "draft_head_tokens": None,
         "dtype": "float32",
         "max_context": 512,
+        "loaded": True,
     }
     assert st["backend"]["device"] == "cpu"
     assert st["adapter_version"] == 0

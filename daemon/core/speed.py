@@ -1,0 +1,207 @@
+"""Expected speed of a draft on recorded traffic: what the adaptation gate compares.
+
+Agreement alone does not say what users feel: a draft that agrees more but costs more per
+token, or agrees on positions that never start a round, may serve slower. So a draft is scored
+by the **expected tokens per second** of the pair on held-out rows, relative to the target
+alone:
+
+- Teacher-forced greedy matches per position (`daemon.core.evaluation`) give, for a round that
+  drafts ``k`` tokens from position ``t``, the accepted count ``a`` (the matches from ``t`` on,
+  at most ``k``) and the ``a + 1`` tokens it emits. Walking each row round by round gives its
+  rounds for ``k`` (`round_walk`): exact for greedy decoding with a fixed ``k``.
+- `StepCosts` are the measured seconds of a target pass over ``1`` and ``k + 1`` rows and of one
+  draft token (the live engine's `SpeculationPolicy` measurements, or `measure_costs`).
+- ``speedup(k) = sum(row tokens) * target / sum(rounds * (verify(k) + k * draft))``; a draft's
+  score is its best ``k`` (the engine chooses each round's length, so this is a floor).
+
+`compare` is the gate's paired test: the same holdout rows scored with the draft in service
+and with the candidate, each at its own best ``k``, and a bootstrap over rows of the speedup
+difference; the candidate is better with ``confidence`` when the difference's lower quantile
+is above zero.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["Comparison", "SpeedEstimate", "StepCosts", "compare", "estimate", "round_walk"]
+
+MAX_K = 8
+BOOTSTRAP = 1000
+
+
+@dataclass
+class StepCosts:
+    """Seconds of a target pass over one row, over ``k + 1`` rows (``verify[k - 1]``, k = 1 ..)
+    and of one draft token."""
+
+    target: float
+    verify: list[float]
+    draft: float
+    source: str = "measured"  # "service" (the live engine's figures) or "measured"
+
+    def round_cost(self, k: int) -> float:
+        return self.verify[k - 1] + k * self.draft if k else self.target
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "target_s": round(self.target, 6),
+            "verify_s": [round(v, 6) for v in self.verify],
+            "draft_s": round(self.draft, 6),
+            "source": self.source,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> StepCosts:
+        return cls(
+            target=float(data["target_s"]),
+            verify=[float(v) for v in data["verify_s"]],
+            draft=float(data["draft_s"]),
+            source=str(data.get("source", "measured")),
+        )
+
+    @classmethod
+    def from_policy(cls, policy: Any, max_k: int = MAX_K) -> StepCosts | None:
+        """The live engine's measurements (`daemon.core.policy.SpeculationPolicy`); None until
+        it has timed the target's one-row pass and the draft."""
+        if 1 not in policy.verify_s or policy.draft_token_s is None:
+            return None
+        return cls(
+            target=policy.verify_cost(1),
+            verify=[policy.verify_cost(k + 1) for k in range(1, max_k + 1)],
+            draft=policy.draft_token_s,
+            source="service",
+        )
+
+
+def round_walk(matches: Sequence[bool], k: int) -> int:
+    """Rounds that emit a row's ``len(matches)`` tokens when every round drafts ``k``."""
+    n, t, rounds = len(matches), 0, 0
+    while t < n:
+        a = 0
+        while a < k and t + a < n and matches[t + a]:
+            a += 1
+        t += a + 1
+        rounds += 1
+    return rounds
+
+
+@dataclass
+class SpeedEstimate:
+    """A draft's expected speed on some rows: best ``k``, the speedup there over the target
+    alone, tokens per round, and the rows' rounds for that ``k`` (for the paired test)."""
+
+    k: int
+    speedup: float
+    tokens_per_round: float
+    rows: list[tuple[int, int]]  # (tokens, rounds) per row at k
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "k": self.k,
+            "speedup": round(self.speedup, 4),
+            "tokens_per_round": round(self.tokens_per_round, 4),
+        }
+
+
+def _speedup(rows: Sequence[tuple[int, int]], k: int, costs: StepCosts) -> float:
+    tokens = sum(t for t, _ in rows)
+    seconds = sum(r for _, r in rows) * costs.round_cost(k)
+    return tokens * costs.target / seconds if seconds > 0 else 1.0
+
+
+def estimate(matches: Sequence[Sequence[bool]], costs: StepCosts) -> SpeedEstimate:
+    """The best fixed draft length for these rows, and its speedup (``k = 0``: the target
+    alone, 1.0, when no length pays)."""
+    rows = [m for m in matches if len(m)]
+    best = SpeedEstimate(0, 1.0, 1.0, [(len(m), len(m)) for m in rows])
+    for k in range(1, len(costs.verify) + 1):
+        at_k = [(len(m), round_walk(m, k)) for m in rows]
+        s = _speedup(at_k, k, costs)
+        if s > best.speedup:
+            tokens, rounds = sum(t for t, _ in at_k), sum(r for _, r in at_k)
+            best = SpeedEstimate(k, s, tokens / max(rounds, 1), at_k)
+    return best
+
+
+@dataclass
+class Comparison:
+    """The paired comparison of two drafts on the same rows."""
+
+    before: SpeedEstimate
+    after: SpeedEstimate
+    delta: float  # speedup after - before
+    lower: float  # the delta's (1 - confidence) bootstrap quantile
+    confidence: float
+    rows: int
+
+    @property
+    def better(self) -> bool:
+        return self.lower > 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "before": self.before.to_dict(),
+            "after": self.after.to_dict(),
+            "delta": round(self.delta, 4),
+            "lower_bound": round(self.lower, 4),
+            "confidence": self.confidence,
+            "rows": self.rows,
+        }
+
+
+def compare(
+    before: Sequence[Sequence[bool]],
+    after: Sequence[Sequence[bool]],
+    costs: StepCosts,
+    confidence: float = 0.9,
+    seed: int = 0,
+) -> Comparison:
+    """``after`` against ``before`` (the same rows, in the same order)."""
+    if len(before) != len(after):
+        raise ValueError("compare needs the same rows before and after")
+    b, a = estimate(before, costs), estimate(after, costs)
+    keep = [i for i, m in enumerate(before) if len(m)]
+    rb = [(len(before[i]), round_walk(before[i], b.k) if b.k else len(before[i])) for i in keep]
+    ra = [(len(after[i]), round_walk(after[i], a.k) if a.k else len(after[i])) for i in keep]
+    delta = a.speedup - b.speedup
+    rng = random.Random(seed)
+    deltas = []
+    n = len(keep)
+    for _ in range(BOOTSTRAP if n else 0):
+        pick = [rng.randrange(n) for _ in range(n)]
+        deltas.append(
+            _speedup([ra[i] for i in pick], a.k, costs)
+            - _speedup([rb[i] for i in pick], b.k, costs)
+        )
+    deltas.sort()
+    lower = deltas[int((1 - confidence) * len(deltas))] if deltas else 0.0
+    return Comparison(b, a, delta, lower, confidence, n)
+
+
+def measure_costs(target: Any, draft: Any, context: int = 128, repeats: int = 5) -> StepCosts:
+    """Time the pair here (when no live engine has): target passes over 1 .. MAX_K + 1 rows and
+    one draft token, after ``context`` tokens, medians of ``repeats``."""
+    import mlx.core as mx
+    from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
+
+    def timed(model: Any, rows: int) -> float:
+        cache = make_prompt_cache(model)
+        mx.eval(model(mx.zeros((1, context), dtype=mx.uint32), cache=cache))
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            mx.eval(model(mx.ones((1, rows), dtype=mx.uint32), cache=cache))
+            times.append(time.perf_counter() - t0)
+            trim_prompt_cache(cache, rows)
+        return sorted(times)[len(times) // 2]
+
+    return StepCosts(
+        target=timed(target, 1),
+        verify=[timed(target, k + 1) for k in range(1, MAX_K + 1)],
+        draft=timed(draft, 1),
+    )
