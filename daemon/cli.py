@@ -299,6 +299,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--train-limit", type=int, help="use at most this many train prompts")
     q.add_argument("--eval-limit", type=int, help="use at most this many eval prompts")
     q.add_argument("--max-tokens", type=int, default=64, help="new tokens per prompt (64)")
+    q.add_argument(
+        "--temperature",
+        type=float,
+        default=0.0,
+        help="sample train and eval traffic at this temperature (default 0: greedy)",
+    )
     q.add_argument("--json", type=Path, metavar="OUT", help="also write the results as JSON")
     q.set_defaults(func="daemon.bench.adapt:run", needs_mlx=True)
 

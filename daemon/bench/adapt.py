@@ -38,15 +38,20 @@ class _EvalTotals:
 
 
 def _eval_engine(
-    service: Any, prompts: Sequence[Any], max_tokens: int, groups: Sequence[str] | None = None
+    service: Any,
+    prompts: Sequence[Any],
+    max_tokens: int,
+    groups: Sequence[str] | None = None,
+    temperature: float = 0.0,
 ) -> dict[str, Any]:
-    """Greedy eval traffic through the service (never recorded): speed and acceptance, and
-    with ``groups`` (a label per prompt) the same per label under ``by_group``."""
+    """Eval traffic through the service (never recorded), greedy or at ``temperature``: speed
+    and acceptance, and with ``groups`` (a label per prompt) the same per label under
+    ``by_group``."""
     total = _EvalTotals()
     by_group: dict[str, _EvalTotals] = {}
     for i, p in enumerate(prompts):
         t0 = time.perf_counter()
-        r = service.generate(p, record=False, temperature=0.0, max_tokens=max_tokens)
+        r = service.generate(p, record=False, temperature=temperature, max_tokens=max_tokens)
         seconds = time.perf_counter() - t0
         total.add(r.stats, seconds)
         if groups is not None:
@@ -65,8 +70,13 @@ def bench_adapt(
     max_tokens: int,
     progress: bool = True,
     eval_groups: Sequence[str] | None = None,
+    temperature: float = 0.0,
 ) -> dict[str, Any]:
     """The adaptive loop on the configured pair, measured on eval prompts before and after.
+
+    Train and eval traffic are greedy, or sampled at ``temperature`` (unseeded, so that the
+    suffix index and the cost-aware policy work as for any client's samples); the target-only
+    reference and the held-out agreement stay greedy (what the draft is scored against).
 
     Runs in a private data directory (a fresh buffer and adapter store): eval traffic is never
     recorded; train traffic goes through the service exactly as the daemon serves it, and the
@@ -113,7 +123,7 @@ def bench_adapt(
         try:
 
             def measure() -> dict[str, Any]:
-                m = _eval_engine(service, eval_prompts, max_tokens, groups)
+                m = _eval_engine(service, eval_prompts, max_tokens, groups, temperature)
                 m["speedup_vs_target"] = m["tokens_per_s"] / target_tps
                 # one pass per group; the overall figure is their sum
                 draft = service.draft
@@ -132,7 +142,7 @@ def bench_adapt(
 
             before = measure()
             for p in tqdm(train_prompts, desc="train traffic", disable=not progress):
-                service.generate(p, temperature=0.0, max_tokens=max_tokens)
+                service.generate(p, temperature=temperature, max_tokens=max_tokens)
             service.flush(60)
             loop.check()  # the last failures may have just crossed the threshold
             loop.wait_idle()  # let a started run finish, gate and swap
@@ -148,6 +158,7 @@ def bench_adapt(
         "adapters_installed": summary.counts.installed,
         "training_runs": summary.counts.runs,
         "last_run": summary.last_run.to_dict() if summary.last_run else None,
+        "temperature": temperature,
         "train_requests": len(train_prompts),
         "eval_requests": len(eval_prompts),
         "wall_s": time.perf_counter() - wall0,
@@ -164,11 +175,17 @@ def run(args: argparse.Namespace, settings: Settings, sources: ConfigSources) ->
     groups = [str(d) for d in domains] if all(d is not None for d in domains) else None
     print(
         f"bench adapt: {len(train)} train prompts, {len(evals)} eval prompts, "
-        f"max_tokens={args.max_tokens}, min_failure_cases="
+        f"max_tokens={args.max_tokens}, temperature={args.temperature}, min_failure_cases="
         f"{settings.training.min_failure_cases}"
     )
     result = bench_adapt(
-        settings, sources.main_file, train, evals, args.max_tokens, eval_groups=groups
+        settings,
+        sources.main_file,
+        train,
+        evals,
+        args.max_tokens,
+        eval_groups=groups,
+        temperature=args.temperature,
     )
     rows = {k: result[k] for k in ("target_only", "before", "after")}
     for when in ("before", "after"):

@@ -21,6 +21,7 @@ the draft).
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import queue
 import threading
@@ -38,6 +39,7 @@ from daemon.core.engine import (
     GenerationError,
     GenerationResult,
     Handoff,
+    HandoffState,
     SamplingParams,
     SpeculativeEngine,
 )
@@ -279,26 +281,48 @@ class GenerationWorker:
 
     def _run(self) -> None:
         while True:
-            block = self._idle and not self._stopping
-            self._take(block, self._unload_in() if block else None)
-            if self._idle and not self._stopping and self._unload_in() == 0:
-                self._free_models()
-                continue
-            if (self._jobs or self._waiting) and not self.loaded:
-                self._load_models()
-            if self._lone is None:
-                while self._jobs:
-                    self._jobs.popleft()()
-            if self._stopping and self._idle:
-                return
-            self._drop_cancelled()
-            self._admit()
-            if self._lone is not None:
-                self._step_lone()
-            elif self._batched:
-                self._step_batch()
-                self._release_lone_member()
-            self._last_work = time.monotonic()
+            try:
+                if self._turn():
+                    return
+            except Exception as e:  # a bug must not kill the thread (and with it, serving)
+                log.exception("worker_failed")
+                self._fail_running(e)
+
+    def _turn(self) -> bool:
+        """One turn of the loop: take what arrived, start and step requests; True: stop."""
+        block = self._idle and not self._stopping
+        self._take(block, self._unload_in() if block else None)
+        if self._idle and not self._stopping and self._unload_in() == 0:
+            self._free_models()
+            return False
+        if (self._jobs or self._waiting) and not self.loaded:
+            self._load_models()
+        if self._lone is None:
+            while self._jobs:
+                self._jobs.popleft()()
+        if self._stopping and self._idle:
+            return True
+        self._drop_cancelled()
+        self._admit()
+        if self._lone is not None:
+            self._step_lone()
+        elif self._batched:
+            self._step_batch()
+            self._release_lone_member()
+        self._last_work = time.monotonic()
+        return False
+
+    def _fail_running(self, error: Exception) -> None:
+        """End every started request with ``error`` and start over with an empty batch."""
+        running = list(self._batched.values())
+        if self._lone is not None:
+            running.append(self._lone.started)
+            self._lone.gen.close()
+        self._lone = None
+        self._batched.clear()
+        self.batch = BatchDecoder(self.engine, self.batch.max_batch)
+        for started in running:
+            self._end(started.handle, Done(None, error=error, queue_s=started.queue_s))
 
     def _unload_in(self) -> float | None:
         """Seconds until an idle worker frees the models; None: never (now)."""
@@ -406,8 +430,11 @@ class GenerationWorker:
 
     def _start_batched(self, handle: RequestHandle) -> None:
         started = self._start(handle)
-        if started is None:
-            return
+        if started is not None:
+            self._add_to_batch(started)
+
+    def _add_to_batch(self, started: _Started) -> None:
+        handle = started.handle
         req = handle.request
         try:
             uid, first = self.batch.add(
@@ -431,6 +458,18 @@ class GenerationWorker:
         lone = self._lone
         assert lone is not None
         self._lone = None
+        req = lone.started.handle.request
+        if inspect.getgeneratorstate(lone.gen) == inspect.GEN_CREATED:
+            # not started yet (nothing to throw into): it joins as it stood when it was made
+            lone.gen.close()
+            if lone.resumed is None:
+                self._add_to_batch(lone.started)
+            else:
+                uid = self.batch.adopt(
+                    lone.resumed, req.params, lone.started.result, req.constraint
+                )
+                self._batched[uid] = lone.started
+            return
         try:
             lone.gen.throw(Handoff())
         except StopIteration:
@@ -438,7 +477,6 @@ class GenerationWorker:
         state = self.engine.handed_off
         self.engine.handed_off = None
         assert state is not None, "the engine ends a handed-off generation with its state"
-        req = lone.started.handle.request
         uid = self.batch.adopt(state, req.params, lone.started.result, req.constraint)
         self._batched[uid] = lone.started
 
@@ -454,7 +492,7 @@ class GenerationWorker:
         del self._batched[uid]
         state = self.batch.release(uid)
         gen = self.engine.resume(state, req.params, started.result, req.constraint)
-        self._lone = _Lone(started, gen)
+        self._lone = _Lone(started, gen, state)
 
     def _step_lone(self) -> None:
         lone = self._lone
@@ -551,3 +589,4 @@ class _Lone:
 
     started: _Started
     gen: Any  # Generator[GenerationChunk, None, None]
+    resumed: HandoffState | None = None  # where a resumed generation started from

@@ -340,3 +340,20 @@ def test_bench_adapt_reports_before_and_after(daemon_setup) -> None:
     assert result["after"]["adapter_version"] >= 1
     assert result["after"]["heldout_agreement"] > result["before"]["heldout_agreement"]
     assert not (tmp_path / "data" / "buffer.sqlite").exists()  # a private data dir was used
+
+
+def test_bench_adapt_eval_traffic_samples_at_the_temperature() -> None:
+    from daemon.bench.adapt import _eval_engine
+    from daemon.core.engine import GenerationResult, GenerationStats
+
+    seen: list[dict] = []
+
+    class Service:
+        def generate(self, messages, record=True, **params):
+            seen.append({"record": record, **params})
+            stats = GenerationStats(generation_tokens=4, drafted=4, accepted=2, num_drafts=2)
+            return GenerationResult(text="x", tokens=[1, 2, 3, 4], stats=stats)
+
+    out = _eval_engine(Service(), [[{"role": "user", "content": "a"}]] * 3, 8, temperature=0.7)
+    assert [s["temperature"] for s in seen] == [0.7] * 3 and not any(s["record"] for s in seen)
+    assert out["tokens"] == 12 and out["acceptance_rate"] == 0.5

@@ -124,6 +124,32 @@ def test_the_last_member_of_a_batch_goes_back_to_speculation(engine, tiny_target
     assert res.text == lone_text(engine, prompts[1], 64)
 
 
+def test_a_request_not_yet_stepped_joins_the_batch_as_it_stood(engine, tiny_target) -> None:
+    """The loop turn by turn on this thread: a batch hands its last member back (a resumed
+    generation, not stepped yet) and a new request arrives before its first round."""
+    prompts = make_prompts(engine.tokenizer, 12)[5:8]
+    worker = make_worker(engine, batch_size=4)
+    short = submit(worker, prompts[0], max_tokens=3)
+    long = submit(worker, prompts[1], max_tokens=40)
+    for _ in range(200):
+        worker._take(block=False)
+        worker._drop_cancelled()
+        worker._admit()
+        if worker._lone is not None:
+            break
+        worker._step_batch()
+        worker._release_lone_member()
+    assert worker._lone is not None and worker._lone.resumed is not None  # not stepped yet
+    late = submit(worker, prompts[2], max_tokens=N)
+    for _ in range(400):
+        worker._turn()
+        if worker._idle:
+            break
+    assert short.result(1).tokens == reference_greedy(tiny_target, prompts[0], 3)
+    assert long.result(1).tokens == reference_greedy(tiny_target, prompts[1], 40)
+    assert late.result(1).tokens == reference_greedy(tiny_target, prompts[2], N)
+
+
 def test_stop_strings_max_tokens_and_cancel_inside_a_batch(engine, tiny_target) -> None:
     tok = engine.tokenizer
     prompts = make_prompts(tok, 12)[6:9]
