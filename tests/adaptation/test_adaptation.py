@@ -99,6 +99,10 @@ def daemon_setup(tmp_path: Path):
                     "batch_size": 4,
                     "replay_ratio": 0.0,
                     "min_improvement": 0.01,
+                    # the tiny pair's steps are overhead-bound (a draft token costs about what a
+                    # target step does), so no draft pays by expected speed: these tests check
+                    # the loop under the agreement rule; test_loop runs the speed gate
+                    "gate": "agreement",
                     "nice": 0,
                     "lora": {"rank": 8, "dropout": 0.0},
                 },

@@ -274,6 +274,7 @@ def test_max_run_seconds_stops_the_run_and_serving_goes_on(
 def test_a_run_below_min_improvement_is_rejected_and_kept(served) -> None:
     service, cfg = served
     fill(service, failures=4, holdout=1)
+    service.settings.training.gate = "agreement"
     service.settings.training.min_improvement = 1.0  # no candidate can gain a whole 1.0
     loop = AdaptationLoop(service, cfg)
     run_id = loop.train_now()
@@ -285,6 +286,26 @@ def test_a_run_below_min_improvement_is_rejected_and_kept(served) -> None:
     (kept,) = loop.store.versions()  # the candidate is stored, marked rejected
     assert kept.status == "rejected" and s.last_run.adapter_version == kept.version
     assert loop.store.current_version() == 0 and service.adapter_version == 0
+
+
+def test_a_real_run_is_gated_by_expected_speed(served) -> None:
+    service, cfg = served
+    fill(service, failures=4, holdout=2)
+    assert service.settings.training.gate == "speed"
+    loop = AdaptationLoop(service, cfg)
+    loop.train_now()
+    assert loop.wait_idle(HANG_GUARD_S)
+    s = loop.summary()
+    assert s.last_run is not None
+    gate = s.last_run.gate
+    assert gate.decision in ("install", "reject") and gate.speed is not None, gate
+    assert gate.speed["rows"] >= 2 and "expected speedup" in gate.reason
+    # the decision travels with the candidate: manifest and the adapters listing
+    (kept,) = loop.store.versions()
+    assert kept.manifest["gate"]["speed"] == gate.speed
+    assert "by_row" not in kept.manifest["metrics_after"]  # the rows stay in the result file
+    listed = loop.list_adapters()["versions"][0]
+    assert listed["expected_speedup"] == gate.speed["after"]["speedup"]
 
 
 # --------------------------------------------------------------------------------------------
