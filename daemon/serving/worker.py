@@ -501,6 +501,10 @@ class GenerationWorker:
         try:
             if handle.cancelled:
                 lone.gen.close()  # ends it as "cancelled"
+                result = lone.started.result
+                # a generator closed before its first step never ran its own bookkeeping
+                result.finish_reason = result.finish_reason or "cancelled"
+                result.stats.generation_tokens = len(result.tokens)
                 chunk = None
             else:
                 chunk = next(lone.gen, None)

@@ -57,25 +57,32 @@ def submit(worker: GenerationWorker, prompt: list[int], **params) -> BlockingHan
     return handle
 
 
-def test_batched_greedy_is_the_targets_output(engine, tiny_target) -> None:
-    prompts = make_prompts(engine.tokenizer, 12)[4:10]
-    worker = make_worker(engine, batch_size=4)
-    # queued before the thread starts: they are ready together and go into one batch
-    handles = [submit(worker, p) for p in prompts]
+def serve_all(worker: GenerationWorker, handles: list[BlockingHandle]) -> list[GenerationResult]:
+    """Start the worker on requests queued beforehand (so they are ready together), wait for
+    every result, stop it."""
     worker.start()
     try:
-        results = [h.result(HANG_GUARD_S) for h in handles]
+        return [h.result(HANG_GUARD_S) for h in handles]
     finally:
         assert worker.stop(HANG_GUARD_S)
+
+
+@pytest.mark.parametrize("batch_size", [4, 1])
+def test_greedy_output_is_the_targets_batched_or_not(engine, tiny_target, batch_size) -> None:
+    prompts = make_prompts(engine.tokenizer, 12)[4:10]
+    worker = make_worker(engine, batch_size=batch_size)
+    # queued before the thread starts, so they are ready together: with batching the first
+    # four go into one batch and the last two join as those finish; without, one at a time
+    results = serve_all(worker, [submit(worker, p) for p in prompts])
     for prompt, res in zip(prompts, results, strict=True):
         assert res.tokens == reference_greedy(tiny_target, prompt, N), prompt
         assert res.finish_reason == "length" and res.stats.generation_tokens == N
-    # the first four were batched from their first token (nothing drafted, nothing to
-    # train on); the last two joined as the first ones finished
-    for prompt, res in zip(prompts, results, strict=True):
-        assert res.stats.batched_tokens == N and res.stats.drafted == 0
-        assert not res.rejections
         assert res.text == lone_text(engine, prompt, N)
+        if batch_size > 1:  # batched from the first token: nothing drafted, nothing to learn
+            assert res.stats.batched_tokens == N and res.stats.drafted == 0
+            assert not res.rejections
+        else:
+            assert res.stats.batched_tokens == 0 and res.stats.drafted > 0
 
 
 def test_a_running_request_hands_over_to_the_batch(engine, tiny_target) -> None:
@@ -124,9 +131,11 @@ def test_the_last_member_of_a_batch_goes_back_to_speculation(engine, tiny_target
     assert res.text == lone_text(engine, prompts[1], 64)
 
 
-def test_a_request_not_yet_stepped_joins_the_batch_as_it_stood(engine, tiny_target) -> None:
+@pytest.mark.parametrize("then", ["join", "cancel"])
+def test_a_request_not_yet_stepped_joins_or_ends_as_it_stood(engine, tiny_target, then) -> None:
     """The loop turn by turn on this thread: a batch hands its last member back (a resumed
-    generation, not stepped yet) and a new request arrives before its first round."""
+    generation, not stepped yet); then a new request arrives, or the client hangs up, before
+    its first round."""
     prompts = make_prompts(engine.tokenizer, 12)[5:8]
     worker = make_worker(engine, batch_size=4)
     short = submit(worker, prompts[0], max_tokens=3)
@@ -140,14 +149,21 @@ def test_a_request_not_yet_stepped_joins_the_batch_as_it_stood(engine, tiny_targ
         worker._step_batch()
         worker._release_lone_member()
     assert worker._lone is not None and worker._lone.resumed is not None  # not stepped yet
-    late = submit(worker, prompts[2], max_tokens=N)
+    assert short.result(1).tokens == reference_greedy(tiny_target, prompts[0], 3)
+    late = submit(worker, prompts[2], max_tokens=N) if then == "join" else None
+    if then == "cancel":
+        long.cancel()
     for _ in range(400):
         worker._turn()
         if worker._idle:
             break
-    assert short.result(1).tokens == reference_greedy(tiny_target, prompts[0], 3)
-    assert long.result(1).tokens == reference_greedy(tiny_target, prompts[1], 40)
-    assert late.result(1).tokens == reference_greedy(tiny_target, prompts[2], N)
+    res = long.result(1)
+    if late is not None:
+        assert res.tokens == reference_greedy(tiny_target, prompts[1], 40)
+        assert late.result(1).tokens == reference_greedy(tiny_target, prompts[2], N)
+    else:
+        assert res.finish_reason == "cancelled" and 0 < len(res.tokens) < 40
+        assert res.stats.generation_tokens == len(res.tokens)
 
 
 def test_stop_strings_max_tokens_and_cancel_inside_a_batch(engine, tiny_target) -> None:
@@ -191,11 +207,7 @@ def test_grammar_inside_a_batch(engine, tiny_target, tiny_tokenizer) -> None:
             constraint=Constraint.json_schema(tiny_tokenizer, SCHEMA),
         )
         handles.append(worker.submit(BlockingHandle(req)))
-    worker.start()
-    try:
-        results = [h.result(HANG_GUARD_S) for h in handles]
-    finally:
-        assert worker.stop(HANG_GUARD_S)
+    results = serve_all(worker, handles)
     for p, res in zip(prompts, results, strict=True):
         assert res.stats.batched_tokens > 0
         assert res.tokens == constrained_greedy(tiny_target, tiny_tokenizer, p, 60)
@@ -209,29 +221,11 @@ def test_seeded_samples_in_a_batch_repeat(engine) -> None:
     def batch_of(seeds: list[int]) -> list[list[int]]:
         worker = make_worker(engine, batch_size=4)
         handles = [submit(worker, prompt, temperature=1.0, seed=s) for s in seeds]
-        worker.start()
-        try:
-            return [h.result(HANG_GUARD_S).tokens for h in handles]
-        finally:
-            assert worker.stop(HANG_GUARD_S)
+        return [r.tokens for r in serve_all(worker, handles)]
 
     a = batch_of([1, 2, 1])
     assert a[0] == a[2] and a[0] != a[1]
     assert batch_of([1, 3])[0] == a[0]  # whatever else shares the batch
-
-
-def test_batch_size_one_serves_one_at_a_time_speculatively(engine, tiny_target) -> None:
-    prompts = make_prompts(engine.tokenizer, 12)[4:7]
-    worker = make_worker(engine, batch_size=1)
-    handles = [submit(worker, p) for p in prompts]
-    worker.start()
-    try:
-        results = [h.result(HANG_GUARD_S) for h in handles]
-    finally:
-        assert worker.stop(HANG_GUARD_S)
-    for p, res in zip(prompts, results, strict=True):
-        assert res.tokens == reference_greedy(tiny_target, p, N)
-        assert res.stats.batched_tokens == 0 and res.stats.drafted > 0
 
 
 def test_batched_requests_are_recorded_and_finished(engine) -> None:
@@ -244,12 +238,7 @@ def test_batched_requests_are_recorded_and_finished(engine) -> None:
         on_finished=lambda req, res, q, t: finished.append(req.id),
     )
     handles = [submit(worker, p) for p in prompts]
-    worker.start()
-    try:
-        for h in handles:
-            h.result(HANG_GUARD_S)
-    finally:
-        assert worker.stop(HANG_GUARD_S)
+    serve_all(worker, handles)
     assert len(recorded) == 3 and all(r.stats.batched_tokens for r in recorded)
     assert sorted(finished) == sorted(h.request.id for h in handles)
 
