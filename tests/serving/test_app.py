@@ -42,6 +42,7 @@ class FakeWorker:
         self.active = None
         self.batched = 0
         self.batch_size = 8
+        self.loaded = True
         self.refuse: Exception | None = None
         self.text = "hi there"
         self.submitted: list[RequestHandle] = []

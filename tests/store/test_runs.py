@@ -24,6 +24,7 @@ from daemon.store.runs import (
 METRIC_KEYS = {
     "run_id",
     "head_tokens",
+    "costs",
     "heldout_before",
     "heldout_after",
     "examples",
@@ -99,6 +100,7 @@ def test_result_round_trips_through_the_file(tmp_path: Path) -> None:
         "positions",
         "rows",
         "seconds",
+        "by_row",  # the per-row matches the speed gate walks
     }
     assert (
         on_disk["adapter_path"] == "/tmp/adapter" and on_disk["metrics"]["examples"]["replay"] == 2
