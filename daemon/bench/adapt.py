@@ -147,6 +147,8 @@ def bench_adapt(
             loop.check()  # the last failures may have just crossed the threshold
             loop.wait_idle()  # let a started run finish, gate and swap
             after = measure()
+            # every candidate the loop stored, installed or rejected, with its gate decision
+            candidates = loop.list_adapters()["versions"]
         finally:
             loop.stop()
             service.stop(timeout=60)
@@ -158,6 +160,7 @@ def bench_adapt(
         "adapters_installed": summary.counts.installed,
         "training_runs": summary.counts.runs,
         "last_run": summary.last_run.to_dict() if summary.last_run else None,
+        "candidates": candidates,
         "temperature": temperature,
         "train_requests": len(train_prompts),
         "eval_requests": len(eval_prompts),
@@ -206,5 +209,7 @@ def run(args: argparse.Namespace, settings: Settings, sources: ConfigSources) ->
         f"training runs: {result['training_runs']}, adapters installed: "
         f"{result['adapters_installed']}, wall: {result['wall_s']:.0f}s"
     )
+    for c in result["candidates"]:
+        print(f"v{c['version']} {c['status']}: {(c.get('gate') or {}).get('reason')}")
     write_json(args.json, result)
     return 0

@@ -326,6 +326,9 @@ def test_bench_adapt_reports_before_and_after(daemon_setup) -> None:
         "wall_s",
     }
     assert result["train_requests"] == 40 and result["eval_requests"] == 6
+    # every stored candidate with its gate decision (a failed run stores none)
+    assert 1 <= len(result["candidates"]) <= result["training_runs"]
+    assert all(c["gate"]["decision"] in ("install", "reject") for c in result["candidates"])
     assert result["training_runs"] >= 1 and result["adapters_installed"] >= 1
     for row in ("before", "after"):
         assert {
