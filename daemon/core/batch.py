@@ -341,9 +341,7 @@ class BatchDecoder:
 
     def _keep(self, tokens: list[int] | None, cache: list[Any] | None) -> None:
         if tokens and cache:
-            held = getattr(cache[0], "offset", 0)
-            if isinstance(held, int) and 0 < held <= len(tokens):
-                self.engine.prompt_cache.store("target", list(tokens[:held]), cache)
+            self.engine.prompt_cache.keep("target", list(tokens), cache)
 
     def close(self) -> None:
         """Drop the generator (its caches) once the batch is empty."""

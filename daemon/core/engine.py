@@ -809,10 +809,8 @@ class SpeculativeEngine:
         """Hand the finished request's caches to the prompt cache, keyed by what they hold."""
         if not self.prompt_cache.enabled:
             return
-        for which, cache in (("target", target_cache), ("draft", draft_cache)):
-            held = getattr(cache[0], "offset", 0) if cache else 0
-            if isinstance(held, int) and 0 < held <= len(seq):
-                self.prompt_cache.store(which, seq[:held], cache)
+        self.prompt_cache.keep("target", seq, target_cache)
+        self.prompt_cache.keep("draft", seq, draft_cache)
 
     @staticmethod
     def _finalize(result: GenerationResult, pending: list, materialize: Any, t_gen: float) -> None:

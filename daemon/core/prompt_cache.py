@@ -99,6 +99,12 @@ class PromptCache:
                 self.stats.misses += 1
         return (cache, covered) if covered else (None, 0)
 
+    def keep(self, which: str, seq: list[int], cache: list[Any]) -> None:
+        """Keep ``cache``, which holds a prefix of ``seq`` (its ``offset`` says how long)."""
+        held = getattr(cache[0], "offset", 0) if cache else 0
+        if isinstance(held, int) and 0 < held <= len(seq):
+            self.store(which, seq[:held], cache)
+
     def store(self, which: str, tokens: list[int], cache: list[Any]) -> None:
         """Keep ``cache`` (which holds exactly ``tokens``) for later prompts."""
         if not self.enabled or not tokens:

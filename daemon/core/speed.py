@@ -165,13 +165,11 @@ def compare(
     if len(before) != len(after):
         raise ValueError("compare needs the same rows before and after")
     b, a = estimate(before, costs), estimate(after, costs)
-    keep = [i for i, m in enumerate(before) if len(m)]
-    rb = [(len(before[i]), round_walk(before[i], b.k) if b.k else len(before[i])) for i in keep]
-    ra = [(len(after[i]), round_walk(after[i], a.k) if a.k else len(after[i])) for i in keep]
+    rb, ra = b.rows, a.rows  # (tokens, rounds) per non-empty row, in the same order
     delta = a.speedup - b.speedup
     rng = random.Random(seed)
     deltas = []
-    n = len(keep)
+    n = len(rb)
     for _ in range(BOOTSTRAP if n else 0):
         pick = [rng.randrange(n) for _ in range(n)]
         deltas.append(

@@ -532,10 +532,7 @@ class GenerationWorker:
             log.exception(
                 "batch_step_failed", requests=[s.handle.request.id for s in self._batched.values()]
             )
-            for uid, started in list(self._batched.items()):
-                del self._batched[uid]
-                self._end(started.handle, Done(None, error=e, queue_s=started.queue_s))
-            self.batch = BatchDecoder(self.engine, self.batch.max_batch)
+            self._fail_running(e)
             return
         for uid, chunk in chunks:
             member = self._batched.get(uid)
