@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from daemon import __version__
-from daemon.config import ConfigSources, Settings, load_settings
+from daemon.config import TRAINING_LOSSES, ConfigSources, Settings, load_settings
 from daemon.core.backend import maybe_reexec_with_openblas
 from daemon.errors import ConfigError, SpecdError
 
@@ -40,6 +40,17 @@ def _common(p: argparse.ArgumentParser) -> None:
         metavar="PATH",
         help="where the daemon keeps its buffer, adapters, imported models and logs",
     )
+
+
+def _loss_list(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    bad = [n for n in names if n not in TRAINING_LOSSES]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown loss {', '.join(bad) or repr(text)}; expected some of "
+            f"{', '.join(TRAINING_LOSSES)}"
+        )
+    return names
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -331,6 +342,19 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--max-steps", type=int)
     q.add_argument(
         "--out", type=Path, metavar="DIR", help="keep the adapter here (for bench speed --adapter)"
+    )
+    q.add_argument(
+        "--losses",
+        type=_loss_list,
+        metavar="L1,L2",
+        help="one run per training.loss (ce, fkl, tvd, jsd, acceptance), each from a fresh "
+        "draft, with the holdout's expected acceptance greedy and at --temperature",
+    )
+    q.add_argument(
+        "--temperature",
+        type=float,
+        default=0.7,
+        help="temperature of the sampled acceptance column with --losses (default 0.7)",
     )
     q.add_argument("--json", type=Path, metavar="OUT", help="also write the results as JSON")
     q.set_defaults(func="daemon.bench.train:run", needs_mlx=True)

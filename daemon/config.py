@@ -12,7 +12,7 @@ import contextvars
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import platformdirs
 import yaml
@@ -165,6 +165,10 @@ class LoraSettings(_Section):
     num_layers: int = Field(-1, description="Last N draft layers get LoRA; -1 = all.")
 
 
+TrainingLoss = Literal["ce", "fkl", "tvd", "jsd", "acceptance"]
+TRAINING_LOSSES: tuple[str, ...] = get_args(TrainingLoss)
+
+
 class TrainingSettings(_Section):
     # 1e-3 without accumulation, not the seed's 1e-4 x 4: held-out agreement after one run on
     # 120 failures went 0.03 -> 0.38 instead of 0.03 -> 0.05 (README, "Training the draft").
@@ -179,11 +183,21 @@ class TrainingSettings(_Section):
     # 3, not 2: +0.025 held-out agreement on 316 failures (README, "Training the draft").
     epochs: int = Field(3, ge=1, description="Passes over a run's examples.")
     max_grad_norm: float = Field(1.0, gt=0.0, description="Clip the global gradient norm.")
+    loss: TrainingLoss = Field(
+        "ce",
+        description="Per-position loss: cross-entropy with the target's output token, or a "
+        "divergence from the target's full distribution (forward KL, total variation, "
+        "Jensen-Shannon, -log of the speculative acceptance probability), recomputed by the "
+        "training process.",
+    )
     kd_weight: float = Field(
         0.0, ge=0.0, description="Weight of KL(target top-k || draft) at rejected positions."
     )
     disagreement_weight: float = Field(
-        0.0, ge=0.0, description="Extra CE weight on positions where the draft was rejected."
+        0.0,
+        ge=0.0,
+        description="Extra loss weight (1 + this) on positions where the draft was rejected "
+        "in service or, teacher forced, the draft as the run starts disagrees with the target.",
     )
     optimizer: Literal["adamw", "adam"] = "adamw"
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW decoupled weight decay.")

@@ -144,6 +144,33 @@ def make_examples(
     return out, skipped
 
 
+def mark_disagreements(
+    model: Any, examples: Sequence[Example], vocab_limit: int | None = None
+) -> int:
+    """Add to each example's ``rejected`` the label positions where ``model``'s greedy choice,
+    teacher forced, is not the label: where this draft, as training starts, would be rejected.
+
+    The recorded rejections come from whatever drafted when the request was served (an older
+    adapter, or lookup with the model draft not run at all); these are on-policy for the draft
+    being trained. Returns how many positions were added."""
+    added = 0
+    for ex in examples:
+        start = ex.first_target
+        if start >= len(ex.labels):
+            continue
+        logits = model(mx.array(ex.inputs)[None])[0, start:]
+        if vocab_limit is not None:
+            logits = logits[:, :vocab_limit]
+        guess = np.array(mx.argmax(logits, axis=-1))
+        labels = np.array(ex.labels[start:])
+        have = set(ex.rejected)
+        for i in np.nonzero((labels != IGNORE) & (guess != labels))[0]:
+            if start + int(i) not in have:
+                ex.rejected.append(start + int(i))
+                added += 1
+    return added
+
+
 @dataclass
 class Batch:
     """Padded arrays of a micro-batch (pad labels are ``IGNORE``, pad KD entries masked)."""

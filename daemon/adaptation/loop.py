@@ -532,6 +532,7 @@ class AdaptationLoop:
             "waiting_for": self.waiting_for,
             **asdict(self.counts),
             "last_run": self.last_run.to_dict() if self.last_run else None,
+            "in_service": self._in_service(),
         }
         if active:
             progress = read_progress(Path(active.dir) / RESULT_FILE)
@@ -543,6 +544,25 @@ class AdaptationLoop:
             }
         return out
 
+    @staticmethod
+    def _figures(manifest: dict[str, Any]) -> dict[str, Any]:
+        """A version's two gate figures from its manifest: held-out agreement and the expected
+        speedup over the target (gate: speed; None where the gate did not compute it)."""
+        speed = (manifest.get("gate") or {}).get("speed") or {}
+        return {
+            "heldout_agreement": (manifest.get("metrics_after") or {}).get("agreement"),
+            "expected_speedup": (speed.get("after") or {}).get("speedup"),
+        }
+
+    def _in_service(self) -> dict[str, Any]:
+        """The adapter serving now and its figures (version 0: the draft without one)."""
+        current = self.store.current_version()
+        try:
+            figures = self._figures(self.store.get(current).manifest) if current else {}
+        except AdapterError:  # removed under us: /status still answers
+            figures = {}
+        return {"version": current, **figures}
+
     def list_adapters(self) -> dict[str, Any]:
         return {
             "current": self.store.current_version(),
@@ -553,10 +573,7 @@ class AdaptationLoop:
                     "created": v.manifest.get("created"),
                     "parent": v.manifest.get("parent"),
                     "gate": v.manifest.get("gate"),
-                    "heldout_agreement": (v.manifest.get("metrics_after") or {}).get("agreement"),
-                    "expected_speedup": ((v.manifest.get("gate") or {}).get("speed") or {})
-                    .get("after", {})
-                    .get("speedup"),
+                    **self._figures(v.manifest),
                 }
                 for v in self.store.versions()
             ],

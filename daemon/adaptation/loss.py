@@ -1,10 +1,14 @@
-"""The training loss: cross-entropy on the output tokens, with the rejected positions weighted
-up and an optional distillation term from the target's stored top-k.
+"""The training loss: a per-position term on the output tokens (``training.loss``), with the
+rejected positions weighted up and an optional distillation term from the target's stored top-k.
 
-``loss = ce + disagreement_weight * ce_on_rejected + kd_weight * kd`` (`compute_loss`), each CE
-term divided by the number of target positions (at least 1: a batch without targets is 0, never
-0/0, guard 1 in `daemon.adaptation`). A draft with a pruned head (`daemon.core.heads`) is
-trained over its subset: targets outside it are not counted. ``kd`` (`kd_loss`) is the forward
+``loss = term + disagreement_weight * term_on_rejected + kd_weight * kd`` (`compute_loss`), the
+position terms divided by the number of target positions (at least 1: a batch without targets
+is 0, never 0/0, guard 1 in `daemon.adaptation`). ``term`` is the cross-entropy with the
+target's output token (``ce``) or a divergence from the target's *full* distribution at that
+position (`divergence`: ``fkl``, ``tvd``, ``jsd``, ``acceptance``), which the training process
+recomputes with the target (`teacher_logprobs`). A draft with a pruned head
+(`daemon.core.heads`) is trained over its subset: CE targets outside it are not counted, and
+the target's distribution is taken at its columns. ``kd`` (`kd_loss`) is the forward
 KL from the target's stored top-k to the draft, both renormalised over those ids, masked with
 the finite `NEG` (guard 2). Logits are upcast to float32 first: a log-softmax over a 49k
 vocabulary in float16 overflows (guard 3).
@@ -12,15 +16,31 @@ vocabulary in float16 overflows (guard 3).
 
 from __future__ import annotations
 
+import math
 from typing import cast
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from daemon.adaptation.data import IGNORE, NEG
+from daemon.config import TRAINING_LOSSES
 from daemon.core.heads import PLAIN_HEAD_MODULES, output_head, pruned_head
 
-__all__ = ["IGNORE", "NEG", "compute_loss", "kd_loss", "model_logits"]
+__all__ = [
+    "IGNORE",
+    "LOSSES",
+    "NEG",
+    "compute_loss",
+    "divergence",
+    "kd_loss",
+    "model_logits",
+    "teacher_logprobs",
+]
+
+LOSSES = TRAINING_LOSSES
+# acceptance below this is clamped in -log(acceptance): a draft with no overlap at a position
+# still gets a finite loss and gradient
+MIN_ACCEPTANCE = 1e-6
 
 
 def kd_loss(
@@ -66,6 +86,54 @@ def model_logits(model: nn.Module, inputs: mx.array, start: int = 0) -> mx.array
     return model(inputs)[:, start:] if start > 0 else model(inputs)
 
 
+def teacher_logprobs(
+    target: nn.Module,
+    inputs: mx.array,
+    start: int,
+    columns: mx.array | None = None,
+    vocab_limit: int | None = None,
+) -> mx.array:
+    """The target's log-probabilities at every position from ``start``: ``(B, T - start, V)``,
+    normalised over the vocabulary shared with the draft (``vocab_limit``) and then restricted
+    to ``columns`` (a pruned draft head's token ids), not renormalised: the probability mass
+    outside the draft's subset is mass the draft can never be accepted on."""
+    logits = model_logits(target, inputs, start).astype(mx.float32)
+    if vocab_limit is not None and logits.shape[-1] > vocab_limit:
+        logits = logits[..., :vocab_limit]
+    logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    if columns is not None:
+        logp = mx.take(logp, columns, axis=-1)
+    return mx.stop_gradient(logp)
+
+
+def divergence(kind: str, logits: mx.array, target_logp: mx.array) -> mx.array:
+    """Per-position divergence ``(B, T)`` of the draft's ``logits`` from the target's
+    ``target_logp`` (`teacher_logprobs`, same columns).
+
+    ``fkl`` is KL(p || q) and ``jsd`` the Jensen-Shannon divergence, with p renormalised over
+    the draft's columns; ``tvd`` is the total variation and ``acceptance`` is
+    -log sum_v min(p_v, q_v), the log of the probability that speculative sampling accepts the
+    draft's token (1 - tvd is that probability), with p the target's full-vocabulary
+    probabilities on the columns.
+    """
+    logq = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    q = mx.exp(logq)
+    p = mx.exp(target_logp)
+    if kind in ("fkl", "jsd"):
+        logp = target_logp - mx.logsumexp(target_logp, axis=-1, keepdims=True)
+        pn = mx.exp(logp)
+        if kind == "fkl":
+            return (pn * (logp - logq)).sum(axis=-1)
+        logm = mx.logaddexp(logp, logq) - math.log(2.0)
+        return 0.5 * ((pn * (logp - logm)).sum(axis=-1) + (q * (logq - logm)).sum(axis=-1))
+    if kind == "tvd":
+        # the mass of p outside the columns adds a constant (1 - sum p) / 2: left out
+        return 0.5 * mx.abs(p - q).sum(axis=-1)
+    if kind == "acceptance":
+        return -mx.log(mx.maximum(mx.minimum(p, q).sum(axis=-1), MIN_ACCEPTANCE))
+    raise ValueError(f"unknown divergence {kind!r}; expected one of {', '.join(LOSSES[1:])}")
+
+
 def compute_loss(
     model: nn.Module,
     inputs: mx.array,
@@ -75,22 +143,29 @@ def compute_loss(
     kd_ids: mx.array,
     kd_logprobs: mx.array,
     kd_mask: mx.array,
+    target_logp: mx.array | None = None,
     *,
     start: int = 0,
     kd_weight: float = 0.0,
     disagreement_weight: float = 0.0,
     vocab_limit: int | None = None,
+    loss: str = "ce",
 ) -> tuple[mx.array, tuple[mx.array, mx.array, mx.array]]:
     """``(loss, (ce, kd, num_targets))`` of a batch; ``model`` first, for `nn.value_and_grad`.
 
-    ``ce`` is the cross-entropy over valid label positions divided by their count (at least 1);
-    ``loss`` weights the rejected positions' CE by ``1 + disagreement_weight`` (same divisor)
-    and adds ``kd_weight * kd`` (`kd_loss`). Logits are upcast to float32 first. Labels before
-    ``start`` must all be ``IGNORE`` (`Batch.start`); their logits are not computed.
+    ``ce`` is the cross-entropy over valid label positions divided by their count (at least 1).
+    The loss's position term is that CE (``loss="ce"``) or the `divergence` from
+    ``target_logp`` (`teacher_logprobs` of the same inputs and ``start``); it weights the
+    rejected positions by ``1 + disagreement_weight`` (same divisor) and adds
+    ``kd_weight * kd`` (`kd_loss`). Logits are upcast to float32 first. Labels before ``start``
+    must all be ``IGNORE`` (`Batch.start`); their logits are not computed.
     """
     start = max(0, min(int(start), inputs.shape[1] - 1))
     logits = model_logits(model, inputs, start).astype(mx.float32)
     labels, rejected = labels[:, start:], rejected[:, start:]
+    # output positions, before a pruned head drops the labels it cannot propose: the target's
+    # distribution is defined at every one of them
+    outputs = labels != IGNORE
     head = pruned_head(model)
     if head is not None:
         # the loss over the head's subset: labels (and KD ids) become subset columns; a label
@@ -109,12 +184,19 @@ def compute_loss(
     picked = mx.take_along_axis(logits, safe[..., None], axis=-1).squeeze(-1)
     token_ce = mx.where(valid, mx.logsumexp(logits, axis=-1) - picked, 0.0)
     ce = token_ce.sum() / denom
-    loss = ce
+    if loss == "ce":
+        term, denom_term = token_ce, denom
+    else:
+        if target_logp is None:
+            raise ValueError(f"loss {loss!r} needs the target's log-probabilities")
+        term = mx.where(outputs, divergence(loss, logits, target_logp), 0.0)
+        denom_term = mx.maximum(outputs.sum(), 1).astype(mx.float32)
+    total = term.sum() / denom_term
     if disagreement_weight:
-        loss = loss + disagreement_weight * (token_ce * rejected).sum() / denom
+        total = total + disagreement_weight * (term * rejected).sum() / denom_term
     if kd_weight:
         kd = kd_loss(logits, mx.maximum(kd_index - start, 0), kd_ids, kd_logprobs, kd_mask)
-        loss = loss + kd_weight * kd
+        total = total + kd_weight * kd
     else:
         kd = mx.array(0.0)
-    return loss, (ce, kd, count)
+    return total, (ce, kd, count)

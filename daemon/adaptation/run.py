@@ -31,7 +31,7 @@ from typing import Any, cast
 import mlx.core as mx
 import mlx.nn as nn
 
-from daemon.adaptation.data import make_examples
+from daemon.adaptation.data import make_examples, mark_disagreements
 from daemon.adaptation.lora import apply_lora
 from daemon.adaptation.trainer import StepInfo, Trainer, planned_steps
 from daemon.config import DataSettings, Settings
@@ -191,8 +191,18 @@ def run_training(
         prune_head(draft, head, vocab_limit)
         log.info("train_head", run_id=run_id, tokens=len(head))
 
+    if cfg.disagreement_weight:
+        # weight toward where *this* draft is wrong, not only where the one that served was
+        counts.disagreement_positions = mark_disagreements(draft, examples, vocab_limit)
+        log.info(
+            "train_disagreements",
+            run_id=run_id,
+            recorded=counts.rejected_positions,
+            added=counts.disagreement_positions,
+        )
+
     total = planned_steps(len(examples), cfg, epochs, max_steps)
-    trainer = Trainer(draft, cfg, total, vocab_limit=vocab_limit)
+    trainer = Trainer(draft, cfg, total, vocab_limit=vocab_limit, teacher=pair.target)
     log.info(
         "train_plan",
         run_id=run_id,
@@ -201,6 +211,7 @@ def run_training(
         warmup_steps=trainer.warmup,
         trainable_parameters=trainable,
         learning_rate=cfg.learning_rate,
+        loss=cfg.loss,
         lora=adapter_config["lora_parameters"],
     )
     progress_view.update(

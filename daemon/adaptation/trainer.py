@@ -35,13 +35,18 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
 from daemon.adaptation.data import Batch, Example, collate
-from daemon.adaptation.loss import compute_loss
+from daemon.adaptation.loss import compute_loss, teacher_logprobs
 from daemon.config import TrainingSettings
+from daemon.core.heads import pruned_head
 from daemon.logging import get_logger
 
 log = get_logger("training")
 
 Schedule = Callable[[Any], mx.array]
+
+# The teacher's rows kept across epochs (float16): a run of 200 examples x 256 output tokens
+# over the default 8192-token head is ~840 MB; beyond this they are recomputed each epoch.
+TEACHER_CACHE_BYTES = 1 << 30
 
 
 def lr_schedule(
@@ -118,8 +123,12 @@ class Trainer:
         total_steps: int,
         *,
         vocab_limit: int | None = None,
+        teacher: nn.Module | None = None,
     ) -> None:
+        if cfg.loss != "ce" and teacher is None:
+            raise ValueError(f"training.loss {cfg.loss!r} needs the target model as teacher")
         self.model = model
+        self.teacher = teacher
         self.cfg = cfg
         self.vocab_limit = vocab_limit
         self.total_steps = max(1, int(total_steps))
@@ -139,6 +148,10 @@ class Trainer:
             )
         self.value_and_grad = nn.value_and_grad(model, self.loss_fn)
         self.stats = TrainStats()
+        # id(example) -> its teacher rows, for one fit (cleared at its end: an id is only
+        # unique while its example lives)
+        self._teacher_cache: dict[int, mx.array] = {}
+        self._cache_bytes = 0
         self._accum: Any = None
         self._n = 0
         self._loss = self._ce = self._kd = 0.0
@@ -152,17 +165,56 @@ class Trainer:
             kd_weight=self.cfg.kd_weight,
             disagreement_weight=self.cfg.disagreement_weight,
             vocab_limit=self.vocab_limit,
+            loss=self.cfg.loss,
         )
 
-    def micro_step(self, batch: Batch) -> bool:
-        """Forward/backward one micro-batch and accumulate it; False if it was skipped."""
+    def _teacher(self, inputs: mx.array, start: int) -> mx.array:
+        head = pruned_head(self.model)
+        columns = head.ids if head is not None else None
+        assert self.teacher is not None
+        logp = teacher_logprobs(self.teacher, inputs, start, columns, self.vocab_limit)
+        mx.eval(logp)
+        return logp
+
+    def target_logprobs(
+        self, batch: Batch, examples: Sequence[Example] | None = None
+    ) -> mx.array | None:
+        """The teacher's distribution over the batch (`teacher_logprobs`), for a divergence
+        loss; over the draft's pruned head's columns where it has one.
+
+        With the batch's ``examples`` each example's rows are computed once and kept (in
+        float16, up to `TEACHER_CACHE_BYTES`) for the later epochs: the target's forward pass
+        costs about twice a draft training step here."""
+        if self.cfg.loss == "ce" or self.teacher is None:
+            return None
+        if examples is None:
+            return self._teacher(batch.inputs, batch.start)
+        width = batch.inputs.shape[1]
+        rows = []
+        for ex in examples:
+            first = ex.first_target
+            cached = self._teacher_cache.get(id(ex))
+            if cached is None:
+                cached = self._teacher(mx.array(ex.inputs)[None], first)[0].astype(mx.float16)
+                if self._cache_bytes + cached.nbytes <= TEACHER_CACHE_BYTES:
+                    self._teacher_cache[id(ex)] = cached
+                    self._cache_bytes += cached.nbytes
+            # the example's rows sit at label indices first..len-1 of the padded batch
+            pad = [(first - batch.start, width - len(ex.inputs)), (0, 0)]
+            rows.append(mx.pad(cached.astype(mx.float32), pad))
+        return mx.stack(rows)
+
+    def micro_step(self, batch: Batch, examples: Sequence[Example] | None = None) -> bool:
+        """Forward/backward one micro-batch and accumulate it; False if it was skipped.
+        ``examples`` (those ``batch`` was collated from) let a divergence loss reuse the
+        teacher's distribution from an earlier epoch."""
         self.stats.micro_batches += 1
         if batch.num_targets == 0:
             self.stats.skipped_empty_batches += 1
             log.debug("train_micro_batch_skipped", reason="no target positions")
             return False
         (loss, (ce, kd, _)), grads = self.value_and_grad(
-            self.model, *batch.arrays(), start=batch.start
+            self.model, *batch.arrays(), self.target_logprobs(batch, examples), start=batch.start
         )
         ok = _all_finite(loss, grads)
         mx.eval(loss, ce, kd, grads, ok)
@@ -250,7 +302,7 @@ class Trainer:
                 epoch_losses: list[float] = []
                 t_window = time.perf_counter()
                 for i, group in enumerate(batches):
-                    self.micro_step(collate(group, self.vocab_limit))
+                    self.micro_step(collate(group, self.vocab_limit), group)
                     if (i + 1) % accum and i + 1 < len(batches):
                         continue
                     tokens = self._tokens
@@ -296,6 +348,8 @@ class Trainer:
                     break
         finally:
             bar.close()
+            self._teacher_cache.clear()  # the memory goes back before evaluation and saving
+            self._cache_bytes = 0
             self.model.eval()
             self.stats.train_seconds += time.perf_counter() - t_start
         return self.stats

@@ -15,6 +15,7 @@ from typing import Any
 from daemon.adaptation.run import run_training
 from daemon.bench.report import print_table, write_json
 from daemon.config import ConfigSources, Settings
+from daemon.core.speed import StepCosts, estimate
 
 
 def generate_traffic(
@@ -128,10 +129,19 @@ def bench_train(
             pair=pair,
         )
     cfg = settings.training
+    # what the speed gate would score: the pair's expected speedup over the target alone on
+    # the holdout, with the step costs the run measured (daemon.core.speed)
+    costs = StepCosts.from_dict(m.costs) if m.costs else None
+    speed = {
+        f"expected_speedup_{when}": estimate(ev.match_rows(), costs).speedup if costs else None
+        for when, ev in (("before", m.heldout_before), ("after", m.heldout_after))
+    }
     return {
         "draft": pair.draft_id,
         "heldout_before": m.heldout_before.agreement,
         "heldout_after": m.heldout_after.agreement,
+        **speed,
+        "draft_token_ms": costs.draft * 1000 if costs else None,
         "heldout_positions": m.heldout_after.positions,
         "heldout_rows": m.heldout_after.rows,
         "examples": m.examples.failures + m.examples.replay,
@@ -152,8 +162,80 @@ def bench_train(
     }
 
 
+def holdout_acceptance(settings: Settings, pair: Any, temperature: float) -> dict[str, Any]:
+    """Teacher-forced expected acceptance of ``pair``'s draft as it is now on the buffer's
+    holdout rows, at ``temperature`` and greedy (`teacher_forced_acceptance`)."""
+    from daemon.core.evaluation import teacher_forced_acceptance
+    from daemon.store.buffer import ReplayBuffer
+
+    with ReplayBuffer(settings.paths.data_dir, settings.buffer, create=False) as buf:
+        holdout = buf.holdout(settings.training.eval_max_rows)
+    rows = [(r.prompt_tokens, r.output_tokens) for r in holdout]
+    kw: dict[str, Any] = {
+        "max_prompt": settings.data.max_prompt_length,
+        "max_output": settings.data.max_output_length,
+        "vocab_limit": pair.shared_vocab,
+    }
+    sampled = teacher_forced_acceptance(pair.target, pair.draft, rows, temperature, **kw)
+    greedy = teacher_forced_acceptance(pair.target, pair.draft, rows, 0.0, **kw)
+    return {"acceptance_greedy": greedy.rate, "acceptance_sampled": sampled.rate}
+
+
+def bench_losses(
+    settings: Settings,
+    losses: Sequence[str],
+    *,
+    temperature: float,
+    epochs: int | None = None,
+    max_steps: int | None = None,
+    progress: bool = False,
+) -> dict[str, dict[str, Any]]:
+    """One `bench_train` row per ``training.loss`` on the same buffer, each from a freshly
+    loaded pair, with the holdout's expected acceptance greedy and at ``temperature`` before
+    (the untrained draft, row ``untrained``) and after each run."""
+    from daemon.core.models import load_pair
+
+    pair = load_pair(settings)
+    rows: dict[str, dict[str, Any]] = {"untrained": holdout_acceptance(settings, pair, temperature)}
+    for loss in losses:
+        run_settings = settings.model_copy(deep=True)
+        run_settings.training.loss = loss  # type: ignore[assignment]
+        pair = load_pair(run_settings)  # run_training adapts this pair's draft in place
+        row = bench_train(
+            run_settings, epochs=epochs, max_steps=max_steps, progress=progress, pair=pair
+        )
+        row.update(holdout_acceptance(run_settings, pair, temperature))
+        rows[loss] = {"loss": loss, "temperature": temperature, **row}
+    return rows
+
+
 def run(args: argparse.Namespace, settings: Settings, sources: ConfigSources) -> int:
-    """``specd bench train``: `bench_train` on the configured buffer, as a table."""
+    """``specd bench train``: `bench_train` on the configured buffer, as a table; with
+    ``--losses`` one row per loss (`bench_losses`)."""
+    if args.losses:
+        rows = bench_losses(
+            settings,
+            args.losses,
+            temperature=args.temperature,
+            epochs=args.epochs,
+            max_steps=args.max_steps,
+            progress=True,
+        )
+        print_table(
+            rows,
+            [
+                "heldout_before",
+                "heldout_after",
+                "expected_speedup_after",
+                "acceptance_greedy",
+                "acceptance_sampled",
+                "steps",
+                "train_seconds",
+                "loss_last",
+            ],
+        )
+        write_json(args.json, rows)
+        return 0
     result = bench_train(
         settings, epochs=args.epochs, max_steps=args.max_steps, out_dir=args.out, progress=True
     )
@@ -162,6 +244,9 @@ def run(args: argparse.Namespace, settings: Settings, sources: ConfigSources) ->
         [
             "heldout_before",
             "heldout_after",
+            "expected_speedup_before",
+            "expected_speedup_after",
+            "draft_token_ms",
             "examples",
             "steps",
             "tokens_per_s",

@@ -80,3 +80,55 @@ def teacher_forced_agreement(
         result.total += len(output)
         result.rows += 1
     return result
+
+
+@dataclass
+class Acceptance:
+    """Expected speculative-sampling acceptance summed over scored positions."""
+
+    accepted: float = 0.0
+    total: int = 0
+    rows: int = 0
+
+    @property
+    def rate(self) -> float:
+        return self.accepted / self.total if self.total else 0.0
+
+
+def teacher_forced_acceptance(
+    target: nn.Module,
+    draft: nn.Module,
+    rows: Iterable[tuple[Sequence[int], Sequence[int]]],
+    temperature: float,
+    *,
+    max_prompt: int = 512,
+    max_output: int = 256,
+    vocab_limit: int | None = None,
+) -> Acceptance:
+    """The probability that speculative sampling at ``temperature`` accepts the draft's first
+    token at each output position, ``sum_v min(p_v, q_v)`` with both distributions at that
+    temperature, averaged over the rows' positions (teacher forced on the rows' outputs).
+    At temperature 0 it is greedy agreement of the two argmaxes. A draft with a pruned head
+    has probability 0 outside its subset, as in service."""
+    result = Acceptance()
+    for prompt, output in rows:
+        prompt, output = truncate_example(prompt, output, max_prompt, max_output)
+        if not prompt or not output:
+            continue
+        tokens = mx.array(prompt + output[:-1])[None]
+        start = len(prompt) - 1
+        p_logits = target(tokens)[0, start:].astype(mx.float32)
+        q_logits = draft(tokens)[0, start:].astype(mx.float32)
+        width = min(p_logits.shape[-1], q_logits.shape[-1], vocab_limit or p_logits.shape[-1])
+        p_logits, q_logits = p_logits[:, :width], q_logits[:, :width]
+        if temperature <= 0:
+            hits = mx.argmax(p_logits, axis=-1) == mx.argmax(q_logits, axis=-1)
+            accepted = hits.astype(mx.float32).sum()
+        else:
+            p = mx.softmax(p_logits / temperature, axis=-1)
+            q = mx.softmax(q_logits / temperature, axis=-1)
+            accepted = mx.minimum(p, q).sum()
+        result.accepted += cast(float, accepted.item())
+        result.total += len(output)
+        result.rows += 1
+    return result

@@ -63,6 +63,14 @@ def format_status(url: str, st: dict[str, Any]) -> str:
             "  training: "
             + ", ".join(f"{k}={v}" for k, v in training.items() if not isinstance(v, dict | list))
         )
+        serving = training.get("in_service") or {}
+        if serving.get("version"):
+            speedup = serving.get("expected_speedup")
+            lines.append(
+                f"  adapter: v{serving['version']}, held-out agreement "
+                f"{pct(serving.get('heldout_agreement'))}, expected speedup "
+                f"{'-' if speedup is None else f'{speedup:.3f}x'} (gate's estimate)"
+            )
         run = training.get("run")
         if run:
             lines.append(

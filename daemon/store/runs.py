@@ -88,6 +88,9 @@ class ExampleCounts:
     target_tokens: int
     rejected_positions: int
     holdout_rows: int
+    # positions where the draft as the run started disagreed with the target and no rejection
+    # was recorded (marked with training.disagreement_weight; daemon.adaptation.data)
+    disagreement_positions: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

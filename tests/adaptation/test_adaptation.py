@@ -235,6 +235,13 @@ def test_daemon_trains_gates_and_hot_swaps(daemon_setup) -> None:
         assert [r.adapter_version for r in records] == versions
         st = httpx.get(srv.url + "/status").json()
         assert st["adapter_version"] == 1 and st["training"]["installed"] == 1
+        # the version in service with the gate's figures (this test gates on agreement)
+        in_service = st["training"]["in_service"]
+        manifest = loop.store.get(1).manifest
+        assert in_service["version"] == 1
+        assert in_service["heldout_agreement"] == manifest["metrics_after"]["agreement"]
+        assert "expected_speedup" in in_service
+        assert "  adapter: v1, held-out agreement " in format_status(srv.url, st)
         assert st["buffer"]["used_for_training"] >= 12  # the run marked the failures it used
 
         # Roll back live, then forward again.

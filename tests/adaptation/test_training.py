@@ -573,6 +573,9 @@ def test_bench_train_builds_traffic_and_reports(tiny_setup, tmp_path: Path) -> N
     assert result["steps"] >= 1 and result["tokens_per_s"] > 0
     assert result["peak_memory_bytes"] > 0
     assert 0.0 <= result["heldout_before"] <= 1.0 and 0.0 <= result["heldout_after"] <= 1.0
+    # the gate's score of each draft, from the step costs the run measured
+    assert result["expected_speedup_before"] >= 1.0 and result["expected_speedup_after"] >= 1.0
+    assert result["draft_token_ms"] > 0
     assert not (tmp_path / "bench-data" / "buffer.sqlite").exists()  # scratch buffer only
 
 
