@@ -18,7 +18,7 @@ from typing import Any, cast
 
 from daemon import __version__
 from daemon.config import TRAINING_LOSSES, ConfigSources, Settings, load_settings
-from daemon.core.backend import maybe_reexec_with_openblas
+from daemon.core.backend import launch_rank, maybe_reexec_with_openblas
 from daemon.errors import ConfigError, SpecdError
 
 # A command body: the parsed arguments, the loaded settings and where they came from -> exit code.
@@ -53,6 +53,16 @@ def _loss_list(text: str) -> list[str]:
     return names
 
 
+def _rank_list(text: str) -> list[int]:
+    try:
+        ranks = [int(n) for n in text.split(",") if n.strip()]
+    except ValueError:
+        ranks = []
+    if not ranks or min(ranks) < 1:
+        raise argparse.ArgumentTypeError(f"expected rank counts like 1,2; got {text!r}")
+    return ranks
+
+
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {"paths.data_dir": getattr(args, "data_dir", None)}
     if getattr(args, "host", None) is not None:
@@ -64,9 +74,14 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def _serve(args: argparse.Namespace, settings: Settings, sources: ConfigSources) -> int:
     # `Server` owns serving; it needs the command-line overrides again for config reloads.
+    from daemon.core.distributed import detect_group
     from daemon.server import Server
+    from daemon.serving.distributed import run_follower
 
-    return Server(settings, sources, overrides=_overrides(args)).run()
+    group = detect_group()  # started by mlx.launch: rank 0 serves, the others follow it
+    if group is not None and group.rank > 0:
+        return run_follower(settings, group)
+    return Server(settings, sources, overrides=_overrides(args), group=group).run()
 
 
 def _parse_date(text: str) -> float:
@@ -240,6 +255,19 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--dry-run", action="store_true", help="print what would be written and run")
     p.add_argument("--manager", choices=["launchd", "systemd"], help=argparse.SUPPRESS)
+    p.add_argument(
+        "--group-rank",
+        type=int,
+        metavar="N",
+        help="serve as rank N of a group across machines (with --hostfile; README, "
+        "'Beyond one machine')",
+    )
+    p.add_argument(
+        "--hostfile",
+        type=Path,
+        metavar="HOSTS.json",
+        help="the group's ring hostfile: one list of 'address:port' per rank",
+    )
     p.set_defaults(func="daemon.ops.install:run", log_to_file=False)
 
     p = sub.add_parser(
@@ -272,6 +300,35 @@ def build_parser() -> argparse.ArgumentParser:
         "or the data dir's current one (default: no adapter)",
     )
     q.set_defaults(func="daemon.bench.speed:run", needs_mlx=True)
+
+    q = bsub.add_parser(
+        "group",
+        help="the same requests served by 1, 2, ... ranks (MLX distributed), side by side",
+        description="Greedy requests on the configured pair served by one process and by "
+        "groups of ranks on this machine (the ring backend over loopback): tokens/s, "
+        "tokens per target forward, time in rank 0's messages, the measured time of one "
+        "all_sum of a round's activations and the communication per round; then a paper "
+        "estimate for a 70B target over two Macs.",
+    )
+    _common(q)
+    _prompt_args(q, limit=4, max_tokens=64, required=False)
+    q.add_argument(
+        "--ranks",
+        type=_rank_list,
+        default=[1, 2],
+        help="rank counts to compare (default 1,2); the target must split that many ways",
+    )
+    q.add_argument("--timeout", type=float, default=1800.0, help="seconds one rank count may take")
+    q.add_argument(
+        "--train",
+        type=int,
+        metavar="N",
+        help="instead: time data-parallel LoRA steps of the draft on N buffer examples split "
+        "across the ranks (gradients averaged each step), examples/s side by side",
+    )
+    q.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    q.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    q.set_defaults(func="daemon.bench.group:run", needs_mlx=True)
 
     q = bsub.add_parser(
         "serve",
@@ -428,6 +485,8 @@ def _run(args: argparse.Namespace, settings: Settings, sources: ConfigSources) -
     # One-shot commands print their own results; their log events go to the file only.
     console = settings.logging.console if args.command == "serve" else "off"
     log_file = settings.log_file if getattr(args, "log_to_file", True) else None
+    if args.command == "serve" and (launch_rank() or 0) > 0:
+        log_file = None  # ranks other than 0 never write into the (maybe shared) data dir
     configure_logging(settings.logging.level, log_file, console)
     try:
         return _body(args.func)(args, settings, sources)

@@ -114,6 +114,13 @@ class ServerSettings(_Section):
     prompt_cache_bytes: int = Field(
         1 << 31, ge=0, description="Memory the kept KV caches may use, target and draft together."
     )
+    rank_timeout_seconds: float = Field(
+        60.0,
+        gt=0,
+        description="Served across ranks (mlx.launch): a rank whose collective does not "
+        "finish within this long is taken as gone, and the others exit with an error naming "
+        "it. Must exceed the longest single forward (a prefill chunk).",
+    )
 
 
 class SpeculativeSettings(_Section):

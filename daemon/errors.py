@@ -64,3 +64,8 @@ class DaemonError(SpecdError):
 
 class ServiceError(SpecdError):
     """The service files cannot be rendered or the service manager refused."""
+
+
+class DistributedError(SpecdError):
+    """The group of ranks (MLX distributed) cannot serve: a model that does not split, ranks
+    that loaded different models, or a rank that died or stopped answering."""

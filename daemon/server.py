@@ -48,10 +48,12 @@ from typing import TYPE_CHECKING, Any
 from daemon import __version__
 from daemon.config import ConfigError, ConfigSources, Settings, default_config_file
 from daemon.core.backend import backend_info
+from daemon.core.distributed import Group
 from daemon.core.heads import pruned_head
 from daemon.core.models import ModelPair, load_pair
 from daemon.logging import get_logger
 from daemon.serving import notify
+from daemon.serving.distributed import RankZero, fit_settings
 from daemon.serving.metrics import SpecdMetrics
 from daemon.serving.worker import FinishedHook
 
@@ -143,6 +145,7 @@ class Server:
         pair: ModelPair | None = None,
         overrides: dict[str, Any] | None = None,
         adaptation: bool = True,
+        group: Group | None = None,
     ) -> None:
         self.settings = settings
         self.sources = sources
@@ -174,6 +177,9 @@ class Server:
         self._http_thread: threading.Thread | None = None
         self._old_handlers: dict[int, Any] = {}
         self._runtime_written = False
+        # rank 0 of a group started by mlx.launch (daemon.serving.distributed); None: alone
+        self.group = group
+        self.rank0: RankZero | None = None
 
     @property
     def url(self) -> str | None:
@@ -238,12 +244,20 @@ class Server:
             return
 
         t0 = time.perf_counter()
+        if self.group is not None:
+            s = self.settings = fit_settings(s)
+            self.rank0 = RankZero(self.group, s, self._group_lost, self._rank_timeout)
+            self.status_providers.append(self.rank0.status)
         if self.pair is None:
-            self.pair = load_pair(s)
+            self.pair = load_pair(s, self.group)
         pair = self.pair
+        if self.rank0 is not None:
+            self.rank0.wrap(pair)
         info = backend_info()
         log.info(
             "models_loaded",
+            split=pair.split or None,
+            group=self.group.info.to_dict() if self.group is not None else None,
             target=pair.target_id,
             target_path=pair.target_path,
             draft=pair.draft_id,
@@ -297,11 +311,35 @@ class Server:
         finally:
             notify.ready(f"serving on {self.url}")
 
+    def _group_lost(self, error: Exception) -> None:
+        """A collective failed: another rank is gone. Shut down with status 1 so the service
+        manager restarts the group (requests in flight end with the error)."""
+        log.error("rank_lost", error=str(error))
+        self.exit_code = 1
+        self.force_exit = True
+        self.should_exit = True
+        self._wake.set()
+
+    def _rank_timeout(self, what: str, seconds: float) -> None:
+        """The watchdog's last word before it ends the process (the worker is stuck inside a
+        collective that will never finish)."""
+        assert self.group is not None
+        log.error(
+            "rank_timeout",
+            error=f"{self.group.info.others()} did not answer for {seconds:.1f} s ({what}); "
+            "exiting so the service manager restarts the group",
+        )
+        if self._runtime_written:
+            remove_runtime_file(self.settings.runtime_file, os.getpid())
+
     def apply_settings(self, new: Settings, live_keys: list[str]) -> None:
         """Make reloaded settings take effect (keys that need a restart are only logged)."""
         from daemon.core.engine import SpeculativeConfig
         from daemon.logging import set_level
 
+        if self.rank0 is not None:
+            new = fit_settings(new)  # what a group cannot apply stays fixed, logged
+            self.rank0.set_timeout(new.server.rank_timeout_seconds)
         self.settings = new
         if self.app_state is not None:
             self.app_state.settings = new  # API key, limits, sampling defaults per request
@@ -351,6 +389,8 @@ class Server:
         # generated and recorded in the replay buffer identically whoever sends them.
         self.service = service = Service(self.settings, self.pair)
         service.finished_hooks.append(self._on_finished)
+        if self.rank0 is not None:
+            service.idle_tick = (self.rank0.heartbeat_every, self.rank0.heartbeat)
         service.start()
         self.engine, self.worker = service.engine, service.worker
         self.metrics.queue_depth.set_function(lambda: self.worker.queue_depth)
@@ -533,6 +573,8 @@ class Server:
             # Stops the worker, then flushes every recorded request to the buffer.
             if not self.service.stop(remaining):
                 log.warning("worker_still_busy_at_exit")
+        if self.rank0 is not None:
+            self.rank0.stop()  # the other ranks exit too
         if self._runtime_written:
             remove_runtime_file(self.settings.runtime_file, os.getpid())
             self._runtime_written = False

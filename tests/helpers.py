@@ -150,15 +150,21 @@ def tiny_args(vocab: int = 40, layers: int = 6) -> ModelArgs:
     )
 
 
-def tiny_model(vocab: int = 40, layers: int = 6, seed: int = 0) -> Model:
+def tiny_model(
+    vocab: int = 40, layers: int = 6, seed: int = 0, lm_head_scale: float = 1.0
+) -> Model:
     mx.random.seed(seed)
     model = Model(tiny_args(vocab, layers))
     model.set_dtype(mx.float32)
+    if lm_head_scale != 1.0:  # sharper next-token distributions: clear argmax margins
+        model.lm_head.weight = model.lm_head.weight * lm_head_scale
     mx.eval(model.parameters())
     return model
 
 
-def write_model_dir(path: Path, words: list[str], vocab_size: int, seed: int) -> Path:
+def write_model_dir(
+    path: Path, words: list[str], vocab_size: int, seed: int, lm_head_scale: float = 1.0
+) -> Path:
     """A loadable MLX model directory with a word-level tokenizer over ``words``."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -167,13 +173,43 @@ def write_model_dir(path: Path, words: list[str], vocab_size: int, seed: int) ->
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     hf = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>")
-    model = tiny_model(vocab_size, seed=seed)
+    model = tiny_model(vocab_size, seed=seed, lm_head_scale=lm_head_scale)
     path.mkdir(parents=True)
     save_model(path, model)
     config = {k: v for k, v in vars(model.args).items() if v is not None}
     save_config(config, path / "config.json")
     hf.save_pretrained(path)
     return path
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` loopback ports free right now (held together, so they differ)."""
+    import socket
+
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def write_hostfile(path: Path, ranks: int) -> Path:
+    """A ring hostfile for ``ranks`` processes on loopback, as mlx.launch writes one."""
+    path.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in free_ports(ranks)]))
+    return path
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """This environment without specd's settings, a launcher's rank variables or the
+    re-exec marker, plus ``extra``; children import this checkout first."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SPECD_", "MLX_"))}
+    env.pop(REEXEC_MARKER, None)
+    repo = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (repo, env.get("PYTHONPATH")) if p)
+    return {**env, **extra}
 
 
 def read_log(path: Path) -> list[dict]:

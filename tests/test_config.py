@@ -40,13 +40,28 @@ def test_documented_config_matches_defaults(tmp_path: Path) -> None:
             assert f"{key}:" in doc, f"{section}.{key} is not documented in configs/config.yaml"
 
 
-def test_mac_example_drop_in_is_valid(tmp_path: Path) -> None:
-    example = REPO / "configs" / "conf.d" / "50-mac-qwen2.5-7b.yaml.example"
+@pytest.mark.parametrize(
+    ("name", "target", "draft"),
+    [
+        (
+            "50-mac-qwen2.5-7b",
+            "mlx-community/Qwen2.5-7B-Instruct-4bit",
+            "mlx-community/Qwen2.5-0.5B-Instruct-4bit",
+        ),
+        (
+            "60-two-macs-llama-3.3-70b",
+            "mlx-community/Llama-3.3-70B-Instruct-4bit",
+            "mlx-community/Llama-3.2-1B-Instruct-4bit",
+        ),
+    ],
+)
+def test_example_drop_ins_are_valid(tmp_path: Path, name: str, target: str, draft: str) -> None:
+    example = REPO / "configs" / "conf.d" / f"{name}.yaml.example"
     cfg = write(tmp_path / "config.yaml", "")
-    write(tmp_path / "conf.d" / "50-qwen.yaml", example.read_text())
+    write(tmp_path / "conf.d" / f"{name}.yaml", example.read_text())
     settings, _ = load_settings(cfg)
-    assert settings.models.target == "mlx-community/Qwen2.5-7B-Instruct-4bit"
-    assert settings.models.draft == "mlx-community/Qwen2.5-0.5B-Instruct-4bit"
+    assert settings.models.target == target
+    assert settings.models.draft == draft
 
 
 def test_defaults_follow_seed_configuration() -> None:

@@ -89,6 +89,12 @@ class ServingPort(Protocol):
         """The live engine's measured target and draft step costs (None: not measured yet)."""
         ...
 
+    @property
+    def target_split(self) -> bool:
+        """Whether the target is split across ranks (training then reads only the draft's
+        share of it; `TrainingArgs.draft_only`)."""
+        ...
+
 
 def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
@@ -174,10 +180,12 @@ def spawn_run(
     *,
     progress: bool = False,
     nice: int = 0,
+    draft_only: bool = False,
     **popen_kwargs: Any,
 ) -> subprocess.Popen[Any]:
     """Start the training subprocess for one run in ``run_dir`` (its name is the run id),
-    continuing from ``current``; ``popen_kwargs`` go to `subprocess.Popen`."""
+    continuing from ``current``; ``popen_kwargs`` go to `subprocess.Popen`. ``draft_only``:
+    the daemon serves a target split across ranks (`TrainingArgs.draft_only`)."""
     args = TrainingArgs(
         out_dir=run_dir / "adapter",
         result_file=run_dir / RESULT_FILE,
@@ -189,6 +197,7 @@ def spawn_run(
         max_steps=max_steps,
         progress=progress,
         nice=nice,
+        draft_only=draft_only,
     )
     return start_training_process(
         args, preload_openblas=settings.models.preload_openblas, **popen_kwargs
@@ -392,6 +401,7 @@ class AdaptationLoop:
                 epochs,
                 max_steps,
                 nice=self.settings.training.nice,
+                draft_only=self.service.target_split,
                 stdout=subprocess.DEVNULL,
                 stderr=stderr,
                 stdin=subprocess.DEVNULL,

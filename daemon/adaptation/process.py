@@ -22,7 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from daemon.core.backend import maybe_reexec_with_openblas, openblas_env
+from daemon.core.backend import (
+    launcher_free_environment,
+    maybe_reexec_with_openblas,
+    openblas_env,
+)
 from daemon.errors import TrainingError
 from daemon.logging import get_logger
 from daemon.store.runs import TrainingResult, progress_file_for, write_result
@@ -49,6 +53,9 @@ class TrainingArgs:
     progress: bool = False
     console: str = "off"
     nice: int = 0
+    # rank 0 of a group: the target stays unread but for the draft's share (it may not fit
+    # one machine); step costs come from the live engine, not from timing the target here
+    draft_only: bool = False
 
 
 def training_command(args: TrainingArgs, python: str | None = None) -> list[str]:
@@ -72,6 +79,8 @@ def training_command(args: TrainingArgs, python: str | None = None) -> list[str]
         cmd.append("--progress")
     if args.nice:
         cmd += ["--nice", str(args.nice)]
+    if args.draft_only:
+        cmd.append("--draft-only")
     return cmd
 
 
@@ -92,7 +101,8 @@ def start_training_process(
     """
     Path(args.result_file).unlink(missing_ok=True)
     progress_file_for(args.result_file).unlink(missing_ok=True)
-    child_env = dict(os.environ if env is None else env)
+    # a daemon serving as rank 0 of a group: the child trains alone, it must not join
+    child_env = launcher_free_environment(dict(os.environ if env is None else env))
     if (
         preload_openblas
         and sys.platform.startswith("linux")
@@ -128,6 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--console", choices=("off", "pretty", "json"), default="off", help="log to stderr too"
     )
     p.add_argument("--nice", type=int, default=0, help="lower this process's priority by N")
+    p.add_argument(
+        "--draft-only",
+        action="store_true",
+        help="read only the target weights the draft uses (a target served across ranks)",
+    )
     p.add_argument(
         "--no-mark-used", action="store_true", help="do not mark the failures used (benchmarks)"
     )
@@ -184,6 +199,7 @@ def main(argv: list[str] | None = None, *, standalone: bool = False) -> int:
             progress=args.progress,
             mark_used=not args.no_mark_used,
             progress_file=progress_file_for(args.result),
+            draft_only=args.draft_only,
         )
     except BaseException as e:  # noqa: BLE001 - every failure must reach the result file
         msg = f"{type(e).__name__}: {e}" if not isinstance(e, TrainingError) else str(e)

@@ -101,6 +101,7 @@ def run_training(
     mark_used: bool = True,
     pair: Any = None,
     progress_file: str | os.PathLike[str] | None = None,
+    draft_only: bool = False,
 ) -> RunMetrics:
     """One training run of the configured draft on the buffer; returns its metrics.
 
@@ -133,8 +134,13 @@ def run_training(
     progress_view = ProgressFile(Path(progress_file) if progress_file else None)
     progress_view.update(phase="loading")
 
+    if draft_only and cfg.loss != "ce":
+        raise TrainingError(
+            f"training.loss {cfg.loss!r} distils from the target's full distribution, which "
+            "rank 0 of a group does not hold (the target is split across ranks); use ce"
+        )
     if pair is None:
-        pair = load_pair(settings)
+        pair = load_pair(settings, lazy_target=draft_only)
     draft = pair.draft
     vocab_limit = pair.shared_vocab
 
@@ -237,8 +243,9 @@ def run_training(
     after = heldout_agreement(draft, holdout, settings.data, vocab_limit)
     log.info("heldout_eval", run_id=run_id, when="after", **after.summary())
     progress_view.update(phase="saving", heldout_after=after.agreement)
-    # the pair's step costs, for a gate with no live engine to ask (`specd train`)
-    costs = measure_costs(pair.target, draft)
+    # the pair's step costs, for a gate with no live engine to ask (`specd train`); not
+    # with a split target, whose costs only the live engine can measure
+    costs = None if draft_only else measure_costs(pair.target, draft)
 
     metadata = {
         "run_id": run_id,
@@ -284,7 +291,7 @@ def run_training(
         wall_s=time.perf_counter() - t0,
         adapter_path=str(path),
         head_tokens=len(head) if head is not None else 0,
-        costs=costs.to_dict(),
+        costs=costs.to_dict() if costs is not None else None,
     )
     log.info(
         "train_run",

@@ -124,6 +124,7 @@ class Trainer:
         *,
         vocab_limit: int | None = None,
         teacher: nn.Module | None = None,
+        group: Any = None,
     ) -> None:
         if cfg.loss != "ce" and teacher is None:
             raise ValueError(f"training.loss {cfg.loss!r} needs the target model as teacher")
@@ -147,6 +148,9 @@ class Trainer:
                 bias_correction=True,
             )
         self.value_and_grad = nn.value_and_grad(model, self.loss_fn)
+        # data parallel (an mx.distributed group): every rank trains on its share of the
+        # examples and each update averages the gradients of all ranks' micro-batches
+        self.group = group
         self.stats = TrainStats()
         # id(example) -> its teacher rows, for one fit (cleared at its end: an id is only
         # unique while its example lives)
@@ -245,6 +249,14 @@ class Trainer:
         loss, ce, kd, tokens = self._loss, self._ce, self._kd, self._tokens
         self._loss = self._ce = self._kd = 0.0
         self._tokens = 0
+        if self.group is not None:
+            # every rank joins the all-reduce, even one whose micro-batches were all skipped
+            if accum is None:
+                accum = tree_map(mx.zeros_like, self.model.trainable_parameters())
+            size = self.group.size()
+            count = mx.distributed.all_sum(mx.array(float(n)), group=self.group)
+            n = round(cast(float, count.item()))
+            accum = tree_map(lambda g: g * size, nn.average_gradients(accum, group=self.group))
         if n == 0 or accum is None:
             self.stats.empty_windows += 1
             return None

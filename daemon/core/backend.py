@@ -120,3 +120,33 @@ def release_freed_memory() -> None:
         trim = getattr(libc, "malloc_trim", None)
         if trim is not None:  # glibc only
             trim(0)
+
+
+# --- launched as a group (mlx.launch; daemon.core.distributed) ---
+
+# Environment variables launchers set: mlx.launch (ring, jaccl), mpirun.
+RANK_VARIABLES = ("MLX_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
+LAUNCH_VARIABLES = (
+    *RANK_VARIABLES,
+    "MLX_HOSTFILE",
+    "MLX_WORLD_SIZE",
+    "MLX_IBV_DEVICES",
+    "MLX_JACCL_COORDINATOR",
+    "OMPI_COMM_WORLD_SIZE",
+    "PMI_SIZE",
+)
+
+
+def launch_rank() -> int | None:
+    """This process's rank as a launcher set it, or None when not launched as a group."""
+    for name in RANK_VARIABLES:
+        value = os.environ.get(name)
+        if value is not None and value.strip().isdigit():
+            return int(value)
+    return None
+
+
+def launcher_free_environment(env: dict[str, str]) -> dict[str, str]:
+    """``env`` without the launcher's variables: a child process (training) must not try to
+    join the group."""
+    return {k: v for k, v in env.items() if k not in LAUNCH_VARIABLES}

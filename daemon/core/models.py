@@ -25,6 +25,7 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from daemon.config import EMBEDDED_TARGET, Settings
 from daemon.core.backend import backend_info, release_freed_memory
+from daemon.core.distributed import Group, barrier, handshake, shard_target
 from daemon.core.heads import default_head_tokens, prune_head
 from daemon.errors import ModelLoadError
 
@@ -49,6 +50,7 @@ class ModelPair:
     draft_layers: list[int] | None = None  # layer-skip drafts only
     base_draft: nn.Module | None = None  # separate drafts: the loaded model, never adapted
     head_tokens: int = 0  # models.draft_head_tokens: 0 = the draft keeps its full head
+    split: str = ""  # a target sharded across ranks: how (daemon.core.distributed)
 
     @property
     def max_context(self) -> int | None:
@@ -147,8 +149,11 @@ def _should_dequantize(mode: str) -> bool:
     return mode == "always" or (mode == "auto" and backend_info()["device"] == "cpu")
 
 
-def prepare_for_backend(model: nn.Module, dequantize_mode: str) -> tuple[bool, str]:
-    """Dequantize to float32 where that is faster (MLX's CPU quantized matmul is slow)."""
+def prepare_for_backend(
+    model: nn.Module, dequantize_mode: str, evaluate: bool = True
+) -> tuple[bool, str]:
+    """Dequantize to float32 where that is faster (MLX's CPU quantized matmul is slow).
+    ``evaluate`` False leaves a lazily loaded model lazy (it is sharded first)."""
     from mlx_lm.utils import dequantize_model
 
     quantized = any(
@@ -161,13 +166,17 @@ def prepare_for_backend(model: nn.Module, dequantize_mode: str) -> tuple[bool, s
     if backend_info()["device"] == "cpu":
         # Half precision has no fast CPU kernels; float32 is the fast path there.
         model.set_dtype(mx.float32)
-    mx.eval(model.parameters())
+    if evaluate:
+        mx.eval(model.parameters())
     dtypes = {str(v.dtype).removeprefix("mlx.core.") for _, v in flat_parameters(model)}
     return done, ",".join(sorted(dtypes))
 
 
-def load_model(name: str, settings: Settings) -> tuple[nn.Module, TokenizerWrapper, str, bool, str]:
-    """Load one model: (model, tokenizer, resolved path, dequantized, dtype)."""
+def load_model(
+    name: str, settings: Settings, lazy: bool = False
+) -> tuple[nn.Module, TokenizerWrapper, str, bool, str]:
+    """Load one model: (model, tokenizer, resolved path, dequantized, dtype). ``lazy``: the
+    weights stay unread until evaluated (a target about to be sharded)."""
     from mlx_lm import load
 
     path = resolve_model(name, settings.models_dir)
@@ -176,12 +185,13 @@ def load_model(name: str, settings: Settings) -> tuple[nn.Module, TokenizerWrapp
             path,
             model_config={},
             tokenizer_config={"trust_remote_code": settings.models.trust_remote_code},
+            lazy=lazy,
         )
         model, tokenizer = loaded[0], loaded[1]  # (model, tokenizer[, config])
     except Exception as e:  # mlx_lm raises many kinds; name the model in one message
         raise ModelLoadError(f"cannot load model {name!r} from {path}: {e}") from e
     model.eval()
-    dequantized, dtype = prepare_for_backend(model, settings.models.dequantize)
+    dequantized, dtype = prepare_for_backend(model, settings.models.dequantize, not lazy)
     return model, tokenizer, path, dequantized, dtype
 
 
@@ -279,10 +289,16 @@ def check_vocab(
     )
 
 
-def load_pair(settings: Settings) -> ModelPair:
-    """Load the configured target and draft."""
+def load_pair(
+    settings: Settings, group: Group | None = None, lazy_target: bool = False
+) -> ModelPair:
+    """Load the configured target and draft (rank 0 of a group: the target sharded, see
+    `load_sharded_target`). ``lazy_target``: only what the draft uses of the target is ever
+    read (training for a group, whose target may not fit this machine)."""
     cfg = settings.models
-    target, tokenizer, tpath, deq, dtype = load_model(cfg.target, settings)
+    if group is not None:
+        return _load_sharded_pair(settings, group)
+    target, tokenizer, tpath, deq, dtype = load_model(cfg.target, settings, lazy=lazy_target)
     base_draft = None
     layers: list[int] | None = None
     if cfg.draft is None:
@@ -308,6 +324,75 @@ def load_pair(settings: Settings) -> ModelPair:
         draft_layers=layers,
         base_draft=base_draft,
         head_tokens=cfg.draft_head_tokens,
+    )
+    if pair.prunes_head:
+        prune_head(draft, cast(list[int], pair.default_head()), output_vocab(draft))
+    return pair
+
+
+@dataclass
+class ShardedTarget:
+    """This rank's share of the target, and (rank 0, layer-skip drafts) the full copies of
+    the draft's layers taken before the split."""
+
+    model: nn.Module
+    tokenizer: TokenizerWrapper
+    path: str
+    dequantized: bool
+    dtype: str
+    split: str
+    draft_base: nn.Module | None = None
+
+
+def load_sharded_target(settings: Settings, group: Group) -> ShardedTarget:
+    """Every rank: load the target lazily, split it across ``group`` and read only this
+    rank's share. Rank 0 imports the embedded model first if needed; the others read it
+    after a collective says it is complete (a data dir they share is written by rank 0 only;
+    on another machine each rank has its own)."""
+    cfg = settings.models
+    if group.rank == 0:
+        resolve_model(cfg.target, settings.models_dir)
+    barrier(group)  # rank 0's import (if any) is complete from here on
+    target, tokenizer, path, deq, dtype = load_model(cfg.target, settings, lazy=True)
+    draft_base = None
+    if group.rank == 0 and cfg.draft is None:
+        # full copies of the draft's layers: the draft runs on rank 0 alone, without
+        # collectives (it shares the lazy arrays, so nothing is read twice)
+        draft_base = make_layer_skip_draft(target, list(cfg.draft_layers))
+    split = shard_target(target, group)
+    mx.eval(target.parameters())
+    if draft_base is not None:
+        mx.eval(draft_base.parameters())
+    handshake(group, target, cfg.target)
+    return ShardedTarget(target, tokenizer, path, deq, dtype, split, draft_base)
+
+
+def _load_sharded_pair(settings: Settings, group: Group) -> ModelPair:
+    """Rank 0's pair: the sharded target and a draft that runs here alone."""
+    cfg = settings.models
+    loaded = load_sharded_target(settings, group)
+    if loaded.draft_base is not None:
+        base_draft = loaded.draft_base
+        draft_id, kind = f"layer-skip{cfg.draft_layers}", "layer-skip"
+    else:
+        assert cfg.draft is not None
+        base_draft, dtok, _, _, _ = load_model(cfg.draft, settings)
+        check_vocab(loaded.tokenizer, dtok, cfg.target, cfg.draft)
+        draft_id, kind = cfg.draft, "model"
+    draft = make_layer_skip_draft(base_draft, list(range(len(_model_layers(base_draft)))))
+    pair = ModelPair(
+        target=loaded.model,
+        draft=draft,
+        tokenizer=loaded.tokenizer,
+        target_id=cfg.target,
+        draft_id=draft_id,
+        target_path=loaded.path,
+        draft_kind=kind,
+        dtype=loaded.dtype,
+        dequantized=loaded.dequantized,
+        base_draft=base_draft,
+        head_tokens=cfg.draft_head_tokens,
+        split=loaded.split,
     )
     if pair.prunes_head:
         prune_head(draft, cast(list[int], pair.default_head()), output_vocab(draft))

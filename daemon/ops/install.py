@@ -17,6 +17,7 @@ a file to edit and a ``conf.d/`` beside it.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import plistlib
 import shlex
@@ -89,17 +90,48 @@ def _systemd_quote(arg: str) -> str:
     return '"' + arg.replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%") + '"'
 
 
-def render_systemd(args: list[str]) -> str:
+def group_environment(rank: int | None, hostfile: Path | None) -> dict[str, str]:
+    """The variables that make ``specd serve`` rank ``rank`` of the group in ``hostfile``
+    (MLX's ring hostfile: one list of "address:port" per rank, as mlx.launch writes it), so
+    each machine's service manager runs (and restarts) its own rank; {} for neither."""
+    if rank is None and hostfile is None:
+        return {}
+    if rank is None or hostfile is None:
+        raise ServiceError("--group-rank and --hostfile go together")
+    try:
+        hosts = json.loads(hostfile.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ServiceError(f"hostfile {hostfile}: {e}") from None
+    if not (
+        isinstance(hosts, list)
+        and len(hosts) >= 2
+        and all(
+            isinstance(h, list) and h and all(isinstance(a, str) and ":" in a for a in h)
+            for h in hosts
+        )
+    ):
+        raise ServiceError(
+            f'hostfile {hostfile}: expected a JSON list with one list of "address:port" '
+            'per rank, e.g. [["192.168.1.10:5000"], ["192.168.1.11:5000"]]'
+        )
+    if not 0 <= rank < len(hosts):
+        raise ServiceError(f"--group-rank {rank}: {hostfile} has ranks 0..{len(hosts) - 1}")
+    return {"MLX_HOSTFILE": str(hostfile.resolve()), "MLX_RANK": str(rank)}
+
+
+def render_systemd(args: list[str], env: dict[str, str] | None = None) -> str:
     text = _template(SYSTEMD_TEMPLATE)
     doc = _documentation()
     if doc is None:
         text = "".join(line for line in text.splitlines(keepends=True) if "@DOC@" not in line)
+    extra = "".join(f"\nEnvironment={_systemd_quote(f'{k}={v}')}" for k, v in (env or {}).items())
+    text = text.replace("Environment=PYTHONUNBUFFERED=1", "Environment=PYTHONUNBUFFERED=1" + extra)
     return text.replace("@EXEC@", " ".join(_systemd_quote(a) for a in args)).replace(
         "@DOC@", doc or ""
     )
 
 
-def render_launchd(args: list[str], log_dir: Path) -> str:
+def render_launchd(args: list[str], log_dir: Path, env: dict[str, str] | None = None) -> str:
     agent = {
         "Label": LABEL,
         "ProgramArguments": args,
@@ -113,6 +145,7 @@ def render_launchd(args: list[str], log_dir: Path) -> str:
         "EnvironmentVariables": {
             "PATH": os.environ.get("PATH", "/usr/bin:/bin:/usr/sbin:/sbin"),
             "PYTHONUNBUFFERED": "1",
+            **(env or {}),
         },
         "WorkingDirectory": str(Path.home()),
         # Standard: not throttled like Background, since users wait on its answers.
@@ -127,14 +160,16 @@ def plan(
     config_file: Path | None,
     data_dir: Path | None,
     manager: str | None = None,
+    env: dict[str, str] | None = None,
 ) -> ServicePlan:
-    """Files and commands for ``action`` (install, uninstall, status)."""
+    """Files and commands for ``action`` (install, uninstall, status); ``env`` adds
+    variables to the service's environment (`group_environment`)."""
     manager = manager or detect_manager()
     args = program_arguments(config_file, data_dir)
     if manager == "launchd":
         path = Path.home() / "Library" / "LaunchAgents" / f"{LABEL}.plist"
         domain = f"gui/{os.getuid()}"
-        content = render_launchd(args, settings.log_dir) if action == "install" else None
+        content = render_launchd(args, settings.log_dir, env) if action == "install" else None
         commands = {
             "install": [
                 ["launchctl", "bootout", f"{domain}/{LABEL}"],
@@ -150,7 +185,7 @@ def plan(
             / "user"
             / UNIT
         )
-        content = render_systemd(args) if action == "install" else None
+        content = render_systemd(args, env) if action == "install" else None
         commands = {
             "install": [
                 ["systemctl", "--user", "daemon-reload"],
@@ -218,5 +253,7 @@ def run(args: argparse.Namespace, settings: Settings, sources: ConfigSources) ->
     """``specd service install|uninstall|status [--dry-run]``."""
     config = args.config.expanduser().resolve() if args.config else None
     data_dir = args.data_dir.expanduser().resolve() if args.data_dir else None
-    p = plan(args.action, settings, config, data_dir, manager=args.manager)
+    hostfile = args.hostfile.expanduser() if args.hostfile else None
+    env = group_environment(args.group_rank, hostfile)
+    p = plan(args.action, settings, config, data_dir, manager=args.manager, env=env)
     return execute(p, args.action, args.dry_run)

@@ -80,18 +80,15 @@ def _parse(line: str) -> dict[str, Any] | None:
     return rec if isinstance(rec, dict) else None
 
 
-def _follow(path: Path, start_at_end: bool) -> Iterator[str]:
-    """Lines appended to ``path``, surviving rotation (reopens when the inode changes)."""
-    f: TextIO | None = None
-    inode = None
+def _follow(path: Path, f: TextIO | None) -> Iterator[str]:
+    """Lines appended to ``path``, surviving rotation (reopens when the inode changes).
+    ``f``: the file already read up to here (nothing between is lost); None: wait for it."""
+    inode = os.fstat(f.fileno()).st_ino if f is not None else None
     while True:
         if f is None:
             try:
                 f = path.open(encoding="utf-8", errors="replace")
-                inode = os.fstat(f.fileno()).st_ino
-                if start_at_end:
-                    f.seek(0, os.SEEK_END)
-                start_at_end = False  # a rotated-in file is read from its start
+                inode = os.fstat(f.fileno()).st_ino  # a rotated-in file is read from its start
             except FileNotFoundError:
                 time.sleep(0.5)
                 continue
@@ -130,19 +127,24 @@ def show_logs(
                 return
         print(format_record(rec), file=out, flush=True)
 
+    f: TextIO | None = None
     if path.exists():
-        with path.open(encoding="utf-8", errors="replace") as f:
-            for line in f:
-                emit(line)
+        f = path.open(encoding="utf-8", errors="replace")
+        # readline, not iteration: following goes on from exactly where this stops
+        while line := f.readline():
+            emit(line)
     elif not follow:
         print(f"no log file at {path} yet", file=sys.stderr)
         return 1
-    if follow:
-        try:
-            for line in _follow(path, start_at_end=True):
+    try:
+        if follow:
+            for line in _follow(path, f):
                 emit(line)
-        except KeyboardInterrupt:
-            return 0
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        if f is not None and not f.closed:
+            f.close()
     return 0
 
 

@@ -51,6 +51,14 @@ def format_status(url: str, st: dict[str, Any]) -> str:
         f"  requests: queue depth {st.get('queue_depth', 0)}, rolling acceptance "
         f"{pct(st.get('rolling_acceptance'))}",
     ]
+    group = st.get("distributed")
+    if group:
+        hosts = group.get("hosts") or []
+        lines.append(
+            f"  group:   {group.get('size')} ranks ({group.get('backend')}): "
+            + ", ".join(f"rank {r} {h}" for r, h in enumerate(hosts))
+            + f"; target {group.get('split')}"
+        )
     buf = st.get("buffer")
     if buf:
         lines.append(

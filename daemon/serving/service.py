@@ -57,6 +57,8 @@ class Service:
         # Past outputs to draft from; filled from the buffer at start, then as records commit.
         self.suffix = SuffixIndex(settings.speculative.suffix_tokens)
         self._offloaded: Offloaded | None = None  # models.keep_alive_seconds
+        # run by the idle worker every so often (rank 0 of a group: the heartbeat)
+        self.idle_tick: tuple[float, Callable[[], None]] | None = None
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -89,6 +91,7 @@ class Service:
             keep_alive=s.models.keep_alive_seconds,
             unload=self._unload_models,
             load=self._load_models,
+            idle_tick=self.idle_tick,
         )
         shutil.rmtree(self._offload_dir, ignore_errors=True)  # a previous run's, if it died
         self.worker.start()
@@ -179,6 +182,11 @@ class Service:
         if self.worker.queue_depth or self.worker.active is not None:
             return 0.0
         return time.monotonic() - self.last_activity
+
+    @property
+    def target_split(self) -> bool:
+        """Whether the target is split across ranks (`daemon.core.distributed`)."""
+        return bool(self.pair is not None and self.pair.split)
 
     def step_costs(self) -> StepCosts | None:
         """The live engine's measured step costs (`daemon.core.speed`), for the gate."""

@@ -159,6 +159,7 @@ class GenerationWorker:
         keep_alive: float | None = None,
         unload: Callable[[], None] | None = None,
         load: Callable[[], None] | None = None,
+        idle_tick: tuple[float, Callable[[], None]] | None = None,
     ) -> None:
         self.engine = engine
         self.on_finished = on_finished
@@ -183,6 +184,10 @@ class GenerationWorker:
         self._unload, self._load = unload, load
         self.loaded = True
         self._last_work = time.monotonic()
+        # (seconds, fn): fn runs on this thread after that long idle, again and again (the
+        # heartbeat rank 0 of a group sends; daemon.core.distributed)
+        self.idle_tick = idle_tick
+        self._last_tick = time.monotonic()
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -291,7 +296,12 @@ class GenerationWorker:
     def _turn(self) -> bool:
         """One turn of the loop: take what arrived, start and step requests; True: stop."""
         block = self._idle and not self._stopping
-        self._take(block, self._unload_in() if block else None)
+        self._take(block, self._wait_for() if block else None)
+        if self.idle_tick is not None and self._idle and not self._stopping:
+            every, tick = self.idle_tick
+            if time.monotonic() - self._last_tick >= every:
+                self._last_tick = time.monotonic()
+                tick()
         if self._idle and not self._stopping and self._unload_in() == 0:
             self._free_models()
             return False
@@ -323,6 +333,14 @@ class GenerationWorker:
         self.batch = BatchDecoder(self.engine, self.batch.max_batch)
         for started in running:
             self._end(started.handle, Done(None, error=error, queue_s=started.queue_s))
+
+    def _wait_for(self) -> float | None:
+        """How long an idle worker may block: until the models unload or the next tick."""
+        waits = [self._unload_in()]
+        if self.idle_tick is not None:
+            waits.append(max(0.0, self._last_tick + self.idle_tick[0] - time.monotonic()))
+        known = [w for w in waits if w is not None]
+        return min(known) if known else None
 
     def _unload_in(self) -> float | None:
         """Seconds until an idle worker frees the models; None: never (now)."""

@@ -92,7 +92,7 @@ def spawn(argv: list[str], started: list[subprocess.Popen[Any]], before=None):
     def fake_spawn_run(settings, config_file, run_dir, current, epochs, max_steps, **kw):
         if before is not None:
             before(run_dir)
-        kw = {k: v for k, v in kw.items() if k not in ("nice", "progress")}
+        kw = {k: v for k, v in kw.items() if k not in ("nice", "progress", "draft_only")}
         proc = subprocess.Popen([sys.executable, *argv], **kw)
         started.append(proc)
         return proc

@@ -15,6 +15,7 @@ import pytest
 
 from daemon.cli import main
 from daemon.config import Settings, load_settings
+from daemon.errors import ServiceError
 from daemon.ops.install import plan
 from daemon.ops.logview import format_record, parse_since, show_logs
 from daemon.serving import notify
@@ -283,3 +284,25 @@ def test_install_writes_a_starter_config_where_the_daemon_looks(
         plan("install", Settings(), tmp_path / "c.yaml", None, manager="systemd").starter_config
         is None
     )
+
+
+def test_service_for_a_group_rank_sets_the_launch_variables(tmp_path: Path) -> None:
+    from daemon.ops.install import group_environment
+
+    hostfile = tmp_path / "hosts.json"
+    hostfile.write_text(json.dumps([["10.0.0.1:5000"], ["10.0.0.2:5000"]]))
+    env = group_environment(1, hostfile)
+    assert env == {"MLX_HOSTFILE": str(hostfile.resolve()), "MLX_RANK": "1"}
+    unit = plan("install", Settings(), None, None, "systemd", env=env).content
+    assert unit is not None and f'Environment="MLX_HOSTFILE={hostfile.resolve()}"' in unit
+    assert 'Environment="MLX_RANK=1"' in unit
+    agent = plan("install", Settings(), None, None, "launchd", env=env).content
+    assert agent is not None
+    assert plistlib.loads(agent.encode())["EnvironmentVariables"]["MLX_RANK"] == "1"
+    with pytest.raises(ServiceError, match="ranks 0..1"):
+        group_environment(2, hostfile)
+    with pytest.raises(ServiceError, match="go together"):
+        group_environment(1, None)
+    hostfile.write_text('{"hosts": 2}')
+    with pytest.raises(ServiceError, match="one list of"):
+        group_environment(0, hostfile)

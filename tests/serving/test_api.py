@@ -93,7 +93,7 @@ def test_health_says_loading_until_the_models_are_ready(
 
     release = threading.Event()
 
-    def slow_load(settings: Any) -> ModelPair:
+    def slow_load(settings: Any, group: Any = None) -> ModelPair:
         assert release.wait(HANG_GUARD_S)
         return pair
 

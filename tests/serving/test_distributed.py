@@ -1,0 +1,268 @@
+"""`specd serve` as a group of two ranks on loopback (MLX's ring backend): the same answers as
+one process, adapters swapped live on rank 0, and a rank that dies or stops answering ends
+the other with an error naming it.
+
+Every process here is bounded: each wait gives up after a fixed time and the processes are
+killed in ``finally``, whatever happened.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from mlx_lm import load
+
+from daemon.ops.status import format_status
+from daemon.store.adapters import AdapterStore
+from tests.helpers import (
+    clean_env,
+    free_ports,
+    make_adapter,
+    read_log,
+    write_hostfile,
+    write_model_dir,
+)
+
+LAUNCH = Path(sys.executable).parent / "mlx.launch"
+BOUND_S = 120.0  # nothing here may take longer than this; a guard against a hang
+RANK_TIMEOUT_S = 3.0
+LAYERS = [0, 3]
+
+pytestmark = pytest.mark.skipif(not LAUNCH.exists(), reason="mlx.launch is not installed")
+
+GREEDY = {"prompt": "w1 w2 w3 w4", "max_tokens": 24, "temperature": 0}
+SAMPLED = {"prompt": "w7 w8", "max_tokens": 24, "temperature": 0.9, "seed": 11}
+# a prefill longer than one message holds inline (its tokens follow in a second collective)
+LONG = {"prompt": " ".join(f"w{i % 57 + 2}" for i in range(150)), "max_tokens": 8, "temperature": 0}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # 4 attention heads, 2 KV heads, MLP 64: splits two ways. A sharp head keeps argmax
+    # margins clear of the rounding a split matmul changes.
+    root = tmp_path_factory.mktemp("group-model")
+    return write_model_dir(
+        root / "tiny", [f"w{i}" for i in range(60)], vocab_size=64, seed=3, lm_head_scale=8.0
+    )
+
+
+def _config(tmp: Path, model: Path, port: int, training: bool = False) -> Path:
+    cfg = tmp / "config.yaml"
+    config: dict[str, Any] = {
+        "models": {"target": str(model), "draft_layers": LAYERS},
+        "server": {"port": port, "rank_timeout_seconds": RANK_TIMEOUT_S},
+        # a loop that never trains by itself: it is here for its admin endpoints
+        "training": {"enabled": training, "min_failure_cases": 100000},
+    }
+    cfg.write_text(json.dumps(config))
+    return cfg
+
+
+def _serve_cmd(cfg: Path, data: Path) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "daemon",
+        "serve",
+        "--config",
+        str(cfg),
+        "--data-dir",
+        str(data),
+    ]
+
+
+def _popen(cmd: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
+    return subprocess.Popen(
+        cmd,
+        env=env,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # mlx.launch's ranks die with its group
+    )
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait(BOUND_S)
+
+
+def _wait_ready(url: str, procs: list[subprocess.Popen], logs: list[Path]) -> None:
+    deadline = time.monotonic() + BOUND_S
+    while time.monotonic() < deadline:
+        for p, log in zip(procs, logs, strict=True):
+            if p.poll() is not None:
+                raise AssertionError(f"exited early ({p.returncode}):\n{log.read_text()[-3000:]}")
+        try:
+            if httpx.get(url + "/health", timeout=2).json().get("status") == "ok":
+                return
+        except (httpx.HTTPError, ValueError):
+            pass
+        time.sleep(0.2)
+    raise AssertionError("not ready:\n" + "\n".join(log.read_text()[-2000:] for log in logs))
+
+
+def _complete(url: str, body: dict[str, Any]) -> dict[str, Any]:
+    r = httpx.post(url + "/v1/completions", json=body, timeout=BOUND_S)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def _store_adapter(data: Path, model_dir: Path, tmp: Path) -> None:
+    """An installed adapter v1 for the layer-skip draft, as a training run would leave it."""
+    target = load(str(model_dir))[0]
+    store = AdapterStore.for_data_dir(data)
+    store.add(make_adapter(tmp / "adapter", target, LAYERS, seed=5), {"run_id": "t"}, True)
+
+
+def test_group_answers_like_one_process_and_swaps_adapters(tmp_path: Path, model_dir: Path) -> None:
+    port = free_ports(1)[0]
+    url = f"http://127.0.0.1:{port}"
+    single_data, group_data = tmp_path / "single", tmp_path / "group"
+    for data in (single_data, group_data):
+        _store_adapter(data, model_dir, tmp_path / data.name)
+    cfg = _config(tmp_path, model_dir, port, training=True)
+
+    single_log = tmp_path / "single.log"
+    proc = _popen(_serve_cmd(cfg, single_data), single_log, clean_env())
+    try:
+        _wait_ready(url, [proc], [single_log])
+        alone = [_complete(url, b) for b in (GREEDY, SAMPLED, LONG)]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(BOUND_S)
+        finally:
+            _kill(proc)
+
+    group_log = tmp_path / "group.log"
+    launch = [str(LAUNCH), "--backend", "ring", "-n", "2", "--hosts", "127.0.0.1", "--"]
+    proc = _popen(launch + _serve_cmd(cfg, group_data), group_log, clean_env())
+    try:
+        _wait_ready(url, [proc], [group_log])
+        st = httpx.get(url + "/status", timeout=BOUND_S).json()
+        group = st["distributed"]
+        assert (group["size"], group["rank"], group["backend"]) == (2, 0, "ring")
+        assert len(group["hosts"]) == 2 and group["split"].startswith("tensor-parallel over 2")
+        assert "  group:   2 ranks (ring): rank 0 " in format_status(url, st)
+        assert st["adapter_version"] == 1  # the installed adapter, on rank 0's draft
+
+        together = [_complete(url, b) for b in (GREEDY, SAMPLED, LONG)]
+        for a, b in zip(alone, together, strict=True):
+            assert a["choices"][0]["text"] == b["choices"][0]["text"]
+        assert together[0]["usage"]["speculative"]["adapter_version"] == 1
+        assert together[0]["usage"]["speculative"]["drafted"] > 0
+
+        # a live swap between requests: the group goes on answering the same, on v0
+        r = httpx.post(url + "/admin/adapters/rollback", json={"version": 0}, timeout=BOUND_S)
+        assert r.status_code == 200 and r.json()["adapter_version"] == 0, r.text
+        again = _complete(url, GREEDY)
+        assert again["choices"][0]["text"] == alone[0]["choices"][0]["text"]
+        assert again["usage"]["speculative"]["adapter_version"] == 0
+        messages = httpx.get(url + "/status", timeout=BOUND_S).json()["distributed"]["messages"]
+        assert messages > group["messages"]  # the forwards reached the other rank
+
+        # a training run on rank 0, reading only the draft's share of the split target
+        r = httpx.post(url + "/admin/train", json={"max_steps": 2}, timeout=BOUND_S)
+        assert r.status_code == 200, r.text
+        deadline = time.monotonic() + BOUND_S
+        while (last := httpx.get(url + "/status").json()["training"]["last_run"]) is None:
+            assert time.monotonic() < deadline, "the training run never finished"
+            time.sleep(0.3)
+        assert last["decision"] in ("install", "reject"), last
+        after = _complete(url, GREEDY)  # whichever draft serves now, the answer is the same
+        assert after["choices"][0]["text"] == alone[0]["choices"][0]["text"]
+
+        rank0 = int(json.loads((group_data / "runtime.json").read_text())["pid"])
+        os.kill(rank0, signal.SIGTERM)  # rank 0 stops, and tells rank 1 to stop
+        proc.wait(BOUND_S)
+    finally:
+        _kill(proc)
+    records = read_log(group_data / "logs" / "specd.log")
+    started = next(r for r in records if r["event"] == "train_process_start")
+    assert "--draft-only" in started["argv"]
+    assert any(r["event"] == "train_run" for r in records)
+    assert "stopped" in [r["event"] for r in records]
+    assert "rank_lost" not in [r["event"] for r in records]
+    assert all(r.get("rank", 0) == 0 for r in records)  # rank 1 writes nothing there
+    rank1 = [json.loads(line) for line in group_log.read_text().splitlines() if '"rank": 1' in line]
+    assert [r["event"] for r in rank1][-1] == "stopped", rank1  # told to stop, not lost
+    assert rank1[-1]["forwards"] > 0
+
+
+def _start_ranks(tmp: Path, cfg: Path, data: Path) -> list[subprocess.Popen]:
+    """Two ranks started by hand from one hostfile, as two service managers would: no
+    launcher that kills the survivor for us."""
+    hostfile = write_hostfile(tmp / "hosts.json", 2)
+    return [
+        _popen(
+            _serve_cmd(cfg, data),
+            tmp / f"rank{r}.log",
+            clean_env(MLX_HOSTFILE=str(hostfile), MLX_RANK=str(r)),
+        )
+        for r in range(2)
+    ]
+
+
+def _exit_within(proc: subprocess.Popen, seconds: float) -> tuple[int, float]:
+    t0 = time.monotonic()
+    code = proc.wait(seconds)
+    return code, time.monotonic() - t0
+
+
+@pytest.mark.parametrize("fault", ["rank 1 dies", "rank 1 stops answering", "rank 0 dies"])
+def test_a_lost_rank_ends_the_other_with_an_error_naming_it(
+    tmp_path: Path, model_dir: Path, fault: str
+) -> None:
+    port = free_ports(1)[0]
+    url = f"http://127.0.0.1:{port}"
+    cfg = _config(tmp_path, model_dir, port)
+    data = tmp_path / "data"
+    procs = _start_ranks(tmp_path, cfg, data)
+    logs = [tmp_path / "rank0.log", tmp_path / "rank1.log"]
+    try:
+        _wait_ready(url, procs, logs)
+        _complete(url, GREEDY)
+        victim, survivor = (procs[0], procs[1]) if fault == "rank 0 dies" else (procs[1], procs[0])
+        if fault == "rank 1 stops answering":
+            victim.send_signal(signal.SIGSTOP)
+        else:
+            victim.kill()
+        # bounded: a dead peer fails the next collective at once, a silent one within
+        # rank_timeout_seconds (the idle heartbeat comes every quarter of it)
+        code, _ = _exit_within(survivor, RANK_TIMEOUT_S * 2 + 30)
+        assert code == 1
+        survivor_log = logs[procs.index(survivor)]
+        errors = [
+            json.loads(line)
+            for line in survivor_log.read_text().splitlines()
+            if line.startswith("{") and '"level": "error"' in line
+        ]
+        assert errors, survivor_log.read_text()[-2000:]
+        message = errors[-1]["error"]
+        lost = "rank 0" if fault == "rank 0 dies" else "rank 1"
+        assert lost in message, message
+        expected = "rank_timeout" if fault == "rank 1 stops answering" else "rank_lost"
+        assert errors[-1]["event"] == expected, errors
+        if survivor is procs[0]:
+            assert not (data / "runtime.json").exists()  # rank 0 cleaned up as it left
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                try:
+                    os.killpg(p.pid, signal.SIGCONT)
+                except ProcessLookupError:
+                    pass
+            _kill(p)
