@@ -232,6 +232,20 @@ def wait_for_event(
     raise AssertionError(f"no {event!r} in {path} within {timeout}s")
 
 
+def serve_command(cfg: Path, data_dir: Path) -> list[str]:
+    """``specd serve`` with this interpreter, a config file and a data dir."""
+    return [
+        sys.executable,
+        "-m",
+        "daemon",
+        "serve",
+        "--config",
+        str(cfg),
+        "--data-dir",
+        str(data_dir),
+    ]
+
+
 def start_daemon(tmp_path: Path, config: dict, env_extra: dict | None = None) -> subprocess.Popen:
     cfg = tmp_path / "config.yaml"
     config = {**config, "server": {"port": 0, **config.get("server", {})}}  # never 8765
@@ -241,16 +255,7 @@ def start_daemon(tmp_path: Path, config: dict, env_extra: dict | None = None) ->
     env.pop(REEXEC_MARKER, None)
     env.update(env_extra or {})
     return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "daemon",
-            "serve",
-            "--config",
-            str(cfg),
-            "--data-dir",
-            str(tmp_path / "data"),
-        ],
+        serve_command(cfg, tmp_path / "data"),
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

@@ -28,6 +28,7 @@ from tests.helpers import (
     free_ports,
     make_adapter,
     read_log,
+    serve_command,
     write_hostfile,
     write_model_dir,
 )
@@ -65,19 +66,6 @@ def _config(tmp: Path, model: Path, port: int, training: bool = False) -> Path:
     }
     cfg.write_text(json.dumps(config))
     return cfg
-
-
-def _serve_cmd(cfg: Path, data: Path) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "daemon",
-        "serve",
-        "--config",
-        str(cfg),
-        "--data-dir",
-        str(data),
-    ]
 
 
 def _popen(cmd: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
@@ -136,7 +124,7 @@ def test_group_answers_like_one_process_and_swaps_adapters(tmp_path: Path, model
     cfg = _config(tmp_path, model_dir, port, training=True)
 
     single_log = tmp_path / "single.log"
-    proc = _popen(_serve_cmd(cfg, single_data), single_log, clean_env())
+    proc = _popen(serve_command(cfg, single_data), single_log, clean_env())
     try:
         _wait_ready(url, [proc], [single_log])
         alone = [_complete(url, b) for b in (GREEDY, SAMPLED, LONG)]
@@ -149,7 +137,7 @@ def test_group_answers_like_one_process_and_swaps_adapters(tmp_path: Path, model
 
     group_log = tmp_path / "group.log"
     launch = [str(LAUNCH), "--backend", "ring", "-n", "2", "--hosts", "127.0.0.1", "--"]
-    proc = _popen(launch + _serve_cmd(cfg, group_data), group_log, clean_env())
+    proc = _popen(launch + serve_command(cfg, group_data), group_log, clean_env())
     try:
         _wait_ready(url, [proc], [group_log])
         st = httpx.get(url + "/status", timeout=BOUND_S).json()
@@ -208,7 +196,7 @@ def _start_ranks(tmp: Path, cfg: Path, data: Path) -> list[subprocess.Popen]:
     hostfile = write_hostfile(tmp / "hosts.json", 2)
     return [
         _popen(
-            _serve_cmd(cfg, data),
+            serve_command(cfg, data),
             tmp / f"rank{r}.log",
             clean_env(MLX_HOSTFILE=str(hostfile), MLX_RANK=str(r)),
         )
