@@ -14,6 +14,9 @@ rank 0 sends the tokens and the cache offset they extend through one collective
 sharded target is built on rank 0 alone, from full copies of the layers it uses, taken before
 the target is sharded.
 
+The prompt cache is kept by every rank (`MirroredPromptCache`): a lookup is agreed by all of
+them, a finished request's cache is stored by all.
+
 Every rank evaluates the same collectives: the forward evaluates the model body (all layers,
 every collective) eagerly and returns the output head lazily, so what rank 0 later evaluates
 of the logits costs no communication. A rank that dies shows up as an error in the next
@@ -31,20 +34,22 @@ import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, cast
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
+from mlx_lm.models.cache import LRUPromptCache, make_prompt_cache, trim_prompt_cache
 
 from daemon.core.backend import launch_rank
+from daemon.core.prompt_cache import CACHE_KEY, PromptCache
 from daemon.errors import DistributedError, ModelLoadError
 
 # Message layout (int32): op, flags, cache offset, token count, then up to _INLINE tokens; a
 # longer token list (a prefill chunk) follows in a second collective.
 _HEADER = 4
 _INLINE = 60
-OP_HEARTBEAT, OP_FORWARD, OP_STOP = 1, 2, 3
+OP_HEARTBEAT, OP_FORWARD, OP_STOP, OP_PREFIX, OP_KEEP = 1, 2, 3, 4, 5
 FLAG_FRESH, FLAG_NO_CACHE = 1, 2
 PROTOCOL = 1
 
@@ -67,7 +72,7 @@ def _hosts_from_hostfile(size: int) -> list[str]:
     if not path:
         return hosts
     try:
-        data = json.loads(open(path, encoding="utf-8").read())
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return hosts
     if isinstance(data, list):
@@ -359,8 +364,8 @@ class MirroredTarget(nn.Module):
             fresh = self._cache_ref is None or self._cache_ref() is not cache[0]
             if fresh and offset:
                 raise DistributedError(
-                    "the other ranks do not hold this KV cache (a cache kept from another "
-                    "request); the prompt cache and batching are off in distributed mode"
+                    "the other ranks do not hold this KV cache: only a new one, or one the "
+                    "prompt cache handed out with MirroredPromptCache, can be extended"
                 )
             msg = Message(OP_FORWARD, FLAG_FRESH if fresh else 0, offset, tokens)
             self._cache_ref = weakref.ref(cache[0]) if fresh else self._cache_ref
@@ -374,6 +379,22 @@ class MirroredTarget(nn.Module):
     def heartbeat(self) -> None:
         with self._lock, self.collectives("heartbeat"):
             self._channel.send(Message(OP_HEARTBEAT))
+
+    def agree_prefix(self, tokens: list[int], covered: int, cache: list[Any]) -> int:
+        """Rank 0 found ``covered`` tokens of ``tokens`` in its prompt cache (``cache``, a
+        copy); every rank looks up the same tokens in its own and they settle on the least
+        any of them holds. Returns that; ``cache`` is the one the next forward extends."""
+        with self._lock, self.collectives("prompt cache lookup"):
+            self._channel.send(Message(OP_PREFIX, 0, covered, tokens))
+            agreed = _least_held(self._channel.group, covered)
+        if agreed:
+            self._cache_ref = weakref.ref(cache[0])
+        return agreed
+
+    def keep(self, tokens: list[int]) -> None:
+        """Every other rank keeps its current cache as the one of ``tokens``."""
+        with self._lock, self.collectives("prompt cache store"):
+            self._channel.send(Message(OP_KEEP, 0, len(tokens), tokens))
 
     def stop_followers(self) -> None:
         if self.lost is None:
@@ -400,12 +421,57 @@ class MirroredTarget(nn.Module):
             raise lost from e
 
 
+class MirroredPromptCache(PromptCache):
+    """Rank 0's prompt cache in a group. The target's entries exist on every rank (each
+    holds its shard's KV for the same tokens), so a lookup is agreed by all ranks and a store
+    is done by all. Each rank evicts by its own bounds: the least any rank holds is used, so
+    an entry one rank dropped costs prefill, never a wrong cache. The draft's entries are
+    rank 0's alone."""
+
+    def __init__(self, max_entries: int, max_bytes: int, mirror: MirroredTarget) -> None:
+        super().__init__(max_entries, max_bytes)
+        self._mirror = mirror
+
+    def fetch(self, which: str, tokens: list[int]) -> tuple[list[Any] | None, int]:
+        cache, covered = super().fetch(which, tokens)
+        if which != "target" or cache is None or not covered:
+            return cache, covered
+        agreed = self._mirror.agree_prefix(list(tokens), covered, cache)
+        if agreed < covered:  # another rank holds less: everyone starts from there
+            self.stats.cached_tokens -= covered - agreed
+            if not agreed:
+                self.stats.hits -= 1
+                self.stats.misses += 1
+                return None, 0
+            trim_prompt_cache(cache, covered - agreed)
+        return cache, agreed
+
+    def store(self, which: str, tokens: list[int], cache: list[Any]) -> None:
+        if which == "target" and self.enabled and tokens:
+            self._mirror.keep(list(tokens))
+        super().store(which, tokens, cache)
+
+
+def _least_held(group: Group, mine: int) -> int:
+    """The least of every rank's ``mine`` (one all_gather)."""
+    seen = mx.distributed.all_gather(
+        mx.array([mine], dtype=mx.int32), group=group.handle, stream=mx.cpu
+    )
+    return min(cast(list[int], seen.tolist()))
+
+
 # --- the other ranks --------------------------------------------------------------------------
 
 
-def follow(model: nn.Module, channel: Channel, watchdog: Watchdog) -> int:
+def follow(
+    model: nn.Module,
+    channel: Channel,
+    watchdog: Watchdog,
+    kept: LRUPromptCache | None = None,
+) -> int:
     """Run the forwards rank 0 asks for until it says stop; returns the number of forwards.
-    Raises `GroupLost` when rank 0 is gone."""
+    ``kept``: this rank's share of the prompt cache (`MirroredPromptCache`). Raises
+    `GroupLost` when rank 0 is gone."""
     body, _ = body_and_head(model)
     cache: list[Any] | None = None
     forwards = 0
@@ -421,6 +487,12 @@ def follow(model: nn.Module, channel: Channel, watchdog: Watchdog) -> int:
             if msg.op == OP_STOP:
                 return forwards
             if msg.op == OP_HEARTBEAT:
+                continue
+            if msg.op == OP_PREFIX:
+                cache = _lookup(kept, msg.tokens, msg.offset, channel.group)
+                continue
+            if msg.op == OP_KEEP:
+                _store(kept, msg.tokens, cache)
                 continue
             if msg.op != OP_FORWARD:
                 raise DistributedError(f"unknown message {msg.op} from rank 0")
@@ -446,6 +518,36 @@ def follow(model: nn.Module, channel: Channel, watchdog: Watchdog) -> int:
             raise GroupLost(
                 f"rank {info.rank} lost {info.describe_rank(0)}: it stopped answering ({e})"
             ) from e
+
+
+def _lookup(
+    kept: LRUPromptCache | None, tokens: list[int], covered: int, group: Group
+) -> list[Any] | None:
+    """A follower's side of `MirroredTarget.agree_prefix`: the copy its next forward extends
+    (None: a fresh cache)."""
+    cache, rest = kept.fetch_nearest_cache(CACHE_KEY, tokens) if kept else (None, tokens)
+    mine = min(covered, len(tokens) - len(rest)) if cache is not None else 0
+    agreed = _least_held(group, mine)
+    if cache is None or not agreed:
+        return None
+    if mine > agreed:
+        trim_prompt_cache(cache, mine - agreed)
+    return cache
+
+
+def _store(kept: LRUPromptCache | None, tokens: list[int], cache: list[Any] | None) -> None:
+    """A follower's side of `MirroredTarget.keep`: its current cache, trimmed to ``tokens``
+    (a round's rejected tokens are trimmed lazily, at the next forward), goes into its own
+    prompt cache."""
+    if kept is None or cache is None or not tokens:
+        return
+    held = int(getattr(cache[0], "offset", 0))
+    if held < len(tokens):
+        return  # cannot happen in step; a shorter entry would only cost prefill anyway
+    if held > len(tokens):
+        trim_prompt_cache(cache, held - len(tokens))
+    kept.insert_cache(CACHE_KEY, tokens, cache)
+    kept.trim_to(n_sequences=kept.max_size, n_bytes=kept.max_bytes)
 
 
 def handshake(group: Group, model: nn.Module, target_id: str) -> None:

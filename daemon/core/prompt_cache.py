@@ -15,10 +15,10 @@ from typing import Any
 
 from mlx_lm.models.cache import LRUPromptCache
 
-__all__ = ["CacheStats", "PromptCache"]
+__all__ = ["CACHE_KEY", "CacheStats", "PromptCache"]
 
 # The trie is keyed by "model"; each LRU here holds one model's entries.
-_KEY = "kv"
+CACHE_KEY = "kv"
 
 
 @dataclass
@@ -89,7 +89,7 @@ class PromptCache:
         ("target" or "draft") and how many tokens it covers; ``(None, 0)`` when none."""
         if not self.enabled or not tokens:
             return None, 0
-        cache, rest = self._lrus[which].fetch_nearest_cache(_KEY, list(tokens))
+        cache, rest = self._lrus[which].fetch_nearest_cache(CACHE_KEY, list(tokens))
         covered = len(tokens) - len(rest) if cache is not None else 0
         if which == "target":
             if covered:
@@ -109,7 +109,7 @@ class PromptCache:
         """Keep ``cache`` (which holds exactly ``tokens``) for later prompts."""
         if not self.enabled or not tokens:
             return
-        self._lrus[which].insert_cache(_KEY, list(tokens), cache)
+        self._lrus[which].insert_cache(CACHE_KEY, list(tokens), cache)
         other = self._lrus["draft" if which == "target" else "target"]
         # one byte budget for both: the model just stored gives way
         self._lrus[which].trim_to(n_bytes=max(0, self.max_bytes - other.nbytes))

@@ -7,9 +7,10 @@ draft and adapters live there alone. Its idle worker sends a heartbeat every qua
 `run_follower`: load their share, then compute the forwards rank 0 asks for until it stops;
 they write nothing into the data directory and log to stderr only.
 
-Settings that need more than one KV cache per request stream are fixed while serving as a
-group (`fit_settings`): ``server.batch_size`` 1, ``server.prompt_cache_size`` 0 and
-``models.keep_alive_seconds`` unset, because the other ranks mirror exactly one cache.
+Two settings are fixed while serving as a group (`fit_settings`): ``server.batch_size`` 1
+(a batch holds several live KV caches; the other ranks mirror one at a time) and
+``models.keep_alive_seconds`` unset. The prompt cache works: every rank keeps its share of
+each entry (`daemon.core.distributed.MirroredPromptCache`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from typing import Any
+
+from mlx_lm.models.cache import LRUPromptCache
 
 from daemon.config import Settings
 from daemon.core.distributed import (
@@ -37,7 +40,6 @@ log = get_logger("distributed")
 # What serving as a group fixes, and why (logged when a config asks for something else).
 FIXED = {
     "server.batch_size": (1, "a batch holds several KV caches; the other ranks mirror one"),
-    "server.prompt_cache_size": (0, "kept caches would exist on rank 0 only"),
     "models.keep_alive_seconds": (None, "the other ranks cannot unload in step"),
 }
 
@@ -167,8 +169,10 @@ def run_follower(settings: Settings, group: Group) -> int:
 
     watchdog = Watchdog(settings.server.rank_timeout_seconds, expired)
     channel = Channel(group)
+    size, nbytes = settings.server.prompt_cache_size, settings.server.prompt_cache_bytes
+    kept = LRUPromptCache(size, nbytes) if size > 0 else None  # this rank's KV of it
     try:
-        forwards = follow(loaded.model, channel, watchdog)
+        forwards = follow(loaded.model, channel, watchdog, kept)
     except GroupLost as e:
         log.error("rank_lost", rank=info.rank, error=str(e))
         return 1

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from daemon.config import Settings
+from daemon.core.distributed import MirroredPromptCache, MirroredTarget
 from daemon.core.drafting import SuffixIndex
 from daemon.core.engine import (
     GenerationResult,
@@ -79,7 +80,7 @@ class Service:
             self.pair.tokenizer,
             SpeculativeConfig.from_settings(s.speculative, self.pair.max_context),
             suffix=self.suffix,
-            prompt_cache=PromptCache(s.server.prompt_cache_size, s.server.prompt_cache_bytes),
+            prompt_cache=self._prompt_cache(),
         )
         self.worker = GenerationWorker(
             self.engine,
@@ -95,6 +96,17 @@ class Service:
         )
         shutil.rmtree(self._offload_dir, ignore_errors=True)  # a previous run's, if it died
         self.worker.start()
+
+    def _prompt_cache(self) -> PromptCache:
+        """The prompt cache; with a target split across ranks, one they all keep in step."""
+        size, nbytes = (
+            self.settings.server.prompt_cache_size,
+            self.settings.server.prompt_cache_bytes,
+        )
+        assert self.pair is not None
+        if isinstance(self.pair.target, MirroredTarget):
+            return MirroredPromptCache(size, nbytes, self.pair.target)
+        return PromptCache(size, nbytes)
 
     # --- idle unload (models.keep_alive_seconds); both run on the worker thread -------------
 

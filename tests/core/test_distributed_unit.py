@@ -39,15 +39,12 @@ def test_a_group_fixes_what_it_cannot_mirror_and_says_so(tmp_path) -> None:
     )
     with capture_logs() as logs:
         fitted = fit_settings(settings)
-    assert fitted.server.batch_size == 1 and fitted.server.prompt_cache_size == 0
+    assert fitted.server.batch_size == 1
+    assert fitted.server.prompt_cache_size == settings.server.prompt_cache_size  # mirrored
     assert fitted.models.keep_alive_seconds is None
     assert settings.server.batch_size == 8  # the original is untouched
     fixed = {e["key"]: e for e in logs if e["event"] == "fixed_in_distributed_mode"}
-    assert set(fixed) == {
-        "server.batch_size",
-        "server.prompt_cache_size",
-        "models.keep_alive_seconds",
-    }
+    assert set(fixed) == {"server.batch_size", "models.keep_alive_seconds"}
     assert fixed["server.batch_size"]["asked"] == 8 and fixed["server.batch_size"]["used"] == 1
     with capture_logs() as logs:
         assert fit_settings(fitted) == fitted  # nothing left to fix, nothing logged

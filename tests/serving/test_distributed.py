@@ -42,6 +42,8 @@ pytestmark = pytest.mark.skipif(not LAUNCH.exists(), reason="mlx.launch is not i
 
 GREEDY = {"prompt": "w1 w2 w3 w4", "max_tokens": 24, "temperature": 0}
 SAMPLED = {"prompt": "w7 w8", "max_tokens": 24, "temperature": 0.9, "seed": 11}
+# the next turn of GREEDY's conversation: it starts from GREEDY's kept KV caches
+FOLLOW_UP = {"prompt": "w1 w2 w3 w4 w9 w10 w11", "max_tokens": 16, "temperature": 0}
 # a prefill longer than one message holds inline (its tokens follow in a second collective)
 LONG = {"prompt": " ".join(f"w{i % 57 + 2}" for i in range(150)), "max_tokens": 8, "temperature": 0}
 
@@ -127,7 +129,7 @@ def test_group_answers_like_one_process_and_swaps_adapters(tmp_path: Path, model
     proc = _popen(serve_command(cfg, single_data), single_log, clean_env())
     try:
         _wait_ready(url, [proc], [single_log])
-        alone = [_complete(url, b) for b in (GREEDY, SAMPLED, LONG)]
+        alone = [_complete(url, b) for b in (GREEDY, FOLLOW_UP, SAMPLED, LONG)]
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -147,10 +149,13 @@ def test_group_answers_like_one_process_and_swaps_adapters(tmp_path: Path, model
         assert "  group:   2 ranks (ring): rank 0 " in format_status(url, st)
         assert st["adapter_version"] == 1  # the installed adapter, on rank 0's draft
 
-        together = [_complete(url, b) for b in (GREEDY, SAMPLED, LONG)]
+        together = [_complete(url, b) for b in (GREEDY, FOLLOW_UP, SAMPLED, LONG)]
         for a, b in zip(alone, together, strict=True):
             assert a["choices"][0]["text"] == b["choices"][0]["text"]
         assert together[0]["usage"]["speculative"]["adapter_version"] == 1
+        # the follow-up reused the prompt cache on every rank, and still answered the same
+        cached = together[1]["usage"]["prompt_tokens_details"]["cached_tokens"]
+        assert cached > 0 and cached == alone[1]["usage"]["prompt_tokens_details"]["cached_tokens"]
         assert together[0]["usage"]["speculative"]["drafted"] > 0
 
         # a live swap between requests: the group goes on answering the same, on v0
@@ -190,18 +195,57 @@ def test_group_answers_like_one_process_and_swaps_adapters(tmp_path: Path, model
     assert rank1[-1]["forwards"] > 0
 
 
-def _start_ranks(tmp: Path, cfg: Path, data: Path) -> list[subprocess.Popen]:
+def _start_ranks(
+    tmp: Path, cfg: Path, data: Path, rank1_env: dict[str, str] | None = None
+) -> list[subprocess.Popen]:
     """Two ranks started by hand from one hostfile, as two service managers would: no
-    launcher that kills the survivor for us."""
+    launcher that kills the survivor for us. ``rank1_env``: more variables for rank 1."""
     hostfile = write_hostfile(tmp / "hosts.json", 2)
+    extra = rank1_env or {}
     return [
         _popen(
             serve_command(cfg, data),
             tmp / f"rank{r}.log",
-            clean_env(MLX_HOSTFILE=str(hostfile), MLX_RANK=str(r)),
+            clean_env(MLX_HOSTFILE=str(hostfile), MLX_RANK=str(r), **(extra if r else {})),
         )
         for r in range(2)
     ]
+
+
+def test_a_prompt_cache_entry_one_rank_evicted_costs_prefill_not_a_wrong_answer(
+    tmp_path: Path, model_dir: Path
+) -> None:
+    port = free_ports(1)[0]
+    url = f"http://127.0.0.1:{port}"
+    cfg = _config(tmp_path, model_dir, port)
+    first = {"prompt": "w5 w6 w7 w8 w9", "max_tokens": 12, "temperature": 0}
+    other = {"prompt": "w30 w31 w32", "max_tokens": 12, "temperature": 0}
+    again = {"prompt": "w5 w6 w7 w8 w9 w40 w41", "max_tokens": 12, "temperature": 0}
+
+    alone_log = tmp_path / "alone.log"
+    proc = _popen(serve_command(cfg, tmp_path / "alone"), alone_log, clean_env())
+    try:
+        _wait_ready(url, [proc], [alone_log])
+        alone = [_complete(url, b) for b in (first, other, again)]
+    finally:
+        _kill(proc)
+    assert alone[2]["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+
+    # rank 1 keeps one entry, rank 0 ten: by the third request rank 1 has dropped the first
+    procs = _start_ranks(
+        tmp_path, cfg, tmp_path / "group", {"SPECD_SERVER__PROMPT_CACHE_SIZE": "1"}
+    )
+    logs = [tmp_path / "rank0.log", tmp_path / "rank1.log"]
+    try:
+        _wait_ready(url, procs, logs)
+        together = [_complete(url, b) for b in (first, other, again)]
+    finally:
+        for p in procs:
+            _kill(p)
+    for a, b in zip(alone, together, strict=True):
+        assert a["choices"][0]["text"] == b["choices"][0]["text"]
+    # rank 0 found the first request's entry, rank 1 did not: they started from nothing
+    assert together[2]["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
 
 
 def _exit_within(proc: subprocess.Popen, seconds: float) -> tuple[int, float]:
