@@ -183,23 +183,17 @@ def write_model_dir(
 
 
 def free_ports(n: int) -> list[int]:
-    """``n`` loopback ports free right now (held together, so they differ)."""
-    import socket
+    """``n`` loopback ports free right now."""
+    from daemon.core.distributed import loopback_ports
 
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for sock in socks:
-            sock.bind(("127.0.0.1", 0))
-        return [int(sock.getsockname()[1]) for sock in socks]
-    finally:
-        for sock in socks:
-            sock.close()
+    return loopback_ports(n)
 
 
 def write_hostfile(path: Path, ranks: int) -> Path:
     """A ring hostfile for ``ranks`` processes on loopback, as mlx.launch writes one."""
-    path.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in free_ports(ranks)]))
-    return path
+    from daemon.core.distributed import loopback_hostfile
+
+    return loopback_hostfile(path, ranks)
 
 
 def clean_env(**extra: str) -> dict[str, str]:

@@ -20,7 +20,6 @@ import argparse
 import itertools
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -41,6 +40,7 @@ from daemon.core.distributed import (
     Watchdog,
     detect_group,
     follow,
+    loopback_hostfile,
 )
 from daemon.core.engine import SamplingParams, SpeculativeConfig, SpeculativeEngine
 from daemon.core.models import load_pair, load_sharded_target
@@ -206,17 +206,6 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for sock in socks:
-            sock.bind(("127.0.0.1", 0))
-        return [int(sock.getsockname()[1]) for sock in socks]
-    finally:
-        for sock in socks:
-            sock.close()
-
-
 def _launch(args: argparse.Namespace, ranks: int, out: Path) -> tuple[int, str]:
     """Run the worker as ``ranks`` processes of one ring group on loopback, started directly
     from a hostfile (mlx.launch's relay loop would take a core of this machine from them);
@@ -235,8 +224,7 @@ def _launch(args: argparse.Namespace, ranks: int, out: Path) -> tuple[int, str]:
     env = launcher_free_environment(dict(os.environ))
     logs = [out.with_suffix(f".rank{r}.log") for r in range(ranks)]
     if ranks > 1:
-        hostfile = out.with_suffix(".hosts.json")
-        hostfile.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in _free_ports(ranks)]))
+        hostfile = loopback_hostfile(out.with_suffix(".hosts.json"), ranks)
         envs = [{**env, "MLX_HOSTFILE": str(hostfile), "MLX_RANK": str(r)} for r in range(ranks)]
     else:
         envs = [env]

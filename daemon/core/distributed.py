@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import threading
 import time
 import weakref
@@ -84,6 +85,25 @@ def _hosts_from_hostfile(size: int) -> list[str]:
             elif isinstance(entry, str):
                 hosts[i] = entry
     return hosts
+
+
+def loopback_ports(n: int) -> list[int]:
+    """``n`` loopback ports free right now (held together, so they differ)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def loopback_hostfile(path: Path, ranks: int) -> Path:
+    """A ring hostfile for ``ranks`` processes on this machine (benchmarks, tests): what
+    mlx.launch writes for ``--hosts 127.0.0.1 -n ranks``, on free ports."""
+    path.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in loopback_ports(ranks)]))
+    return path
 
 
 @dataclass
