@@ -359,7 +359,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="the adaptive loop end to end: eval before, train traffic, eval after",
         description="Measure the engine on the eval prompts, send the train prompts through it "
         "exactly as the daemon serves them (the loop trains, gates and swaps with the configured "
-        "min_failure_cases), then measure the eval prompts again. Uses a private data dir.",
+        "min_failure_cases), then measure the eval prompts again, again without the adapter "
+        "(the adapter's own share), and the target alone before and after. Uses a private "
+        "data dir.",
     )
     _common(q)
     q.add_argument("--train-prompts", type=Path, required=True, metavar="A.jsonl")

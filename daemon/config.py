@@ -45,7 +45,10 @@ class ModelsSettings(_Section):
         description="Target model: the embedded default, a local MLX directory or an HF repo id.",
     )
     draft: str | None = Field(
-        None, description="Separate draft model (path or repo id); null means a layer-skip draft."
+        None,
+        description="Separate draft model (path or repo id); null means a layer-skip draft; "
+        "'feature' a draft over the target's own hidden states, learned from traffic (the "
+        "layer-skip draft serves until its first version passes the gate).",
     )
     draft_layers: list[int] = Field(
         default_factory=lambda: [0, 1, 2, 3],
@@ -205,6 +208,13 @@ class TrainingSettings(_Section):
         ge=0.0,
         description="Extra loss weight (1 + this) on positions where the draft was rejected "
         "in service or, teacher forced, the draft as the run starts disagrees with the target.",
+    )
+    feature_regression: float = Field(
+        1.0,
+        ge=0.0,
+        description="models.draft: feature. Weight of the smooth-L1 distance between the "
+        "draft's output features and the target's (EAGLE's regression term), next to the "
+        "token loss.",
     )
     optimizer: Literal["adamw", "adam"] = "adamw"
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW decoupled weight decay.")

@@ -40,6 +40,7 @@ from daemon.store.runs import (
     RESULT_FILE,
     FinishedRun,
     GateDecision,
+    RunMetrics,
     TrainingResult,
     read_progress,
     read_result,
@@ -100,6 +101,20 @@ def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
 
 
+def _gate_costs(m: RunMetrics, live: StepCosts | None) -> tuple[StepCosts | None, StepCosts | None]:
+    """(costs of the pair in service, the candidate's when its draft is of another kind).
+
+    A candidate of another kind (a first feature draft) costs what the run timed for it,
+    scaled by how the live target's step compares with the run's; without live figures the
+    run's own timings of both drafts are used."""
+    run = StepCosts.from_dict(m.costs) if m.costs else None
+    if m.costs_before is None or run is None:
+        return live or run, None
+    before = live or StepCosts.from_dict(m.costs_before)
+    scale = before.target / run.target if run.target > 0 else 1.0
+    return before, replace(before, draft=run.draft * scale, source=before.source)
+
+
 def gate(
     result: TrainingResult, settings: Settings, costs: StepCosts | None = None
 ) -> GateDecision:
@@ -119,10 +134,10 @@ def gate(
     improvement = after - before
     agreement = f"held-out agreement {before:.4f} -> {after:.4f} ({improvement:+.4f})"
     cfg = settings.training
-    costs = costs or (StepCosts.from_dict(m.costs) if m.costs else None)
+    costs, after_costs = _gate_costs(m, costs)
     rows_b, rows_a = m.heldout_before.match_rows(), m.heldout_after.match_rows()
     if cfg.gate == "speed" and costs is not None and rows_a and len(rows_a) == len(rows_b):
-        c = compare(rows_b, rows_a, costs, cfg.gate_confidence)
+        c = compare(rows_b, rows_a, costs, cfg.gate_confidence, after_costs=after_costs)
         b, a = c.before, c.after
         return GateDecision(
             "install" if c.better else "reject",

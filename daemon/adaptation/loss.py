@@ -12,6 +12,11 @@ the target's distribution is taken at its columns. ``kd`` (`kd_loss`) is the for
 KL from the target's stored top-k to the draft, both renormalised over those ids, masked with
 the finite `NEG` (guard 2). Logits are upcast to float32 first: a log-softmax over a 49k
 vocabulary in float16 overflows (guard 3).
+
+A feature draft (`daemon.core.feature_draft`) reads the target's hidden states: its logits come
+from them teacher forced (computed here, or given as ``features`` by a trainer that keeps
+them), and ``regression_weight`` adds EAGLE's regression term, the smooth-L1 distance of its
+output features from the target's at the same output positions.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import mlx.nn as nn
 
 from daemon.adaptation.data import IGNORE, NEG
 from daemon.config import TRAINING_LOSSES
+from daemon.core.feature_draft import FeatureDraft
 from daemon.core.heads import PLAIN_HEAD_MODULES, output_head, pruned_head
 
 __all__ = [
@@ -77,6 +83,8 @@ def model_logits(model: nn.Module, inputs: mx.array, start: int = 0) -> mx.array
     of a small draft's compute) only from ``start`` where the architecture allows
     (`PLAIN_HEAD_MODULES`). A draft with a pruned head gets logits over its subset only
     (``(..., N)``; `PrunedHead.index` maps token ids to their columns)."""
+    if isinstance(model, FeatureDraft):
+        return _feature_logits(model, model.hidden(inputs)[:, start:])
     inner: nn.Module | None = getattr(model, "model", None)
     head = pruned_head(model)
     if head is not None and inner is not None:
@@ -84,6 +92,11 @@ def model_logits(model: nn.Module, inputs: mx.array, start: int = 0) -> mx.array
     if start > 0 and type(model).__module__ in PLAIN_HEAD_MODULES and inner is not None:
         return cast(mx.array, output_head(model)(inner(inputs)[:, start:]))
     return model(inputs)[:, start:] if start > 0 else model(inputs)
+
+
+def _feature_logits(model: FeatureDraft, hidden: mx.array) -> mx.array:
+    head = pruned_head(model)
+    return head.subset_logits(hidden) if head is not None else model.head(hidden)
 
 
 def teacher_logprobs(
@@ -150,6 +163,8 @@ def compute_loss(
     disagreement_weight: float = 0.0,
     vocab_limit: int | None = None,
     loss: str = "ce",
+    features: mx.array | None = None,
+    regression_weight: float = 0.0,
 ) -> tuple[mx.array, tuple[mx.array, mx.array, mx.array]]:
     """``(loss, (ce, kd, num_targets))`` of a batch; ``model`` first, for `nn.value_and_grad`.
 
@@ -161,7 +176,15 @@ def compute_loss(
     must all be ``IGNORE`` (`Batch.start`); their logits are not computed.
     """
     start = max(0, min(int(start), inputs.shape[1] - 1))
-    logits = model_logits(model, inputs, start).astype(mx.float32)
+    regression = None
+    if isinstance(model, FeatureDraft):
+        out, target_features = model.teacher_forced(inputs, features)
+        logits = _feature_logits(model, out[:, start:]).astype(mx.float32)
+        if regression_weight:
+            diff = out[:, start:] - target_features[:, start:]
+            regression = nn.losses.smooth_l1_loss(diff, mx.zeros_like(diff), reduction="none")
+    else:
+        logits = model_logits(model, inputs, start).astype(mx.float32)
     labels, rejected = labels[:, start:], rejected[:, start:]
     # output positions, before a pruned head drops the labels it cannot propose: the target's
     # distribution is defined at every one of them
@@ -192,6 +215,11 @@ def compute_loss(
         term = mx.where(outputs, divergence(loss, logits, target_logp), 0.0)
         denom_term = mx.maximum(outputs.sum(), 1).astype(mx.float32)
     total = term.sum() / denom_term
+    if regression is not None:
+        per_position = regression.astype(mx.float32).mean(axis=-1)
+        total = total + regression_weight * mx.where(outputs, per_position, 0.0).sum() / (
+            mx.maximum(outputs.sum(), 1).astype(mx.float32)
+        )
     if disagreement_weight:
         total = total + disagreement_weight * (term * rejected).sum() / denom_term
     if kd_weight:

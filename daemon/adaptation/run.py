@@ -36,12 +36,18 @@ from daemon.adaptation.lora import apply_lora
 from daemon.adaptation.trainer import StepInfo, Trainer, planned_steps
 from daemon.config import DataSettings, Settings
 from daemon.core.evaluation import teacher_forced_agreement
+from daemon.core.feature_draft import is_feature_draft
 from daemon.core.heads import frequent_tokens, prune_head
 from daemon.core.models import flat_parameters, load_pair
 from daemon.core.speed import measure_costs
 from daemon.errors import TrainingError
 from daemon.logging import get_logger
-from daemon.store.adapters import adapter_head, save_adapter
+from daemon.store.adapters import (
+    adapter_head,
+    feature_adapter_config,
+    load_adapter_dir,
+    save_adapter,
+)
 from daemon.store.runs import ExampleCounts, HeldoutEval, ProgressFile, RunMetrics
 
 log = get_logger("training")
@@ -76,6 +82,25 @@ def heldout_agreement(
         seconds=round(time.perf_counter() - t0, 2),
         by_row=["".join("1" if m else "0" for m in row) for row in by_row],
     )
+
+
+def _feature_draft_to_train(
+    pair: Any, init_adapter: Any, holdout: Sequence[Any], settings: Settings
+) -> tuple[nn.Module, nn.Module | None, HeldoutEval, dict[str, Any]]:
+    """The feature draft a run trains (the init adapter's, when it is one, else a fresh one),
+    the draft in service when it is of another kind (None otherwise) and held-out agreement
+    of the draft in service before the run: the init adapter (a feature or LoRA version), or
+    the plain layer-skip draft that serves until the first version."""
+    vocab_limit = pair.shared_vocab
+    served = pair.draft
+    if init_adapter is not None:
+        served = load_adapter_dir(pair.fresh_draft, Path(init_adapter))
+    before = heldout_agreement(served, holdout, settings.data, vocab_limit)
+    if is_feature_draft(served):
+        served.unfreeze()
+        return served, None, before, feature_adapter_config(served)
+    draft = pair.fresh_feature_draft()
+    return draft, served, before, feature_adapter_config(draft)
 
 
 def replay_count(num_failures: int, ratio: float) -> int:
@@ -181,15 +206,20 @@ def run_training(
         )
 
     mx.random.seed(cfg.seed)
-    adapter_config = apply_lora(draft, cfg.lora, init_adapter)
-    trainable = sum(v.size for _, v in flat_parameters(draft, trainable=True))
-
     progress_view.update(phase="eval_before", holdout_rows=len(holdout))
-    if head is not None and init_adapter is not None:
-        # "before" is the draft in service: the init adapter with its own head
-        init_head = adapter_head(init_adapter)
-        prune_head(draft, init_head or cast(list[int], pair.default_head()), vocab_limit)
-    before = heldout_agreement(draft, holdout, settings.data, vocab_limit)
+    served: nn.Module | None = None  # the draft in service, when of another kind
+    if pair.learns_features:
+        draft, served, before, adapter_config = _feature_draft_to_train(
+            pair, init_adapter, holdout, settings
+        )
+    else:
+        adapter_config = apply_lora(draft, cfg.lora, init_adapter)
+        if head is not None and init_adapter is not None:
+            # "before" is the draft in service: the init adapter with its own head
+            init_head = adapter_head(init_adapter)
+            prune_head(draft, init_head or cast(list[int], pair.default_head()), vocab_limit)
+        before = heldout_agreement(draft, holdout, settings.data, vocab_limit)
+    trainable = sum(v.size for _, v in flat_parameters(draft, trainable=True))
     log.info("heldout_eval", run_id=run_id, when="before", **before.summary())
     if head is not None:
         # the head this version will serve with, from the target's recent outputs; the loss
@@ -218,7 +248,7 @@ def run_training(
         trainable_parameters=trainable,
         learning_rate=cfg.learning_rate,
         loss=cfg.loss,
-        lora=adapter_config["lora_parameters"],
+        adapter=adapter_config.get("lora_parameters") or adapter_config["fine_tune_type"],
     )
     progress_view.update(
         phase="training", step=0, total_steps=total, heldout_before=before.agreement
@@ -246,6 +276,7 @@ def run_training(
     # the pair's step costs, for a gate with no live engine to ask (`specd train`); not
     # with a split target, whose costs only the live engine can measure
     costs = None if draft_only else measure_costs(pair.target, draft)
+    costs_before = measure_costs(pair.target, served) if served is not None else None
 
     metadata = {
         "run_id": run_id,
@@ -292,13 +323,15 @@ def run_training(
         adapter_path=str(path),
         head_tokens=len(head) if head is not None else 0,
         costs=costs.to_dict() if costs is not None else None,
+        costs_before=costs_before.to_dict() if costs_before is not None else None,
+        draft_kind="feature" if is_feature_draft(draft) else "lora",
     )
     log.info(
         "train_run",
         **{
             k: v
             for k, v in metrics.to_dict().items()
-            if k not in ("heldout_before", "heldout_after", "costs")
+            if k not in ("heldout_before", "heldout_after", "costs", "costs_before")
         },
         heldout_before=before.agreement,
         heldout_after=after.agreement,

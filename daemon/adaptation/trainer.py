@@ -37,6 +37,7 @@ from mlx.utils import tree_flatten, tree_map
 from daemon.adaptation.data import Batch, Example, collate
 from daemon.adaptation.loss import compute_loss, teacher_logprobs
 from daemon.config import TrainingSettings
+from daemon.core.feature_draft import FeatureDraft, target_hidden
 from daemon.core.heads import pruned_head
 from daemon.logging import get_logger
 
@@ -161,7 +162,9 @@ class Trainer:
         self._loss = self._ce = self._kd = 0.0
         self._tokens = 0
 
-    def loss_fn(self, model: nn.Module, *arrays: mx.array, start: int = 0) -> Any:
+    def loss_fn(
+        self, model: nn.Module, *arrays: mx.array, start: int = 0, features: Any = None
+    ) -> Any:
         return compute_loss(
             model,
             *arrays,
@@ -170,6 +173,8 @@ class Trainer:
             disagreement_weight=self.cfg.disagreement_weight,
             vocab_limit=self.vocab_limit,
             loss=self.cfg.loss,
+            features=features,
+            regression_weight=self.cfg.feature_regression,
         )
 
     def _teacher(self, inputs: mx.array, start: int) -> mx.array:
@@ -208,6 +213,31 @@ class Trainer:
             rows.append(mx.pad(cached.astype(mx.float32), pad))
         return mx.stack(rows)
 
+    def target_features(
+        self, batch: Batch, examples: Sequence[Example] | None = None
+    ) -> mx.array | None:
+        """The target's hidden states over the batch, for a feature draft (None otherwise);
+        each example's are computed once per fit and kept (within `TEACHER_CACHE_BYTES`,
+        shared with the teacher's rows): the target's forward pass is most of such a step."""
+        if not isinstance(self.model, FeatureDraft):
+            return None
+        target = self.model.target
+        if examples is None:
+            return mx.stop_gradient(target_hidden(target, batch.inputs))
+        width = batch.inputs.shape[1]
+        rows = []
+        for ex in examples:
+            key = -id(ex)  # beside the teacher's rows in one cache
+            cached = self._teacher_cache.get(key)
+            if cached is None:
+                cached = target_hidden(target, mx.array(ex.inputs)[None])[0]
+                mx.eval(cached)
+                if self._cache_bytes + cached.nbytes <= TEACHER_CACHE_BYTES:
+                    self._teacher_cache[key] = cached
+                    self._cache_bytes += cached.nbytes
+            rows.append(mx.pad(cached, [(0, width - cached.shape[0]), (0, 0)]))
+        return mx.stack(rows)
+
     def micro_step(self, batch: Batch, examples: Sequence[Example] | None = None) -> bool:
         """Forward/backward one micro-batch and accumulate it; False if it was skipped.
         ``examples`` (those ``batch`` was collated from) let a divergence loss reuse the
@@ -218,7 +248,11 @@ class Trainer:
             log.debug("train_micro_batch_skipped", reason="no target positions")
             return False
         (loss, (ce, kd, _)), grads = self.value_and_grad(
-            self.model, *batch.arrays(), self.target_logprobs(batch, examples), start=batch.start
+            self.model,
+            *batch.arrays(),
+            self.target_logprobs(batch, examples),
+            start=batch.start,
+            features=self.target_features(batch, examples),
         )
         ok = _all_finite(loss, grads)
         mx.eval(loss, ce, kd, grads, ok)

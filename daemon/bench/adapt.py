@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from daemon.bench.common import mlx_lm_run
-from daemon.bench.report import print_table, write_json
+from daemon.bench.report import print_table, provenance, write_json
 from daemon.config import ConfigSources, Settings
 from daemon.core.engine import GenerationStats
 from daemon.core.prompts import encode_prompt, read_prompts
@@ -62,6 +62,58 @@ def _eval_engine(
     return out
 
 
+def _target_only(pair: Any, eval_ids: Sequence[list[int]], max_tokens: int) -> dict[str, Any]:
+    """The target alone (mlx-lm, greedy) on the eval prompts: its speed, and its answers (under
+    ``answers``, not for the JSON) that held-out agreement is scored on."""
+    mlx_lm_run(pair.target, pair.tokenizer, eval_ids[0], 8)  # warm-up
+    t0 = time.perf_counter()
+    answers = [mlx_lm_run(pair.target, pair.tokenizer, ids, max_tokens)[0] for ids in eval_ids]
+    seconds = time.perf_counter() - t0
+    tokens = sum(len(a) for a in answers)
+    return {"tokens_per_s": tokens / seconds, "tokens": tokens, "answers": answers}
+
+
+# Each engine row's speedup is over the target measured next to it: ``before`` over the one
+# measured before the traffic, the rows after it over the one measured after.
+TARGET_OF = {
+    "before": "target_only",
+    "after": "target_only_after",
+    "after_without_adapter": "target_only_after",
+}
+
+
+def ratios(rows: dict[str, Any]) -> dict[str, float]:
+    """Tokens/s ratios: each engine row over its target (`TARGET_OF`), and adaptation's own
+    share: ``after`` over ``after_without_adapter`` (the same state, suffix index included,
+    with the plain draft)."""
+
+    def tps(row: str) -> float:
+        return float(rows[row]["tokens_per_s"])
+
+    out = {f"{row} / target": tps(row) / tps(target) for row, target in TARGET_OF.items()}
+    out["after / after_without_adapter"] = tps("after") / tps("after_without_adapter")
+    return out
+
+
+def _candidate_line(c: dict[str, Any]) -> str:
+    """One stored candidate: its gate decision, expected speedup before -> after (gate: speed
+    only) and held-out agreement before -> after, then the gate's reason."""
+    gate = c.get("gate") or {}
+    speed = gate.get("speed") or {}
+
+    def pair(before: Any, after: Any, fmt: str) -> str:
+        return "-" if before is None or after is None else f"{before:{fmt}} -> {after:{fmt}}"
+
+    exp = pair(
+        (speed.get("before") or {}).get("speedup"), (speed.get("after") or {}).get("speedup"), ".3f"
+    )
+    agree = pair(gate.get("heldout_before"), gate.get("heldout_after"), ".4f")
+    return (
+        f"v{c['version']} {c['status']}: expected speedup {exp}, held-out agreement {agree}: "
+        f"{gate.get('reason')}"
+    )
+
+
 def bench_adapt(
     settings: Any,
     config_file: Any,
@@ -84,6 +136,11 @@ def bench_adapt(
     ``min_failure_cases``. ``heldout_agreement`` is teacher-forced agreement of the draft with
     the target's greedy answers to the eval prompts. With ``eval_groups`` (a label per eval
     prompt, e.g. its domain) ``before`` and ``after`` also break the measures down by label.
+
+    After the traffic the target alone is measured again (``target_only_after``), and so is the
+    service with the adapter taken out (``after_without_adapter``: the plain draft, with the
+    suffix index, the target's prompt cache and the policy as the traffic left them), then the
+    adapter is put back: ``after`` over it is what the adapter itself adds (`ratios`).
     """
     import tempfile
     from pathlib import Path
@@ -100,15 +157,10 @@ def bench_adapt(
     if groups is not None and len(groups) != len(eval_prompts):
         raise ValueError(f"{len(groups)} eval groups for {len(eval_prompts)} eval prompts")
     pair = load_pair(settings)
-    tok = pair.tokenizer
-    eval_ids = [encode_prompt(tok, p) for p in eval_prompts]
+    eval_ids = [encode_prompt(pair.tokenizer, p) for p in eval_prompts]
     # Target-only reference: speed, and the greedy answers held-out agreement is scored on.
-    mlx_lm_run(pair.target, tok, eval_ids[0], 8)  # warm-up
-    t0 = time.perf_counter()
-    answers = [mlx_lm_run(pair.target, tok, ids, max_tokens)[0] for ids in eval_ids]
-    target_s = time.perf_counter() - t0
-    target_tps = sum(len(a) for a in answers) / target_s
-    heldout_rows = list(zip(eval_ids, answers, strict=True))
+    target_before = _target_only(pair, eval_ids, max_tokens)
+    heldout_rows = list(zip(eval_ids, target_before.pop("answers"), strict=True))
 
     with tempfile.TemporaryDirectory(prefix="specd-bench-adapt-") as tmp:
         s = settings.model_copy(deep=True)
@@ -116,6 +168,7 @@ def bench_adapt(
         s.training.cooldown_seconds = 0.0
         s.training.check_interval_seconds = 2.0
         s.training.policy = "immediate"
+        s.models.keep_alive_seconds = None  # the target is run here, between requests
         service = Service(s, pair)
         service.start()
         loop = AdaptationLoop(service, config_file)
@@ -124,7 +177,6 @@ def bench_adapt(
 
             def measure() -> dict[str, Any]:
                 m = _eval_engine(service, eval_prompts, max_tokens, groups, temperature)
-                m["speedup_vs_target"] = m["tokens_per_s"] / target_tps
                 # one pass per group; the overall figure is their sum
                 draft = service.draft
                 labels = groups or [""] * len(heldout_rows)
@@ -146,17 +198,39 @@ def bench_adapt(
             service.flush(60)
             loop.check()  # the last failures may have just crossed the threshold
             loop.wait_idle()  # let a started run finish, gate and swap
+            loop.stop()  # and start no other: the adapter in service stays put from here
             after = measure()
             # every candidate the loop stored, installed or rejected, with its gate decision
             candidates = loop.list_adapters()["versions"]
+            # the same state without the adapter, then the adapter back (the public swap); with
+            # none installed this measures the same state twice, and the share shows the noise
+            version = service.adapter_version
+            adapter = loop.store.get(version) if version else None
+            service.swap_adapter(None).result()
+            without = measure()
+            service.swap_adapter(adapter).result()
+            restored = service.adapter_version
+            target_after = _target_only(pair, eval_ids, max_tokens)
+            target_after.pop("answers")  # greedy: the same as before the traffic
         finally:
             loop.stop()
             service.stop(timeout=60)
     summary = loop.summary()
-    return {
-        "target_only": {"tokens_per_s": target_tps, "tokens": sum(len(a) for a in answers)},
+    rows = {
+        "target_only": target_before,
+        "target_only_after": target_after,
         "before": before,
         "after": after,
+        "after_without_adapter": without,
+    }
+    shares = ratios(rows)
+    for row in TARGET_OF:
+        rows[row]["speedup_vs_target"] = shares[f"{row} / target"]
+    after["vs_without_adapter"] = shares["after / after_without_adapter"]
+    return {
+        **rows,
+        "ratios": shares,
+        "restored_adapter_version": restored,
         "adapters_installed": summary.counts.installed,
         "training_runs": summary.counts.runs,
         "last_run": summary.last_run.to_dict() if summary.last_run else None,
@@ -190,8 +264,9 @@ def run(args: argparse.Namespace, settings: Settings, sources: ConfigSources) ->
         eval_groups=groups,
         temperature=args.temperature,
     )
-    rows = {k: result[k] for k in ("target_only", "before", "after")}
-    for when in ("before", "after"):
+    order = ("target_only", "before", "target_only_after", "after", "after_without_adapter")
+    rows = {k: result[k] for k in order}
+    for when in TARGET_OF:
         for g, m in result[when].get("by_group", {}).items():
             rows[f"{when}[{g}]"] = m
     print_table(
@@ -199,6 +274,7 @@ def run(args: argparse.Namespace, settings: Settings, sources: ConfigSources) ->
         [
             "tokens_per_s",
             "speedup_vs_target",
+            "vs_without_adapter",
             "acceptance_rate",
             "mean_accepted_length",
             "heldout_agreement",
@@ -209,7 +285,12 @@ def run(args: argparse.Namespace, settings: Settings, sources: ConfigSources) ->
         f"training runs: {result['training_runs']}, adapters installed: "
         f"{result['adapters_installed']}, wall: {result['wall_s']:.0f}s"
     )
+    print(
+        "tokens/s ratios: "
+        + ", ".join(f"{name} {r:.3f}x" for name, r in result["ratios"].items())
+        + " (the target as measured before / after the traffic; the last: the adapter's share)"
+    )
     for c in result["candidates"]:
-        print(f"v{c['version']} {c['status']}: {(c.get('gate') or {}).get('reason')}")
-    write_json(args.json, result)
+        print(_candidate_line(c))
+    write_json(args.json, {**result, "run": provenance()})
     return 0

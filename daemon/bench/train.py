@@ -16,6 +16,7 @@ from daemon.adaptation.run import run_training
 from daemon.bench.report import print_table, write_json
 from daemon.config import ConfigSources, Settings
 from daemon.core.speed import StepCosts, estimate
+from daemon.store.adapters import load_adapter_dir
 
 
 def generate_traffic(
@@ -118,9 +119,11 @@ def bench_train(
                     )
                 traffic["train_records"] = buf.count("train")
                 traffic["holdout_records"] = buf.count("holdout")
+        chain_before = holdout_chain(run_settings, pair, pair.draft)
+        adapter_dir = Path(out_dir) if out_dir else Path(tmp) / "adapter"
         m = run_training(
             run_settings,
-            out_dir=out_dir or Path(tmp) / "adapter",
+            out_dir=adapter_dir,
             epochs=epochs,
             max_steps=max_steps,
             run_id="bench-train",
@@ -128,18 +131,31 @@ def bench_train(
             mark_used=False,
             pair=pair,
         )
+        trained = load_adapter_dir(pair.fresh_draft, adapter_dir)
+        chain_after = holdout_chain(run_settings, pair, trained)
     cfg = settings.training
     # what the speed gate would score: the pair's expected speedup over the target alone on
     # the holdout, with the step costs the run measured (daemon.core.speed)
     costs = StepCosts.from_dict(m.costs) if m.costs else None
+    # a draft of another kind than the one it replaces (a first feature draft) has its own
+    costs_before = StepCosts.from_dict(m.costs_before) if m.costs_before else costs
     speed = {
-        f"expected_speedup_{when}": estimate(ev.match_rows(), costs).speedup if costs else None
-        for when, ev in (("before", m.heldout_before), ("after", m.heldout_after))
+        f"expected_speedup_{when}": estimate(ev.match_rows(), c).speedup if c else None
+        for when, ev, c in (
+            ("before", m.heldout_before, costs_before),
+            ("after", m.heldout_after, costs),
+        )
     }
     return {
         "draft": pair.draft_id,
         "heldout_before": m.heldout_before.agreement,
         "heldout_after": m.heldout_after.agreement,
+        # the first two tokens of a round: first right, both right (the second drafted from
+        # the draft's own state, as served)
+        "chain_before": chain_before,
+        "chain_after": chain_after,
+        "both_right_before": chain_before["both"],
+        "both_right_after": chain_after["both"],
         **speed,
         "draft_token_ms": costs.draft * 1000 if costs else None,
         "heldout_positions": m.heldout_after.positions,
@@ -160,6 +176,23 @@ def bench_train(
         "traffic": traffic,
         "adapter_path": m.adapter_path if out_dir else None,
     }
+
+
+def holdout_chain(settings: Settings, pair: Any, draft: Any) -> dict[str, Any]:
+    """`chain_agreement` of ``draft`` on the buffer's holdout rows."""
+    from daemon.core.evaluation import chain_agreement
+    from daemon.store.buffer import ReplayBuffer
+
+    with ReplayBuffer(settings.paths.data_dir, settings.buffer, create=False) as buf:
+        holdout = buf.holdout(settings.training.eval_max_rows)
+    rows = [(r.prompt_tokens, r.output_tokens) for r in holdout]
+    return chain_agreement(
+        draft,
+        rows,
+        max_prompt=settings.data.max_prompt_length,
+        max_output=settings.data.max_output_length,
+        vocab_limit=pair.shared_vocab,
+    ).to_dict()
 
 
 def holdout_acceptance(settings: Settings, pair: Any, temperature: float) -> dict[str, Any]:
@@ -244,6 +277,8 @@ def run(args: argparse.Namespace, settings: Settings, sources: ConfigSources) ->
         [
             "heldout_before",
             "heldout_after",
+            "both_right_before",
+            "both_right_after",
             "expected_speedup_before",
             "expected_speedup_after",
             "draft_token_ms",

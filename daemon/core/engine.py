@@ -22,6 +22,13 @@ Acceptance
       (temperature, top-k, top-p; see :mod:`daemon.core.sampling`) of target and draft, over the
       shared vocabulary ``min(target_vocab, draft_vocab)`` (padded vocabularies differ).
 
+Drafters
+    The draft model sits behind `daemon.core.drafters.Drafter`: a model over tokens (layer-skip
+    or a separate model, with its own KV cache and prompt-cache entries) or the feature draft
+    (`daemon.core.feature_draft`), which reads the target's hidden states. For the latter the
+    verification pass and the prefill compute the target's hidden states and its logits from
+    them (`target_hidden`, `output_head`): the same forward, the features kept.
+
 Adaptive draft length (``SpeculativeConfig.adaptive``, the default)
     The Hugging Face "heuristic" schedule: start at ``num_draft_tokens`` (clamped into
     ``[min_draft_tokens, max_draft_tokens]``); after a round that drafted the full current
@@ -78,8 +85,10 @@ from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_p
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from daemon.core.constraints import Constraint
+from daemon.core.drafters import FeatureDrafter, make_drafter
 from daemon.core.drafting import NGRAM_SIZES, ContextIndex, Proposal, SuffixIndex
-from daemon.core.heads import last_logits
+from daemon.core.feature_draft import is_feature_draft, target_hidden
+from daemon.core.heads import output_head
 from daemon.core.output import TextStream
 from daemon.core.policy import Choice, SpeculationPolicy
 from daemon.core.prompt_cache import PromptCache
@@ -350,7 +359,9 @@ class SpeculativeEngine:
         # the longest cached prefix of the prompt (all but its last token, which the first
         # round scores), else fresh caches
         target_cache, t_cached = self.prompt_cache.fetch("target", prompt[:-1])
-        draft_cache, d_cached = self.prompt_cache.fetch("draft", prompt[:-1])
+        draft_cache, d_cached = None, 0
+        if not is_feature_draft(draft):  # a feature draft's cache is not keyed by tokens alone
+            draft_cache, d_cached = self.prompt_cache.fetch("draft", prompt[:-1])
         target_cache = target_cache if target_cache is not None else make_prompt_cache(target)
         draft_cache = draft_cache if draft_cache is not None else make_prompt_cache(draft)
         for name, cache in (("target", target_cache), ("draft", draft_cache)):
@@ -464,15 +475,27 @@ class SpeculativeEngine:
             pass
 
     def _prefill_steps(
-        self, model: nn.Module, cache: list[Any], tokens: mx.array, clear: bool = True
+        self,
+        model: nn.Module,
+        cache: list[Any],
+        tokens: mx.array,
+        clear: bool = True,
+        features: Any = None,
     ) -> Generator[None, None, None]:
-        """`_prefill`, yielding between chunks (where a closed request stops)."""
+        """`_prefill`, yielding between chunks (where a closed request stops). ``features``:
+        ``(start, hidden rows)`` of each chunk go there (a feature draft reads them)."""
         step = self.config.prefill_step_size
         for start in range(0, tokens.size, step):
             if start:
                 yield
-            model(tokens[start : start + step][None], cache=cache)
-            mx.eval([c.state for c in cache])
+            chunk = tokens[start : start + step][None]
+            if features is None:
+                model(chunk, cache=cache)
+                mx.eval([c.state for c in cache])
+            else:
+                hidden = target_hidden(model, chunk, cache)[0]
+                mx.eval([c.state for c in cache], hidden)
+                features(start, hidden)
         if tokens.size and clear:
             mx.clear_cache()
 
@@ -534,6 +557,23 @@ class SpeculativeEngine:
         finish: str | None = None
         # every token verified so far: both caches hold a prefix of it
         seq = list(resume.seq) if resume is not None else list(prompt)
+        # a model draft reads what it has not read yet at its first model round (a request
+        # served from proposals never pays its prefill; after a hand-over it reads it all);
+        # a feature draft reads the prompt's features as the target's prefill makes them
+        drafter = make_drafter(
+            draft,
+            draft_cache,
+            prompt[draft_cached:] if resume is None else seq,
+            lambda m, c, t: self._prefill(m, c, t, clear=False),
+            cfg.prefill_step_size,
+        )
+        head = output_head(target) if drafter.needs_features else None
+
+        def drafter_features(start: int, hidden: mx.array) -> None:
+            # prefill row i is position t_cached + i: it precedes token t_cached + i + 1
+            first = stats.cached_tokens + start + 1
+            drafter.observe(prompt[first : first + hidden.shape[0]], hidden)
+
         t_start = time.perf_counter()
         t_gen = t_start
         try:
@@ -543,19 +583,21 @@ class SpeculativeEngine:
                 if len(prompt) - 1 > t_cached:
                     # a long prompt yields empty chunks between its prefill chunks: a client
                     # that hangs up stops the request there, not after the whole prefill
-                    for _ in self._prefill_steps(target, target_cache, prompt_arr[t_cached:-1]):
+                    steps = self._prefill_steps(
+                        target,
+                        target_cache,
+                        prompt_arr[t_cached:-1],
+                        features=drafter_features if head is not None else None,
+                    )
+                    for _ in steps:
                         yield GenerationChunk(text="", tokens=[])
                     stats.target_passes += 1
                 t_gen = time.perf_counter()
                 stats.prompt_time = t_gen - t_start
                 target_in = [prompt[-1]]  # tokens the target has not processed yet
-                # tokens the draft has not processed yet: the whole prompt, read at its first
-                # model round (a request served from proposals never pays the draft's prefill)
-                draft_in = prompt[draft_cached:]
             else:
                 t_gen = resume.t_gen
                 target_in = seq[target_cache[0].offset :]
-                draft_in = list(seq)  # a fresh draft cache: it reads all at its first round
             lookup = ContextIndex(seq) if cfg.lookup else None
             # A seeded sample is reproducible: its rounds must not depend on other traffic
             # (the suffix index) or on measured timings (the policy), only on its own input.
@@ -599,6 +641,8 @@ class SpeculativeEngine:
                 else:
                     k = int(max(0, min(k_cur, remaining - 1))) if cfg.model_draft else 0
                     plan = Choice("model" if k else "none", k)
+                if plan.source == "model" and not drafter.ready:  # no feature to draft from yet
+                    plan = Choice("none", 0)
                 k = plan.k
                 model_round = plan.source == "model" and k > 0
                 if not greedy:
@@ -614,14 +658,11 @@ class SpeculativeEngine:
                 masks: list[np.ndarray] = []  # constrained: allowed tokens at each position
                 pushed = 0  # draft tokens the grammar state advanced through, to undo
                 t_draft = time.perf_counter()
-                catch_up = len(draft_in)  # > 2: the draft first reads tokens it skipped
                 if model_round:
-                    if catch_up > 2:  # in chunks, its cache only: no output head computed
-                        self._prefill(draft, draft_cache, mx.array(draft_in[:-1]), clear=False)
-                        stats.draft_passes += 1
-                    dy = mx.array(draft_in if catch_up <= 2 else draft_in[-1:], dtype=mx.uint32)
                     for i in range(k):
-                        dl = last_logits(draft, dy[None], draft_cache)[:vocab]
+                        dl = (drafter.first() if i == 0 else drafter.next(d_toks[-1]))[:vocab]
+                        if i == 0 and not drafter.caught_up:  # it first read tokens it skipped
+                            stats.draft_passes += 1
                         if constraint is not None:
                             if i:  # the grammar moves past the token just drafted
                                 pushed += constraint.push([cast(int, d_toks[-1].item())])
@@ -637,7 +678,6 @@ class SpeculativeEngine:
                             q_rows.append(lq)
                         mx.async_eval(tok, *d_rows[-1:])
                         d_toks.append(tok)
-                        dy = tok.reshape(1)
                     stats.draft_passes += k
                     if constraint is not None:  # past the last draft token too
                         pushed += constraint.push([cast(int, d_toks[-1].item())])
@@ -664,7 +704,13 @@ class SpeculativeEngine:
                 t_in = mx.array(target_in, dtype=mx.uint32)
                 if k:
                     t_in = mx.concatenate([t_in, d_arr])
-                t_logits = target(t_in[None], cache=target_cache)[0, -(k + 1) :, :]
+                hidden: mx.array | None = None
+                if head is not None:  # the features come with the logits, at no extra cost
+                    hidden = target_hidden(target, t_in[None], target_cache)[0]
+                    t_logits = head(hidden)[-(k + 1) :, :]
+                    hidden = hidden[-(k + 1) :]
+                else:
+                    t_logits = target(t_in[None], cache=target_cache)[0, -(k + 1) :, :]
                 tl = t_logits[:, :vocab]
                 if constraint is not None:
                     tl = mx.where(mx.array(np.stack(masks)), tl, -mx.inf)
@@ -703,7 +749,8 @@ class SpeculativeEngine:
                         n += 1
                 emitted = d_list[:n] + [choice_l[n]]
                 if policy is not None:
-                    policy.observe(plan, n, verify_s, draft_s if catch_up <= 2 else None)
+                    timed = draft_s if drafter.caught_up else None
+                    policy.observe(plan, n, verify_s, timed)
 
                 # ---- statistics and rejection record
                 if k:
@@ -735,15 +782,12 @@ class SpeculativeEngine:
                 # ---- rewind caches to the accepted prefix
                 if k - n:
                     trim_prompt_cache(target_cache, k - n)
+                # the rows that precede each emitted token: the feature draft's next input
+                feats = hidden[: n + 1] if hidden is not None else None
                 if model_round:
-                    if n < k:
-                        if k - n - 1:
-                            trim_prompt_cache(draft_cache, k - n - 1)
-                        draft_in = [emitted[-1]]
-                    else:  # d_k was never fed to the draft
-                        draft_in = [d_list[-1], emitted[-1]]
+                    drafter.settle(k, n, d_list, emitted, feats)
                 else:  # the draft did not run: it reads these tokens when it next drafts
-                    draft_in = draft_in + emitted
+                    drafter.observe(emitted, feats)
                 target_in = [emitted[-1]]
                 seq += emitted
                 if lookup is not None:
@@ -803,14 +847,19 @@ class SpeculativeEngine:
                 pass  # the caches go on with the request, not into the prompt cache
             elif result.finish_reason != "error":
                 # finished, or closed between rounds: the caches hold a prefix of seq either way
-                self._keep_caches(seq, target_cache, draft_cache)
+                keep_draft = not isinstance(drafter, FeatureDrafter)
+                self._keep_caches(seq, target_cache, draft_cache if keep_draft else None)
 
-    def _keep_caches(self, seq: list[int], target_cache: list[Any], draft_cache: list[Any]) -> None:
-        """Hand the finished request's caches to the prompt cache, keyed by what they hold."""
+    def _keep_caches(
+        self, seq: list[int], target_cache: list[Any], draft_cache: list[Any] | None
+    ) -> None:
+        """Hand the finished request's caches to the prompt cache, keyed by what they hold
+        (a feature draft's is not: it holds positions from where it started)."""
         if not self.prompt_cache.enabled:
             return
         self.prompt_cache.keep("target", seq, target_cache)
-        self.prompt_cache.keep("draft", seq, draft_cache)
+        if draft_cache is not None:
+            self.prompt_cache.keep("draft", seq, draft_cache)
 
     @staticmethod
     def _finalize(result: GenerationResult, pending: list, materialize: Any, t_gen: float) -> None:

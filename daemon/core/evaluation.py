@@ -132,3 +132,57 @@ def teacher_forced_acceptance(
         result.total += len(output)
         result.rows += 1
     return result
+
+
+@dataclass
+class ChainAgreement:
+    """The first two draft tokens of a round, teacher forced up to the round's start: how
+    often the first is right, and how often both are (the second drafted from the draft's own
+    state, as in service)."""
+
+    first: int = 0
+    both: int = 0
+    total: int = 0  # positions with a second token to score
+
+    def to_dict(self) -> dict[str, float | int]:
+        n = max(self.total, 1)
+        return {"first": self.first / n, "both": self.both / n, "positions": self.total}
+
+
+def chain_agreement(
+    model: nn.Module,
+    rows: Iterable[tuple[Sequence[int], Sequence[int]]],
+    *,
+    max_prompt: int = 512,
+    max_output: int = 256,
+    vocab_limit: int | None = None,
+) -> ChainAgreement:
+    """`ChainAgreement` over the rows' output positions. A token draft's second token reads
+    the first, which is the true token whenever the first is right: both are right exactly
+    where two teacher-forced matches follow each other. A feature draft's second token also
+    reads its own output feature in place of the target's, so it is drafted step by step."""
+    from daemon.core.feature_draft import FeatureDraft, chain_matches
+
+    result = ChainAgreement()
+    for prompt, output in rows:
+        prompt, output = truncate_example(prompt, output, max_prompt, max_output)
+        if not prompt or len(output) < 2:
+            continue
+        if isinstance(model, FeatureDraft):
+            pairs = chain_matches(model, prompt, output, vocab_limit)
+        else:
+            by_row: list[list[bool]] = []
+            teacher_forced_agreement(
+                model,
+                [(prompt, output)],
+                max_prompt=max_prompt,
+                max_output=max_output,
+                vocab_limit=vocab_limit,
+                by_row=by_row,
+            )
+            m = by_row[0]
+            pairs = [(m[i], m[i] and m[i + 1]) for i in range(len(m) - 1)]
+        result.first += sum(a for a, _ in pairs)
+        result.both += sum(b for _, b in pairs)
+        result.total += len(pairs)
+    return result

@@ -160,16 +160,18 @@ def _pruned_class(cls: type) -> type:
 def prune_head(model: nn.Module, token_ids: Sequence[int], vocab: int | None = None) -> None:
     """Give ``model`` (a draft) a head over ``token_ids`` only; ``vocab`` is its output width
     (the logits stay that wide). Replaces an earlier pruned head."""
-    _check_plain(model)
+    # a feature draft reads the target's head: its rows come from there
+    source = cast(nn.Module, getattr(model, "head_source", model))
+    _check_plain(source)
     ids = sorted({int(t) for t in token_ids})
     if not ids:
         raise ModelLoadError("a pruned draft head needs at least one token")
-    width = vocab if vocab is not None else int(model.args.vocab_size)
+    width = vocab if vocab is not None else int(source.args.vocab_size)
     if ids[0] < 0 or ids[-1] >= width:
         raise ModelLoadError(f"pruned head token ids must be in [0, {width})")
     arr = mx.array(ids, dtype=mx.uint32)
     object.__setattr__(model, "_pruned_head", None)  # the old head's rows are not needed
-    weight = _head_rows(model, arr)
+    weight = _head_rows(source, arr)
     mx.eval(weight)
     head = PrunedHead(weight, arr, width)
     mx.eval(head.index)

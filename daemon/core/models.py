@@ -26,6 +26,7 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from daemon.config import EMBEDDED_TARGET, Settings
 from daemon.core.backend import backend_info, release_freed_memory
 from daemon.core.distributed import Group, barrier, handshake, shard_target
+from daemon.core.feature_draft import FEATURE_KIND, FeatureDraft, make_feature_draft
 from daemon.core.heads import default_head_tokens, prune_head
 from daemon.errors import ModelLoadError
 
@@ -43,7 +44,7 @@ class ModelPair:
     target_id: str
     draft_id: str
     target_path: str
-    draft_kind: str  # "layer-skip" or "model"
+    draft_kind: str  # "layer-skip", "model" or "feature" (learned; layer-skip until then)
     dtype: str
     dequantized: bool
 
@@ -76,10 +77,26 @@ class ModelPair:
             return None
         return default_head_tokens(self.head_tokens, self.shared_vocab, self.special_ids())
 
-    def fresh_draft(self, head: Sequence[int] | None = None) -> nn.Module:
+    @property
+    def learns_features(self) -> bool:
+        """Whether training makes feature drafts (`daemon.core.feature_draft`)."""
+        return self.draft_kind == FEATURE_KIND
+
+    def fresh_feature_draft(self, head: Sequence[int] | None = None) -> FeatureDraft:
+        """A new, untrained feature draft of the target, its head cut like `fresh_draft`'s."""
+        draft = make_feature_draft(self.target)
+        if self.prunes_head:
+            ids = head if head is not None else self.default_head()
+            prune_head(draft, cast(Sequence[int], ids), self.shared_vocab)
+        return draft
+
+    def fresh_draft(self, head: Sequence[int] | None = None, features: bool = False) -> nn.Module:
         """A new draft without any adapter; cheap, since it shares the weight arrays. With
         ``head_tokens`` set its head is cut to ``head`` (an adapter's subset) or else to
-        `default_head`; without, it keeps the full head whatever ``head`` says."""
+        `default_head`; without, it keeps the full head whatever ``head`` says. ``features``:
+        an untrained feature draft (`fresh_feature_draft`) instead, for a feature adapter."""
+        if features:
+            return self.fresh_feature_draft(head)
         if self.draft_layers is not None:
             draft = make_layer_skip_draft(self.target, self.draft_layers)
         else:
@@ -301,11 +318,15 @@ def load_pair(
     target, tokenizer, tpath, deq, dtype = load_model(cfg.target, settings, lazy=lazy_target)
     base_draft = None
     layers: list[int] | None = None
-    if cfg.draft is None:
+    if cfg.draft is None or cfg.draft == FEATURE_KIND:
+        # a feature draft is learned: until its first version, the layer-skip draft serves
         layers = list(cfg.draft_layers)
         draft = make_layer_skip_draft(target, layers)
         draft_id = f"layer-skip{cfg.draft_layers}"
         kind = "layer-skip"
+        if cfg.draft == FEATURE_KIND:
+            make_feature_draft(target)  # the target must expose its features: fail at start
+            draft_id, kind = f"feature (until trained: {draft_id})", FEATURE_KIND
     else:
         base_draft, dtok, _, _, _ = load_model(cfg.draft, settings)
         check_vocab(tokenizer, dtok, cfg.target, cfg.draft)
@@ -370,6 +391,11 @@ def load_sharded_target(settings: Settings, group: Group) -> ShardedTarget:
 def _load_sharded_pair(settings: Settings, group: Group) -> ModelPair:
     """Rank 0's pair: the sharded target and a draft that runs here alone."""
     cfg = settings.models
+    if cfg.draft == FEATURE_KIND:
+        raise ModelLoadError(
+            "models.draft: feature needs the target's hidden states in this process; a target "
+            "split across ranks does not have them (use a layer-skip draft in a group)"
+        )
     loaded = load_sharded_target(settings, group)
     if loaded.draft_base is not None:
         base_draft = loaded.draft_base

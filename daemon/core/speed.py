@@ -160,11 +160,14 @@ def compare(
     costs: StepCosts,
     confidence: float = 0.9,
     seed: int = 0,
+    after_costs: StepCosts | None = None,
 ) -> Comparison:
-    """``after`` against ``before`` (the same rows, in the same order)."""
+    """``after`` against ``before`` (the same rows, in the same order); ``after_costs``: the
+    candidate's, when its draft costs differ from the one in service (another kind)."""
     if len(before) != len(after):
         raise ValueError("compare needs the same rows before and after")
-    b, a = estimate(before, costs), estimate(after, costs)
+    a_costs = after_costs or costs
+    b, a = estimate(before, costs), estimate(after, a_costs)
     rb, ra = b.rows, a.rows  # (tokens, rounds) per non-empty row, in the same order
     delta = a.speedup - b.speedup
     rng = random.Random(seed)
@@ -173,7 +176,7 @@ def compare(
     for _ in range(BOOTSTRAP if n else 0):
         pick = [rng.randrange(n) for _ in range(n)]
         deltas.append(
-            _speedup([ra[i] for i in pick], a.k, costs)
+            _speedup([ra[i] for i in pick], a.k, a_costs)
             - _speedup([rb[i] for i in pick], b.k, costs)
         )
     deltas.sort()
@@ -198,8 +201,25 @@ def measure_costs(target: Any, draft: Any, context: int = 128, repeats: int = 5)
             trim_prompt_cache(cache, rows)
         return sorted(times)[len(times) // 2]
 
+    def timed_features(draft: Any) -> float:
+        # one drafted token: one entry (own feature, last token) through the layer and head
+        cache = make_prompt_cache(draft)
+        width = int(draft.args.hidden_size)
+        prefix = mx.ones((1, context), dtype=mx.uint32)
+        mx.eval(draft.forward(mx.ones((1, context, width)), prefix, cache))
+        feature, token = mx.ones((1, 1, width)), mx.ones((1, 1), dtype=mx.uint32)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            mx.eval(draft.head(draft.forward(feature, token, cache)))
+            times.append(time.perf_counter() - t0)
+            trim_prompt_cache(cache, 1)
+        return sorted(times)[len(times) // 2]
+
+    from daemon.core.feature_draft import is_feature_draft
+
     return StepCosts(
         target=timed(target, 1),
         verify=[timed(target, k + 1) for k in range(1, MAX_K + 1)],
-        draft=timed(draft, 1),
+        draft=timed_features(draft) if is_feature_draft(draft) else timed(draft, 1),
     )

@@ -3,7 +3,8 @@
 An adapter is a directory in mlx-lm's format, `ADAPTER_CONFIG` + `ADAPTER_WEIGHTS` (the file
 names are defined here only). `save_adapter` writes one from a model's trainable (LoRA)
 parameters; ``mlx_lm.load(model_dir, adapter_path=...)`` and `load_adapter_dir` (mlx-lm's
-``load_adapters``) apply it.
+``load_adapters``) apply it, the latter fused for serving (`fuse_adapter`). A feature draft's
+version (``fine_tune_type: feature``) uses the same two files for the whole draft's weights.
 
 Layout under ``<data_dir>/adapters``::
 
@@ -206,7 +207,8 @@ class AdapterStore:
 
 
 def apply_adapter(draft_factory: Any, version: AdapterVersion | None) -> Any:
-    """A fresh draft (from ``draft_factory()``) with ``version``'s LoRA weights applied.
+    """A fresh draft (from ``draft_factory()``) with ``version``'s weights applied, fused
+    (`load_adapter_dir`).
 
     Shapes and names are checked by mlx-lm's ``load_adapters``; a mismatch raises
     `AdapterError` and the caller keeps the draft in service.
@@ -232,10 +234,16 @@ def adapter_head(path: str | os.PathLike[str]) -> list[int] | None:
     return ids
 
 
-def load_adapter_dir(draft_factory: Any, path: Path, name: str | None = None) -> Any:
+def load_adapter_dir(
+    draft_factory: Any, path: Path, name: str | None = None, fuse: bool = True
+) -> Any:
     """A fresh draft (from ``draft_factory()``) with the mlx-lm adapter in ``path`` applied;
     `AdapterError` (naming ``name`` or the path) when it is missing or does not fit. An
-    adapter trained with a pruned head gets that head (``draft_factory(head=ids)``)."""
+    adapter trained with a pruned head gets that head (``draft_factory(head=ids)``).
+
+    With ``fuse`` (the default; what is served) every LoRA layer is merged into a plain layer
+    (`fuse_adapter`), so the draft costs per token what the bare draft does; ``fuse=False``
+    keeps mlx-lm's LoRA modules. The adapter files are untouched either way."""
     import mlx.core as mx
     from mlx_lm.tuner.utils import load_adapters
 
@@ -244,17 +252,53 @@ def load_adapter_dir(draft_factory: Any, path: Path, name: str | None = None) ->
         head = adapter_head(path)
     except AdapterError as e:
         raise AdapterError(f"{label} does not fit the draft: {e}") from e
+    # a feature version holds a whole draft of its own kind (`daemon.core.feature_draft`)
+    feature = is_feature_adapter(read_adapter_config(path))
+    kind = {"features": True} if feature else {}
     try:
-        draft = draft_factory() if head is None else draft_factory(head=head)
+        draft = draft_factory(**kind) if head is None else draft_factory(head=head, **kind)
     except ModelLoadError as e:
         raise AdapterError(f"{label}: its draft head does not fit: {e}") from e
     try:
-        load_adapters(draft, str(path))
+        if feature:
+            load_feature_weights(draft, path)
+        else:
+            load_adapters(draft, str(path))
     except (ValueError, KeyError, OSError, TypeError) as e:
         raise AdapterError(f"{name or f'adapter {path}'} does not fit the draft: {e}") from e
+    if fuse and not feature:
+        fuse_adapter(draft)
     draft.eval()
     mx.eval(draft.parameters())
     return draft
+
+
+def _is_adapter_layer(module: Any) -> bool:
+    """An mlx-lm adapter layer (LoRA/DoRA linear, switch linear or embedding): the classes
+    that define ``fuse`` (looked up on the class: a child module named ``fuse`` is no match)."""
+    return callable(getattr(type(module), "fuse", None))
+
+
+def fuse_adapter(model: Any) -> int:
+    """Replace each adapter layer of ``model`` by the plain layer it computes (mlx-lm's
+    ``fuse``, as ``mlx_lm.fuse`` does), in place; returns how many were fused.
+
+    Quantized layers stay quantized (re-quantized with their own group size and bits, so
+    their output moves by up to one quantization step); float layers match the unfused
+    output up to rounding. The fused weights are new arrays (``W + scale * B^T A^T``): the
+    arrays the bare draft shares with the target are neither modified nor aliased, apart from
+    a layer's unchanged bias, which is shared as before."""
+    from mlx.utils import tree_unflatten
+
+    fused = [
+        (n, m.fuse(dequantize=False)) for n, m in model.named_modules() if _is_adapter_layer(m)
+    ]
+    if fused:
+        model.update_modules(tree_unflatten(fused))
+    left = [n for n, m in model.named_modules() if _is_adapter_layer(m)]
+    if left:  # a LoRA layer inside another one: cannot happen with mlx-lm's conversion
+        raise AdapterError(f"adapter layers left unfused: {', '.join(left)}")
+    return len(fused)
 
 
 def read_adapter_config(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -291,3 +335,34 @@ def save_adapter(
     atomic_write(out / ADAPTER_WEIGHTS, lambda p: mx.save_safetensors(str(p), weights))
     atomic_write_json(out / ADAPTER_CONFIG, {**config, **({"specd": metadata} if metadata else {})})
     return out
+
+
+FEATURE_ADAPTER = "feature"  # fine_tune_type of a feature draft's version (whole weights)
+
+
+def feature_adapter_config(draft: Any) -> dict[str, Any]:
+    """The config a feature draft's version carries: its kind and shape; the weights file
+    holds the whole draft (projection, layer, norm), not a low-rank update."""
+    return {
+        "fine_tune_type": FEATURE_ADAPTER,
+        "num_layers": len(draft.layers),
+        "embed_scale": draft.embed_scale,
+    }
+
+
+def is_feature_adapter(config: dict[str, Any]) -> bool:
+    return config.get("fine_tune_type") == FEATURE_ADAPTER
+
+
+def load_feature_weights(draft: Any, path: Path) -> None:
+    """Put a feature version's weights into a fresh feature draft; every array must be there
+    with its shape (`ValueError` otherwise)."""
+    import mlx.core as mx
+
+    weights = mx.load(str(Path(path) / ADAPTER_WEIGHTS))
+    if not isinstance(weights, dict):
+        raise ValueError(f"{ADAPTER_WEIGHTS} holds no named arrays")
+    draft.load_weights(list(weights.items()), strict=True)
+    config = read_adapter_config(path)
+    if "embed_scale" in config:
+        draft.embed_scale = float(config["embed_scale"])

@@ -132,6 +132,10 @@ class RunMetrics:
     # the pair's step costs timed in the training process (daemon.core.speed.StepCosts): what
     # the speed gate uses when no live engine has measured them
     costs: dict[str, Any] | None = None
+    # the candidate is a draft of another kind than the one in service (a first feature
+    # draft after the layer-skip one): the served draft's costs, timed beside ``costs``
+    costs_before: dict[str, Any] | None = None
+    draft_kind: str = "lora"  # "lora" (an adapter on the draft) or "feature" (a whole draft)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)  # nested dataclasses become dicts too

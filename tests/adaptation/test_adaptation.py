@@ -8,11 +8,13 @@ from pathlib import Path
 
 import httpx
 import mlx.core as mx
+import numpy as np
 import pytest
+from mlx.utils import tree_flatten, tree_unflatten
 
 from daemon.core.models import make_layer_skip_draft
 from daemon.ops.status import format_status
-from daemon.store.adapters import AdapterError, AdapterStore, apply_adapter
+from daemon.store.adapters import AdapterError, AdapterStore, apply_adapter, load_adapter_dir
 from tests.helpers import HANG_GUARD_S, make_adapter, tiny_model, wait_until, write_model_dir
 
 
@@ -310,34 +312,49 @@ def test_cli_train_and_adapters_without_daemon(daemon_setup, capsys) -> None:
     assert "no current adapter in" in capsys.readouterr().err
 
 
-def test_bench_adapt_reports_before_and_after(daemon_setup) -> None:
-    from daemon.bench.adapt import bench_adapt
-    from daemon.config import load_settings
+def test_bench_adapt_reports_before_and_after(daemon_setup, capsys) -> None:
+    from daemon.cli import main
 
     tmp_path, cfg = daemon_setup
-    settings, sources = load_settings(cfg, {"paths.data_dir": str(tmp_path / "data")})
-    train = [[{"role": "user", "content": t}] for t in prompts(40, seed=3)]
-    evals = [[{"role": "user", "content": t}] for t in prompts(6, seed=4)]
+    train, evals, out = tmp_path / "train.jsonl", tmp_path / "eval.jsonl", tmp_path / "out.json"
+    train.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in prompts(40, seed=3)))
     groups = ["a", "a", "b", "a", "b", "b"]
-    result = bench_adapt(
-        settings, sources.main_file, train, evals, 16, progress=False, eval_groups=groups
+    evals.write_text(
+        "".join(
+            json.dumps({"prompt": t, "domain": g}) + "\n"
+            for t, g in zip(prompts(6, seed=4), groups, strict=True)
+        )
     )
+    args = ["--config", str(cfg), "--data-dir", str(tmp_path / "data"), "--max-tokens", "16"]
+    args += ["--train-prompts", str(train), "--eval-prompts", str(evals), "--json", str(out)]
+    assert main(["bench", "adapt", *args]) == 0
+    printed = capsys.readouterr().out
+    result = json.loads(out.read_text())
+    rows = ("target_only", "target_only_after", "before", "after", "after_without_adapter")
     assert set(result) >= {
-        "target_only",
-        "before",
-        "after",
+        *rows,
+        "ratios",
         "adapters_installed",
         "training_runs",
         "train_requests",
         "eval_requests",
         "wall_s",
+        "run",
     }
     assert result["train_requests"] == 40 and result["eval_requests"] == 6
-    # every stored candidate with its gate decision (a failed run stores none)
+    # the file names its commit, machine and command
+    assert {"commit", "machine", "command"} <= set(result["run"])
+    assert result["run"]["machine"]["cpus"] and isinstance(result["run"]["command"], str)
+    # every stored candidate with its gate decision (a failed run stores none) and figures
     assert 1 <= len(result["candidates"]) <= result["training_runs"]
     assert all(c["gate"]["decision"] in ("install", "reject") for c in result["candidates"])
+    for c in result["candidates"]:
+        agree = f"{c['gate']['heldout_before']:.4f} -> {c['gate']['heldout_after']:.4f}"
+        assert f"v{c['version']} {c['status']}: expected speedup -, held-out agreement {agree}" in (
+            printed
+        )
     assert result["training_runs"] >= 1 and result["adapters_installed"] >= 1
-    for row in ("before", "after"):
+    for row in ("before", "after", "after_without_adapter"):
         assert {
             "tokens_per_s",
             "acceptance_rate",
@@ -351,9 +368,82 @@ def test_bench_adapt_reports_before_and_after(daemon_setup) -> None:
         assert all(0.0 <= g["heldout_agreement"] <= 1.0 for g in by_group.values())
         rates = [g["heldout_agreement"] for g in by_group.values()]  # overall: their weighted mean
         assert min(rates) <= result[row]["heldout_agreement"] <= max(rates)
+    # greedy: the target alone gives the same tokens before and after the traffic
+    assert result["target_only_after"]["tokens"] == result["target_only"]["tokens"]
+    tps = {row: result[row]["tokens_per_s"] for row in rows}
+    # each engine row over the target measured next to it; the share over the plain draft
+    assert result["before"]["speedup_vs_target"] == pytest.approx(
+        tps["before"] / tps["target_only"]
+    )
+    for row in ("after", "after_without_adapter"):
+        assert result[row]["speedup_vs_target"] == pytest.approx(
+            tps[row] / tps["target_only_after"]
+        )
+    share = tps["after"] / tps["after_without_adapter"]
+    assert result["ratios"]["after / after_without_adapter"] == pytest.approx(share)
+    assert result["after"]["vs_without_adapter"] == pytest.approx(share)
+    assert result["ratios"]["after / target"] == pytest.approx(
+        tps["after"] / tps["target_only_after"]
+    )
+    assert result["ratios"]["before / target"] == pytest.approx(tps["before"] / tps["target_only"])
+    for name, r in result["ratios"].items():
+        assert f"{name} {r:.3f}x" in printed
+    assert "after_without_adapter[a]" in printed and "target_only_after" in printed
     assert result["after"]["adapter_version"] >= 1
     assert result["after"]["heldout_agreement"] > result["before"]["heldout_agreement"]
+    # without the adapter: the plain draft, scored as before the traffic; then put back
+    assert result["after_without_adapter"]["adapter_version"] == 0
+    assert result["after_without_adapter"]["heldout_agreement"] == pytest.approx(
+        result["before"]["heldout_agreement"]
+    )
+    assert result["restored_adapter_version"] == result["after"]["adapter_version"]
     assert not (tmp_path / "data" / "buffer.sqlite").exists()  # a private data dir was used
+
+
+def test_bench_adapt_ratios_are_over_the_rows_measured_next_to_them() -> None:
+    from daemon.bench.adapt import ratios
+
+    # distinct speeds, so that a ratio taken over any other row gives another number
+    rows = {
+        "target_only": {"tokens_per_s": 10.0},
+        "target_only_after": {"tokens_per_s": 8.0},
+        "before": {"tokens_per_s": 12.0},
+        "after": {"tokens_per_s": 20.0},
+        "after_without_adapter": {"tokens_per_s": 16.0},
+    }
+    assert ratios(rows) == {
+        "before / target": 1.2,
+        "after / target": 2.5,
+        "after_without_adapter / target": 2.0,
+        "after / after_without_adapter": 1.25,
+    }
+    del rows["after_without_adapter"]
+    with pytest.raises(KeyError):
+        ratios(rows)
+
+
+def test_bench_adapt_lists_each_candidates_expected_speedup_and_agreement() -> None:
+    from daemon.bench.adapt import _candidate_line
+
+    speed = {"before": {"k": 0, "speedup": 1.0}, "after": {"k": 1, "speedup": 1.178}}
+    gate = {"decision": "install", "reason": "r", "heldout_before": 0.0281, "heldout_after": 0.4}
+    line = _candidate_line({"version": 2, "status": "installed", "gate": {**gate, "speed": speed}})
+    assert line == (
+        "v2 installed: expected speedup 1.000 -> 1.178, held-out agreement 0.0281 -> 0.4000: r"
+    )
+    # gate: agreement computes no expected speedup; a failed run no scores
+    line = _candidate_line({"version": 1, "status": "rejected", "gate": gate})
+    assert "expected speedup -, held-out agreement 0.0281 -> 0.4000" in line
+    assert "agreement -: None" in _candidate_line({"version": 3, "status": "rejected"})
+
+
+def test_bench_provenance_names_commit_machine_and_command() -> None:
+    from daemon.bench.report import provenance
+
+    run = provenance()
+    assert run["commit"] is None or len(run["commit"]) == 40
+    assert run["machine"]["platform"] and run["machine"]["cpus"]
+    assert isinstance(run["command"], str) and run["command"]
 
 
 def test_bench_adapt_eval_traffic_samples_at_the_temperature() -> None:
@@ -371,3 +461,117 @@ def test_bench_adapt_eval_traffic_samples_at_the_temperature() -> None:
     out = _eval_engine(Service(), [[{"role": "user", "content": "a"}]] * 3, 8, temperature=0.7)
     assert [s["temperature"] for s in seen] == [0.7] * 3 and not any(s["record"] for s in seen)
     assert out["tokens"] == 12 and out["acceptance_rate"] == 0.5
+
+
+# --------------------------------------------------------------------------------------------
+# The served draft has its adapter fused
+
+
+def _adapter_layers(model) -> list[str]:
+    from mlx_lm.tuner.dora import DoRAEmbedding, DoRALinear
+    from mlx_lm.tuner.lora import LoRAEmbedding, LoRALinear, LoRASwitchLinear
+
+    kinds = (LoRALinear, LoRAEmbedding, LoRASwitchLinear, DoRALinear, DoRAEmbedding)
+    return [n for n, m in model.named_modules() if isinstance(m, kinds)]
+
+
+def _snapshot(model) -> dict[str, tuple[int, np.ndarray]]:
+    """Each parameter's array object id and a copy of its values."""
+    return {k: (id(v), np.array(v)) for k, v in tree_flatten(model.parameters())}
+
+
+def _assert_unchanged(model, snapshot: dict[str, tuple[int, np.ndarray]]) -> None:
+    now = dict(tree_flatten(model.parameters()))
+    assert now.keys() == snapshot.keys()
+    for k, (ident, values) in snapshot.items():
+        assert id(now[k]) == ident, k
+        assert np.array_equal(np.array(now[k]), values), k
+
+
+def test_apply_adapter_serves_the_adapter_fused(tmp_path: Path) -> None:
+    """The served draft has no LoRA layers left, computes what the unfused adapter does, and
+    its fused weights are new arrays: the target it shares its bare weights with is unchanged."""
+    target = tiny_model()
+    tokens = mx.array([[1, 2, 3, 4, 5, 6]])
+    ref = target(tokens)
+    mx.eval(ref)
+    before = _snapshot(target)
+    store = AdapterStore(tmp_path / "adapters")
+    v = store.add(make_adapter(tmp_path / "a", target, [0, 2], seed=1), {}, install=True)
+    weights = (v.path / "adapters.safetensors").read_bytes()
+
+    def factory():
+        return make_layer_skip_draft(target, [0, 2])
+
+    fused = apply_adapter(factory, v)
+    unfused = load_adapter_dir(factory, v.path, fuse=False)
+    assert _adapter_layers(fused) == []
+    assert len(_adapter_layers(unfused)) == 2 * 7  # every linear of both blocks
+    out = fused(tokens)
+    assert mx.allclose(out, unfused(tokens), atol=1e-4)
+    assert not mx.allclose(out, factory()(tokens), atol=1e-2)  # the adapter does something
+    # new arrays for the adapted weights; the target's arrays, values and outputs as they were
+    assert (
+        fused.model.layers[1].mlp.down_proj.weight
+        is not target.model.layers[2].mlp.down_proj.weight
+    )
+    assert fused.model.embed_tokens.weight is target.model.embed_tokens.weight  # not adapted
+    _assert_unchanged(target, before)
+    assert mx.array_equal(target(tokens), ref)
+    assert (v.path / "adapters.safetensors").read_bytes() == weights  # the stored files stay
+
+
+def test_fused_adapter_keeps_quantized_layers_quantized(tmp_path: Path) -> None:
+    """On a quantized target the fused layers (embedding included) are quantized like the base
+    ones, and match the unfused adapter to within re-quantization error."""
+    import mlx.nn as nn
+
+    from daemon.adaptation.lora import apply_lora
+    from daemon.config import LoraSettings
+    from daemon.store.adapters import save_adapter
+
+    target = tiny_model()
+    nn.quantize(target, group_size=32, bits=8)
+    mx.eval(target.parameters())
+    tokens = mx.array([[1, 2, 3, 4, 5, 6]])
+    ref = target(tokens)
+    mx.eval(ref)
+    before = _snapshot(target)
+
+    def factory():
+        return make_layer_skip_draft(target, [1, 3])
+
+    draft = factory()
+    mx.random.seed(3)
+    keys = ["self_attn.q_proj", "mlp.down_proj", "model.embed_tokens"]
+    config = apply_lora(draft, LoraSettings(rank=4, dropout=0.0, keys=keys))
+    draft.update(
+        tree_unflatten(
+            [
+                (k, mx.random.normal(p.shape) * 0.1)
+                for k, p in tree_flatten(draft.trainable_parameters())
+            ]
+        )
+    )
+    save_adapter(draft, tmp_path / "q", config)
+
+    fused = load_adapter_dir(factory, tmp_path / "q")
+    unfused = load_adapter_dir(factory, tmp_path / "q", fuse=False)
+    assert _adapter_layers(fused) == []
+    assert sorted(_adapter_layers(unfused)) == [
+        "model.embed_tokens",
+        "model.layers.0.mlp.down_proj",
+        "model.layers.0.self_attn.q_proj",
+        "model.layers.1.mlp.down_proj",
+        "model.layers.1.self_attn.q_proj",
+    ]
+    assert isinstance(fused.model.embed_tokens, nn.QuantizedEmbedding)
+    for layer in fused.model.layers:
+        assert isinstance(layer.self_attn.q_proj, nn.QuantizedLinear)
+        assert isinstance(layer.mlp.down_proj, nn.QuantizedLinear)
+        assert layer.self_attn.q_proj.bits == 8 and layer.self_attn.q_proj.group_size == 32
+    out, want = fused(tokens), unfused(tokens)
+    assert mx.allclose(out, want, atol=0.05), mx.abs(out - want).max()
+    assert not mx.allclose(out, factory()(tokens), atol=0.05)
+    _assert_unchanged(target, before)
+    assert mx.array_equal(target(tokens), ref)

@@ -25,6 +25,8 @@ METRIC_KEYS = {
     "run_id",
     "head_tokens",
     "costs",
+    "costs_before",
+    "draft_kind",
     "heldout_before",
     "heldout_after",
     "examples",

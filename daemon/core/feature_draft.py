@@ -1,0 +1,196 @@
+"""A draft that reads the target's own features (EAGLE's design, one decoder layer).
+
+A layer-skip draft re-derives what the target knows from a few of its layers; this draft
+starts from what the target already computed. At each position it takes the target's last
+hidden state (after the final norm: the vector the output head reads) and the embedding of
+the token that follows it, fuses the two with a projection, runs them through one decoder
+layer (a copy of the target's last layer to start from) and the target's final norm, and
+reads the result with the target's (pruned) output head. Drafting the next token feeds that
+output back in as the feature: ``k`` tokens are ``k`` one-layer steps.
+
+The features cost the target nothing: every verification pass computes them on the way to
+its logits (`target_hidden` returns them instead of throwing them away), and so does the
+prefill. The draft shares the target's embedding table and head arrays, so it adds only its
+own layer and projection to memory; those are what training changes, and an adapter version
+stores them whole (`daemon.store.adapters`).
+
+Position alignment: the draft's entry ``j`` reads ``(feature of position j - 1, token j)``
+and predicts token ``j + 1``; its output stands in for the target's feature of position
+``j``. Teacher forced over a token sequence (`FeatureDraft.__call__`, for training and
+evaluation) the target's features are computed from the sequence itself, so the same
+code paths that score a layer-skip draft score this one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, cast
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.base import create_attention_mask
+
+from daemon.core.heads import PLAIN_HEAD_MODULES, output_head, pruned_head
+from daemon.errors import ModelLoadError
+
+__all__ = ["FeatureDraft", "embed_scale", "is_feature_draft", "make_feature_draft"]
+
+FEATURE_KIND = "feature"  # models.draft value that selects this draft
+
+
+def _inner(target: nn.Module) -> nn.Module:
+    inner = getattr(target, "model", None)
+    if type(target).__module__ not in PLAIN_HEAD_MODULES or inner is None:
+        supported = ", ".join(m.rsplit(".", 1)[1] for m in PLAIN_HEAD_MODULES)
+        raise ModelLoadError(
+            f"a feature draft needs the target's hidden states; {type(target).__module__} "
+            f"models do not expose them here (supported: {supported})"
+        )
+    return cast(nn.Module, inner)
+
+
+def target_hidden(target: nn.Module, inputs: mx.array, cache: Any = None) -> mx.array:
+    """The target's final hidden states ``(B, T, H)`` (after its final norm), advancing
+    ``cache``; ``output_head(target)`` turns them into its logits."""
+    return cast(mx.array, _inner(target)(inputs, cache=cache))
+
+
+def embed_scale(target: nn.Module) -> float:
+    """How much larger the features are than the token embeddings (RMS over the whole
+    table and the final norm's gain): scaled by it, neither input drowns the other."""
+    inner = _inner(target)
+    table = inner.embed_tokens
+    if isinstance(table, nn.QuantizedEmbedding):
+        rows = table(mx.arange(min(4096, table.num_embeddings)))
+    else:
+        rows = table.weight
+    emb = mx.sqrt(mx.mean(mx.square(rows.astype(mx.float32))))
+    gain = mx.sqrt(mx.mean(mx.square(inner.norm.weight.astype(mx.float32))))
+    return cast(float, (gain / mx.maximum(emb, 1e-6)).item())
+
+
+class FeatureDraft(nn.Module):
+    """One decoder layer over (target feature, next token); see the module docstring.
+
+    The target is held outside the module tree (``object.__setattr__``): its arrays are
+    neither this draft's parameters nor saved with it.
+    """
+
+    _specd_pruned = True  # `prune_head` leaves the class alone: __call__ reads the pruned head
+
+    def __init__(self, target: nn.Module, layer: nn.Module, norm: nn.Module, scale: float) -> None:
+        super().__init__()
+        _inner(target)
+        hidden = int(target.args.hidden_size)
+        self.args = target.args
+        self.embed_scale = float(scale)
+        self.fc = nn.Linear(2 * hidden, hidden, bias=False)
+        self.layers = [layer]  # mlx-lm's make_prompt_cache gives each layer a KV cache
+        self.norm = norm
+        object.__setattr__(self, "_target", target)
+        object.__setattr__(self, "_pruned_head", None)
+
+    @property
+    def target(self) -> nn.Module:
+        return cast(nn.Module, self._target)
+
+    @property
+    def head_source(self) -> nn.Module:
+        """The model whose output head this draft reads (`daemon.core.heads.prune_head`)."""
+        return self.target
+
+    def head(self, hidden: mx.array) -> mx.array:
+        pruned = pruned_head(self)
+        return cast(mx.array, (pruned or output_head(self.target))(hidden))
+
+    def forward(self, features: mx.array, tokens: mx.array, cache: Any = None) -> mx.array:
+        """Output features ``(B, m, H)`` for entries ``(features[:, i], tokens[:, i])``,
+        advancing ``cache`` (a list with one KV cache) by ``m``."""
+        embed = _inner(self.target).embed_tokens(tokens) * self.embed_scale
+        x = self.fc(mx.concatenate([features.astype(embed.dtype), embed], axis=-1))
+        c = cache[0] if cache is not None else None
+        x = self.layers[0](x, create_attention_mask(x, c), cache=c)
+        return cast(mx.array, self.norm(x))
+
+    def teacher_forced(
+        self, inputs: mx.array, features: mx.array | None = None
+    ) -> tuple[mx.array, mx.array]:
+        """(output features, the target's features), both ``(B, T, H)``, for a token sequence:
+        entry ``j`` reads the target's feature ``j - 1``, so its output at ``j`` is compared
+        with the target's feature ``j``; position 0 has no entry and is zeros. ``features``:
+        the target's, when already computed (the trainer keeps them across epochs)."""
+        if features is None:
+            features = target_hidden(self.target, inputs)
+        features = mx.stop_gradient(features)
+        pad = mx.zeros((inputs.shape[0], 1, features.shape[-1]), dtype=features.dtype)
+        if inputs.shape[1] < 2:
+            return pad, features
+        out = self.forward(features[:, :-1], inputs[:, 1:])
+        return mx.concatenate([pad.astype(out.dtype), out], axis=1), features
+
+    def hidden(self, inputs: mx.array, cache: Any = None) -> mx.array:
+        """Teacher-forced output features (what `daemon.adaptation.loss.model_logits` reads)."""
+        return self.teacher_forced(inputs)[0]
+
+    def __call__(self, inputs: mx.array, cache: Any = None) -> mx.array:
+        """Teacher-forced logits ``(B, T, V)`` of a token sequence: row ``j`` predicts token
+        ``j + 1`` as the draft would with the target's true features (row 0: uniform)."""
+        return self.head(self.hidden(inputs))
+
+
+def is_feature_draft(model: Any) -> bool:
+    return isinstance(model, FeatureDraft)
+
+
+def make_feature_draft(target: nn.Module, layer: int = -1) -> FeatureDraft:
+    """A feature draft for ``target``: its decoder layer ``layer`` (the last by default)
+    copied as the draft's layer, its final norm copied, and a projection that starts as
+    feature + scaled embedding (``[I | I]``)."""
+    from daemon.core.models import make_layer_skip_draft
+
+    inner = _inner(target)
+    n = len(inner.layers)
+    if not -n <= layer < n:
+        raise ModelLoadError(f"feature draft layer {layer}: the target has {n} layers")
+    # a one-layer model of the target's own class: its layer and norm are own module objects
+    # that share the target's arrays (training replaces them, never mutates them)
+    donor = make_layer_skip_draft(target, [layer % n])
+    block, norm = donor.model.layers[0], donor.model.norm
+    draft = FeatureDraft(target, block, norm, embed_scale(target))
+    hidden = int(target.args.hidden_size)
+    eye = mx.eye(hidden, dtype=inner.norm.weight.dtype)
+    draft.fc.weight = mx.concatenate([eye, eye], axis=1)
+    mx.eval(draft.parameters())
+    draft.eval()
+    return draft
+
+
+def chain_matches(
+    draft: FeatureDraft, prompt: Sequence[int], output: Sequence[int], vocab: int | None = None
+) -> list[tuple[bool, bool]]:
+    """For each output position but the last, whether the draft's first token is right and
+    whether its first two are, drafting as the engine does: the first from the target's
+    features, the second from its own output feature (then that entry is trimmed)."""
+    from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
+
+    tokens = list(prompt) + list(output)
+    seq = mx.array(tokens[:-1])[None]
+    features = target_hidden(draft.target, seq)
+    cache = make_prompt_cache(draft)
+    start = len(prompt) - 1  # the position that predicts output[0]
+    if start > 1:  # entries 1 .. start - 1: the prompt, read at once
+        draft.forward(features[:, : start - 1], seq[:, 1:start], cache)
+    width = vocab or None
+    out: list[tuple[bool, bool]] = []
+    for j in range(start, len(tokens) - 2):
+        if j == 0:  # no entry predicts the second token of a one-token prompt
+            out.append((False, False))
+            continue
+        entry = draft.forward(features[:, j - 1 : j], seq[:, j : j + 1], cache)
+        first = cast(int, mx.argmax(draft.head(entry)[0, -1, :width]).item())
+        own = draft.forward(entry, mx.array([[tokens[j + 1]]]), cache)
+        second = cast(int, mx.argmax(draft.head(own)[0, -1, :width]).item())
+        trim_prompt_cache(cache, 1)
+        right = first == tokens[j + 1]
+        out.append((right, right and second == tokens[j + 2]))
+    return out

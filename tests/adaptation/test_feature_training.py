@@ -1,0 +1,129 @@
+"""Training a feature draft (``models.draft: feature``): the loss with EAGLE's regression term,
+the trainer's cached target features, a run that starts from the layer-skip draft in service
+and stores a whole-draft version, loading that version, continuing it, and the gate pricing a
+candidate of another kind with its own draft cost."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from daemon.adaptation.data import collate
+from daemon.adaptation.loop import _gate_costs
+from daemon.adaptation.loss import compute_loss
+from daemon.adaptation.run import run_training
+from daemon.adaptation.trainer import Trainer
+from daemon.config import load_settings
+from daemon.core.feature_draft import is_feature_draft, make_feature_draft, target_hidden
+from daemon.core.models import load_pair
+from daemon.core.speed import StepCosts
+from daemon.store.adapters import ADAPTER_CONFIG, load_adapter_dir
+from tests.adaptation.test_training import (
+    VOCAB,
+    WORDS,
+    cfg,
+    make_buffer,
+    synthetic_examples,
+    write_config,
+)
+from tests.helpers import make_tiny_llama, write_model_dir
+
+
+def test_the_regression_term_is_the_smooth_l1_of_output_and_target_features() -> None:
+    target = make_tiny_llama(VOCAB, seed=3)
+    draft = make_feature_draft(target)
+    batch = collate(synthetic_examples(3))
+    plain, (ce, _, _) = compute_loss(draft, *batch.arrays(), start=batch.start)
+    total, _ = compute_loss(draft, *batch.arrays(), start=batch.start, regression_weight=0.5)
+    out, feats = draft.teacher_forced(batch.inputs)
+    diff = np.abs(np.array(out - feats))
+    l1 = np.where(diff < 1.0, 0.5 * diff**2, diff - 0.5).mean(axis=-1)
+    outputs = np.array(batch.labels) != -100
+    expected = float(ce.item()) + 0.5 * l1[outputs].sum() / outputs.sum()
+    assert plain.item() == pytest.approx(ce.item(), rel=1e-5)
+    assert total.item() == pytest.approx(expected, rel=1e-4)
+
+
+def test_the_trainer_keeps_each_examples_features_and_they_are_the_targets() -> None:
+    target = make_tiny_llama(VOCAB, seed=3)
+    draft = make_feature_draft(target)
+    examples = synthetic_examples(4)
+    trainer = Trainer(draft, cfg(feature_regression=1.0), total_steps=8)
+    batch = collate(examples[:2])
+    feats = trainer.target_features(batch, examples[:2])
+    assert feats is not None and len(trainer._teacher_cache) == 2
+    first = mx.array(examples[0].inputs)[None]
+    n = first.shape[1]
+    assert mx.allclose(feats[0, :n], target_hidden(target, first)[0], atol=1e-5)
+    stats = trainer.fit(examples, epochs=2)
+    assert stats.steps == 8 and stats.losses[-1] < stats.losses[0]
+    assert not trainer._teacher_cache  # freed at the end of the fit
+
+
+@pytest.fixture
+def feature_setup(tmp_path: Path):
+    model_dir = write_model_dir(tmp_path / "model", WORDS, VOCAB, seed=2)
+    data_dir = tmp_path / "data"
+    make_buffer(data_dir)
+    config = write_config(tmp_path, str(model_dir), epochs=8, replay_ratio=0.2)
+    settings, _ = load_settings(
+        config,
+        {
+            "paths.data_dir": str(data_dir),
+            "models.draft": "feature",
+            "training.warmup_steps": 0,
+            "training.learning_rate": 1e-2,
+        },
+    )
+    return settings, data_dir
+
+
+def test_a_feature_run_starts_from_the_served_draft_and_stores_a_whole_draft(
+    feature_setup, tmp_path: Path
+) -> None:
+    settings, data_dir = feature_setup
+    pair = load_pair(settings)
+    assert pair.learns_features and not is_feature_draft(pair.draft)  # layer-skip until trained
+    m = run_training(settings, out_dir=tmp_path / "a1", pair=pair)
+    assert m.draft_kind == "feature"
+    assert m.costs is not None and m.costs_before is not None  # two kinds, each timed
+    assert m.heldout_after.agreement > m.heldout_before.agreement
+    config = json.loads((tmp_path / "a1" / ADAPTER_CONFIG).read_text())
+    assert config["fine_tune_type"] == "feature"
+    fresh = load_pair(settings)
+    served = load_adapter_dir(fresh.fresh_draft, tmp_path / "a1")
+    assert is_feature_draft(served)
+    # the loaded version scores what the run measured after training
+    make_buffer(data_dir, n_fail=4, n_ok=0, n_holdout=0)
+    m2 = run_training(settings, out_dir=tmp_path / "a2", init_adapter=tmp_path / "a1", pair=fresh)
+    assert m2.heldout_before.agreement == pytest.approx(m.heldout_after.agreement)
+    assert m2.costs_before is None  # same kind as the version in service
+
+
+def test_a_broken_feature_version_is_refused(feature_setup, tmp_path: Path) -> None:
+    settings, _ = feature_setup
+    pair = load_pair(settings)
+    run_training(settings, out_dir=tmp_path / "a1", pair=pair, epochs=1)
+    weights = tmp_path / "a1" / "adapters.safetensors"
+    arrays = mx.load(str(weights))
+    arrays.pop("fc.weight")
+    mx.save_safetensors(str(weights), arrays)
+    with pytest.raises(Exception, match="does not fit the draft"):
+        load_adapter_dir(pair.fresh_draft, tmp_path / "a1")
+
+
+def test_the_gate_prices_a_candidate_of_another_kind_with_its_own_draft_cost() -> None:
+    class M:
+        costs = StepCosts(0.02, [0.025] * 8, 0.002).to_dict()  # the candidate, run-timed
+        costs_before = StepCosts(0.02, [0.025] * 8, 0.006).to_dict()
+
+    live = StepCosts(0.04, [0.05] * 8, 0.012, source="service")
+    before, after = _gate_costs(M(), live)  # type: ignore[arg-type]
+    assert before is live
+    assert after is not None and after.draft == pytest.approx(0.004)  # 0.002 x 0.04 / 0.02
+    M.costs_before = None  # same kind: the live figures for both
+    assert _gate_costs(M(), live) == (live, None)  # type: ignore[arg-type]

@@ -1,0 +1,186 @@
+"""The feature draft (EAGLE-style, `daemon.core.feature_draft`) in the engine: greedy output is
+the target's token for token on every path (fixed and adaptive rounds, chunked prefill, a
+prompt-cache hit, a hand-over back from the batch), sampled output is distributed as the
+target's, and the teacher-forced view training uses equals what the engine drafts with."""
+
+from __future__ import annotations
+
+import random
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import pytest
+from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+from daemon.core.engine import Handoff, SamplingParams, SpeculativeConfig, SpeculativeEngine
+from daemon.core.feature_draft import FeatureDraft, is_feature_draft, make_feature_draft
+from daemon.core.heads import prune_head
+from daemon.core.prompt_cache import PromptCache
+from tests.core import test_lossless_sampling as lossless
+from tests.helpers import make_tiny_llama
+
+PROMPT_LEN = 6
+
+
+def greedy(target: nn.Module, prompt: list[int], n: int) -> list[int]:
+    cache = make_prompt_cache(target)
+    logits = target(mx.array(prompt)[None], cache=cache)[0, -1]
+    out: list[int] = []
+    for _ in range(n):
+        t = int(mx.argmax(logits).item())
+        out.append(t)
+        logits = target(mx.array([[t]]), cache=cache)[0, -1]
+    return out
+
+
+def fit(draft: FeatureDraft, rows: list[list[int]], start: int, steps: int) -> None:
+    """A few Adam steps of cross-entropy on the rows' outputs (from ``start``)."""
+    x = mx.array(rows)
+
+    def loss(model: nn.Module, x: mx.array) -> mx.array:
+        return nn.losses.cross_entropy(model(x[:, :-1])[:, start - 1 :], x[:, start:]).mean()
+
+    opt = optim.Adam(learning_rate=3e-3)
+    step = nn.value_and_grad(draft, loss)
+    draft.train()
+    for _ in range(steps):
+        _, grads = step(draft, x)
+        opt.update(draft, grads)
+        mx.eval(draft.parameters(), opt.state)
+    draft.eval()
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_tokenizer):
+    """A tiny target, its greedy answers to random prompts, and a feature draft fitted to
+    them (it agrees on most of them)."""
+    vocab = len(tiny_tokenizer)
+    target = make_tiny_llama(vocab, seed=0)
+    rng = random.Random(0)
+    rows = []
+    for _ in range(48):
+        prompt = [rng.randrange(5, vocab) for _ in range(PROMPT_LEN)]
+        rows.append(prompt + greedy(target, prompt, 24))
+    draft = make_feature_draft(target)
+    fit(draft, rows, PROMPT_LEN, 120)
+    return target, draft, rows, no_eos(tiny_tokenizer)
+
+
+def no_eos(tokenizer: TokenizerWrapper) -> TokenizerWrapper:
+    """The tokenizer without an EOS token: every answer runs to max_tokens."""
+    tok = TokenizerWrapper(tokenizer._tokenizer, detokenizer_class=type(tokenizer._detokenizer))
+    tok.eos_token_ids = []
+    return tok
+
+
+def run_greedy(engine: SpeculativeEngine, prompt: list[int], n: int):
+    result = engine.run(prompt, SamplingParams(max_tokens=n))
+    assert result.tokens == greedy(engine.target, prompt, n)
+    return result
+
+
+def test_teacher_forced_view_is_what_the_engine_drafts_from(trained) -> None:
+    target, draft, rows, tok = trained
+    seq = mx.array(rows[0])[None]
+    forced, features = draft.teacher_forced(seq)
+    cache = make_prompt_cache(draft)
+    a = draft.forward(features[:, :4], seq[:, 1:5], cache)
+    b = draft.forward(features[:, 4:-1], seq[:, 5:], cache)
+    assert mx.allclose(mx.concatenate([a, b], axis=1), forced[:, 1:], atol=1e-5)
+    # the features are the target's: its head over them is its logits
+    assert mx.allclose(draft.head(features), target(seq), atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        SpeculativeConfig(num_draft_tokens=1, adaptive=False),
+        SpeculativeConfig(num_draft_tokens=3, adaptive=False, prefill_step_size=4),
+        SpeculativeConfig(num_draft_tokens=2, max_draft_tokens=6),
+    ],
+    ids=["k1", "k3-chunked-prefill", "adaptive"],
+)
+def test_greedy_output_is_the_targets(tiny_tokenizer, trained, cfg) -> None:
+    target, draft, rows, tok = trained
+    engine = SpeculativeEngine(target, draft, tok, cfg)
+    drafted = accepted = 0
+    for row in rows[:6]:
+        res = run_greedy(engine, row[:PROMPT_LEN], 24)
+        drafted += res.stats.drafted
+        accepted += res.stats.accepted
+    novel = run_greedy(engine, [7, 8, 9, 10, 11, 12, 13], 20)  # a prompt it never saw
+    assert novel.stats.drafted > 0
+    assert accepted / drafted > 0.5  # the drafts are its own and good: not a target-only run
+
+
+def test_untrained_and_pruned_feature_drafts_stay_lossless(tiny_tokenizer, trained) -> None:
+    target, _, rows, tok = trained
+    draft = make_feature_draft(target)
+    prune_head(draft, list(range(0, len(tiny_tokenizer), 3)), len(tiny_tokenizer))
+    assert is_feature_draft(draft) and type(draft) is FeatureDraft
+    engine = SpeculativeEngine(target, draft, tok, SpeculativeConfig())
+    for row in rows[:3]:
+        res = run_greedy(engine, row[:PROMPT_LEN], 16)
+        assert all(r.draft_token % 3 == 0 for r in res.rejections)
+
+
+def test_a_prompt_cache_hit_drafts_from_where_the_target_resumes(tiny_tokenizer, trained) -> None:
+    target, draft, rows, tok = trained
+    engine = SpeculativeEngine(
+        target, draft, tok, SpeculativeConfig(), prompt_cache=PromptCache(4, 1 << 30)
+    )
+    first = run_greedy(engine, rows[1][:PROMPT_LEN], 12)
+    follow = rows[1][:PROMPT_LEN] + first.tokens + [20, 21, 22]
+    again = run_greedy(engine, follow, 16)
+    assert again.stats.cached_tokens >= PROMPT_LEN + 11  # all it held but the last token
+    assert again.stats.drafted > 0
+
+
+def test_a_generation_handed_over_and_back_stays_the_targets(tiny_tokenizer, trained) -> None:
+    target, draft, rows, tok = trained
+    engine = SpeculativeEngine(target, draft, tok, SpeculativeConfig())
+    prompt, params = rows[2][:PROMPT_LEN], SamplingParams(max_tokens=24)
+    gen = engine.generate(prompt, params)
+    next(gen)  # the prefill's first chunk and one round at most
+    next(gen)
+    with pytest.raises(StopIteration):
+        gen.throw(Handoff())
+    state = engine.handed_off
+    assert state is not None
+    result = engine.last_result
+    assert result is not None
+    for _ in engine.resume(state, params, result):
+        pass
+    assert result.tokens == greedy(target, prompt, 24)
+    assert result.stats.accepted > 0  # the fresh feature draft picked up after one target step
+
+
+@pytest.fixture(scope="module")
+def feature_models(tiny_tokenizer):
+    target = make_tiny_llama(
+        lossless.VOCAB,
+        seed=3,
+        hidden_size=32,
+        num_hidden_layers=1,
+        intermediate_size=64,
+        lm_head_scale=4,
+    )
+    return target, make_feature_draft(target), no_eos(tiny_tokenizer)
+
+
+def test_sampled_output_is_distributed_as_the_target(feature_models) -> None:
+    temperature, top_k, top_p = lossless.CONFIGS[0]
+    samples, stats = lossless.sample(feature_models, temperature, top_k, top_p)
+    assert 0.1 < stats["acceptance"] < 0.95, stats
+    tests = lossless.distribution_tests(feature_models[0], samples, temperature, top_k, top_p)
+    assert not [t for t in tests if t.rejected], tests
+
+
+def test_a_broken_rule_is_caught_with_the_feature_draft(feature_models, monkeypatch) -> None:
+    temperature, top_k, top_p = lossless.CONFIGS[0]
+    with lossless.broken(monkeypatch, "wrong residual"):
+        samples, _ = lossless.sample(feature_models, temperature, top_k, top_p, strict=False)
+    tests = lossless.distribution_tests(feature_models[0], samples, temperature, top_k, top_p)
+    assert [t for t in tests if t.rejected], tests
