@@ -216,6 +216,12 @@ class TrainingSettings(_Section):
         "draft's output features and the target's (EAGLE's regression term), next to the "
         "token loss.",
     )
+    feature_second_step: float = Field(
+        0.0,
+        ge=0.0,
+        description="models.draft: feature. Weight of the loss on a round's second draft "
+        "token, drafted from the draft's own first output feature as in service (HASS); 0: off.",
+    )
     optimizer: Literal["adamw", "adam"] = "adamw"
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW decoupled weight decay.")
     min_lr_ratio: float = Field(

@@ -99,6 +99,25 @@ def _feature_logits(model: FeatureDraft, hidden: mx.array) -> mx.array:
     return head.subset_logits(hidden) if head is not None else model.head(hidden)
 
 
+def second_step_ce(
+    model: FeatureDraft, out: mx.array, inputs: mx.array, labels: mx.array
+) -> mx.array:
+    """Cross-entropy of a round's second draft token (HASS): entry ``j + 1`` reads the draft's
+    own output feature of entry ``j`` instead of the target's, as in service. Every earlier
+    entry reads its own output too (HASS's harmonized context), not the target's."""
+    out2 = model.forward(out[:, 1:-1], inputs[:, 2:])  # stands for entries 2 .. T - 1
+    logits = _feature_logits(model, out2).astype(mx.float32)
+    labels = labels[:, 2:]
+    head = pruned_head(model)
+    if head is not None:  # subset columns; a label outside the subset is no target
+        sub = head.index[mx.where(labels == IGNORE, 0, labels)]
+        labels = mx.where((labels == IGNORE) | (sub < 0), IGNORE, sub)
+    valid = labels != IGNORE
+    picked = mx.take_along_axis(logits, mx.where(valid, labels, 0)[..., None], axis=-1)
+    token_ce = mx.where(valid, mx.logsumexp(logits, axis=-1) - picked.squeeze(-1), 0.0)
+    return token_ce.sum() / mx.maximum(valid.sum(), 1).astype(mx.float32)
+
+
 def teacher_logprobs(
     target: nn.Module,
     inputs: mx.array,
@@ -165,6 +184,7 @@ def compute_loss(
     loss: str = "ce",
     features: mx.array | None = None,
     regression_weight: float = 0.0,
+    second_step_weight: float = 0.0,
 ) -> tuple[mx.array, tuple[mx.array, mx.array, mx.array]]:
     """``(loss, (ce, kd, num_targets))`` of a batch; ``model`` first, for `nn.value_and_grad`.
 
@@ -176,9 +196,11 @@ def compute_loss(
     must all be ``IGNORE`` (`Batch.start`); their logits are not computed.
     """
     start = max(0, min(int(start), inputs.shape[1] - 1))
-    regression = None
+    regression = second = None
     if isinstance(model, FeatureDraft):
         out, target_features = model.teacher_forced(inputs, features)
+        if second_step_weight and inputs.shape[1] > 2:
+            second = second_step_ce(model, out, inputs, labels)
         logits = _feature_logits(model, out[:, start:]).astype(mx.float32)
         if regression_weight:
             diff = out[:, start:] - target_features[:, start:]
@@ -220,6 +242,8 @@ def compute_loss(
         total = total + regression_weight * mx.where(outputs, per_position, 0.0).sum() / (
             mx.maximum(outputs.sum(), 1).astype(mx.float32)
         )
+    if second is not None:
+        total = total + second_step_weight * second
     if disagreement_weight:
         total = total + disagreement_weight * (term * rejected).sum() / denom_term
     if kd_weight:

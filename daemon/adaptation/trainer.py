@@ -175,6 +175,7 @@ class Trainer:
             loss=self.cfg.loss,
             features=features,
             regression_weight=self.cfg.feature_regression,
+            second_step_weight=self.cfg.feature_second_step,
         )
 
     def _teacher(self, inputs: mx.array, start: int) -> mx.array:

@@ -127,3 +127,25 @@ def test_the_gate_prices_a_candidate_of_another_kind_with_its_own_draft_cost() -
     assert after is not None and after.draft == pytest.approx(0.004)  # 0.002 x 0.04 / 0.02
     M.costs_before = None  # same kind: the live figures for both
     assert _gate_costs(M(), live) == (live, None)  # type: ignore[arg-type]
+
+
+def test_the_second_step_reads_the_drafts_own_features_and_the_next_label() -> None:
+    target = make_tiny_llama(VOCAB, seed=3)
+    draft = make_feature_draft(target)
+    batch = collate(synthetic_examples(2))
+    plain, _ = compute_loss(draft, *batch.arrays(), start=batch.start)
+    total, _ = compute_loss(draft, *batch.arrays(), start=batch.start, second_step_weight=0.5)
+    out, _ = draft.teacher_forced(batch.inputs)
+    labels = np.array(batch.labels)
+    losses = []
+    for b in range(labels.shape[0]):
+        for j in range(1, labels.shape[1] - 1):  # entry j + 1 from entry j's own output
+            if labels[b, j + 1] == -100:
+                continue
+            # the context: entries 2 .. j + 1, each from its predecessor's own output
+            x = draft.forward(out[b : b + 1, 1 : j + 1], batch.inputs[b : b + 1, 2 : j + 2])
+            row = np.array(draft.head(x)[0, -1].astype(mx.float32))
+            m = row.max()
+            losses.append(m + np.log(np.exp(row - m).sum()) - row[labels[b, j + 1]])
+    expected = plain.item() + 0.5 * float(np.mean(losses))
+    assert total.item() == pytest.approx(expected, rel=1e-4)
