@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from daemon.adaptation.run import run_training
-from daemon.bench.report import print_table, write_json
+from daemon.bench.report import print_table, provenance, write_json
 from daemon.config import ConfigSources, Settings
 from daemon.core.speed import StepCosts, estimate
 from daemon.store.adapters import load_adapter_dir
@@ -158,6 +158,10 @@ def bench_train(
         "both_right_after": chain_after["both"],
         **speed,
         "draft_token_ms": costs.draft * 1000 if costs else None,
+        # a drafted token's cost as a share of a target step (one row), both timed by the run
+        "draft_token_vs_target": costs.draft / costs.target if costs else None,
+        "costs": m.costs,
+        "costs_before": m.costs_before,
         "heldout_positions": m.heldout_after.positions,
         "heldout_rows": m.heldout_after.rows,
         "examples": m.examples.failures + m.examples.replay,
@@ -282,6 +286,7 @@ def run(args: argparse.Namespace, settings: Settings, sources: ConfigSources) ->
             "expected_speedup_before",
             "expected_speedup_after",
             "draft_token_ms",
+            "draft_token_vs_target",
             "examples",
             "steps",
             "tokens_per_s",
@@ -289,5 +294,5 @@ def run(args: argparse.Namespace, settings: Settings, sources: ConfigSources) ->
             "train_seconds",
         ],
     )
-    write_json(args.json, {"train": result})
+    write_json(args.json, {"train": result, "run": provenance()})
     return 0

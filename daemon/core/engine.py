@@ -75,25 +75,25 @@ import math
 import random
 import time
 from collections.abc import Generator, Sequence
-from dataclasses import dataclass, field, replace
-from typing import Any, TypeGuard, cast
+from dataclasses import dataclass, field
+from typing import Any, TypeGuard
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
+from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from daemon.core.constraints import Constraint
 from daemon.core.drafters import FeatureDrafter, make_drafter
-from daemon.core.drafting import NGRAM_SIZES, ContextIndex, Proposal, SuffixIndex
+from daemon.core.drafting import ContextIndex, SuffixIndex
 from daemon.core.feature_draft import is_feature_draft, target_hidden
 from daemon.core.heads import output_head
 from daemon.core.output import TextStream
-from daemon.core.policy import Choice, SpeculationPolicy
+from daemon.core.policy import SpeculationPolicy
 from daemon.core.prompt_cache import PromptCache
 from daemon.core.records import GenerationStats, Rejection
-from daemon.core.sampling import process_logits, round_keys, verify_sampled
+from daemon.core.rounds import RequestState, run_round
 from daemon.errors import GenerationError
 
 __all__ = [
@@ -284,10 +284,6 @@ def _vocab_size(model: nn.Module) -> int:
         if _is_int(vocab) and vocab > 0:
             return vocab
         raise
-
-
-def _as_f32(x: mx.array) -> mx.array:
-    return x if x.dtype == mx.float32 else x.astype(mx.float32)
 
 
 def _logsumexp(row: np.ndarray) -> float:
@@ -514,17 +510,9 @@ class SpeculativeEngine:
     ) -> Generator[GenerationChunk, None, None]:
         cfg = self.config
         stats = result.stats
-        tokens = result.tokens
-        rejections = result.rejections
         stats.prompt_tokens = len(prompt)
-
-        target_vocab = self._target_vocab_size()
-        draft_vocab = _vocab_size(draft)
-        vocab = min(target_vocab, draft_vocab)
+        vocab = min(self._target_vocab_size(), _vocab_size(draft))
         greedy = params.temperature == 0
-        temp, top_k, top_p = params.temperature, params.top_k, params.top_p
-        record = cfg.record_rejections
-        n_top = cfg.top_logprobs
         if greedy:
             key = mx.random.key(0)  # never split: greedy rounds draw nothing
         else:
@@ -535,27 +523,10 @@ class SpeculativeEngine:
         else:
             k_cur = cfg.num_draft_tokens
         ctx_limit = cfg.max_context if cfg.max_context is not None else math.inf
-
         if resume is not None:  # where the batch left it
             out = resume.text
         else:
             out = TextStream(self.tokenizer, params.stop, self.tokenizer.eos_token_ids or ())
-
-        # rejections still to complete on the host: (record, evaluated float32 target logits
-        # of its round, row, evaluated float32 draft logits row or None)
-        pending: list[tuple[Rejection, mx.array, int, mx.array | None]] = []
-
-        def materialize() -> None:
-            for rej, t_rows, row, d_row in pending:
-                if n_top:
-                    rej.top_ids, rej.top_logprobs = _top_logprobs(np.asarray(t_rows)[row], n_top)
-                if d_row is not None:
-                    d = np.asarray(d_row)
-                    rej.draft_prob = float(np.exp(d[rej.draft_token] - _logsumexp(d)))
-            pending.clear()
-
-        finish: str | None = None
-        # every token verified so far: both caches hold a prefix of it
         seq = list(resume.seq) if resume is not None else list(prompt)
         # a model draft reads what it has not read yet at its first model round (a request
         # served from proposals never pays its prefill; after a hand-over it reads it all);
@@ -567,18 +538,53 @@ class SpeculativeEngine:
             lambda m, c, t: self._prefill(m, c, t, clear=False),
             cfg.prefill_step_size,
         )
-        head = output_head(target) if drafter.needs_features else None
+        # A seeded sample is reproducible: its rounds must not depend on other traffic
+        # (the suffix index) or on measured timings (the policy), only on its own input.
+        seeded = not greedy and params.seed is not None
+        st = RequestState(
+            target=target,
+            target_cache=target_cache,
+            drafter=drafter,
+            head=output_head(target) if drafter.needs_features else None,
+            vocab=vocab,
+            params=params,
+            cfg=cfg,
+            stats=stats,
+            prompt=prompt,
+            tokens=result.tokens,
+            seq=seq,
+            target_in=[prompt[-1]] if resume is None else seq[target_cache[0].offset :],
+            rejections=result.rejections,
+            key=key,
+            k_cur=k_cur,
+            constraint=constraint,
+            lookup=ContextIndex(seq) if cfg.lookup else None,
+            suffix=None if seeded else self.suffix,
+            policy=self.policy if cfg.cost_aware and not seeded else None,
+        )
+        n_top = cfg.top_logprobs
+
+        def materialize() -> None:
+            for rej, t_rows, row, d_row in st.pending:
+                if n_top:
+                    rej.top_ids, rej.top_logprobs = _top_logprobs(np.asarray(t_rows)[row], n_top)
+                if d_row is not None:
+                    d = np.asarray(d_row)
+                    rej.draft_prob = float(np.exp(d[rej.draft_token] - _logsumexp(d)))
+            st.pending.clear()
 
         def drafter_features(start: int, hidden: mx.array) -> None:
             # prefill row i is position t_cached + i: it precedes token t_cached + i + 1
             first = stats.cached_tokens + start + 1
             drafter.observe(prompt[first : first + hidden.shape[0]], hidden)
 
+        finish: str | None = None
+        tokens = result.tokens
+        new_tokens: list[int] = []
         t_start = time.perf_counter()
-        t_gen = t_start
+        t_gen = resume.t_gen if resume is not None else t_start
         try:
             if resume is None:
-                prompt_arr = mx.array(prompt, dtype=mx.uint32)
                 t_cached = stats.cached_tokens
                 if len(prompt) - 1 > t_cached:
                     # a long prompt yields empty chunks between its prefill chunks: a client
@@ -586,225 +592,25 @@ class SpeculativeEngine:
                     steps = self._prefill_steps(
                         target,
                         target_cache,
-                        prompt_arr[t_cached:-1],
-                        features=drafter_features if head is not None else None,
+                        mx.array(prompt[t_cached:-1], dtype=mx.uint32),
+                        features=drafter_features if st.head is not None else None,
                     )
                     for _ in steps:
                         yield GenerationChunk(text="", tokens=[])
                     stats.target_passes += 1
                 t_gen = time.perf_counter()
                 stats.prompt_time = t_gen - t_start
-                target_in = [prompt[-1]]  # tokens the target has not processed yet
-            else:
-                t_gen = resume.t_gen
-                target_in = seq[target_cache[0].offset :]
-            lookup = ContextIndex(seq) if cfg.lookup else None
-            # A seeded sample is reproducible: its rounds must not depend on other traffic
-            # (the suffix index) or on measured timings (the policy), only on its own input.
-            seeded = not greedy and params.seed is not None
-            suffix = None if seeded else self.suffix
-            policy = self.policy if cfg.cost_aware and not seeded else None
-            if policy is not None:
-                policy.new_request(id(draft))
-            tail = max(NGRAM_SIZES)
-            rounds = 0
+            if st.policy is not None:
+                st.policy.new_request(id(draft))
             while True:
-                new_tokens: list[int] = []
+                new_tokens = []
                 remaining = min(
                     params.max_tokens - len(tokens), ctx_limit - len(prompt) - len(tokens)
                 )
                 if remaining <= 0:
                     finish = "length"
                     break
-                # ---- choose the round: a proposal from seen tokens, the model, or neither
-                proposal: Proposal | None = None
-                max_p = int(min(cfg.max_proposal_tokens, remaining - 1))
-                if max_p >= 1 and lookup is not None:
-                    proposal = lookup.propose(max_p, cfg.tokens_per_match)
-                if max_p >= 1 and proposal is None and suffix is not None:
-                    context = (prompt[-tail:] + tokens[-tail:])[-tail:]
-                    proposal = suffix.propose(context, max_p, cfg.tokens_per_match)
-                if proposal is not None and max(proposal.tokens) >= vocab:
-                    # a token the draft's vocabulary lacks cannot be verified as a draft token
-                    cut = next(i for i, t in enumerate(proposal.tokens) if t >= vocab)
-                    proposal = replace(proposal, tokens=proposal.tokens[:cut]) if cut else None
-                if proposal is not None and constraint is not None:
-                    # only what the grammar allows is worth verifying
-                    cut = constraint.allows(proposal.tokens)
-                    proposal = replace(proposal, tokens=proposal.tokens[:cut]) if cut else None
-                if policy is not None:
-                    plan = policy.choose(proposal, int(remaining))
-                elif proposal is not None:
-                    plan = Choice(
-                        proposal.source, len(proposal.tokens), proposal.tokens, proposal.match
-                    )
-                else:
-                    k = int(max(0, min(k_cur, remaining - 1))) if cfg.model_draft else 0
-                    plan = Choice("model" if k else "none", k)
-                if plan.source == "model" and not drafter.ready:  # no feature to draft from yet
-                    plan = Choice("none", 0)
-                k = plan.k
-                model_round = plan.source == "model" and k > 0
-                if not greedy:
-                    key, keys = round_keys(key, k)
-
-                # ---- draft k tokens (d_arr; q_lp: their draft log-probs, when sampling)
-                d_toks: list[mx.array] = []
-                d_rows: list[mx.array] = []  # raw draft logits (greedy, for draft_prob)
-                q_rows: list[mx.array] = []
-                # an empty array when nothing is drafted keeps one type for the code below
-                d_arr = mx.zeros((0,), dtype=mx.uint32)
-                q_lp: mx.array | None = None
-                masks: list[np.ndarray] = []  # constrained: allowed tokens at each position
-                pushed = 0  # draft tokens the grammar state advanced through, to undo
-                t_draft = time.perf_counter()
-                if model_round:
-                    for i in range(k):
-                        dl = (drafter.first() if i == 0 else drafter.next(d_toks[-1]))[:vocab]
-                        if i == 0 and not drafter.caught_up:  # it first read tokens it skipped
-                            stats.draft_passes += 1
-                        if constraint is not None:
-                            if i:  # the grammar moves past the token just drafted
-                                pushed += constraint.push([cast(int, d_toks[-1].item())])
-                            masks.append(constraint.mask(vocab))
-                            dl = mx.where(mx.array(masks[-1]), dl, -mx.inf)
-                        if greedy:
-                            tok = mx.argmax(dl, axis=-1)
-                            if record:
-                                d_rows.append(_as_f32(dl))
-                        else:
-                            lq = process_logits(dl, temp, top_k, top_p)
-                            tok = mx.random.categorical(lq, key=keys[i])
-                            q_rows.append(lq)
-                        mx.async_eval(tok, *d_rows[-1:])
-                        d_toks.append(tok)
-                    stats.draft_passes += k
-                    if constraint is not None:  # past the last draft token too
-                        pushed += constraint.push([cast(int, d_toks[-1].item())])
-                    if policy is not None:
-                        mx.eval(d_toks[-1])  # the verify needs them anyway: time the draft alone
-                    d_arr = mx.stack(d_toks)
-                    q_lp = None if greedy else mx.stack(q_rows)
-                elif k:  # a proposal: a point mass at each proposed token (q = 1)
-                    d_arr = mx.array(plan.tokens, dtype=mx.uint32)
-                    if constraint is not None:
-                        for t in plan.tokens:
-                            masks.append(constraint.mask(vocab))
-                            pushed += constraint.push([t])
-                    if not greedy:
-                        onehot = mx.arange(vocab)[None, :] == d_arr[:, None]
-                        q_lp = mx.where(onehot, 0.0, -mx.inf)
-                if constraint is not None:  # the last position's mask, then the state back
-                    masks.append(constraint.mask(vocab))
-                    constraint.pop(pushed)
-                t_verify = time.perf_counter()
-                draft_s = t_verify - t_draft
-
-                # ---- verify with the target in one pass
-                t_in = mx.array(target_in, dtype=mx.uint32)
-                if k:
-                    t_in = mx.concatenate([t_in, d_arr])
-                hidden: mx.array | None = None
-                if head is not None:  # the features come with the logits, at no extra cost
-                    hidden = target_hidden(target, t_in[None], target_cache)[0]
-                    t_logits = head(hidden)[-(k + 1) :, :]
-                    hidden = hidden[-(k + 1) :]
-                else:
-                    t_logits = target(t_in[None], cache=target_cache)[0, -(k + 1) :, :]
-                tl = t_logits[:, :vocab]
-                if constraint is not None:
-                    tl = mx.where(mx.array(np.stack(masks)), tl, -mx.inf)
-                stats.target_passes += 1
-                to_eval: list[mx.array] = []
-                if k:
-                    to_eval.append(d_arr)
-                    if record and model_round:  # only model rounds record rejections
-                        t_rec = _as_f32(t_logits)
-                        to_eval.append(t_rec)
-                if greedy:
-                    choice = mx.argmax(tl, axis=-1)
-                    to_eval.append(choice)
-                else:
-                    lp = process_logits(tl, temp, top_k, top_p)
-                    if q_lp is not None:  # k > 0
-                        accept, qx, choice = verify_sampled(lp, q_lp, d_arr, keys[k], keys[k + 1])
-                        to_eval += [accept, qx]
-                    else:
-                        choice = mx.random.categorical(lp, key=keys[k + 1])
-                    to_eval.append(choice)
-                mx.async_eval(to_eval)
-                materialize()  # the previous round's rejection, on the host, overlapping
-                mx.eval(to_eval)
-                verify_s = time.perf_counter() - t_verify
-
-                choice_l = cast(list[int], choice.tolist())
-                d_list = cast(list[int], d_arr.tolist()) if k else []
-                n = 0
-                if greedy:
-                    while n < k and d_list[n] == choice_l[n]:
-                        n += 1
-                else:
-                    acc = cast(list[bool], accept.tolist()) if k else []
-                    while n < k and acc[n]:
-                        n += 1
-                emitted = d_list[:n] + [choice_l[n]]
-                if policy is not None:
-                    timed = draft_s if drafter.caught_up else None
-                    policy.observe(plan, n, verify_s, timed)
-
-                # ---- statistics and rejection record
-                if k:
-                    stats.num_drafts += 1
-                    stats.drafted += k
-                    stats.accepted += n
-                    stats.count_source(plan.source, k, n)
-                    while len(stats.drafted_per_position) < k:
-                        stats.drafted_per_position.append(0)
-                        stats.accepted_per_position.append(0)
-                    for i in range(k):
-                        stats.drafted_per_position[i] += 1
-                    for i in range(n):
-                        stats.accepted_per_position[i] += 1
-                    if record and model_round and n < k:  # what the draft model got wrong
-                        pos = len(tokens) + n
-                        rej = Rejection(
-                            position=pos,
-                            context_length=len(prompt) + pos,
-                            draft_token=d_list[n],
-                            draft_prob=0.0 if greedy else cast(float, qx[n].item()),
-                            target_token=choice_l[n],
-                        )
-                        rejections.append(rej)
-                        # completed on the host (numpy, already-evaluated logits) while the
-                        # device runs the next round, or at the end
-                        pending.append((rej, t_rec, n, d_rows[n] if greedy else None))
-
-                # ---- rewind caches to the accepted prefix
-                if k - n:
-                    trim_prompt_cache(target_cache, k - n)
-                # the rows that precede each emitted token: the feature draft's next input
-                feats = hidden[: n + 1] if hidden is not None else None
-                if model_round:
-                    drafter.settle(k, n, d_list, emitted, feats)
-                else:  # the draft did not run: it reads these tokens when it next drafts
-                    drafter.observe(emitted, feats)
-                target_in = [emitted[-1]]
-                seq += emitted
-                if lookup is not None:
-                    lookup.extend(emitted)
-
-                if cfg.adaptive and model_round and policy is None and k == k_cur:
-                    if n == k:
-                        k_cur = min(k_cur + 2, cfg.max_draft_tokens)
-                    else:
-                        k_cur = max(k_cur - 1, cfg.min_draft_tokens)
-
-                rounds += 1
-                if rounds % 128 == 0:
-                    mx.clear_cache()
-
-                # ---- emit
-                for t in emitted:
+                for t in run_round(st, int(remaining), materialize):  # ---- emit
                     tokens.append(t)
                     new_tokens.append(t)
                     finish = out.add(t)
@@ -827,9 +633,9 @@ class SpeculativeEngine:
                 finish = "stop"
             result.text = out.text
             result.finish_reason = finish
-            if policy is not None:
-                stats.draft_acceptance_estimate = policy.draft_acceptance()
-            self._finalize(result, pending, materialize, t_gen)
+            if st.policy is not None:
+                stats.draft_acceptance_estimate = st.policy.draft_acceptance()
+            self._finalize(result, st.pending, materialize, t_gen)
             yield GenerationChunk(
                 text=delta, tokens=new_tokens, finish_reason=finish, result=result
             )
@@ -842,7 +648,7 @@ class SpeculativeEngine:
             result.finish_reason = result.finish_reason or "error"
             raise
         finally:
-            self._finalize(result, pending, materialize, t_gen)
+            self._finalize(result, st.pending, materialize, t_gen)
             if self.handed_off is not None and self.handed_off.seq is seq:
                 pass  # the caches go on with the request, not into the prompt cache
             elif result.finish_reason != "error":

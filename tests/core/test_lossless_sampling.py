@@ -37,7 +37,7 @@ import pytest
 from mlx_lm.models.cache import trim_prompt_cache
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-from daemon.core import engine as engine_mod
+from daemon.core import rounds as rounds_mod
 from daemon.core.drafting import SuffixIndex
 from daemon.core.engine import SamplingParams, SpeculativeConfig, SpeculativeEngine
 from daemon.core.heads import prune_head
@@ -294,7 +294,7 @@ BROKEN: dict[str, tuple[str, Callable]] = {
 def broken(monkeypatch: pytest.MonkeyPatch, name: str) -> Iterator[None]:
     attr, fn = BROKEN[name]
     with monkeypatch.context() as m:
-        m.setattr(engine_mod, attr, fn)
+        m.setattr(rounds_mod, attr, fn)
         yield
 
 

@@ -1,0 +1,360 @@
+"""One speculative round, in named steps: choose, draft, verify, record, rewind.
+
+`daemon.core.engine` keeps a request's state in a `RequestState` and runs rounds until the
+output ends (it emits their tokens); each step here is one function of that state:
+
+1. `choose`: a proposal copied from seen tokens (lookup, then suffix), the model draft, or a
+   plain target step; the cost-aware policy decides when it is on;
+2. `draft`: the round's draft tokens and, when sampling, their draft log-probabilities (a
+   proposal is a point mass), under the grammar's masks when constrained;
+3. `verify`: one target pass over ``[last tokens, d_1 .. d_k]`` and the acceptance decision
+   (greedy: the argmax; sampled: `verify_sampled`);
+4. `record`: statistics, and the first rejected draft token of a model round;
+5. `rewind`: both caches back to the accepted prefix, the drafter told what was verified, the
+   adaptive draft length moved.
+
+Every drafter (`daemon.core.drafters`) is used the same way, so a new draft kind is a file
+there, not a branch here.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, cast
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx_lm.models.cache import trim_prompt_cache
+
+from daemon.core.constraints import Constraint
+from daemon.core.drafters import FeatureDrafter, ModelDrafter
+from daemon.core.drafting import NGRAM_SIZES, ContextIndex, Proposal, SuffixIndex
+from daemon.core.feature_draft import target_hidden
+from daemon.core.policy import Choice, SpeculationPolicy
+from daemon.core.records import GenerationStats, Rejection
+from daemon.core.sampling import process_logits, round_keys, verify_sampled
+
+# a rejection still to complete on the host: (record, evaluated float32 target logits of its
+# round, row, evaluated float32 draft logits row or None)
+Pending = tuple[Rejection, mx.array, int, mx.array | None]
+
+
+def as_f32(x: mx.array) -> mx.array:
+    return x if x.dtype == mx.float32 else x.astype(mx.float32)
+
+
+@dataclass
+class RequestState:
+    """What the rounds of one request share (the engine builds it, the steps move it on)."""
+
+    target: nn.Module
+    target_cache: list[Any]
+    drafter: ModelDrafter | FeatureDrafter
+    head: Any  # the target's output head when the drafter reads its hidden states, else None
+    vocab: int  # the vocabulary target and draft share
+    params: Any  # SamplingParams
+    cfg: Any  # SpeculativeConfig
+    stats: GenerationStats
+    prompt: list[int]
+    tokens: list[int]  # the output so far
+    seq: list[int]  # every verified token: both caches hold a prefix of it
+    target_in: list[int]  # tokens the target has not read yet
+    rejections: list[Rejection]
+    key: mx.array
+    k_cur: int
+    constraint: Constraint | None = None
+    lookup: ContextIndex | None = None
+    suffix: SuffixIndex | None = None
+    policy: SpeculationPolicy | None = None
+    pending: list[Pending] = field(default_factory=list)
+    rounds: int = 0
+
+    @property
+    def greedy(self) -> bool:
+        return bool(self.params.temperature == 0)
+
+    @property
+    def record(self) -> bool:
+        return bool(self.cfg.record_rejections)
+
+
+@dataclass
+class Drafted:
+    """A round's plan and its draft tokens."""
+
+    plan: Choice
+    keys: mx.array | None  # the round's random keys (sampling: k + 2 of them)
+    tokens: mx.array  # (k,) uint32; empty when nothing is drafted
+    q_lp: mx.array | None = None  # draft log-probs (sampling)
+    rows: list[mx.array] = field(default_factory=list)  # raw draft logits (greedy, recorded)
+    masks: list[np.ndarray] = field(default_factory=list)  # constrained: allowed tokens
+    seconds: float = 0.0
+
+    @property
+    def k(self) -> int:
+        return self.plan.k
+
+    @property
+    def model_round(self) -> bool:
+        return self.plan.source == "model" and self.plan.k > 0
+
+
+@dataclass
+class Verified:
+    """The target's verdict on a round."""
+
+    drafted: list[int]
+    choice: list[int]  # the target's token at each of the k + 1 positions
+    accepted: int
+    seconds: float
+    qx: mx.array | None = None  # draft probabilities of the drafted tokens (sampling)
+    logits: mx.array | None = None  # float32 target logits, kept for a rejection record
+    hidden: mx.array | None = None  # the target's hidden rows (a feature drafter reads them)
+
+    @property
+    def emitted(self) -> list[int]:
+        return self.drafted[: self.accepted] + [self.choice[self.accepted]]
+
+
+def choose(st: RequestState, remaining: int) -> Choice:
+    """The round's source and length: a proposal when there is one (or the policy's pick)."""
+    cfg = st.cfg
+    proposal = _proposal(st, int(min(cfg.max_proposal_tokens, remaining - 1)))
+    if st.policy is not None:
+        plan = st.policy.choose(proposal, int(remaining))
+    elif proposal is not None:
+        plan = Choice(proposal.source, len(proposal.tokens), proposal.tokens, proposal.match)
+    else:
+        k = int(max(0, min(st.k_cur, remaining - 1))) if cfg.model_draft else 0
+        plan = Choice("model" if k else "none", k)
+    if plan.source == "model" and not st.drafter.ready:  # no feature to draft from yet
+        plan = Choice("none", 0)
+    return plan
+
+
+def _proposal(st: RequestState, max_p: int) -> Proposal | None:
+    """The request's own context first, then the target's past outputs; cut where the draft
+    vocabulary or the grammar would refuse a token."""
+    if max_p < 1:
+        return None
+    cfg = st.cfg
+    proposal = st.lookup.propose(max_p, cfg.tokens_per_match) if st.lookup else None
+    if proposal is None and st.suffix is not None:
+        tail = max(NGRAM_SIZES)
+        context = (st.prompt[-tail:] + st.tokens[-tail:])[-tail:]
+        proposal = st.suffix.propose(context, max_p, cfg.tokens_per_match)
+    if proposal is not None and max(proposal.tokens) >= st.vocab:
+        # a token the draft's vocabulary lacks cannot be verified as a draft token
+        cut = next(i for i, t in enumerate(proposal.tokens) if t >= st.vocab)
+        proposal = replace(proposal, tokens=proposal.tokens[:cut]) if cut else None
+    if proposal is not None and st.constraint is not None:
+        # only what the grammar allows is worth verifying
+        cut = st.constraint.allows(proposal.tokens)
+        proposal = replace(proposal, tokens=proposal.tokens[:cut]) if cut else None
+    return proposal
+
+
+def draft(st: RequestState, plan: Choice) -> Drafted:
+    """The round's ``k`` draft tokens: the drafter's, token by token, or the proposal's."""
+    keys = None
+    if not st.greedy:
+        st.key, keys = round_keys(st.key, plan.k)
+    out = Drafted(plan, keys, mx.zeros((0,), dtype=mx.uint32))
+    constraint = st.constraint
+    pushed = 0  # draft tokens the grammar state advanced through, to undo
+    t0 = time.perf_counter()
+    if out.model_round:
+        pushed = _draft_model(st, out)
+    elif plan.k:  # a proposal: a point mass at each proposed token (q = 1)
+        out.tokens = mx.array(plan.tokens, dtype=mx.uint32)
+        if constraint is not None:
+            for t in plan.tokens:
+                out.masks.append(constraint.mask(st.vocab))
+                pushed += constraint.push([t])
+        if not st.greedy:
+            onehot = mx.arange(st.vocab)[None, :] == out.tokens[:, None]
+            out.q_lp = mx.where(onehot, 0.0, -mx.inf)
+    if constraint is not None:  # the last position's mask, then the state back
+        out.masks.append(constraint.mask(st.vocab))
+        constraint.pop(pushed)
+    out.seconds = time.perf_counter() - t0
+    return out
+
+
+def _draft_model(st: RequestState, out: Drafted) -> int:
+    """Draft ``k`` tokens with the drafter (``mx.async_eval`` per token, so the next token's
+    graph is built while this one computes); returns the grammar pushes to undo."""
+    drafter, constraint, params = st.drafter, st.constraint, st.params
+    toks: list[mx.array] = []
+    q_rows: list[mx.array] = []
+    pushed = 0
+    for i in range(out.k):
+        dl = (drafter.first() if i == 0 else drafter.next(toks[-1]))[: st.vocab]
+        if i == 0 and not drafter.caught_up:  # it first read tokens it skipped
+            st.stats.draft_passes += 1
+        if constraint is not None:
+            if i:  # the grammar moves past the token just drafted
+                pushed += constraint.push([cast(int, toks[-1].item())])
+            out.masks.append(constraint.mask(st.vocab))
+            dl = mx.where(mx.array(out.masks[-1]), dl, -mx.inf)
+        if st.greedy:
+            tok = mx.argmax(dl, axis=-1)
+            if st.record:
+                out.rows.append(as_f32(dl))
+        else:
+            lq = process_logits(dl, params.temperature, params.top_k, params.top_p)
+            assert out.keys is not None
+            tok = mx.random.categorical(lq, key=out.keys[i])
+            q_rows.append(lq)
+        mx.async_eval(tok, *out.rows[-1:])
+        toks.append(tok)
+    st.stats.draft_passes += out.k
+    if constraint is not None:  # past the last draft token too
+        pushed += constraint.push([cast(int, toks[-1].item())])
+    if st.policy is not None:
+        mx.eval(toks[-1])  # the verify needs them anyway: time the draft alone
+    out.tokens = mx.stack(toks)
+    out.q_lp = None if st.greedy else mx.stack(q_rows)
+    return pushed
+
+
+def verify(st: RequestState, d: Drafted, overlap: Callable[[], None]) -> Verified:
+    """One target pass over the unread tokens and the draft, and how many drafts it accepts.
+    ``overlap`` runs on the host while the device computes (the last rejection's record)."""
+    k, params = d.k, st.params
+    t0 = time.perf_counter()
+    t_in = mx.array(st.target_in, dtype=mx.uint32)
+    if k:
+        t_in = mx.concatenate([t_in, d.tokens])
+    hidden: mx.array | None = None
+    if st.head is not None:  # the features come with the logits, at no extra cost
+        hidden = target_hidden(st.target, t_in[None], st.target_cache)[0]
+        t_logits = st.head(hidden)[-(k + 1) :, :]
+        hidden = hidden[-(k + 1) :]
+    else:
+        t_logits = st.target(t_in[None], cache=st.target_cache)[0, -(k + 1) :, :]
+    tl = t_logits[:, : st.vocab]
+    if st.constraint is not None:
+        tl = mx.where(mx.array(np.stack(d.masks)), tl, -mx.inf)
+    st.stats.target_passes += 1
+    to_eval: list[mx.array] = []
+    kept: mx.array | None = None
+    if k:
+        to_eval.append(d.tokens)
+        if st.record and d.model_round:  # only model rounds record rejections
+            kept = as_f32(t_logits)
+            to_eval.append(kept)
+    accept = qx = None
+    if st.greedy or d.keys is None:
+        choice = mx.argmax(tl, axis=-1)
+    else:
+        lp = process_logits(tl, params.temperature, params.top_k, params.top_p)
+        if d.q_lp is not None:  # k > 0
+            accept, qx, choice = verify_sampled(lp, d.q_lp, d.tokens, d.keys[k], d.keys[k + 1])
+            to_eval += [accept, qx]
+        else:
+            choice = mx.random.categorical(lp, key=d.keys[k + 1])
+    to_eval.append(choice)
+    mx.async_eval(to_eval)
+    overlap()
+    mx.eval(to_eval)
+    choice_l = cast(list[int], choice.tolist())
+    drafted = cast(list[int], d.tokens.tolist()) if k else []
+    n = 0
+    if accept is None:
+        while n < k and drafted[n] == choice_l[n]:
+            n += 1
+    else:
+        acc = cast(list[bool], accept.tolist())
+        while n < k and acc[n]:
+            n += 1
+    seconds = time.perf_counter() - t0
+    return Verified(drafted, choice_l, n, seconds, qx, kept, hidden)
+
+
+def record(st: RequestState, d: Drafted, v: Verified) -> None:
+    """Statistics of a round that drafted, and the first rejected token of a model round."""
+    if st.policy is not None:
+        timed = d.seconds if st.drafter.caught_up else None
+        st.policy.observe(d.plan, v.accepted, v.seconds, timed)
+    k, n = d.k, v.accepted
+    if not k:
+        return
+    stats = st.stats
+    stats.num_drafts += 1
+    stats.drafted += k
+    stats.accepted += n
+    stats.count_source(d.plan.source, k, n)
+    while len(stats.drafted_per_position) < k:
+        stats.drafted_per_position.append(0)
+        stats.accepted_per_position.append(0)
+    for i in range(k):
+        stats.drafted_per_position[i] += 1
+    for i in range(n):
+        stats.accepted_per_position[i] += 1
+    if st.record and d.model_round and n < k:  # what the draft model got wrong
+        pos = len(st.tokens) + n
+        rej = Rejection(
+            position=pos,
+            context_length=len(st.prompt) + pos,
+            draft_token=v.drafted[n],
+            draft_prob=0.0 if st.greedy or v.qx is None else cast(float, v.qx[n].item()),
+            target_token=v.choice[n],
+        )
+        st.rejections.append(rej)
+        # completed on the host (numpy, already-evaluated logits) while the device runs the
+        # next round, or at the end
+        assert v.logits is not None
+        st.pending.append((rej, v.logits, n, d.rows[n] if st.greedy else None))
+
+
+def rewind(st: RequestState, d: Drafted, v: Verified) -> None:
+    """Both caches back to the accepted prefix; the drafter and the lookup index read what
+    was verified; the adaptive draft length moves after a full-length model round."""
+    k, n, emitted = d.k, v.accepted, v.emitted
+    if k - n:
+        trim_prompt_cache(st.target_cache, k - n)
+    # the rows that precede each emitted token: a feature drafter's next input
+    feats = v.hidden[: n + 1] if v.hidden is not None else None
+    if d.model_round:
+        st.drafter.settle(k, n, v.drafted, emitted, feats)
+    else:  # the draft did not run: it reads these tokens when it next drafts
+        st.drafter.observe(emitted, feats)
+    st.target_in = [emitted[-1]]
+    st.seq += emitted
+    if st.lookup is not None:
+        st.lookup.extend(emitted)
+    cfg = st.cfg
+    if cfg.adaptive and d.model_round and st.policy is None and k == st.k_cur:
+        if n == k:
+            st.k_cur = min(st.k_cur + 2, cfg.max_draft_tokens)
+        else:
+            st.k_cur = max(st.k_cur - 1, cfg.min_draft_tokens)
+    st.rounds += 1
+    if st.rounds % 128 == 0:
+        mx.clear_cache()
+
+
+def run_round(st: RequestState, remaining: int, overlap: Callable[[], None]) -> list[int]:
+    """One round, every step; the tokens it emits (accepted drafts and one target token)."""
+    d = draft(st, choose(st, remaining))
+    v = verify(st, d, overlap)
+    record(st, d, v)
+    rewind(st, d, v)
+    return v.emitted
+
+
+__all__: Sequence[str] = [
+    "Drafted",
+    "RequestState",
+    "Verified",
+    "choose",
+    "draft",
+    "record",
+    "rewind",
+    "run_round",
+    "verify",
+]
