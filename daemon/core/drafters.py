@@ -59,9 +59,6 @@ class Drafter(Protocol):
         """Tokens verified in a round this drafter did not draft (or the prompt)."""
         ...
 
-    @property
-    def cache(self) -> list[Any]: ...
-
 
 class ModelDrafter:
     """A draft model over tokens (layer-skip or separate model)."""
@@ -76,10 +73,6 @@ class ModelDrafter:
         self.pending = list(pending)  # verified tokens the draft has not read yet
         self._prefill = prefill  # (model, cache, tokens) -> None, in chunks
         self.caught_up = True
-
-    @property
-    def cache(self) -> list[Any]:
-        return self._cache
 
     @property
     def ready(self) -> bool:
@@ -126,10 +119,6 @@ class FeatureDrafter:
         self._hidden: mx.array | None = None  # the last output feature, (1, 1, H)
         self._drafted = 0  # entries read from its own features this round (trimmed after)
         self.caught_up = True
-
-    @property
-    def cache(self) -> list[Any]:
-        return self._cache
 
     @property
     def ready(self) -> bool:
