@@ -244,6 +244,7 @@ def bench_adapt(
 
 def run(args: argparse.Namespace, settings: Settings, sources: ConfigSources) -> int:
     """``specd bench adapt``: `bench_adapt` on the two prompt files, as a table."""
+    origin = provenance()  # the code that ran: taken before the run, which can take an hour
     train = [p.messages for p in read_prompts(args.train_prompts, limit=args.train_limit)]
     eval_items = read_prompts(args.eval_prompts, limit=args.eval_limit)
     evals = [p.messages for p in eval_items]
@@ -292,5 +293,5 @@ def run(args: argparse.Namespace, settings: Settings, sources: ConfigSources) ->
     )
     for c in result["candidates"]:
         print(_candidate_line(c))
-    write_json(args.json, {**result, "run": provenance()})
+    write_json(args.json, {**result, "run": origin})
     return 0

@@ -249,6 +249,7 @@ def bench_losses(
 def run(args: argparse.Namespace, settings: Settings, sources: ConfigSources) -> int:
     """``specd bench train``: `bench_train` on the configured buffer, as a table; with
     ``--losses`` one row per loss (`bench_losses`)."""
+    origin = provenance()  # the code that ran: taken before the run
     if args.losses:
         rows = bench_losses(
             settings,
@@ -294,5 +295,5 @@ def run(args: argparse.Namespace, settings: Settings, sources: ConfigSources) ->
             "train_seconds",
         ],
     )
-    write_json(args.json, {"train": result, "run": provenance()})
+    write_json(args.json, {"train": result, "run": origin})
     return 0
