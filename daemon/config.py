@@ -101,7 +101,17 @@ class ServerSettings(_Section):
         description="Requests decoded together when several are ready (continuous batching, "
         "no speculation inside a batch); 1: one at a time, always speculative.",
     )
-    max_tokens_limit: int = Field(4096, ge=1, description="Largest max_tokens a request may ask.")
+    max_tokens_limit: int = Field(
+        4096,
+        ge=1,
+        description="The most tokens one answer may have: a request asking more is answered "
+        "up to it, with finish_reason 'length' (an operator's cap, not a client error).",
+    )
+    strict_fields: bool = Field(
+        False,
+        description="Refuse (400) a request carrying a field specd does not know; off: such "
+        "fields are ignored, logged once and named in the X-Specd-Ignored-Fields header.",
+    )
     shutdown_timeout: float = Field(30.0, ge=0, description="Seconds to finish in-flight work.")
     cors_origins: list[str] = Field(
         default_factory=list,
@@ -152,6 +162,10 @@ class SamplingSettings(_Section):
     temperature: float = Field(0.0, ge=0.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0)
+    min_p: float = Field(0.0, ge=0.0, le=1.0, description="0: off.")
+    repetition_penalty: float = Field(
+        0.0, ge=0.0, description="Over the last 20 tokens (mlx-lm's); 0 or 1: off."
+    )
     max_tokens: int | None = Field(
         None,
         ge=1,

@@ -465,6 +465,7 @@ class Server:
             draft_kind=pair.draft_kind,
             dtype=pair.dtype,
             max_context=pair.max_context,
+            vocab_size=self.engine.shared_vocab(),
             adapter_version=lambda: self.adapter_version,
             draft_head_tokens=self._draft_head_tokens,
             status_providers=self.status_providers,

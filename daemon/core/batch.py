@@ -40,7 +40,9 @@ from daemon.core.engine import (
 )
 from daemon.core.heads import last_logits
 from daemon.core.output import TextStream
-from daemon.core.sampling import process_logits
+from daemon.core.records import TokenLogprob, token_logprobs
+from daemon.core.rounds import as_f32
+from daemon.core.sampling import apply_processors, logits_processors, process_logits
 
 __all__ = ["BatchDecoder"]
 
@@ -55,13 +57,14 @@ class _Sampler:
 
     def __init__(self, params: SamplingParams) -> None:
         self.temp, self.top_k, self.top_p = params.temperature, params.top_k, params.top_p
+        self.min_p = params.min_p
         seed = params.seed if params.seed is not None else random.getrandbits(63)
         self.key = mx.random.key(seed & 0xFFFFFFFFFFFFFFFF)
 
     def __call__(self, logprobs: mx.array) -> mx.array:
         self.key, sub = mx.random.split(self.key)
         return mx.random.categorical(
-            process_logits(logprobs, self.temp, self.top_k, self.top_p), key=sub
+            process_logits(logprobs, self.temp, self.top_k, self.top_p, self.min_p), key=sub
         )
 
 
@@ -110,6 +113,7 @@ class _Member:
     t_gen: float
     prompt_tokens: int
     new_tokens: int = 0  # generated while in the batch
+    logprobs: int | None = None  # the request's SamplingParams.logprobs
 
 
 class BatchDecoder:
@@ -144,7 +148,7 @@ class BatchDecoder:
         return self._gen
 
     def _masking(self, constraint: Constraint | None, base: int) -> list[Any]:
-        """The member's logits processors (see `_Processor`); none when nothing is masked."""
+        """The member's mask (see `_Processor`); none when nothing is masked."""
         engine = self.engine
         width = engine._target_vocab_size()
         vocab = min(width, engine.shared_vocab())
@@ -152,6 +156,13 @@ class BatchDecoder:
             return []
         eos = set(engine.tokenizer.eos_token_ids or ())
         return [_Processor(constraint, vocab, width, base, eos)]
+
+    def _processors(
+        self, params: SamplingParams, constraint: Constraint | None, base: int
+    ) -> list[Any]:
+        """The member's logits processors: the request's (penalties, bias; mlx-lm's, which the
+        batch calls with every token so far, as the engine's rounds do), then its mask."""
+        return [*logits_processors(params), *self._masking(constraint, base)]
 
     def _insert(
         self,
@@ -199,23 +210,27 @@ class BatchDecoder:
             self._limit(params, len(prompt)),
             t0,
             len(prompt),
+            logprobs=params.logprobs,
         )
         # the prompt in chunks; its last chunk's last row gives the first token's logits
         rest = mx.array(prompt[cached:], dtype=mx.uint32)
         last = min(rest.size, engine.config.prefill_step_size)
         engine._prefill(engine.target, cache, rest[:-last], clear=False)
         logits = last_logits(engine.target, rest[-last:][None], cache)[None]
-        processors = self._masking(constraint, len(prompt) + 1)
+        logits = apply_processors(logits_processors(params), prompt, logits)
+        processors = self._processors(params, constraint, len(prompt) + 1)
         for p in processors:
-            logits = p.mask(logits)
+            if isinstance(p, _Processor):
+                logits = p.mask(logits)
         sampler = _greedy if params.temperature == 0 else _Sampler(params)
-        token = cast(int, sampler(logits - mx.logsumexp(logits, axis=-1, keepdims=True)).item())
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        token = cast(int, sampler(logprobs).item())
         result.stats.target_passes += 1
         result.stats.prompt_time = time.perf_counter() - t0
         member.t_gen = time.perf_counter()
         if constraint is not None and token not in (engine.tokenizer.eos_token_ids or ()):
             constraint.consume([token])  # mlx-lm's processor takes over from the next one
-        chunk = self._advance(member, token)
+        chunk = self._advance(member, token, logprobs[0])
         if chunk.result is not None:  # that token ended it
             self._keep(prompt, cache)
             return None, chunk
@@ -240,8 +255,9 @@ class BatchDecoder:
             self._limit(params, state.prompt_tokens),
             state.t_gen,
             state.prompt_tokens,
+            logprobs=params.logprobs,
         )
-        processors = self._masking(constraint, len(state.seq))
+        processors = self._processors(params, constraint, len(state.seq))
         sampler = _greedy if params.temperature == 0 else _Sampler(params)
         return self._insert(state.seq, state.target_cache, held, sampler, member, processors)
 
@@ -261,7 +277,7 @@ class BatchDecoder:
             m = self._members.get(r.uid)
             if m is None or r.uid in done:
                 continue
-            chunk = self._advance(m, r.token)
+            chunk = self._advance(m, r.token, r.logprobs)
             if chunk.result is not None:
                 del self._members[r.uid]
                 if r.finish_reason is None:
@@ -276,9 +292,13 @@ class BatchDecoder:
             self.close()
         return out
 
-    def _advance(self, m: _Member, token: int) -> GenerationChunk:
-        """``token`` is ``m``'s next (its grammar already fed it): its chunk, final
-        (``result`` set) if it ends the answer."""
+    def _advance(self, m: _Member, token: int, logprobs: mx.array) -> GenerationChunk:
+        """``token`` is ``m``'s next (its grammar already fed it; ``logprobs`` its row after
+        the processors): its chunk, final (``result`` set) if it ends the answer."""
+        lps = []
+        if m.logprobs is not None:
+            lps = token_logprobs(as_f32(logprobs)[None], [token], m.logprobs)
+            m.result.logprobs += lps
         m.result.tokens.append(token)
         m.new_tokens += 1
         finish = m.text.add(token)
@@ -287,8 +307,8 @@ class BatchDecoder:
         if finish is None and len(m.result.tokens) >= m.limit:
             finish = "length"
         if finish is None:
-            return GenerationChunk(text=m.text.delta(), tokens=[token])
-        return self._final(m, finish, [token])
+            return GenerationChunk(text=m.text.delta(), tokens=[token], logprobs=lps)
+        return self._final(m, finish, [token], lps)
 
     def releasable(self, uid: int, params: SamplingParams) -> bool:
         """Whether the member can go back to the speculative path: it is decoding (not reading
@@ -325,7 +345,13 @@ class BatchDecoder:
         assert chunk.result is not None
         return chunk.result
 
-    def _final(self, m: _Member, finish: str, tokens: list[int]) -> GenerationChunk:
+    def _final(
+        self,
+        m: _Member,
+        finish: str,
+        tokens: list[int],
+        logprobs: list[TokenLogprob] | None = None,
+    ) -> GenerationChunk:
         delta = m.text.finish() if finish != "cancelled" else ""
         if finish != "cancelled" and m.text.stopped_by_string:
             finish = "stop"
@@ -337,7 +363,13 @@ class BatchDecoder:
         stats.batched_tokens += m.new_tokens
         stats.target_passes += m.new_tokens  # one step each (the prefill's pass aside)
         stats.generation_time = time.perf_counter() - m.t_gen
-        return GenerationChunk(text=delta, tokens=tokens, finish_reason=finish, result=result)
+        return GenerationChunk(
+            text=delta,
+            tokens=tokens,
+            finish_reason=finish,
+            result=result,
+            logprobs=logprobs or [],
+        )
 
     def _keep(self, tokens: list[int] | None, cache: list[Any] | None) -> None:
         if tokens and cache:

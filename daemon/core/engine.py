@@ -92,8 +92,9 @@ from daemon.core.heads import output_head
 from daemon.core.output import TextStream
 from daemon.core.policy import SpeculationPolicy
 from daemon.core.prompt_cache import PromptCache
-from daemon.core.records import GenerationStats, Rejection
+from daemon.core.records import GenerationStats, Rejection, TokenLogprob
 from daemon.core.rounds import RequestState, run_round
+from daemon.core.sampling import history_size, logits_processors
 from daemon.errors import GenerationError
 
 __all__ = [
@@ -107,6 +108,7 @@ __all__ = [
     "SamplingParams",
     "SpeculativeConfig",
     "SpeculativeEngine",
+    "TokenLogprob",
 ]
 
 
@@ -122,8 +124,12 @@ def _is_number(x: Any) -> bool:
 class SamplingParams:
     """Per-request sampling parameters.
 
-    ``temperature == 0`` is greedy decoding; ``top_k == 0`` and ``top_p == 1`` disable
-    those filters.  ``stop`` strings end generation and are not part of the returned text.
+    ``temperature == 0`` is greedy decoding; ``top_k == 0``, ``top_p == 1`` and
+    ``min_p == 0`` disable those filters.  ``stop`` strings end generation and are not part of
+    the returned text. The logits processors (mlx-lm's: an additive ``logit_bias`` by token
+    id, and the repetition / presence / frequency penalties over the last ``*_context_size``
+    tokens, prompt included; 0 is off) change the target's distribution, greedy included;
+    the engine applies them to the draft's too (`daemon.core.sampling`).
     """
 
     temperature: float = 0.0
@@ -132,6 +138,26 @@ class SamplingParams:
     seed: int | None = None
     max_tokens: int = 256
     stop: list[str] = field(default_factory=list)
+    min_p: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    repetition_penalty: float = 0.0
+    repetition_context_size: int = 20
+    presence_penalty: float = 0.0
+    presence_context_size: int = 20
+    frequency_penalty: float = 0.0
+    frequency_context_size: int = 20
+    # None: no log-probabilities; n >= 0: each token's and its n most likely alternatives'
+    logprobs: int | None = None
+
+    @property
+    def processed(self) -> bool:
+        """Whether logits processors apply (`daemon.core.sampling.logits_processors`)."""
+        return bool(
+            self.logit_bias
+            or self.repetition_penalty not in (0, 1)
+            or self.presence_penalty
+            or self.frequency_penalty
+        )
 
     def validate(self, max_context: int | None = None) -> None:
         """Raise :class:`GenerationError` if a value is missing or out of range."""
@@ -143,6 +169,11 @@ class SamplingParams:
             raise GenerationError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if not _is_int(self.top_k) or self.top_k < 0:
             raise GenerationError(f"top_k must be an integer >= 0, got {self.top_k!r}")
+        if self.logprobs is not None and (not _is_int(self.logprobs) or self.logprobs < 0):
+            raise GenerationError(f"logprobs must be None or an integer >= 0: {self.logprobs!r}")
+        if not _is_number(self.min_p) or not 0.0 <= self.min_p <= 1.0:
+            raise GenerationError(f"min_p must be in [0, 1], got {self.min_p!r}")
+        self._validate_processors()
         if self.seed is not None and not _is_int(self.seed):
             raise GenerationError(f"seed must be an integer or None, got {self.seed!r}")
         if not _is_int(self.max_tokens) or self.max_tokens < 1:
@@ -156,6 +187,27 @@ class SamplingParams:
         for s in self.stop:
             if not isinstance(s, str) or not s:
                 raise GenerationError(f"stop strings must be non-empty strings, got {s!r}")
+
+    def _validate_processors(self) -> None:
+        if not isinstance(self.logit_bias, dict):
+            raise GenerationError(
+                f"logit_bias must map token ids to numbers, got {self.logit_bias!r}"
+            )
+        for t, b in self.logit_bias.items():
+            if not _is_int(t) or t < 0 or not _is_number(b):
+                raise GenerationError(f"logit_bias must map token ids to numbers, got {t!r}: {b!r}")
+        if not _is_number(self.repetition_penalty) or self.repetition_penalty < 0:
+            raise GenerationError(
+                f"repetition_penalty must be a number >= 0, got {self.repetition_penalty!r}"
+            )
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not _is_number(getattr(self, name)):
+                value = getattr(self, name)
+                raise GenerationError(f"{name} must be a finite number, got {value!r}")
+        for name in ("repetition", "presence", "frequency"):
+            size = getattr(self, f"{name}_context_size")
+            if not _is_int(size) or size < 1:
+                raise GenerationError(f"{name}_context_size must be an integer >= 1, got {size!r}")
 
 
 @dataclass
@@ -236,6 +288,7 @@ class GenerationResult:
     finish_reason: str | None = None
     stats: GenerationStats = field(default_factory=GenerationStats)
     rejections: list[Rejection] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token, when asked
 
 
 @dataclass
@@ -250,6 +303,7 @@ class GenerationChunk:
     tokens: list[int]
     finish_reason: str | None = None
     result: GenerationResult | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # the tokens', when asked
 
 
 class Handoff(Exception):  # noqa: N818 (a signal thrown into the generator, not an error)
@@ -561,6 +615,8 @@ class SpeculativeEngine:
             lookup=ContextIndex(seq) if cfg.lookup else None,
             suffix=None if seeded else self.suffix,
             policy=self.policy if cfg.cost_aware and not seeded else None,
+            processors=logits_processors(params),
+            history=history_size(params),
         )
         n_top = cfg.top_logprobs
 
@@ -581,6 +637,7 @@ class SpeculativeEngine:
         finish: str | None = None
         tokens = result.tokens
         new_tokens: list[int] = []
+        new_lps: list[TokenLogprob] = []
         t_start = time.perf_counter()
         t_gen = resume.t_gen if resume is not None else t_start
         try:
@@ -603,16 +660,20 @@ class SpeculativeEngine:
             if st.policy is not None:
                 st.policy.new_request(id(draft))
             while True:
-                new_tokens = []
+                new_tokens, new_lps = [], []
                 remaining = min(
                     params.max_tokens - len(tokens), ctx_limit - len(prompt) - len(tokens)
                 )
                 if remaining <= 0:
                     finish = "length"
                     break
-                for t in run_round(st, int(remaining), materialize):  # ---- emit
+                v = run_round(st, int(remaining), materialize)
+                for i, t in enumerate(v.emitted):  # ---- emit
                     tokens.append(t)
                     new_tokens.append(t)
+                    if v.logprobs is not None:
+                        new_lps.append(v.logprobs[i])
+                        result.logprobs.append(v.logprobs[i])
                     finish = out.add(t)
                     if finish is not None:
                         break
@@ -625,7 +686,7 @@ class SpeculativeEngine:
                     break
                 delta = out.delta()
                 result.text = out.text
-                yield GenerationChunk(text=delta, tokens=new_tokens)
+                yield GenerationChunk(text=delta, tokens=new_tokens, logprobs=new_lps)
 
             # ---- finish: flush the detokenizer, apply stop strings, final chunk
             delta = out.finish()
@@ -637,7 +698,11 @@ class SpeculativeEngine:
                 stats.draft_acceptance_estimate = st.policy.draft_acceptance()
             self._finalize(result, st.pending, materialize, t_gen)
             yield GenerationChunk(
-                text=delta, tokens=new_tokens, finish_reason=finish, result=result
+                text=delta,
+                tokens=new_tokens,
+                finish_reason=finish,
+                result=result,
+                logprobs=new_lps,
             )
         except Handoff:  # between rounds: both caches hold a prefix of seq
             self.handed_off = HandoffState(seq, target_cache, out, t_gen, len(prompt))

@@ -15,6 +15,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
+
 
 def acceptance_rate(accepted: int, drafted: int) -> float | None:
     """accepted / drafted; None when nothing was drafted."""
@@ -24,6 +26,34 @@ def acceptance_rate(accepted: int, drafted: int) -> float | None:
 def is_failure_case(rate: float | None, num_rejections: int, failure_threshold: float) -> bool:
     """A request the draft did badly on: acceptance below the threshold and something rejected."""
     return num_rejections > 0 and rate is not None and rate < failure_threshold
+
+
+@dataclass
+class TokenLogprob:
+    """An emitted token's log-probability under the target's distribution after the request's
+    logits processors (and grammar mask), at temperature 1 (mlx-lm's definition), and the
+    ``top`` most likely tokens there as ``(token, logprob)``, most likely first."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+def token_logprobs(rows: Any, tokens: list[int], n: int) -> list[TokenLogprob]:
+    """`TokenLogprob` of ``tokens[i]`` from log-probability row ``i`` (a float32 array the
+    host can read: numpy or an evaluated MLX array)."""
+    arr = np.asarray(rows)
+    out = []
+    for i, t in enumerate(tokens):
+        row = arr[i]
+        top: list[tuple[int, float]] = []
+        if n:
+            k = min(n, row.size)
+            ids = np.argpartition(row, row.size - k)[row.size - k :]
+            ids = ids[np.argsort(-row[ids], kind="stable")]
+            top = [(int(j), float(row[j])) for j in ids]
+        out.append(TokenLogprob(int(t), float(row[t]), top))
+    return out
 
 
 @dataclass

@@ -34,8 +34,15 @@ from daemon.core.drafters import FeatureDrafter, ModelDrafter
 from daemon.core.drafting import NGRAM_SIZES, ContextIndex, Proposal, SuffixIndex
 from daemon.core.feature_draft import target_hidden
 from daemon.core.policy import Choice, SpeculationPolicy
-from daemon.core.records import GenerationStats, Rejection
-from daemon.core.sampling import process_logits, round_keys, verify_sampled
+from daemon.core.records import GenerationStats, Rejection, TokenLogprob, token_logprobs
+from daemon.core.sampling import (
+    LogitsProcessor,
+    apply_processors,
+    log_softmax,
+    process_logits,
+    round_keys,
+    verify_sampled,
+)
 
 # a rejection still to complete on the host: (record, evaluated float32 target logits of its
 # round, row, evaluated float32 draft logits row or None)
@@ -71,6 +78,9 @@ class RequestState:
     policy: SpeculationPolicy | None = None
     pending: list[Pending] = field(default_factory=list)
     rounds: int = 0
+    # the request's logits processors (penalties, bias) and how many tokens they read back
+    processors: list[LogitsProcessor] = field(default_factory=list)
+    history: int = 0
 
     @property
     def greedy(self) -> bool:
@@ -79,6 +89,16 @@ class RequestState:
     @property
     def record(self) -> bool:
         return bool(self.cfg.record_rejections)
+
+    def process(
+        self, logits: mx.array, drafted: Sequence[mx.array] | mx.array | None, offset: int = 0
+    ) -> mx.array:
+        """The logits processors on rows that follow every verified token and the round's
+        first ``offset + row`` draft tokens (target and draft alike: lossless)."""
+        if not self.processors:
+            return logits
+        history = self.seq[-self.history :] if self.history else []
+        return apply_processors(self.processors, history, logits, drafted, offset)
 
 
 @dataclass
@@ -113,6 +133,7 @@ class Verified:
     qx: mx.array | None = None  # draft probabilities of the drafted tokens (sampling)
     logits: mx.array | None = None  # float32 target logits, kept for a rejection record
     hidden: mx.array | None = None  # the target's hidden rows (a feature drafter reads them)
+    logprobs: list[TokenLogprob] | None = None  # the emitted tokens', when the request asks
 
     @property
     def emitted(self) -> list[int]:
@@ -193,6 +214,7 @@ def _draft_model(st: RequestState, out: Drafted) -> int:
     pushed = 0
     for i in range(out.k):
         dl = (drafter.first() if i == 0 else drafter.next(toks[-1]))[: st.vocab]
+        dl = st.process(dl[None], toks, i)[0]
         if i == 0 and not drafter.caught_up:  # it first read tokens it skipped
             st.stats.draft_passes += 1
         if constraint is not None:
@@ -205,7 +227,7 @@ def _draft_model(st: RequestState, out: Drafted) -> int:
             if st.record:
                 out.rows.append(as_f32(dl))
         else:
-            lq = process_logits(dl, params.temperature, params.top_k, params.top_p)
+            lq = process_logits(dl, params.temperature, params.top_k, params.top_p, params.min_p)
             assert out.keys is not None
             tok = mx.random.categorical(lq, key=out.keys[i])
             q_rows.append(lq)
@@ -236,7 +258,7 @@ def verify(st: RequestState, d: Drafted, overlap: Callable[[], None]) -> Verifie
         hidden = hidden[-(k + 1) :]
     else:
         t_logits = st.target(t_in[None], cache=st.target_cache)[0, -(k + 1) :, :]
-    tl = t_logits[:, : st.vocab]
+    tl = st.process(t_logits[:, : st.vocab], d.tokens if k else None)
     if st.constraint is not None:
         tl = mx.where(mx.array(np.stack(d.masks)), tl, -mx.inf)
     st.stats.target_passes += 1
@@ -247,11 +269,15 @@ def verify(st: RequestState, d: Drafted, overlap: Callable[[], None]) -> Verifie
         if st.record and d.model_round:  # only model rounds record rejections
             kept = as_f32(t_logits)
             to_eval.append(kept)
+    lp_rows = None
+    if params.logprobs is not None:  # temperature 1, after the processors and the mask
+        lp_rows = log_softmax(as_f32(tl))
+        to_eval.append(lp_rows)
     accept = qx = None
     if st.greedy or d.keys is None:
         choice = mx.argmax(tl, axis=-1)
     else:
-        lp = process_logits(tl, params.temperature, params.top_k, params.top_p)
+        lp = process_logits(tl, params.temperature, params.top_k, params.top_p, params.min_p)
         if d.q_lp is not None:  # k > 0
             accept, qx, choice = verify_sampled(lp, d.q_lp, d.tokens, d.keys[k], d.keys[k + 1])
             to_eval += [accept, qx]
@@ -272,7 +298,10 @@ def verify(st: RequestState, d: Drafted, overlap: Callable[[], None]) -> Verifie
         while n < k and acc[n]:
             n += 1
     seconds = time.perf_counter() - t0
-    return Verified(drafted, choice_l, n, seconds, qx, kept, hidden)
+    v = Verified(drafted, choice_l, n, seconds, qx, kept, hidden)
+    if lp_rows is not None:
+        v.logprobs = token_logprobs(lp_rows, v.emitted, params.logprobs)
+    return v
 
 
 def record(st: RequestState, d: Drafted, v: Verified) -> None:
@@ -338,13 +367,14 @@ def rewind(st: RequestState, d: Drafted, v: Verified) -> None:
         mx.clear_cache()
 
 
-def run_round(st: RequestState, remaining: int, overlap: Callable[[], None]) -> list[int]:
-    """One round, every step; the tokens it emits (accepted drafts and one target token)."""
+def run_round(st: RequestState, remaining: int, overlap: Callable[[], None]) -> Verified:
+    """One round, every step; its verdict (``emitted``: accepted drafts and one target
+    token, with their ``logprobs`` when the request asks)."""
     d = draft(st, choose(st, remaining))
     v = verify(st, d, overlap)
     record(st, d, v)
     rewind(st, d, v)
-    return v.emitted
+    return v
 
 
 __all__: Sequence[str] = [

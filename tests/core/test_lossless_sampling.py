@@ -55,9 +55,35 @@ MIN_EXPECTED = 5.0  # pool a prefix's cells expected below this into one
 # --------------------------------------------------------------------------- the reference
 
 
-def np_process(logits: np.ndarray, temperature: float, top_k: int, top_p: float) -> np.ndarray:
-    """The target's sampling distribution, by numpy: temperature, top-k, top-p (ties kept)."""
-    x = logits.astype(np.float64) / temperature
+def np_processors(logits: np.ndarray, history: list[int], control: dict) -> np.ndarray:
+    """The logits processors, by numpy from their definitions (mlx-lm's order): bias, then
+    the repetition, presence and frequency penalties over their windows of ``history``."""
+    x = logits.astype(np.float64)
+    for t, b in control.get("logit_bias", {}).items():
+        x[t] += b
+    pen = control.get("repetition_penalty", 0)
+    if pen not in (0, 1):
+        for t in set(history[-control.get("repetition_context_size", 20) :]):
+            x[t] = x[t] * pen if x[t] < 0 else x[t] / pen
+    for t in set(history[-control.get("presence_context_size", 20) :]):
+        x[t] -= control.get("presence_penalty", 0)
+    for t in history[-control.get("frequency_context_size", 20) :]:
+        x[t] -= control.get("frequency_penalty", 0)
+    return x
+
+
+def np_process(
+    logits: np.ndarray,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    history: list[int] | None = None,
+    control: dict | None = None,
+) -> np.ndarray:
+    """The target's sampling distribution, by numpy: the processors, temperature, top-k,
+    top-p (ties kept), min-p."""
+    control = control or {}
+    x = np_processors(logits, history or [], control) / temperature
     p = np.exp(x - x.max())
     p /= p.sum()
     if 0 < top_k < len(p):
@@ -69,6 +95,10 @@ def np_process(logits: np.ndarray, temperature: float, top_k: int, top_p: float)
         keep = np.zeros_like(p, dtype=bool)
         keep[order[before < top_p]] = True
         p = np.where(keep, p, 0)
+        p /= p.sum()
+    min_p = control.get("min_p", 0)
+    if min_p:
+        p = np.where(p >= min_p * p.max(), p, 0)
         p /= p.sum()
     return p
 
@@ -105,7 +135,12 @@ class PositionTest:
 
 
 def distribution_tests(
-    target, samples: list[list[int]], temperature: float, top_k: int, top_p: float
+    target,
+    samples: list[list[int]],
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    control: dict | None = None,
 ) -> list[PositionTest]:
     """One chi-square test per position over the prefixes seen at least 20 times."""
     by_prefix: dict[tuple[int, ...], Counter[int]] = defaultdict(Counter)
@@ -121,7 +156,8 @@ def distribution_tests(
             if len(prefix) != t or n < 20:
                 continue
             logits = np.array(target(mx.array(PROMPT + list(prefix))[None])[0, -1, :VOCAB])
-            p = np_process(logits, temperature, top_k, top_p)
+            history = PROMPT + list(prefix)
+            p = np_process(logits, temperature, top_k, top_p, history, control)
             outside += sum(c for x, c in counts.items() if p[x] == 0)
             expected = n * p
             big = [x for x in range(VOCAB) if expected[x] >= MIN_EXPECTED]
@@ -166,6 +202,7 @@ def sample(
     cfg: SpeculativeConfig | None = None,
     suffix: SuffixIndex | None = None,
     seeded: bool = True,
+    control: dict | None = None,
 ):
     target, draft, tok = models
     cfg = cfg or SpeculativeConfig(
@@ -182,6 +219,7 @@ def sample(
             top_p=top_p,
             seed=seed if seeded else None,
             max_tokens=LENGTH,
+            **(control or {}),
         )
         res = engine.run(PROMPT, params)
         samples.append(res.tokens)
@@ -255,6 +293,32 @@ def test_a_pruned_draft_head_keeps_the_distribution(models) -> None:
     assert not [t for t in tests if t.rejected], tests
 
 
+# Each logits processor and min-p: p and q processed alike at every position of a round.
+CONTROLS = {
+    "repetition": {"repetition_penalty": 2.0, "repetition_context_size": 4},
+    "presence and frequency": {
+        "presence_penalty": 1.0,
+        "presence_context_size": 3,
+        "frequency_penalty": 0.8,
+        "frequency_context_size": 6,
+    },
+    "logit bias and min-p": {"logit_bias": {5: 2.0, 11: 1.5, 2: -3.0}, "min_p": 0.05},
+}
+
+
+@pytest.mark.parametrize("name", list(CONTROLS))
+def test_each_control_keeps_the_distribution(models, name) -> None:
+    control = CONTROLS[name]
+    samples, stats = sample(models, 1.0, 0, 1.0, control=control)
+    assert 0.2 < stats["acceptance"] < 0.95, stats
+    tests = distribution_tests(models[0], samples, 1.0, 0, 1.0, control)
+    assert all(t.df > 0 for t in tests), tests
+    assert not [t for t in tests if t.rejected], tests
+    # the control matters here: the unprocessed target is rejected by the same test
+    plain = distribution_tests(models[0], samples, 1.0, 0, 1.0)
+    assert [t for t in plain if t.rejected], (name, plain)
+
+
 # --------------------------------------------------------------------------- broken variants
 
 
@@ -288,6 +352,25 @@ BROKEN: dict[str, tuple[str, Callable]] = {
     "reused random key": ("round_keys", key_reused),
     "mis-trimmed cache": ("trim_prompt_cache", trims_one_short),
 }
+
+
+def stale_history(processors, history, logits, drafted=None, offset=0):
+    """Every row of a round processed with the history before the round (its own earlier
+    draft tokens left out)."""
+    return rounds_mod_apply(processors, history, logits, None, 0)
+
+
+rounds_mod_apply = rounds_mod.apply_processors
+
+
+@pytest.mark.slow
+def test_a_stale_history_is_rejected(models, monkeypatch) -> None:
+    """Processing p and q alike is not enough: each row needs the tokens before it."""
+    control = CONTROLS["repetition"]
+    monkeypatch.setattr(rounds_mod, "apply_processors", stale_history)
+    samples, _ = sample(models, 1.0, 0, 1.0, strict=False, control=control)
+    tests = distribution_tests(models[0], samples, 1.0, 0, 1.0, control)
+    assert [t for t in tests if t.rejected], tests
 
 
 @contextmanager

@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import mlx.core as mx
+import numpy as np
 import openai
 import pytest
 from pydantic import SecretStr
@@ -29,6 +31,7 @@ from daemon.core.models import ModelPair
 from daemon.core.prompts import encode_prompt
 from daemon.server import Server, is_loopback_host
 from daemon.serving.api import MAX_BODY_BYTES
+from daemon.serving.api.schemas import IGNORED_HEADER
 from tests.helpers import (
     HANG_GUARD_S,
     read_log,
@@ -587,14 +590,13 @@ BAD_REQUESTS = [
     ("chat", _chat(max_tokens=0), 400, None),
     ("chat", _chat(max_tokens=-3), 400, None),
     ("chat", _chat(max_tokens="many"), 400, None),
-    ("chat", _chat(max_tokens=257), 400, "invalid_value"),  # above server.max_tokens_limit
-    ("chat", _chat(max_completion_tokens=10_000, max_tokens=None), 400, None),
     ("chat", _chat(temperature="hot"), 400, None),
     ("chat", _chat(temperature=-1), 400, None),
     ("chat", _chat(top_p=0), 400, None),
     ("chat", _chat(stop=""), 400, None),
     ("chat", _chat(stop=[1, 2]), 400, None),
-    ("chat", _chat(logprobs=True), 400, "unsupported"),
+    ("chat", _chat(top_logprobs=3), 400, "invalid_value"),  # without logprobs: true
+    ("chat", _chat(logprobs=True, top_logprobs=30), 400, None),
     ("chat", _chat(stream="yes please"), 400, None),
     ("completions", {"prompt": ["a", "b"]}, 400, "unsupported"),
     ("completions", {"prompt": [[1, 2], [3]]}, 400, "unsupported"),
@@ -625,31 +627,193 @@ BAD_REQUESTS = [
         "invalid_value",
     ),
     ("chat", _chat(response_format={"type": "yaml"}), 400, None),
-    ("chat", _chat(frobnicate=1), 400, "unsupported_parameter"),
-    ("chat", _chat(frequency_penalty=0.5), 400, "unsupported"),
-    ("chat", _chat(presence_penalty=-1.0), 400, "unsupported"),
-    ("chat", _chat(logit_bias={"5": 3.0}), 400, "unsupported"),
     ("chat", {"messages": [{"role": "user", "content": "x", "audio": {}}]}, 400, None),
-    ("completions", {"prompt": "x", "tools": []}, 400, "unsupported_parameter"),
+    ("chat", _chat(presence_penalty=-3.0), 400, None),
+    ("chat", _chat(min_p=2), 400, None),
+    ("chat", _chat(repetition_penalty=-1), 400, None),
+    ("chat", _chat(logit_bias={"x": 3.0}), 400, "invalid_value"),
+    ("chat", _chat(logit_bias={"5": 300}), 400, "invalid_value"),
+    ("chat", _chat(logit_bias={"999999": 1}), 400, "invalid_value"),
 ]
 
 
-def test_unsupported_fields_are_named_and_harmless_ones_accepted(served: Server) -> None:
-    r = httpx.post(served.url + "/v1/chat/completions", json=_chat(prediction={"type": "x"}))
-    assert_error(r, 400, "unsupported_parameter")
-    err = r.json()["error"]
-    assert err["param"] == "prediction" and "prediction" in err["message"]
-    harmless = _chat(
-        user="u1",
-        metadata={"k": "v"},
-        store=False,
-        service_tier="auto",
-        frequency_penalty=0,
-        presence_penalty=0.0,
-        logit_bias={},
-    )
-    r = httpx.post(served.url + "/v1/chat/completions", json=harmless)
+UNKNOWN = {
+    "frobnicate": 1,
+    "chat_template_kwargs": {"enable_thinking": False},
+    "cache_prompt": True,
+    "reasoning_effort": "low",
+    "prediction": {"type": "content", "content": "x"},
+    "mirostat": 0,
+    "typical_p": 1.0,
+    "tfs_z": 1.0,
+    "num_ctx": 2048,
+    "x_vendor": {"a": [1, 2]},
+}
+
+
+def test_unknown_fields_are_ignored_and_named_in_a_header(
+    served: Server, log_file: Path
+) -> None:
+    body = _chat(**UNKNOWN)
+    body["messages"] = [
+        {"role": "user", "content": [{"type": "text", "text": "hi", "cache_control": {}}]},
+        {"role": "assistant", "content": "ok", "id": "m1", "opts": {"visible": True}},
+        {"role": "user", "content": "more"},
+    ]
+    body.update(user="u1", metadata={"k": "v"}, store=False, service_tier="auto")
+    r = httpx.post(served.url + "/v1/chat/completions", json=body)
     assert r.status_code == 200, r.text
+    named = r.headers[IGNORED_HEADER].split(", ")
+    assert named == [
+        *UNKNOWN,
+        "messages[].content[].cache_control",
+        "messages[].id",
+        "messages[].opts",
+    ]
+    # the documented harmless fields are not unknown; a request without extras has no header
+    r = httpx.post(served.url + "/v1/chat/completions", json=_chat(user="u2"))
+    assert r.status_code == 200 and IGNORED_HEADER not in r.headers
+    # streamed too
+    with httpx.stream(
+        "POST", served.url + "/v1/completions", json={"prompt": "x", "stream": True, "suffix_x": 1}
+    ) as r:
+        assert r.status_code == 200 and r.headers[IGNORED_HEADER] == "suffix_x"
+        r.read()
+
+    def logged() -> list[dict]:
+        return [x for x in read_log(log_file) if x.get("event") == "unknown_field_ignored"]
+
+    wait_until(lambda: len(logged()) >= len(named) + 1, "unknown fields logged")
+    httpx.post(served.url + "/v1/chat/completions", json=body)  # seen already: not again
+    time.sleep(0.2)
+    fields = [(x["endpoint"], x["field"]) for x in logged()]
+    assert len(fields) == len(set(fields)) == len(named) + 1
+    assert ("/v1/chat/completions", "frobnicate") in fields
+
+
+def test_strict_fields_refuses_unknown_fields(served: Server) -> None:
+    served.settings.server.strict_fields = True
+    try:
+        r = httpx.post(served.url + "/v1/chat/completions", json=_chat(frobnicate=1))
+        err = assert_error(r, 400, "unsupported_parameter")
+        assert err["param"] == "frobnicate" and "frobnicate" in err["message"]
+        body = {"messages": [{"role": "user", "content": "x", "id": "m1"}], "max_tokens": 2}
+        err = assert_error(httpx.post(served.url + "/v1/chat/completions", json=body), 400)
+        assert err["param"] == "messages[].id"
+        ok = _chat(user="u1", metadata={"k": "v"}, store=False, frequency_penalty=0)
+        assert httpx.post(served.url + "/v1/chat/completions", json=ok).status_code == 200
+    finally:
+        served.settings.server.strict_fields = False
+
+
+def test_sampling_controls_reach_the_engine(served: Server) -> None:
+    """The penalties, logit bias and min_p a client sends shape the answer as the engine's
+    own processors do (their losslessness is tested in tests/core)."""
+    tokens = chat_tokens(served, LONG_PROMPT)
+    controls = {
+        "frequency_penalty": 1.0,
+        "presence_penalty": 0.5,
+        "logit_bias": {"50": 4.0},
+    }
+    extra = {"repetition_penalty": 1.3, "repetition_context_size": 12, "min_p": 0.1}
+    out = client(served).chat.completions.create(
+        model="specd",
+        messages=[{"role": "user", "content": LONG_PROMPT}],
+        max_tokens=24,
+        temperature=0,
+        extra_body=extra,
+        **controls,  # type: ignore[arg-type]
+    )
+    params = SamplingParams(
+        max_tokens=24,
+        frequency_penalty=1.0,
+        presence_penalty=0.5,
+        logit_bias={50: 4.0},
+        repetition_penalty=1.3,
+        repetition_context_size=12,
+        min_p=0.1,
+    )
+    ref = reference(served, tokens, params)
+    plain = reference(served, tokens, SamplingParams(max_tokens=24))
+    assert out.choices[0].message.content == ref.text != plain.text
+
+
+def _target_only_logprobs(srv: Server, prompt: list[int], output: list[int]) -> np.ndarray:
+    """The target's log-probabilities after ``prompt`` and each output token, by one plain
+    forward over the whole sequence (on the worker thread), over the vocabulary served."""
+
+    def forward() -> np.ndarray:
+        seq = prompt + output
+        logits = srv.pair.target(mx.array(seq)[None])[0, len(prompt) - 1 : len(seq) - 1]
+        logits = logits[:, : srv.engine.shared_vocab()].astype(mx.float32)
+        return np.array(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
+
+    return srv.worker.call_between_requests(forward).result(HANG_GUARD_S)
+
+
+def test_logprobs_equal_a_target_only_computation(served: Server) -> None:
+    tokens = chat_tokens(served, LONG_PROMPT)
+    out = client(served).chat.completions.create(
+        model="specd",
+        messages=[{"role": "user", "content": LONG_PROMPT}],
+        max_tokens=16,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=5,
+    )
+    ref = reference(served, tokens, SamplingParams(max_tokens=16))
+    assert out.usage is not None and out.usage.model_extra["speculative"]["accepted"] > 0
+    content = out.choices[0].logprobs.content
+    rows = _target_only_logprobs(served, tokens, ref.tokens)
+    decode = served.pair.tokenizer.decode
+    assert len(content) == len(ref.tokens) == 16
+    assert "".join(e.token for e in content) == out.choices[0].message.content
+    for i, entry in enumerate(content):
+        assert entry.token == decode([ref.tokens[i]])
+        assert entry.logprob == pytest.approx(float(rows[i, ref.tokens[i]]), abs=1e-3)
+        top = np.argsort(-rows[i])[:5]
+        assert [e.token for e in entry.top_logprobs] == [decode([int(t)]) for t in top]
+        values = [e.logprob for e in entry.top_logprobs]
+        assert values == pytest.approx(rows[i, top].tolist(), abs=1e-3)
+    # without logprobs: none
+    plain = client(served).chat.completions.create(
+        model="specd", messages=[{"role": "user", "content": LONG_PROMPT}], max_tokens=4
+    )
+    assert plain.choices[0].logprobs is None
+
+
+def test_streamed_completion_logprobs(served: Server) -> None:
+    stream = client(served).completions.create(
+        model="specd", prompt=LONG_PROMPT, max_tokens=12, logprobs=3, stream=True
+    )
+    tokens, values, offsets, text = [], [], [], ""
+    for chunk in stream:
+        choice = chunk.choices[0]
+        text += choice.text
+        if choice.logprobs is not None:
+            tokens += choice.logprobs.tokens
+            values += choice.logprobs.token_logprobs
+            offsets += choice.logprobs.text_offset
+            # (tokens that decode alike share a key, as in OpenAI's shape)
+            assert all(1 <= len(top) <= 3 for top in choice.logprobs.top_logprobs)
+    assert "".join(tokens) == text and len(tokens) == 12
+    assert offsets == [sum(len(t) for t in tokens[:i]) for i in range(12)]
+    assert all(v <= 0 for v in values)
+
+
+def test_max_tokens_beyond_the_limit_is_answered_up_to_it(served: Server) -> None:
+    """server.max_tokens_limit (256 here) is a cap, not an error; so is the context."""
+    limit = served.settings.server.max_tokens_limit
+    for field in ("max_tokens", "max_completion_tokens"):
+        r = httpx.post(
+            f"{served.url}/v1/chat/completions",
+            json={"messages": [{"role": "user", "content": LONG_PROMPT}], field: 32000},
+        )
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["usage"]["completion_tokens"] <= limit
+        if body["usage"]["completion_tokens"] == limit:
+            assert body["choices"][0]["finish_reason"] == "length"
 
 
 @pytest.mark.parametrize(("endpoint", "body", "status", "code"), BAD_REQUESTS)

@@ -16,6 +16,7 @@ from daemon import __version__
 from daemon.serving.api.errors import add_error_handlers
 from daemon.serving.api.gate import Gate
 from daemon.serving.api.routes import admin_router, daemon_router, openai_router
+from daemon.serving.api.schemas import IGNORED_HEADER
 from daemon.serving.api.state import AppState
 
 __all__ = ["create_app"]
@@ -44,7 +45,7 @@ def create_app(state: AppState) -> FastAPI:
             allow_origins=origins,
             allow_methods=["*"],
             allow_headers=["*"],
-            expose_headers=["Retry-After"],
+            expose_headers=["Retry-After", IGNORED_HEADER],
         )
     _document_auth_as_configured(app, state)
     return app

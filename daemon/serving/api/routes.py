@@ -17,6 +17,7 @@ import json
 import os
 import time
 from typing import Annotated, Any, Literal, cast
+from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
@@ -30,9 +31,11 @@ from daemon.core.constraints import Constraint
 from daemon.core.engine import SamplingParams
 from daemon.core.prompts import encode_prompt, prompt_text
 from daemon.errors import AdapterError, GenerationError
+from daemon.logging import get_logger
 from daemon.serving.api.errors import APIError
 from daemon.serving.api.schemas import (
     ERROR_RESPONSES,
+    IGNORED_HEADER,
     SSE_DOC,
     AcceptanceStatus,
     AdapterList,
@@ -53,6 +56,7 @@ from daemon.serving.api.schemas import (
     StatusResponse,
     TrainRequest,
     TrainResponse,
+    unknown_fields,
 )
 from daemon.serving.api.state import (
     CHAT_PATH,
@@ -66,6 +70,8 @@ from daemon.serving.api.tools import forced_call_grammar
 from daemon.serving.metrics import CONTENT_TYPE
 
 __all__ = ["admin_router", "daemon_router", "get_state", "openai_router"]
+
+log = get_logger("api")
 
 
 async def get_state(request: Request) -> AppState:
@@ -103,6 +109,43 @@ def _check_model(state: AppState, model: str | None) -> None:
     )
 
 
+def _unknown_fields(state: AppState, endpoint: str, body: BaseModel) -> list[str]:
+    """The request's unknown fields (`unknown_fields`), each logged the first time an endpoint
+    sees it; with ``server.strict_fields`` the first is a 400 naming it."""
+    names = unknown_fields(body)
+    if names and state.settings.server.strict_fields:
+        raise APIError(
+            400,
+            f"Unsupported field {names[0]!r}: specd does not implement it "
+            "(server.strict_fields is on, so it is refused rather than ignored).",
+            param=names[0],
+            code="unsupported_parameter",
+        )
+    seen = state.unknown_logged
+    for name in names:
+        # bounded: a client inventing names must not grow the set (or the log) forever
+        if (endpoint, name) not in seen and len(seen) < MAX_LOGGED_UNKNOWN:
+            seen.add((endpoint, name))
+            log.info("unknown_field_ignored", field=name, endpoint=endpoint)
+    return names
+
+
+MAX_LOGGED_UNKNOWN = 1024
+MAX_HEADER_NAMES = 64
+
+
+def _with_ignored(out: Response | BaseModel, response: Response, names: list[str]) -> Any:
+    """Name the ignored fields in the response's header (streamed or not); names that are
+    not printable ASCII are percent-encoded (a header value is latin-1 text)."""
+    if names:
+        shown = [quote(n, safe="[]._-~") or '""' for n in names[:MAX_HEADER_NAMES]]
+        if len(names) > MAX_HEADER_NAMES:
+            shown.append(f"... ({len(names) - MAX_HEADER_NAMES} more)")
+        value = ", ".join(shown)
+        (out if isinstance(out, Response) else response).headers[IGNORED_HEADER] = value
+    return out
+
+
 def _unsupported(param: str, what: str) -> APIError:
     return APIError(400, f"{what} is not supported by specd.", param=param, code="unsupported")
 
@@ -138,46 +181,72 @@ def _constraint(state: AppState, body: GenerationParams) -> Constraint | None:
 
 
 def _sampling(
-    state: AppState, body: GenerationParams, max_tokens: int | None, max_tokens_param: str
+    state: AppState,
+    body: GenerationParams,
+    max_tokens: int | None,
+    max_tokens_param: str,
+    logprobs: int | None = None,
 ) -> SamplingParams:
     s = state.settings
-    limit = s.server.max_tokens_limit
     if body.n is not None and body.n > 1:
         raise _unsupported("n", "n > 1 (several choices)")
-    for name in ("frequency_penalty", "presence_penalty"):
-        if getattr(body, name):  # a penalty changes the target's distribution: not lossless
-            raise _unsupported(name, f"{name} other than 0")
-    if body.logit_bias:
-        raise _unsupported("logit_bias", "logit_bias")
-    if max_tokens is None:
-        # no limit asked: a complete answer, until EOS or the context end (the engine stops
-        # there), within the server's bound
-        default = s.sampling.max_tokens
-        max_tokens = limit if default is None else min(default, limit)
-        if state.max_context is not None:
-            max_tokens = min(max_tokens, state.max_context)
-    elif max_tokens > limit:
-        raise APIError(
-            400,
-            f"{max_tokens_param} ({max_tokens}) exceeds this server's limit of {limit} "
-            "(server.max_tokens_limit).",
-            param=max_tokens_param,
-            code="invalid_value",
-        )
+    # more than the server's cap or the context allows is answered up to that bound (the
+    # engine stops at the context end, finish_reason "length"), as other servers do
+    limit = s.server.max_tokens_limit
+    if max_tokens is None and s.sampling.max_tokens is not None:
+        max_tokens = s.sampling.max_tokens
+    max_tokens = limit if max_tokens is None else min(max_tokens, limit)
+    if state.max_context is not None:
+        max_tokens = min(max_tokens, state.max_context)
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     params = SamplingParams(
-        temperature=s.sampling.temperature if body.temperature is None else body.temperature,
-        top_p=s.sampling.top_p if body.top_p is None else body.top_p,
-        top_k=s.sampling.top_k if body.top_k is None else body.top_k,
+        temperature=_given(body.temperature, s.sampling.temperature),
+        top_p=_given(body.top_p, s.sampling.top_p),
+        top_k=_given(body.top_k, s.sampling.top_k),
+        min_p=_given(body.min_p, s.sampling.min_p),
         seed=body.seed,
         max_tokens=max_tokens,
         stop=stop,
+        logit_bias=_logit_bias(state, body.logit_bias),
+        repetition_penalty=_given(body.repetition_penalty, s.sampling.repetition_penalty),
+        repetition_context_size=_given(body.repetition_context_size, 20),
+        presence_penalty=_given(body.presence_penalty, 0.0),
+        presence_context_size=_given(body.presence_context_size, 20),
+        frequency_penalty=_given(body.frequency_penalty, 0.0),
+        frequency_context_size=_given(body.frequency_context_size, 20),
+        logprobs=logprobs,
     )
     try:
         params.validate(state.max_context)
     except GenerationError as e:
         raise APIError(400, str(e), code="invalid_value") from None
     return params
+
+
+def _given(value: Any, default: Any) -> Any:
+    return default if value is None else value
+
+
+def _logit_bias(state: AppState, bias: dict[str, float] | None) -> dict[int, float]:
+    """OpenAI's ``logit_bias`` (token id strings to -100..100) as token ids; a 400 naming
+    an entry that is not a token of this model."""
+    out: dict[int, float] = {}
+    vocab = state.vocab_size
+    for key, value in (bias or {}).items():
+        try:
+            token = int(key)
+        except ValueError:
+            token = -1
+        if not 0 <= token < vocab or not -100 <= value <= 100:
+            raise APIError(
+                400,
+                f"logit_bias maps token ids (0 to {vocab - 1}) to values in [-100, 100]; "
+                f"got {key!r}: {value!r}.",
+                param=f"logit_bias.{key}",
+                code="invalid_value",
+            )
+        out[token] = float(value)
+    return out
 
 
 def _check_prompt(state: AppState, tokens: list[int], param: str) -> None:
@@ -237,14 +306,21 @@ async def _run(
     summary="Chat completion (OpenAI-compatible)",
 )
 async def chat_completions(
-    body: ChatCompletionRequest, request: Request, state: State
+    body: ChatCompletionRequest, request: Request, response: Response, state: State
 ) -> Response | BaseModel:
+    ignored = _unknown_fields(state, CHAT_PATH, body)
     _check_model(state, body.model)
-    if body.logprobs:
-        raise _unsupported("logprobs", "logprobs")
+    if body.top_logprobs and not body.logprobs:  # as OpenAI answers it
+        raise APIError(
+            400,
+            "top_logprobs needs logprobs set to true.",
+            param="top_logprobs",
+            code="invalid_value",
+        )
     max_tokens = body.max_completion_tokens if body.max_tokens is None else body.max_tokens
     param = "max_tokens" if body.max_tokens is not None else "max_completion_tokens"
-    params = _sampling(state, body, max_tokens, param)
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    params = _sampling(state, body, max_tokens, param, logprobs)
     tools, forced = _tools(state, body)
     messages = [_template_message(i, m) for i, m in enumerate(body.messages)]
     try:
@@ -252,9 +328,10 @@ async def chat_completions(
     except Exception as e:  # template errors (roles, missing fields) are the request's fault
         raise APIError(400, f"Cannot apply the chat template: {e}", param="messages") from None
     _check_prompt(state, tokens, "messages")
-    return await _run(
+    out = await _run(
         state, request, "chat", tokens, prompt_text(messages), params, body, tools, forced
     )
+    return _with_ignored(out, response, ignored)
 
 
 def _template_message(i: int, m: ChatMessage) -> dict[str, Any]:
@@ -336,18 +413,17 @@ def _tools(
     summary="Text completion (OpenAI-compatible legacy endpoint)",
 )
 async def completions(
-    body: CompletionRequest, request: Request, state: State
+    body: CompletionRequest, request: Request, response: Response, state: State
 ) -> Response | BaseModel:
+    ignored = _unknown_fields(state, COMPLETIONS_PATH, body)
     _check_model(state, body.model)
     if body.echo:
         raise _unsupported("echo", "echo")
-    if body.logprobs:
-        raise _unsupported("logprobs", "logprobs")
     if body.best_of is not None and body.best_of > 1:
         raise _unsupported("best_of", "best_of > 1")
     if body.suffix:
         raise _unsupported("suffix", "suffix")
-    params = _sampling(state, body, body.max_tokens, "max_tokens")
+    params = _sampling(state, body, body.max_tokens, "max_tokens", body.logprobs)
     prompt = body.prompt
     if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
         if len(prompt) > 1:
@@ -374,7 +450,8 @@ async def completions(
         except Exception:  # out-of-range ids: the engine refuses them below
             text = ""
     _check_prompt(state, tokens, "prompt")
-    return await _run(state, request, "completion", tokens, text, params, body)
+    out = await _run(state, request, "completion", tokens, text, params, body)
+    return _with_ignored(out, response, ignored)
 
 
 def _model_card(state: AppState) -> ModelCard:

@@ -1,11 +1,14 @@
 """The HTTP API's pydantic models: requests, responses, errors, and OpenAPI doc fragments.
 
-Every request field is honoured or refused: an unknown or unimplemented field is a 400 naming
-it (never silently dropped), except the documented harmless ones (`IGNORED_FIELDS`), which are
-accepted and ignored. The response models are both the JSON written and the
-``/openapi.json`` schema, which the tests fuzz with schemathesis; renaming a model renames its
-``components/schemas`` entry. Errors are OpenAI's ``{"error": {"message", "type", "param",
-"code"}}`` (`ErrorResponse`); `daemon.serving.api.errors` raises and renders them.
+A field specd knows is honoured or refused (a 400 naming it: ``n > 1``, ``best_of > 1``), except
+the documented harmless ones (`IGNORED_FIELDS`), accepted and ignored. A field it does not
+know, at the top level or in a message, is accepted (``extra="allow"``: clients send vendor
+extras and new parameters), logged once and named in the response's `IGNORED_HEADER`
+(`unknown_fields`); ``server.strict_fields`` makes it a 400 instead. The response models are
+both the JSON written and the ``/openapi.json`` schema, which the tests fuzz with
+schemathesis; renaming a model renames its ``components/schemas`` entry. Errors are
+OpenAI's ``{"error": {"message", "type", "param", "code"}}`` (`ErrorResponse`);
+`daemon.serving.api.errors` raises and renders them.
 """
 
 from __future__ import annotations
@@ -82,6 +85,21 @@ Stop = Annotated[str, Field(min_length=1)]
 # Accepted and ignored: they describe the request to OpenAI's platform (tracking, storage,
 # billing tier), not the generation.
 IGNORED_FIELDS = ("user", "metadata", "store", "service_tier")
+# The response header naming the unknown fields a request carried (ignored).
+IGNORED_HEADER = "X-Specd-Ignored-Fields"
+LENIENT = ConfigDict(extra="allow", strict=True)
+
+
+def unknown_fields(body: BaseModel) -> list[str]:
+    """The fields of ``body`` no model declares: top-level names, ``messages[].name`` and
+    ``messages[].content[].name``; each once, in order."""
+    out = list(body.model_extra or {})
+    for m in getattr(body, "messages", None) or []:
+        out += [f"messages[].{k}" for k in m.model_extra or {}]
+        if isinstance(m.content, list):
+            for part in m.content:
+                out += [f"messages[].content[].{k}" for k in part.model_extra or {}]
+    return list(dict.fromkeys(out))
 
 
 class JsonSchemaFormat(BaseModel):
@@ -103,13 +121,16 @@ class ResponseFormat(BaseModel):
 
 
 class GenerationParams(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = LENIENT
 
     model: str | None = Field(
         None, description="The served target model id or 'specd'; may be omitted."
     )
     max_tokens: int | None = Field(
-        None, ge=1, description="Tokens to generate at most (up to server.max_tokens_limit)."
+        None,
+        ge=1,
+        description="Tokens to generate at most. More than server.max_tokens_limit or the "
+        "context leaves room for is answered up to that bound, with finish_reason 'length'.",
     )
     temperature: float | None = Field(None, ge=0, le=2, description="0: greedy.")
     top_p: float | None = Field(None, gt=0, le=1)
@@ -126,9 +147,35 @@ class GenerationParams(BaseModel):
         description="json_object or json_schema: the output follows it, by constrained "
         "decoding of the target and the draft (llguidance).",
     )
-    frequency_penalty: float | None = Field(None, description="Only 0 is supported.")
-    presence_penalty: float | None = Field(None, description="Only 0 is supported.")
-    logit_bias: dict[str, float] | None = Field(None, description="Only {} is supported.")
+    min_p: float | None = Field(
+        None, ge=0, le=1, description="Drop tokens less likely than min_p times the top one."
+    )
+    frequency_penalty: float | None = Field(
+        None,
+        ge=-2,
+        le=2,
+        description="Subtracted from a token's logit once per occurrence in the last "
+        "frequency_context_size tokens.",
+    )
+    frequency_context_size: int | None = Field(None, ge=1, description="Default 20.")
+    presence_penalty: float | None = Field(
+        None,
+        ge=-2,
+        le=2,
+        description="Subtracted from the logit of a token seen in the last "
+        "presence_context_size tokens.",
+    )
+    presence_context_size: int | None = Field(None, ge=1, description="Default 20.")
+    repetition_penalty: float | None = Field(
+        None,
+        ge=0,
+        description="Divides a positive logit (multiplies a negative one) of a token seen in the "
+        "last repetition_context_size tokens; 0 or 1: off.",
+    )
+    repetition_context_size: int | None = Field(None, ge=1, description="Default 20.")
+    logit_bias: dict[str, float] | None = Field(
+        None, description="Added to the logits of the given token ids (-100..100)."
+    )
     user: str | None = Field(None, description="Accepted and ignored.")
     metadata: dict[str, str] | None = Field(None, description="Accepted and ignored.")
     store: bool | None = Field(None, description="Accepted and ignored (nothing is stored).")
@@ -136,7 +183,7 @@ class GenerationParams(BaseModel):
 
 
 class TextContentPart(BaseModel):
-    model_config = STRICT
+    model_config = LENIENT
 
     type: Literal["text"]
     text: str
@@ -158,13 +205,14 @@ class ToolCall(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = LENIENT
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextContentPart] | None = None
     name: str | None = None
     tool_calls: list[ToolCall] | None = Field(None, description="An assistant's tool calls.")
     tool_call_id: str | None = Field(None, description="The call a 'tool' message answers.")
+    audio: None = Field(None, description="Not supported (audio in messages is refused).")
 
 
 class FunctionDef(BaseModel):
@@ -210,8 +258,14 @@ class ChatCompletionRequest(GenerationParams):
         None, description="Accepted; a forced call is one call, otherwise the model decides."
     )
     max_completion_tokens: int | None = Field(None, ge=1, description="Alias of max_tokens.")
-    logprobs: bool | None = Field(None, description="Not supported (must be false).")
-    top_logprobs: int | None = Field(None, ge=0)
+    logprobs: bool | None = Field(
+        None,
+        description="Return each output token's log-probability: the target's, after the "
+        "penalties and logit_bias, at temperature 1.",
+    )
+    top_logprobs: int | None = Field(
+        None, ge=0, le=20, description="With logprobs: the most likely alternatives per token."
+    )
 
 
 class CompletionRequest(GenerationParams):
@@ -219,7 +273,12 @@ class CompletionRequest(GenerationParams):
         ..., description="A string, or one prompt's token ids; batches are not supported."
     )
     echo: bool | None = Field(False, description="Not supported (must be false).")
-    logprobs: int | None = Field(None, ge=0, description="Not supported.")
+    logprobs: int | None = Field(
+        None,
+        ge=0,
+        le=20,
+        description="Return each output token's log-probability and this many alternatives.",
+    )
     best_of: int | None = Field(None, ge=1, description="Only 1 is supported.")
     suffix: str | None = Field(None, description="Not supported.")
 
@@ -267,6 +326,27 @@ class Usage(BaseModel):
 FinishReason = Literal["stop", "length", "tool_calls"]
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = Field(description="The token's UTF-8 bytes.")
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
@@ -277,7 +357,7 @@ class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     finish_reason: FinishReason
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletionResponse(BaseModel):
@@ -307,7 +387,7 @@ class ChatChunkChoice(BaseModel):
     index: int
     delta: ChatDelta
     finish_reason: FinishReason | None = None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletionChunk(BaseModel):
@@ -326,7 +406,7 @@ class CompletionChoice(BaseModel):
     index: int
     text: str
     finish_reason: FinishReason | None = None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class CompletionResponse(BaseModel):

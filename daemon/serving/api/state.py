@@ -76,6 +76,7 @@ class AppState:
     draft_kind: str = ""
     dtype: str = ""
     max_context: int | None = None
+    vocab_size: int = 0  # the vocabulary target and draft share: what a request may bias
     adapter_version: Callable[[], int] = lambda: 0
     draft_head_tokens: Callable[[], int | None] = lambda: None  # None: the full head
     status_providers: list[Callable[[], dict[str, Any]]] = field(default_factory=list)
@@ -83,6 +84,8 @@ class AppState:
     started: float = field(default_factory=time.time)
     accepting: bool = True
     in_flight: int = 0
+    # (endpoint, field) pairs of unknown request fields already logged (once each)
+    unknown_logged: set[tuple[str, str]] = field(default_factory=set)
 
 
 @dataclass

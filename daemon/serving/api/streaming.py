@@ -28,7 +28,13 @@ from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel
 
 from daemon.core.constraints import Constraint
-from daemon.core.engine import GenerationChunk, GenerationError, GenerationResult, SamplingParams
+from daemon.core.engine import (
+    GenerationChunk,
+    GenerationError,
+    GenerationResult,
+    SamplingParams,
+    TokenLogprob,
+)
 from daemon.logging import get_logger
 from daemon.serving.api.errors import APIError, error_body
 from daemon.serving.api.schemas import (
@@ -38,7 +44,10 @@ from daemon.serving.api.schemas import (
     ChatCompletionChunk,
     ChatCompletionResponse,
     ChatDelta,
+    ChatTokenLogprob,
+    ChoiceLogprobs,
     CompletionChoice,
+    CompletionLogprobs,
     CompletionResponse,
     FinishReason,
     FunctionCall,
@@ -47,6 +56,7 @@ from daemon.serving.api.schemas import (
     SpeculativeUsage,
     ToolCall,
     ToolCallDelta,
+    TopLogprob,
     Usage,
 )
 from daemon.serving.api.state import (
@@ -155,6 +165,58 @@ def _tool_call(call: ParsedCall) -> ToolCall:
     return ToolCall(id=call.id, function=_function(call))
 
 
+class LogprobRenderer:
+    """Token log-probabilities in OpenAI's two shapes; tokens as their own decoded text (a
+    token that is part of a UTF-8 character shows U+FFFD; ``bytes`` is exact only for whole
+    characters, as the decoded text is all a tokenizer gives back per token). End-of-sequence
+    tokens are left out: they are not part of the answer."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.eos = set(getattr(tokenizer, "eos_token_ids", None) or ())
+        self.offset = 0  # completions: where the next token's text starts
+
+    def text(self, token: int) -> str:
+        return str(self.tokenizer.decode([token]))
+
+    def content(self, lps: list[TokenLogprob], limit: int | None = None) -> list[TokenLogprob]:
+        """The entries of the answer's tokens: no EOS, none past ``limit`` characters (a
+        stop string cut there)."""
+        out, pos = [], 0
+        for lp in lps:
+            if lp.token in self.eos or (limit is not None and pos >= limit):
+                break
+            out.append(lp)
+            pos += len(self.text(lp.token))
+        return out
+
+    def _top(self, token: int, logprob: float) -> TopLogprob:
+        text = self.text(token)
+        return TopLogprob(token=text, logprob=logprob, bytes=list(text.encode("utf-8")))
+
+    def chat(self, lps: list[TokenLogprob]) -> ChoiceLogprobs:
+        entries = []
+        for lp in lps:
+            head = self._top(lp.token, lp.logprob)
+            alts = [self._top(t, v) for t, v in lp.top]
+            entries.append(ChatTokenLogprob(**head.model_dump(), top_logprobs=alts))
+        return ChoiceLogprobs(content=entries)
+
+    def completion(self, lps: list[TokenLogprob]) -> CompletionLogprobs:
+        out = CompletionLogprobs(tokens=[], token_logprobs=[], top_logprobs=[], text_offset=[])
+        for lp in lps:
+            text = self.text(lp.token)
+            out.tokens.append(text)
+            out.token_logprobs.append(lp.logprob)
+            out.top_logprobs.append({self.text(t): v for t, v in lp.top})
+            out.text_offset.append(self.offset)
+            self.offset += len(text)
+        return out
+
+    def render(self, kind: str, lps: list[TokenLogprob]) -> Any:
+        return self.chat(lps) if kind == "chat" else self.completion(lps)
+
+
 def _sse(model: BaseModel) -> bytes:
     return b"data: " + model.model_dump_json().encode() + b"\n\n"
 
@@ -185,6 +247,7 @@ class GenerationRun:
         self.id = ("chatcmpl-" if kind == "chat" else "cmpl-") + secrets.token_hex(12)
         self.created = int(time.time())
         self.include_usage = include_usage
+        self.logprobs = LogprobRenderer(state.tokenizer) if params.logprobs is not None else None
         self.info.request_id = self.id
         self.info.prompt_tokens = len(prompt_tokens)
         gen_req = GenerationRequest(
@@ -290,6 +353,10 @@ class GenerationRun:
             self._note_result(result)
             await self._recorded(ev)
             usage = _usage(result, self.handle.request.adapter_version)
+            lps = None
+            if self.logprobs is not None:
+                kept = self.logprobs.content(result.logprobs, len(result.text))
+                lps = self.logprobs.render(self.kind, kept)
             if self.kind == "chat":
                 content: str | None = result.text
                 finish = _finish_reason(result)
@@ -309,6 +376,7 @@ class GenerationRun:
                             index=0,
                             message=AssistantMessage(content=content, tool_calls=tool_calls),
                             finish_reason=finish,
+                            logprobs=lps,
                         )
                     ],
                     usage=usage,
@@ -319,7 +387,10 @@ class GenerationRun:
                 model=self.state.model_id,
                 choices=[
                     CompletionChoice(
-                        index=0, text=result.text, finish_reason=_finish_reason(result)
+                        index=0,
+                        text=result.text,
+                        finish_reason=_finish_reason(result),
+                        logprobs=lps,
                     )
                 ],
                 usage=usage,
@@ -333,7 +404,11 @@ class GenerationRun:
         finish: FinishReason | None,
         role: bool = False,
         calls: list[ParsedCall] | None = None,
+        logprobs: list[TokenLogprob] | None = None,
     ) -> bytes:
+        lps = None
+        if self.logprobs is not None and logprobs:
+            lps = self.logprobs.render(self.kind, logprobs)
         if self.kind == "chat":
             deltas = None
             if calls:
@@ -343,7 +418,7 @@ class GenerationRun:
                 ]
                 self.calls += len(calls)
             delta = ChatDelta(role="assistant" if role else None, content=text, tool_calls=deltas)
-            choice = ChatChunkChoice(index=0, delta=delta, finish_reason=finish)
+            choice = ChatChunkChoice(index=0, delta=delta, finish_reason=finish, logprobs=lps)
             return _sse(
                 ChatCompletionChunk(
                     id=self.id, created=self.created, model=self.state.model_id, choices=[choice]
@@ -354,9 +429,18 @@ class GenerationRun:
                 id=self.id,
                 created=self.created,
                 model=self.state.model_id,
-                choices=[CompletionChoice(index=0, text=text or "", finish_reason=finish)],
+                choices=[
+                    CompletionChoice(index=0, text=text or "", finish_reason=finish, logprobs=lps)
+                ],
             )
         )
+
+    def _logprobs_of(self, chunk: GenerationChunk) -> list[TokenLogprob]:
+        """A streamed chunk's entries (no EOS; a stop string's tokens may show: the stream
+        cannot take back what it sent)."""
+        if self.logprobs is None:
+            return []
+        return self.logprobs.content(chunk.logprobs)
 
     def _usage_chunk(self, result: GenerationResult) -> bytes:
         cls = ChatCompletionChunk if self.kind == "chat" else CompletionResponse
@@ -404,8 +488,8 @@ class GenerationRun:
                         text, calls = tools.feed(ev.text)
                         if text or calls:
                             yield self._chunk(text or None, None, calls=calls)
-                    elif ev.text:
-                        yield self._chunk(ev.text, None)
+                    elif ev.text or self._logprobs_of(ev):
+                        yield self._chunk(ev.text, None, logprobs=self._logprobs_of(ev))
                 else:
                     if tools is not None and ev.result is not None:
                         text, calls = tools.finish()
