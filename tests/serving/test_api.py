@@ -651,9 +651,7 @@ UNKNOWN = {
 }
 
 
-def test_unknown_fields_are_ignored_and_named_in_a_header(
-    served: Server, log_file: Path
-) -> None:
+def test_unknown_fields_are_ignored_and_named_in_a_header(served: Server, log_file: Path) -> None:
     body = _chat(**UNKNOWN)
     body["messages"] = [
         {"role": "user", "content": [{"type": "text", "text": "hi", "cache_control": {}}]},
