@@ -16,11 +16,10 @@ response is sent anyway: serving comes before recording.
 from __future__ import annotations
 
 import asyncio
-import json
 import math
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Literal
 
 from fastapi import Request
@@ -36,29 +35,15 @@ from daemon.core.engine import (
     TokenLogprob,
 )
 from daemon.logging import get_logger
-from daemon.serving.api.errors import APIError, error_body
-from daemon.serving.api.schemas import (
-    AssistantMessage,
-    ChatChoice,
-    ChatChunkChoice,
-    ChatCompletionChunk,
-    ChatCompletionResponse,
-    ChatDelta,
-    ChatTokenLogprob,
-    ChoiceLogprobs,
-    CompletionChoice,
-    CompletionLogprobs,
-    CompletionResponse,
-    FinishReason,
-    FunctionCall,
-    PromptTokensDetails,
-    SourceUsage,
-    SpeculativeUsage,
-    ToolCall,
-    ToolCallDelta,
-    TopLogprob,
-    Usage,
+from daemon.serving.api.errors import APIError
+from daemon.serving.api.render import (
+    LogprobRenderer,
+    OpenAIRenderer,
+    Renderer,
+    Reply,
+    finish_reason,
 )
+from daemon.serving.api.schemas import FinishReason
 from daemon.serving.api.state import (
     CHAT_PATH,
     CLIENT_CLOSED,
@@ -89,7 +74,6 @@ DISCONNECT_POLL_S = 0.25  # how often a waiting request checks that its client i
 FIRST_EVENT_WAIT_S = 0.5
 STOPPED = "The generation was stopped before it finished: the server is shutting down."
 KEEPALIVE_S = 5.0
-KEEPALIVE = b": keep-alive\n\n"
 
 
 class AsyncHandle(RequestHandle):
@@ -130,99 +114,9 @@ class AsyncHandle(RequestHandle):
                     return "waiting"
 
 
-def _usage(result: GenerationResult, adapter_version: int) -> Usage:
-    s = result.stats
-    return Usage(
-        prompt_tokens=s.prompt_tokens,
-        completion_tokens=s.generation_tokens,
-        total_tokens=s.prompt_tokens + s.generation_tokens,
-        prompt_tokens_details=PromptTokensDetails(cached_tokens=s.cached_tokens),
-        speculative=SpeculativeUsage(
-            drafted=s.drafted,
-            accepted=s.accepted,
-            num_drafts=s.num_drafts,
-            acceptance_rate=s.acceptance_rate,
-            mean_accepted_length=s.mean_accepted_length,
-            sources={
-                source: SourceUsage(drafted=n, accepted=s.accepted_by_source.get(source, 0))
-                for source, n in s.drafted_by_source.items()
-            },
-            adapter_version=adapter_version,
-            batched_tokens=s.batched_tokens,
-        ),
-    )
-
-
-def _finish_reason(result: GenerationResult) -> FinishReason:
-    return "length" if result.finish_reason == "length" else "stop"
-
-
-def _function(call: ParsedCall) -> FunctionCall:
-    return FunctionCall(name=call.name, arguments=call.arguments)
-
-
-def _tool_call(call: ParsedCall) -> ToolCall:
-    return ToolCall(id=call.id, function=_function(call))
-
-
-class LogprobRenderer:
-    """Token log-probabilities in OpenAI's two shapes; tokens as their own decoded text (a
-    token that is part of a UTF-8 character shows U+FFFD; ``bytes`` is exact only for whole
-    characters, as the decoded text is all a tokenizer gives back per token). End-of-sequence
-    tokens are left out: they are not part of the answer."""
-
-    def __init__(self, tokenizer: Any) -> None:
-        self.tokenizer = tokenizer
-        self.eos = set(getattr(tokenizer, "eos_token_ids", None) or ())
-        self.offset = 0  # completions: where the next token's text starts
-
-    def text(self, token: int) -> str:
-        return str(self.tokenizer.decode([token]))
-
-    def content(self, lps: list[TokenLogprob], limit: int | None = None) -> list[TokenLogprob]:
-        """The entries of the answer's tokens: no EOS, none past ``limit`` characters (a
-        stop string cut there)."""
-        out, pos = [], 0
-        for lp in lps:
-            if lp.token in self.eos or (limit is not None and pos >= limit):
-                break
-            out.append(lp)
-            pos += len(self.text(lp.token))
-        return out
-
-    def _top(self, token: int, logprob: float) -> TopLogprob:
-        text = self.text(token)
-        return TopLogprob(token=text, logprob=logprob, bytes=list(text.encode("utf-8")))
-
-    def chat(self, lps: list[TokenLogprob]) -> ChoiceLogprobs:
-        entries = []
-        for lp in lps:
-            head = self._top(lp.token, lp.logprob)
-            alts = [self._top(t, v) for t, v in lp.top]
-            entries.append(ChatTokenLogprob(**head.model_dump(), top_logprobs=alts))
-        return ChoiceLogprobs(content=entries)
-
-    def completion(self, lps: list[TokenLogprob]) -> CompletionLogprobs:
-        out = CompletionLogprobs(tokens=[], token_logprobs=[], top_logprobs=[], text_offset=[])
-        for lp in lps:
-            text = self.text(lp.token)
-            out.tokens.append(text)
-            out.token_logprobs.append(lp.logprob)
-            out.top_logprobs.append({self.text(t): v for t, v in lp.top})
-            out.text_offset.append(self.offset)
-            self.offset += len(text)
-        return out
-
-    def render(self, kind: str, lps: list[TokenLogprob]) -> Any:
-        return self.chat(lps) if kind == "chat" else self.completion(lps)
-
-
-def _sse(model: BaseModel) -> bytes:
-    return b"data: " + model.model_dump_json().encode() + b"\n\n"
-
-
 class GenerationRun:
-    """One admitted generation request: submit, wait, and render events."""
+    """One admitted generation request: submit, wait, and render events (OpenAI's shape
+    unless another API's `Renderer` factory is given)."""
 
     def __init__(
         self,
@@ -235,6 +129,7 @@ class GenerationRun:
         include_usage: bool,
         constraint: Constraint | None = None,
         tools: list[dict[str, Any]] | None = None,
+        renderer: Callable[[Reply], Renderer] = OpenAIRenderer,
     ) -> None:
         self.state = state
         self.tools = tools  # given: the answer's tool calls are parsed (daemon.serving.api.tools)
@@ -245,9 +140,6 @@ class GenerationRun:
         # The gate opened it; an app mounted without the gate still runs (nothing is counted).
         self.info = info if isinstance(info, RequestInfo) else RequestInfo(time.monotonic(), "")
         self.id = ("chatcmpl-" if kind == "chat" else "cmpl-") + secrets.token_hex(12)
-        self.created = int(time.time())
-        self.include_usage = include_usage
-        self.logprobs = LogprobRenderer(state.tokenizer) if params.logprobs is not None else None
         self.info.request_id = self.id
         self.info.prompt_tokens = len(prompt_tokens)
         gen_req = GenerationRequest(
@@ -258,6 +150,18 @@ class GenerationRun:
             constraint=constraint,
         )
         self.handle = AsyncHandle(gen_req, asyncio.get_running_loop())
+        self.logprobs = LogprobRenderer(state.tokenizer) if params.logprobs is not None else None
+        self.renderer = renderer(
+            Reply(
+                id=self.id,
+                created=int(time.time()),
+                model=state.model_id,
+                kind=kind,
+                include_usage=include_usage,
+                adapter_version=lambda: self.handle.request.adapter_version,
+                logprobs=self.logprobs,
+            )
+        )
 
     def submit(self) -> None:
         worker = self.state.worker
@@ -294,7 +198,7 @@ class GenerationRun:
         self.info.completion_tokens = s.generation_tokens
         self.info.acceptance_rate = round(s.acceptance_rate, 4)
         self.info.batched_tokens = s.batched_tokens
-        self.info.finish_reason = _finish_reason(result)
+        self.info.finish_reason = finish_reason(result)
 
     def _client_gone(self) -> None:
         self.handle.cancel()
@@ -352,88 +256,20 @@ class GenerationRun:
             result = ev.result
             self._note_result(result)
             await self._recorded(ev)
-            usage = _usage(result, self.handle.request.adapter_version)
-            lps = None
+            lps: list[TokenLogprob] = []
             if self.logprobs is not None:
-                kept = self.logprobs.content(result.logprobs, len(result.text))
-                lps = self.logprobs.render(self.kind, kept)
-            if self.kind == "chat":
-                content: str | None = result.text
-                finish = _finish_reason(result)
-                tool_calls = None
-                if self.tools is not None:
-                    content, calls = split_tool_calls(self.state.tokenizer, result.text, self.tools)
-                    if calls:
-                        tool_calls = [_tool_call(c) for c in calls]
-                        content = content or None
-                        finish = "tool_calls" if finish == "stop" else finish
-                return ChatCompletionResponse(
-                    id=self.id,
-                    created=self.created,
-                    model=self.state.model_id,
-                    choices=[
-                        ChatChoice(
-                            index=0,
-                            message=AssistantMessage(content=content, tool_calls=tool_calls),
-                            finish_reason=finish,
-                            logprobs=lps,
-                        )
-                    ],
-                    usage=usage,
-                )
-            return CompletionResponse(
-                id=self.id,
-                created=self.created,
-                model=self.state.model_id,
-                choices=[
-                    CompletionChoice(
-                        index=0,
-                        text=result.text,
-                        finish_reason=_finish_reason(result),
-                        logprobs=lps,
-                    )
-                ],
-                usage=usage,
-            )
+                lps = self.logprobs.content(result.logprobs, len(result.text))
+            content: str | None = result.text
+            finish = finish_reason(result)
+            calls: list[ParsedCall] = []
+            if self.tools is not None:
+                content, calls = split_tool_calls(self.state.tokenizer, result.text, self.tools)
+                if calls:
+                    content = content or None
+                    finish = "tool_calls" if finish == "stop" else finish
+            return self.renderer.complete(result, content, calls, finish, lps)
 
     # --- streaming -----------------------------------------------------------------------
-
-    def _chunk(
-        self,
-        text: str | None,
-        finish: FinishReason | None,
-        role: bool = False,
-        calls: list[ParsedCall] | None = None,
-        logprobs: list[TokenLogprob] | None = None,
-    ) -> bytes:
-        lps = None
-        if self.logprobs is not None and logprobs:
-            lps = self.logprobs.render(self.kind, logprobs)
-        if self.kind == "chat":
-            deltas = None
-            if calls:
-                deltas = [
-                    ToolCallDelta(index=self.calls + i, id=c.id, function=_function(c))
-                    for i, c in enumerate(calls)
-                ]
-                self.calls += len(calls)
-            delta = ChatDelta(role="assistant" if role else None, content=text, tool_calls=deltas)
-            choice = ChatChunkChoice(index=0, delta=delta, finish_reason=finish, logprobs=lps)
-            return _sse(
-                ChatCompletionChunk(
-                    id=self.id, created=self.created, model=self.state.model_id, choices=[choice]
-                )
-            )
-        return _sse(
-            CompletionResponse(
-                id=self.id,
-                created=self.created,
-                model=self.state.model_id,
-                choices=[
-                    CompletionChoice(index=0, text=text or "", finish_reason=finish, logprobs=lps)
-                ],
-            )
-        )
 
     def _logprobs_of(self, chunk: GenerationChunk) -> list[TokenLogprob]:
         """A streamed chunk's entries (no EOS; a stop string's tokens may show: the stream
@@ -442,41 +278,39 @@ class GenerationRun:
             return []
         return self.logprobs.content(chunk.logprobs)
 
-    def _usage_chunk(self, result: GenerationResult) -> bytes:
-        cls = ChatCompletionChunk if self.kind == "chat" else CompletionResponse
-        return _sse(
-            cls(
-                id=self.id,
-                created=self.created,
-                model=self.state.model_id,
-                choices=[],
-                usage=_usage(result, self.handle.request.adapter_version),
-            )
-        )
+    def _delta(
+        self, text: str | None, calls: list[ParsedCall], lps: list[TokenLogprob]
+    ) -> list[bytes]:
+        self.calls += len(calls)
+        return self.renderer.delta(text, calls, lps)
 
     async def stream(self, first: Event | Literal["waiting"]) -> AsyncIterator[bytes]:
         finished = False
+        renderer = self.renderer
         try:
             ev: Event | None
             if first == "waiting":  # queued or prefilling: keep the connection alive
-                yield KEEPALIVE
+                keepalive = renderer.keepalive
+                if keepalive is not None:
+                    yield keepalive
                 waited = await self.handle.next_event(self.request, KEEPALIVE_S)
                 while waited == "waiting":
-                    yield KEEPALIVE
+                    if keepalive is not None:
+                        yield keepalive
                     waited = await self.handle.next_event(self.request, KEEPALIVE_S)
                 ev = waited
                 if isinstance(ev, Done) and ev.result is None and ev.error is not None:
                     # refused after the stream started: the error as an event, then the end
                     self.info.error = str(ev.error)
-                    body = error_body(str(ev.error), "invalid_request_error", code="invalid_value")
-                    yield b"data: " + json.dumps(body).encode() + b"\n\n"
-                    yield b"data: [DONE]\n\n"
+                    for part in renderer.error(str(ev.error), "invalid_request_error"):
+                        yield part
                     finished = True
                     return
             else:
                 ev = first
-            if self.kind == "chat" and ev is not None:
-                yield self._chunk("", None, role=True)
+            if ev is not None:
+                for part in renderer.start():
+                    yield part
             tools = ToolStream(self.state.tokenizer, self.tools) if self.tools is not None else None
             while True:
                 if ev is None:
@@ -484,34 +318,36 @@ class GenerationRun:
                     return
                 if isinstance(ev, GenerationChunk):
                     self._note_chunk(ev)
+                    lps = self._logprobs_of(ev)
                     if ev.text and tools is not None:
                         text, calls = tools.feed(ev.text)
                         if text or calls:
-                            yield self._chunk(text or None, None, calls=calls)
-                    elif ev.text or self._logprobs_of(ev):
-                        yield self._chunk(ev.text, None, logprobs=self._logprobs_of(ev))
+                            for part in self._delta(text or None, calls, []):
+                                yield part
+                    elif ev.text or lps:
+                        for part in self._delta(ev.text, [], lps):
+                            yield part
                 else:
                     if tools is not None and ev.result is not None:
                         text, calls = tools.finish()
                         if text or calls:
-                            yield self._chunk(text or None, None, calls=calls)
+                            for part in self._delta(text or None, calls, []):
+                                yield part
                     if ev.result is None or ev.result.finish_reason == "cancelled":
                         # an error after the stream started, or the server stopped it
                         msg = str(ev.error) if ev.error is not None else STOPPED
                         self.info.error = msg
-                        body = error_body(msg, "server_error", code="generation_failed")
-                        yield b"data: " + json.dumps(body).encode() + b"\n\n"
+                        for part in renderer.error(msg, "server_error"):
+                            yield part
                     else:
                         result = ev.result
                         self._note_result(result)
                         await self._recorded(ev)
-                        finish = _finish_reason(result)
+                        finish: FinishReason = finish_reason(result)
                         if self.calls and finish == "stop":
                             finish = "tool_calls"
-                        yield self._chunk(None if self.kind == "chat" else "", finish)
-                        if self.include_usage:
-                            yield self._usage_chunk(result)
-                    yield b"data: [DONE]\n\n"
+                        for part in renderer.end(result, finish):
+                            yield part
                     finished = True
                     return
                 ev = await self._event()
@@ -536,6 +372,6 @@ class GenerationRun:
                 return Response(status_code=CLIENT_CLOSED)
         return StreamingResponse(
             self.stream(first),
-            media_type="text/event-stream",
+            media_type=self.renderer.media_type,
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
