@@ -50,7 +50,7 @@ from daemon.config import ConfigError, ConfigSources, Settings, default_config_f
 from daemon.core.backend import backend_info
 from daemon.core.distributed import Group
 from daemon.core.heads import pruned_head
-from daemon.core.models import ModelPair, load_pair
+from daemon.core.models import ModelPair, load_pair, model_details
 from daemon.logging import get_logger
 from daemon.serving import notify
 from daemon.serving.distributed import RankZero, fit_settings
@@ -466,6 +466,7 @@ class Server:
             dtype=pair.dtype,
             max_context=pair.max_context,
             vocab_size=self.engine.shared_vocab(),
+            model_details=model_details(pair),
             adapter_version=lambda: self.adapter_version,
             draft_head_tokens=self._draft_head_tokens,
             status_providers=self.status_providers,

@@ -212,6 +212,30 @@ def load_model(
     return model, tokenizer, path, dequantized, dtype
 
 
+def model_details(pair: ModelPair) -> dict[str, Any]:
+    """What model listings (Ollama's ``/api/tags``, ``/api/show``) say about the target:
+    family, parameter count, weight bytes, dtype, file format."""
+    params = flat_parameters(pair.target)
+    nbytes = sum(int(a.nbytes) for _, a in params)
+    bits = {
+        int(m.bits)
+        for _, m in pair.target.named_modules()
+        if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))
+    }
+    count = 0
+    for name, a in params:
+        if not name.endswith((".scales", ".biases")):  # packed words hold 32 / bits weights
+            count += int(a.size) * (32 // max(bits) if bits and a.dtype == mx.uint32 else 1)
+    size = f"{count / 1e9:.1f}B" if count >= 1e9 else f"{count / 1e6:.0f}M"
+    return {
+        "family": str(getattr(pair.target.args, "model_type", "")),
+        "parameter_size": size,
+        "quantization_level": f"Q{max(bits)}" if bits else pair.dtype.upper(),
+        "format": "gguf" if pair.target_path.endswith(".gguf") else "mlx",
+        "size": nbytes,
+    }
+
+
 def flat_parameters(model: nn.Module, trainable: bool = False) -> list[tuple[str, mx.array]]:
     """``tree_flatten`` of a model's (trainable) parameters, typed: dotted name, array."""
     tree = model.trainable_parameters() if trainable else model.parameters()

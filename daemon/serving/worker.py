@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import inspect
 import itertools
+import math
 import queue
 import threading
 import time
@@ -71,6 +72,9 @@ class GenerationRequest:
     # The draft adapter in service when the request started (set by the worker); swaps run
     # between requests, so it is the one that served every round of it.
     adapter_version: int = 0
+    # Seconds the models stay loaded once idle after this request (Ollama's per-request
+    # keep_alive; inf: never unloaded); None: models.keep_alive_seconds.
+    keep_alive: float | None = None
     id: int = field(default_factory=lambda: next(_ids))
     enqueued: float = field(default_factory=time.monotonic)
 
@@ -179,8 +183,9 @@ class GenerationWorker:
         self._lone: _Lone | None = None
         self._batched: dict[int, _Started] = {}
         self._stopping = False
-        # idle unload (models.keep_alive_seconds)
+        # idle unload (models.keep_alive_seconds; the last request's own keep_alive first)
         self.keep_alive = keep_alive
+        self.request_keep_alive: float | None = None
         self._unload, self._load = unload, load
         self.loaded = True
         self._last_work = time.monotonic()
@@ -344,9 +349,10 @@ class GenerationWorker:
 
     def _unload_in(self) -> float | None:
         """Seconds until an idle worker frees the models; None: never (now)."""
-        if self.keep_alive is None or not self.loaded or self._unload is None:
+        keep = self.keep_alive if self.request_keep_alive is None else self.request_keep_alive
+        if keep is None or math.isinf(keep) or not self.loaded or self._unload is None:
             return None
-        return max(0.0, self._last_work + self.keep_alive - time.monotonic())
+        return max(0.0, self._last_work + keep - time.monotonic())
 
     def _free_models(self) -> None:
         assert self._unload is not None
@@ -564,6 +570,7 @@ class GenerationWorker:
     def _finish(self, started: _Started, result: GenerationResult) -> None:
         """A request that produced a result: record it, then its final event and hooks."""
         req = started.handle.request
+        self.request_keep_alive = req.keep_alive  # as Ollama: each request sets the timer
         total_s = time.monotonic() - req.enqueued
         recorded = None
         if self.record is not None and result.finish_reason != "error":

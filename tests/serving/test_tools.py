@@ -210,3 +210,54 @@ def test_a_model_without_tool_support_says_so(tmp_path: Path, tiny_tokenizer, ti
         assert err["param"] == "tools" and "does not support tools" in err["message"]
     finally:
         stop_server(srv, thread)
+
+
+def test_ollama_client_round_trip(served: Server) -> None:
+    """Ollama's client sends the tools, the assistant's call (arguments as an object) and
+    the tool's answer (named by ``tool_name``) back: rendered by the same template."""
+    import ollama
+
+    client = ollama.Client(host=served.url, timeout=HANG_GUARD_S)
+    messages: list[Any] = [
+        {"role": "user", "content": "What is the weather in Oslo?"},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [{"function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}],
+        },
+        {"role": "tool", "content": '{"temp_c": 3}', "tool_name": "get_weather"},
+    ]
+    r = client.chat(model="specd", messages=messages, tools=[WEATHER], options={"num_predict": 8})
+    assert r.done and r.eval_count and r.eval_count > 0
+    # what the template saw: the call and the tool's answer (the tool as the ollama client
+    # sends it: its own model of a tool drops additionalProperties and orders the keys)
+    sent = {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "The weather in a city.",
+            "parameters": {
+                "type": "object",
+                "required": ["city"],
+                "properties": {"city": {"enum": ["Paris", "Oslo"]}},
+            },
+        },
+    }
+    same = openai.OpenAI(base_url=f"{served.url}/v1", api_key="x", max_retries=0)
+    call = {
+        "id": "call_1_0",
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'},
+    }
+    answer = same.chat.completions.create(
+        model="specd",
+        messages=[
+            messages[0],
+            {"role": "assistant", "content": "", "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": "get_weather", "content": '{"temp_c": 3}'},
+        ],
+        tools=[sent],
+        max_tokens=8,
+        temperature=0,
+    )
+    assert r.message.content == answer.choices[0].message.content

@@ -15,6 +15,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from daemon import __version__
 from daemon.serving.api.errors import add_error_handlers
 from daemon.serving.api.gate import Gate
+from daemon.serving.api.ollama import ollama_router
 from daemon.serving.api.routes import admin_router, daemon_router, openai_router
 from daemon.serving.api.schemas import IGNORED_HEADER
 from daemon.serving.api.state import AppState
@@ -36,6 +37,7 @@ def create_app(state: AppState) -> FastAPI:
     app.include_router(openai_router)
     app.include_router(daemon_router)
     app.include_router(admin_router)
+    app.include_router(ollama_router)
     app.add_middleware(Gate, state=state)
     origins = state.settings.server.cors_origins
     if origins:

@@ -22,7 +22,14 @@ from daemon.serving.api.schemas import ErrorDetail
 
 log = get_logger("api")
 
-__all__ = ["APIError", "ErrorJSONResponse", "add_error_handlers", "error_body", "error_response"]
+__all__ = [
+    "APIError",
+    "ErrorJSONResponse",
+    "add_error_handlers",
+    "dialect_body",
+    "error_body",
+    "error_response",
+]
 
 
 class APIError(Exception):
@@ -56,10 +63,33 @@ class ErrorJSONResponse(JSONResponse):
         return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode("ascii")
 
 
-def error_response(err: APIError) -> JSONResponse:
-    return ErrorJSONResponse(
-        {"error": err.detail.model_dump()}, status_code=err.status, headers=err.headers
-    )
+# Anthropic's error types by status (its API reference, "Errors")
+ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+}
+
+
+def dialect_body(path: str, status: int, detail: dict[str, Any]) -> dict[str, Any]:
+    """An error body in the shape the API at ``path`` uses: Ollama's ``{"error": message}``
+    under ``/api/``, Anthropic's ``{"type": "error", "error": {"type", "message"}}`` for
+    ``/v1/messages``, OpenAI's otherwise."""
+    if path.startswith("/api/"):
+        return {"error": detail["message"]}
+    if path.startswith("/v1/messages"):
+        kind = ANTHROPIC_TYPES.get(status, "api_error")
+        return {"type": "error", "error": {"type": kind, "message": detail["message"]}}
+    return {"error": detail}
+
+
+def error_response(err: APIError, path: str = "") -> JSONResponse:
+    body = dialect_body(path, err.status, err.detail.model_dump())
+    return ErrorJSONResponse(body, status_code=err.status, headers=err.headers)
 
 
 def add_error_handlers(app: FastAPI) -> None:
@@ -67,7 +97,7 @@ def add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
-        return error_response(exc)
+        return error_response(exc, request.url.path)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -93,13 +123,15 @@ def add_error_handlers(app: FastAPI) -> None:
                 parts.append(f"{where}: {e.get('msg')}")
             message = "Invalid request: " + "; ".join(parts)
             code = "invalid_value"
-        return ErrorJSONResponse(error_body(message, "invalid_request_error", param, code), 400)
+        detail = error_body(message, "invalid_request_error", param, code)["error"]
+        return ErrorJSONResponse(dialect_body(request.url.path, 400, detail), 400)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = "not_found" if exc.status_code == 404 else None
+        detail = error_body(str(exc.detail), "invalid_request_error", code=kind)["error"]
         return ErrorJSONResponse(
-            error_body(str(exc.detail), "invalid_request_error", code=kind),
+            dialect_body(request.url.path, exc.status_code, detail),
             exc.status_code,
             headers=getattr(exc, "headers", None),
         )
@@ -107,6 +139,5 @@ def add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
         log.error("unhandled_error", path=request.url.path, error=repr(exc), exc_info=exc)
-        return ErrorJSONResponse(
-            error_body("Internal server error.", "server_error", code="internal_error"), 500
-        )
+        detail = error_body("Internal server error.", "server_error", code="internal_error")
+        return ErrorJSONResponse(dialect_body(request.url.path, 500, detail["error"]), 500)

@@ -39,6 +39,11 @@ KNOWN_PATHS = (
     "/openapi.json",
     "/docs",
     "/redoc",
+    "/api/tags",
+    "/api/show",
+    "/api/ps",
+    "/api/version",
+    "/v1/messages/count_tokens",
 )
 NO_AUTH_PATHS = ("/health",)
 
@@ -96,7 +101,7 @@ class Gate:
             if err is None:
                 receive, err = await self._read_body(scope, receive)
             if err is not None:
-                await error_response(err)(scope, receive, send_wrapper)
+                await error_response(err, path)(scope, receive, send_wrapper)
                 return
             await self.app(scope, receive, send_wrapper)
         finally:
@@ -114,6 +119,8 @@ class Gate:
                 if name == b"authorization":
                     auth = value.decode("latin-1")
                     break
+                if name == b"x-api-key":  # Anthropic's clients send the key here
+                    auth = "Bearer " + value.decode("latin-1")
             scheme, _, token = auth.partition(" ")
             expected = key.get_secret_value().encode()
             if scheme.lower() != "bearer" or not hmac.compare_digest(
@@ -122,7 +129,8 @@ class Gate:
                 msg = "Missing API key" if not auth else "Incorrect API key provided"
                 return APIError(
                     401,
-                    f"{msg}: pass it as 'Authorization: Bearer <key>' (server.api_key).",
+                    f"{msg}: pass it as 'Authorization: Bearer <key>' or 'x-api-key: <key>' "
+                    "(server.api_key).",
                     code="invalid_api_key",
                     headers={"WWW-Authenticate": "Bearer"},
                 )

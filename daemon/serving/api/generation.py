@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Literal, cast
 from urllib.parse import quote
 
@@ -40,6 +41,7 @@ from daemon.serving.api.streaming import GenerationRun
 from daemon.serving.api.tools import forced_call_grammar
 
 __all__ = [
+    "RunOptions",
     "check_model",
     "serve_chat",
     "serve_completion",
@@ -48,6 +50,15 @@ __all__ = [
 ]
 
 log = get_logger("api")
+
+
+@dataclass
+class RunOptions:
+    """What other APIs ask beyond OpenAI's fields: Ollama's ``num_ctx`` (prompt and answer
+    within it) and ``keep_alive`` (seconds the models stay loaded after it; inf: always)."""
+
+    num_ctx: int | None = None
+    keep_alive: float | None = None
 
 
 def check_model(state: AppState, model: str | None) -> None:
@@ -234,6 +245,7 @@ async def _run(
     tools: list[dict[str, Any]] | None = None,
     forced_call: str | None = None,
     renderer: Callable[[Reply], Renderer] = OpenAIRenderer,
+    options: RunOptions | None = None,
 ) -> Response | BaseModel:
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     if forced_call is not None:  # building a matcher is CPU work, like _constraint's
@@ -242,8 +254,21 @@ async def _run(
         )
     else:
         constraint = await run_in_threadpool(_constraint, state, body)
+    options = options or RunOptions()
+    if options.num_ctx is not None:  # the request's own context bound
+        params.max_tokens = max(1, min(params.max_tokens, options.num_ctx - len(tokens)))
     run = GenerationRun(
-        state, request, kind, tokens, text, params, include_usage, constraint, tools, renderer
+        state,
+        request,
+        kind,
+        tokens,
+        text,
+        params,
+        include_usage,
+        constraint,
+        tools,
+        renderer,
+        options.keep_alive,
     )
     return await run.respond(bool(body.stream))
 
@@ -253,6 +278,7 @@ async def serve_chat(
     request: Request,
     body: ChatCompletionRequest,
     renderer: Callable[[Reply], Renderer] = OpenAIRenderer,
+    options: RunOptions | None = None,
 ) -> Response | BaseModel:
     """A chat request, in the internal contract every API is translated to: validated,
     templated, run, rendered by ``renderer``."""
@@ -275,8 +301,9 @@ async def serve_chat(
     except Exception as e:  # template errors (roles, missing fields) are the request's fault
         raise APIError(400, f"Cannot apply the chat template: {e}", param="messages") from None
     _check_prompt(state, tokens, "messages")
+    text = prompt_text(messages)
     return await _run(
-        state, request, "chat", tokens, prompt_text(messages), params, body, tools, forced, renderer
+        state, request, "chat", tokens, text, params, body, tools, forced, renderer, options
     )
 
 
@@ -357,6 +384,7 @@ async def serve_completion(
     request: Request,
     body: CompletionRequest,
     renderer: Callable[[Reply], Renderer] = OpenAIRenderer,
+    options: RunOptions | None = None,
 ) -> Response | BaseModel:
     """A completion request (raw prompt text or token ids), as `serve_chat`."""
     check_model(state, body.model)
@@ -393,4 +421,6 @@ async def serve_completion(
         except Exception:  # out-of-range ids: the engine refuses them below
             text = ""
     _check_prompt(state, tokens, "prompt")
-    return await _run(state, request, "completion", tokens, text, params, body, renderer=renderer)
+    return await _run(
+        state, request, "completion", tokens, text, params, body, None, None, renderer, options
+    )

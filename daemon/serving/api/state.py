@@ -24,7 +24,10 @@ __all__ = [
     "CLIENT_CLOSED",
     "COMPLETIONS_PATH",
     "GENERATION_PATHS",
+    "MESSAGES_PATH",
     "MODEL_ALIASES",
+    "OLLAMA_CHAT_PATH",
+    "OLLAMA_GENERATE_PATH",
     "AdminControl",
     "AppState",
     "RequestInfo",
@@ -33,7 +36,16 @@ __all__ = [
 MODEL_ALIASES = ("specd",)  # accepted in "model" besides the target id (and omitting it)
 CHAT_PATH = "/v1/chat/completions"
 COMPLETIONS_PATH = "/v1/completions"
-GENERATION_PATHS = (CHAT_PATH, COMPLETIONS_PATH)
+OLLAMA_CHAT_PATH = "/api/chat"
+OLLAMA_GENERATE_PATH = "/api/generate"
+MESSAGES_PATH = "/v1/messages"  # Anthropic's
+GENERATION_PATHS = (
+    CHAT_PATH,
+    COMPLETIONS_PATH,
+    OLLAMA_CHAT_PATH,
+    OLLAMA_GENERATE_PATH,
+    MESSAGES_PATH,
+)
 CLIENT_CLOSED = 499  # nginx's "client closed request", for logs and metrics only
 
 
@@ -77,6 +89,9 @@ class AppState:
     dtype: str = ""
     max_context: int | None = None
     vocab_size: int = 0  # the vocabulary target and draft share: what a request may bias
+    # what Ollama's /api/tags and /api/show report: family, parameter_size,
+    # quantization_level, format, size (bytes of the target's weights)
+    model_details: dict[str, Any] = field(default_factory=dict)
     adapter_version: Callable[[], int] = lambda: 0
     draft_head_tokens: Callable[[], int | None] = lambda: None  # None: the full head
     status_providers: list[Callable[[], dict[str, Any]]] = field(default_factory=list)

@@ -130,6 +130,7 @@ class GenerationRun:
         constraint: Constraint | None = None,
         tools: list[dict[str, Any]] | None = None,
         renderer: Callable[[Reply], Renderer] = OpenAIRenderer,
+        keep_alive: float | None = None,
     ) -> None:
         self.state = state
         self.tools = tools  # given: the answer's tool calls are parsed (daemon.serving.api.tools)
@@ -148,6 +149,7 @@ class GenerationRun:
             prompt_text=prompt_text,
             meta={"endpoint": kind, "id": self.id},
             constraint=constraint,
+            keep_alive=keep_alive,
         )
         self.handle = AsyncHandle(gen_req, asyncio.get_running_loop())
         self.logprobs = LogprobRenderer(state.tokenizer) if params.logprobs is not None else None
