@@ -261,3 +261,57 @@ def test_ollama_client_round_trip(served: Server) -> None:
         temperature=0,
     )
     assert r.message.content == answer.choices[0].message.content
+
+
+def test_anthropic_client_round_trip(served: Server) -> None:
+    """A forced tool_use block (tool_choice 'tool'), its tool_result sent back, the reply;
+    streamed, the call arrives as a tool_use block with an input_json_delta."""
+    import anthropic
+
+    client = anthropic.Anthropic(
+        base_url=served.url, api_key="x", max_retries=0, timeout=HANG_GUARD_S
+    )
+    tool = {
+        "name": "get_weather",
+        "description": "The weather in a city.",
+        "input_schema": WEATHER["function"]["parameters"],
+    }
+    question = {"role": "user", "content": "What is the weather in Oslo?"}
+    msg = client.messages.create(
+        model="specd",
+        max_tokens=120,
+        messages=[question],
+        tools=[tool],
+        tool_choice={"type": "tool", "name": "get_weather"},
+    )
+    assert msg.stop_reason == "tool_use"
+    use = next(b for b in msg.content if b.type == "tool_use")
+    assert use.name == "get_weather" and use.input["city"] in ("Paris", "Oslo")
+    reply = client.messages.create(
+        model="specd",
+        max_tokens=8,
+        tools=[tool],
+        messages=[
+            question,
+            {"role": "assistant", "content": [use.model_dump()]},
+            {
+                "role": "user",
+                "content": [
+                    {"type": "tool_result", "tool_use_id": use.id, "content": '{"temp_c": 3}'}
+                ],
+            },
+        ],
+    )
+    assert reply.stop_reason in ("end_turn", "max_tokens", "tool_use")
+    with client.messages.stream(
+        model="specd",
+        max_tokens=120,
+        messages=[question],
+        tools=[tool],
+        tool_choice={"type": "any"},
+    ) as stream:
+        kinds = [e.type for e in stream]
+        final = stream.get_final_message()
+    assert "input_json" in kinds and final.stop_reason == "tool_use"
+    assert [b.type for b in final.content][-1] == "tool_use"
+    assert final.content[-1].input["city"] in ("Paris", "Oslo")

@@ -13,6 +13,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from daemon import __version__
+from daemon.serving.api.anthropic import anthropic_router
 from daemon.serving.api.errors import add_error_handlers
 from daemon.serving.api.gate import Gate
 from daemon.serving.api.ollama import ollama_router
@@ -38,6 +39,7 @@ def create_app(state: AppState) -> FastAPI:
     app.include_router(daemon_router)
     app.include_router(admin_router)
     app.include_router(ollama_router)
+    app.include_router(anthropic_router)
     app.add_middleware(Gate, state=state)
     origins = state.settings.server.cors_origins
     if origins:

@@ -42,6 +42,8 @@ from daemon.serving.api.tools import forced_call_grammar
 
 __all__ = [
     "RunOptions",
+    "chat_prompt",
+    "chat_tools",
     "check_model",
     "serve_chat",
     "serve_completion",
@@ -295,16 +297,29 @@ async def serve_chat(
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     params = _sampling(state, body, max_tokens, param, logprobs)
     tools, forced = _tools(state, body)
-    messages = [_template_message(i, m) for i, m in enumerate(body.messages)]
-    try:
-        tokens = await run_in_threadpool(encode_prompt, state.tokenizer, messages, tools)
-    except Exception as e:  # template errors (roles, missing fields) are the request's fault
-        raise APIError(400, f"Cannot apply the chat template: {e}", param="messages") from None
+    messages, tokens = await chat_prompt(state, body, tools)
     _check_prompt(state, tokens, "messages")
     text = prompt_text(messages)
     return await _run(
         state, request, "chat", tokens, text, params, body, tools, forced, renderer, options
     )
+
+
+async def chat_prompt(
+    state: AppState, body: ChatCompletionRequest, tools: list[dict[str, Any]] | None
+) -> tuple[list[dict[str, Any]], list[int]]:
+    """The messages as the chat template takes them, and the prompt's token ids."""
+    messages = [_template_message(i, m) for i, m in enumerate(body.messages)]
+    try:
+        tokens = await run_in_threadpool(encode_prompt, state.tokenizer, messages, tools)
+    except Exception as e:  # template errors (roles, missing fields) are the request's fault
+        raise APIError(400, f"Cannot apply the chat template: {e}", param="messages") from None
+    return messages, tokens
+
+
+def chat_tools(state: AppState, body: ChatCompletionRequest) -> list[dict[str, Any]] | None:
+    """The tools the template renders for ``body`` (checked as `serve_chat` checks them)."""
+    return _tools(state, body)[0]
 
 
 def _template_message(i: int, m: ChatMessage) -> dict[str, Any]:

@@ -67,7 +67,12 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
 
 
 GENERATE_RESPONSES: dict[int | str, dict[str, Any]] = {
-    200: {"content": {"application/x-ndjson": {"schema": {"type": "string"}}}},
+    200: {
+        "content": {
+            "application/json": {"schema": {"type": "object"}},
+            "application/x-ndjson": {"schema": {"type": "string"}},
+        }
+    },
     **_errors(400, 401, 404, 413, 429, 503),
 }
 

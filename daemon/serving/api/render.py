@@ -149,6 +149,7 @@ class Reply:
     include_usage: bool
     adapter_version: Callable[[], int]  # the version that served it (known once it ran)
     logprobs: LogprobRenderer | None = None
+    prompt_tokens: int = 0
 
 
 class Renderer:

@@ -94,11 +94,16 @@ def unknown_fields(body: BaseModel) -> list[str]:
     """The fields of ``body`` no model declares: top-level names, ``messages[].name`` and
     ``messages[].content[].name``; each once, in order."""
     out = list(body.model_extra or {})
-    for m in getattr(body, "messages", None) or []:
+    declared = "messages" in type(body).model_fields  # (an unknown "messages" is a value)
+    for m in getattr(body, "messages", None) or [] if declared else []:
+        if not isinstance(m, BaseModel):
+            continue
         out += [f"messages[].{k}" for k in m.model_extra or {}]
-        if isinstance(m.content, list):
-            for part in m.content:
-                out += [f"messages[].content[].{k}" for k in part.model_extra or {}]
+        content = getattr(m, "content", None)
+        if isinstance(content, list):
+            for part in content:
+                if isinstance(part, BaseModel):  # (another API's blocks are plain dicts)
+                    out += [f"messages[].content[].{k}" for k in part.model_extra or {}]
     return list(dict.fromkeys(out))
 
 

@@ -162,6 +162,7 @@ class GenerationRun:
                 include_usage=include_usage,
                 adapter_version=lambda: self.handle.request.adapter_version,
                 logprobs=self.logprobs,
+                prompt_tokens=len(prompt_tokens),
             )
         )
 
