@@ -98,15 +98,17 @@ def encode_prompt(
     tokenizer: TokenizerWrapper,
     prompt: str | list[dict[str, Any]],
     tools: list[dict[str, Any]] | None = None,
+    template_kwargs: dict[str, Any] | None = None,
 ) -> list[int]:
     """Token ids of a prompt with the chat template applied (a string is one user message),
-    ``tools`` rendered by it when given.
+    ``tools`` rendered by it when given, ``template_kwargs`` passed to it (e.g.
+    ``enable_thinking``, which mlx-lm maps onto the template's own name for it).
 
     Without a chat template the plain text (or the messages' contents joined) is encoded.
     """
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
     if getattr(tokenizer, "has_chat_template", False):
-        extra = {"tools": tools} if tools else {}
+        extra = {**(template_kwargs or {}), **({"tools": tools} if tools else {})}
         ids = tokenizer.apply_chat_template(
             messages, add_generation_prompt=True, tokenize=True, **extra
         )

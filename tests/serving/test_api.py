@@ -639,9 +639,9 @@ BAD_REQUESTS = [
 
 UNKNOWN = {
     "frobnicate": 1,
-    "chat_template_kwargs": {"enable_thinking": False},
+    "top_a": 0.1,
     "cache_prompt": True,
-    "reasoning_effort": "low",
+    "mirostat_tau": 5.0,
     "prediction": {"type": "content", "content": "x"},
     "mirostat": 0,
     "typical_p": 1.0,

@@ -208,7 +208,12 @@ def test_generation_through_the_run(client: TestClient, state: AppState) -> None
     assert r.status_code == 200, r.text
     body = r.json()
     message = body["choices"][0]["message"]
-    assert message == {"role": "assistant", "content": "hi there", "tool_calls": None}
+    assert message == {
+        "role": "assistant",
+        "content": "hi there",
+        "reasoning_content": None,
+        "tool_calls": None,
+    }
     assert body["usage"]["speculative"]["acceptance_rate"] == 0.75
     worker = state.worker
     assert isinstance(worker, FakeWorker)

@@ -300,7 +300,9 @@ class AnthropicRenderer(Renderer):
         calls: list[ParsedCall],
         finish: FinishReason,
         logprobs: list[TokenLogprob],
+        reasoning: str | None = None,
     ) -> Any:
+        # (a model's thinking is not returned: extended thinking is not offered here)
         blocks: list[dict[str, Any]] = []
         if content:
             blocks.append({"type": "text", "text": content})
@@ -344,7 +346,11 @@ class AnthropicRenderer(Renderer):
         return [self._event("content_block_stop", {"index": index})]
 
     def delta(
-        self, text: str | None, calls: list[ParsedCall], logprobs: list[TokenLogprob]
+        self,
+        text: str | None,
+        calls: list[ParsedCall],
+        logprobs: list[TokenLogprob],
+        reasoning: str | None = None,
     ) -> list[bytes]:
         out: list[bytes] = []
         if text:

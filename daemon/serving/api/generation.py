@@ -310,8 +310,19 @@ async def chat_prompt(
 ) -> tuple[list[dict[str, Any]], list[int]]:
     """The messages as the chat template takes them, and the prompt's token ids."""
     messages = [_template_message(i, m) for i, m in enumerate(body.messages)]
+    kwargs = dict(body.chat_template_kwargs or {})
+    reserved = sorted(set(kwargs) & {"messages", "tools", "add_generation_prompt", "tokenize"})
+    if reserved:
+        raise APIError(
+            400,
+            f"chat_template_kwargs may not set {reserved[0]!r} (the server sets it).",
+            param=f"chat_template_kwargs.{reserved[0]}",
+            code="invalid_value",
+        )
+    if body.reasoning_effort is not None:
+        kwargs.setdefault("reasoning_effort", body.reasoning_effort)
     try:
-        tokens = await run_in_threadpool(encode_prompt, state.tokenizer, messages, tools)
+        tokens = await run_in_threadpool(encode_prompt, state.tokenizer, messages, tools, kwargs)
     except Exception as e:  # template errors (roles, missing fields) are the request's fault
         raise APIError(400, f"Cannot apply the chat template: {e}", param="messages") from None
     return messages, tokens

@@ -9,8 +9,9 @@ default). ``options`` map onto the same controls (``num_predict``, ``temperature
 ``frequency_penalty`` over ``repeat_last_n`` tokens (Ollama's default 64), ``num_ctx``);
 ``format`` (``"json"`` or a JSON schema) is the same constrained decoding; ``keep_alive``
 sets how long the models stay loaded after the request. Unknown fields and options are
-ignored and named in the ``X-Specd-Ignored-Fields`` header; ``images``, ``think``,
-a custom ``template`` and ``suffix`` are refused by name. Errors are Ollama's
+ignored and named in the ``X-Specd-Ignored-Fields`` header; ``think`` switches a reasoning
+model's thinking (``message.thinking`` holds it); ``images``, a custom ``template`` and
+``suffix`` are refused by name. Errors are Ollama's
 ``{"error": message}``.
 """
 
@@ -180,8 +181,6 @@ def _refuse(param: str, what: str) -> APIError:
 
 def _translate(body: OllamaRequest) -> tuple[dict[str, Any], RunOptions, list[str]]:
     """The OpenAI request fields, the run options and the ignored option names."""
-    if body.think not in (None, False):
-        raise APIError(400, f"{body.model!r} does not support thinking", param="think")
     fields: dict[str, Any] = {"model": body.model or None, "stream": body.stream}
     opts = dict(body.options or {})
     ignored = [f"options.{k}" for k in opts if k not in HANDLED_OPTIONS]
@@ -215,6 +214,21 @@ def _translate(body: OllamaRequest) -> tuple[dict[str, Any], RunOptions, list[st
         keep_alive=parse_keep_alive(body.keep_alive),
     )
     return fields, options, ignored
+
+
+def _thinking(state: AppState, body: OllamaRequest, fields: dict[str, Any]) -> None:
+    """``think``: the template's thinking switch (``true``/``false``) or effort (``"low"``
+    ...); a 400, as Ollama answers, for a model without thinking."""
+    if body.think is None:
+        return
+    if not getattr(state.tokenizer, "has_thinking", False):
+        if body.think is False:
+            return
+        raise APIError(400, f"{body.model!r} does not support thinking", param="think")
+    if isinstance(body.think, str):
+        fields["reasoning_effort"] = body.think
+    else:
+        fields["chat_template_kwargs"] = {"enable_thinking": body.think}
 
 
 def _contract(cls: type[BaseModel], data: dict[str, Any]) -> Any:
@@ -280,6 +294,7 @@ async def ollama_chat(
     if not body.messages:
         return _loaded(state, body.model, True, options.keep_alive)
     fields["model"] = None
+    _thinking(state, body, fields)
     fields["messages"] = _messages(body)
     if body.tools:
         fields["tools"] = body.tools
@@ -313,6 +328,7 @@ async def ollama_generate(
     else:  # the prompt through the chat template, as Ollama does
         messages = [{"role": "system", "content": body.system}] if body.system else []
         messages.append({"role": "user", "content": body.prompt})
+        _thinking(state, body, fields)
         contract = _contract(ChatCompletionRequest, {**fields, "messages": messages})
         out = await serve_chat(state, request, contract, renderer, options)
     return with_ignored(out, response, ignored + more)
@@ -347,10 +363,14 @@ class OllamaRenderer(Renderer):
     def _base(self, done: bool) -> dict[str, Any]:
         return {"model": self.model, "created_at": _now(), "done": done}
 
-    def _piece(self, text: str, calls: list[ParsedCall]) -> dict[str, Any]:
+    def _piece(
+        self, text: str, calls: list[ParsedCall], reasoning: str | None = None
+    ) -> dict[str, Any]:
         if not self.chat:
-            return {"response": text}
+            return {"response": text, **({"thinking": reasoning} if reasoning else {})}
         message: dict[str, Any] = {"role": "assistant", "content": text}
+        if reasoning:
+            message["thinking"] = reasoning
         if calls:
             message["tool_calls"] = [
                 {"function": {"name": c.name, "arguments": json.loads(c.arguments)}} for c in calls
@@ -381,16 +401,21 @@ class OllamaRenderer(Renderer):
         calls: list[ParsedCall],
         finish: FinishReason,
         logprobs: list[TokenLogprob],
+        reasoning: str | None = None,
     ) -> Any:
-        body = {**self._base(True), **self._piece(content or "", calls)}
+        body = {**self._base(True), **self._piece(content or "", calls, reasoning)}
         return JSONResponse({**body, **self._stats(result, finish)})
 
     def delta(
-        self, text: str | None, calls: list[ParsedCall], logprobs: list[TokenLogprob]
+        self,
+        text: str | None,
+        calls: list[ParsedCall],
+        logprobs: list[TokenLogprob],
+        reasoning: str | None = None,
     ) -> list[bytes]:
-        if not text and not calls:
+        if not text and not calls and not reasoning:
             return []
-        return [self._line({**self._base(False), **self._piece(text or "", calls)})]
+        return [self._line({**self._base(False), **self._piece(text or "", calls, reasoning)})]
 
     def end(self, result: GenerationResult, finish: FinishReason) -> list[bytes]:
         body = {**self._base(True), **self._piece("", []), **self._stats(result, finish)}

@@ -169,14 +169,20 @@ class Renderer:
         calls: list[ParsedCall],
         finish: FinishReason,
         logprobs: list[TokenLogprob],
-    ) -> BaseModel:
+        reasoning: str | None = None,
+    ) -> Any:
+        """The whole answer (``reasoning``: a reasoning model's thinking, split off)."""
         raise NotImplementedError
 
     def start(self) -> list[bytes]:
         return []
 
     def delta(
-        self, text: str | None, calls: list[ParsedCall], logprobs: list[TokenLogprob]
+        self,
+        text: str | None,
+        calls: list[ParsedCall],
+        logprobs: list[TokenLogprob],
+        reasoning: str | None = None,
     ) -> list[bytes]:
         raise NotImplementedError
 
@@ -209,13 +215,16 @@ class OpenAIRenderer(Renderer):
         calls: list[ParsedCall],
         finish: FinishReason,
         logprobs: list[TokenLogprob],
+        reasoning: str | None = None,
     ) -> BaseModel:
         r = self.reply
         lps = None if r.logprobs is None else r.logprobs.render(r.kind, logprobs)
         use = usage(result, r.adapter_version())
         if r.kind == "chat":
             tool_calls = [_tool_call(c) for c in calls] or None
-            message = AssistantMessage(content=content, tool_calls=tool_calls)
+            message = AssistantMessage(
+                content=content, reasoning_content=reasoning, tool_calls=tool_calls
+            )
             choice = ChatChoice(index=0, message=message, finish_reason=finish, logprobs=lps)
             return ChatCompletionResponse(
                 id=r.id, created=r.created, model=r.model, choices=[choice], usage=use
@@ -232,6 +241,7 @@ class OpenAIRenderer(Renderer):
         role: bool = False,
         calls: list[ParsedCall] | None = None,
         logprobs: list[TokenLogprob] | None = None,
+        reasoning: str | None = None,
     ) -> bytes:
         r = self.reply
         lps = self._logprobs(logprobs or [])
@@ -243,7 +253,12 @@ class OpenAIRenderer(Renderer):
                     for i, c in enumerate(calls)
                 ]
                 self.calls += len(calls)
-            delta = ChatDelta(role="assistant" if role else None, content=text, tool_calls=deltas)
+            delta = ChatDelta(
+                role="assistant" if role else None,
+                content=text,
+                reasoning_content=reasoning,
+                tool_calls=deltas,
+            )
             choice = ChatChunkChoice(index=0, delta=delta, finish_reason=finish, logprobs=lps)
             return _sse(
                 ChatCompletionChunk(id=r.id, created=r.created, model=r.model, choices=[choice])
@@ -257,9 +272,13 @@ class OpenAIRenderer(Renderer):
         return [self._chunk("", None, role=True)] if self.reply.kind == "chat" else []
 
     def delta(
-        self, text: str | None, calls: list[ParsedCall], logprobs: list[TokenLogprob]
+        self,
+        text: str | None,
+        calls: list[ParsedCall],
+        logprobs: list[TokenLogprob],
+        reasoning: str | None = None,
     ) -> list[bytes]:
-        return [self._chunk(text, None, calls=calls, logprobs=logprobs)]
+        return [self._chunk(text, None, calls=calls, logprobs=logprobs, reasoning=reasoning)]
 
     def end(self, result: GenerationResult, finish: FinishReason) -> list[bytes]:
         r = self.reply

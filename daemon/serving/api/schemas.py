@@ -263,6 +263,15 @@ class ChatCompletionRequest(GenerationParams):
         None, description="Accepted; a forced call is one call, otherwise the model decides."
     )
     max_completion_tokens: int | None = Field(None, ge=1, description="Alias of max_tokens.")
+    chat_template_kwargs: dict[str, Any] | None = Field(
+        None,
+        description="Passed to the chat template, e.g. {'enable_thinking': false} for Qwen3.",
+    )
+    reasoning_effort: str | None = Field(
+        None,
+        description="Passed to the chat template as reasoning_effort (templates without it "
+        "ignore it).",
+    )
     logprobs: bool | None = Field(
         None,
         description="Return each output token's log-probability: the target's, after the "
@@ -355,6 +364,9 @@ class CompletionLogprobs(BaseModel):
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
+    reasoning_content: str | None = Field(
+        None, description="A reasoning model's thinking (the text of its thinking block)."
+    )
     tool_calls: list[ToolCall] | None = None
 
 
@@ -385,6 +397,7 @@ class ToolCallDelta(BaseModel):
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning_content: str | None = None
     tool_calls: list[ToolCallDelta] | None = None
 
 

@@ -36,6 +36,7 @@ from daemon.core.engine import (
 )
 from daemon.logging import get_logger
 from daemon.serving.api.errors import APIError
+from daemon.serving.api.reasoning import reasoning_stream
 from daemon.serving.api.render import (
     LogprobRenderer,
     OpenAIRenderer,
@@ -153,6 +154,10 @@ class GenerationRun:
         )
         self.handle = AsyncHandle(gen_req, asyncio.get_running_loop())
         self.logprobs = LogprobRenderer(state.tokenizer) if params.logprobs is not None else None
+        # a reasoning model's thinking is split from the answer (chat only)
+        self.reasoning = (
+            reasoning_stream(state.tokenizer, prompt_tokens) if kind == "chat" else None
+        )
         self.renderer = renderer(
             Reply(
                 id=self.id,
@@ -263,14 +268,17 @@ class GenerationRun:
             if self.logprobs is not None:
                 lps = self.logprobs.content(result.logprobs, len(result.text))
             content: str | None = result.text
+            reasoning = None
+            if self.reasoning is not None:
+                reasoning, content = self.reasoning.split(result.text)
             finish = finish_reason(result)
             calls: list[ParsedCall] = []
             if self.tools is not None:
-                content, calls = split_tool_calls(self.state.tokenizer, result.text, self.tools)
+                content, calls = split_tool_calls(self.state.tokenizer, content or "", self.tools)
                 if calls:
                     content = content or None
                     finish = "tool_calls" if finish == "stop" else finish
-            return self.renderer.complete(result, content, calls, finish, lps)
+            return self.renderer.complete(result, content, calls, finish, lps, reasoning or None)
 
     # --- streaming -----------------------------------------------------------------------
 
@@ -281,11 +289,29 @@ class GenerationRun:
             return []
         return self.logprobs.content(chunk.logprobs)
 
-    def _delta(
-        self, text: str | None, calls: list[ParsedCall], lps: list[TokenLogprob]
+    def _pieces(
+        self,
+        text: str,
+        tools: ToolStream | None,
+        lps: list[TokenLogprob],
+        final: bool = False,
     ) -> list[bytes]:
+        """A streamed piece of text through the splitters (thinking, then tool calls), as the
+        renderer's deltas; ``final``: what they held back."""
+        reasoning = ""
+        if self.reasoning is not None:
+            r, text = self.reasoning.finish() if final else self.reasoning.feed(text)
+            reasoning += r
+        calls: list[ParsedCall] = []
+        if tools is not None:
+            text, calls = tools.feed(text) if text else ("", [])
+            if final:
+                more, last = tools.finish()
+                text, calls = text + more, calls + last
+        if not (text or calls or reasoning or lps):
+            return []
         self.calls += len(calls)
-        return self.renderer.delta(text, calls, lps)
+        return self.renderer.delta(text or None, calls, lps, reasoning or None)
 
     async def stream(self, first: Event | Literal["waiting"]) -> AsyncIterator[bytes]:
         finished = False
@@ -321,21 +347,12 @@ class GenerationRun:
                     return
                 if isinstance(ev, GenerationChunk):
                     self._note_chunk(ev)
-                    lps = self._logprobs_of(ev)
-                    if ev.text and tools is not None:
-                        text, calls = tools.feed(ev.text)
-                        if text or calls:
-                            for part in self._delta(text or None, calls, []):
-                                yield part
-                    elif ev.text or lps:
-                        for part in self._delta(ev.text, [], lps):
-                            yield part
+                    for part in self._pieces(ev.text, tools, self._logprobs_of(ev)):
+                        yield part
                 else:
-                    if tools is not None and ev.result is not None:
-                        text, calls = tools.finish()
-                        if text or calls:
-                            for part in self._delta(text or None, calls, []):
-                                yield part
+                    if ev.result is not None:  # what the splitters held back
+                        for part in self._pieces("", tools, [], final=True):
+                            yield part
                     if ev.result is None or ev.result.finish_reason == "cancelled":
                         # an error after the stream started, or the server stopped it
                         msg = str(ev.error) if ev.error is not None else STOPPED
