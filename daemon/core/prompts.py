@@ -117,3 +117,41 @@ def encode_prompt(
         return [int(t) for t in ids]
     text = "\n".join(str(m.get("content", "")) for m in messages)
     return [int(t) for t in tokenizer.encode(text)]
+
+
+# --------------------------------------------------------------------------------------------
+# Fill-in-the-middle: the code before and after a cursor, in the model's own FIM tokens
+
+# (prefix, suffix, middle) markers of the code models' formats, all prefix-suffix-middle
+FIM_STYLES = (
+    ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"),  # Qwen2.5-Coder
+    ("<fim_prefix>", "<fim_suffix>", "<fim_middle>"),  # StarCoder, StarCoder2, SantaCoder
+    ("<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>"),  # DeepSeek-Coder
+    ("<PRE>", "<SUF>", "<MID>"),  # CodeLlama
+)
+
+
+def fim_tokens(tokenizer: Any) -> tuple[int, int, int] | None:
+    """The ids of the model's fill-in-the-middle markers (None: it has none)."""
+    vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
+    for style in FIM_STYLES:
+        ids = [vocab.get(marker) for marker in style]
+        if all(i is not None for i in ids):
+            return ids[0], ids[1], ids[2]  # type: ignore[return-value]
+    return None
+
+
+def encode_fim(tokenizer: Any, prefix: str, suffix: str) -> list[int]:
+    """``<prefix marker> prefix <suffix marker> suffix <middle marker>``: the model writes
+    what goes between (the code at the cursor). Raises ValueError without FIM markers."""
+    markers = fim_tokens(tokenizer)
+    if markers is None:
+        raise ValueError("the model has no fill-in-the-middle tokens")
+    pre, suf, mid = markers
+
+    def enc(text: str) -> list[int]:
+        return [int(t) for t in tokenizer.encode(text, add_special_tokens=False)] if text else []
+
+    bos = getattr(tokenizer, "bos_token_id", None)
+    starts = [bos] if bos is not None and tokenizer.encode("x")[:1] == [bos] else []
+    return [*starts, pre, *enc(prefix), suf, *enc(suffix), mid]

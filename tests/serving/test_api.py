@@ -606,6 +606,7 @@ BAD_REQUESTS = [
     ("completions", {"prompt": list(range(5, 605))}, 400, "context_length_exceeded"),
     ("completions", {"prompt": "x", "echo": True}, 400, "unsupported"),
     ("completions", {"prompt": "x", "best_of": 3}, 400, "unsupported"),
+    ("completions", {"prompt": "x", "suffix": "y"}, 400, "unsupported"),  # no FIM tokens
     ("completions", {}, 400, None),
     ("completions", b'{"prompt": "\\ud800"}', 400, "invalid_value"),  # lone surrogate
     ("chat", b'{"messages": [{"role": "user", "content": "\\udfff"}]}', 400, None),

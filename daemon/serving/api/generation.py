@@ -23,7 +23,7 @@ from starlette.concurrency import run_in_threadpool
 
 from daemon.core.constraints import Constraint
 from daemon.core.engine import SamplingParams
-from daemon.core.prompts import encode_prompt, prompt_text
+from daemon.core.prompts import encode_fim, encode_prompt, fim_tokens, prompt_text
 from daemon.errors import GenerationError
 from daemon.logging import get_logger
 from daemon.serving.api.errors import APIError
@@ -418,8 +418,15 @@ async def serve_completion(
         raise _unsupported("echo", "echo")
     if body.best_of is not None and body.best_of > 1:
         raise _unsupported("best_of", "best_of > 1")
-    if body.suffix:
-        raise _unsupported("suffix", "suffix")
+    fim = bool(body.suffix)
+    if fim and fim_tokens(state.tokenizer) is None:
+        raise APIError(
+            400,
+            f"suffix (fill-in-the-middle) needs a model with FIM tokens; {state.model_id!r} "
+            "has none.",
+            param="suffix",
+            code="unsupported",
+        )
     params = _sampling(state, body, body.max_tokens, "max_tokens", body.logprobs)
     prompt = body.prompt
     if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
@@ -432,7 +439,17 @@ async def serve_completion(
             )
         prompt = prompt[0]
     tok = state.tokenizer
-    if isinstance(prompt, str):
+    if fim:
+        if not isinstance(prompt, str):
+            raise APIError(400, "suffix needs a text prompt.", param="prompt", code="invalid_value")
+        text = prompt
+        try:
+            tokens = await run_in_threadpool(encode_fim, tok, prompt, body.suffix or "")
+        except Exception as e:  # e.g. lone surrogates the tokenizer cannot take
+            raise APIError(
+                400, f"Cannot tokenize the prompt: {e}", param="prompt", code="invalid_value"
+            ) from None
+    elif isinstance(prompt, str):
         text = prompt
         try:
             tokens = [int(t) for t in await run_in_threadpool(tok.encode, prompt)]

@@ -10,8 +10,8 @@ default). ``options`` map onto the same controls (``num_predict``, ``temperature
 ``format`` (``"json"`` or a JSON schema) is the same constrained decoding; ``keep_alive``
 sets how long the models stay loaded after the request. Unknown fields and options are
 ignored and named in the ``X-Specd-Ignored-Fields`` header; ``think`` switches a reasoning
-model's thinking (``message.thinking`` holds it); ``images``, a custom ``template`` and
-``suffix`` are refused by name. Errors are Ollama's
+model's thinking (``message.thinking`` holds it); ``suffix`` is fill-in-the-middle (models with
+FIM tokens); ``images`` and a custom ``template`` are refused by name. Errors are Ollama's
 ``{"error": message}``.
 """
 
@@ -316,14 +316,15 @@ async def ollama_generate(
         raise _refuse("images", "images")
     if body.template:
         raise _refuse("template", "A request's own template")
-    if body.suffix:
-        raise _refuse("suffix", "suffix (fill-in-the-middle)")
     if not body.prompt:
         return _loaded(state, body.model, False, options.keep_alive)
     fields["model"] = None
     renderer = _renderer(body.model, False)
-    if body.raw:
-        contract = _contract(CompletionRequest, {**fields, "prompt": body.prompt})
+    if body.raw or body.suffix:  # fill-in-the-middle is a raw prompt in the FIM tokens
+        data = {**fields, "prompt": body.prompt}
+        if body.suffix:
+            data["suffix"] = body.suffix
+        contract = _contract(CompletionRequest, data)
         out = await serve_completion(state, request, contract, renderer, options)
     else:  # the prompt through the chat template, as Ollama does
         messages = [{"role": "system", "content": body.system}] if body.system else []

@@ -294,7 +294,10 @@ class CompletionRequest(GenerationParams):
         description="Return each output token's log-probability and this many alternatives.",
     )
     best_of: int | None = Field(None, ge=1, description="Only 1 is supported.")
-    suffix: str | None = Field(None, description="Not supported.")
+    suffix: str | None = Field(
+        None,
+        description="Fill-in-the-middle: the text after the cursor (models with FIM tokens).",
+    )
 
 
 class SourceUsage(BaseModel):
