@@ -286,7 +286,13 @@ def build_parser() -> argparse.ArgumentParser:
         "data dir's recorded outputs).",
     )
     _common(q)
-    _prompt_args(q, limit=8, max_tokens=64)
+    _prompt_args(q, limit=8, max_tokens=64, required=False)
+    q.add_argument(
+        "--workload",
+        choices=["autocomplete"],
+        help="instead of --prompts: prompts generated from the installed Python's standard "
+        "library ('autocomplete': code prefixes sent raw, as /v1/completions does)",
+    )
     q.add_argument(
         "--num-draft-tokens",
         type=int,

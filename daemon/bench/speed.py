@@ -12,13 +12,14 @@ import mlx.nn as nn
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from daemon.bench.common import mlx_lm_run, strip_eos, timed
-from daemon.bench.report import print_table, write_json
+from daemon.bench.report import print_table, provenance, write_json
+from daemon.bench.workloads import autocomplete_prompts
 from daemon.config import ConfigSources, Settings, SpeculativeSettings
 from daemon.core.drafting import SuffixIndex
 from daemon.core.engine import GenerationStats, SamplingParams, SpeculativeConfig, SpeculativeEngine
 from daemon.core.models import load_pair
 from daemon.core.prompts import encode_prompt, read_prompts
-from daemon.errors import AdapterError
+from daemon.errors import AdapterError, PromptFileError
 from daemon.store.adapters import AdapterStore, apply_adapter, load_adapter_dir
 from daemon.store.buffer import ReplayBuffer, buffer_path
 
@@ -32,8 +33,10 @@ def bench_speed(
     num_draft_tokens: int,
     speculative: SpeculativeSettings | None = None,
     suffix: SuffixIndex | None = None,
+    raw: bool = False,
 ) -> dict[str, Any]:
-    """Greedy decoding speed of each method on the same prompts (chat template applied).
+    """Greedy decoding speed of each method on the same prompts (chat template applied;
+    ``raw``: string prompts sent as they are, as ``/v1/completions`` does).
 
     Rows: ``target_only`` (mlx-lm ``stream_generate`` without a draft),
     ``mlx_lm_speculative`` (``stream_generate`` with ``draft_model``), ``specd_fixed``
@@ -56,7 +59,10 @@ def bench_speed(
     """
     if not prompts:
         raise ValueError("bench_speed needs at least one prompt")
-    encoded = [encode_prompt(tokenizer, p) for p in prompts]
+    if raw:
+        encoded = [[int(t) for t in tokenizer.encode(str(p))] for p in prompts]
+    else:
+        encoded = [encode_prompt(tokenizer, p) for p in prompts]
     k = int(num_draft_tokens)
     eos = set(tokenizer.eos_token_ids or ())
     greedy = SamplingParams(temperature=0.0, max_tokens=max_tokens)
@@ -188,8 +194,14 @@ def bench_speed(
 
 
 def run(args: argparse.Namespace, settings: Settings, sources: ConfigSources) -> int:
-    """``specd bench speed``: the four rows on the configured pair, optionally with an adapter."""
-    prompts = [p.messages for p in read_prompts(args.prompts, limit=args.limit)]
+    """``specd bench speed``: the rows on the configured pair, optionally with an adapter."""
+    prompts: list[Any]
+    if args.workload == "autocomplete":  # generated here: raw code prefixes
+        prompts = autocomplete_prompts(args.limit)
+    elif args.prompts is None:
+        raise PromptFileError("bench speed needs --prompts FILE or --workload autocomplete")
+    else:
+        prompts = [p.messages for p in read_prompts(args.prompts, limit=args.limit)]
     pair = load_pair(settings)
     k = args.num_draft_tokens or settings.speculative.num_draft_tokens
     draft, adapter = pair.draft, "none"
@@ -202,8 +214,10 @@ def run(args: argparse.Namespace, settings: Settings, sources: ConfigSources) ->
         draft, adapter = apply_adapter(pair.fresh_draft, version), f"v{version.version}"
     elif args.adapter is not None:
         draft, adapter = load_adapter_dir(pair.fresh_draft, args.adapter), str(args.adapter)
+    meta = provenance()  # at the start: the commit that ran
     print(
-        f"bench speed: {len(prompts)} prompts, max_tokens={args.max_tokens}, k={k}, "
+        f"bench speed: {len(prompts)} prompts ({args.workload or args.prompts}), "
+        f"max_tokens={args.max_tokens}, k={k}, "
         f"target={pair.target_id}, draft={pair.draft_id}, adapter={adapter}"
     )
     # the suffix source drafts from the data dir's recorded outputs, as the daemon would
@@ -221,7 +235,10 @@ def run(args: argparse.Namespace, settings: Settings, sources: ConfigSources) ->
         k,
         speculative=settings.speculative,
         suffix=suffix,
+        raw=args.workload == "autocomplete",
     )
+    result["provenance"] = meta
+    result["workload"] = args.workload or str(args.prompts)
     rows = {k: v for k, v in result.items() if isinstance(v, dict) and "tokens_per_s" in v}
     print_table(
         rows,
