@@ -342,6 +342,8 @@ def _vocab_size(model: nn.Module) -> int:
 
 def _logsumexp(row: np.ndarray) -> float:
     m = float(row.max())
+    if not math.isfinite(m):  # a row masked everywhere (a grammar outside a pruned head)
+        return m
     return m + math.log(float(np.exp(row - m).sum(dtype=np.float64)))
 
 
@@ -626,7 +628,10 @@ class SpeculativeEngine:
                     rej.top_ids, rej.top_logprobs = _top_logprobs(np.asarray(t_rows)[row], n_top)
                 if d_row is not None:
                     d = np.asarray(d_row)
-                    rej.draft_prob = float(np.exp(d[rej.draft_token] - _logsumexp(d)))
+                    total = _logsumexp(d)
+                    rej.draft_prob = (
+                        float(np.exp(d[rej.draft_token] - total)) if total > -math.inf else 0.0
+                    )
             st.pending.clear()
 
         def drafter_features(start: int, hidden: mx.array) -> None:

@@ -561,3 +561,22 @@ def test_generation_stats_accumulate_sums_counts_and_positions() -> None:
     )
     assert total.accepted_per_position == [3, 1] and total.drafted_per_position == [3, 3]
     assert total.acceptance_rate == 4 / 6 and total.mean_accepted_length == 1 + 4 / 3
+
+
+def test_autocomplete_workload_is_generated_and_benched_raw(
+    tiny_tokenizer, tiny_target, tiny_draft
+):
+    """The workload comes from the installed standard library, the same on every run; bench
+    speed sends it raw (no chat template)."""
+    from daemon.bench.speed import bench_speed
+    from daemon.bench.workloads import autocomplete_prompts
+
+    prompts = autocomplete_prompts(3)
+    assert prompts == autocomplete_prompts(3) and len(set(prompts)) == 3
+    assert all(300 <= len(p) and not p.endswith("\n") for p in prompts)  # mid-line
+    short = [p[-60:] for p in prompts]
+    out = bench_speed(
+        tiny_target, tiny_draft, tiny_tokenizer, short, max_tokens=8, num_draft_tokens=3, raw=True
+    )
+    assert out["target_only"]["tokens"] > 0 and out["specd_adaptive"]["identical_to_target"]
+    assert out["num_prompts"] == 3
