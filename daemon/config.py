@@ -113,6 +113,13 @@ class ServerSettings(_Section):
         "fields are ignored, logged once and named in the X-Specd-Ignored-Fields header.",
     )
     shutdown_timeout: float = Field(30.0, ge=0, description="Seconds to finish in-flight work.")
+    request_timeout_seconds: float | None = Field(
+        600.0,
+        gt=0,
+        description="A request that hears nothing from the worker (no token, no answer) for "
+        "this long, queued or running, is stopped with an error (504): the last line of "
+        "defence against a hang; null: never.",
+    )
     cors_origins: list[str] = Field(
         default_factory=list,
         description="Browser origins allowed to call the API (CORS), e.g. "

@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import pytest
 
 from daemon.store.buffer import ReplayBuffer
 from tests.helpers import HANG_GUARD_S, start_daemon, stop_daemon, wait_for_event, write_model_dir
@@ -67,6 +68,9 @@ def one_request(url: str, i: int) -> tuple[str, int, str | None]:
         return kind, r.status_code, r.json()["choices"][0]["text"] if r.status_code == 200 else None
 
 
+@pytest.mark.skipif(
+    not Path("/proc/self/status").exists(), reason="reads resident memory from /proc (Linux)"
+)
 def test_soak_500_mixed_requests(tmp_path: Path) -> None:
     model = write_model_dir(tmp_path / "tiny", WORDS, vocab_size=40, seed=5)
     proc = start_daemon(

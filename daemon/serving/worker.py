@@ -182,6 +182,8 @@ class GenerationWorker:
         self._jobs: deque[Callable[[], None]] = deque()
         self._lone: _Lone | None = None
         self._batched: dict[int, _Started] = {}
+        # every started request until its final event, by request id: what a failure ends
+        self._running: dict[int, _Started] = {}
         self._stopping = False
         # idle unload (models.keep_alive_seconds; the last request's own keep_alive first)
         self.keep_alive = keep_alive
@@ -328,15 +330,23 @@ class GenerationWorker:
         return False
 
     def _fail_running(self, error: Exception) -> None:
-        """End every started request with ``error`` and start over with an empty batch."""
-        running = list(self._batched.values())
-        if self._lone is not None:
-            running.append(self._lone.started)
-            self._lone.gen.close()
-        self._lone = None
+        """End every started request with ``error`` and start over with an empty batch.
+
+        ``_running`` holds every request from its start to its final event, wherever it is
+        (alone, in the batch, or between the two in a hand-over that raised), so none is left
+        without an answer."""
+        lone, self._lone = self._lone, None
         self._batched.clear()
-        self.batch = BatchDecoder(self.engine, self.batch.max_batch)
-        for started in running:
+        if lone is not None:
+            try:
+                lone.gen.close()
+            except Exception:  # its own failure: the request still gets the error below
+                log.exception("generation_close_failed", request_id=lone.started.handle.request.id)
+        try:
+            self.batch = BatchDecoder(self.engine, self.batch.max_batch)
+        except Exception:  # noqa: BLE001 - the next batch is made when one is needed
+            log.exception("batch_reset_failed")
+        for started in list(self._running.values()):
             self._end(started.handle, Done(None, error=error, queue_s=started.queue_s))
 
     def _wait_for(self) -> float | None:
@@ -436,6 +446,7 @@ class GenerationWorker:
             return None
         if self.adapter_version is not None:
             req.adapter_version = self.adapter_version()
+        self._running[req.id] = started
         return started
 
     def _start_lone(self, handle: RequestHandle) -> None:
@@ -448,6 +459,10 @@ class GenerationWorker:
                 req.prompt_tokens, req.params, started.result, req.constraint
             )
         except GenerationError as e:
+            self._end(handle, Done(None, error=e, queue_s=started.queue_s))
+            return
+        except Exception as e:  # a bug or an MLX failure: this request's error, not a hang
+            log.exception("generation_failed", request_id=req.id)
             self._end(handle, Done(None, error=e, queue_s=started.queue_s))
             return
         self._lone = _Lone(started, gen)
@@ -589,6 +604,7 @@ class GenerationWorker:
                 log.exception("on_finished_failed", request_id=req.id)
 
     def _end(self, handle: RequestHandle, done: Done) -> None:
+        self._running.pop(handle.request.id, None)
         handle.emit(done)
         with self._lock:
             self._live.discard(handle)

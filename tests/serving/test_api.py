@@ -13,7 +13,6 @@ import re
 import signal
 import stat
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -683,8 +682,11 @@ def test_unknown_fields_are_ignored_and_named_in_a_header(served: Server, log_fi
         return [x for x in read_log(log_file) if x.get("event") == "unknown_field_ignored"]
 
     wait_until(lambda: len(logged()) >= len(named) + 1, "unknown fields logged")
-    httpx.post(served.url + "/v1/chat/completions", json=body)  # seen already: not again
-    time.sleep(0.2)
+    again = httpx.post(served.url + "/v1/chat/completions", json=body).json()["id"]
+    # its request_finished line comes after any unknown_field_ignored line it would have made
+    wait_until(
+        lambda: any(x.get("request_id") == again for x in read_log(log_file)), "request logged"
+    )
     fields = [(x["endpoint"], x["field"]) for x in logged()]
     assert len(fields) == len(set(fields)) == len(named) + 1
     assert ("/v1/chat/completions", "frobnicate") in fields
@@ -1323,8 +1325,8 @@ def test_a_queued_stream_gets_headers_and_keep_alives(
     t.start()
     try:
         assert got_headers.wait(HANG_GUARD_S)  # headers while the worker is still blocked
-        wait_until(lambda: any(x.startswith(":") for x in lines) or t.is_alive(), "a comment")
-        time.sleep(0.4)  # a few keep-alive periods before the worker is freed
+        # a keep-alive comment arrives while the worker is still blocked
+        wait_until(lambda: any(x.startswith(":") for x in lines), "a keep-alive comment")
     finally:
         gate.set()
     t.join(HANG_GUARD_S)
@@ -1391,3 +1393,30 @@ def test_collect_goes_through_the_running_daemon(served: Server) -> None:
     records = list(buf.iter_records())[before:]
     assert [r.prompt_text for r in records] == ["Hello world", "the cat"]
     assert summary.pending_failures is not None
+
+
+def test_a_request_that_hears_nothing_times_out(served: Server) -> None:
+    """server.request_timeout_seconds: the last line of defence against a hang. The worker is
+    held busy (a job between requests) longer than the limit: the request ends with a 504,
+    or with an error event when streamed, and is cancelled; the server goes on."""
+    settings = served.settings.server
+    old = settings.request_timeout_seconds
+    settings.request_timeout_seconds = 0.5
+    release = threading.Event()
+    try:
+        served.worker.call_between_requests(lambda: release.wait(HANG_GUARD_S))
+        r = httpx.post(f"{served.url}/v1/completions", json={"prompt": "x", "max_tokens": 2})
+        assert_error(r, 504, "request_timeout")
+        with httpx.stream(
+            "POST",
+            f"{served.url}/v1/completions",
+            json={"prompt": "x", "max_tokens": 2, "stream": True},
+        ) as s:
+            events = sse_events(list(s.iter_lines()))
+        assert events[-1] == "[DONE]" and "error" in events[-2]
+    finally:
+        release.set()
+        settings.request_timeout_seconds = old
+    wait_until(lambda: served.app_state.in_flight == 0, "requests ended")
+    r = httpx.post(f"{served.url}/v1/completions", json={"prompt": "x", "max_tokens": 2})
+    assert r.status_code == 200

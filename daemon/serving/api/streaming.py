@@ -77,6 +77,16 @@ STOPPED = "The generation was stopped before it finished: the server is shutting
 KEEPALIVE_S = 5.0
 
 
+class RequestTimeoutError(Exception):
+    """No event for ``server.request_timeout_seconds``: the request is ended."""
+
+    def __init__(self, seconds: float | None) -> None:
+        super().__init__(
+            f"The request heard nothing from the generation worker for {seconds} s "
+            "(server.request_timeout_seconds) and was stopped."
+        )
+
+
 class AsyncHandle(RequestHandle):
     """A request handle whose events land in an ``asyncio.Queue`` on ``loop``."""
 
@@ -218,6 +228,9 @@ class GenerationRun:
         if isinstance(err, GenerationError):
             self.info.error = str(err)
             raise APIError(400, str(err), code="invalid_value")
+        if isinstance(err, RequestTimeoutError):
+            self.info.error = str(err)
+            raise APIError(504, str(err), type="server_error", code="request_timeout")
         if err is not None:
             self.info.error = repr(err)
             raise APIError(
@@ -240,9 +253,20 @@ class GenerationRun:
         return ev
 
     async def _event(self) -> Event | None:
-        ev = await self.handle.next_event(self.request)
-        assert ev != "waiting"  # without a deadline it never is
+        """The next event; a `Done` with `RequestTimeoutError` (the request cancelled) when
+        none came within ``server.request_timeout_seconds`` of the last."""
+        limit = self.state.settings.server.request_timeout_seconds
+        ev = await self.handle.next_event(self.request, limit)
+        if ev == "waiting":
+            return self._timed_out(limit)
         return ev
+
+    def _timed_out(self, limit: float | None) -> Done:
+        """The last line of defence: a request that hears nothing for so long is ended, so
+        that no client waits forever whatever went wrong inside."""
+        self.handle.cancel()
+        log.error("request_timeout", request_id=self.id, seconds=limit)
+        return Done(None, error=RequestTimeoutError(limit))
 
     # --- non-streaming -------------------------------------------------------------------
 
@@ -320,10 +344,15 @@ class GenerationRun:
             ev: Event | None
             if first == "waiting":  # queued or prefilling: keep the connection alive
                 keepalive = renderer.keepalive
+                limit = self.state.settings.server.request_timeout_seconds
+                deadline = None if limit is None else time.monotonic() + limit
                 if keepalive is not None:
                     yield keepalive
                 waited = await self.handle.next_event(self.request, KEEPALIVE_S)
                 while waited == "waiting":
+                    if deadline is not None and time.monotonic() >= deadline:
+                        waited = self._timed_out(limit)
+                        break
                     if keepalive is not None:
                         yield keepalive
                     waited = await self.handle.next_event(self.request, KEEPALIVE_S)
