@@ -78,6 +78,13 @@ class GenerationRequest:
     id: int = field(default_factory=lambda: next(_ids))
     enqueued: float = field(default_factory=time.monotonic)
 
+    @property
+    def log_id(self) -> str | int:
+        """The id log lines carry: the API's (``chatcmpl-...``) when it came by HTTP, so a
+        request can be followed from the gate through the worker; the worker's own else."""
+        api_id = self.meta.get("id")
+        return api_id if isinstance(api_id, str) and api_id else self.id
+
 
 @dataclass
 class Done:
@@ -341,7 +348,9 @@ class GenerationWorker:
             try:
                 lone.gen.close()
             except Exception:  # its own failure: the request still gets the error below
-                log.exception("generation_close_failed", request_id=lone.started.handle.request.id)
+                log.exception(
+                    "generation_close_failed", request_id=lone.started.handle.request.log_id
+                )
         try:
             self.batch = BatchDecoder(self.engine, self.batch.max_batch)
         except Exception:  # noqa: BLE001 - the next batch is made when one is needed
@@ -462,7 +471,7 @@ class GenerationWorker:
             self._end(handle, Done(None, error=e, queue_s=started.queue_s))
             return
         except Exception as e:  # a bug or an MLX failure: this request's error, not a hang
-            log.exception("generation_failed", request_id=req.id)
+            log.exception("generation_failed", request_id=req.log_id)
             self._end(handle, Done(None, error=e, queue_s=started.queue_s))
             return
         self._lone = _Lone(started, gen)
@@ -483,7 +492,7 @@ class GenerationWorker:
             self._end(handle, Done(None, error=e, queue_s=started.queue_s))
             return
         except Exception as e:  # a bug or an MLX failure must not kill the worker thread
-            log.exception("generation_failed", request_id=req.id)
+            log.exception("generation_failed", request_id=req.log_id)
             self._end(handle, Done(None, error=e, queue_s=started.queue_s))
             return
         handle.emit(first)
@@ -558,7 +567,7 @@ class GenerationWorker:
             return
         except Exception as e:  # a bug or an MLX failure must not kill the worker thread
             self._lone = None
-            log.exception("generation_failed", request_id=handle.request.id)
+            log.exception("generation_failed", request_id=handle.request.log_id)
             self._end(handle, Done(None, error=e, queue_s=lone.started.queue_s))
             return
         self._lone = None
@@ -569,7 +578,8 @@ class GenerationWorker:
             chunks = self.batch.step()
         except Exception as e:  # every member fails with it; the worker goes on
             log.exception(
-                "batch_step_failed", requests=[s.handle.request.id for s in self._batched.values()]
+                "batch_step_failed",
+                requests=[s.handle.request.log_id for s in self._batched.values()],
             )
             self._fail_running(e)
             return
@@ -592,7 +602,7 @@ class GenerationWorker:
             try:
                 recorded = self.record(req, result)
             except Exception:  # a full or closed buffer must not fail the response
-                log.exception("record_failed", request_id=req.id)
+                log.exception("record_failed", request_id=req.log_id)
         self._end(
             started.handle,
             Done(result, queue_s=started.queue_s, total_s=total_s, recorded=recorded),
@@ -601,7 +611,7 @@ class GenerationWorker:
             try:
                 self.on_finished(req, result, started.queue_s, total_s)
             except Exception:
-                log.exception("on_finished_failed", request_id=req.id)
+                log.exception("on_finished_failed", request_id=req.log_id)
 
     def _end(self, handle: RequestHandle, done: Done) -> None:
         self._running.pop(handle.request.id, None)

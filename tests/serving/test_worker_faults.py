@@ -152,3 +152,23 @@ def once_then(first: Callable[..., Any], then: Callable[..., Any]) -> Callable[.
         return (first if len(calls) == 1 else then)(*args, **kwargs)
 
     return wrapper
+
+
+def test_the_worker_logs_the_api_request_id(worker, prompts, monkeypatch) -> None:
+    """A request that came by HTTP is followed through the worker's log lines by the API's
+    id (``chatcmpl-...``), not the worker's counter."""
+    from structlog.testing import capture_logs
+
+    from daemon.core.engine import SamplingParams
+    from daemon.serving.worker import GenerationRequest
+
+    monkeypatch.setattr(SpeculativeEngine, "generate", once(SpeculativeEngine.generate))
+    request = GenerationRequest(
+        list(prompts[0]), SamplingParams(max_tokens=4), meta={"id": "chatcmpl-abc"}
+    )
+    handle = BlockingHandle(request)
+    with capture_logs() as logs:
+        worker.submit(handle)
+        assert isinstance(outcome(handle), Boom)
+    failed = [e for e in logs if e["event"] == "generation_failed"]
+    assert failed and failed[0]["request_id"] == "chatcmpl-abc"

@@ -22,6 +22,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Literal
 
+import structlog
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel
@@ -153,6 +154,8 @@ class GenerationRun:
         self.info = info if isinstance(info, RequestInfo) else RequestInfo(time.monotonic(), "")
         self.id = ("chatcmpl-" if kind == "chat" else "cmpl-") + secrets.token_hex(12)
         self.info.request_id = self.id
+        # every log line of this request's task carries its id (structlog's contextvars)
+        structlog.contextvars.bind_contextvars(request_id=self.id)
         self.info.prompt_tokens = len(prompt_tokens)
         gen_req = GenerationRequest(
             prompt_tokens=prompt_tokens,
