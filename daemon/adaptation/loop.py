@@ -42,6 +42,7 @@ from daemon.store.runs import (
     GateDecision,
     RunMetrics,
     TrainingResult,
+    prune_runs,
     read_progress,
     read_result,
 )
@@ -498,6 +499,7 @@ class AdaptationLoop:
             self.counts.failed += 1
             log.error("train_run_failed", run_id=run_id, error=decision.reason)
             self.last_run = finished
+            self._prune_runs(run_id)
             return
         version = store_candidate(self.store, result, decision, self.settings, reason)
         finished.adapter_version = version.version if version else None
@@ -527,6 +529,17 @@ class AdaptationLoop:
                 reason=decision.reason,
             )
         self.last_run = finished
+        self._prune_runs(run_id)
+
+    def _prune_runs(self, finished: str) -> None:
+        """Run directories follow the adapter store's retention (its kept versions' runs, and
+        as many of the newest runs besides), so the data dir does not grow for ever."""
+        kept = {str(v.manifest.get("run_id")) for v in self.store.versions()}
+        active = self.active.run_id if self.active is not None else None
+        try:
+            prune_runs(self.data_dir / "training", kept, self.store.keep, active)
+        except OSError:  # a run left behind is harmless; the next finish tries again
+            log.exception("training_runs_prune_failed", run_id=finished)
 
     # --- versions and reports --------------------------------------------------------------
 

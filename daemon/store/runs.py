@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -381,3 +382,26 @@ class FinishedRun:
             gate=GateDecision.from_dict(data),
             adapter_version=data.get("adapter_version"),
         )
+
+
+def prune_runs(
+    runs_dir: Path, kept_runs: set[str], recent: int, active: str | None = None
+) -> list[str]:
+    """Delete run directories the data dir no longer needs: a run stays while a stored adapter
+    version came from it (``kept_runs``: their manifests' ``run_id``; the version's files are a
+    copy, the run keeps its logs), while it is among the ``recent`` newest (the last rejected
+    or failed runs, to read why) or while it runs (``active``). Returns what was deleted."""
+    if not runs_dir.is_dir():
+        return []
+    # run ids start with their start time (YYYYmmdd-HHMMSS-...): name order is age order
+    runs = sorted(p for p in runs_dir.iterdir() if p.is_dir())
+    keep = {p.name for p in runs[-recent:]} if recent > 0 else set()
+    removed = []
+    for p in runs:
+        if p.name in keep or p.name in kept_runs or p.name == active:
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(p.name)
+    if removed:
+        log.info("training_runs_pruned", removed=len(removed), kept=len(runs) - len(removed))
+    return removed

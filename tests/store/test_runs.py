@@ -201,3 +201,20 @@ def test_gate_decision_and_finished_run_round_trip() -> None:
     )
     assert refused.to_dict()["adapter_version"] == 3 and refused.to_dict()["improvement"] == 0.1
     assert FinishedRun.from_dict(refused.to_dict()) == refused
+
+
+def test_run_directories_follow_the_adapter_retention(tmp_path: Path) -> None:
+    """A run stays while a stored version came from it, while it is among the newest, or
+    while it runs; the others go, logs and all."""
+    from daemon.store.runs import prune_runs
+
+    runs = tmp_path / "training"
+    names = [f"20261204-10{i:02d}00-abc{i:03d}" for i in range(10)]
+    for name in names:
+        (runs / name).mkdir(parents=True)
+        (runs / name / "train.log").write_text("log")
+    removed = prune_runs(runs, kept_runs={names[1], names[4]}, recent=3, active=names[0])
+    left = sorted(p.name for p in runs.iterdir())
+    assert left == sorted([names[0], names[1], names[4], *names[-3:]])
+    assert sorted(removed) == sorted(set(names) - set(left))
+    assert prune_runs(tmp_path / "none", set(), 3) == []
