@@ -217,11 +217,12 @@ class BatchDecoder:
         last = min(rest.size, engine.config.prefill_step_size)
         engine._prefill(engine.target, cache, rest[:-last], clear=False)
         logits = last_logits(engine.target, rest[-last:][None], cache)[None]
-        logits = apply_processors(logits_processors(params), prompt, logits)
-        processors = self._processors(params, constraint, len(prompt) + 1)
-        for p in processors:
-            if isinstance(p, _Processor):
-                logits = p.mask(logits)
+        request_processors = logits_processors(params)
+        logits = apply_processors(request_processors, prompt, logits)
+        masking = self._masking(constraint, len(prompt) + 1)
+        for p in masking:
+            logits = p.mask(logits)
+        processors = [*request_processors, *masking]
         sampler = _greedy if params.temperature == 0 else _Sampler(params)
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         token = cast(int, sampler(logprobs).item())

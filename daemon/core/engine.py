@@ -92,7 +92,7 @@ from daemon.core.heads import output_head
 from daemon.core.output import TextStream
 from daemon.core.policy import SpeculationPolicy
 from daemon.core.prompt_cache import PromptCache
-from daemon.core.records import GenerationStats, Rejection, TokenLogprob
+from daemon.core.records import GenerationStats, Rejection, TokenLogprob, top_ids
 from daemon.core.rounds import RequestState, run_round
 from daemon.core.sampling import history_size, logits_processors
 from daemon.errors import GenerationError
@@ -349,9 +349,7 @@ def _logsumexp(row: np.ndarray) -> float:
 
 def _top_logprobs(row: np.ndarray, k: int) -> tuple[list[int], list[float]]:
     """Top-``k`` ids and log-probabilities of one raw logits row, most likely first."""
-    k = min(k, row.size)
-    ids = np.argpartition(row, row.size - k)[row.size - k :]
-    ids = ids[np.argsort(-row[ids], kind="stable")]
+    ids = top_ids(row, k)
     return ids.tolist(), (row[ids].astype(np.float64) - _logsumexp(row)).tolist()
 
 

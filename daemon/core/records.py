@@ -39,6 +39,13 @@ class TokenLogprob:
     top: list[tuple[int, float]] = field(default_factory=list)
 
 
+def top_ids(row: np.ndarray, k: int) -> np.ndarray:
+    """The ids of the ``k`` largest values of ``row``, largest first (ties in id order)."""
+    k = min(k, row.size)
+    ids = np.argpartition(row, row.size - k)[row.size - k :]
+    return ids[np.argsort(-row[ids], kind="stable")]
+
+
 def token_logprobs(rows: Any, tokens: list[int], n: int) -> list[TokenLogprob]:
     """`TokenLogprob` of ``tokens[i]`` from log-probability row ``i`` (a float32 array the
     host can read: numpy or an evaluated MLX array)."""
@@ -46,12 +53,7 @@ def token_logprobs(rows: Any, tokens: list[int], n: int) -> list[TokenLogprob]:
     out = []
     for i, t in enumerate(tokens):
         row = arr[i]
-        top: list[tuple[int, float]] = []
-        if n:
-            k = min(n, row.size)
-            ids = np.argpartition(row, row.size - k)[row.size - k :]
-            ids = ids[np.argsort(-row[ids], kind="stable")]
-            top = [(int(j), float(row[j])) for j in ids]
+        top = [(int(j), float(row[j])) for j in top_ids(row, n)] if n else []
         out.append(TokenLogprob(int(t), float(row[t]), top))
     return out
 

@@ -192,3 +192,7 @@ def test_tool_round_trip_shapes(tmp_path: Path) -> None:
     assert parsed.message.tool_calls[0].function.arguments == {"city": "Oslo"}
     (line,) = renderer.delta(None, [call], [])
     assert ollama.ChatResponse.model_validate_json(line).message.tool_calls
+    # arguments a parser passed through as text that is not a JSON object: {} (not a 500)
+    odd = ParsedCall(name="get_weather", arguments="Oslo please", id="c2")
+    out = renderer.complete(GenerationResult(), "", [odd], "tool_calls", [])
+    assert json.loads(out.body)["message"]["tool_calls"][0]["function"]["arguments"] == {}

@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from daemon.core.engine import GenerationResult, TokenLogprob
 from daemon.serving.api.errors import APIError
@@ -32,8 +32,10 @@ from daemon.serving.api.generation import (
     chat_prompt,
     chat_tools,
     check_model,
+    contract,
     serve_chat,
     unknown_request_fields,
+    unsupported,
     with_ignored,
 )
 from daemon.serving.api.render import Renderer, Reply
@@ -122,14 +124,10 @@ def _text(blocks: str | list[dict[str, Any]], where: str) -> str:
         if kind == "text" and isinstance(b.get("text"), str):
             parts.append(b["text"])
         elif kind in REFUSED_BLOCKS:
-            raise _refuse(f"{where}.{j}", REFUSED_BLOCKS[kind])
+            raise unsupported(f"{where}.{j}", REFUSED_BLOCKS[kind])
         elif kind not in DROPPED_BLOCKS:
             raise APIError(400, f"{where}.{j}: expected a text block.", param=f"{where}.{j}")
     return "\n".join(parts)
-
-
-def _refuse(param: str, what: str) -> APIError:
-    return APIError(400, f"{what} is not supported by specd.", param=param, code="unsupported")
 
 
 def _messages(body: MessagesBase) -> list[dict[str, Any]]:
@@ -201,15 +199,6 @@ def _tool_fields(body: MessagesBase) -> dict[str, Any]:
     return fields
 
 
-def _contract(data: dict[str, Any]) -> ChatCompletionRequest:
-    try:
-        return ChatCompletionRequest.model_validate(data)
-    except ValidationError as e:
-        first = e.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise APIError(400, f"{where}: {first['msg']}", param=where) from None
-
-
 @anthropic_router.post(
     MESSAGES_PATH, summary="Messages (Anthropic-compatible)", responses=RESPONSES
 )
@@ -219,7 +208,7 @@ async def messages(
     ignored = unknown_request_fields(state, MESSAGES_PATH, body)
     check_model(state, body.model)
     if body.thinking and body.thinking.get("type") == "enabled":
-        raise _refuse("thinking", "Extended thinking")
+        raise unsupported("thinking", "Extended thinking")
     fields: dict[str, Any] = {
         "messages": _messages(body),
         "max_tokens": body.max_tokens,
@@ -237,7 +226,7 @@ async def messages(
     if stops:
         fields["stop"] = stops
     renderer = _renderer(body.model, stops, state.tokenizer)
-    out = await serve_chat(state, request, _contract(fields), renderer)
+    out = await serve_chat(state, request, contract(ChatCompletionRequest, fields), renderer)
     return with_ignored(out, response, ignored)
 
 
@@ -248,8 +237,8 @@ async def messages(
 )
 async def count_tokens(body: MessagesBase, state: State) -> dict[str, int]:
     check_model(state, body.model)
-    contract = _contract({"messages": _messages(body), **_tool_fields(body)})
-    _, tokens = await chat_prompt(state, contract, chat_tools(state, contract))
+    internal = contract(ChatCompletionRequest, {"messages": _messages(body), **_tool_fields(body)})
+    _, tokens = await chat_prompt(state, internal, chat_tools(state, internal))
     return {"input_tokens": len(tokens)}
 
 
@@ -398,8 +387,4 @@ class AnthropicRenderer(Renderer):
 
 
 def _tool_use(call: ParsedCall) -> dict[str, Any]:
-    try:
-        arguments = json.loads(call.arguments)
-    except ValueError:
-        arguments = {}
-    return {"type": "tool_use", "id": call.id, "name": call.name, "input": arguments}
+    return {"type": "tool_use", "id": call.id, "name": call.name, "input": call.arguments_object()}

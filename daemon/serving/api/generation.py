@@ -13,12 +13,12 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal, cast
+from typing import Any, Literal, TypeVar, cast
 from urllib.parse import quote
 
 from fastapi import Request
 from fastapi.responses import Response
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from daemon.core.constraints import Constraint
@@ -45,13 +45,17 @@ __all__ = [
     "chat_prompt",
     "chat_tools",
     "check_model",
+    "contract",
     "serve_chat",
     "serve_completion",
     "unknown_request_fields",
+    "unsupported",
     "with_ignored",
 ]
 
 log = get_logger("api")
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
 
 
 @dataclass
@@ -111,8 +115,20 @@ def with_ignored(out: Response | BaseModel, response: Response, names: list[str]
     return out
 
 
-def _unsupported(param: str, what: str) -> APIError:
+def unsupported(param: str, what: str) -> APIError:
+    """The 400 for a field specd knows but cannot honour (a refusal, never a silent drop)."""
     return APIError(400, f"{what} is not supported by specd.", param=param, code="unsupported")
+
+
+def contract(cls: type[ModelT], data: dict[str, Any]) -> ModelT:
+    """Another API's request translated into the internal contract (``cls``, an OpenAI
+    request model); what it refuses is a 400 naming the field."""
+    try:
+        return cls.model_validate(data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise APIError(400, f"{where}: {first['msg']}", param=where) from None
 
 
 def _constraint(state: AppState, body: GenerationParams) -> Constraint | None:
@@ -154,7 +170,7 @@ def _sampling(
 ) -> SamplingParams:
     s = state.settings
     if body.n is not None and body.n > 1:
-        raise _unsupported("n", "n > 1 (several choices)")
+        raise unsupported("n", "n > 1 (several choices)")
     # more than the server's cap or the context allows is answered up to that bound (the
     # engine stops at the context end, finish_reason "length"), as other servers do
     limit = s.server.max_tokens_limit
@@ -415,9 +431,9 @@ async def serve_completion(
     """A completion request (raw prompt text or token ids), as `serve_chat`."""
     check_model(state, body.model)
     if body.echo:
-        raise _unsupported("echo", "echo")
+        raise unsupported("echo", "echo")
     if body.best_of is not None and body.best_of > 1:
-        raise _unsupported("best_of", "best_of > 1")
+        raise unsupported("best_of", "best_of > 1")
     fim = bool(body.suffix)
     if fim and fim_tokens(state.tokenizer) is None:
         raise APIError(

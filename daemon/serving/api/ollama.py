@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 
 from daemon import __version__
 from daemon.core.engine import GenerationResult, TokenLogprob
@@ -33,9 +33,11 @@ from daemon.serving.api.errors import APIError
 from daemon.serving.api.generation import (
     RunOptions,
     check_model,
+    contract,
     serve_chat,
     serve_completion,
     unknown_request_fields,
+    unsupported,
     with_ignored,
 )
 from daemon.serving.api.render import Renderer, Reply
@@ -175,10 +177,6 @@ def parse_keep_alive(value: str | float | None) -> float | None:
     return math.inf if seconds < 0 else seconds
 
 
-def _refuse(param: str, what: str) -> APIError:
-    return APIError(400, f"{what} is not supported by specd.", param=param, code="unsupported")
-
-
 def _translate(body: OllamaRequest) -> tuple[dict[str, Any], RunOptions, list[str]]:
     """The OpenAI request fields, the run options and the ignored option names."""
     fields: dict[str, Any] = {"model": body.model or None, "stream": body.stream}
@@ -231,21 +229,11 @@ def _thinking(state: AppState, body: OllamaRequest, fields: dict[str, Any]) -> N
         fields["chat_template_kwargs"] = {"enable_thinking": body.think}
 
 
-def _contract(cls: type[BaseModel], data: dict[str, Any]) -> Any:
-    """The internal request; what it refuses is a 400 naming the field."""
-    try:
-        return cls.model_validate(data)
-    except ValidationError as e:
-        first = e.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise APIError(400, f"{where}: {first['msg']}", param=where) from None
-
-
 def _messages(body: OllamaChatRequest) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     for i, m in enumerate(body.messages):
         if m.images:
-            raise _refuse(f"messages.{i}.images", "images")
+            raise unsupported(f"messages.{i}.images", "images")
         msg: dict[str, Any] = {"role": m.role, "content": m.content}
         if m.tool_calls:
             msg["tool_calls"] = [
@@ -288,7 +276,7 @@ def _loaded(state: AppState, model: str, chat: bool, keep_alive: float | None) -
 async def ollama_chat(
     body: OllamaChatRequest, request: Request, response: Response, state: State
 ) -> Any:
-    ignored = _ignored(state, OLLAMA_CHAT_PATH, body)
+    ignored = unknown_request_fields(state, OLLAMA_CHAT_PATH, body)
     fields, options, more = _translate(body)
     check_model(state, _model_id(body.model))
     if not body.messages:
@@ -298,8 +286,8 @@ async def ollama_chat(
     fields["messages"] = _messages(body)
     if body.tools:
         fields["tools"] = body.tools
-    contract = _contract(ChatCompletionRequest, fields)
-    out = await serve_chat(state, request, contract, _renderer(body.model, True), options)
+    internal = contract(ChatCompletionRequest, fields)
+    out = await serve_chat(state, request, internal, _renderer(body.model, True), options)
     return with_ignored(out, response, ignored + more)
 
 
@@ -309,13 +297,13 @@ async def ollama_chat(
 async def ollama_generate(
     body: OllamaGenerateRequest, request: Request, response: Response, state: State
 ) -> Any:
-    ignored = _ignored(state, OLLAMA_GENERATE_PATH, body)
+    ignored = unknown_request_fields(state, OLLAMA_GENERATE_PATH, body)
     fields, options, more = _translate(body)
     check_model(state, _model_id(body.model))
     if body.images:
-        raise _refuse("images", "images")
+        raise unsupported("images", "images")
     if body.template:
-        raise _refuse("template", "A request's own template")
+        raise unsupported("template", "A request's own template")
     if not body.prompt:
         return _loaded(state, body.model, False, options.keep_alive)
     fields["model"] = None
@@ -324,19 +312,15 @@ async def ollama_generate(
         data = {**fields, "prompt": body.prompt}
         if body.suffix:
             data["suffix"] = body.suffix
-        contract = _contract(CompletionRequest, data)
-        out = await serve_completion(state, request, contract, renderer, options)
+        raw = contract(CompletionRequest, data)
+        out = await serve_completion(state, request, raw, renderer, options)
     else:  # the prompt through the chat template, as Ollama does
         messages = [{"role": "system", "content": body.system}] if body.system else []
         messages.append({"role": "user", "content": body.prompt})
         _thinking(state, body, fields)
-        contract = _contract(ChatCompletionRequest, {**fields, "messages": messages})
-        out = await serve_chat(state, request, contract, renderer, options)
+        internal = contract(ChatCompletionRequest, {**fields, "messages": messages})
+        out = await serve_chat(state, request, internal, renderer, options)
     return with_ignored(out, response, ignored + more)
-
-
-def _ignored(state: AppState, endpoint: str, body: BaseModel) -> list[str]:
-    return unknown_request_fields(state, endpoint, body)
 
 
 def _model_id(name: str) -> str | None:
@@ -374,7 +358,7 @@ class OllamaRenderer(Renderer):
             message["thinking"] = reasoning
         if calls:
             message["tool_calls"] = [
-                {"function": {"name": c.name, "arguments": json.loads(c.arguments)}} for c in calls
+                {"function": {"name": c.name, "arguments": c.arguments_object()}} for c in calls
             ]
         return {"message": message}
 

@@ -34,6 +34,15 @@ class ParsedCall:
     arguments: str  # JSON text, as OpenAI sends it
     id: str
 
+    def arguments_object(self) -> dict[str, Any]:
+        """The arguments as an object, as Ollama and Anthropic send them ({} when the model
+        wrote text that is not a JSON object: the parser passes a string through as is)."""
+        try:
+            value = json.loads(self.arguments)
+        except ValueError:
+            return {}
+        return value if isinstance(value, dict) else {}
+
 
 def _parse(tokenizer: Any, text: str, tools: list[dict[str, Any]] | None) -> ParsedCall | None:
     try:
