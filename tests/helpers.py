@@ -327,3 +327,28 @@ def tiny_pair(target: nn.Module, draft: nn.Module, tokenizer: Any, target_id: st
         dtype="float32",
         dequantized=False,
     )
+
+
+def pair_from_dir(path: Path, target_id: str, **model: Any) -> ModelPair:
+    """A tiny llama saved next to the tokenizer already in ``path`` (sized to its vocabulary,
+    ``model`` passed to `make_tiny_llama`), loaded back through mlx-lm's tokenizer (which
+    infers tool and thinking markers from it), as a `ModelPair` with a perturbed draft."""
+    from mlx_lm.tokenizer_utils import load as load_tokenizer
+
+    from daemon.core.models import ModelPair
+
+    tok = load_tokenizer(Path(path))
+    target = make_tiny_llama(len(tok._tokenizer), seed=0, **model)
+    save_model(path, target)
+    save_config({k: v for k, v in vars(target.args).items() if v is not None}, path / "config.json")
+    return ModelPair(
+        target=target,
+        draft=perturbed_copy(target, seed=1, noise=0.2),
+        tokenizer=tok,
+        target_id=target_id,
+        draft_id="tiny-draft",
+        target_path=str(path),
+        draft_kind="model",
+        dtype="float32",
+        dequantized=False,
+    )

@@ -6,19 +6,15 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
-from mlx_lm.tokenizer_utils import load as load_tokenizer
-from mlx_lm.utils import save_config, save_model
 from transformers import PreTrainedTokenizerFast
 
 from daemon.core.engine import SamplingParams
-from daemon.core.models import ModelPair
 from daemon.core.prompts import encode_fim, fim_tokens
 from daemon.server import Server
-from tests.helpers import HANG_GUARD_S, make_tiny_llama, perturbed_copy, start_server, stop_server
+from tests.helpers import HANG_GUARD_S, pair_from_dir, start_server, stop_server
 
 FIM = ["<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"]
 PREFIX = "def add(a, b):\n    "
@@ -32,21 +28,7 @@ def served(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer) -> Iterator
     hf = PreTrainedTokenizerFast.from_pretrained(path)  # a copy: the session's stays as it is
     hf.add_special_tokens({"additional_special_tokens": FIM})
     hf.save_pretrained(path)
-    tok = load_tokenizer(Path(path))
-    target = make_tiny_llama(len(tok._tokenizer), seed=0)
-    save_model(path, target)
-    save_config({k: v for k, v in vars(target.args).items() if v is not None}, path / "config.json")
-    pair = ModelPair(
-        target=target,
-        draft=perturbed_copy(target, seed=1, noise=0.2),
-        tokenizer=tok,
-        target_id="tiny-coder",
-        draft_id="tiny-draft",
-        target_path=str(path),
-        draft_kind="model",
-        dtype="float32",
-        dequantized=False,
-    )
+    pair = pair_from_dir(path, "tiny-coder")
     srv, thread = start_server(tmp_path_factory.mktemp("fim") / "data", pair)
     yield srv
     stop_server(srv, thread)

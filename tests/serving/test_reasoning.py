@@ -7,19 +7,16 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
-from mlx_lm.tokenizer_utils import load as load_tokenizer
-from mlx_lm.utils import save_config, save_model
 from transformers import PreTrainedTokenizerFast
 
 from daemon.core.models import ModelPair
 from daemon.server import Server
 from daemon.serving.api.reasoning import ReasoningStream
-from tests.helpers import HANG_GUARD_S, make_tiny_llama, perturbed_copy, start_server, stop_server
+from tests.helpers import HANG_GUARD_S, pair_from_dir, start_server, stop_server
 
 QWEN3_TEMPLATE = (
     "{%- for message in messages %}"
@@ -44,22 +41,9 @@ def thinking_pair(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer) -> M
     config["chat_template"] = QWEN3_TEMPLATE
     config_file.write_text(json.dumps(config))
     (path / "chat_template.jinja").unlink(missing_ok=True)
-    tok = load_tokenizer(Path(path))
-    assert tok.has_thinking and tok.think_start == "<think>"
-    target = make_tiny_llama(len(tok._tokenizer), seed=0)
-    save_model(path, target)
-    save_config({k: v for k, v in vars(target.args).items() if v is not None}, path / "config.json")
-    return ModelPair(
-        target=target,
-        draft=perturbed_copy(target, seed=1, noise=0.2),
-        tokenizer=tok,
-        target_id="tiny-think",
-        draft_id="tiny-draft",
-        target_path=str(path),
-        draft_kind="model",
-        dtype="float32",
-        dequantized=False,
-    )
+    pair = pair_from_dir(path, "tiny-think")
+    assert pair.tokenizer.has_thinking and pair.tokenizer.think_start == "<think>"
+    return pair
 
 
 @pytest.fixture(scope="module")

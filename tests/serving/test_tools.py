@@ -10,15 +10,13 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from mlx_lm.tokenizer_utils import load as load_tokenizer
-from mlx_lm.utils import save_config, save_model
 
 from daemon.core.models import ModelPair
 from daemon.server import Server
 from daemon.serving.api.tools import ToolStream, split_tool_calls
 from tests.helpers import (
     HANG_GUARD_S,
-    make_tiny_llama,
+    pair_from_dir,
     perturbed_copy,
     start_server,
     stop_server,
@@ -86,22 +84,10 @@ def tool_pair(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer) -> Model
     config["chat_template"] = QWEN_TEMPLATE
     config_file.write_text(json.dumps(config))
     (path / "chat_template.jinja").unlink(missing_ok=True)  # newer transformers keep it there
-    target = make_tiny_llama(len(tiny_tokenizer), seed=0, max_position_embeddings=4096)
-    save_model(path, target)
-    save_config({k: v for k, v in vars(target.args).items() if v is not None}, path / "config.json")
-    tok = load_tokenizer(Path(path))
+    pair = pair_from_dir(path, "tiny-tools", max_position_embeddings=4096)
+    tok = pair.tokenizer
     assert tok.has_tool_calling and tok.tool_call_start == "<tool_call>"
-    return ModelPair(
-        target=target,
-        draft=perturbed_copy(target, seed=1, noise=0.2),
-        tokenizer=tok,
-        target_id="tiny-tools",
-        draft_id="tiny-draft",
-        target_path=str(path),
-        draft_kind="model",
-        dtype="float32",
-        dequantized=False,
-    )
+    return pair
 
 
 @pytest.fixture(scope="module")
