@@ -88,6 +88,14 @@ class RequestTimeoutError(Exception):
         )
 
 
+def _until(deadline: float | None) -> float:
+    """The next keep-alive wait, cut short by the request's deadline (a limit shorter than
+    the keep-alive interval must still end the request on time)."""
+    if deadline is None:
+        return KEEPALIVE_S
+    return max(0.0, min(KEEPALIVE_S, deadline - time.monotonic()))
+
+
 class AsyncHandle(RequestHandle):
     """A request handle whose events land in an ``asyncio.Queue`` on ``loop``."""
 
@@ -351,14 +359,14 @@ class GenerationRun:
                 deadline = None if limit is None else time.monotonic() + limit
                 if keepalive is not None:
                     yield keepalive
-                waited = await self.handle.next_event(self.request, KEEPALIVE_S)
+                waited = await self.handle.next_event(self.request, _until(deadline))
                 while waited == "waiting":
                     if deadline is not None and time.monotonic() >= deadline:
                         waited = self._timed_out(limit)
                         break
                     if keepalive is not None:
                         yield keepalive
-                    waited = await self.handle.next_event(self.request, KEEPALIVE_S)
+                    waited = await self.handle.next_event(self.request, _until(deadline))
                 ev = waited
                 if isinstance(ev, Done) and ev.result is None and ev.error is not None:
                     # refused after the stream started: the error as an event, then the end
