@@ -9,6 +9,7 @@ one is reported with the file (or variable) and the key.
 from __future__ import annotations
 
 import contextvars
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -528,3 +529,25 @@ def load_settings(
     finally:
         _FILE_DATA.reset(token)
     return settings, sources
+
+
+# --- a snapshot of the effective settings (for a training child) ---------------------------
+
+# the API key is no business of a training run, and must not land in a file
+_SNAPSHOT_EXCLUDE = {"server": {"api_key"}}
+
+
+def settings_snapshot(settings: Settings) -> str:
+    """``settings`` as JSON, for `read_settings_snapshot`: a child process gets exactly the
+    settings its parent runs with, not what the config files (or the environment) say now."""
+    return settings.model_dump_json(exclude=_SNAPSHOT_EXCLUDE, indent=2) + "\n"
+
+
+def read_settings_snapshot(path: Path | str) -> Settings:
+    """The settings `settings_snapshot` wrote; neither files nor environment are read."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        # model_validate, not Settings(...): the constructor would merge the environment
+        return Settings.model_validate(data)
+    except (OSError, ValueError) as e:  # ValidationError is a ValueError
+        raise ConfigError(f"{path}: not a settings snapshot: {e}") from None

@@ -288,16 +288,18 @@ class Server:
         from daemon.adaptation.loop import AdaptationLoop
 
         assert self.service is not None, "the service starts first"
-        adaptation = self.adaptation = AdaptationLoop(self.service, self.sources.main_file)
+        adaptation = self.adaptation = AdaptationLoop(self.service)
         adaptation.start()
         self.status_providers.append(lambda: {"training": adaptation.status()})
 
     def _start_reloader(self) -> None:
         from daemon.serving.reload import ConfigReloader
 
-        self.reloader = ConfigReloader(
+        self.reloader = reloader = ConfigReloader(
             self.config_file, self.overrides, self.settings, self.apply_settings
         )
+        # keys the files changed that wait for a restart (the running values stay in force)
+        self.status_providers.append(lambda: {"pending_restart": list(reloader.pending_restart)})
         try:
             self.reloader.start()
         except OSError as e:  # e.g. inotify limits: SIGHUP still reloads

@@ -82,6 +82,9 @@ def test_drop_ins_apply_live(daemon) -> None:
     assert rec["changed"] == ["logging.level", "server.port"]
     assert rec["applied"] == ["logging.level"]
     assert wait_events(log, "config_needs_restart", 1)[-1]["keys"] == ["server.port"]
+    # the running value stays in force until a restart, and /status says one is pending
+    status = httpx.get(f"{url}/status", timeout=HANG_GUARD_S).json()
+    assert status["pending_restart"] == ["server.port"]
 
     bad = conf_d / "30-bad.yaml"
     bad.write_text("sampling:\n  max_tokens: many\n")  # invalid: old settings stay

@@ -30,14 +30,16 @@ from typing import Any, Protocol
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from daemon.adaptation.process import TrainingArgs, start_training_process
-from daemon.config import Settings
+from daemon.config import Settings, settings_snapshot
 from daemon.core.speed import StepCosts, compare
+from daemon.durable import atomic_write
 from daemon.errors import AdapterError
 from daemon.logging import get_logger
 from daemon.store.adapters import AdapterStore, AdapterVersion, config_hash
 from daemon.store.buffer import BufferRecord, ReplayBuffer
 from daemon.store.runs import (
     RESULT_FILE,
+    SETTINGS_FILE,
     FinishedRun,
     GateDecision,
     RunMetrics,
@@ -188,7 +190,6 @@ def store_candidate(
 
 def spawn_run(
     settings: Settings,
-    config_file: Path | None,
     run_dir: Path,
     current: AdapterVersion | None,
     epochs: int | None,
@@ -201,12 +202,17 @@ def spawn_run(
 ) -> subprocess.Popen[Any]:
     """Start the training subprocess for one run in ``run_dir`` (its name is the run id),
     continuing from ``current``; ``popen_kwargs`` go to `subprocess.Popen`. ``draft_only``:
-    the daemon serves a target split across ranks (`TrainingArgs.draft_only`)."""
+    the daemon serves a target split across ranks (`TrainingArgs.draft_only`).
+
+    The child reads ``settings`` (``run_dir/settings.json``), not the config files: after a
+    live edit of a key that waits for a restart (``models.*``, ``paths.*``) the files name
+    another model or directory than the one served, and the run must train the served one."""
+    snapshot = run_dir / SETTINGS_FILE
+    atomic_write(snapshot, lambda p: p.write_text(settings_snapshot(settings), encoding="utf-8"))
     args = TrainingArgs(
         out_dir=run_dir / "adapter",
         result_file=run_dir / RESULT_FILE,
-        config=config_file,
-        data_dir=settings.paths.data_dir,
+        settings_file=snapshot,
         init_adapter=current.path if current else None,
         run_id=run_dir.name,
         epochs=epochs,
@@ -257,9 +263,8 @@ class LoopSummary:
 class AdaptationLoop:
     """Triggers, supervises and gates training runs for a running service."""
 
-    def __init__(self, service: ServingPort, config_file: Path | None) -> None:
+    def __init__(self, service: ServingPort) -> None:
         self.service = service
-        self.config_file = config_file
         self.data_dir = Path(service.settings.paths.data_dir)
         self.store = AdapterStore.for_data_dir(
             self.data_dir, service.settings.training.keep_adapters
@@ -411,7 +416,6 @@ class AdaptationLoop:
         with (run_dir / "stderr.log").open("wb") as stderr:
             proc = spawn_run(
                 self.settings,
-                self.config_file,
                 run_dir,
                 current,
                 epochs,
@@ -620,7 +624,6 @@ class AdaptationLoop:
 
 def train_and_gate(
     settings: Settings,
-    config_file: Path | None,
     epochs: int | None = None,
     max_steps: int | None = None,
     progress: bool = True,
@@ -633,9 +636,7 @@ def train_and_gate(
     store = AdapterStore.for_data_dir(data_dir, settings.training.keep_adapters)
     run_dir = data_dir / "training" / new_run_id()
     run_dir.mkdir(parents=True, exist_ok=True)
-    proc = spawn_run(
-        settings, config_file, run_dir, store.current(), epochs, max_steps, progress=progress
-    )
+    proc = spawn_run(settings, run_dir, store.current(), epochs, max_steps, progress=progress)
     try:
         proc.wait()
     except KeyboardInterrupt:

@@ -45,6 +45,8 @@ class TrainingArgs:
     out_dir: PathArg
     result_file: PathArg
     config: PathArg | None = None
+    # the parent's effective settings (`settings_snapshot`): wins over config and environment
+    settings_file: PathArg | None = None
     data_dir: PathArg | None = None
     epochs: int | None = None
     max_steps: int | None = None
@@ -63,6 +65,8 @@ def training_command(args: TrainingArgs, python: str | None = None) -> list[str]
     cmd = [python or sys.executable, "-m", MODULE]
     if args.config is not None:
         cmd += ["--config", str(args.config)]
+    if args.settings_file is not None:
+        cmd += ["--settings", str(args.settings_file)]
     if args.data_dir is not None:
         cmd += ["--data-dir", str(args.data_dir)]
     cmd += ["--out", str(args.out_dir), "--result", str(args.result_file)]
@@ -126,6 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
         "process; writes a JSON result file.",
     )
     p.add_argument("--config", type=Path, metavar="PATH", help="main config file")
+    p.add_argument(
+        "--settings",
+        type=Path,
+        metavar="FILE.json",
+        help="the parent's effective settings (config files and environment are not read)",
+    )
     p.add_argument("--data-dir", type=Path, metavar="DIR", help="data dir (buffer, models)")
     p.add_argument("--out", type=Path, required=True, metavar="DIR", help="adapter output dir")
     p.add_argument("--result", type=Path, required=True, metavar="FILE.json", help="result file")
@@ -160,17 +170,20 @@ def main(argv: list[str] | None = None, *, standalone: bool = False) -> int:
     survives. ``standalone`` (the process's own entry point): re-exec once with OpenBLAS
     preloaded if the parent did not, and turn SIGTERM into a clean failure."""
     from daemon.adaptation.run import run_training
-    from daemon.config import load_settings
+    from daemon.config import load_settings, read_settings_snapshot
     from daemon.errors import ConfigError
     from daemon.logging import configure_logging
 
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     try:
-        settings, _ = load_settings(
-            args.config,
-            {"paths.data_dir": str(args.data_dir) if args.data_dir else None},
-        )
+        if args.settings is not None:
+            settings = read_settings_snapshot(args.settings)
+        else:
+            settings, _ = load_settings(
+                args.config,
+                {"paths.data_dir": str(args.data_dir) if args.data_dir else None},
+            )
     except ConfigError as e:
         write_result(args.result, TrainingResult.failure(str(e)))
         print(f"specd train: {e}", file=sys.stderr)

@@ -116,7 +116,6 @@ def _candidate_line(c: dict[str, Any]) -> str:
 
 def bench_adapt(
     settings: Any,
-    config_file: Any,
     train_prompts: Sequence[list[dict[str, Any]]],
     eval_prompts: Sequence[list[dict[str, Any]]],
     max_tokens: int,
@@ -171,7 +170,7 @@ def bench_adapt(
         s.models.keep_alive_seconds = None  # the target is run here, between requests
         service = Service(s, pair)
         service.start()
-        loop = AdaptationLoop(service, config_file)
+        loop = AdaptationLoop(service)
         loop.start()
         try:
 
@@ -258,7 +257,6 @@ def run(args: argparse.Namespace, settings: Settings, sources: ConfigSources) ->
     )
     result = bench_adapt(
         settings,
-        sources.main_file,
         train,
         evals,
         args.max_tokens,

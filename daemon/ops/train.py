@@ -86,7 +86,7 @@ def run_train(args: argparse.Namespace, settings: Settings, sources: ConfigSourc
 
     print("training in a subprocess (no daemon running for this data dir)")
     result, decision, version = train_and_gate(
-        settings, sources.main_file, args.epochs, args.max_steps, progress=not args.quiet
+        settings, args.epochs, args.max_steps, progress=not args.quiet
     )
     m = result.metrics
     if m is not None:

@@ -64,9 +64,32 @@ def needs_restart(key: str) -> bool:
     return any(key == r or (r.endswith(".") and key.startswith(r)) for r in RESTART_KEYS)
 
 
+def freeze(new: Settings, running: Settings, keys: list[str]) -> Settings:
+    """``new`` with the fields behind ``keys`` (dotted, as `settings_diff` gives them) taken
+    from ``running``: what a reload may install while those keys wait for a restart."""
+    sections: dict[str, dict[str, Any]] = {}
+    for key in keys:
+        section, _, rest = key.partition(".")
+        name = rest.split(".", 1)[0]  # a nested key freezes its whole top-level field
+        sections.setdefault(section, {})[name] = getattr(getattr(running, section), name)
+    if not sections:
+        return new
+    update = {
+        section: getattr(new, section).model_copy(update=fields)
+        for section, fields in sections.items()
+    }
+    return new.model_copy(update=update)
+
+
 class ConfigReloader:
     """Rebuilds settings when the config files change (or on `trigger`) and hands valid ones
-    to ``apply(new, changed_keys)``; an invalid result is logged and the old settings stay."""
+    to ``apply(new, changed_keys)``; an invalid result is logged and the old settings stay.
+
+    ``current`` is the *effective* settings: the files' values, except that keys which need a
+    restart keep the value the daemon started with (``pending_restart`` lists those the files
+    have changed), so nothing that reads the settings later (the training run, shutdown's
+    cleanup) follows a model or directory the daemon is not serving. Reloads are serialised:
+    SIGHUP (main thread) and file events (a timer thread) may ask at once."""
 
     def __init__(
         self,
@@ -86,6 +109,8 @@ class ConfigReloader:
         self._observer: Any = None
         self.reloads = 0
         self.rejected = 0  # reloads refused as invalid (the previous settings stayed)
+        self.pending_restart: list[str] = []  # keys the files changed, applied at next start
+        self._reload_lock = threading.Lock()
 
     def start(self) -> None:
         handler = _Handler(self)
@@ -139,6 +164,10 @@ class ConfigReloader:
 
     def reload(self) -> bool:
         """Rebuild and apply the settings now; False if the new ones are invalid."""
+        with self._reload_lock:
+            return self._reload()
+
+    def _reload(self) -> bool:
         # the default main file may not exist (a new user with drop-ins only), as at start;
         # a file named explicitly must
         missing_default = (
@@ -152,16 +181,22 @@ class ConfigReloader:
             self.rejected += 1
             log.error("config_reload_rejected", error=str(e), kept="previous settings")
             return False
-        changed = settings_diff(self.current, new)
         self.reloads += 1
-        if not changed:
-            log.info("config_reloaded", changed=[], sources=sources.describe())
-            return True
-        live = [k for k in changed if not needs_restart(k)]
+        changed = settings_diff(self.current, new)
         restart = [k for k in changed if needs_restart(k)]
-        self.current = new
-        self.apply(new, live)
-        log.info("config_reloaded", changed=changed, applied=live, sources=sources.describe())
+        live = [k for k in changed if not needs_restart(k)]
+        effective = freeze(new, self.current, restart)
+        self.pending_restart = restart
+        if live:
+            self.current = effective
+            self.apply(effective, live)
+        log.info(
+            "config_reloaded",
+            changed=changed,
+            applied=live,
+            pending_restart=restart,
+            sources=sources.describe(),
+        )
         if restart:
             log.warning("config_needs_restart", keys=restart)
         return True

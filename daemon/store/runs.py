@@ -34,6 +34,7 @@ from daemon.logging import get_logger
 log = get_logger("training")
 
 RESULT_FILE = "result.json"  # in a run's directory
+SETTINGS_FILE = "settings.json"  # the settings the run was given (`config.settings_snapshot`)
 
 Status = Literal["ok", "error"]
 Decision = Literal["install", "reject", "error"]

@@ -20,13 +20,14 @@ import pytest
 
 from daemon.adaptation import loop as loop_mod
 from daemon.adaptation.loop import AdaptationLoop, gate
-from daemon.config import Settings, load_settings
+from daemon.config import Settings, load_settings, read_settings_snapshot
 from daemon.core.models import load_pair
 from daemon.errors import AdapterError
 from daemon.serving.service import Service
 from daemon.store.adapters import ADAPTER_WEIGHTS
 from daemon.store.runs import (
     RESULT_FILE,
+    SETTINGS_FILE,
     ExampleCounts,
     HeldoutEval,
     RunMetrics,
@@ -89,7 +90,7 @@ def fill(service: Service, failures: int, holdout: int) -> None:
 def spawn(argv: list[str], started: list[subprocess.Popen[Any]], before=None):
     """A ``spawn_run`` that starts ``python argv`` instead of a training process."""
 
-    def fake_spawn_run(settings, config_file, run_dir, current, epochs, max_steps, **kw):
+    def fake_spawn_run(settings, run_dir, current, epochs, max_steps, **kw):
         if before is not None:
             before(run_dir)
         kw = {k: v for k, v in kw.items() if k not in ("nice", "progress", "draft_only")}
@@ -204,7 +205,7 @@ def test_check_waits_for_holdout_idle_and_cooldown(served, monkeypatch) -> None:
     fill(service, failures=4, holdout=1)
     started: list[subprocess.Popen[Any]] = []
     monkeypatch.setattr(loop_mod, "spawn_run", spawn(["-c", "raise SystemExit(3)"], started))
-    loop = AdaptationLoop(service, cfg)  # not started: checks run when this test says
+    loop = AdaptationLoop(service)  # not started: checks run when this test says
     t = service.settings.training
 
     t.min_holdout_rows = 10_000
@@ -254,7 +255,7 @@ def test_max_run_seconds_stops_the_run_and_serving_goes_on(
     monkeypatch.setattr(loop_mod, "spawn_run", spawn(["-c", code], started))
     monkeypatch.setattr(loop_mod, "TERMINATE_GRACE_S", 1.0)
     service.settings.training.max_run_seconds = 1.0
-    loop = AdaptationLoop(service, cfg)
+    loop = AdaptationLoop(service)
     loop.train_now()
     assert loop.wait_idle(HANG_GUARD_S)
     (proc,) = started
@@ -276,7 +277,7 @@ def test_a_run_below_min_improvement_is_rejected_and_kept(served) -> None:
     fill(service, failures=4, holdout=1)
     service.settings.training.gate = "agreement"
     service.settings.training.min_improvement = 1.0  # no candidate can gain a whole 1.0
-    loop = AdaptationLoop(service, cfg)
+    loop = AdaptationLoop(service)
     run_id = loop.train_now()
     assert loop.wait_idle(HANG_GUARD_S)
     s = loop.summary()
@@ -292,9 +293,16 @@ def test_a_real_run_is_gated_by_expected_speed(served) -> None:
     service, cfg = served
     fill(service, failures=4, holdout=2)
     assert service.settings.training.gate == "speed"
-    loop = AdaptationLoop(service, cfg)
-    loop.train_now()
+    # The config file now names another model (a live edit of a key that waits for a
+    # restart): the run must train the served one, from the settings the daemon runs with.
+    edited = json.loads(cfg.read_text())
+    edited["models"]["target"] = str(cfg.parent / "no-such-model")
+    cfg.write_text(json.dumps(edited))
+    loop = AdaptationLoop(service)
+    run_id = loop.train_now()
     assert loop.wait_idle(HANG_GUARD_S)
+    given = read_settings_snapshot(loop.data_dir / "training" / run_id / SETTINGS_FILE)
+    assert given == service.settings
     s = loop.summary()
     assert s.last_run is not None
     gate = s.last_run.gate
@@ -314,7 +322,7 @@ def test_a_real_run_is_gated_by_expected_speed(served) -> None:
 
 def test_corrupt_or_mismatched_adapters_are_refused_live(served, tmp_path, monkeypatch) -> None:
     service, cfg = served
-    loop = AdaptationLoop(service, cfg)
+    loop = AdaptationLoop(service)
     target = service.pair.target if service.pair else None
     assert target is not None
     good = loop.store.add(make_adapter(tmp_path / "good", target, [0], seed=1), {}, install=True)

@@ -19,6 +19,7 @@ from daemon.errors import ServiceError
 from daemon.ops.install import plan
 from daemon.ops.logview import format_record, parse_since, show_logs
 from daemon.serving import notify
+from daemon.serving import reload as reload_mod
 from daemon.serving.reload import ConfigReloader, needs_restart, settings_diff
 from tests.helpers import HANG_GUARD_S, wait_until
 
@@ -237,6 +238,64 @@ def test_reloader_follows_drop_ins(tmp_path: Path) -> None:
         assert expect(["training.min_failure_cases"]).training.min_failure_cases == 20
     finally:
         r.stop()
+
+
+def test_keys_that_need_a_restart_keep_their_running_values(tmp_path: Path) -> None:
+    """A reload installs the files' live keys only: models.*, paths.* and the rest that wait
+    for a restart keep the values the daemon started with (listed as pending until then), so
+    nothing reading the settings later follows a model or directory it does not serve."""
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(json.dumps({"models": {"target": "/served"}, "sampling": {"max_tokens": 5}}))
+    started, _ = load_settings(cfg)
+    applied: list[tuple[Settings, list[str]]] = []
+    r = ConfigReloader(cfg, {}, started, lambda new, keys: applied.append((new, keys)))
+
+    edit = {"models": {"target": "/other"}, "paths": {"data_dir": str(tmp_path / "elsewhere")}}
+    cfg.write_text(json.dumps({**edit, "sampling": {"max_tokens": 9}}))
+    assert r.reload()
+    new, keys = applied[-1]
+    assert keys == ["sampling.max_tokens"] and new.sampling.max_tokens == 9
+    assert new.models.target == "/served" and new.paths.data_dir == started.paths.data_dir
+    assert r.current == new
+    assert r.pending_restart == ["models.target", "paths.data_dir"]
+
+    # a restart key alone: nothing to apply, still pending; reverted: no longer pending
+    cfg.write_text(json.dumps({**edit, "sampling": {"max_tokens": 9}, "server": {"port": 1}}))
+    assert r.reload() and len(applied) == 1
+    assert r.pending_restart == ["models.target", "paths.data_dir", "server.port"]
+    cfg.write_text(json.dumps({"models": {"target": "/served"}, "sampling": {"max_tokens": 9}}))
+    assert r.reload() and r.pending_restart == [] and len(applied) == 1
+
+
+def test_reloads_are_serialised(tmp_path: Path, monkeypatch) -> None:
+    """SIGHUP (main thread) and a file event (timer thread) can reload at the same moment: one
+    waits for the other, so neither installs settings built against stale ones."""
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text("sampling:\n  max_tokens: 5\n")
+    settings, _ = load_settings(cfg)
+    inside, most = [0], [0]
+    lock = threading.Lock()
+
+    def slow_load(*args, **kwargs):
+        with lock:
+            inside[0] += 1
+            most[0] = max(most[0], inside[0])
+        try:
+            threading.Event().wait(0.3)
+            return load_settings(*args, **kwargs)
+        finally:
+            with lock:
+                inside[0] -= 1
+
+    monkeypatch.setattr(reload_mod, "load_settings", slow_load)
+    r = ConfigReloader(cfg, {}, settings, lambda new, keys: None)
+    cfg.write_text("sampling:\n  max_tokens: 6\n")
+    threads = [threading.Thread(target=r.reload) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(HANG_GUARD_S)
+    assert r.reloads == 2 and most[0] == 1
 
 
 def test_reload_rejects_invalid_and_logs_file_and_key(tmp_path: Path) -> None:

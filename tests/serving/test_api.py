@@ -14,6 +14,7 @@ import signal
 import stat
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -566,6 +567,35 @@ def test_status_and_hooks(served: Server) -> None:
     finally:
         del served.status_providers[-2:]
         served.service.adapter_version = 0
+
+
+def test_status_and_metrics_never_block_the_event_loop(served: Server, monkeypatch) -> None:
+    """/status and /metrics read the buffer, the adapter store and files: while they wait
+    (a slow disk, a big buffer) every other request is still answered."""
+    release = threading.Event()
+    entered: list[str] = []
+
+    def blocked(what: str) -> None:
+        entered.append(what)
+        release.wait(HANG_GUARD_S)
+
+    render = served.metrics.render
+    monkeypatch.setattr(served.metrics, "render", lambda: (blocked("metrics"), render())[1])
+    served.status_providers.append(lambda: (blocked("status"), {})[1])
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            slow = [
+                pool.submit(httpx.get, f"{served.url}{path}", timeout=HANG_GUARD_S)
+                for path in ("/status", "/metrics")
+            ]
+            wait_until(lambda: len(entered) == 2, "both scrapes inside their providers")
+            assert httpx.get(f"{served.url}/health", timeout=2).status_code == 200
+            assert httpx.get(f"{served.url}/v1/models", timeout=2).status_code == 200
+            release.set()
+            assert [f.result().status_code for f in slow] == [200, 200]
+    finally:
+        release.set()
+        served.status_providers.pop()
 
 
 # --------------------------------------------------------------------------------------------

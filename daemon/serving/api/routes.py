@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from collections.abc import Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
@@ -155,14 +156,9 @@ async def health(state: State) -> Response | HealthResponse:
 @daemon_router.get("/status", response_model=StatusResponse, dependencies=AUTH)
 async def status(state: State) -> StatusResponse:
     worker = state.worker
-    extra: dict[str, Any] = {}
-    errors: dict[str, str] = {}
-    for provider in list(state.status_providers):
-        try:
-            extra.update(provider())
-        except Exception as e:  # one broken component must not hide the rest
-            name = getattr(provider, "__qualname__", repr(provider))
-            errors[name] = repr(e)
+    # providers read the buffer, the adapter store and files: on a thread, so that a slow
+    # disk delays this answer only, never the event loop every other request runs on
+    extra, errors = await asyncio.to_thread(_provided, list(state.status_providers))
     for key in [k for k in extra if k in StatusResponse.model_fields]:
         errors[f"key:{key}"] = "reserved key, ignored"
         del extra[key]
@@ -201,6 +197,19 @@ async def status(state: State) -> StatusResponse:
     )
 
 
+def _provided(providers: list[Callable[[], dict[str, Any]]]) -> tuple[dict, dict[str, str]]:
+    """What the status providers add, and the errors of those that failed."""
+    extra: dict[str, Any] = {}
+    errors: dict[str, str] = {}
+    for provider in providers:
+        try:
+            extra.update(provider())
+        except Exception as e:  # one broken component must not hide the rest
+            name = getattr(provider, "__qualname__", repr(provider))
+            errors[name] = repr(e)
+    return extra, errors
+
+
 @daemon_router.get(
     "/metrics",
     response_class=PlainTextResponse,
@@ -208,7 +217,9 @@ async def status(state: State) -> StatusResponse:
     responses={200: {"content": {CONTENT_TYPE: {"schema": {"type": "string"}}}}},
 )
 async def metrics(state: State) -> PlainTextResponse:
-    return PlainTextResponse(state.metrics.render(), media_type=CONTENT_TYPE)
+    # gauges read the buffer and the worker: off the event loop, as /status
+    text = await asyncio.to_thread(state.metrics.render)
+    return PlainTextResponse(text, media_type=CONTENT_TYPE)
 
 
 # --------------------------------------------------------------------------------------------
