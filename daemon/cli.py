@@ -448,6 +448,23 @@ def build_parser() -> argparse.ArgumentParser:
         "default 0)",
     )
     q.set_defaults(func="daemon.bench.draft:run", needs_mlx=True)
+
+    q = bsub.add_parser(
+        "gate",
+        help="how often the speed gate installs a simulated candidate that is no better",
+        description="Simulated held-out rows for candidates as good as the draft in service "
+        "(delta 0) or worse: the share the gate's bootstrap would install, per row count.",
+    )
+    _common(q)
+    q.add_argument("--rows", type=int, nargs="+", default=[3, 5, 10, 20, 40], metavar="N")
+    q.add_argument(
+        "--deltas", type=float, nargs="+", default=[0.0, -0.03], metavar="D",
+        help="candidate agreement minus the served draft's (default: 0 -0.03)",
+    )  # fmt: skip
+    q.add_argument("--trials", type=int, default=400, help="candidates per row (default 400)")
+    q.add_argument("--confidence", type=float, help="default: training.gate_confidence")
+    q.add_argument("--json", type=Path, metavar="OUT", help="also write the results as JSON")
+    q.set_defaults(func="daemon.bench.gate:run", needs_mlx=False)
     return parser
 
 

@@ -277,7 +277,12 @@ class TrainingSettings(_Section):
         description="gate: speed installs when the expected speedup gain's lower bound at "
         "this confidence is above zero.",
     )
-    min_holdout_rows: int = Field(3, ge=1, description="Holdout rows needed before a run.")
+    min_holdout_rows: int = Field(
+        20,
+        ge=1,
+        description="Holdout rows needed before a run, and under the speed gate the fewest "
+        "rows it installs on (its bootstrap bound means little on fewer; `specd bench gate`).",
+    )
     keep_adapters: int = Field(5, ge=1, description="Adapter versions kept in the store.")
     nice: int = Field(10, ge=0, le=19, description="Niceness of the training process.")
     lora: LoraSettings = Field(default_factory=LoraSettings)

@@ -142,11 +142,15 @@ def gate(
     if cfg.gate == "speed" and costs is not None and rows_a and len(rows_a) == len(rows_b):
         c = compare(rows_b, rows_a, costs, cfg.gate_confidence, after_costs=after_costs)
         b, a = c.before, c.after
+        # a bootstrap over a handful of rows has a handful of distinct resamples: its bound
+        # says little, so too few rows never install (the loop waits for enough)
+        enough = c.rows >= cfg.min_holdout_rows
+        evidence = "" if enough else f" < training.min_holdout_rows={cfg.min_holdout_rows}"
         return GateDecision(
-            "install" if c.better else "reject",
+            "install" if c.better and enough else "reject",
             f"expected speedup {b.speedup:.3f}x (k={b.k}) -> {a.speedup:.3f}x (k={a.k}): "
             f"{c.delta:+.3f}, lower bound {c.lower:+.3f} at {c.confidence:.0%} over "
-            f"{c.rows} rows (step costs: {costs.source}); {agreement}",
+            f"{c.rows} rows{evidence} (step costs: {costs.source}); {agreement}",
             heldout_before=before,
             heldout_after=after,
             improvement=improvement,

@@ -132,9 +132,11 @@ def bench_adapt(
     Runs in a private data directory (a fresh buffer and adapter store): eval traffic is never
     recorded; train traffic goes through the service exactly as the daemon serves it, and the
     `AdaptationLoop` trains, gates and swaps as it would, with the configured
-    ``min_failure_cases``. ``heldout_agreement`` is teacher-forced agreement of the draft with
-    the target's greedy answers to the eval prompts. With ``eval_groups`` (a label per eval
-    prompt, e.g. its domain) ``before`` and ``after`` also break the measures down by label.
+    ``min_failure_cases`` (and a holdout share raised, if need be, so that the traffic gives
+    the gate its ``min_holdout_rows``). ``heldout_agreement`` is teacher-forced agreement of
+    the draft with the target's greedy answers to the eval prompts. With ``eval_groups`` (a
+    label per eval prompt, e.g. its domain) ``before`` and ``after`` also break the measures
+    down by label.
 
     After the traffic the target alone is measured again (``target_only_after``), and so is the
     service with the adapter taken out (``after_without_adapter``: the plain draft, with the
@@ -168,6 +170,12 @@ def bench_adapt(
         s.training.check_interval_seconds = 2.0
         s.training.policy = "immediate"
         s.models.keep_alive_seconds = None  # the target is run here, between requests
+        # A daemon collects the gate's holdout rows over hours; this run has its train
+        # prompts only: enough of them go to the holdout for training.min_holdout_rows
+        # (the gate's floor), about 1.5 times as many as it needs.
+        wanted = 1.5 * s.training.min_holdout_rows / max(len(train_prompts), 1)
+        s.buffer.holdout_fraction = min(0.5, max(s.buffer.holdout_fraction, wanted))
+        holdout_fraction = s.buffer.holdout_fraction
         service = Service(s, pair)
         service.start()
         loop = AdaptationLoop(service)
@@ -237,6 +245,7 @@ def bench_adapt(
         "temperature": temperature,
         "train_requests": len(train_prompts),
         "eval_requests": len(eval_prompts),
+        "holdout_fraction": holdout_fraction,
         "wall_s": time.perf_counter() - wall0,
     }
 

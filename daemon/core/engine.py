@@ -371,17 +371,28 @@ class SpeculativeEngine:
         prompt_cache: PromptCache | None = None,
     ) -> None:
         self.target = target
+        self.draft_serial = 0  # which draft this is: bumped by every assignment (a swap)
         self.draft = draft
         self.tokenizer = tokenizer
         self.config = config or SpeculativeConfig()
         self.config.validate()
         self.suffix = suffix  # past outputs to draft from (shared with the buffer's commits)
         self._policy: tuple[SpeculativeConfig, SpeculationPolicy] | None = None
-        self.last_result: GenerationResult | None = None
         self._target_vocab: tuple[nn.Module, int] | None = None
         # KV caches kept across requests; off unless given one with entries
         self.prompt_cache = prompt_cache if prompt_cache is not None else PromptCache(0, 0)
         self.handed_off: HandoffState | None = None  # see Handoff
+
+    @property
+    def draft(self) -> nn.Module:
+        return self._draft
+
+    @draft.setter
+    def draft(self, draft: nn.Module) -> None:
+        # a serial, not id(draft): ids are reused once a swapped-out draft is collected, and
+        # the prompt cache and the policy must never take a new draft for the one they knew
+        self._draft = draft
+        self.draft_serial += 1
 
     # ------------------------------------------------------------------ public API
 
@@ -398,14 +409,14 @@ class SpeculativeEngine:
         target's and the draft's logits are masked to what it allows at each position.
 
         Validation happens here, eagerly: a :class:`GenerationError` is raised by this call,
-        before any cache exists.  ``result`` (or a new :class:`GenerationResult`, also
-        stored as ``self.last_result`` and attached to the final chunk) is filled while the
-        generator runs; stats and rejections are final once the generator is exhausted or
-        closed.  Closing the generator stops generation at the current round.
+        before any cache exists.  ``result`` (or a new :class:`GenerationResult`, attached
+        to the final chunk) is filled while the generator runs; stats and rejections are
+        final once the generator is exhausted or closed.  Closing the generator stops
+        generation at the current round.
         """
         prompt = self._validate(prompt_tokens, params)
         target, draft = self.target, self.draft
-        self.prompt_cache.use_draft(draft)
+        self.prompt_cache.use_draft(self.draft_serial)
         # the longest cached prefix of the prompt (all but its last token, which the first
         # round scores), else fresh caches
         target_cache, t_cached = self.prompt_cache.fetch("target", prompt[:-1])
@@ -422,7 +433,6 @@ class SpeculativeEngine:
                 )
         result = result if result is not None else GenerationResult()
         result.stats.cached_tokens = t_cached
-        self.last_result = result
         return self._generate(
             target, draft, target_cache, draft_cache, prompt, params, result, d_cached, constraint
         )
@@ -441,8 +451,7 @@ class SpeculativeEngine:
         if not state.target_cache or state.target_cache[0].offset >= len(state.seq):
             raise ValueError("a resumed generation needs its last token outside the cache")
         draft = self.draft
-        self.prompt_cache.use_draft(draft)
-        self.last_result = result
+        self.prompt_cache.use_draft(self.draft_serial)
         prompt = state.seq[: state.prompt_tokens]
         return self._generate(
             self.target,
@@ -661,7 +670,7 @@ class SpeculativeEngine:
                 t_gen = time.perf_counter()
                 stats.prompt_time = t_gen - t_start
             if st.policy is not None:
-                st.policy.new_request(id(draft))
+                st.policy.new_request(self.draft_serial)
             while True:
                 new_tokens, new_lps = [], []
                 remaining = min(

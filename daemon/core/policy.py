@@ -94,7 +94,7 @@ class SpeculationPolicy:
         self._one_row_at: dict[int, float] = {}
         self.draft_token_s: float | None = None
         self._since_model = 0
-        self._draft_id: int | None = None
+        self._draft_serial: int | None = None
 
     # --- estimates -------------------------------------------------------------------------
 
@@ -147,10 +147,11 @@ class SpeculationPolicy:
 
     # --- choosing ----------------------------------------------------------------------------
 
-    def new_request(self, draft_id: int) -> None:
-        """Called at each request; a different draft (adapter swap) starts from the prior."""
-        if draft_id != self._draft_id:
-            self._draft_id = draft_id
+    def new_request(self, draft_serial: int) -> None:
+        """Called at each request; a different draft (adapter swap, `draft_serial`) starts
+        from the prior."""
+        if draft_serial != self._draft_serial:
+            self._draft_serial = draft_serial
             self.sources.pop("model", None)
             self.draft_token_s = None
 

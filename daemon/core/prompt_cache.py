@@ -78,10 +78,11 @@ class PromptCache:
         """Drop every entry (the models' memory is being freed)."""
         self._lrus = {w: LRUPromptCache(self.max_entries, self.max_bytes) for w in self._lrus}
 
-    def use_draft(self, draft: object) -> None:
-        """Drop the draft's entries when ``draft`` is not the one that made them."""
-        if id(draft) != self._draft_owner:
-            self._draft_owner = id(draft)
+    def use_draft(self, serial: int) -> None:
+        """Drop the draft's entries when the draft (``SpeculativeEngine.draft_serial``) is not
+        the one that made them."""
+        if serial != self._draft_owner:
+            self._draft_owner = serial
             self._lrus["draft"] = LRUPromptCache(self.max_entries, self.max_bytes)
 
     def fetch(self, which: str, tokens: list[int]) -> tuple[list[Any] | None, int]:

@@ -257,7 +257,7 @@ class Service:
                 result,
                 pair.target_id,
                 pair.draft_id,
-                self.adapter_version,
+                req.adapter_version,  # fixed at its start, as its response says (worker)
             )
         )
 

@@ -16,7 +16,9 @@ and loads them again (``load``) before the next request or job.
 Work that must not overlap a speculative request (swapping the draft's adapter, replacing the
 engine's configuration) is queued with `call_between_requests`; it runs on the worker thread
 when no request is being decoded speculatively (between batch steps too: a batch never uses
-the draft).
+the draft). A request's adapter version is fixed when it starts (``adapter_version``): a
+batched one that started before a swap is not handed back to the speculative path, so it is
+never drafted by a version other than the one its response and its buffer record name.
 """
 
 from __future__ import annotations
@@ -536,6 +538,10 @@ class GenerationWorker:
         ((uid, started),) = self._batched.items()
         req = started.handle.request
         if started.handle.cancelled or not self.batch.releasable(uid, req.params):
+            return
+        if self.adapter_version is not None and self.adapter_version() != req.adapter_version:
+            # the draft was swapped since it started: it ends in the batch (target only), so
+            # that every request is drafted by the version it reports and is recorded under
             return
         del self._batched[uid]
         state = self.batch.release(uid)

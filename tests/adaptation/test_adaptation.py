@@ -342,6 +342,7 @@ def test_bench_adapt_reports_before_and_after(daemon_setup, capsys) -> None:
         "run",
     }
     assert result["train_requests"] == 40 and result["eval_requests"] == 6
+    assert result["holdout_fraction"] == 0.25  # enough for min_holdout_rows=2 already
     # the file names its commit, machine and command
     assert {"commit", "machine", "command"} <= set(result["run"])
     assert result["run"]["machine"]["cpus"] and isinstance(result["run"]["command"], str)

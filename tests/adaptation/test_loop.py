@@ -12,6 +12,7 @@ import json
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -188,12 +189,32 @@ def test_speed_gate_decides_by_expected_tokens_per_second() -> None:
     # agreement went up (0.3 -> 0.4 in the figures) but the rows say no faster: rejected
     flat = gate(run(base, base), s)
     assert flat.decision == "reject" and flat.speed is not None
+    # clearly faster, but on fewer rows than the bootstrap needs: never installed
+    few = gate(run(base[:5], rows(0.7)[:5]), s)
+    assert few.speed is not None and few.speed["lower_bound"] > 0
+    assert few.decision == "reject" and "5 rows < training.min_holdout_rows=20" in few.reason
     # the live engine's costs win over the run's: a draft that costs as much as the target
     dear = StepCosts(1.0, [1.0 + 0.5 * k for k in range(1, 9)], 1.0, source="service")
     slow = gate(run(base, rows(0.45)), s, dear)
     assert slow.decision == "reject" and "step costs: service" in slow.reason
     s.training.gate = "agreement"
     assert gate(run(base, base), s).speed is None
+
+
+def test_the_gate_rarely_installs_a_candidate_that_is_no_better() -> None:
+    """Simulated candidates (`daemon.bench.gate`): on training.min_holdout_rows rows (20) the
+    gate installs one exactly as good about 1 - confidence of the time and a slightly worse
+    one (agreement -0.03) almost never; on 3 rows it would install the worse one often,
+    which is why it needs that many."""
+    from daemon.bench.gate import install_rate
+
+    floor = Settings().training.min_holdout_rows
+    assert floor == 20
+    worse = install_rate(floor, -0.03, trials=150, confidence=0.9, seed=1)
+    equal = install_rate(floor, 0.0, trials=150, confidence=0.9, seed=2)
+    assert worse.rate <= 0.02 and equal.rate <= 0.15, (worse, equal)
+    few = install_rate(3, -0.03, trials=150, confidence=0.9, seed=3)
+    assert few.rate >= 0.04, few  # the bootstrap alone, on 3 rows
 
 
 # --------------------------------------------------------------------------------------------
@@ -314,6 +335,56 @@ def test_a_real_run_is_gated_by_expected_speed(served) -> None:
     assert "by_row" not in kept.manifest["metrics_after"]  # the rows stay in the result file
     listed = loop.list_adapters()["versions"][0]
     assert listed["expected_speedup"] == gate.speed["after"]["speedup"]
+
+
+# --------------------------------------------------------------------------------------------
+# Swaps under concurrent traffic
+
+
+def test_each_request_reports_and_records_the_version_it_started_under(served, tmp_path) -> None:
+    """Four clients while the draft swaps twice: every response's adapter version (what
+    ``usage.speculative.adapter_version`` shows) equals its buffer record's."""
+    from daemon.core.prompts import prompt_text
+    from daemon.serving.worker import BlockingHandle, GenerationRequest
+
+    service, cfg = served
+    loop = AdaptationLoop(service)
+    assert service.pair is not None
+    versions = [
+        loop.store.add(make_adapter(tmp_path / f"a{i}", service.pair.target, [0], i), {}, False)
+        for i in (1, 2)
+    ]
+    served_by: dict[str, int] = {}
+    first = threading.Event()
+
+    def client(c: int) -> None:
+        for i in range(4):
+            messages = [{"role": "user", "content": f"{WORDS[c]} {WORDS[i + 4]} the dog {c}{i}"}]
+            req = GenerationRequest(
+                prompt_tokens=service.encode_messages(messages),
+                params=service.sampling_params(temperature=0.0, max_tokens=12),
+                prompt_text=prompt_text(messages),
+            )
+            handle = BlockingHandle(req)
+            service.submit(handle)
+            handle.result(HANG_GUARD_S)
+            served_by[req.prompt_text] = req.adapter_version
+            first.set()
+
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(4)]
+    for t in threads:
+        t.start()
+    for v in versions:  # swaps while the clients' requests run
+        assert first.wait(HANG_GUARD_S)
+        service.swap_adapter(v).result(HANG_GUARD_S)
+        first.clear()
+    for t in threads:
+        t.join(HANG_GUARD_S)
+    service.flush(HANG_GUARD_S)
+    assert len(served_by) == 16 and set(served_by.values()) >= {0, versions[-1].version}
+    assert service.buffer is not None
+    recorded = {r.prompt_text: r.adapter_version for r in service.buffer.iter_records()}
+    assert {p: recorded[p] for p in served_by} == served_by
 
 
 # --------------------------------------------------------------------------------------------

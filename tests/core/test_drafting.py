@@ -67,7 +67,7 @@ def test_suffix_index_keeps_a_token_budget_and_evicts_the_oldest() -> None:
 
 def test_policy_prefers_what_pays_and_probes_the_model() -> None:
     pol = SpeculationPolicy(max_model_tokens=4, max_proposal_tokens=8)
-    pol.new_request(draft_id=1)
+    pol.new_request(draft_serial=1)
     # A CPU-like cost: each extra verified row costs 40% of a one-row pass; the draft 30%.
     for rows in range(1, 10):
         pol.verify_s[rows] = 1.0 + 0.4 * (rows - 1)
@@ -82,7 +82,7 @@ def test_policy_prefers_what_pays_and_probes_the_model() -> None:
     assert pol.choose(good, remaining=3).k <= 2  # never past the tokens left
     seen = {pol.choose(None, remaining=100).source for _ in range(PROBE_EVERY + 1)}
     assert seen == {"none", "model"}  # a bad draft is still probed now and then
-    pol.new_request(draft_id=2)  # another draft (an adapter swap): its estimates start over
+    pol.new_request(draft_serial=2)  # another draft (an adapter swap): its estimates start over
     assert pol.stats("model").accept[0] == 0.5
 
 

@@ -511,7 +511,6 @@ def test_stats_dict(tiny_tokenizer, tiny_target, tiny_draft):
         assert key in d
     assert d["acceptance_rate"] == pytest.approx(d["accepted"] / d["drafted"])
     assert d["generation_tps"] > 0 and d["prompt_tps"] > 0
-    assert engine.last_result is not None
 
 
 def test_bench_speed(tiny_tokenizer, tiny_target, tiny_draft):

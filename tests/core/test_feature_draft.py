@@ -14,7 +14,13 @@ import pytest
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-from daemon.core.engine import Handoff, SamplingParams, SpeculativeConfig, SpeculativeEngine
+from daemon.core.engine import (
+    GenerationResult,
+    Handoff,
+    SamplingParams,
+    SpeculativeConfig,
+    SpeculativeEngine,
+)
 from daemon.core.feature_draft import FeatureDraft, is_feature_draft, make_feature_draft
 from daemon.core.heads import prune_head
 from daemon.core.prompt_cache import PromptCache
@@ -142,15 +148,14 @@ def test_a_generation_handed_over_and_back_stays_the_targets(tiny_tokenizer, tra
     target, draft, rows, tok = trained
     engine = SpeculativeEngine(target, draft, tok, SpeculativeConfig())
     prompt, params = rows[2][:PROMPT_LEN], SamplingParams(max_tokens=24)
-    gen = engine.generate(prompt, params)
+    result = GenerationResult()
+    gen = engine.generate(prompt, params, result)
     next(gen)  # the prefill's first chunk and one round at most
     next(gen)
     with pytest.raises(StopIteration):
         gen.throw(Handoff())
     state = engine.handed_off
     assert state is not None
-    result = engine.last_result
-    assert result is not None
     for _ in engine.resume(state, params, result):
         pass
     assert result.tokens == greedy(target, prompt, 24)
@@ -181,6 +186,8 @@ def test_sampled_output_is_distributed_as_the_target(feature_models) -> None:
 def test_a_broken_rule_is_caught_with_the_feature_draft(feature_models, monkeypatch) -> None:
     temperature, top_k, top_p = lossless.CONFIGS[0]
     with lossless.broken(monkeypatch, "wrong residual"):
-        samples, _ = lossless.sample(feature_models, temperature, top_k, top_p, strict=False)
+        samples, _ = lossless.sample(
+            feature_models, temperature, top_k, top_p, strict=False, n=lossless.N_SMALL
+        )
     tests = lossless.distribution_tests(feature_models[0], samples, temperature, top_k, top_p)
     assert [t for t in tests if t.rejected], tests

@@ -7,7 +7,12 @@ import pytest
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from daemon.core.drafting import SuffixIndex
-from daemon.core.engine import SamplingParams, SpeculativeConfig, SpeculativeEngine
+from daemon.core.engine import (
+    GenerationResult,
+    SamplingParams,
+    SpeculativeConfig,
+    SpeculativeEngine,
+)
 from daemon.core.prompt_cache import PromptCache
 from tests.helpers import TINY_CORPUS, perturbed_copy
 
@@ -82,6 +87,14 @@ def test_a_new_draft_never_reads_the_old_drafts_entries(pair) -> None:
     ref = SpeculativeEngine(target, engine.draft, tok, SpeculativeConfig(**CFG))
     assert res.tokens == ref.run(prompt + [5, 6], SamplingParams(max_tokens=8)).tokens
 
+    # A swapped-in draft may be a new object at a collected one's address (ids are reused):
+    # the engine tells drafts apart by a serial, so even the same object swapped in anew
+    # starts with no draft entries.
+    assert cache.fetch("draft", prompt + [5, 6])[0] is not None
+    engine.draft = engine.draft
+    engine.prompt_cache.use_draft(engine.draft_serial)
+    assert cache.fetch("draft", prompt + [5, 6])[0] is None
+
 
 def test_bounds_evict_and_zero_turns_it_off(pair) -> None:
     target, draft, tok = pair
@@ -127,11 +140,12 @@ def test_a_long_prefill_stops_between_chunks_when_closed(pair) -> None:
     engine = SpeculativeEngine(target, draft, tok, cfg, prompt_cache=cache)
     prompt = tok.encode(" ".join(TINY_CORPUS[:3]))
     assert len(prompt) > 24
-    gen = engine.generate(prompt, SamplingParams(max_tokens=5))
+    closed = GenerationResult()
+    gen = engine.generate(prompt, SamplingParams(max_tokens=5), closed)
     first = next(gen)  # after the first prefill chunk
     assert first.text == "" and first.tokens == []
     gen.close()
-    assert engine.last_result is not None and engine.last_result.finish_reason == "cancelled"
+    assert closed.finish_reason == "cancelled"
     res = engine.run(prompt, SamplingParams(max_tokens=5))
     assert res.stats.cached_tokens == 8  # the one chunk prefilled before the close
     plain = SpeculativeEngine(target, draft, tok, SpeculativeConfig(**CFG))

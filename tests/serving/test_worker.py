@@ -8,6 +8,7 @@ a batch.
 
 from __future__ import annotations
 
+import itertools
 import json
 import threading
 
@@ -129,6 +130,27 @@ def test_the_last_member_of_a_batch_goes_back_to_speculation(engine, tiny_target
     assert 0 < res.stats.batched_tokens < 64 and res.stats.drafted > 0
     assert res.tokens == reference_greedy(tiny_target, prompts[1], 64)
     assert res.text == lone_text(engine, prompts[1], 64)
+
+
+def test_a_member_that_started_before_a_swap_stays_in_the_batch(engine, tiny_target) -> None:
+    """A request's adapter version is fixed at its start (its response and its buffer record
+    name it): when the draft was swapped while it was batched, it is not handed back to the
+    speculative path, which would draft it with the new version."""
+    prompts = make_prompts(engine.tokenizer, 12)[5:7]
+    asked = itertools.count()
+    # both requests start under version 0; every later look sees version 1 (a swap)
+    worker = make_worker(engine, batch_size=4, adapter_version=lambda: 0 if next(asked) < 2 else 1)
+    short = submit(worker, prompts[0], max_tokens=4)
+    long = submit(worker, prompts[1], max_tokens=64, stop=["\u00ff\u00fe"])
+    worker.start()
+    try:
+        short.result(HANG_GUARD_S)
+        res = long.result(HANG_GUARD_S)
+    finally:
+        assert worker.stop(HANG_GUARD_S)
+    assert long.request.adapter_version == 0
+    assert res.stats.batched_tokens == 64 and res.stats.drafted == 0  # never drafted by v1
+    assert res.tokens == reference_greedy(tiny_target, prompts[1], 64)
 
 
 @pytest.mark.parametrize("then", ["join", "cancel"])
