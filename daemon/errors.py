@@ -50,6 +50,10 @@ class AdapterError(SpecdError):
     """An adapter is missing, corrupt or does not fit the draft; the old one stays in service."""
 
 
+class AdapterNotFoundError(AdapterError):
+    """No stored adapter has the version asked for."""
+
+
 class TrainingError(SpecdError):
     """A training run cannot be done or did not produce a usable adapter."""
 

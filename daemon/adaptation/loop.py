@@ -172,8 +172,10 @@ def store_candidate(
     decision: GateDecision,
     settings: Settings,
     reason: str,
+    point: bool = True,
 ) -> AdapterVersion | None:
-    """Keep the candidate in the store (installed or rejected) with its manifest."""
+    """Keep the candidate in the store (installed or rejected) with its manifest; ``point``:
+    move ``current`` to an installed one now (`AdapterStore.add`)."""
     m = result.metrics
     if decision.decision == "error" or not result.adapter_path or m is None:
         return None
@@ -189,7 +191,8 @@ def store_candidate(
         "config_hash": config_hash(settings.training.model_dump()),
         "draft_head_tokens": m.head_tokens,  # the ids: specd.head_tokens in adapter_config.json
     }
-    return store.add(Path(result.adapter_path), manifest, install=decision.decision == "install")
+    install = decision.decision == "install"
+    return store.add(Path(result.adapter_path), manifest, install=install, point=point)
 
 
 def spawn_run(
@@ -269,6 +272,7 @@ class AdaptationLoop:
 
     def __init__(self, service: ServingPort) -> None:
         self.service = service
+        self._versions_lock = threading.Lock()  # install and rollback: swap, then pointer
         self.data_dir = Path(service.settings.paths.data_dir)
         self.store = AdapterStore.for_data_dir(
             self.data_dir, service.settings.training.keep_adapters
@@ -509,11 +513,13 @@ class AdaptationLoop:
             self.last_run = finished
             self._prune_runs(run_id)
             return
-        version = store_candidate(self.store, result, decision, self.settings, reason)
+        version = store_candidate(self.store, result, decision, self.settings, reason, False)
         finished.adapter_version = version.version if version else None
         if decision.decision == "install" and version is not None:
             try:
-                self.service.swap_adapter(version).result(timeout=600)
+                with self._versions_lock:  # one install or rollback at a time
+                    self.service.swap_adapter(version).result(timeout=600)
+                    self.store.set_current(version.version)  # only once it serves
                 self.counts.installed += 1
                 log.info(
                     "adapter_installed",
@@ -523,8 +529,7 @@ class AdaptationLoop:
                     heldout_after=decision.heldout_after,
                     improvement=decision.improvement,
                 )
-            except Exception as e:  # refused: put the pointer back on what is serving
-                self.store.set_current(self.service.adapter_version)
+            except Exception as e:  # refused: the pointer still names what is serving
                 finished.gate = replace(decision, decision="error", reason=f"swap refused: {e}")
                 self.counts.failed += 1
                 log.error("adapter_swap_refused", adapter_version=version.version, error=str(e))
@@ -553,13 +558,14 @@ class AdaptationLoop:
 
     def rollback(self, version: int | None = None) -> dict[str, Any]:
         """Put ``version`` (default: the installed one before the current) back in service."""
-        target = self.store.rollback_target(version)
-        previous = self.service.adapter_version
-        adapter = self.store.get(target) if target else None
-        if adapter is not None:
-            self.store.verify(adapter)
-        self.service.swap_adapter(adapter).result(timeout=600)
-        self.store.set_current(target)
+        with self._versions_lock:  # not interleaved with an install: pointer and draft agree
+            target = self.store.rollback_target(version)
+            previous = self.service.adapter_version
+            adapter = self.store.get(target) if target else None
+            if adapter is not None:
+                self.store.verify(adapter)
+            self.service.swap_adapter(adapter).result(timeout=600)
+            self.store.set_current(target)
         log.info("adapter_rollback", from_version=previous, to_version=target)
         return {"previous_version": previous, "adapter_version": target}
 

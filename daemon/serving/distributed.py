@@ -63,11 +63,6 @@ def fit_settings(settings: Settings) -> Settings:
     )
 
 
-def fixed_keys(keys: list[str]) -> list[str]:
-    """Of changed config keys, those a group cannot apply live."""
-    return [k for k in keys if k in FIXED]
-
-
 class RankZero:
     """Rank 0's end of the group: wraps the loaded pair's target, sends heartbeats, reports
     the group, tells the others to stop."""

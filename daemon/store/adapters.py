@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from daemon.durable import atomic_write, atomic_write_json, fsync_dir, fsync_file, sha256_file
-from daemon.errors import AdapterError, ModelLoadError
+from daemon.errors import AdapterError, AdapterNotFoundError, ModelLoadError
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapters.safetensors"
@@ -96,7 +96,7 @@ class AdapterStore:
         for v in self.versions():
             if v.version == version:
                 return v
-        raise AdapterError(f"no adapter version {version} in {self.root}")
+        raise AdapterNotFoundError(f"no adapter version {version} in {self.root}")
 
     def current_version(self) -> int:
         """The version in service; 0 means the plain draft."""
@@ -126,10 +126,15 @@ class AdapterStore:
 
     # --- writing ---------------------------------------------------------------------------
 
-    def add(self, adapter_dir: Path, manifest: dict[str, Any], install: bool) -> AdapterVersion:
+    def add(
+        self, adapter_dir: Path, manifest: dict[str, Any], install: bool, point: bool = True
+    ) -> AdapterVersion:
         """Store the adapter in ``adapter_dir`` as the next version.
 
-        ``install`` moves the ``current`` pointer to it; otherwise it is kept as rejected.
+        ``install`` marks it installed and (with ``point``) moves the ``current`` pointer to
+        it; otherwise it is kept as rejected. A live daemon passes ``point=False`` and moves
+        the pointer once the swap has succeeded, so ``current`` never names a draft that is
+        not serving.
         """
         self.root.mkdir(parents=True, exist_ok=True)
         for name in ADAPTER_FILES:
@@ -158,7 +163,7 @@ class AdapterStore:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         version = AdapterVersion(number, final, manifest)
-        if install:
+        if install and point:
             self.set_current(number)
         self.prune()
         return version

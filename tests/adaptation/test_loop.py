@@ -387,6 +387,33 @@ def test_each_request_reports_and_records_the_version_it_started_under(served, t
     assert {p: recorded[p] for p in served_by} == served_by
 
 
+def test_current_names_a_version_only_once_it_serves(served, tmp_path, monkeypatch) -> None:
+    """An installed candidate's swap comes first and the ``current`` pointer after it; a swap
+    that is refused leaves the pointer on the version still serving."""
+    service, cfg = served
+    service.settings.training.min_improvement = 0.1
+    loop = AdaptationLoop(service)
+    assert service.pair is not None
+    seen: list[int] = []
+    real = service.swap_adapter
+
+    def swap(version):
+        seen.append(loop.store.current_version())  # where the pointer is as the swap begins
+        return real(version)
+
+    monkeypatch.setattr(service, "swap_adapter", swap)
+    good = make_adapter(tmp_path / "good", service.pair.target, [0], seed=1)
+    loop._finish("r1", TrainingResult.success(metrics(0.25, 0.5, str(good))), "manual")
+    assert seen == [0] and loop.store.current_version() == service.adapter_version == 1
+
+    other = make_tiny_llama(40, hidden_size=64, num_hidden_layers=2, intermediate_size=128)
+    foreign = make_adapter(tmp_path / "foreign", other, [0], seed=2)
+    loop._finish("r2", TrainingResult.success(metrics(0.25, 0.5, str(foreign))), "manual")
+    last = loop.summary().last_run
+    assert last is not None and "swap refused" in last.gate.reason
+    assert seen == [0, 1] and loop.store.current_version() == service.adapter_version == 1
+
+
 # --------------------------------------------------------------------------------------------
 # Live refusal of a corrupt or mismatched adapter
 

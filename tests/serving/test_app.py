@@ -18,7 +18,7 @@ from pydantic import SecretStr
 from daemon.config import Settings
 from daemon.core.engine import GenerationChunk, GenerationResult
 from daemon.core.records import GenerationStats
-from daemon.errors import AdapterError
+from daemon.errors import AdapterError, AdapterNotFoundError
 from daemon.serving.api import MAX_BODY_BYTES, AdminControl, AppState, create_app
 from daemon.serving.api.gate import endpoint_label
 from daemon.serving.metrics import SpecdMetrics
@@ -74,7 +74,7 @@ class FakeAdmin:
     def rollback(self, version: int | None = None) -> Mapping[str, Any]:
         self.calls.append(("rollback", version))
         if version == 7:
-            raise AdapterError("no adapter version 7 in /data/adapters")
+            raise AdapterNotFoundError("no adapter version 7 in /data/adapters")
         if version == 2:
             raise AdapterError("adapter 2 does not fit the draft")
         return {"previous_version": 1, "adapter_version": version or 0}

@@ -25,7 +25,7 @@ from pydantic import BaseModel
 
 from daemon import __version__
 from daemon.core.backend import backend_info
-from daemon.errors import AdapterError
+from daemon.errors import AdapterError, AdapterNotFoundError
 from daemon.logging import get_logger
 from daemon.serving.api.errors import APIError
 from daemon.serving.api.generation import (
@@ -262,7 +262,7 @@ async def rollback(state: State, body: RollbackRequest | None = None) -> Rollbac
     try:
         out = await asyncio.to_thread(control.rollback, body.version if body else None)
     except AdapterError as e:
-        code = 404 if "no adapter version" in str(e) else 409
+        code = 404 if isinstance(e, AdapterNotFoundError) else 409
         raise APIError(code, str(e), param="version", code="adapter_error") from None
     return RollbackResponse(**out)
 
