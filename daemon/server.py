@@ -55,7 +55,7 @@ from daemon.logging import get_logger
 from daemon.serving import notify
 from daemon.serving.distributed import RankZero, fit_settings
 from daemon.serving.metrics import SpecdMetrics
-from daemon.serving.worker import FinishedHook
+from daemon.serving.requests import FinishedHook
 
 if TYPE_CHECKING:  # imported lazily at run time: `specd --help` need not load MLX
     from daemon.adaptation.loop import AdaptationLoop

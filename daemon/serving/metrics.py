@@ -46,7 +46,7 @@ except ImportError:  # older: CONTENT_TYPE_LATEST is the 0.0.4 text format gener
 
 if TYPE_CHECKING:
     from daemon.core.engine import GenerationResult
-    from daemon.serving.worker import GenerationRequest
+    from daemon.serving.requests import GenerationRequest
 
 __all__ = ["CONTENT_TYPE", "LATENCY_BUCKETS", "SpecdMetrics"]
 

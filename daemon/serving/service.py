@@ -27,13 +27,8 @@ from daemon.core.prompt_cache import PromptCache
 from daemon.core.prompts import encode_prompt, prompt_text
 from daemon.core.speed import StepCosts
 from daemon.logging import get_logger
-from daemon.serving.worker import (
-    BlockingHandle,
-    FinishedHook,
-    GenerationRequest,
-    GenerationWorker,
-    RequestHandle,
-)
+from daemon.serving.requests import BlockingHandle, FinishedHook, GenerationRequest, RequestHandle
+from daemon.serving.worker import GenerationWorker
 from daemon.store.adapters import AdapterVersion, apply_adapter
 from daemon.store.buffer import BufferRecord, BufferWriter, ReplayBuffer
 

@@ -345,7 +345,7 @@ def test_each_request_reports_and_records_the_version_it_started_under(served, t
     """Four clients while the draft swaps twice: every response's adapter version (what
     ``usage.speculative.adapter_version`` shows) equals its buffer record's."""
     from daemon.core.prompts import prompt_text
-    from daemon.serving.worker import BlockingHandle, GenerationRequest
+    from daemon.serving.requests import BlockingHandle, GenerationRequest
 
     service, cfg = served
     loop = AdaptationLoop(service)

@@ -22,7 +22,7 @@ from daemon.errors import AdapterError, AdapterNotFoundError
 from daemon.serving.api import MAX_BODY_BYTES, AdminControl, AppState, create_app
 from daemon.serving.api.gate import endpoint_label
 from daemon.serving.metrics import SpecdMetrics
-from daemon.serving.worker import Done, QueueFullError, RequestHandle
+from daemon.serving.requests import Done, QueueFullError, RequestHandle
 
 
 class FakeTokenizer:

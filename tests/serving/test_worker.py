@@ -23,7 +23,8 @@ from daemon.core.engine import (
     SpeculativeEngine,
 )
 from daemon.core.prompt_cache import PromptCache
-from daemon.serving.worker import BlockingHandle, Done, GenerationRequest, GenerationWorker
+from daemon.serving.requests import BlockingHandle, Done, GenerationRequest
+from daemon.serving.worker import GenerationWorker
 from tests.core.test_constraints import SCHEMA, constrained_greedy
 from tests.core.test_engine import make_prompts, no_eos, reference_greedy
 from tests.helpers import HANG_GUARD_S, perturbed_copy

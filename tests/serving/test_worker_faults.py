@@ -16,7 +16,7 @@ import pytest
 
 from daemon.core.batch import BatchDecoder
 from daemon.core.engine import GenerationResult, SpeculativeEngine
-from daemon.serving.worker import BlockingHandle, Done
+from daemon.serving.requests import BlockingHandle, Done
 from tests.core.test_engine import make_prompts
 from tests.serving.test_worker import engine, make_worker, submit  # noqa: F401 (a fixture)
 
@@ -160,7 +160,7 @@ def test_the_worker_logs_the_api_request_id(worker, prompts, monkeypatch) -> Non
     from structlog.testing import capture_logs
 
     from daemon.core.engine import SamplingParams
-    from daemon.serving.worker import GenerationRequest
+    from daemon.serving.requests import GenerationRequest
 
     monkeypatch.setattr(SpeculativeEngine, "generate", once(SpeculativeEngine.generate))
     request = GenerationRequest(

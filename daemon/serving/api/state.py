@@ -17,7 +17,8 @@ from typing import Any, Protocol
 
 from daemon.config import Settings
 from daemon.serving.metrics import SpecdMetrics
-from daemon.serving.worker import GenerationWorker, RequestHandle
+from daemon.serving.requests import RequestHandle
+from daemon.serving.worker import GenerationWorker
 
 __all__ = [
     "CHAT_PATH",

@@ -54,7 +54,7 @@ from daemon.serving.api.state import (
     RequestInfo,
 )
 from daemon.serving.api.tools import ParsedCall, ToolStream, split_tool_calls
-from daemon.serving.worker import (
+from daemon.serving.requests import (
     Done,
     Event,
     GenerationRequest,
