@@ -63,6 +63,16 @@ def _rank_list(text: str) -> list[int]:
     return ranks
 
 
+def _size_list(text: str) -> list[int]:
+    try:
+        sizes = [int(n) for n in text.split(",") if n.strip()]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"expected record counts like 1000,10000; got {text!r}")
+    return sizes
+
+
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {"paths.data_dir": getattr(args, "data_dir", None)}
     if getattr(args, "host", None) is not None:
@@ -394,6 +404,25 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--json", type=Path, metavar="OUT", help="also write the results as JSON")
     q.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)
     q.set_defaults(func="daemon.bench.blas:run", needs_mlx=False)
+
+    q = bsub.add_parser(
+        "buffer",
+        help="replay buffer stats() and count() latency at growing sizes (no model)",
+        description="Fill a temporary replay buffer with small records and time stats() as "
+        "/status asks it, count() and pending_failure_count() at each size, beside the "
+        "GROUP BY scan stats() ran before the counts table.",
+    )
+    _common(q)
+    q.add_argument(
+        "--records",
+        type=_size_list,
+        default=[1_000, 10_000, 100_000],
+        metavar="N,N,...",
+        help="buffer sizes to measure (default 1000,10000,100000)",
+    )
+    q.add_argument("--repeat", type=int, default=20, help="calls timed per size (median; 20)")
+    q.add_argument("--json", type=Path, metavar="OUT", help="also write the results as JSON")
+    q.set_defaults(func="daemon.bench.buffer:run", needs_mlx=False)
 
     q = bsub.add_parser(
         "train",

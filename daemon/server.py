@@ -40,6 +40,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
@@ -424,18 +425,17 @@ class Server:
     def _buffer_status(self) -> dict[str, Any]:
         assert self.service is not None and self.service.buffer is not None
         st = self.service.buffer.stats(trend_window=200, trend_buckets=4)
-        keys = (
-            "records",
-            "train",
-            "holdout",
-            "failures",
-            "pending_failures",
-            "used_for_training",
-            "size_bytes",
-            "max_records",
-            "acceptance_trend",
-        )
-        out = {k: st[k] for k in keys}
+        out: dict[str, Any] = {
+            "records": st.records,
+            "train": st.train,
+            "holdout": st.holdout,
+            "failures": st.failures,
+            "pending_failures": st.pending_failures,
+            "used_for_training": st.used_for_training,
+            "size_bytes": st.size_bytes,
+            "max_records": st.max_records,
+            "acceptance_trend": [asdict(b) for b in st.acceptance_trend],
+        }
         writer = self.service.writer
         if writer is not None:  # records a full disk kept out: waiting in memory, or lost
             out["unsaved_records"] = writer.retry_backlog

@@ -24,35 +24,31 @@ def run_stats(args: argparse.Namespace, settings: Settings, sources: ConfigSourc
     with open_buffer(settings) as buf:
         st = buf.stats()
     if args.json:
-        print(json.dumps(st, indent=2))
+        print(json.dumps(st.to_dict(), indent=2))
         return 0
-    print(f"buffer: {st['path']} ({st['size_bytes'] / 1e6:.2f} MB, schema v{st['schema_version']})")
+    print(f"buffer: {st.path} ({st.size_bytes / 1e6:.2f} MB, schema v{st.schema_version})")
     print(
-        f"records: {st['records']} / {st['max_records']}  (train {st['train']}, "
-        f"holdout {st['holdout']})  from {format_time(st['oldest'])} to "
-        f"{format_time(st['newest'])}"
+        f"records: {st.records} / {st.max_records}  (train {st.train}, "
+        f"holdout {st.holdout})  from {format_time(st.oldest)} to {format_time(st.newest)}"
     )
     print(
-        f"failure cases: {st['failures']}  (train {st['train_failures']}, "
-        f"holdout {st['holdout_failures']})  used for training: {st['used_for_training']}"
+        f"failure cases: {st.failures}  (train {st.train_failures}, "
+        f"holdout {st.holdout_failures})  used for training: {st.used_for_training}"
     )
     print(
-        f"pending failures: {st['pending_failures']}  "
+        f"pending failures: {st.pending_failures}  "
         f"(training starts at {settings.training.min_failure_cases})"
     )
-    if st["acceptance_trend"]:
+    if st.acceptance_trend:
         print("acceptance trend (oldest -> newest):")
-        for b in st["acceptance_trend"]:
-            rate = b.get("token_acceptance")
+        for b in st.acceptance_trend:
+            rate = b.token_acceptance
             rate_s = "-" if rate is None else f"{rate:.3f}"
-            print(
-                f"  {format_time(b['start'])}  {b.get('records', 0):>5} requests  "
-                f"acceptance {rate_s}"
-            )
-    for a in st["acceptance_by_adapter"]:
-        m = a["mean_acceptance"]
+            print(f"  {format_time(b.start)}  {b.records:>5} requests  acceptance {rate_s}")
+    for a in st.acceptance_by_adapter:
+        m = a.mean_acceptance
         print(
-            f"adapter v{a['adapter_version']}: {a['records']} requests, mean acceptance "
+            f"adapter v{a.adapter_version}: {a.records} requests, mean acceptance "
             f"{'-' if m is None else f'{m:.3f}'}"
         )
     return 0

@@ -26,9 +26,10 @@ from daemon.bench.train import bench_train
 from daemon.config import DataSettings, LoraSettings, Settings, TrainingSettings, load_settings
 from daemon.core.heads import prune_head
 from daemon.core.models import make_layer_skip_draft
+from daemon.core.records import Rejection
 from daemon.logging import configure_logging
 from daemon.store.adapters import save_adapter
-from daemon.store.buffer import BufferRecord, Rejection, ReplayBuffer
+from daemon.store.buffer import BufferRecord, ReplayBuffer
 from daemon.store.runs import read_progress, read_result
 from tests.helpers import HANG_GUARD_S, make_tiny_llama, wait_until, write_model_dir
 

@@ -20,16 +20,10 @@ import pytest
 
 from daemon.config import BufferSettings
 from daemon.core.records import Rejection
-from daemon.store import buffer as buffer_mod
-from daemon.store.buffer import (
-    SCHEMA_VERSION,
-    BufferError,
-    BufferRecord,
-    BufferWriter,
-    ReplayBuffer,
-    assign_split,
-    buffer_path,
-)
+from daemon.errors import BufferError
+from daemon.store import schema, writer
+from daemon.store.buffer import BufferRecord, BufferWriter, ReplayBuffer, assign_split, buffer_path
+from daemon.store.schema import SCHEMA_VERSION
 from tests.helpers import HANG_GUARD_S, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
@@ -276,10 +270,10 @@ def test_pending_failures_mark_used_and_replay(buf: ReplayBuffer) -> None:
     assert [r.prompt_text for r in buf.sample_replay(10, seed=1, before=3)] == ["train fail 1"]
 
     st = buf.stats()
-    assert st["records"] == 5 and st["train"] == 3 and st["holdout"] == 2
-    assert st["failures"] == 3 and st["train_failures"] == 2 and st["holdout_failures"] == 1
-    assert st["pending_failures"] == 1 and st["used_for_training"] == 1
-    assert st["size_bytes"] > 0 and st["schema_version"] == SCHEMA_VERSION
+    assert st.records == 5 and st.train == 3 and st.holdout == 2
+    assert st.failures == 3 and st.train_failures == 2 and st.holdout_failures == 1
+    assert st.pending_failures == 1 and st.used_for_training == 1
+    assert st.size_bytes > 0 and st.schema_version == SCHEMA_VERSION
 
 
 def test_stats_trend(buf: ReplayBuffer) -> None:
@@ -290,20 +284,20 @@ def test_stats_trend(buf: ReplayBuffer) -> None:
         records.append(r)
     buf.add(records[::-1])
     st = buf.stats(trend_window=10, trend_buckets=2)
-    trend = st["acceptance_trend"]
-    assert [b["records"] for b in trend] == [5, 5]
-    assert trend[0]["start"] == 1010 and trend[1]["end"] == 1019
-    assert trend[0]["mean_acceptance"] == pytest.approx(sum(range(10, 15)) / 5 / 20)
-    assert trend[1]["token_acceptance"] == pytest.approx(sum(range(15, 20)) / 100)
-    by = {a["adapter_version"]: a for a in st["acceptance_by_adapter"]}
+    trend = st.acceptance_trend
+    assert [b.records for b in trend] == [5, 5]
+    assert trend[0].start == 1010 and trend[1].end == 1019
+    assert trend[0].mean_acceptance == pytest.approx(sum(range(10, 15)) / 5 / 20)
+    assert trend[1].token_acceptance == pytest.approx(sum(range(15, 20)) / 100)
+    by = {a.adapter_version: a for a in st.acceptance_by_adapter}
     nothing_drafted = rec("short", rate=0.0, n_rej=0, created=2000)
     nothing_drafted.stats = {"drafted": 0, "accepted": 0, "acceptance_rate": 0.0}
     buf.add([nothing_drafted])  # no evidence: must not drag the means down
-    assert buf.stats(trend_window=1)["acceptance_trend"][0]["mean_acceptance"] is None
-    assert set(by) == {0, 1} and by[0]["records"] == 10
-    assert by[1]["mean_acceptance"] == pytest.approx(sum(range(10, 20)) / 10 / 20)
+    assert buf.stats(trend_window=1).acceptance_trend[0].mean_acceptance is None
+    assert set(by) == {0, 1} and by[0].records == 10
+    assert by[1].mean_acceptance == pytest.approx(sum(range(10, 20)) / 10 / 20)
     with ReplayBuffer(buf.path.parent / "empty.sqlite") as empty:
-        assert empty.stats()["acceptance_trend"] == []
+        assert empty.stats().acceptance_trend == []
 
 
 def test_purge_and_iter(buf: ReplayBuffer) -> None:
@@ -402,7 +396,7 @@ def test_a_full_disk_loses_nothing_while_memory_lasts(
     """Commits fail as on a full disk (SQLite's SQLITE_FULL): the records wait in memory, at
     most retry_limit of them (older ones counted as dropped), and are written once space
     returns; nothing stored before is touched."""
-    real_insert = buffer_mod._insert
+    real_insert = writer.insert_rows
     full = threading.Event()
     full.set()
 
@@ -420,7 +414,7 @@ def test_a_full_disk_loses_nothing_while_memory_lasts(
         retry_s=0.05,
     ).start()
     assert w.submit(rec("before")).result(timeout=HANG_GUARD_S) > 0
-    monkeypatch.setattr(buffer_mod, "_insert", insert)
+    monkeypatch.setattr(writer, "insert_rows", insert)
     futures = [w.submit(rec(f"during {i}")) for i in range(7)]
     for f in futures:
         with pytest.raises(BufferError, match="disk is full"):
@@ -442,7 +436,7 @@ def test_records_still_failing_at_close_are_counted(
         raise sqlite3.OperationalError("disk I/O error")
 
     w = BufferWriter(db, BufferSettings(), retry_s=60).start()
-    monkeypatch.setattr(buffer_mod, "_insert", insert)
+    monkeypatch.setattr(writer, "insert_rows", insert)
     with pytest.raises(BufferError):
         w.submit(rec("lost")).result(timeout=HANG_GUARD_S)
     assert w.close(HANG_GUARD_S)
@@ -468,7 +462,7 @@ def test_concurrent_writers_and_reader(db: Path) -> None:
             with ReplayBuffer(db, settings) as b:
                 while not stop.is_set():
                     st = b.stats()
-                    assert st["records"] == st["train"] + st["holdout"]
+                    assert st.records == st.train + st.holdout
                     assert all(r.split == "train" for r in b.pending_failures())
                     b.count()
                     reads += 1
@@ -539,11 +533,11 @@ def test_forward_migration(db: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with ReplayBuffer(db) as b:
         b.add([rec()])
 
-    def v2(conn: sqlite3.Connection) -> None:
+    def v_next(conn: sqlite3.Connection) -> None:
         conn.execute("ALTER TABLE records ADD COLUMN note TEXT DEFAULT 'migrated'")
 
-    monkeypatch.setattr(buffer_mod, "MIGRATIONS", [*buffer_mod.MIGRATIONS, v2])
-    monkeypatch.setattr(buffer_mod, "SCHEMA_VERSION", SCHEMA_VERSION + 1)
+    monkeypatch.setattr(schema, "MIGRATIONS", [*schema.MIGRATIONS, v_next])
+    monkeypatch.setattr(schema, "SCHEMA_VERSION", SCHEMA_VERSION + 1)
     with ReplayBuffer(db) as b:
         assert b.count() == 1
         assert b._query("SELECT note FROM records")[0][0] == "migrated"
