@@ -429,6 +429,37 @@ def test_a_full_disk_loses_nothing_while_memory_lasts(
     assert w.dropped == 2 and w.commit_failures >= 1
 
 
+def test_a_real_full_disk_loses_nothing_and_recording_resumes(db: Path) -> None:
+    """Not a mock: SQLite's own SQLITE_FULL, from ``max_page_count`` capped at the file's
+    size on the writer's connection (the WAL's pages count against it). Commits fail, the
+    records wait in memory, nothing committed before is lost, and once the cap is lifted
+    (space returns) the waiting records are written and recording goes on."""
+    w = BufferWriter(db, BufferSettings(), retry_limit=50, retry_s=0.05).start()
+    before = [w.submit(rec(f"before {i}")).result(timeout=HANG_GUARD_S) for i in range(3)]
+    conn = w._conn
+    assert conn is not None
+    pages = conn.execute("PRAGMA page_count").fetchone()[0]
+    assert conn.execute(f"PRAGMA max_page_count = {pages}").fetchone()[0] == pages
+    big = "x" * 20_000  # a few pages each: the file would have to grow
+    futures = [w.submit(rec(f"during {i} {big}")) for i in range(4)]
+    for f in futures:
+        with pytest.raises(BufferError, match="full"):
+            f.result(timeout=HANG_GUARD_S)
+    wait_until(lambda: w.retry_backlog == 4, "the 4 records waiting in memory")
+    with ReplayBuffer(db, BufferSettings()) as b:  # what was committed is intact meanwhile
+        assert sorted(r.id for r in b.iter_records()) == sorted(before)
+    conn.execute("PRAGMA max_page_count = 1073741823")  # space returns
+    wait_until(lambda: w.retry_backlog == 0, "the waiting records written")
+    assert w.submit(rec("after")).result(timeout=HANG_GUARD_S) > 0
+    assert w.close(HANG_GUARD_S)
+    with ReplayBuffer(db, BufferSettings()) as b:
+        texts = [r.prompt_text.split(" x")[0] for r in b.iter_records()]
+    assert texts == [f"before {i}" for i in range(3)] + [f"during {i}" for i in range(4)] + [
+        "after"
+    ]
+    assert w.dropped == 0 and w.commit_failures >= 1
+
+
 def test_records_still_failing_at_close_are_counted(
     db: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
