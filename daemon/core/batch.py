@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -44,7 +44,9 @@ from daemon.core.records import TokenLogprob, token_logprobs
 from daemon.core.rounds import as_f32
 from daemon.core.sampling import apply_processors, logits_processors, process_logits
 
-__all__ = ["BatchDecoder"]
+__all__ = ["BatchDecoder", "Joining"]
+
+_READ = object()  # the end of a joining prompt's chunks
 
 
 def _greedy(logprobs: mx.array) -> mx.array:
@@ -114,6 +116,21 @@ class _Member:
     prompt_tokens: int
     new_tokens: int = 0  # generated while in the batch
     logprobs: int | None = None  # the request's SamplingParams.logprobs
+
+
+@dataclass(eq=False)
+class Joining:
+    """A request whose prompt is being read before it joins (`BatchDecoder.join`): one chunk
+    per `BatchDecoder.read`, so the members step between chunks and a request cancelled
+    meanwhile stops at the next one instead of after the whole prompt."""
+
+    prompt: list[int]
+    params: SamplingParams
+    constraint: Constraint | None
+    member: _Member
+    cache: list[Any]
+    tail: mx.array  # the prompt's last chunk: its last row gives the first token's logits
+    chunks: Generator[None, None, None]  # the chunks before it, one per `read`
 
 
 class BatchDecoder:
@@ -192,10 +209,23 @@ class BatchDecoder:
         result: GenerationResult,
         constraint: Constraint | None = None,
     ) -> tuple[int | None, GenerationChunk]:
-        """A new request (validated as the engine validates it): its prompt is read and its
-        first token drawn here, at once (the batch's steps wait for it), so that it answers as
-        soon as a lone request would; then it joins the batch. Returns its id here (None when
-        that first token already ended it) and its first chunk."""
+        """A new request read whole and admitted at once (`join`, `read` until done, `admit`).
+        Returns its id here (None when its first token already ended it) and its first
+        chunk."""
+        joining = self.join(prompt_tokens, params, result, constraint)
+        while not self.read(joining):
+            pass
+        return self.admit(joining)
+
+    def join(
+        self,
+        prompt_tokens: Sequence[int],
+        params: SamplingParams,
+        result: GenerationResult,
+        constraint: Constraint | None = None,
+    ) -> Joining:
+        """Start reading a new request's prompt (validated as the engine validates it), from
+        the longest cached prefix; `read` it a chunk at a time, then `admit` it."""
         engine = self.engine
         t0 = time.perf_counter()
         prompt = engine._validate(prompt_tokens, params)
@@ -215,8 +245,30 @@ class BatchDecoder:
         # the prompt in chunks; its last chunk's last row gives the first token's logits
         rest = mx.array(prompt[cached:], dtype=mx.uint32)
         last = min(rest.size, engine.config.prefill_step_size)
-        engine._prefill(engine.target, cache, rest[:-last], clear=False)
-        logits = last_logits(engine.target, rest[-last:][None], cache)[None]
+        chunks = engine._prefill_steps(engine.target, cache, rest[:-last], clear=False)
+        return Joining(prompt, params, constraint, member, cache, rest[-last:], chunks)
+
+    def read(self, joining: Joining) -> bool:
+        """Read the joining prompt's next chunk; True once all but its last are read."""
+        return next(joining.chunks, _READ) is _READ
+
+    def drop(self, joining: Joining) -> GenerationResult:
+        """End a joining request before it joined (its client left): finish_reason
+        "cancelled", nothing generated; the part of the prompt it read is not kept."""
+        joining.chunks.close()
+        m = joining.member
+        m.result.finish_reason = "cancelled"
+        m.result.stats.prompt_time = time.perf_counter() - m.t_gen
+        return m.result
+
+    def admit(self, joining: Joining) -> tuple[int | None, GenerationChunk]:
+        """Draw a read request's first token (the last chunk's pass) and add it to the batch:
+        its id (None when that token ended it) and its first chunk."""
+        engine = self.engine
+        prompt, params, constraint = joining.prompt, joining.params, joining.constraint
+        member, cache, result = joining.member, joining.cache, joining.member.result
+        t0 = member.t_gen
+        logits = last_logits(engine.target, joining.tail[None], cache)[None]
         request_processors = logits_processors(params)
         logits = apply_processors(request_processors, prompt, logits)
         masking = self._masking(constraint, len(prompt) + 1)

@@ -34,7 +34,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
-from daemon.core.batch import BatchDecoder
+from daemon.core.batch import BatchDecoder, Joining
 from daemon.core.engine import (
     GenerationError,
     GenerationResult,
@@ -95,6 +95,8 @@ class GenerationWorker:
         self._jobs: deque[Callable[[], None]] = deque()
         self._lone: _Lone | None = None
         self._batched: dict[int, _Started] = {}
+        # reading their prompts, a chunk per turn, before they join the batch
+        self._joining: deque[tuple[_Started, Joining]] = deque()
         # every started request until its final event, by request id: what a failure ends
         self._running: dict[int, _Started] = {}
         self._stopping = False
@@ -170,8 +172,9 @@ class GenerationWorker:
 
     @property
     def batched(self) -> int:
-        """Requests being decoded together in the batch now."""
-        return len(self._batched)
+        """Requests being decoded together in the batch now (or reading their prompts to
+        join it)."""
+        return len(self._batched) + len(self._joining)
 
     # --- submitting ------------------------------------------------------------------------
 
@@ -236,9 +239,11 @@ class GenerationWorker:
         self._admit()
         if self._lone is not None:
             self._step_lone()
-        elif self._batched:
-            self._step_batch()
-            self._release_lone_member()
+        else:
+            self._read_joinings()  # a chunk of each joining prompt, then a member step
+            if self._batched:
+                self._step_batch()
+                self._release_lone_member()
         self._last_work = time.monotonic()
         return False
 
@@ -250,6 +255,7 @@ class GenerationWorker:
         without an answer."""
         lone, self._lone = self._lone, None
         self._batched.clear()
+        self._joining.clear()
         if lone is not None:
             try:
                 lone.gen.close()
@@ -306,7 +312,17 @@ class GenerationWorker:
 
     @property
     def _idle(self) -> bool:
-        return self._lone is None and not self._batched and not self._waiting and not self._jobs
+        return (
+            self._lone is None
+            and not self._batched
+            and not self._joining
+            and not self._waiting
+            and not self._jobs
+        )
+
+    @property
+    def _batch_full(self) -> bool:
+        return len(self.batch) + len(self._joining) >= self.batch.max_batch
 
     def _take(self, block: bool, timeout: float | None = None) -> None:
         """Move what arrived on the queue into the worker's own lists (wait for it if
@@ -336,17 +352,18 @@ class GenerationWorker:
     def _admit(self) -> None:
         """Start waiting requests: alone when nothing else runs, else into the batch."""
         batching = self.batch.max_batch > 1
-        if self._waiting and batching and self._lone is not None and not self.batch.full:
+        if self._waiting and batching and self._lone is not None and not self._batch_full:
             self._hand_over()
         while self._waiting:
             if (
                 self._lone is None
                 and not self._batched
+                and not self._joining
                 and (len(self._waiting) == 1 or not batching)
             ):
                 self._start_lone(self._waiting.popleft())
                 return
-            if self._lone is not None or self.batch.full:
+            if self._lone is not None or self._batch_full:
                 return
             self._start_batched(self._waiting.popleft())
 
@@ -388,17 +405,39 @@ class GenerationWorker:
             self._add_to_batch(started)
 
     def _add_to_batch(self, started: _Started) -> None:
+        """Start reading its prompt; it joins once read (`_read_joining`)."""
         handle = started.handle
         req = handle.request
         try:
-            uid, first = self.batch.add(
-                req.prompt_tokens, req.params, started.result, req.constraint
-            )
-        except GenerationError as e:
+            joining = self.batch.join(req.prompt_tokens, req.params, started.result, req.constraint)
+        except Exception as e:  # invalid (GenerationError) or an MLX failure: this one's error
+            if not isinstance(e, GenerationError):
+                log.exception("generation_failed", request_id=req.log_id)
             self._end(handle, Done(None, error=e, queue_s=started.queue_s))
             return
+        self._joining.append((started, joining))
+
+    def _read_joinings(self) -> None:
+        for started, joining in list(self._joining):
+            self._read_joining(started, joining)
+
+    def _read_joining(self, started: _Started, joining: Joining) -> None:
+        """One chunk of a joining prompt (a long prompt neither stalls the batch nor outlives
+        its client); once read, its first token, and it is a member."""
+        handle = started.handle
+        try:
+            if handle.cancelled:
+                self._joining.remove((started, joining))
+                self._finish(started, self.batch.drop(joining))
+                return
+            if not self.batch.read(joining):
+                return
+            self._joining.remove((started, joining))
+            uid, first = self.batch.admit(joining)
         except Exception as e:  # a bug or an MLX failure must not kill the worker thread
-            log.exception("generation_failed", request_id=req.log_id)
+            if (started, joining) in self._joining:
+                self._joining.remove((started, joining))
+            log.exception("generation_failed", request_id=handle.request.log_id)
             self._end(handle, Done(None, error=e, queue_s=started.queue_s))
             return
         handle.emit(first)
@@ -437,7 +476,7 @@ class GenerationWorker:
     def _release_lone_member(self) -> None:
         """A batch down to one member with nobody waiting: it goes on speculatively (a lone
         request keeps the speculative path, whether it started alone or not)."""
-        if len(self._batched) != 1 or self._waiting or self._stopping:
+        if len(self._batched) != 1 or self._waiting or self._joining or self._stopping:
             return
         ((uid, started),) = self._batched.items()
         req = started.handle.request

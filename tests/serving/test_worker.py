@@ -154,6 +154,54 @@ def test_a_member_that_started_before_a_swap_stays_in_the_batch(engine, tiny_tar
     assert res.tokens == reference_greedy(tiny_target, prompts[1], 64)
 
 
+def test_a_long_prompt_joins_a_chunk_at_a_time_and_can_be_cancelled(engine, tiny_target) -> None:
+    """A request joining the batch reads its prompt one chunk per step of the members: a long
+    prompt does not stall them, and one whose client leaves meanwhile stops at the next
+    chunk, not after the whole prompt."""
+    engine.config = SpeculativeConfig(num_draft_tokens=3, prefill_step_size=4)
+    prompts = make_prompts(engine.tokenizer, 12)
+    long_prompt = [t for p in prompts for t in p][:96]  # 24 chunks of 4
+    worker = make_worker(engine, batch_size=4)
+    running = submit(worker, prompts[5], max_tokens=200, stop=["\u00ff\u00fe"])
+    seen: dict[int, list[int]] = {}  # request id -> the member's tokens at each of its reads
+    read = worker.batch.read
+    leaving: list[BlockingHandle] = []
+
+    def counting_read(joining):
+        rid = next(r for r, (s, j) in enumerate(worker._joining) if j is joining)
+        handle = worker._joining[rid][0].handle
+        seen.setdefault(handle.request.id, []).append(len(running_result.tokens))
+        if handle in leaving and len(seen[handle.request.id]) == 3:
+            handle.cancel()  # the client leaves after three chunks
+        return read(joining)
+
+    worker.batch.read = counting_read  # type: ignore[method-assign]
+    worker.start()
+    try:
+        events = running.events(HANG_GUARD_S)
+        next(events)
+        running_result = worker._running[running.request.id].result
+        joiner = submit(worker, long_prompt, max_tokens=4)
+        res = joiner.result(HANG_GUARD_S)
+        other = long_prompt[::-1]  # not in the prompt cache
+        leaver = BlockingHandle(GenerationRequest(other, SamplingParams(max_tokens=4)))
+        leaving.append(leaver)
+        worker.submit(leaver)
+        gone = leaver.result(HANG_GUARD_S)
+        rest = [ev for ev in events]
+    finally:
+        assert worker.stop(HANG_GUARD_S)
+    reads = seen[joiner.request.id]
+    assert len(reads) == 23  # the 23 chunks before the last (which gives the first token)
+    assert reads[-1] - reads[0] >= 15, reads  # the member stepped between the chunks
+    assert res.tokens == reference_greedy(tiny_target, long_prompt, 4)
+    assert gone.finish_reason == "cancelled" and gone.tokens == []
+    assert len(seen[leaver.request.id]) == 3  # stopped as its client left: not 23 chunks
+    done = rest[-1]
+    assert isinstance(done, Done) and done.result is not None
+    assert done.result.tokens == reference_greedy(tiny_target, prompts[5], 200)
+
+
 @pytest.mark.parametrize("then", ["join", "cancel"])
 def test_a_request_not_yet_stepped_joins_or_ends_as_it_stood(engine, tiny_target, then) -> None:
     """The loop turn by turn on this thread: a batch hands its last member back (a resumed
@@ -169,6 +217,7 @@ def test_a_request_not_yet_stepped_joins_or_ends_as_it_stood(engine, tiny_target
         worker._admit()
         if worker._lone is not None:
             break
+        worker._read_joinings()
         worker._step_batch()
         worker._release_lone_member()
     assert worker._lone is not None and worker._lone.resumed is not None  # not stepped yet
