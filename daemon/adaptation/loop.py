@@ -35,7 +35,13 @@ from daemon.core.speed import StepCosts, compare
 from daemon.durable import atomic_write
 from daemon.errors import AdapterError
 from daemon.logging import get_logger
-from daemon.store.adapters import AdapterStore, AdapterVersion, config_hash
+from daemon.store.adapters import (
+    AdapterListing,
+    AdapterStore,
+    AdapterVersion,
+    Rollback,
+    config_hash,
+)
 from daemon.store.buffer import BufferRecord, ReplayBuffer
 from daemon.store.runs import (
     RESULT_FILE,
@@ -556,7 +562,7 @@ class AdaptationLoop:
 
     # --- versions and reports --------------------------------------------------------------
 
-    def rollback(self, version: int | None = None) -> dict[str, Any]:
+    def rollback(self, version: int | None = None) -> Rollback:
         """Put ``version`` (default: the installed one before the current) back in service."""
         with self._versions_lock:  # not interleaved with an install: pointer and draft agree
             target = self.store.rollback_target(version)
@@ -567,7 +573,7 @@ class AdaptationLoop:
             self.service.swap_adapter(adapter).result(timeout=600)
             self.store.set_current(target)
         log.info("adapter_rollback", from_version=previous, to_version=target)
-        return {"previous_version": previous, "adapter_version": target}
+        return Rollback(previous_version=previous, adapter_version=target)
 
     def summary(self) -> LoopSummary:
         """Runs finished so far, by outcome, and the last one."""
@@ -596,40 +602,26 @@ class AdaptationLoop:
             }
         return out
 
-    @staticmethod
-    def _figures(manifest: dict[str, Any]) -> dict[str, Any]:
-        """A version's two gate figures from its manifest: held-out agreement and the expected
-        speedup over the target (gate: speed; None where the gate did not compute it)."""
-        speed = (manifest.get("gate") or {}).get("speed") or {}
-        return {
-            "heldout_agreement": (manifest.get("metrics_after") or {}).get("agreement"),
-            "expected_speedup": (speed.get("after") or {}).get("speedup"),
-        }
-
     def _in_service(self) -> dict[str, Any]:
         """The adapter serving now and its figures (version 0: the draft without one)."""
         current = self.store.current_version()
+        figures: dict[str, Any] = {}
         try:
-            figures = self._figures(self.store.get(current).manifest) if current else {}
+            if current:
+                v = self.store.get(current)
+                figures = {
+                    "heldout_agreement": v.heldout_agreement,
+                    "expected_speedup": v.expected_speedup,
+                }
         except AdapterError:  # removed under us: /status still answers
-            figures = {}
+            pass
         return {"version": current, **figures}
 
-    def list_adapters(self) -> dict[str, Any]:
-        return {
-            "current": self.store.current_version(),
-            "versions": [
-                {
-                    "version": v.version,
-                    "status": v.status,
-                    "created": v.manifest.get("created"),
-                    "parent": v.manifest.get("parent"),
-                    "gate": v.manifest.get("gate"),
-                    **self._figures(v.manifest),
-                }
-                for v in self.store.versions()
-            ],
-        }
+    def list_adapters(self) -> AdapterListing:
+        return AdapterListing(
+            current=self.store.current_version(),
+            versions=[v.summary() for v in self.store.versions()],
+        )
 
 
 def train_and_gate(

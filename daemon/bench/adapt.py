@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from daemon.bench.common import mlx_lm_run
@@ -208,7 +208,7 @@ def bench_adapt(
             loop.stop()  # and start no other: the adapter in service stays put from here
             after = measure()
             # every candidate the loop stored, installed or rejected, with its gate decision
-            candidates = loop.list_adapters()["versions"]
+            candidates = [asdict(v) for v in loop.list_adapters().versions]
             # the same state without the adapter, then the adapter back (the public swap); with
             # none installed this measures the same state twice, and the share shows the noise
             version = service.adapter_version

@@ -62,6 +62,58 @@ class AdapterVersion:
     def status(self) -> str:
         return str(self.manifest.get("status", "unknown"))
 
+    @property
+    def heldout_agreement(self) -> float | None:
+        """Its held-out agreement after training (the gate's figure)."""
+        return (self.manifest.get("metrics_after") or {}).get("agreement")
+
+    @property
+    def expected_speedup(self) -> float | None:
+        """Its expected speedup over the target (gate: speed; None where not computed)."""
+        speed = (self.manifest.get("gate") or {}).get("speed") or {}
+        return (speed.get("after") or {}).get("speedup")
+
+    def summary(self) -> VersionSummary:
+        m = self.manifest
+        return VersionSummary(
+            version=self.version,
+            status=self.status,
+            created=m.get("created"),
+            parent=m.get("parent"),
+            gate=m.get("gate"),
+            heldout_agreement=self.heldout_agreement,
+            expected_speedup=self.expected_speedup,
+        )
+
+
+@dataclass
+class VersionSummary:
+    """A stored version as ``specd adapters list`` and ``GET /admin/adapters`` show it."""
+
+    version: int
+    status: str
+    created: float | None
+    parent: int | None
+    gate: dict[str, Any] | None
+    heldout_agreement: float | None
+    expected_speedup: float | None
+
+
+@dataclass
+class AdapterListing:
+    """The store's versions and the one in service (0: none)."""
+
+    current: int
+    versions: list[VersionSummary]
+
+
+@dataclass
+class Rollback:
+    """What a rollback did: the version serving before and the one serving now."""
+
+    previous_version: int
+    adapter_version: int
+
 
 class AdapterStore:
     """Numbered adapter versions with an atomic ``current`` pointer."""

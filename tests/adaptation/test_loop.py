@@ -333,8 +333,8 @@ def test_a_real_run_is_gated_by_expected_speed(served) -> None:
     (kept,) = loop.store.versions()
     assert kept.manifest["gate"]["speed"] == gate.speed
     assert "by_row" not in kept.manifest["metrics_after"]  # the rows stay in the result file
-    listed = loop.list_adapters()["versions"][0]
-    assert listed["expected_speedup"] == gate.speed["after"]["speedup"]
+    listed = loop.list_adapters().versions[0]
+    assert listed.expected_speedup == gate.speed["after"]["speedup"]
 
 
 # --------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ the `AdminControl` protocol (409 without one), the gate's endpoint labels and re
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -23,6 +23,7 @@ from daemon.serving.api import MAX_BODY_BYTES, AdminControl, AppState, create_ap
 from daemon.serving.api.gate import endpoint_label
 from daemon.serving.metrics import SpecdMetrics
 from daemon.serving.requests import Done, QueueFullError, RequestHandle
+from daemon.store.adapters import AdapterListing, Rollback, VersionSummary
 
 
 class FakeTokenizer:
@@ -68,16 +69,17 @@ class FakeAdmin:
     def __init__(self) -> None:
         self.calls: list[tuple[str, Any]] = []
 
-    def list_adapters(self) -> Mapping[str, Any]:
-        return {"current": 1, "versions": [{"version": 1, "status": "installed"}]}
+    def list_adapters(self) -> AdapterListing:
+        v1 = VersionSummary(1, "installed", None, None, None, 0.5, 1.25)
+        return AdapterListing(current=1, versions=[v1])
 
-    def rollback(self, version: int | None = None) -> Mapping[str, Any]:
+    def rollback(self, version: int | None = None) -> Rollback:
         self.calls.append(("rollback", version))
         if version == 7:
             raise AdapterNotFoundError("no adapter version 7 in /data/adapters")
         if version == 2:
             raise AdapterError("adapter 2 does not fit the draft")
-        return {"previous_version": 1, "adapter_version": version or 0}
+        return Rollback(previous_version=1, adapter_version=version or 0)
 
     def train_now(self, epochs: int | None = None, max_steps: int | None = None) -> str:
         self.calls.append(("train", (epochs, max_steps)))
@@ -132,7 +134,15 @@ def test_admin_routes_go_through_the_protocol(client: TestClient, state: AppStat
     assert client.get("/admin/adapters").json() == {
         "current": 1,
         "versions": [
-            {"version": 1, "status": "installed", "created": None, "parent": None, "gate": None}
+            {
+                "version": 1,
+                "status": "installed",
+                "created": None,
+                "parent": None,
+                "gate": None,
+                "heldout_agreement": 0.5,
+                "expected_speedup": 1.25,
+            }
         ],
     }
     ok = client.post("/admin/adapters/rollback", json={"version": 3})

@@ -16,6 +16,7 @@ import asyncio
 import os
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
@@ -244,7 +245,8 @@ def _admin(state: AppState) -> AdminControl:
 )
 async def list_adapters(state: State) -> AdapterList:
     """Stored adapter versions and the one in service."""
-    return AdapterList(**await asyncio.to_thread(_admin(state).list_adapters))
+    listing = await asyncio.to_thread(_admin(state).list_adapters)
+    return AdapterList(**asdict(listing))
 
 
 @admin_router.post(
@@ -264,7 +266,7 @@ async def rollback(state: State, body: RollbackRequest | None = None) -> Rollbac
     except AdapterError as e:
         code = 404 if isinstance(e, AdapterNotFoundError) else 409
         raise APIError(code, str(e), param="version", code="adapter_error") from None
-    return RollbackResponse(**out)
+    return RollbackResponse(**asdict(out))
 
 
 @admin_router.post(

@@ -534,6 +534,8 @@ class AdapterInfo(BaseModel):
     created: float | None = None
     parent: int | None = None
     gate: dict[str, Any] | None = None
+    heldout_agreement: float | None = None
+    expected_speedup: float | None = None
 
 
 class AdapterList(BaseModel):

@@ -11,7 +11,7 @@ counts and logs once the response has ended.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -19,6 +19,7 @@ from daemon.config import Settings
 from daemon.serving.metrics import SpecdMetrics
 from daemon.serving.requests import RequestHandle
 from daemon.serving.worker import GenerationWorker
+from daemon.store.adapters import AdapterListing, Rollback
 
 __all__ = [
     "CHAT_PATH",
@@ -53,16 +54,15 @@ CLIENT_CLOSED = 499  # nginx's "client closed request", for logs and metrics onl
 class AdminControl(Protocol):
     """The adaptation loop as the ``/admin`` routes see it (blocking calls, run in a thread).
 
-    ``list_adapters()``: ``{"current": int, "versions": [{"version", "status", "created",
-    "parent", "gate"}, ...]}``. ``rollback(version)``: ``{"previous_version": int,
-    "adapter_version": int}``; raises ``daemon.store.adapters.AdapterError`` for a version it
-    cannot put in service. ``train_now(epochs, max_steps)``: the new run's id; raises
-    RuntimeError while a run is going.
+    ``list_adapters()``: the store's versions (`AdapterListing`). ``rollback(version)``: what
+    it did (`Rollback`); raises ``daemon.errors.AdapterError`` for a version it cannot put in
+    service (`AdapterNotFoundError` when there is no such version). ``train_now(epochs,
+    max_steps)``: the new run's id; raises RuntimeError while a run is going.
     """
 
-    def list_adapters(self) -> Mapping[str, Any]: ...
+    def list_adapters(self) -> AdapterListing: ...
 
-    def rollback(self, version: int | None = None) -> Mapping[str, Any]: ...
+    def rollback(self, version: int | None = None) -> Rollback: ...
 
     def train_now(self, epochs: int | None = None, max_steps: int | None = None) -> str: ...
 
