@@ -291,7 +291,7 @@ class Server:
         assert self.service is not None, "the service starts first"
         adaptation = self.adaptation = AdaptationLoop(self.service)
         adaptation.start()
-        self.status_providers.append(lambda: {"training": adaptation.status()})
+        self.status_providers.append(lambda: {"training": adaptation.status().to_dict()})
 
     def _start_reloader(self) -> None:
         from daemon.serving.reload import ConfigReloader

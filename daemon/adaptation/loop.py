@@ -273,6 +273,54 @@ class LoopSummary:
     last_run: FinishedRun | None
 
 
+@dataclass
+class InService:
+    """The adapter serving now (0: the draft without one) and its gate figures."""
+
+    version: int
+    heldout_agreement: float | None = None
+    expected_speedup: float | None = None
+
+
+@dataclass
+class TrainingStatus:
+    """The loop as ``/status`` shows it (``training``): its state, what a run waits for, the
+    runs so far, the last one, the adapter in service and the run going on (with the
+    progress its process reports)."""
+
+    state: str
+    pending_failures: int
+    min_failure_cases: int
+    policy: str
+    waiting_for: str | None
+    counts: RunCounts
+    last_run: FinishedRun | None
+    in_service: InService
+    run: ActiveRun | None = None
+    elapsed_s: float | None = None
+    progress: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "state": self.state,
+            "pending_failures": self.pending_failures,
+            "min_failure_cases": self.min_failure_cases,
+            "policy": self.policy,
+            "waiting_for": self.waiting_for,
+            **asdict(self.counts),
+            "last_run": self.last_run.to_dict() if self.last_run else None,
+            "in_service": asdict(self.in_service),
+        }
+        if self.run is not None:
+            out["run"] = {
+                **self.run.to_dict(),
+                "elapsed_s": self.elapsed_s,
+                # phase, step / total_steps, loss: written by the training process as it goes
+                "progress": self.progress,
+            }
+        return out
+
+
 class AdaptationLoop:
     """Triggers, supervises and gates training runs for a running service."""
 
@@ -579,43 +627,36 @@ class AdaptationLoop:
         """Runs finished so far, by outcome, and the last one."""
         return LoopSummary(counts=replace(self.counts), last_run=self.last_run)
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> TrainingStatus:
         t = self.settings.training
         active = self.active
-        out: dict[str, Any] = {
-            "state": "training" if active else "idle",
-            "pending_failures": self.buffer.pending_failure_count(),
-            "min_failure_cases": t.min_failure_cases,
-            "policy": t.policy,
-            "waiting_for": self.waiting_for,
-            **asdict(self.counts),
-            "last_run": self.last_run.to_dict() if self.last_run else None,
-            "in_service": self._in_service(),
-        }
+        out = TrainingStatus(
+            state="training" if active else "idle",
+            pending_failures=self.buffer.pending_failure_count(),
+            min_failure_cases=t.min_failure_cases,
+            policy=t.policy,
+            waiting_for=self.waiting_for,
+            counts=replace(self.counts),
+            last_run=self.last_run,
+            in_service=self._in_service(),
+        )
         if active:
             progress = read_progress(Path(active.dir) / RESULT_FILE)
-            out["run"] = {
-                **active.to_dict(),
-                "elapsed_s": round(time.time() - active.started, 1),
-                # phase, step / total_steps, loss: written by the training process as it goes
-                "progress": progress.to_dict() if progress else None,
-            }
+            out.run = active
+            out.elapsed_s = round(time.time() - active.started, 1)
+            out.progress = progress.to_dict() if progress else None
         return out
 
-    def _in_service(self) -> dict[str, Any]:
+    def _in_service(self) -> InService:
         """The adapter serving now and its figures (version 0: the draft without one)."""
         current = self.store.current_version()
-        figures: dict[str, Any] = {}
         try:
             if current:
                 v = self.store.get(current)
-                figures = {
-                    "heldout_agreement": v.heldout_agreement,
-                    "expected_speedup": v.expected_speedup,
-                }
+                return InService(current, v.heldout_agreement, v.expected_speedup)
         except AdapterError:  # removed under us: /status still answers
             pass
-        return {"version": current, **figures}
+        return InService(current)
 
     def list_adapters(self) -> AdapterListing:
         return AdapterListing(

@@ -220,7 +220,7 @@ def test_daemon_trains_gates_and_hot_swaps(daemon_setup) -> None:
         assert {"phase", "updated"} <= run["progress"].keys()
         text = format_status(srv.url, seen_progress[-1])
         assert f"run:     {run['run_id']} (min_failure_cases), {run['progress']['phase']}" in text
-        last = loop.status()["last_run"]
+        last = loop.status().to_dict()["last_run"]
         assert last is not None and last["trigger"] == "min_failure_cases", last
         assert last["decision"] == "install", last
         assert srv.service.adapter_version == last["adapter_version"] == 1
