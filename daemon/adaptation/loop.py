@@ -4,10 +4,10 @@ An apscheduler ``BackgroundScheduler`` job checks the pending failure count ever
 ``training.check_interval_seconds`` (and shortly after each recorded failure, debounced). When
 it reaches ``training.min_failure_cases`` (and the policy, cooldown and holdout allow), a
 training run starts in a subprocess (`daemon.adaptation.process`), at lower priority,
-continuing from the adapter in service. The subprocess evaluates held-out agreement of the
-adapter in service and of the candidate; the candidate is installed only if it beats the current
-one by ``training.min_improvement`` (`gate`), else kept as rejected. An installed adapter is
-swapped into the live draft between requests.
+continuing from the adapter in service (given the daemon's effective settings). The subprocess
+scores the adapter in service and the candidate on the holdout; `daemon.adaptation.gate`
+decides, every candidate is stored (installed or rejected), and an installed one is swapped
+into the live draft between requests, the ``current`` pointer moving once it serves.
 
 The loop never imports serving: it drives whatever satisfies `ServingPort` (the daemon's
 ``Service`` does, structurally), handed to it by the composition root (`daemon.server`).
@@ -29,9 +29,10 @@ from typing import Any, Protocol
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
+from daemon.adaptation.gate import gate, store_candidate
 from daemon.adaptation.process import TrainingArgs, start_training_process
 from daemon.config import Settings, settings_snapshot
-from daemon.core.speed import StepCosts, compare
+from daemon.core.speed import StepCosts
 from daemon.durable import atomic_write
 from daemon.errors import AdapterError
 from daemon.logging import get_logger
@@ -40,7 +41,6 @@ from daemon.store.adapters import (
     AdapterStore,
     AdapterVersion,
     Rollback,
-    config_hash,
 )
 from daemon.store.buffer import BufferRecord, ReplayBuffer
 from daemon.store.runs import (
@@ -48,7 +48,6 @@ from daemon.store.runs import (
     SETTINGS_FILE,
     FinishedRun,
     GateDecision,
-    RunMetrics,
     TrainingResult,
     prune_runs,
     read_progress,
@@ -59,17 +58,6 @@ log = get_logger("adaptation")
 
 DEBOUNCE_S = 2.0
 TERMINATE_GRACE_S = 10.0
-# what an adapter's manifest keeps of its run's metrics, under "training"
-MANIFEST_TRAINING_KEYS = (
-    "steps",
-    "epochs",
-    "loss_first",
-    "loss_last",
-    "tokens",
-    "tokens_per_s",
-    "wall_s",
-    "skipped_micro_batches",
-)
 
 
 class ServingPort(Protocol):
@@ -108,97 +96,6 @@ class ServingPort(Protocol):
 
 def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
-
-
-def _gate_costs(m: RunMetrics, live: StepCosts | None) -> tuple[StepCosts | None, StepCosts | None]:
-    """(costs of the pair in service, the candidate's when its draft is of another kind).
-
-    A candidate of another kind (a first feature draft) costs what the run timed for it,
-    scaled by how the live target's step compares with the run's; without live figures the
-    run's own timings of both drafts are used."""
-    run = StepCosts.from_dict(m.costs) if m.costs else None
-    if m.costs_before is None or run is None:
-        return live or run, None
-    before = live or StepCosts.from_dict(m.costs_before)
-    scale = before.target / run.target if run.target > 0 else 1.0
-    return before, replace(before, draft=run.draft * scale, source=before.source)
-
-
-def gate(
-    result: TrainingResult, settings: Settings, costs: StepCosts | None = None
-) -> GateDecision:
-    """The decision on a finished run: install, reject, or error (nothing to store).
-
-    ``training.gate: speed`` compares the pair's expected tokens per second on the holdout rows
-    before and after (`daemon.core.speed.compare`, a paired bootstrap over the rows), with
-    ``costs`` (the live engine's measurements) or else the ones the run timed; ``agreement``
-    (or a run without per-row matches) compares held-out agreement against min_improvement.
-    """
-    if not result.ok:
-        return GateDecision("error", result.error or "training failed")
-    m = result.metrics
-    if m is None or not m.heldout_after.positions:
-        return GateDecision("reject", "no held-out positions to evaluate on")
-    before, after = m.heldout_before.agreement, m.heldout_after.agreement
-    improvement = after - before
-    agreement = f"held-out agreement {before:.4f} -> {after:.4f} ({improvement:+.4f})"
-    cfg = settings.training
-    costs, after_costs = _gate_costs(m, costs)
-    rows_b, rows_a = m.heldout_before.match_rows(), m.heldout_after.match_rows()
-    if cfg.gate == "speed" and costs is not None and rows_a and len(rows_a) == len(rows_b):
-        c = compare(rows_b, rows_a, costs, cfg.gate_confidence, after_costs=after_costs)
-        b, a = c.before, c.after
-        # a bootstrap over a handful of rows has a handful of distinct resamples: its bound
-        # says little, so too few rows never install (the loop waits for enough)
-        enough = c.rows >= cfg.min_holdout_rows
-        evidence = "" if enough else f" < training.min_holdout_rows={cfg.min_holdout_rows}"
-        return GateDecision(
-            "install" if c.better and enough else "reject",
-            f"expected speedup {b.speedup:.3f}x (k={b.k}) -> {a.speedup:.3f}x (k={a.k}): "
-            f"{c.delta:+.3f}, lower bound {c.lower:+.3f} at {c.confidence:.0%} over "
-            f"{c.rows} rows{evidence} (step costs: {costs.source}); {agreement}",
-            heldout_before=before,
-            heldout_after=after,
-            improvement=improvement,
-            speed=c.to_dict(),
-        )
-    need = cfg.min_improvement
-    return GateDecision(
-        "install" if improvement >= need else "reject",
-        f"{agreement}, need {need:+.4f}",
-        heldout_before=before,
-        heldout_after=after,
-        improvement=improvement,
-    )
-
-
-def store_candidate(
-    store: AdapterStore,
-    result: TrainingResult,
-    decision: GateDecision,
-    settings: Settings,
-    reason: str,
-    point: bool = True,
-) -> AdapterVersion | None:
-    """Keep the candidate in the store (installed or rejected) with its manifest; ``point``:
-    move ``current`` to an installed one now (`AdapterStore.add`)."""
-    m = result.metrics
-    if decision.decision == "error" or not result.adapter_path or m is None:
-        return None
-    metrics = m.to_dict()
-    manifest = {
-        "run_id": m.run_id,
-        "trigger": reason,
-        "gate": decision.to_dict(),
-        "metrics_before": m.heldout_before.summary(),
-        "metrics_after": m.heldout_after.summary(),
-        "data": metrics["examples"],
-        "training": {k: metrics[k] for k in MANIFEST_TRAINING_KEYS},
-        "config_hash": config_hash(settings.training.model_dump()),
-        "draft_head_tokens": m.head_tokens,  # the ids: specd.head_tokens in adapter_config.json
-    }
-    install = decision.decision == "install"
-    return store.add(Path(result.adapter_path), manifest, install=install, point=point)
 
 
 def spawn_run(

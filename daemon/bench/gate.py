@@ -1,6 +1,6 @@
 """``specd bench gate``: how often the speed gate installs a candidate that is no better.
 
-The gate (`daemon.adaptation.loop.gate`) installs when a paired bootstrap over held-out rows
+The gate (`daemon.adaptation.gate.gate`) installs when a paired bootstrap over held-out rows
 puts the expected speedup gain's lower bound above zero (`daemon.core.speed.compare`). On a
 handful of rows a bootstrap has a handful of distinct resamples, and its bound means little.
 This simulates candidates of known quality and counts installs:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from daemon.adaptation.data import collate
-from daemon.adaptation.loop import _gate_costs
+from daemon.adaptation.gate import _gate_costs
 from daemon.adaptation.loss import compute_loss
 from daemon.adaptation.run import run_training
 from daemon.adaptation.trainer import Trainer

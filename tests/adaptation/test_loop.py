@@ -20,7 +20,8 @@ from typing import Any
 import pytest
 
 from daemon.adaptation import loop as loop_mod
-from daemon.adaptation.loop import AdaptationLoop, gate
+from daemon.adaptation.gate import gate
+from daemon.adaptation.loop import AdaptationLoop
 from daemon.config import Settings, load_settings, read_settings_snapshot
 from daemon.core.models import load_pair
 from daemon.errors import AdapterError
