@@ -413,6 +413,9 @@ class Server:
         prompt_cache = service.engine.prompt_cache
         self.metrics.prompt_cache_bytes.set_function(lambda: prompt_cache.nbytes)
         self.status_providers.append(lambda: {"prompt_cache": prompt_cache.status()})
+        # what the round policy measured: the costs and acceptances behind every choice
+        engine = service.engine
+        self.status_providers.append(lambda: {"speculation": _measured(engine)})
 
     @property
     def adapter_version(self) -> int:
@@ -586,3 +589,8 @@ class Server:
         self.pair = None
         self.engine = None
         log.info("stopped")
+
+
+def _measured(engine: Any) -> dict[str, Any] | None:
+    measured = engine.measured()
+    return measured.to_dict() if measured is not None else None

@@ -165,6 +165,8 @@ def bench_speed(
             "identical_to_target": identical,
             "drafted_by_source": dict(total.drafted_by_source),
             "accepted_by_source": dict(total.accepted_by_source),
+            # the costs and acceptances the engine's round policy measured on this row
+            "measured": m.to_dict() if (m := eng.measured()) is not None else None,
         }
 
     rows["specd_fixed"] = run_engine(fixed)

@@ -90,7 +90,7 @@ from daemon.core.drafting import ContextIndex, SuffixIndex
 from daemon.core.feature_draft import is_feature_draft, target_hidden
 from daemon.core.heads import output_head
 from daemon.core.output import TextStream
-from daemon.core.policy import SpeculationPolicy
+from daemon.core.policy import Measured, SpeculationPolicy
 from daemon.core.prompt_cache import PromptCache
 from daemon.core.records import GenerationStats, Rejection, TokenLogprob, top_ids
 from daemon.core.rounds import RequestState, run_round
@@ -479,6 +479,12 @@ class SpeculativeEngine:
         return result
 
     # ------------------------------------------------------------------ internals
+
+    def measured(self) -> Measured | None:
+        """What the round policy has measured (`SpeculationPolicy.measured`); None before the
+        first request. Safe from another thread: it only reads."""
+        held = self._policy
+        return held[1].measured() if held is not None else None
 
     @property
     def policy(self) -> SpeculationPolicy:

@@ -80,6 +80,30 @@ class SourceStats:
             self.accept[i] += EMA * (hit - self.accept[i])
 
 
+@dataclass
+class Measured:
+    """What the policy has measured so far: the costs and acceptances every round's choice
+    rests on (``/status`` shows it under ``speculation``; `bench speed` keeps it per row).
+
+    ``verify_s``: seconds of a target pass per row count actually measured (rescaled as the
+    policy uses them); ``draft_token_s``: one model-draft token; ``acceptance``: per source
+    (and matched n-gram bucket, ``lookup/4``...), the conditional acceptance of each draft
+    position up to the deepest one observed, and the rounds behind it."""
+
+    verify_s: dict[int, float]
+    draft_token_s: float | None
+    acceptance: dict[str, list[float]]
+    rounds: dict[str, int]
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "verify_s": {str(r): round(v, 6) for r, v in sorted(self.verify_s.items())},
+            "draft_token_s": None if self.draft_token_s is None else round(self.draft_token_s, 6),
+            "acceptance": {s: [round(a, 4) for a in v] for s, v in self.acceptance.items()},
+            "rounds": dict(self.rounds),
+        }
+
+
 class SpeculationPolicy:
     """Chooses rounds for one engine; lives across requests (measurements carry over)."""
 
@@ -132,6 +156,19 @@ class SpeculationPolicy:
     def draft_cost(self, k: int) -> float:
         per = self.draft_token_s if self.draft_token_s is not None else 0.25 * self.verify_cost(1)
         return per * k
+
+    def measured(self, positions: int = 8) -> Measured:
+        """A copy of the measurements (the first ``positions`` draft positions of each
+        source observed at least once)."""
+        # dict() copies in one step under the GIL: another thread (/status) may call this
+        # while the worker thread adds a source or a row count
+        observed = {s: st for s, st in sorted(dict(self.sources).items()) if st.rounds}
+        return Measured(
+            verify_s={r: self.verify_cost(r) for r in sorted(dict(self.verify_s))},
+            draft_token_s=self.draft_token_s,
+            acceptance={s: list(st.accept[:positions]) for s, st in observed.items()},
+            rounds={s: st.rounds for s, st in observed.items()},
+        )
 
     def draft_acceptance(self) -> float | None:
         """The model draft's estimated first-position acceptance, once measured enough."""

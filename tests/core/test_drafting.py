@@ -109,6 +109,16 @@ def test_policy_learns_costs_from_observations() -> None:
     assert pol.verify_cost(2) == pytest.approx(0.085, rel=0.05)  # interpolated
     assert pol.draft_token_s == pytest.approx(0.01, rel=0.01)
     assert pol.stats("model").accept[0] > 0.9
+    # what it measured, as /status and bench speed show it: the figures it decides by
+    m = pol.measured(positions=3)
+    assert m.verify_s == {1: pol.verify_cost(1), 3: pol.verify_cost(3)}
+    assert m.draft_token_s == pol.draft_token_s
+    assert m.acceptance["model"] == pol.stats("model").accept[:3]
+    assert m.rounds == {"model": 60}  # sources that drafted (k = 0 rounds time the target)
+    assert m.to_dict()["verify_s"] == {
+        "1": round(pol.verify_cost(1), 6),
+        "3": round(pol.verify_cost(3), 6),
+    }
 
 
 def test_costs_measured_under_contention_do_not_linger() -> None:

@@ -528,6 +528,8 @@ def test_bench_speed(tiny_tokenizer, tiny_target, tiny_draft):
         assert out[row]["mean_accepted_length"] >= 1
         assert 0 < out[row]["target_passes_per_token"] <= 1.5
     assert isinstance(out["bookkeeping_overhead"], float)
+    # each specd row keeps what its engine's round policy measured (the cost curve behind it)
+    assert out["specd_adaptive"]["measured"]["verify_s"]["1"] > 0
 
 
 def test_generation_stats_accumulate_sums_counts_and_positions() -> None:

@@ -551,6 +551,8 @@ def test_status_and_hooks(served: Server) -> None:
     assert st["buffer"]["records"] == buf.count() >= 1
     assert st["buffer"]["pending_failures"] == buf.pending_failure_count()
     assert "training" not in st  # no adaptation loop attached: nothing reported
+    # what the round policy measured, the figures behind every round's choice
+    assert st["speculation"]["verify_s"]["1"] > 0 and st["speculation"]["rounds"]
 
     def broken() -> dict:
         raise RuntimeError("boom")
