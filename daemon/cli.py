@@ -494,6 +494,22 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--confidence", type=float, help="default: training.gate_confidence")
     q.add_argument("--json", type=Path, metavar="OUT", help="also write the results as JSON")
     q.set_defaults(func="daemon.bench.gate:run", needs_mlx=False)
+
+    q = bsub.add_parser(
+        "workloads",
+        help="write the benchmark prompt files, generated from Python's standard library",
+        description="Code, docs, edit and multi-turn chat prompts (train and eval, a fixed "
+        "split) and autocomplete prefixes, from the installed Python's standard library; "
+        "the same Python version writes the same files (MANIFEST.json names it).",
+    )
+    _common(q)
+    q.add_argument(
+        "--out", type=Path, default=Path("benchmarks/workloads"), metavar="DIR",
+        help="where to write them (default benchmarks/workloads)",
+    )  # fmt: skip
+    q.add_argument("--per-kind", type=int, default=120, help="prompts per kind (default 120)")
+    q.add_argument("--autocomplete", type=int, default=16, help="prefixes (default 16)")
+    q.set_defaults(func="daemon.bench.workloads:run", needs_mlx=False)
     return parser
 
 
