@@ -510,6 +510,15 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--per-kind", type=int, default=120, help="prompts per kind (default 120)")
     q.add_argument("--autocomplete", type=int, default=16, help="prefixes (default 16)")
     q.set_defaults(func="daemon.bench.workloads:run", needs_mlx=False)
+
+    q = bsub.add_parser(
+        "report",
+        help="write benchmarks/BENCHMARKS.md from the result files in benchmarks/results/",
+    )
+    _common(q)
+    q.add_argument("--results", type=Path, default=Path("benchmarks/results"), metavar="DIR")
+    q.add_argument("--out", type=Path, default=Path("benchmarks/BENCHMARKS.md"), metavar="FILE")
+    q.set_defaults(func="daemon.bench.report:run", needs_mlx=False)
     return parser
 
 
