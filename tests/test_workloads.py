@@ -1,5 +1,6 @@
 """The benchmark workloads (`daemon.bench.workloads`): generated in the repository from the
-standard library, the same files on every run, train and eval never sharing a source."""
+standard library, the same files on every run, train and eval never sharing a source; and
+BENCHMARKS.md, generated from the result files."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from daemon.bench.report import render_benchmarks
 from daemon.bench.serve import read_conversations
 from daemon.bench.workloads import KINDS, split_of, write_workloads
 from daemon.core.prompts import read_prompts
@@ -60,3 +62,13 @@ def test_the_published_set_is_what_this_python_writes(tmp_path: Path) -> None:
     assert write_workloads(tmp_path) == published
     for name, info in published["files"].items():  # and the files are the ones it lists
         assert hashlib.sha256((PUBLISHED / name).read_bytes()).hexdigest() == info["sha256"]
+
+
+def test_benchmarks_md_is_generated_from_the_result_files() -> None:
+    """benchmarks/BENCHMARKS.md is `specd bench report`'s output, never edited by hand: every
+    figure in it is in a result file that names its command, commit and machine."""
+    root = PUBLISHED.parent
+    assert (root / "BENCHMARKS.md").read_text() == render_benchmarks(root / "results")
+    for path in (root / "results").glob("*.json"):
+        prov = json.loads(path.read_text())["provenance"]
+        assert prov["commit"] and prov["command"].startswith("specd bench") and prov["machine"]
