@@ -444,6 +444,7 @@ def test_bench_provenance_names_commit_machine_and_command() -> None:
     run = provenance()
     assert run["commit"] is None or len(run["commit"]) == 40
     assert run["machine"]["platform"] and run["machine"]["cpus"]
+    assert run["machine"]["backend"]["device"] == "cpu" and run["machine"]["backend"]["blas"]
     assert isinstance(run["command"], str) and run["command"]
 
 
