@@ -13,7 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from daemon.config import Settings
-from daemon.core.speed import StepCosts, compare
+from daemon.core.speed import Comparison, StepCosts, compare
 from daemon.store.adapters import AdapterStore, AdapterVersion, config_hash
 from daemon.store.runs import GateDecision, RunMetrics, TrainingResult
 
@@ -44,6 +44,13 @@ def _gate_costs(m: RunMetrics, live: StepCosts | None) -> tuple[StepCosts | None
     return before, replace(before, draft=run.draft * scale, source=before.source)
 
 
+def installs(c: Comparison, min_rows: int) -> bool:
+    """The speed gate's rule: the gain's lower bound above zero, on at least ``min_rows``
+    rows (a bootstrap over a handful of rows has a handful of distinct resamples: its bound
+    says little there; the loop waits for enough)."""
+    return c.better and c.rows >= min_rows
+
+
 def gate(
     result: TrainingResult, settings: Settings, costs: StepCosts | None = None
 ) -> GateDecision:
@@ -68,12 +75,10 @@ def gate(
     if cfg.gate == "speed" and costs is not None and rows_a and len(rows_a) == len(rows_b):
         c = compare(rows_b, rows_a, costs, cfg.gate_confidence, after_costs=after_costs)
         b, a = c.before, c.after
-        # a bootstrap over a handful of rows has a handful of distinct resamples: its bound
-        # says little, so too few rows never install (the loop waits for enough)
         enough = c.rows >= cfg.min_holdout_rows
         evidence = "" if enough else f" < training.min_holdout_rows={cfg.min_holdout_rows}"
         return GateDecision(
-            "install" if c.better and enough else "reject",
+            "install" if installs(c, cfg.min_holdout_rows) else "reject",
             f"expected speedup {b.speedup:.3f}x (k={b.k}) -> {a.speedup:.3f}x (k={a.k}): "
             f"{c.delta:+.3f}, lower bound {c.lower:+.3f} at {c.confidence:.0%} over "
             f"{c.rows} rows{evidence} (step costs: {costs.source}); {agreement}",

@@ -24,6 +24,7 @@ import random
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from daemon.adaptation.gate import installs
 from daemon.bench.report import print_table, provenance, write_json
 from daemon.config import ConfigSources, Settings
 from daemon.core.speed import StepCosts, compare
@@ -63,14 +64,14 @@ def install_rate(
     rows: int, delta: float, trials: int, confidence: float, seed: int = 0, floor: int = 1
 ) -> GateRate:
     """How many of ``trials`` simulated candidates the gate installs; ``floor``: the fewest
-    rows it installs on (`training.min_holdout_rows`)."""
+    rows it installs on (`training.min_holdout_rows`): the gate's own rule (`installs`)."""
     rng = random.Random(seed)
-    installs = 0
+    installed = 0
     for _ in range(trials):
         before, after = simulated_rows(rng, rows, delta)
         c = compare(before, after, COSTS, confidence, seed=rng.randrange(1 << 30))
-        installs += c.better and c.rows >= floor
-    return GateRate(rows, delta, confidence, trials, installs)
+        installed += installs(c, floor)
+    return GateRate(rows, delta, confidence, trials, installed)
 
 
 def bench_gate(
