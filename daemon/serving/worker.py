@@ -426,13 +426,12 @@ class GenerationWorker:
         its client); once read, its first token, and it is a member."""
         handle = started.handle
         try:
+            if not handle.cancelled and not self.batch.read(joining):
+                return  # more chunks to read
+            self._joining.remove((started, joining))
             if handle.cancelled:
-                self._joining.remove((started, joining))
                 self._finish(started, self.batch.drop(joining))
                 return
-            if not self.batch.read(joining):
-                return
-            self._joining.remove((started, joining))
             uid, first = self.batch.admit(joining)
         except Exception as e:  # a bug or an MLX failure must not kill the worker thread
             if (started, joining) in self._joining:
