@@ -315,6 +315,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="measure the draft with this mlx-lm adapter directory (e.g. `bench train --out`), "
         "or the data dir's current one (default: no adapter)",
     )
+    q.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run every row N times, interleaved; report the median and the spread (default 1)",
+    )
+    q.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE[,...]",
+        help="add a row: specd's defaults with these speculative.* settings changed "
+        "(repeatable), e.g. max_proposal_tokens=8",
+    )
     q.set_defaults(func="daemon.bench.speed:run", needs_mlx=True)
 
     q = bsub.add_parser(

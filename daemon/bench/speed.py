@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
 
 import mlx.nn as nn
+import yaml
 from mlx_lm.tokenizer_utils import TokenizerWrapper
+from pydantic import ValidationError
 
 from daemon.bench.common import mlx_lm_run, strip_eos, timed
 from daemon.bench.report import print_table, provenance, write_json
@@ -19,7 +21,7 @@ from daemon.core.drafting import SuffixIndex
 from daemon.core.engine import GenerationStats, SamplingParams, SpeculativeConfig, SpeculativeEngine
 from daemon.core.models import load_pair
 from daemon.core.prompts import encode_prompt, read_prompts
-from daemon.errors import AdapterError, PromptFileError
+from daemon.errors import AdapterError, ConfigError, PromptFileError
 from daemon.store.adapters import AdapterStore, apply_adapter, load_adapter_dir
 from daemon.store.buffer import ReplayBuffer, buffer_path
 
@@ -34,6 +36,8 @@ def bench_speed(
     speculative: SpeculativeSettings | None = None,
     suffix: SuffixIndex | None = None,
     raw: bool = False,
+    repeat: int = 1,
+    variants: Sequence[Variant] = (),
 ) -> dict[str, Any]:
     """Greedy decoding speed of each method on the same prompts (chat template applied;
     ``raw``: string prompts sent as they are, as ``/v1/completions`` does).
@@ -42,23 +46,31 @@ def bench_speed(
     ``mlx_lm_speculative`` (``stream_generate`` with ``draft_model``), ``specd_fixed``
     (specd's engine, the model draft at fixed ``num_draft_tokens``), ``specd_adaptive``
     (specd's defaults, everything on: ``speculative`` settings, cost-aware rounds over the
-    model draft, lookup and the ``suffix`` index), and one row per drafting source alone:
+    model draft, lookup and the ``suffix`` index), one row per drafting source alone:
     ``specd_model`` (the model draft, adaptive length, no proposals), ``specd_lookup`` and
-    ``specd_suffix`` (proposals only, no model draft; cost-aware).  Each row has
-    ``tokens_per_s`` (generated tokens over wall time, prefill included),
-    ``ratio_vs_target``, ``tokens``, ``seconds`` and ``identical_to_target`` (greedy
-    outputs must match token for token, up to EOS); the
-    speculative rows add ``acceptance_rate``, ``mean_accepted_length``, the tokens drafted
-    and accepted per source (``drafted_by_source``, ``accepted_by_source``) and
+    ``specd_suffix`` (proposals only, no model draft; cost-aware), and one row per
+    ``variants`` entry (the defaults with some ``speculative`` settings changed).
+
+    The rows run ``repeat`` times, every row once per repetition in the same order, so a
+    slow minute of the machine touches all rows alike.  Each row's ratio is taken against
+    the target measured in the same repetition; a row reports the median repetition
+    (``tokens_per_s``, ``ratio_vs_target``), ``ratio_min``/``ratio_max`` over repetitions
+    and the per-repetition lists (``tokens_per_s_runs``, ``ratio_runs``): the run-to-run
+    spread a difference between rows has to exceed.  Each row has ``tokens``, ``seconds``
+    and ``identical_to_target`` (greedy outputs must match the target's token for token, up
+    to EOS, in every repetition); the speculative rows add ``acceptance_rate``,
+    ``mean_accepted_length``, the tokens drafted and accepted per source and
     ``target_passes_per_token`` (prefill counted as one pass per prompt).  For mlx-lm the
     rounds are reconstructed from its ``from_draft`` flags (a round ends at the first
     non-draft token; it drafted ``min(k, tokens left)``).
 
     ``bookkeeping_overhead`` is (t_on - t_off) / t_off for specd's fixed-k engine with
-    rejection recording on vs off (best of two alternating runs each).
+    rejection recording on vs off (best of two alternating runs each, measured once).
     """
     if not prompts:
         raise ValueError("bench_speed needs at least one prompt")
+    if repeat < 1:
+        raise ValueError("repeat must be at least 1")
     if raw:
         encoded = [[int(t) for t in tokenizer.encode(str(p))] for p in prompts]
     else:
@@ -84,41 +96,125 @@ def bench_speed(
         cfg = replace(defaults, lookup=lookup, cost_aware=True, model_draft=False)
         return SpeculativeEngine(target, draft, tokenizer, cfg, suffix if with_suffix else None)
 
-    fixed, model_only = make_engine(False), make_engine(True)
-    fixed_off = make_engine(False, record=False)
-    everything = SpeculativeEngine(target, draft, tokenizer, defaults, suffix=suffix)
-    lookup_only, suffix_only = source_engine(True, False), source_engine(False, True)
-    specd_engines = (fixed, model_only, fixed_off, everything, lookup_only, suffix_only)
+    fixed, fixed_off = make_engine(False), make_engine(False, record=False)
+    engines: dict[str, SpeculativeEngine] = {
+        "specd_fixed": fixed,
+        "specd_adaptive": SpeculativeEngine(target, draft, tokenizer, defaults, suffix=suffix),
+        "specd_model": make_engine(True),
+        "specd_lookup": source_engine(True, False),
+        "specd_suffix": source_engine(False, True),
+    }
+    for v in variants:
+        cfg = SpeculativeConfig.from_settings(v.apply(spec))
+        engines[v.row] = SpeculativeEngine(target, draft, tokenizer, cfg, suffix=suffix)
 
     # warm-up (compilation, allocator) on the first prompt
     warm = encoded[0]
     warm_n = min(max_tokens, 16)
     mlx_lm_run(target, tokenizer, warm, warm_n)
     mlx_lm_run(target, tokenizer, warm, warm_n, draft, k)
-    for eng in specd_engines:
+    for eng in (*engines.values(), fixed_off):
         eng.run(warm, SamplingParams(max_tokens=warm_n))
 
-    rows: dict[str, Any] = {}
-
-    # target only
     ref_tokens: list[list[int]] = []
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for _ in range(repeat):
+        target_row, outputs = _target_row(target, tokenizer, encoded, max_tokens)
+        if not ref_tokens:
+            ref_tokens = [strip_eos(toks, eos) for toks in outputs]
+        measured = {"target_only": target_row}
+        measured["mlx_lm_speculative"] = _mlx_lm_row(
+            target, draft, tokenizer, encoded, ref_tokens, max_tokens, k, eos
+        )
+        for name, eng in engines.items():
+            measured[name] = _engine_row(eng, encoded, ref_tokens, greedy, eos)
+        base = target_row["tokens_per_s"]
+        for name, row in measured.items():
+            row["ratio_vs_target"] = row["tokens_per_s"] / base if base else 0.0
+            runs.setdefault(name, []).append(row)
+    rows: dict[str, Any] = {name: _median_run(rs) for name, rs in runs.items()}
+    mlx_tps = rows["mlx_lm_speculative"]["tokens_per_s"]
+    rows["specd_adaptive"]["ratio_vs_mlx_lm"] = (
+        rows["specd_adaptive"]["tokens_per_s"] / mlx_tps if mlx_tps else 0.0
+    )
+    rows["suffix_index"] = suffix.stats() if suffix is not None else {"tokens": 0}
+
+    t_on, t_off = float("inf"), float("inf")
+    for _ in range(2):
+        t_off = min(t_off, sum(timed(partial(fixed_off.run, p, greedy))[1] for p in encoded))
+        t_on = min(t_on, sum(timed(partial(fixed.run, p, greedy))[1] for p in encoded))
+    rows["bookkeeping_overhead"] = (t_on - t_off) / t_off if t_off > 0 else 0.0
+    rows["num_prompts"] = len(encoded)
+    rows["max_tokens"] = max_tokens
+    rows["num_draft_tokens"] = k
+    rows["repeat"] = repeat
+    return rows
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A ``bench speed`` row: specd's defaults with some ``speculative`` settings changed."""
+
+    changes: dict[str, Any]
+
+    @classmethod
+    def parse(cls, text: str) -> Variant:
+        """``KEY=VALUE[,KEY=VALUE...]`` over ``speculative.*`` (values as YAML scalars); an
+        unknown key or a bad value is an error naming it."""
+        changes: dict[str, Any] = {}
+        for part in filter(None, (p.strip() for p in text.split(","))):
+            key, sep, value = part.partition("=")
+            key = key.strip().removeprefix("speculative.")
+            if not sep or key not in SpeculativeSettings.model_fields:
+                raise ConfigError(f"--variant {text!r}: {part!r} is not speculative.KEY=VALUE")
+            changes[key] = yaml.safe_load(value)
+        if not changes:
+            raise ConfigError(f"--variant {text!r}: no KEY=VALUE")
+        variant = cls(changes)
+        variant.apply(SpeculativeSettings())  # validate now, not after the first rows ran
+        return variant
+
+    @property
+    def row(self) -> str:
+        return "specd_adaptive[" + ",".join(f"{k}={v}" for k, v in self.changes.items()) + "]"
+
+    def apply(self, settings: SpeculativeSettings) -> SpeculativeSettings:
+        try:
+            return SpeculativeSettings.model_validate({**settings.model_dump(), **self.changes})
+        except ValidationError as exc:
+            raise ConfigError(f"--variant {self.row}: {exc.errors()[0]['msg']}") from exc
+
+
+def _target_row(
+    target: nn.Module, tokenizer: TokenizerWrapper, encoded: list[list[int]], max_tokens: int
+) -> tuple[dict[str, Any], list[list[int]]]:
+    outputs: list[list[int]] = []
     total_t, total_n = 0.0, 0
     for p in encoded:
         (toks, _), dt = timed(partial(mlx_lm_run, target, tokenizer, p, max_tokens))
-        ref_tokens.append(strip_eos(toks, eos))
+        outputs.append(toks)
         total_t += dt
         total_n += len(toks)
-    base_tps = total_n / total_t if total_t > 0 else 0.0
-    rows["target_only"] = {
-        "tokens_per_s": base_tps,
-        "ratio_vs_target": 1.0,
+    row = {
+        "tokens_per_s": total_n / total_t if total_t > 0 else 0.0,
         "tokens": total_n,
         "seconds": total_t,
         "target_passes_per_token": (total_n + len(encoded)) / max(total_n, 1),
         "identical_to_target": True,
     }
+    return row, outputs
 
-    # mlx-lm speculative
+
+def _mlx_lm_row(
+    target: nn.Module,
+    draft: nn.Module,
+    tokenizer: TokenizerWrapper,
+    encoded: list[list[int]],
+    ref_tokens: list[list[int]],
+    max_tokens: int,
+    k: int,
+    eos: set[int],
+) -> dict[str, Any]:
     total_t, total_n, accepted, drafted, rounds = 0.0, 0, 0, 0, 0
     identical = True
     for p, ref in zip(encoded, ref_tokens, strict=True):
@@ -136,7 +232,7 @@ def bench_speed(
                 accepted += 1
             else:
                 start = True
-    rows["mlx_lm_speculative"] = {
+    return {
         "tokens_per_s": total_n / total_t if total_t > 0 else 0.0,
         "tokens": total_n,
         "seconds": total_t,
@@ -146,57 +242,57 @@ def bench_speed(
         "identical_to_target": identical,
     }
 
-    def run_engine(eng: SpeculativeEngine) -> dict[str, Any]:
-        total = GenerationStats()
-        total_t, identical = 0.0, True
-        for p, ref in zip(encoded, ref_tokens, strict=True):
-            res, dt = timed(partial(eng.run, p, greedy))
-            total_t += dt
-            total.accumulate(res.stats)
-            identical &= strip_eos(res.tokens, eos) == ref
-        n = total.generation_tokens
-        return {
-            "tokens_per_s": n / total_t if total_t > 0 else 0.0,
-            "tokens": n,
-            "seconds": total_t,
-            "acceptance_rate": total.acceptance_rate,
-            "mean_accepted_length": total.mean_accepted_length,
-            "target_passes_per_token": total.target_passes / max(n, 1),
-            "identical_to_target": identical,
-            "drafted_by_source": dict(total.drafted_by_source),
-            "accepted_by_source": dict(total.accepted_by_source),
-            # the costs and acceptances the engine's round policy measured on this row
-            "measured": m.to_dict() if (m := eng.measured()) is not None else None,
-        }
 
-    rows["specd_fixed"] = run_engine(fixed)
-    rows["specd_adaptive"] = run_engine(everything)
-    rows["specd_model"] = run_engine(model_only)
-    rows["specd_lookup"] = run_engine(lookup_only)
-    rows["specd_suffix"] = run_engine(suffix_only)
-    for name in ("mlx_lm_speculative", "specd_fixed", "specd_adaptive", "specd_model"):
-        rows[name]["ratio_vs_target"] = rows[name]["tokens_per_s"] / base_tps if base_tps else 0.0
-    for name in ("specd_lookup", "specd_suffix"):
-        rows[name]["ratio_vs_target"] = rows[name]["tokens_per_s"] / base_tps if base_tps else 0.0
-    mlx_tps = rows["mlx_lm_speculative"]["tokens_per_s"]
-    rows["specd_adaptive"]["ratio_vs_mlx_lm"] = (
-        rows["specd_adaptive"]["tokens_per_s"] / mlx_tps if mlx_tps else 0.0
+def _engine_row(
+    eng: SpeculativeEngine,
+    encoded: list[list[int]],
+    ref_tokens: list[list[int]],
+    greedy: SamplingParams,
+    eos: set[int],
+) -> dict[str, Any]:
+    total = GenerationStats()
+    total_t, identical = 0.0, True
+    for p, ref in zip(encoded, ref_tokens, strict=True):
+        res, dt = timed(partial(eng.run, p, greedy))
+        total_t += dt
+        total.accumulate(res.stats)
+        identical &= strip_eos(res.tokens, eos) == ref
+    n = total.generation_tokens
+    return {
+        "tokens_per_s": n / total_t if total_t > 0 else 0.0,
+        "tokens": n,
+        "seconds": total_t,
+        "acceptance_rate": total.acceptance_rate,
+        "mean_accepted_length": total.mean_accepted_length,
+        "target_passes_per_token": total.target_passes / max(n, 1),
+        "identical_to_target": identical,
+        "drafted_by_source": dict(total.drafted_by_source),
+        "accepted_by_source": dict(total.accepted_by_source),
+        # the costs and acceptances the engine's round policy measured on this row
+        "measured": m.to_dict() if (m := eng.measured()) is not None else None,
+    }
+
+
+def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The repetition with the median ratio (the lower middle one for an even count), with
+    the spread over all of them; identical only when every repetition was."""
+    ordered = sorted(runs, key=lambda r: r["ratio_vs_target"])
+    row = dict(ordered[(len(ordered) - 1) // 2])
+    ratios = [r["ratio_vs_target"] for r in runs]
+    row.update(
+        runs=len(runs),
+        ratio_min=min(ratios),
+        ratio_max=max(ratios),
+        ratio_runs=ratios,
+        tokens_per_s_runs=[r["tokens_per_s"] for r in runs],
+        identical_to_target=all(r["identical_to_target"] for r in runs),
     )
-    rows["suffix_index"] = suffix.stats() if suffix is not None else {"tokens": 0}
-
-    t_on, t_off = float("inf"), float("inf")
-    for _ in range(2):
-        t_off = min(t_off, sum(timed(partial(fixed_off.run, p, greedy))[1] for p in encoded))
-        t_on = min(t_on, sum(timed(partial(fixed.run, p, greedy))[1] for p in encoded))
-    rows["bookkeeping_overhead"] = (t_on - t_off) / t_off if t_off > 0 else 0.0
-    rows["num_prompts"] = len(encoded)
-    rows["max_tokens"] = max_tokens
-    rows["num_draft_tokens"] = k
-    return rows
+    return row
 
 
 def run(args: argparse.Namespace, settings: Settings, sources: ConfigSources) -> int:
     """``specd bench speed``: the rows on the configured pair, optionally with an adapter."""
+    variants = [Variant.parse(v) for v in args.variant]  # a typo fails before the model loads
     prompts: list[Any]
     if args.workload == "autocomplete":  # generated here: raw code prefixes
         prompts = autocomplete_prompts(args.limit)
@@ -219,7 +315,7 @@ def run(args: argparse.Namespace, settings: Settings, sources: ConfigSources) ->
     meta = provenance()  # at the start: the commit that ran
     print(
         f"bench speed: {len(prompts)} prompts ({args.workload or args.prompts}), "
-        f"max_tokens={args.max_tokens}, k={k}, "
+        f"max_tokens={args.max_tokens}, k={k}, repeat={args.repeat}, "
         f"target={pair.target_id}, draft={pair.draft_id}, adapter={adapter}"
     )
     # the suffix source drafts from the data dir's recorded outputs, as the daemon would
@@ -238,6 +334,8 @@ def run(args: argparse.Namespace, settings: Settings, sources: ConfigSources) ->
         speculative=settings.speculative,
         suffix=suffix,
         raw=args.workload == "autocomplete",
+        repeat=args.repeat,
+        variants=variants,
     )
     result["provenance"] = meta
     result["workload"] = args.workload or str(args.prompts)
@@ -247,6 +345,8 @@ def run(args: argparse.Namespace, settings: Settings, sources: ConfigSources) ->
         [
             "tokens_per_s",
             "ratio_vs_target",
+            "ratio_min",
+            "ratio_max",
             "acceptance_rate",
             "mean_accepted_length",
             "target_passes_per_token",

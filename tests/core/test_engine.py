@@ -532,6 +532,46 @@ def test_bench_speed(tiny_tokenizer, tiny_target, tiny_draft):
     assert out["specd_adaptive"]["measured"]["verify_s"]["1"] > 0
 
 
+def test_bench_speed_repeats_rows_and_adds_variants(tiny_tokenizer, tiny_target, tiny_draft):
+    """Every row runs once per repetition, its ratio against the target of the same
+    repetition; the row reports the median repetition and the spread; a variant is a row."""
+    from daemon.bench.speed import Variant, bench_speed
+
+    variant = Variant.parse("max_proposal_tokens=2,speculative.lookup=false")
+    assert variant.changes == {"max_proposal_tokens": 2, "lookup": False}
+    out = bench_speed(
+        tiny_target,
+        tiny_draft,
+        tiny_tokenizer,
+        ["hello there", "the cat sat"],
+        max_tokens=8,
+        num_draft_tokens=3,
+        repeat=3,
+        variants=[variant],
+    )
+    assert out["repeat"] == 3
+    row = out[variant.row]
+    assert variant.row == "specd_adaptive[max_proposal_tokens=2,lookup=False]"
+    assert row["identical_to_target"] and "lookup" not in row["drafted_by_source"]
+    for name in ("target_only", "mlx_lm_speculative", "specd_adaptive", variant.row):
+        r = out[name]
+        assert r["runs"] == 3 and len(r["ratio_runs"]) == 3 and len(r["tokens_per_s_runs"]) == 3
+        assert r["ratio_min"] <= r["ratio_vs_target"] <= r["ratio_max"]
+        assert r["ratio_vs_target"] == sorted(r["ratio_runs"])[1]  # the median repetition
+    assert out["target_only"]["ratio_runs"] == [1.0, 1.0, 1.0]
+
+
+@pytest.mark.parametrize(
+    "text", ["max_proposal_tokens", "nonsense=3", "max_proposal_tokens=0", "lookup=maybe", ""]
+)
+def test_bench_speed_variant_errors_name_the_setting(text: str) -> None:
+    from daemon.bench.speed import Variant
+    from daemon.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--variant"):
+        Variant.parse(text)
+
+
 def test_generation_stats_accumulate_sums_counts_and_positions() -> None:
     total = GenerationStats()
     total.accumulate(
