@@ -159,6 +159,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("models", help="manage models", description="Manage models.")
     msub = p.add_subparsers(dest="models_command", metavar="ACTION", required=True)
     q = msub.add_parser(
+        "list",
+        help="the models served (models.target and models.targets), loaded or not",
+        description="The models the daemon serves, by the name a request gives: "
+        "models.target first, then models.targets; with the daemon running, whether each "
+        "is loaded now and its draft adapter version.",
+    )
+    _common(q)
+    q.set_defaults(func="daemon.ops.models:run_list", needs_mlx=False)
+    q = msub.add_parser(
         "import-gguf",
         help="convert a llama GGUF file into an MLX model directory",
         description="Convert a llama-architecture GGUF file (Q4_0, Q4_1, Q8_0, "

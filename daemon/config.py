@@ -40,6 +40,21 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class ModelEntry(_Section):
+    """One more model the daemon serves (``models.targets.NAME``), chosen by a request's
+    ``model``; what it leaves out is taken from the ``models.*`` keys."""
+
+    target: str = Field(description="A local MLX directory, an HF repo id or the embedded one.")
+    draft: str | None = Field(None, description="As models.draft.")
+    draft_layers: list[int] | None = Field(None, description="As models.draft_layers.")
+    draft_head_tokens: int | None = Field(None, ge=0, description="As models.draft_head_tokens.")
+
+    @field_validator("draft_layers")
+    @classmethod
+    def _check_layers(cls, layers: list[int] | None) -> list[int] | None:
+        return None if layers is None else _check_draft_layers(layers)
+
+
 class ModelsSettings(_Section):
     target: str = Field(
         EMBEDDED_TARGET,
@@ -74,17 +89,57 @@ class ModelsSettings(_Section):
         description="Free the models' memory after this many seconds without requests and "
         "load them again on the next one (Ollama's keep_alive); null: keep them loaded.",
     )
+    targets: dict[str, ModelEntry] = Field(
+        default_factory=dict,
+        description="More models served by name, besides models.target (served under its own "
+        "id); each loaded on its first request.",
+    )
+    max_loaded: int = Field(
+        2,
+        ge=1,
+        description="Models kept in memory at once; the least recently used beyond it are "
+        "written to the data dir and freed until a request names them again.",
+    )
 
     @field_validator("draft_layers")
     @classmethod
     def _check_layers(cls, layers: list[int]) -> list[int]:
-        if not layers:
-            raise ValueError("must name at least one layer")
-        if any(i < 0 for i in layers):
-            raise ValueError("layer indices must be non-negative")
-        if len(set(layers)) != len(layers):
-            raise ValueError("contains duplicates")
-        return layers
+        return _check_draft_layers(layers)
+
+    @model_validator(mode="after")
+    def _check_names(self) -> ModelsSettings:
+        for name in self.targets:
+            if not name.strip() or name != name.strip():
+                raise ValueError(f"targets: {name!r} is not a model name")
+            if name == self.target:
+                raise ValueError(f"targets: {name!r} is models.target's own name")
+        return self
+
+    def names(self) -> list[str]:
+        """The models served, by the name a request gives: models.target first."""
+        return [self.target, *self.targets]
+
+    def entry(self, name: str) -> ModelsSettings:
+        """These settings as they apply to model ``name`` (KeyError when not served)."""
+        if name == self.target:
+            return self
+        e = self.targets[name]
+        changes: dict[str, Any] = {"target": e.target, "draft": e.draft, "targets": {}}
+        if e.draft_layers is not None:
+            changes["draft_layers"] = e.draft_layers
+        if e.draft_head_tokens is not None:
+            changes["draft_head_tokens"] = e.draft_head_tokens
+        return self.model_copy(update=changes)
+
+
+def _check_draft_layers(layers: list[int]) -> list[int]:
+    if not layers:
+        raise ValueError("must name at least one layer")
+    if any(i < 0 for i in layers):
+        raise ValueError("layer indices must be non-negative")
+    if len(set(layers)) != len(layers):
+        raise ValueError("contains duplicates")
+    return layers
 
 
 class ServerSettings(_Section):
@@ -393,6 +448,10 @@ class Settings(BaseSettings):
     @property
     def runtime_file(self) -> Path:
         return self.paths.data_dir / "runtime.json"
+
+    def for_model(self, name: str) -> Settings:
+        """These settings with ``models.*`` as they apply to the served model ``name``."""
+        return self.model_copy(update={"models": self.models.entry(name)})
 
 
 def default_config_file() -> Path:

@@ -40,8 +40,10 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import asdict
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
@@ -60,6 +62,8 @@ from daemon.serving.requests import FinishedHook
 
 if TYPE_CHECKING:  # imported lazily at run time: `specd --help` need not load MLX
     from daemon.adaptation.loop import AdaptationLoop
+    from daemon.serving.api.state import ModelListing, ServedModel
+    from daemon.serving.runtime import ModelRuntime
     from daemon.serving.service import Service
 
 log = get_logger("server")
@@ -167,6 +171,8 @@ class Server:
         self.app_state: Any = None
         self.metrics = SpecdMetrics()
         self.service: Service | None = None
+        # what the API knows of each other served model, once loaded (models.targets)
+        self._served_models: dict[str, ServedModel] = {}
         self.finished_hooks: list[FinishedHook] = [self.metrics.observe_generation]
         self.status_providers: list[Callable[[], dict[str, Any]]] = []
         self.host: str | None = None
@@ -246,6 +252,11 @@ class Server:
 
         t0 = time.perf_counter()
         if self.group is not None:
+            if s.models.targets:
+                raise ConfigError(
+                    "models.targets: a group of ranks serves models.target only (for now); "
+                    "serve the other models from a daemon of their own"
+                )
             s = self.settings = fit_settings(s)
             self.rank0 = RankZero(self.group, s, self._group_lost, self._rank_timeout)
             self.status_providers.append(self.rank0.status)
@@ -363,16 +374,18 @@ class Server:
         if any(k.startswith("server.batch_size") for k in live_keys):
             size = new.server.batch_size
             worker.call_between_requests(lambda: setattr(worker, "batch_size", size))
-        if any(k.startswith("server.prompt_cache_") for k in live_keys):
-            size, nbytes = new.server.prompt_cache_size, new.server.prompt_cache_bytes
-            assert service.engine is not None
-            cache = service.engine.prompt_cache
-            worker.call_between_requests(lambda: cache.resize(size, nbytes))
-        if any(k.startswith("speculative.") for k in live_keys) and self.pair is not None:
-            config = SpeculativeConfig.from_settings(new.speculative, self.pair.max_context)
-            service.suffix.budget = new.speculative.suffix_tokens  # applies from the next add
-            engine = service.engine
-            worker.call_between_requests(lambda: setattr(engine, "config", config))
+        for runtime in service.runtimes.values():  # each model loaded so far
+            runtime.settings = new.for_model(runtime.name)
+            engine, pair = runtime.engine, runtime.pair
+            if engine is None or pair is None:
+                continue  # one loaded later reads its settings then
+            if any(k.startswith("server.prompt_cache_") for k in live_keys):
+                size, nbytes = new.server.prompt_cache_size, new.server.prompt_cache_bytes
+                worker.call_between_requests(partial(engine.prompt_cache.resize, size, nbytes))
+            if any(k.startswith("speculative.") for k in live_keys):
+                config = SpeculativeConfig.from_settings(new.speculative, pair.max_context)
+                runtime.suffix.budget = new.speculative.suffix_tokens  # from the next add
+                worker.call_between_requests(partial(setattr, engine, "config", config))
 
     def _check_bind_security(self) -> None:
         srv = self.settings.server
@@ -420,6 +433,55 @@ class Server:
     @property
     def adapter_version(self) -> int:
         return self.service.adapter_version if self.service is not None else 0
+
+    def _model_listings(self) -> list[ModelListing]:
+        """Every served model (models.target first): loaded or not, its adapter."""
+        from daemon.serving.api.state import ModelListing
+
+        assert self.service is not None
+        return [
+            ModelListing(
+                name=runtime.name,
+                loaded=runtime.resident,
+                started=runtime.started,
+                adapter_version=runtime.adapter_version,
+                served=self._served_models.get(runtime.name),
+            )
+            for runtime in self.service.runtimes.values()
+        ]
+
+    def _load_model(self, name: str) -> Future[ServedModel]:
+        """Get another served model ready for its first request: loaded on the worker, then
+        described for the API (kept: its next requests need no load to be encoded)."""
+        from daemon.serving.api.state import ServedModel
+
+        assert self.service is not None
+        done: Future[ServedModel] = Future()
+
+        def loaded(fut: Future[ModelRuntime]) -> None:
+            try:
+                runtime = fut.result()
+                pair, engine = runtime.pair, runtime.engine
+                assert pair is not None and engine is not None
+                served = ServedModel(
+                    name=runtime.name,
+                    tokenizer=pair.tokenizer,
+                    draft_id=pair.draft_id,
+                    draft_kind=pair.draft_kind,
+                    dtype=pair.dtype,
+                    max_context=pair.max_context,
+                    vocab_size=engine.shared_vocab(),
+                    model_details=model_details(pair),
+                    adapter_version=lambda: runtime.adapter_version,
+                )
+            except BaseException as e:  # noqa: BLE001 - the request that asked gets it
+                done.set_exception(e)
+                return
+            self._served_models[name] = served
+            done.set_result(served)
+
+        self.service.prepare(name).add_done_callback(loaded)
+        return done
 
     def _draft_head_tokens(self) -> int | None:
         head = pruned_head(self.service.draft) if self.service is not None else None
@@ -476,6 +538,8 @@ class Server:
             draft_head_tokens=self._draft_head_tokens,
             status_providers=self.status_providers,
             admin=self.adaptation,
+            models=self._model_listings,
+            load_model=self._load_model,
         )
         self.app = create_app(self.app_state)
         state = self.app_state

@@ -135,12 +135,12 @@ def perturbed_copy(
     return copy
 
 
-def tiny_args(vocab: int = 40, layers: int = 6) -> ModelArgs:
+def tiny_args(vocab: int = 40, layers: int = 6, hidden: int = 32) -> ModelArgs:
     return ModelArgs(
         model_type="llama",
-        hidden_size=32,
+        hidden_size=hidden,
         num_hidden_layers=layers,
-        intermediate_size=64,
+        intermediate_size=2 * hidden,
         num_attention_heads=4,
         num_key_value_heads=2,
         rms_norm_eps=1e-5,
@@ -151,10 +151,10 @@ def tiny_args(vocab: int = 40, layers: int = 6) -> ModelArgs:
 
 
 def tiny_model(
-    vocab: int = 40, layers: int = 6, seed: int = 0, lm_head_scale: float = 1.0
+    vocab: int = 40, layers: int = 6, seed: int = 0, lm_head_scale: float = 1.0, hidden: int = 32
 ) -> Model:
     mx.random.seed(seed)
-    model = Model(tiny_args(vocab, layers))
+    model = Model(tiny_args(vocab, layers, hidden))
     model.set_dtype(mx.float32)
     if lm_head_scale != 1.0:  # sharper next-token distributions: clear argmax margins
         model.lm_head.weight = model.lm_head.weight * lm_head_scale
@@ -163,7 +163,12 @@ def tiny_model(
 
 
 def write_model_dir(
-    path: Path, words: list[str], vocab_size: int, seed: int, lm_head_scale: float = 1.0
+    path: Path,
+    words: list[str],
+    vocab_size: int,
+    seed: int,
+    lm_head_scale: float = 1.0,
+    hidden: int = 32,
 ) -> Path:
     """A loadable MLX model directory with a word-level tokenizer over ``words``."""
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -173,7 +178,7 @@ def write_model_dir(
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     hf = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>")
-    model = tiny_model(vocab_size, seed=seed, lm_head_scale=lm_head_scale)
+    model = tiny_model(vocab_size, seed=seed, lm_head_scale=lm_head_scale, hidden=hidden)
     path.mkdir(parents=True)
     save_model(path, model)
     config = {k: v for k, v in vars(model.args).items() if v is not None}

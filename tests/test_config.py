@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from daemon.cli import main
 from daemon.config import ConfigError, Settings, load_settings
@@ -171,3 +172,38 @@ def test_cli_reports_config_error_and_exits(tmp_path: Path, capsys: pytest.Captu
     assert rc == 2
     err = capsys.readouterr().err
     assert str(cfg) in err and "models.draft_layers" in err and "at least one layer" in err
+
+
+def test_models_targets_are_served_by_name_with_their_own_overrides() -> None:
+    s = Settings(
+        models={
+            "draft_layers": [0, 1, 2],
+            "targets": {"coder": {"target": "/m/coder", "draft": "/m/coder-draft"}},
+        }
+    )
+    assert s.models.names() == [s.models.target, "coder"]
+    coder = s.for_model("coder").models
+    assert (coder.target, coder.draft, coder.draft_layers) == (
+        "/m/coder",
+        "/m/coder-draft",
+        [0, 1, 2],
+    )
+    assert coder.targets == {}  # an entry is one model, not a registry
+    assert s.for_model(s.models.target).models == s.models
+    with pytest.raises(KeyError):
+        s.for_model("nonexistent")
+
+
+@pytest.mark.parametrize(
+    ("targets", "error"),
+    [
+        ({"embedded:smollm2-135m": {"target": "/m/x"}}, "models.target's own name"),
+        ({" padded": {"target": "/m/x"}}, "not a model name"),
+        ({"x": {"target": "/m/x", "draft_layers": [1, 1]}}, "duplicates"),
+        ({"x": {"draft": "/m/d"}}, "target"),
+        ({"x": {"target": "/m/x", "lora": 3}}, "lora"),
+    ],
+)
+def test_bad_models_targets_are_errors_naming_them(targets: dict, error: str) -> None:
+    with pytest.raises(ValidationError, match=error):
+        Settings(models={"targets": targets})

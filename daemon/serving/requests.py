@@ -46,6 +46,8 @@ class GenerationRequest:
     # Seconds the models stay loaded once idle after this request (Ollama's per-request
     # keep_alive; inf: never unloaded); None: models.keep_alive_seconds.
     keep_alive: float | None = None
+    # The served model it names (models.targets); None: models.target.
+    model: str | None = None
     id: int = field(default_factory=lambda: next(_ids))
     enqueued: float = field(default_factory=time.monotonic)
 

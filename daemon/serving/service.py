@@ -6,6 +6,7 @@ generated and recorded the same way whoever sent it.
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import time
 from collections.abc import Callable
@@ -16,18 +17,14 @@ from typing import Any
 from daemon.config import Settings
 from daemon.core.distributed import MirroredPromptCache, MirroredTarget
 from daemon.core.drafting import SuffixIndex
-from daemon.core.engine import (
-    GenerationResult,
-    SamplingParams,
-    SpeculativeConfig,
-    SpeculativeEngine,
-)
-from daemon.core.models import ModelPair, Offloaded, load_pair, offload
+from daemon.core.engine import GenerationResult, SamplingParams, SpeculativeEngine
+from daemon.core.models import ModelPair
 from daemon.core.prompt_cache import PromptCache
 from daemon.core.prompts import encode_prompt, prompt_text
 from daemon.core.speed import StepCosts
 from daemon.logging import get_logger
 from daemon.serving.requests import BlockingHandle, FinishedHook, GenerationRequest, RequestHandle
+from daemon.serving.runtime import ModelRuntime
 from daemon.serving.worker import GenerationWorker
 from daemon.store.adapters import AdapterVersion, apply_adapter
 from daemon.store.buffer import BufferRecord, BufferWriter, ReplayBuffer
@@ -36,71 +33,91 @@ log = get_logger("service")
 
 
 class Service:
-    """Owns the loaded pair, the generation worker and the buffer writer."""
+    """Owns the served models (`ModelRuntime`, ``models.target`` first), the generation
+    worker and the buffer writer."""
 
     def __init__(self, settings: Settings, pair: ModelPair | None = None) -> None:
         self.settings = settings
-        self.pair = pair
-        self.engine: SpeculativeEngine | None = None
+        first, *others = settings.models.names()
+        # models.target: the model a request naming none gets, the one that records and adapts;
+        # named as its pair names it (a pair given ready-made may carry its own id)
+        self.primary = ModelRuntime(pair.target_id if pair else first, settings, pair)
+        self.runtimes = {self.primary.name: self.primary}
+        for name in others:
+            self.runtimes[name] = ModelRuntime(name, settings.for_model(name))
         self.worker: GenerationWorker | None = None
         self.writer: BufferWriter | None = None
         self.buffer: ReplayBuffer | None = None  # reader for /status and CLI stats
-        self.adapter_version = 0
-        self.adapter_path: str | None = None
         self.last_activity = time.monotonic()
         self.finished_hooks: list[FinishedHook] = []
         self.commit_hooks: list[Callable[[list[BufferRecord]], None]] = [self._index_outputs]
-        # Past outputs to draft from; filled from the buffer at start, then as records commit.
-        self.suffix = SuffixIndex(settings.speculative.suffix_tokens)
-        self._offloaded: Offloaded | None = None  # models.keep_alive_seconds
         # run by the idle worker every so often (rank 0 of a group: the heartbeat)
         self.idle_tick: tuple[float, Callable[[], None]] | None = None
+
+    # the primary model's parts, by their old names (the adaptation loop, the server)
+    @property
+    def pair(self) -> ModelPair | None:
+        return self.primary.pair
+
+    @property
+    def engine(self) -> SpeculativeEngine | None:
+        return self.primary.engine
+
+    @property
+    def suffix(self) -> SuffixIndex:
+        return self.primary.suffix
+
+    @property
+    def adapter_version(self) -> int:
+        return self.primary.adapter_version
+
+    @property
+    def adapter_path(self) -> str | None:
+        return self.primary.adapter_path
 
     # --- lifecycle -------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Load models (unless given), open the buffer, start the worker."""
+        """Load models.target (unless given), open the buffer, start the worker."""
         s = self.settings
         # Open the buffer first: a corrupt file stops start-up, untouched, before a slow load.
         self.writer = BufferWriter(s.paths.data_dir, s.buffer, on_commit=self._committed)
         self.writer.start()
         self.buffer = ReplayBuffer(s.paths.data_dir, s.buffer).open()
-        for output in self.buffer.recent_outputs(self.suffix.budget):
-            self.suffix.add(output)
-        if self.pair is None:
-            self.pair = load_pair(s)
-        self.engine = SpeculativeEngine(
-            self.pair.target,
-            self.pair.draft,
-            self.pair.tokenizer,
-            SpeculativeConfig.from_settings(s.speculative, self.pair.max_context),
-            suffix=self.suffix,
-            prompt_cache=self._prompt_cache(),
-        )
+        self._fill_suffix(self.primary)
+        engine = self.primary.load(self._prompt_cache)
         self.worker = GenerationWorker(
-            self.engine,
+            engine,
             s.server.queue_size,
             self._finished,
             record=self._record,
-            adapter_version=lambda: self.adapter_version,
+            adapter_version=self._adapter_version,
             batch_size=s.server.batch_size,
             keep_alive=s.models.keep_alive_seconds,
             unload=self._unload_models,
             load=self._load_models,
             idle_tick=self.idle_tick,
+            switch=self._switch if len(self.runtimes) > 1 else None,
+            model=self.primary.name,
         )
         shutil.rmtree(self._offload_dir, ignore_errors=True)  # a previous run's, if it died
         self.worker.start()
 
-    def _prompt_cache(self) -> PromptCache:
-        """The prompt cache; with a target split across ranks, one they all keep in step."""
+    def _fill_suffix(self, runtime: ModelRuntime) -> None:
+        """Its suffix index from its own recorded outputs (the buffer names each target)."""
+        assert self.buffer is not None
+        for output in self.buffer.recent_outputs(runtime.suffix.budget, target=runtime.target_id):
+            runtime.suffix.add(output)
+
+    def _prompt_cache(self, pair: ModelPair) -> PromptCache:
+        """A model's prompt cache; with a target split across ranks, one they all keep in
+        step."""
         size, nbytes = (
             self.settings.server.prompt_cache_size,
             self.settings.server.prompt_cache_bytes,
         )
-        assert self.pair is not None
-        if isinstance(self.pair.target, MirroredTarget):
-            return MirroredPromptCache(size, nbytes, self.pair.target)
+        if isinstance(pair.target, MirroredTarget):
+            return MirroredPromptCache(size, nbytes, pair.target)
         return PromptCache(size, nbytes)
 
     # --- idle unload (models.keep_alive_seconds); both run on the worker thread -------------
@@ -110,15 +127,11 @@ class Service:
         return self.settings.paths.data_dir / "offloaded"
 
     def _unload_models(self) -> None:
-        """Write the weights to the data dir and free them (and the prompt cache)."""
-        assert self.pair is not None and self.engine is not None
+        """Write every resident model's weights to the data dir and free them."""
         t0 = time.perf_counter()
-        pair, engine = self.pair, self.engine
-        engine.prompt_cache.clear()
-        models = [pair.target, pair.draft, engine.draft]
-        if pair.base_draft is not None:
-            models.append(pair.base_draft)
-        self._offloaded = offload(models, self._offload_dir / "weights.safetensors")
+        for runtime in self.runtimes.values():
+            if runtime.resident:
+                runtime.offload(self._offload_path(runtime))
         log.info(
             "models_unloaded",
             idle_s=round(time.monotonic() - self.last_activity, 1),
@@ -126,12 +139,56 @@ class Service:
         )
 
     def _load_models(self) -> None:
-        if self._offloaded is None:
+        """Load back the model in service (the others come back when a request names them)."""
+        assert self.worker is not None
+        runtime = self.runtimes[self.worker.model or self.primary.name]
+        if runtime.offloaded is None:
             return
         t0 = time.perf_counter()
-        self._offloaded.restore()
-        self._offloaded = None
-        log.info("models_loaded_again", duration_s=round(time.perf_counter() - t0, 3))
+        runtime.restore()
+        log.info(
+            "models_loaded_again",
+            model=runtime.name,
+            duration_s=round(time.perf_counter() - t0, 3),
+        )
+
+    def _offload_path(self, runtime: ModelRuntime) -> Path:
+        digest = hashlib.sha256(runtime.name.encode()).hexdigest()[:16]
+        return self._offload_dir / f"{digest}.safetensors"
+
+    def _switch(self, name: str) -> SpeculativeEngine:
+        """The worker's ``switch`` (on its thread, idle): ``name``'s engine, loaded or put back
+        if need be, after freeing the least recently used models beyond models.max_loaded."""
+        return self._ready(self.runtimes[name], None)
+
+    def prepare(self, name: str) -> Future[ModelRuntime]:
+        """Load model ``name`` for its first request (on the worker thread, between requests;
+        the model in service keeps its weights however many are loaded)."""
+        assert self.worker is not None, "service not started"
+        runtime, worker = self.runtimes[name], self.worker
+        in_service = self.runtimes.get(worker.model or "")
+        return worker.call_between_requests(lambda: (self._ready(runtime, in_service), runtime)[1])
+
+    def _ready(self, runtime: ModelRuntime, keep: ModelRuntime | None) -> SpeculativeEngine:
+        resident = [
+            r for r in self.runtimes.values() if r.resident and r is not runtime and r is not keep
+        ]
+        loaded = len(resident) + (keep is not None and keep.resident) + 1
+        excess = loaded - self.settings.models.max_loaded
+        for other in sorted(resident, key=lambda r: r.last_used)[: max(0, excess)]:
+            t0 = time.perf_counter()
+            other.offload(self._offload_path(other))
+            log.info(
+                "model_unloaded",
+                model=other.name,
+                reason="models.max_loaded",
+                duration_s=round(time.perf_counter() - t0, 3),
+            )
+        first = not runtime.started
+        engine = runtime.load(self._prompt_cache)
+        if first:
+            self._fill_suffix(runtime)
+        return engine
 
     def stop(self, timeout: float | None = None) -> bool:
         """Finish queued and in-flight requests (bounded), then flush and close the buffer."""
@@ -206,18 +263,19 @@ class Service:
         one uses the new. The future raises `AdapterError` (old draft kept) if it does not fit.
         """
         assert self.worker is not None and self.pair is not None and self.engine is not None
-        pair, engine = self.pair, self.engine
+        runtime, pair, engine = self.primary, self.pair, self.engine
 
         def swap() -> float:
             t0 = time.perf_counter()
+            runtime.restore()  # offloaded (another model in service): its weights come back
             draft = apply_adapter(pair.fresh_draft, version)  # raises before anything changes
             engine.draft = draft
-            self.adapter_version = version.version if version else 0
-            self.adapter_path = str(version.path) if version else None
+            runtime.adapter_version = version.version if version else 0
+            runtime.adapter_path = str(version.path) if version else None
             seconds = time.perf_counter() - t0
             log.info(
                 "adapter_swapped",
-                adapter_version=self.adapter_version,
+                adapter_version=runtime.adapter_version,
                 duration_s=round(seconds, 4),
             )
             return seconds
@@ -241,9 +299,16 @@ class Service:
 
     # --- bookkeeping -----------------------------------------------------------------------
 
+    def _adapter_version(self, model: str | None) -> int:
+        return self.runtimes[model].adapter_version if model else self.primary.adapter_version
+
     def _record(self, req: GenerationRequest, result: GenerationResult) -> Future[int] | None:
         writer, pair = self.writer, self.pair
         if not (req.record and result.tokens) or writer is None or pair is None:
+            return None
+        if req.model not in (None, self.primary.name):
+            # the buffer and the adaptation loop serve models.target only, for now: another
+            # model's outputs would train its draft on a different target's tokens
             return None
         return writer.submit(
             BufferRecord.from_result(

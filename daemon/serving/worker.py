@@ -13,6 +13,12 @@ nobody waits for another's whole answer. Requests beyond ``batch_size`` wait in 
 With ``keep_alive`` set, the worker frees the models (``unload``) after that many idle seconds
 and loads them again (``load``) before the next request or job.
 
+Several models (``switch``): the worker decodes one model at a time. Requests are taken in
+order; the consecutive ones for the model in service are served (alone or batched) and a
+request for another model waits until they are done, then ``switch`` gives that model's engine
+(loading it if need be) and its batch starts empty. A request never waits behind one that came
+after it.
+
 Work that must not overlap a speculative request (swapping the draft's adapter, replacing the
 engine's configuration) is queued with `call_between_requests`; it runs on the worker thread
 when no request is being decoded speculatively (between batch steps too: a batch never uses
@@ -71,14 +77,20 @@ class GenerationWorker:
         queue_size: int = 16,
         on_finished: FinishedHook | None = None,
         record: RecordHook | None = None,
-        adapter_version: Callable[[], int] | None = None,
+        adapter_version: Callable[[str | None], int] | None = None,
         batch_size: int = 1,
         keep_alive: float | None = None,
         unload: Callable[[], None] | None = None,
         load: Callable[[], None] | None = None,
         idle_tick: tuple[float, Callable[[], None]] | None = None,
+        switch: Callable[[str], SpeculativeEngine] | None = None,
+        model: str | None = None,
     ) -> None:
         self.engine = engine
+        # the model in service (a request naming none means ``model``) and how to change it
+        self.model = model
+        self._default_model = model
+        self.switch = switch
         self.on_finished = on_finished
         self.record = record
         self.adapter_version = adapter_version
@@ -350,22 +362,61 @@ class GenerationWorker:
                 self._finish(started, self.batch.cancel(uid))
 
     def _admit(self) -> None:
-        """Start waiting requests: alone when nothing else runs, else into the batch."""
+        """Start waiting requests for the model in service: alone when nothing else runs,
+        else into the batch; a request for another model first waits for them to finish."""
+        if self._waiting and not self._in_service(self._waiting[0]):
+            if self._lone is not None or self._batched or self._joining:
+                return
+            self._switch_to(self._waiting.popleft())
+            return  # the next turn starts it (or the next one, if the switch failed)
         batching = self.batch.max_batch > 1
         if self._waiting and batching and self._lone is not None and not self._batch_full:
             self._hand_over()
-        while self._waiting:
+        while self._waiting and self._in_service(self._waiting[0]):
             if (
                 self._lone is None
                 and not self._batched
                 and not self._joining
-                and (len(self._waiting) == 1 or not batching)
+                and (self._next_for_model() == 1 or not batching)
             ):
                 self._start_lone(self._waiting.popleft())
                 return
             if self._lone is not None or self._batch_full:
                 return
             self._start_batched(self._waiting.popleft())
+
+    def _model_of(self, handle: RequestHandle) -> str | None:
+        return handle.request.model or self._default_model
+
+    def _in_service(self, handle: RequestHandle) -> bool:
+        return self.switch is None or self._model_of(handle) == self.model
+
+    def _next_for_model(self) -> int:
+        """How many requests at the front of the line are for the model in service."""
+        n = 0
+        for handle in self._waiting:
+            if not self._in_service(handle):
+                break
+            n += 1
+        return n
+
+    def _switch_to(self, handle: RequestHandle) -> None:
+        """Put ``handle``'s model in service (the worker is idle); it goes back to the front
+        of the line. If the model cannot be loaded, the request ends with the error."""
+        assert self.switch is not None
+        name = self._model_of(handle)
+        assert name is not None
+        try:
+            engine = self.switch(name)
+            batch = BatchDecoder(engine, self.batch.max_batch)
+        except Exception as e:  # a model that will not load fails its request, not the worker
+            log.exception("model_switch_failed", model=name, request_id=handle.request.log_id)
+            with self._lock:
+                self._pending -= 1
+            self._end(handle, Done(None, error=e))
+            return
+        self.engine, self.batch, self.model = engine, batch, name
+        self._waiting.appendleft(handle)
 
     def _start(self, handle: RequestHandle) -> _Started | None:
         """Count a request as started; None (after its final event) if it was cancelled."""
@@ -376,8 +427,13 @@ class GenerationWorker:
         if handle.cancelled:
             self._end(handle, Done(None, error=None, queue_s=started.queue_s))
             return None
-        if self.adapter_version is not None:
-            req.adapter_version = self.adapter_version()
+        try:
+            if self.adapter_version is not None:
+                req.adapter_version = self.adapter_version(req.model)
+        except Exception as e:  # a bug here must end this request, not leave it waiting
+            log.exception("generation_failed", request_id=req.log_id)
+            self._end(handle, Done(None, error=e, queue_s=started.queue_s))
+            return None
         self._running[req.id] = started
         return started
 
@@ -481,7 +537,10 @@ class GenerationWorker:
         req = started.handle.request
         if started.handle.cancelled or not self.batch.releasable(uid, req.params):
             return
-        if self.adapter_version is not None and self.adapter_version() != req.adapter_version:
+        if (
+            self.adapter_version is not None
+            and self.adapter_version(req.model) != req.adapter_version
+        ):
             # the draft was swapped since it started: it ends in the batch (target only), so
             # that every request is drafted by the version it reports and is recorded under
             return

@@ -294,16 +294,22 @@ class ReplayBuffer:
                 return
             last = (page[-1].created, page[-1].id)
 
-    def recent_outputs(self, max_tokens: int, split: str = "train") -> list[list[int]]:
-        """The output tokens of the newest records of ``split``, oldest first, as many as fit
-        in ``max_tokens`` (what the suffix drafting index is rebuilt from at start)."""
+    def recent_outputs(
+        self, max_tokens: int, split: str = "train", target: str | None = None
+    ) -> list[list[int]]:
+        """The output tokens of the newest records of ``split`` (of the ``target`` model, if
+        given), oldest first, as many as fit in ``max_tokens`` (what the suffix drafting index
+        is rebuilt from at start)."""
+        where, params = "split = ?", [split]
+        if target is not None:
+            where, params = where + " AND target_id = ?", [split, target]
         out: list[list[int]] = []
         total, offset, page = 0, 0, 256
         while total < max_tokens:
             rows = self._query(
-                "SELECT output_tokens FROM records WHERE split = ? "
+                f"SELECT output_tokens FROM records WHERE {where} "
                 "ORDER BY created DESC, id DESC LIMIT ? OFFSET ?",
-                (split, page, offset),
+                (*params, page, offset),
             )
             for (blob,) in rows:
                 ids = unpack_ids(blob)

@@ -558,7 +558,7 @@ def test_status_and_hooks(served: Server) -> None:
         raise RuntimeError("boom")
 
     served.status_providers.extend([lambda: {"extra": {"answer": 42}}, broken])
-    served.service.adapter_version = 2
+    served.service.primary.adapter_version = 2
     try:
         st = httpx.get(f"{served.url}/status").json()
         assert st["extra"] == {"answer": 42}
@@ -568,7 +568,7 @@ def test_status_and_hooks(served: Server) -> None:
         assert m["specd_adapter_version"] == 2 and m["specd_buffer_records"] == buf.count()
     finally:
         del served.status_providers[-2:]
-        served.service.adapter_version = 0
+        served.service.primary.adapter_version = 0
 
 
 def test_status_and_metrics_never_block_the_event_loop(served: Server, monkeypatch) -> None:

@@ -172,3 +172,42 @@ def test_the_worker_logs_the_api_request_id(worker, prompts, monkeypatch) -> Non
         assert isinstance(outcome(handle), Boom)
     failed = [e for e in logs if e["event"] == "generation_failed"]
     assert failed and failed[0]["request_id"] == "chatcmpl-abc"
+
+
+def test_a_failed_adapter_version_lookup_ends_the_request(engine, prompts) -> None:  # noqa: F811
+    """Fixing a request's adapter version at its start raises (an unknown model, a bug): that
+    request gets the error, the next is served."""
+    look = once(lambda model: 0)
+    fresh = make_worker(engine, batch_size=4, adapter_version=look)
+    fresh.start()
+    try:
+        outs = ends(fresh, [submit(fresh, prompts[0], max_tokens=8)])
+    finally:
+        assert fresh.stop(ANSWER_WITHIN_S)
+    assert isinstance(outs[0], Boom)
+
+
+def test_a_model_that_fails_to_load_ends_its_request_only(engine, prompts) -> None:  # noqa: F811
+    """Switching to another model raises (its files are bad): its request gets the error; a
+    request for the model in service before and after it is served."""
+    from daemon.core.engine import SamplingParams
+    from daemon.serving.requests import GenerationRequest
+
+    def switch(name: str) -> SpeculativeEngine:
+        if name == "broken":
+            raise Boom("cannot load")
+        return engine
+
+    fresh = make_worker(engine, batch_size=4, switch=switch, model="main")
+    first = submit(fresh, prompts[0], max_tokens=6)
+    broken = BlockingHandle(
+        GenerationRequest(list(prompts[1]), SamplingParams(max_tokens=6), model="broken")
+    )
+    fresh.submit(broken)
+    fresh.start()
+    try:
+        outs = ends(fresh, [first, broken])
+    finally:
+        assert fresh.stop(ANSWER_WITHIN_S)
+    assert isinstance(outs[0], GenerationResult) and isinstance(outs[1], Boom)
+    assert fresh.model == "main"

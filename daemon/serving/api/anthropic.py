@@ -31,8 +31,8 @@ from daemon.serving.api.errors import APIError
 from daemon.serving.api.generation import (
     chat_prompt,
     chat_tools,
-    check_model,
     contract,
+    model_state,
     serve_chat,
     unknown_request_fields,
     unsupported,
@@ -206,7 +206,7 @@ async def messages(
     body: MessagesRequest, request: Request, response: Response, state: State
 ) -> Any:
     ignored = unknown_request_fields(state, MESSAGES_PATH, body)
-    check_model(state, body.model)
+    state = await model_state(state, body.model)
     if body.thinking and body.thinking.get("type") == "enabled":
         raise unsupported("thinking", "Extended thinking")
     fields: dict[str, Any] = {
@@ -236,7 +236,7 @@ async def messages(
     responses={k: v for k, v in RESPONSES.items() if k != 200},
 )
 async def count_tokens(body: MessagesBase, state: State) -> dict[str, int]:
-    check_model(state, body.model)
+    state = await model_state(state, body.model)
     internal = contract(ChatCompletionRequest, {"messages": _messages(body), **_tool_fields(body)})
     _, tokens = await chat_prompt(state, internal, chat_tools(state, internal))
     return {"input_tokens": len(tokens)}

@@ -10,6 +10,7 @@ worker.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,7 +37,7 @@ from daemon.serving.api.schemas import (
     GenerationParams,
     unknown_fields,
 )
-from daemon.serving.api.state import MODEL_ALIASES, AppState
+from daemon.serving.api.state import MODEL_ALIASES, AppState, ModelListing
 from daemon.serving.api.streaming import GenerationRun
 from daemon.serving.api.tools import forced_call_grammar
 
@@ -44,7 +45,8 @@ __all__ = [
     "RunOptions",
     "chat_prompt",
     "chat_tools",
-    "check_model",
+    "model_state",
+    "served_models",
     "contract",
     "serve_chat",
     "serve_completion",
@@ -67,15 +69,43 @@ class RunOptions:
     keep_alive: float | None = None
 
 
-def check_model(state: AppState, model: str | None) -> None:
+def served_models(state: AppState) -> list[tuple[ModelListing, AppState | None]]:
+    """Every served model with the state its requests are served with (None: not loaded
+    yet); models.target first."""
+    listings = state.models() or [
+        ModelListing(state.model_id, state.worker.loaded, True, state.adapter_version(), None)
+    ]
+    out: list[tuple[ModelListing, AppState | None]] = []
+    for m in listings:
+        if m.name == state.model_id:
+            out.append((m, state))
+        else:
+            out.append((m, state.serving(m.served) if m.served is not None else None))
+    return out
+
+
+async def model_state(state: AppState, model: str | None) -> AppState:
+    """The state a request for ``model`` is served with (`AppState.serving`): models.target's
+    for none, its id or an alias; another served model's once it is ready (loaded on its first
+    request, which waits); a 404 listing the served names for any other."""
     if model in (None, "", state.model_id, *MODEL_ALIASES):
-        return
-    raise APIError(
-        404,
-        f"The model '{model}' does not exist; this server serves '{state.model_id}'.",
-        param="model",
-        code="model_not_found",
-    )
+        return state
+    listings = state.models()
+    listing = next((m for m in listings if m.name == model), None)
+    if listing is None or state.load_model is None:
+        names = [m.name for m in listings] or [state.model_id]
+        raise APIError(
+            404,
+            f"The model '{model}' does not exist; this server serves "
+            + ", ".join(f"'{n}'" for n in names)
+            + ".",
+            param="model",
+            code="model_not_found",
+        )
+    served = listing.served
+    if served is None:
+        served = await asyncio.wrap_future(state.load_model(model))
+    return state.serving(served)
 
 
 def unknown_request_fields(state: AppState, endpoint: str, body: BaseModel) -> list[str]:
@@ -300,7 +330,7 @@ async def serve_chat(
 ) -> Response | BaseModel:
     """A chat request, in the internal contract every API is translated to: validated,
     templated, run, rendered by ``renderer``."""
-    check_model(state, body.model)
+    state = await model_state(state, body.model)
     if body.top_logprobs and not body.logprobs:  # as OpenAI answers it
         raise APIError(
             400,
@@ -429,7 +459,7 @@ async def serve_completion(
     options: RunOptions | None = None,
 ) -> Response | BaseModel:
     """A completion request (raw prompt text or token ids), as `serve_chat`."""
-    check_model(state, body.model)
+    state = await model_state(state, body.model)
     if body.echo:
         raise unsupported("echo", "echo")
     if body.best_of is not None and body.best_of > 1:

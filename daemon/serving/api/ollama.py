@@ -32,10 +32,11 @@ from daemon.core.engine import GenerationResult, TokenLogprob
 from daemon.serving.api.errors import APIError
 from daemon.serving.api.generation import (
     RunOptions,
-    check_model,
     contract,
+    model_state,
     serve_chat,
     serve_completion,
+    served_models,
     unknown_request_fields,
     unsupported,
     with_ignored,
@@ -48,7 +49,12 @@ from daemon.serving.api.schemas import (
     CompletionRequest,
     FinishReason,
 )
-from daemon.serving.api.state import OLLAMA_CHAT_PATH, OLLAMA_GENERATE_PATH, AppState
+from daemon.serving.api.state import (
+    OLLAMA_CHAT_PATH,
+    OLLAMA_GENERATE_PATH,
+    AppState,
+    ModelListing,
+)
 from daemon.serving.api.tools import ParsedCall
 
 __all__ = ["OllamaRenderer", "ollama_router", "parse_keep_alive"]
@@ -278,7 +284,7 @@ async def ollama_chat(
 ) -> Any:
     ignored = unknown_request_fields(state, OLLAMA_CHAT_PATH, body)
     fields, options, more = _translate(body)
-    check_model(state, _model_id(body.model))
+    state = await model_state(state, _model_id(body.model))
     if not body.messages:
         return _loaded(state, body.model, True, options.keep_alive)
     fields["model"] = None
@@ -299,7 +305,7 @@ async def ollama_generate(
 ) -> Any:
     ignored = unknown_request_fields(state, OLLAMA_GENERATE_PATH, body)
     fields, options, more = _translate(body)
-    check_model(state, _model_id(body.model))
+    state = await model_state(state, _model_id(body.model))
     if body.images:
         raise unsupported("images", "images")
     if body.template:
@@ -440,7 +446,22 @@ def _entry(state: AppState) -> dict[str, Any]:
 
 @ollama_router.get("/api/tags", summary="Served models (Ollama-compatible)", responses=_errors(401))
 async def ollama_tags(state: State) -> dict[str, Any]:
-    return {"models": [_entry(state)]}
+    return {"models": [_listed(state, m, served) for m, served in served_models(state)]}
+
+
+def _listed(state: AppState, listing: ModelListing, served: AppState | None) -> dict[str, Any]:
+    """A served model's entry; one not loaded yet has only its name (its details come from
+    its files, read when it loads)."""
+    if served is not None:
+        return _entry(served)
+    return {
+        "name": listing.name,
+        "model": listing.name,
+        "modified_at": datetime.fromtimestamp(state.started, UTC).isoformat(),
+        "size": 0,
+        "digest": "",
+        "details": {},
+    }
 
 
 @ollama_router.get("/api/ps", summary="Loaded models (Ollama-compatible)", responses=_errors(401))
@@ -454,20 +475,25 @@ async def ollama_ps(state: State) -> dict[str, Any]:
         if keep is not None and not math.isinf(keep)
         else datetime(9999, 1, 1, tzinfo=UTC)
     )
-    entry = {
-        **_entry(state),
-        "expires_at": until.isoformat(),
-        "size_vram": 0,
-        "context_length": state.max_context,
+    return {
+        "models": [
+            {
+                **_entry(served),
+                "expires_at": until.isoformat(),
+                "size_vram": 0,
+                "context_length": served.max_context,
+            }
+            for listing, served in served_models(state)
+            if listing.loaded and served is not None
+        ]
     }
-    return {"models": [entry]}
 
 
 @ollama_router.post(
     "/api/show", summary="Model details (Ollama-compatible)", responses=_errors(400, 401, 404, 413)
 )
 async def ollama_show(body: ShowRequest, state: State) -> dict[str, Any]:
-    check_model(state, _model_id(body.model or body.name or ""))
+    state = await model_state(state, _model_id(body.model or body.name or ""))
     tok = state.tokenizer
     family = str(state.model_details.get("family", ""))
     capabilities = ["completion"]

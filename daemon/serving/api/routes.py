@@ -30,9 +30,10 @@ from daemon.errors import AdapterError, AdapterNotFoundError
 from daemon.logging import get_logger
 from daemon.serving.api.errors import APIError
 from daemon.serving.api.generation import (
-    check_model,
+    model_state,
     serve_chat,
     serve_completion,
+    served_models,
     unknown_request_fields,
     with_ignored,
 )
@@ -60,8 +61,10 @@ from daemon.serving.api.schemas import (
 from daemon.serving.api.state import (
     CHAT_PATH,
     COMPLETIONS_PATH,
+    MODEL_ALIASES,
     AdminControl,
     AppState,
+    ModelListing,
 )
 from daemon.serving.metrics import CONTENT_TYPE
 
@@ -120,13 +123,18 @@ async def completions(
     return with_ignored(await serve_completion(state, request, body), response, ignored)
 
 
-def _model_card(state: AppState) -> ModelCard:
-    return ModelCard(id=state.model_id, created=int(state.started))
+def _model_card(state: AppState, listing: ModelListing) -> ModelCard:
+    return ModelCard(
+        id=listing.name,
+        created=int(state.started),
+        loaded=listing.loaded,
+        adapter_version=listing.adapter_version,
+    )
 
 
 @openai_router.get("/v1/models", response_model=ModelList)
 async def list_models(state: State) -> ModelList:
-    return ModelList(data=[_model_card(state)])
+    return ModelList(data=[_model_card(state, m) for m, _ in served_models(state)])
 
 
 @openai_router.get(
@@ -135,8 +143,11 @@ async def list_models(state: State) -> ModelList:
     responses={404: ERROR_RESPONSES[404]},
 )
 async def get_model(model: str, state: State) -> ModelCard:
-    check_model(state, model or "?")
-    return _model_card(state)
+    listings = {m.name: m for m, _ in served_models(state)}
+    name = state.model_id if model in ("", *MODEL_ALIASES) else model
+    if name not in listings:
+        await model_state(state, model or "?")  # raises the 404 naming what is served
+    return _model_card(state, listings[name])
 
 
 # --------------------------------------------------------------------------------------------

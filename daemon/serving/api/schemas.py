@@ -447,6 +447,10 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "specd"
+    loaded: bool | None = Field(None, description="specd: its weights are in memory now.")
+    adapter_version: int | None = Field(
+        None, description="specd: the draft adapter in service (0: none)."
+    )
 
 
 class ModelList(BaseModel):

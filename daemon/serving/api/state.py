@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from concurrent.futures import Future
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from daemon.config import Settings
@@ -32,7 +33,9 @@ __all__ = [
     "OLLAMA_GENERATE_PATH",
     "AdminControl",
     "AppState",
+    "ModelListing",
     "RequestInfo",
+    "ServedModel",
 ]
 
 MODEL_ALIASES = ("specd",)  # accepted in "model" besides the target id (and omitting it)
@@ -68,6 +71,33 @@ class AdminControl(Protocol):
 
 
 @dataclass
+class ServedModel:
+    """What the API needs of a served model to take its requests (its tokenizer, limits and
+    the names it reports); the weights may be elsewhere (models.max_loaded)."""
+
+    name: str
+    tokenizer: Any
+    draft_id: str = ""
+    draft_kind: str = ""
+    dtype: str = ""
+    max_context: int | None = None
+    vocab_size: int = 0
+    model_details: dict[str, Any] = field(default_factory=dict)
+    adapter_version: Callable[[], int] = lambda: 0
+
+
+@dataclass
+class ModelListing:
+    """A served model as ``/v1/models`` and ``/api/tags`` list it."""
+
+    name: str
+    loaded: bool  # its weights are in memory now
+    started: bool  # loaded at least once since the daemon started
+    adapter_version: int
+    served: ServedModel | None  # None until it was first loaded
+
+
+@dataclass
 class AppState:
     """What the HTTP handlers need; `daemon.server.Server` builds it.
 
@@ -97,11 +127,30 @@ class AppState:
     draft_head_tokens: Callable[[], int | None] = lambda: None  # None: the full head
     status_providers: list[Callable[[], dict[str, Any]]] = field(default_factory=list)
     admin: AdminControl | None = None
+    # every served model (models.target first) and how to get one ready for its first request
+    models: Callable[[], list[ModelListing]] = lambda: []
+    load_model: Callable[[str], Future[ServedModel]] | None = None
     started: float = field(default_factory=time.time)
     accepting: bool = True
     in_flight: int = 0
     # (endpoint, field) pairs of unknown request fields already logged (once each)
     unknown_logged: set[tuple[str, str]] = field(default_factory=set)
+
+    def serving(self, model: ServedModel) -> AppState:
+        """This state as the handlers of a request for ``model`` read it: its tokenizer,
+        limits and names in place of models.target's (the counters stay this state's)."""
+        return replace(
+            self,
+            tokenizer=model.tokenizer,
+            model_id=model.name,
+            draft_id=model.draft_id,
+            draft_kind=model.draft_kind,
+            dtype=model.dtype,
+            max_context=model.max_context,
+            vocab_size=model.vocab_size,
+            model_details=model.model_details,
+            adapter_version=model.adapter_version,
+        )
 
 
 @dataclass

@@ -172,6 +172,7 @@ class GenerationRun:
             meta={"endpoint": kind, "id": self.id},
             constraint=constraint,
             keep_alive=keep_alive,
+            model=state.model_id,
         )
         self.handle = AsyncHandle(gen_req, asyncio.get_running_loop())
         self.logprobs = LogprobRenderer(state.tokenizer) if params.logprobs is not None else None

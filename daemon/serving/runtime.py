@@ -1,0 +1,92 @@
+"""One served model in memory: its pair, engine, suffix index, prompt cache and adapter.
+
+A daemon serves ``models.target`` and the ``models.targets`` entries (`Settings.for_model`),
+each a `ModelRuntime` the service owns. The worker decodes one model at a time and asks the
+service for the engine of the next request's model (`daemon.serving.service.Service`), which
+loads it on first use and frees the least recently used ones beyond ``models.max_loaded``
+(`offload`: the weights go to the data dir, the module objects stay, so the engine, its
+adapter and the prompt cache's owner keep working after `ModelRuntime.restore`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from daemon.config import Settings
+from daemon.core.drafting import SuffixIndex
+from daemon.core.engine import SpeculativeConfig, SpeculativeEngine
+from daemon.core.models import ModelPair, Offloaded, load_pair, offload
+from daemon.core.prompt_cache import PromptCache
+from daemon.logging import get_logger
+
+log = get_logger("service")
+
+
+class ModelRuntime:
+    """A served model, by the name requests give; ``settings`` are the daemon's with
+    ``models.*`` as they apply to it. Loaded by `load` (on the worker thread)."""
+
+    def __init__(self, name: str, settings: Settings, pair: ModelPair | None = None) -> None:
+        self.name = name
+        self.settings = settings
+        self.pair = pair
+        self.engine: SpeculativeEngine | None = None
+        # past outputs to draft from (filled from the buffer, then as records commit)
+        self.suffix = SuffixIndex(settings.speculative.suffix_tokens)
+        self.adapter_version = 0
+        self.adapter_path: str | None = None
+        self.offloaded: Offloaded | None = None
+        self.last_used = 0.0
+
+    @property
+    def target_id(self) -> str:
+        """The target as its buffer records name it (known before it is loaded)."""
+        return self.pair.target_id if self.pair is not None else self.settings.models.target
+
+    @property
+    def started(self) -> bool:
+        """Loaded once: its engine exists (its weights may be offloaded)."""
+        return self.engine is not None
+
+    @property
+    def resident(self) -> bool:
+        """Its weights are in memory."""
+        return self.engine is not None and self.offloaded is None
+
+    def load(self, prompt_cache: Callable[[ModelPair], PromptCache]) -> SpeculativeEngine:
+        """Load the pair (unless given) and make its engine; put offloaded weights back."""
+        if self.engine is None:
+            if self.pair is None:
+                t0 = time.perf_counter()
+                self.pair = load_pair(self.settings)
+                log.info("model_loaded", model=self.name, load_s=round(time.perf_counter() - t0, 2))
+            pair = self.pair
+            self.engine = SpeculativeEngine(
+                pair.target,
+                pair.draft,
+                pair.tokenizer,
+                SpeculativeConfig.from_settings(self.settings.speculative, pair.max_context),
+                suffix=self.suffix,
+                prompt_cache=prompt_cache(pair),
+            )
+        elif self.offloaded is not None:
+            self.restore()
+        self.last_used = time.monotonic()
+        return self.engine
+
+    def offload(self, path: Path) -> None:
+        """Write its weights to ``path`` and free them (and its prompt cache)."""
+        assert self.pair is not None and self.engine is not None
+        pair, engine = self.pair, self.engine
+        engine.prompt_cache.clear()
+        models = [pair.target, pair.draft, engine.draft]
+        if pair.base_draft is not None:
+            models.append(pair.base_draft)
+        self.offloaded = offload(models, path)
+
+    def restore(self) -> None:
+        if self.offloaded is not None:
+            self.offloaded.restore()
+            self.offloaded = None
