@@ -70,6 +70,9 @@ class ServingPort(Protocol):
     def buffer(self) -> ReplayBuffer | None: ...  # a reader; None before the service starts
 
     @property
+    def target_id(self) -> str: ...  # the model whose draft adapts: its records' target id
+
+    @property
     def adapter_version(self) -> int: ...  # the version in service, 0 = none
 
     @property
@@ -108,6 +111,7 @@ def spawn_run(
     progress: bool = False,
     nice: int = 0,
     draft_only: bool = False,
+    target: str | None = None,
     **popen_kwargs: Any,
 ) -> subprocess.Popen[Any]:
     """Start the training subprocess for one run in ``run_dir`` (its name is the run id),
@@ -130,6 +134,7 @@ def spawn_run(
         progress=progress,
         nice=nice,
         draft_only=draft_only,
+        target=target,
     )
     return start_training_process(
         args, preload_openblas=settings.models.preload_openblas, **popen_kwargs
@@ -249,10 +254,15 @@ class AdaptationLoop:
 
     @property
     def buffer(self) -> ReplayBuffer:
+        """The served model's own rows (a buffer may hold several models')."""
         buffer = self.service.buffer
         if buffer is None:
             raise RuntimeError("the service is not started: no replay buffer")
-        return buffer
+        return buffer.for_target(self.target)
+
+    @property
+    def target(self) -> str:
+        return self.service.target_id
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -297,7 +307,8 @@ class AdaptationLoop:
         """After each buffer commit: a new train failure schedules a check soon (debounced)."""
         if self._stopping or not self.scheduler.running:
             return
-        if any(r.is_failure and r.split == "train" for r in records):
+        mine = self.target
+        if any(r.is_failure and r.split == "train" and r.target_id == mine for r in records):
             self.scheduler.add_job(
                 self.check,
                 "date",
@@ -381,6 +392,7 @@ class AdaptationLoop:
                 max_steps,
                 nice=self.settings.training.nice,
                 draft_only=self.service.target_split,
+                target=self.target,
                 stdout=subprocess.DEVNULL,
                 stderr=stderr,
                 stdin=subprocess.DEVNULL,

@@ -58,6 +58,8 @@ class TrainingArgs:
     # rank 0 of a group: the target stays unread but for the draft's share (it may not fit
     # one machine); step costs come from the live engine, not from timing the target here
     draft_only: bool = False
+    # train on this target's buffer rows only (a daemon serving several models); None: all
+    target: str | None = None
 
 
 def training_command(args: TrainingArgs, python: str | None = None) -> list[str]:
@@ -85,6 +87,8 @@ def training_command(args: TrainingArgs, python: str | None = None) -> list[str]
         cmd += ["--nice", str(args.nice)]
     if args.draft_only:
         cmd.append("--draft-only")
+    if args.target is not None:
+        cmd += ["--target", args.target]
     return cmd
 
 
@@ -156,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--no-mark-used", action="store_true", help="do not mark the failures used (benchmarks)"
     )
+    p.add_argument("--target", help="train on this target's buffer rows only (default: all)")
     return p
 
 
@@ -213,6 +218,7 @@ def main(argv: list[str] | None = None, *, standalone: bool = False) -> int:
             mark_used=not args.no_mark_used,
             progress_file=progress_file_for(args.result),
             draft_only=args.draft_only,
+            target=args.target,
         )
     except BaseException as e:  # noqa: BLE001 - every failure must reach the result file
         msg = f"{type(e).__name__}: {e}" if not isinstance(e, TrainingError) else str(e)

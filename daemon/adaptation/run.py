@@ -127,6 +127,7 @@ def run_training(
     pair: Any = None,
     progress_file: str | os.PathLike[str] | None = None,
     draft_only: bool = False,
+    target: str | None = None,
 ) -> RunMetrics:
     """One training run of the configured draft on the buffer; returns its metrics.
 
@@ -135,7 +136,8 @@ def run_training(
     ``out_dir`` and, with ``mark_used``, marks the failures used by ``run_id``. Raises
     `TrainingError` (and marks nothing) when there is nothing to train on or no update was
     made. With ``progress_file`` the run's phase and latest step are kept there
-    (`daemon.store.runs.RunProgress`).
+    (`daemon.store.runs.RunProgress`). ``target``: only that target's rows are read (a
+    daemon serving several models keeps them in one buffer).
     """
     from daemon.store.buffer import ReplayBuffer
 
@@ -169,7 +171,9 @@ def run_training(
     draft = pair.draft
     vocab_limit = pair.shared_vocab
 
-    with ReplayBuffer(settings.paths.data_dir, settings.buffer, create=False) as buffer:
+    with ReplayBuffer(
+        settings.paths.data_dir, settings.buffer, create=False, target=target
+    ) as buffer:
         failures = buffer.pending_failures()
         replay = buffer.sample_replay(
             replay_count(len(failures), cfg.replay_ratio),

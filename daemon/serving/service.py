@@ -75,6 +75,10 @@ class Service:
     def adapter_path(self) -> str | None:
         return self.primary.adapter_path
 
+    @property
+    def target_id(self) -> str:
+        return self.primary.target_id
+
     # --- lifecycle -------------------------------------------------------------------------
 
     def start(self) -> None:
@@ -303,19 +307,16 @@ class Service:
         return self.runtimes[model].adapter_version if model else self.primary.adapter_version
 
     def _record(self, req: GenerationRequest, result: GenerationResult) -> Future[int] | None:
-        writer, pair = self.writer, self.pair
+        runtime = self.runtimes.get(req.model or self.primary.name, self.primary)
+        writer, pair = self.writer, runtime.pair
         if not (req.record and result.tokens) or writer is None or pair is None:
-            return None
-        if req.model not in (None, self.primary.name):
-            # the buffer and the adaptation loop serve models.target only, for now: another
-            # model's outputs would train its draft on a different target's tokens
             return None
         return writer.submit(
             BufferRecord.from_result(
                 req.prompt_text,
                 req.prompt_tokens,
                 result,
-                pair.target_id,
+                pair.target_id,  # each model's rows are its own (ReplayBuffer.for_target)
                 pair.draft_id,
                 req.adapter_version,  # fixed at its start, as its response says (worker)
             )
@@ -329,10 +330,13 @@ class Service:
             hook(req, result, queue_s, total_s)
 
     def _index_outputs(self, records: list[BufferRecord]) -> None:
-        """Train outputs become draftable as soon as they commit; holdout rows never do."""
-        for r in records:
-            if r.split == "train":
-                self.suffix.add(r.output_tokens)
+        """Train outputs become draftable, by the model that wrote them, as soon as they
+        commit; holdout rows never do."""
+        by_target = {r.target_id: r for r in self.runtimes.values()}
+        for rec in records:
+            runtime = by_target.get(rec.target_id)
+            if rec.split == "train" and runtime is not None:
+                runtime.suffix.add(rec.output_tokens)
 
     def _committed(self, records: list[BufferRecord]) -> None:
         for hook in self.commit_hooks:

@@ -22,6 +22,7 @@ table, which triggers keep equal to what a ``GROUP BY`` over ``records`` would g
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import random
@@ -142,7 +143,9 @@ class ReplayBuffer:
     """Reads (and curates) the buffer; safe beside a `BufferWriter` in any thread or process.
 
     ``path`` is the database file or the data directory. One instance may be shared between
-    threads (calls are serialised on its connection).
+    threads (calls are serialised on its connection). ``target``: only that target's records
+    are read (`for_target`: the same connection, scoped; a daemon serving several models keeps
+    them in one file and each model trains on its own).
     """
 
     def __init__(
@@ -152,13 +155,30 @@ class ReplayBuffer:
         *,
         create: bool = True,
         verify: bool = False,
+        target: str | None = None,
     ) -> None:
         self.path = resolve_path(path)
         self.settings = settings or BufferSettings()
         self.create = create
         self.verify = verify
+        self.target = target
         self._conn: sqlite3.Connection | None = None
         self._lock = threading.RLock()
+
+    def for_target(self, target: str) -> ReplayBuffer:
+        """This buffer seen through ``target``'s records only (sharing its connection)."""
+        scoped = copy.copy(self)
+        scoped.target = target
+        return scoped
+
+    def _scope(self, where: str, params: Sequence[Any]) -> tuple[str, list[Any]]:
+        """``where`` narrowed to this buffer's target, if it has one."""
+        if self.target is None:
+            return where, list(params)
+        return (f"target_id = ? AND ({where})" if where else "target_id = ?"), [
+            self.target,
+            *params,
+        ]
 
     def open(self) -> ReplayBuffer:
         with self._lock:
@@ -206,14 +226,16 @@ class ReplayBuffer:
                 raise BufferError(f"{self.path}: {e}") from e
 
     def _records(self, where: str = "", params: Sequence[Any] = (), tail: str = "") -> list:
+        where, args = self._scope(where, params)  # the target's ? comes first in the SQL too
         sql = f"{SELECT} {'WHERE ' + where if where else ''} {tail}"
-        return [decode_row(row) for row in self._query(sql, params)]
+        return [decode_row(row) for row in self._query(sql, args)]
 
     # queries
     def _counted(self, where: str = "", params: Sequence[Any] = ()) -> int:
         with self._lock:
+            where, args = self._scope(where, params)
             try:
-                return counted(self._db(), where, params)
+                return counted(self._db(), where, args)
             except sqlite3.DatabaseError as e:
                 raise BufferError(f"{self.path}: {e}") from e
 
@@ -226,7 +248,13 @@ class ReplayBuffer:
         return rows[0] if rows else None
 
     def ids(self) -> set[int]:
-        return {i for (i,) in self._query("SELECT id FROM records")}
+        where, args = self._scope("", ())
+        return {
+            i
+            for (i,) in self._query(
+                f"SELECT id FROM records {'WHERE ' + where if where else ''}", args
+            )
+        }
 
     def pending_failure_count(self) -> int:
         """Failure cases in the train split not yet used for training (the counts table)."""
@@ -251,11 +279,11 @@ class ReplayBuffer:
         if n <= 0:
             return []
         exclude = set(exclude_ids)
-        sql = "SELECT id FROM records WHERE split = 'train'"
-        params: tuple[Any, ...] = ()
+        where, params = self._scope("split = 'train'", ())
         if before is not None:
-            sql, params = sql + " AND created < ?", (before,)
-        candidates = [i for (i,) in self._query(sql + " ORDER BY id", params) if i not in exclude]
+            where, params = where + " AND created < ?", [*params, before]
+        sql = f"SELECT id FROM records WHERE {where} ORDER BY id"
+        candidates = [i for (i,) in self._query(sql, params) if i not in exclude]
         chosen = random.Random(seed).sample(candidates, min(n, len(candidates)))
         found: dict[int, BufferRecord] = {}
         for start in range(0, len(chosen), 500):
@@ -300,9 +328,10 @@ class ReplayBuffer:
         """The output tokens of the newest records of ``split`` (of the ``target`` model, if
         given), oldest first, as many as fit in ``max_tokens`` (what the suffix drafting index
         is rebuilt from at start)."""
-        where, params = "split = ?", [split]
         if target is not None:
-            where, params = where + " AND target_id = ?", [split, target]
+            where, params = "target_id = ? AND split = ?", [target, split]
+        else:
+            where, params = self._scope("split = ?", [split])
         out: list[list[int]] = []
         total, offset, page = 0, 0, 256
         while total < max_tokens:
@@ -340,21 +369,28 @@ class ReplayBuffer:
             conn = self._db()
             try:
                 conn.execute("BEGIN")  # one snapshot for all the numbers
+                where, args = self._scope("records > 0", ())
+                mine, margs = self._scope("", ())
+                mine = f"WHERE {mine}" if mine else ""
                 try:
+                    # summed over targets: one row per key, as when there was one target
                     counts = conn.execute(
-                        "SELECT split, is_failure, used, adapter_version, records, rated, "
-                        "rate_sum, accepted, drafted FROM record_counts WHERE records > 0 "
-                        "ORDER BY adapter_version, split"
+                        "SELECT split, is_failure, used, adapter_version, sum(records), "
+                        "sum(rated), sum(rate_sum), sum(accepted), sum(drafted) "
+                        f"FROM record_counts WHERE {where} GROUP BY 1, 2, 3, 4 "
+                        "ORDER BY adapter_version, split",
+                        args,
                     ).fetchall()
                     # two subqueries: min() and max() in one SELECT would scan the whole table
                     span = conn.execute(
-                        "SELECT (SELECT min(created) FROM records), "
-                        "(SELECT max(created) FROM records)"
+                        f"SELECT (SELECT min(created) FROM records {mine}), "
+                        f"(SELECT max(created) FROM records {mine})",
+                        [*margs, *margs],
                     ).fetchone()
                     recent = conn.execute(
-                        "SELECT created, acceptance_rate, drafted, accepted FROM records "
+                        f"SELECT created, acceptance_rate, drafted, accepted FROM records {mine} "
                         "ORDER BY created DESC, id DESC LIMIT ?",
-                        (max(0, trend_window),),
+                        (*margs, max(0, trend_window)),
                     ).fetchall()
                 finally:
                     conn.execute("COMMIT")

@@ -178,11 +178,75 @@ def _migrate_v2(conn: sqlite3.Connection) -> None:
     )
 
 
+# Version 3: the counts keyed by target too, so that each served model's numbers (its pending
+# failures, its holdout rows) are read without a scan (models.targets).
+_COUNT_ADD_V3 = """
+    INSERT INTO record_counts (
+        target_id, split, is_failure, used, adapter_version, records, rated, rate_sum,
+        accepted, drafted
+    )
+    VALUES (
+        new.target_id, new.split, new.is_failure, new.used_for_training IS NOT NULL,
+        new.adapter_version, 1, new.acceptance_rate IS NOT NULL,
+        coalesce(new.acceptance_rate, 0.0), coalesce(new.accepted, 0), coalesce(new.drafted, 0)
+    )
+    ON CONFLICT (target_id, split, is_failure, used, adapter_version) DO UPDATE SET
+        records = records + 1, rated = rated + excluded.rated,
+        rate_sum = rate_sum + excluded.rate_sum, accepted = accepted + excluded.accepted,
+        drafted = drafted + excluded.drafted;
+"""
+_COUNT_REMOVE_V3 = _COUNT_REMOVE.replace(
+    "WHERE split = old.split", "WHERE target_id = old.target_id AND split = old.split"
+)
+
+
+def _migrate_v3(conn: sqlite3.Connection) -> None:
+    """The counts table keyed by target as well; rebuilt from the records."""
+    for trigger in ("insert", "delete", "update"):
+        conn.execute(f"DROP TRIGGER records_count_{trigger}")
+    conn.execute("DROP TABLE record_counts")
+    conn.execute(
+        """
+        CREATE TABLE record_counts (
+            target_id TEXT NOT NULL,
+            split TEXT NOT NULL,
+            is_failure INTEGER NOT NULL,
+            used INTEGER NOT NULL,                  -- used_for_training IS NOT NULL
+            adapter_version INTEGER NOT NULL,
+            records INTEGER NOT NULL,
+            rated INTEGER NOT NULL,                 -- rows with an acceptance_rate
+            rate_sum REAL NOT NULL,                 -- their sum of acceptance_rate
+            accepted INTEGER NOT NULL,              -- sum(accepted), NULL as 0
+            drafted INTEGER NOT NULL,               -- sum(drafted), NULL as 0
+            PRIMARY KEY (target_id, split, is_failure, used, adapter_version)
+        ) WITHOUT ROWID
+        """
+    )
+    conn.execute(
+        "INSERT INTO record_counts SELECT target_id, split, is_failure, "
+        "used_for_training IS NOT NULL, adapter_version, count(*), count(acceptance_rate), "
+        "coalesce(sum(acceptance_rate), 0.0), coalesce(sum(accepted), 0), "
+        "coalesce(sum(drafted), 0) FROM records GROUP BY 1, 2, 3, 4, 5"
+    )
+    conn.execute(
+        f"CREATE TRIGGER records_count_insert AFTER INSERT ON records BEGIN {_COUNT_ADD_V3} END"
+    )
+    conn.execute(
+        f"CREATE TRIGGER records_count_delete AFTER DELETE ON records BEGIN {_COUNT_REMOVE_V3} END"
+    )
+    conn.execute(
+        f"CREATE TRIGGER records_count_update AFTER UPDATE OF target_id, {_COUNTED_COLUMNS} "
+        f"ON records BEGIN {_COUNT_REMOVE_V3} {_COUNT_ADD_V3} END"
+    )
+    # a model's own rows in time order (its holdout, its recent outputs)
+    conn.execute("CREATE INDEX records_target_split ON records (target_id, split, created, id)")
+
+
 # Forward migrations: MIGRATIONS[i] takes a database from user_version i to i + 1.
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_migrate_v1, _migrate_v2]
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_migrate_v1, _migrate_v2, _migrate_v3]
 SCHEMA_VERSION = len(MIGRATIONS)
 # What each version added that the database must hold (a file missing it is not ours, or broken).
-_REQUIRED = {1: "records", 2: "record_counts"}
+_REQUIRED = {1: "records", 2: "record_counts", 3: "record_counts"}
 
 PENDING_COUNTED = "split = 'train' AND is_failure = 1 AND used = 0"  # PENDING_WHERE, counted
 

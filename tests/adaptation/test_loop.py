@@ -27,6 +27,7 @@ from daemon.core.models import load_pair
 from daemon.errors import AdapterError
 from daemon.serving.service import Service
 from daemon.store.adapters import ADAPTER_WEIGHTS
+from daemon.store.buffer import BufferRecord
 from daemon.store.runs import (
     RESULT_FILE,
     SETTINGS_FILE,
@@ -78,8 +79,8 @@ def fill(service: Service, failures: int, holdout: int) -> None:
     import random
 
     rng = random.Random(3)
-    buf = service.buffer
-    assert buf is not None
+    assert service.buffer is not None
+    buf = service.buffer.for_target(service.target_id)  # the served model's own rows
     for _ in range(400):
         if buf.pending_failure_count() >= failures and buf.count("holdout") >= holdout:
             return
@@ -89,13 +90,16 @@ def fill(service: Service, failures: int, holdout: int) -> None:
     raise AssertionError("the tiny model did not produce enough failure cases")
 
 
-def spawn(argv: list[str], started: list[subprocess.Popen[Any]], before=None):
-    """A ``spawn_run`` that starts ``python argv`` instead of a training process."""
+def spawn(argv: list[str], started: list[subprocess.Popen[Any]], before=None, targets=None):
+    """A ``spawn_run`` that starts ``python argv`` instead of a training process (and notes
+    the target whose rows the run would read in ``targets``)."""
 
     def fake_spawn_run(settings, run_dir, current, epochs, max_steps, **kw):
         if before is not None:
             before(run_dir)
-        kw = {k: v for k, v in kw.items() if k not in ("nice", "progress", "draft_only")}
+        if targets is not None:
+            targets.append(kw.get("target"))
+        kw = {k: v for k, v in kw.items() if k not in ("nice", "progress", "draft_only", "target")}
         proc = subprocess.Popen([sys.executable, *argv], **kw)
         started.append(proc)
         return proc
@@ -224,11 +228,25 @@ def test_the_gate_rarely_installs_a_candidate_that_is_no_better() -> None:
 
 def test_check_waits_for_holdout_idle_and_cooldown(served, monkeypatch) -> None:
     service, cfg = served
-    fill(service, failures=4, holdout=1)
     started: list[subprocess.Popen[Any]] = []
-    monkeypatch.setattr(loop_mod, "spawn_run", spawn(["-c", "raise SystemExit(3)"], started))
+    targets: list[str | None] = []
+    monkeypatch.setattr(
+        loop_mod, "spawn_run", spawn(["-c", "raise SystemExit(3)"], started, targets=targets)
+    )
     loop = AdaptationLoop(service)  # not started: checks run when this test says
     t = service.settings.training
+    # another served model's failures and holdout rows are not this draft's to train on
+    t.min_failure_cases, t.min_holdout_rows = 1, 1
+    assert service.buffer is not None
+    service.buffer.add(
+        [
+            BufferRecord(f"other {i}", [1, 2], "x", [3], {}, [], "other-model", "d", split=split)
+            for i, split in enumerate(["holdout", "train"])
+        ]
+    )
+    service.buffer._write("UPDATE records SET is_failure = 1")
+    assert loop.check() is None and not started and loop.waiting_for is None  # no failures
+    fill(service, failures=4, holdout=1)
 
     t.min_holdout_rows = 10_000
     assert loop.check() is None and not started
@@ -240,6 +258,7 @@ def test_check_waits_for_holdout_idle_and_cooldown(served, monkeypatch) -> None:
 
     t.idle_seconds = 0.0  # idle long enough: the run starts (and its process fails)
     assert loop.check() is not None and len(started) == 1
+    assert targets == [service.target_id]  # the run reads the served model's rows only
     assert loop.wait_idle(HANG_GUARD_S)
     summary = loop.summary()
     assert summary.counts.failed == 1 and summary.last_run is not None

@@ -137,6 +137,18 @@ def test_two_models_answer_alternating_requests_as_each_does_alone(tmp_path: Pat
         if r["event"] == "model_loaded"
     ]
     assert [r["model"] for r in loaded] == ["coder"]  # once, on its first request
+    # every request is recorded under the target that answered it, with its adapter version
+    from daemon.store.buffer import ReplayBuffer
+
+    with ReplayBuffer(tmp_path / "data", create=False) as buf:
+        by_target = {
+            t: sorted(r.output_text for r in buf.for_target(t).iter_records())
+            for t in (str(chat), str(coder))
+        }
+        assert buf.count() == 2 * len(PROMPTS)
+        assert all(r.adapter_version == 0 for r in buf.iter_records())
+    assert by_target[str(chat)] == sorted(alone[str(chat)])
+    assert by_target[str(coder)] == sorted(alone["coder"])
 
 
 def rss_bytes(pid: int) -> int:

@@ -19,11 +19,13 @@ from tests.helpers import HANG_GUARD_S
 
 # The side table's numbers as a scan computes them, in its key order.
 SCAN = (
-    "SELECT split, is_failure, used_for_training IS NOT NULL, adapter_version, count(*), "
-    "count(acceptance_rate), coalesce(sum(acceptance_rate), 0.0), coalesce(sum(accepted), 0), "
-    "coalesce(sum(drafted), 0) FROM records GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4"
+    "SELECT target_id, split, is_failure, used_for_training IS NOT NULL, adapter_version, "
+    "count(*), count(acceptance_rate), coalesce(sum(acceptance_rate), 0.0), "
+    "coalesce(sum(accepted), 0), coalesce(sum(drafted), 0) FROM records "
+    "GROUP BY 1, 2, 3, 4, 5 ORDER BY 1, 2, 3, 4, 5"
 )
-KEPT = "SELECT * FROM record_counts WHERE records > 0 ORDER BY 1, 2, 3, 4"
+KEPT = "SELECT * FROM record_counts WHERE records > 0 ORDER BY 1, 2, 3, 4, 5"
+TARGETS = ("t", "u")  # two served models in one buffer
 
 
 def random_record(rng: random.Random, i: int) -> BufferRecord:
@@ -41,7 +43,7 @@ def random_record(rng: random.Random, i: int) -> BufferRecord:
         output_tokens=[3, 4, 5],
         stats=stats,
         rejections=[Rejection(p, 2 + p, 7, 0.5, 8, [8], [-0.1]) for p in range(n_rej)],
-        target_id="t",
+        target_id=rng.choice(TARGETS),
         draft_id="d",
         adapter_version=rng.randrange(0, 3),
         created=1000 + rng.randrange(0, 500),
@@ -51,6 +53,26 @@ def random_record(rng: random.Random, i: int) -> BufferRecord:
 
 def assert_counts_match(b: ReplayBuffer) -> None:
     assert b._query(KEPT) == b._query(SCAN)
+    for target in TARGETS:  # each model's own numbers, read from the same table
+        mine = b.for_target(target)
+        where = "target_id = ? AND "
+        assert (
+            mine.count()
+            == b._query("SELECT count(*) FROM records WHERE target_id = ?", (target,))[0][0]
+        )
+        assert (
+            mine.count("holdout")
+            == b._query(f"SELECT count(*) FROM records WHERE {where} split = 'holdout'", (target,))[
+                0
+            ][0]
+        )
+        assert (
+            mine.pending_failure_count()
+            == b._query(
+                f"SELECT count(*) FROM records WHERE {where} {schema.PENDING_WHERE}", (target,)
+            )[0][0]
+        )
+        assert mine.stats().records == mine.count()
     assert b.count() == b._query("SELECT count(*) FROM records")[0][0]
     for split in ("train", "holdout"):
         assert (
@@ -124,7 +146,7 @@ def test_a_v1_database_gets_its_counts_filled(tmp_path: Path) -> None:
     db = buffer_path(tmp_path)
     _v1_database(db, [random_record(rng, i) for i in range(200)])
     with ReplayBuffer(db) as b:
-        assert b._query("PRAGMA user_version")[0][0] == schema.SCHEMA_VERSION == 2
+        assert b._query("PRAGMA user_version")[0][0] == schema.SCHEMA_VERSION == 3
         assert len(b._query(KEPT)) > 10  # many keys, all filled from the old rows
         assert_counts_match(b)
         assert b.count() == 200
@@ -157,3 +179,43 @@ def test_a_current_database_without_its_counts_table_is_refused(tmp_path: Path) 
     conn.close()
     with pytest.raises(BufferError, match="no record_counts table"):
         ReplayBuffer(db).open()
+
+
+def test_a_v2_database_gets_its_counts_keyed_by_target(tmp_path: Path) -> None:
+    rng = random.Random(13)
+    db = buffer_path(tmp_path)
+    conn = sqlite3.connect(db)
+    schema.MIGRATIONS[0](conn)
+    schema.MIGRATIONS[1](conn)  # the counts table as version 2 kept it, with its triggers
+    conn.execute("PRAGMA user_version = 2")
+    for i in range(120):
+        conn.execute(schema.INSERT, encode_record(random_record(rng, i), BufferSettings())[0])
+    conn.commit()
+    conn.close()
+    with ReplayBuffer(db) as b:
+        assert b._query("PRAGMA user_version")[0][0] == 3
+        assert_counts_match(b)
+        b.add([random_record(rng, 1000 + i) for i in range(20)])  # the new triggers
+        assert_counts_match(b)
+
+
+def test_a_buffer_for_a_target_reads_only_that_targets_records(tmp_path: Path) -> None:
+    rng = random.Random(5)
+    settings = BufferSettings(holdout_fraction=0.3, failure_threshold=1.0)
+    with ReplayBuffer(tmp_path / "buffer.sqlite", settings) as b:
+        b.add([random_record(rng, i) for i in range(80)])
+        for target in TARGETS:
+            mine = b.for_target(target)
+            reads = [
+                mine.pending_failures(),
+                mine.holdout(),
+                mine.sample_replay(50, seed=1),
+                list(mine.iter_records()),
+            ]
+            assert all(reads) and all(r.target_id == target for rs in reads for r in rs)
+            assert mine.ids() == {r.id for r in b.iter_records() if r.target_id == target}
+            outputs = mine.recent_outputs(10_000)
+            assert len(outputs) == sum(
+                1 for r in b.iter_records() if r.target_id == target and r.split == "train"
+            )
+        assert len(b.ids()) == 80  # the unscoped buffer still reads everything
