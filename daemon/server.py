@@ -156,7 +156,8 @@ class Server:
         self.sources = sources
         self.overrides = dict(overrides or {})
         self.adaptation_enabled = adaptation
-        self.adaptation: AdaptationLoop | None = None
+        self.adaptation: AdaptationLoop | None = None  # models.target's
+        self.adaptations: dict[str, AdaptationLoop] = {}  # the other served models'
         self.reloader: Any = None
         self.reload_requested = False
         self.should_exit = False
@@ -297,12 +298,23 @@ class Server:
         return self.sources.main_file or default_config_file()
 
     def _start_adaptation(self) -> None:
-        from daemon.adaptation.loop import AdaptationLoop
+        """An adaptive loop per served model, one training run at a time among them."""
+        from daemon.adaptation.loop import AdaptationLoop, RunSlot
 
-        assert self.service is not None, "the service starts first"
-        adaptation = self.adaptation = AdaptationLoop(self.service)
+        service = self.service
+        assert service is not None, "the service starts first"
+        slot = RunSlot()
+        adaptation = self.adaptation = AdaptationLoop(service, slot)
         adaptation.start()
         self.status_providers.append(lambda: {"training": adaptation.status().to_dict()})
+        for name in list(service.runtimes)[1:]:
+            loop = self.adaptations[name] = AdaptationLoop(service.port(name), slot)
+            loop.start()
+        if self.adaptations:  # the other models' loops, by name
+            others = dict(self.adaptations)
+            self.status_providers.append(
+                lambda: {"training_models": {n: a.status().to_dict() for n, a in others.items()}}
+            )
 
     def _start_reloader(self) -> None:
         from daemon.serving.reload import ConfigReloader
@@ -538,6 +550,7 @@ class Server:
             draft_head_tokens=self._draft_head_tokens,
             status_providers=self.status_providers,
             admin=self.adaptation,
+            admins=dict(self.adaptations),
             models=self._model_listings,
             load_model=self._load_model,
         )
@@ -608,8 +621,9 @@ class Server:
         notify.stopping()
         if self.reloader is not None:
             self.reloader.stop()
-        if self.adaptation is not None:
-            self.adaptation.stop()  # no new runs; a running one is stopped cleanly
+        for loop in [self.adaptation, *self.adaptations.values()]:
+            if loop is not None:
+                loop.stop()  # no new runs; a running one is stopped cleanly
         state = self.app_state
         timeout = self.settings.server.shutdown_timeout
         deadline = time.monotonic() + timeout

@@ -73,6 +73,12 @@ class ServingPort(Protocol):
     def target_id(self) -> str: ...  # the model whose draft adapts: its records' target id
 
     @property
+    def name(self) -> str: ...  # the served model's name
+
+    @property
+    def state_dir(self) -> Path: ...  # its adapters/ and training/ live here
+
+    @property
     def adapter_version(self) -> int: ...  # the version in service, 0 = none
 
     @property
@@ -223,13 +229,36 @@ class TrainingStatus:
         return out
 
 
-class AdaptationLoop:
-    """Triggers, supervises and gates training runs for a running service."""
+class RunSlot:
+    """One training run at a time among the adaptive loops of a daemon's models (they share
+    the machine the daemon serves on)."""
 
-    def __init__(self, service: ServingPort) -> None:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.holder: str | None = None
+
+    def take(self, who: str) -> bool:
+        with self._lock:
+            if self.holder is not None and self.holder != who:
+                return False
+            self.holder = who
+            return True
+
+    def give(self, who: str) -> None:
+        with self._lock:
+            if self.holder == who:
+                self.holder = None
+
+
+class AdaptationLoop:
+    """Triggers, supervises and gates training runs of one served model's draft."""
+
+    def __init__(self, service: ServingPort, slot: RunSlot | None = None) -> None:
         self.service = service
+        self.slot = slot or RunSlot()
+        self.log = log.bind(model=service.name)  # each line names the model it adapts
         self._versions_lock = threading.Lock()  # install and rollback: swap, then pointer
-        self.data_dir = Path(service.settings.paths.data_dir)
+        self.data_dir = Path(service.state_dir)  # its adapters/ and training/
         self.store = AdapterStore.for_data_dir(
             self.data_dir, service.settings.training.keep_adapters
         )
@@ -273,7 +302,7 @@ class AdaptationLoop:
         interval = self.settings.training.check_interval_seconds
         self.scheduler.add_job(self.check, "interval", seconds=interval, id="check")
         self.scheduler.start()
-        log.info(
+        self.log.info(
             "adaptation_started",
             min_failure_cases=self.settings.training.min_failure_cases,
             policy=self.settings.training.policy,
@@ -287,7 +316,9 @@ class AdaptationLoop:
                 self.store.verify(version)
                 self.service.swap_adapter(version).result()
         except AdapterError as e:
-            log.error("adapter_load_failed", error=str(e), using="the draft without an adapter")
+            self.log.error(
+                "adapter_load_failed", error=str(e), using="the draft without an adapter"
+            )
 
     def stop(self) -> None:
         """Stop the scheduler and a running training process (SIGTERM, then SIGKILL)."""
@@ -296,7 +327,7 @@ class AdaptationLoop:
             self.scheduler.shutdown(wait=False)
         proc = self.proc
         if proc is not None and proc.poll() is None:
-            log.info("train_process_stopping", pid=proc.pid)
+            self.log.info("train_process_stopping", pid=proc.pid)
             self._terminate(proc)
         if self._watcher is not None:
             self._watcher.join(TERMINATE_GRACE_S + 5)
@@ -328,7 +359,7 @@ class AdaptationLoop:
 
     def _wait(self, why: str | None) -> None:
         if why != self.waiting_for and why is not None:
-            log.info("training_waiting", waiting_for=why)
+            self.log.info("training_waiting", waiting_for=why)
         self.waiting_for = why
 
     def _check(self) -> str | None:
@@ -350,6 +381,10 @@ class AdaptationLoop:
             return None
         if t.policy == "idle" and self.service.idle_for() < t.idle_seconds:
             self._wait(f"the server to be idle for {t.idle_seconds:g}s")
+            return None
+        holder = self.slot.holder
+        if holder is not None and holder != self.service.name:
+            self._wait(f"the training run of {holder} to finish")
             return None
         self._wait(None)
         return self.start_run("min_failure_cases", pending)
@@ -378,6 +413,18 @@ class AdaptationLoop:
 
     def start_run(
         self, reason: str, pending: int, epochs: int | None = None, max_steps: int | None = None
+    ) -> str:
+        me = self.service.name
+        if not self.slot.take(me):
+            raise RuntimeError(f"a training run of {self.slot.holder} is running (one at a time)")
+        try:
+            return self._start_run(reason, pending, epochs, max_steps)
+        except BaseException:
+            self.slot.give(me)
+            raise
+
+    def _start_run(
+        self, reason: str, pending: int, epochs: int | None, max_steps: int | None
     ) -> str:
         run_id = new_run_id()
         run_dir = self.data_dir / "training" / run_id
@@ -409,7 +456,7 @@ class AdaptationLoop:
         with self._run_lock:
             self.proc = proc
             self.active = active
-        log.info(
+        self.log.info(
             "train_run_started",
             run_id=run_id,
             reason=reason,
@@ -443,7 +490,7 @@ class AdaptationLoop:
             proc.wait(timeout=limit)
         except subprocess.TimeoutExpired:
             timed_out = True
-            log.warning("train_run_timeout", run_id=run_id, max_run_seconds=limit)
+            self.log.warning("train_run_timeout", run_id=run_id, max_run_seconds=limit)
             self._terminate(proc)
         result = read_result(run_dir / RESULT_FILE, proc.returncode)
         if timed_out:
@@ -455,24 +502,25 @@ class AdaptationLoop:
         try:
             self._finish(run_id, result, reason)
         except Exception:  # the loop must survive a bad run
-            log.exception("train_run_finish_failed", run_id=run_id)
+            self.log.exception("train_run_finish_failed", run_id=run_id)
         finally:
             # Counted last: whoever sees the run counted also sees its last_run and swap.
             self.counts.runs += 1
             with self._run_lock:
                 self.proc = None
                 self.active = None
+            self.slot.give(self.service.name)
             self._last_finished = time.monotonic()
             with self._runs_done:
                 self._runs_done.notify_all()
 
     def _finish(self, run_id: str, result: TrainingResult, reason: str) -> None:
         decision = gate(result, self.settings, self.service.step_costs())
-        log.info("gate_decision", run_id=run_id, **decision.to_dict())
+        self.log.info("gate_decision", run_id=run_id, **decision.to_dict())
         finished = FinishedRun(run_id=run_id, trigger=reason, finished=time.time(), gate=decision)
         if decision.decision == "error":
             self.counts.failed += 1
-            log.error("train_run_failed", run_id=run_id, error=decision.reason)
+            self.log.error("train_run_failed", run_id=run_id, error=decision.reason)
             self.last_run = finished
             self._prune_runs(run_id)
             return
@@ -484,7 +532,7 @@ class AdaptationLoop:
                     self.service.swap_adapter(version).result(timeout=600)
                     self.store.set_current(version.version)  # only once it serves
                 self.counts.installed += 1
-                log.info(
+                self.log.info(
                     "adapter_installed",
                     run_id=run_id,
                     adapter_version=version.version,
@@ -495,10 +543,12 @@ class AdaptationLoop:
             except Exception as e:  # refused: the pointer still names what is serving
                 finished.gate = replace(decision, decision="error", reason=f"swap refused: {e}")
                 self.counts.failed += 1
-                log.error("adapter_swap_refused", adapter_version=version.version, error=str(e))
+                self.log.error(
+                    "adapter_swap_refused", adapter_version=version.version, error=str(e)
+                )
         else:
             self.counts.rejected += 1
-            log.info(
+            self.log.info(
                 "adapter_rejected",
                 run_id=run_id,
                 adapter_version=version.version if version else None,
@@ -515,7 +565,7 @@ class AdaptationLoop:
         try:
             prune_runs(self.data_dir / "training", kept, self.store.keep, active)
         except OSError:  # a run left behind is harmless; the next finish tries again
-            log.exception("training_runs_prune_failed", run_id=finished)
+            self.log.exception("training_runs_prune_failed", run_id=finished)
 
     # --- versions and reports --------------------------------------------------------------
 
@@ -529,7 +579,7 @@ class AdaptationLoop:
                 self.store.verify(adapter)
             self.service.swap_adapter(adapter).result(timeout=600)
             self.store.set_current(target)
-        log.info("adapter_rollback", from_version=previous, to_version=target)
+        self.log.info("adapter_rollback", from_version=previous, to_version=target)
         return Rollback(previous_version=previous, adapter_version=target)
 
     def summary(self) -> LoopSummary:

@@ -20,6 +20,7 @@ from daemon.core.engine import SpeculativeConfig, SpeculativeEngine
 from daemon.core.models import ModelPair, Offloaded, load_pair, offload
 from daemon.core.prompt_cache import PromptCache
 from daemon.logging import get_logger
+from daemon.store.adapters import AdapterVersion, apply_adapter
 
 log = get_logger("service")
 
@@ -37,6 +38,8 @@ class ModelRuntime:
         self.suffix = SuffixIndex(settings.speculative.suffix_tokens)
         self.adapter_version = 0
         self.adapter_path: str | None = None
+        # the adapter in service, applied when the model loads if it is not loaded yet
+        self.adapter: AdapterVersion | None = None
         self.offloaded: Offloaded | None = None
         self.last_used = 0.0
 
@@ -71,6 +74,8 @@ class ModelRuntime:
                 suffix=self.suffix,
                 prompt_cache=prompt_cache(pair),
             )
+            if self.adapter is not None:  # put in service before it was first loaded
+                self.engine.draft = apply_adapter(pair.fresh_draft, self.adapter)
         elif self.offloaded is not None:
             self.restore()
         self.last_used = time.monotonic()
@@ -90,3 +95,14 @@ class ModelRuntime:
         if self.offloaded is not None:
             self.offloaded.restore()
             self.offloaded = None
+
+    def use_adapter(self, version: AdapterVersion | None) -> None:
+        """Put ``version`` (None: none) in service; on the worker thread, between requests.
+        Raises `AdapterError` (the old draft kept) if it does not fit."""
+        if self.engine is not None:
+            assert self.pair is not None
+            self.restore()  # offloaded (another model in service): its weights come back
+            self.engine.draft = apply_adapter(self.pair.fresh_draft, version)
+        self.adapter = version
+        self.adapter_version = version.version if version else 0
+        self.adapter_path = str(version.path) if version else None

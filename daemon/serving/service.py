@@ -26,7 +26,7 @@ from daemon.logging import get_logger
 from daemon.serving.requests import BlockingHandle, FinishedHook, GenerationRequest, RequestHandle
 from daemon.serving.runtime import ModelRuntime
 from daemon.serving.worker import GenerationWorker
-from daemon.store.adapters import AdapterVersion, apply_adapter
+from daemon.store.adapters import AdapterVersion
 from daemon.store.buffer import BufferRecord, BufferWriter, ReplayBuffer
 
 log = get_logger("service")
@@ -260,31 +260,43 @@ class Service:
         """The live engine's measured step costs (`daemon.core.speed`), for the gate."""
         return StepCosts.from_policy(self.engine.policy) if self.engine is not None else None
 
-    def swap_adapter(self, version: AdapterVersion | None) -> Future:
-        """Put ``version`` (None: no adapter) into service between requests.
+    def swap_adapter(self, version: AdapterVersion | None, model: str | None = None) -> Future:
+        """Put ``version`` (None: no adapter) into service for ``model`` (default:
+        models.target) between requests.
 
         Runs on the worker thread, so in-flight requests finish on the old draft and the next
         one uses the new. The future raises `AdapterError` (old draft kept) if it does not fit.
+        A model not loaded yet gets it when it loads.
         """
-        assert self.worker is not None and self.pair is not None and self.engine is not None
-        runtime, pair, engine = self.primary, self.pair, self.engine
+        assert self.worker is not None
+        runtime = self.runtimes[model or self.primary.name]
 
         def swap() -> float:
             t0 = time.perf_counter()
-            runtime.restore()  # offloaded (another model in service): its weights come back
-            draft = apply_adapter(pair.fresh_draft, version)  # raises before anything changes
-            engine.draft = draft
-            runtime.adapter_version = version.version if version else 0
-            runtime.adapter_path = str(version.path) if version else None
+            runtime.use_adapter(version)
             seconds = time.perf_counter() - t0
             log.info(
                 "adapter_swapped",
+                model=runtime.name,
                 adapter_version=runtime.adapter_version,
                 duration_s=round(seconds, 4),
             )
             return seconds
 
         return self.worker.call_between_requests(swap)
+
+    def port(self, name: str) -> ModelPort:
+        """Model ``name`` as its adaptive loop sees it (`daemon.adaptation.loop.ServingPort`)."""
+        return ModelPort(self, self.runtimes[name])
+
+    @property
+    def name(self) -> str:
+        return self.primary.name
+
+    @property
+    def state_dir(self) -> Path:
+        """Where models.target's adapters and training runs live: the data dir itself."""
+        return self.settings.paths.data_dir
 
     def generate(
         self, messages: list[dict[str, str]], record: bool = True, **params: Any
@@ -341,3 +353,55 @@ class Service:
     def _committed(self, records: list[BufferRecord]) -> None:
         for hook in self.commit_hooks:
             hook(records)
+
+
+class ModelPort:
+    """One of the other served models (models.targets) as its adaptive loop sees it: its
+    settings, its rows of the buffer, its adapter; adapters and runs under
+    ``<data dir>/targets/<digest of its name>/``."""
+
+    def __init__(self, service: Service, runtime: ModelRuntime) -> None:
+        self._service, self._runtime = service, runtime
+
+    @property
+    def name(self) -> str:
+        return self._runtime.name
+
+    @property
+    def settings(self) -> Settings:
+        return self._service.settings.for_model(self._runtime.name)  # follows a live reload
+
+    @property
+    def buffer(self) -> ReplayBuffer | None:
+        return self._service.buffer
+
+    @property
+    def target_id(self) -> str:
+        return self._runtime.target_id
+
+    @property
+    def adapter_version(self) -> int:
+        return self._runtime.adapter_version
+
+    @property
+    def commit_hooks(self) -> list[Callable[[list[BufferRecord]], None]]:
+        return self._service.commit_hooks
+
+    @property
+    def target_split(self) -> bool:
+        return False  # a group serves models.target alone
+
+    @property
+    def state_dir(self) -> Path:
+        digest = hashlib.sha256(self._runtime.name.encode()).hexdigest()[:16]
+        return self._service.settings.paths.data_dir / "targets" / digest
+
+    def swap_adapter(self, version: AdapterVersion | None) -> Future:
+        return self._service.swap_adapter(version, self._runtime.name)
+
+    def idle_for(self) -> float:
+        return self._service.idle_for()
+
+    def step_costs(self) -> StepCosts | None:
+        engine = self._runtime.engine
+        return StepCosts.from_policy(engine.policy) if engine is not None else None

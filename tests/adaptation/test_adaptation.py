@@ -577,3 +577,76 @@ def test_fused_adapter_keeps_quantized_layers_quantized(tmp_path: Path) -> None:
     assert not mx.allclose(out, factory()(tokens), atol=0.05)
     _assert_unchanged(target, before)
     assert mx.array_equal(target(tokens), ref)
+
+
+# --------------------------------------------------------------------------------------------
+# Several models: each draft trains on its own model's traffic and swaps on its own
+
+
+def test_two_models_each_adapt_on_their_own_traffic(daemon_setup) -> None:
+    from openai import OpenAI
+
+    from daemon.config import load_settings
+    from daemon.server import Server
+
+    tmp_path, cfg = daemon_setup
+    coder = write_model_dir(tmp_path / "coder", WORDS, vocab_size=64, seed=8)
+    config = json.loads(cfg.read_text())
+    config["models"]["targets"] = {"coder": {"target": str(coder)}}
+    cfg.write_text(json.dumps(config))
+    settings, sources = load_settings(cfg, {"paths.data_dir": str(tmp_path / "data")})
+    srv = Server(settings, sources)
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    wait_until(lambda: srv.ready.is_set() or not thread.is_alive(), "server start-up")
+    assert srv.ready.is_set(), "server did not start"
+    chat = srv.service.primary.name
+    loops = {chat: srv.adaptation, "coder": srv.adaptations["coder"]}
+    try:
+        client = OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
+        buf = srv.service.buffer
+        mine = {name: buf.for_target(srv.service.runtimes[name].target_id) for name in loops}
+        for text in prompts(160, seed=1):  # interleaved, until both have runs' worth
+            for name in loops:
+                client.chat.completions.create(
+                    model=name, messages=[{"role": "user", "content": text}]
+                )
+            srv.service.flush(HANG_GUARD_S)
+            if all(loop.summary().counts.runs for loop in loops.values()):
+                break
+        wait_until(
+            lambda: all(loop.summary().counts.runs for loop in loops.values()),
+            "a finished run for each model",
+        )
+        for name, loop in loops.items():
+            last = loop.summary().last_run
+            assert last is not None and last.gate.decision == "install", (name, last)
+            assert srv.service.runtimes[name].adapter_version == 1
+        # each model's adapters and runs live apart; each run read its own model's rows only
+        assert loops[chat].store.root == tmp_path / "data" / "adapters"
+        assert loops["coder"].store.root.parent.parent == tmp_path / "data" / "targets"
+        for name, loop in loops.items():
+            runs = {p.name for p in (loop.data_dir / "training").iterdir()}
+            used = {r.used_for_training for r in mine[name].iter_records()} - {None}
+            assert used and used <= runs, (name, used, runs)
+        # a request reports the version of its own model's adapter
+        out = client.chat.completions.create(
+            model="coder", messages=[{"role": "user", "content": "the cat"}]
+        )
+        assert out.usage is not None
+        assert out.usage.model_extra["speculative"]["adapter_version"] == 1
+        # rolled back for one model, the other keeps its draft
+        r = httpx.post(srv.url + "/admin/adapters/rollback", json={"model": "coder"})
+        assert r.status_code == 200 and r.json()["adapter_version"] == 0
+        assert srv.service.runtimes["coder"].adapter_version == 0
+        assert srv.service.runtimes[chat].adapter_version == 1
+        listing = httpx.get(srv.url + "/admin/adapters", params={"model": "coder"}).json()
+        assert listing["current"] == 0 and listing["versions"][0]["version"] == 1
+        r = httpx.post(srv.url + "/admin/adapters/rollback", json={"model": "nope"})
+        assert r.status_code == 404 and "coder" in r.json()["error"]["message"]
+        st = httpx.get(srv.url + "/status").json()
+        assert st["training_models"]["coder"]["installed"] == 1
+    finally:
+        srv.handle_exit(15, None)
+        thread.join(HANG_GUARD_S)
+    assert srv.exit_code == 0

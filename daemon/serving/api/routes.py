@@ -238,15 +238,28 @@ async def metrics(state: State) -> PlainTextResponse:
 # Admin routes: the adaptation loop, through `AdminControl`
 
 
-def _admin(state: AppState) -> AdminControl:
-    if state.admin is None:
+def _admin(state: AppState, model: str | None = None) -> AdminControl:
+    """The adaptive loop of ``model`` (default: models.target)."""
+    if model not in (None, "", state.model_id, *MODEL_ALIASES):
+        names = [m.name for m, _ in served_models(state)]
+        if model not in names:
+            raise APIError(
+                404,
+                f"The model '{model}' is not served; served: {', '.join(names)}.",
+                param="model",
+                code="model_not_found",
+            )
+        admin = state.admins.get(model)
+    else:
+        admin = state.admin
+    if admin is None:
         # 409, not 5xx: the server works; its configuration (training.enabled) says no.
         raise APIError(
             409,
             "The adaptation loop is not running (training.enabled is false).",
             code="adaptation_disabled",
         )
-    return state.admin
+    return admin
 
 
 @admin_router.get(
@@ -254,9 +267,9 @@ def _admin(state: AppState) -> AdminControl:
     response_model=AdapterList,
     responses={409: {"model": ErrorResponse}},
 )
-async def list_adapters(state: State) -> AdapterList:
-    """Stored adapter versions and the one in service."""
-    listing = await asyncio.to_thread(_admin(state).list_adapters)
+async def list_adapters(state: State, model: str | None = None) -> AdapterList:
+    """Stored adapter versions and the one in service (of ``model``; default: the target)."""
+    listing = await asyncio.to_thread(_admin(state, model).list_adapters)
     return AdapterList(**asdict(listing))
 
 
@@ -271,7 +284,7 @@ async def list_adapters(state: State) -> AdapterList:
 )
 async def rollback(state: State, body: RollbackRequest | None = None) -> RollbackResponse:
     """Swap the draft to another stored version between requests (live, no restart)."""
-    control = _admin(state)
+    control = _admin(state, body.model if body else None)
     try:
         out = await asyncio.to_thread(control.rollback, body.version if body else None)
     except AdapterError as e:
@@ -287,8 +300,8 @@ async def rollback(state: State, body: RollbackRequest | None = None) -> Rollbac
 )
 async def train_now(state: State, body: TrainRequest | None = None) -> TrainResponse:
     """Start a training run now (it goes through the same gate as automatic ones)."""
-    control = _admin(state)
     body = body or TrainRequest()
+    control = _admin(state, body.model)
     try:
         run_id = await asyncio.to_thread(control.train_now, body.epochs, body.max_steps)
     except RuntimeError as e:

@@ -525,6 +525,7 @@ class RollbackRequest(BaseModel):
         description="Version to put in service (0: no adapter); default: the "
         "installed version before the current one.",
     )
+    model: str | None = Field(None, description="The served model (default: models.target).")
 
 
 class RollbackResponse(BaseModel):
@@ -552,6 +553,7 @@ class TrainRequest(BaseModel):
 
     epochs: int | None = Field(None, ge=1, description="Default: training.epochs.")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many updates.")
+    model: str | None = Field(None, description="The served model (default: models.target).")
 
 
 class TrainResponse(BaseModel):

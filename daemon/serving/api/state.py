@@ -127,6 +127,7 @@ class AppState:
     draft_head_tokens: Callable[[], int | None] = lambda: None  # None: the full head
     status_providers: list[Callable[[], dict[str, Any]]] = field(default_factory=list)
     admin: AdminControl | None = None
+    admins: dict[str, AdminControl] = field(default_factory=dict)  # other models' loops
     # every served model (models.target first) and how to get one ready for its first request
     models: Callable[[], list[ModelListing]] = lambda: []
     load_model: Callable[[str], Future[ServedModel]] | None = None
