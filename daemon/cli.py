@@ -168,6 +168,43 @@ def build_parser() -> argparse.ArgumentParser:
     _common(q)
     q.set_defaults(func="daemon.ops.models:run_list", needs_mlx=False)
     q = msub.add_parser(
+        "add",
+        help="serve another model by name (a drop-in; a running daemon adds it live)",
+        description="Write conf.d/60-model-NAME.yaml with models.targets.NAME: a running "
+        "daemon serves the model from then on (loaded on its first request), the others "
+        "untouched; it adapts its own draft on its own traffic.",
+    )
+    _common(q)
+    q.add_argument("name", metavar="NAME", help="the name requests give in 'model'")
+    q.add_argument("target", metavar="PATH_OR_REPO", help="an MLX model directory or HF repo id")
+    q.add_argument("--draft", metavar="PATH_OR_REPO", help="a draft model (default: layer-skip)")
+    q.add_argument(
+        "--draft-layers", metavar="I,J,...", help="layer-skip draft layers (default: models.*)"
+    )
+    q.set_defaults(func="daemon.ops.models:run_add", needs_mlx=False)
+    q = msub.add_parser(
+        "remove",
+        help="stop serving a model `models add` added (a running daemon drops it live)",
+        description="Delete the drop-in `specd models add NAME` wrote; a running daemon stops "
+        "serving the model (its stored adapters stay in the data dir).",
+    )
+    _common(q)
+    q.add_argument("name", metavar="NAME")
+    q.set_defaults(func="daemon.ops.models:run_remove", needs_mlx=False)
+    q = msub.add_parser(
+        "pull",
+        help="download an MLX model from Hugging Face and serve it (models add)",
+        description="Download REPO with mlx-lm's Hugging Face download (a local directory is "
+        "taken as it is), then `specd models add` it under --name (default: the repo's last "
+        "part).",
+    )
+    _common(q)
+    q.add_argument("repo", metavar="REPO", help="e.g. mlx-community/Qwen2.5-Coder-7B-Instruct-4bit")
+    q.add_argument("--name", help="the name requests give (default: the repo's last part)")
+    q.add_argument("--draft", metavar="PATH_OR_REPO", help="a draft model (default: layer-skip)")
+    q.add_argument("--draft-layers", metavar="I,J,...", help="layer-skip draft layers")
+    q.set_defaults(func="daemon.ops.models:run_pull", needs_mlx=False)
+    q = msub.add_parser(
         "import-gguf",
         help="convert a llama GGUF file into an MLX model directory",
         description="Convert a llama-architecture GGUF file (Q4_0, Q4_1, Q8_0, "

@@ -158,6 +158,7 @@ class Server:
         self.adaptation_enabled = adaptation
         self.adaptation: AdaptationLoop | None = None  # models.target's
         self.adaptations: dict[str, AdaptationLoop] = {}  # the other served models'
+        self._slot: Any = None  # their shared RunSlot, once the loops run
         self.reloader: Any = None
         self.reload_requested = False
         self.should_exit = False
@@ -303,18 +304,21 @@ class Server:
 
         service = self.service
         assert service is not None, "the service starts first"
-        slot = RunSlot()
+        slot = self._slot = RunSlot()
         adaptation = self.adaptation = AdaptationLoop(service, slot)
         adaptation.start()
         self.status_providers.append(lambda: {"training": adaptation.status().to_dict()})
         for name in list(service.runtimes)[1:]:
             loop = self.adaptations[name] = AdaptationLoop(service.port(name), slot)
             loop.start()
-        if self.adaptations:  # the other models' loops, by name
-            others = dict(self.adaptations)
-            self.status_providers.append(
-                lambda: {"training_models": {n: a.status().to_dict() for n, a in others.items()}}
-            )
+        self.status_providers.append(self._other_training)
+
+    def _other_training(self) -> dict[str, Any]:
+        """The other served models' loops, by name (none: nothing to add to /status)."""
+        loops = dict(self.adaptations)
+        if not loops:
+            return {}
+        return {"training_models": {n: a.status().to_dict() for n, a in loops.items()}}
 
     def _start_reloader(self) -> None:
         from daemon.serving.reload import ConfigReloader
@@ -380,6 +384,8 @@ class Server:
             set_level(new.logging.level)
         if any(k.startswith("server.queue_size") for k in live_keys):
             worker.queue_size = new.server.queue_size
+        if any(k.startswith("models.targets.") for k in live_keys):
+            self._update_models(new)
         if "models.keep_alive_seconds" in live_keys:
             worker.keep_alive = new.models.keep_alive_seconds
             worker.wake()  # an idle worker sets its unload timer anew
@@ -387,7 +393,7 @@ class Server:
             size = new.server.batch_size
             worker.call_between_requests(lambda: setattr(worker, "batch_size", size))
         for runtime in service.runtimes.values():  # each model loaded so far
-            runtime.settings = new.for_model(runtime.name)
+            runtime.settings = new if runtime is service.primary else new.for_model(runtime.name)
             engine, pair = runtime.engine, runtime.pair
             if engine is None or pair is None:
                 continue  # one loaded later reads its settings then
@@ -398,6 +404,35 @@ class Server:
                 config = SpeculativeConfig.from_settings(new.speculative, pair.max_context)
                 runtime.suffix.budget = new.speculative.suffix_tokens  # from the next add
                 worker.call_between_requests(partial(setattr, engine, "config", config))
+
+    def _update_models(self, new: Settings) -> None:
+        """A reload changed models.targets: serve the entries added, stop serving those
+        removed (an entry changed is both), with their adaptive loops; the rest untouched."""
+        service = self.service
+        assert service is not None
+        if self.rank0 is not None:
+            log.error("models_targets_ignored", reason="a group serves models.target only")
+            return
+        before = {n: r.entry for n, r in service.runtimes.items() if r is not service.primary}
+        after = new.models.targets
+        removed = [n for n in before if n not in after or before[n] != after[n]]
+        added = [n for n in after if n not in before or before[n] != after[n]]
+        for name in removed:
+            loop = self.adaptations.pop(name, None)
+            if loop is not None:
+                loop.stop()
+            service.remove_model(name)
+            self._served_models.pop(name, None)
+        for name in added:
+            service.add_model(name)
+            if self._slot is not None:  # the adaptation loops run
+                from daemon.adaptation.loop import AdaptationLoop
+
+                loop = self.adaptations[name] = AdaptationLoop(service.port(name), self._slot)
+                loop.start()
+        if self.app_state is not None:
+            self.app_state.admins = dict(self.adaptations)
+        log.info("models_changed", added=added, removed=removed, served=list(service.runtimes))
 
     def _check_bind_security(self) -> None:
         srv = self.settings.server

@@ -54,12 +54,13 @@ def settings_diff(old: Settings, new: Settings) -> list[str]:
     return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
 
 
-# ... except these, which apply live although their section does not
-LIVE_KEYS = ("models.keep_alive_seconds",)
+# ... except these, which apply live although their section does not (a trailing dot: all
+# keys under it; the registry of other models: one added or removed, the others untouched)
+LIVE_KEYS = ("models.keep_alive_seconds", "models.max_loaded", "models.targets.")
 
 
 def needs_restart(key: str) -> bool:
-    if key in LIVE_KEYS:
+    if any(key == k or (k.endswith(".") and key.startswith(k)) for k in LIVE_KEYS):
         return False
     return any(key == r or (r.endswith(".") and key.startswith(r)) for r in RESTART_KEYS)
 

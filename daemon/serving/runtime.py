@@ -14,7 +14,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from daemon.config import Settings
+from daemon.config import ModelEntry, Settings
+from daemon.core.backend import release_freed_memory
 from daemon.core.drafting import SuffixIndex
 from daemon.core.engine import SpeculativeConfig, SpeculativeEngine
 from daemon.core.models import ModelPair, Offloaded, load_pair, offload
@@ -29,9 +30,17 @@ class ModelRuntime:
     """A served model, by the name requests give; ``settings`` are the daemon's with
     ``models.*`` as they apply to it. Loaded by `load` (on the worker thread)."""
 
-    def __init__(self, name: str, settings: Settings, pair: ModelPair | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        settings: Settings,
+        pair: ModelPair | None = None,
+        entry: ModelEntry | None = None,
+    ) -> None:
         self.name = name
         self.settings = settings
+        # its models.targets entry as configured when it was added (None: models.target)
+        self.entry = entry
         self.pair = pair
         self.engine: SpeculativeEngine | None = None
         # past outputs to draft from (filled from the buffer, then as records commit)
@@ -95,6 +104,15 @@ class ModelRuntime:
         if self.offloaded is not None:
             self.offloaded.restore()
             self.offloaded = None
+
+    def release(self) -> None:
+        """Drop its models (no longer served): their memory goes once nothing holds them."""
+        if self.offloaded is not None:
+            self.offloaded.path.unlink(missing_ok=True)
+        if self.engine is not None:
+            self.engine.prompt_cache.clear()
+        self.pair = self.engine = self.offloaded = None
+        release_freed_memory()
 
     def use_adapter(self, version: AdapterVersion | None) -> None:
         """Put ``version`` (None: none) in service; on the worker thread, between requests.

@@ -44,7 +44,8 @@ class Service:
         self.primary = ModelRuntime(pair.target_id if pair else first, settings, pair)
         self.runtimes = {self.primary.name: self.primary}
         for name in others:
-            self.runtimes[name] = ModelRuntime(name, settings.for_model(name))
+            entry = settings.models.targets[name]
+            self.runtimes[name] = ModelRuntime(name, settings.for_model(name), entry=entry)
         self.worker: GenerationWorker | None = None
         self.writer: BufferWriter | None = None
         self.buffer: ReplayBuffer | None = None  # reader for /status and CLI stats
@@ -101,7 +102,7 @@ class Service:
             unload=self._unload_models,
             load=self._load_models,
             idle_tick=self.idle_tick,
-            switch=self._switch if len(self.runtimes) > 1 else None,
+            switch=self._switch,  # models.targets may grow live
             model=self.primary.name,
         )
         shutil.rmtree(self._offload_dir, ignore_errors=True)  # a previous run's, if it died
@@ -284,6 +285,24 @@ class Service:
             return seconds
 
         return self.worker.call_between_requests(swap)
+
+    def add_model(self, name: str) -> ModelRuntime:
+        """Serve models.targets entry ``name`` (of the current settings) from now on; it loads
+        on its first request."""
+        entry = self.settings.models.targets[name]
+        runtime = ModelRuntime(name, self.settings.for_model(name), entry=entry)
+        self.runtimes = {**self.runtimes, name: runtime}  # readers keep a whole dict
+        return runtime
+
+    def remove_model(self, name: str) -> None:
+        """Stop serving ``name``: new requests for it are refused; its memory is freed
+        between requests (one running for it finishes first)."""
+        runtime = self.runtimes[name]
+        if runtime is self.primary:
+            raise ValueError("models.target cannot be removed while serving")
+        self.runtimes = {k: v for k, v in self.runtimes.items() if k != name}
+        if self.worker is not None:
+            self.worker.call_between_requests(runtime.release)
 
     def port(self, name: str) -> ModelPort:
         """Model ``name`` as its adaptive loop sees it (`daemon.adaptation.loop.ServingPort`)."""

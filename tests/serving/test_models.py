@@ -22,6 +22,7 @@ from tests.helpers import (
     start_daemon,
     stop_daemon,
     wait_for_event,
+    wait_until,
     write_model_dir,
 )
 
@@ -177,3 +178,66 @@ def test_one_model_loaded_at_a_time_keeps_memory_bounded(tmp_path: Path) -> None
         stop_daemon(proc)
     events = [r["event"] for r in read_log(tmp_path / "data" / "logs" / "specd.log")]
     assert events.count("model_unloaded") == 21  # every switch but the first load
+
+
+def specd_cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "daemon",
+            *args,
+            "--config",
+            str(tmp_path / "config.yaml"),
+            "--data-dir",
+            str(tmp_path / "data"),
+        ],
+        capture_output=True,
+        text=True,
+        env=clean_env(),
+        timeout=HANG_GUARD_S,
+    )
+
+
+def test_models_added_and_removed_live_leave_the_others_serving(tmp_path: Path) -> None:
+    """``specd models add`` writes a drop-in the running daemon picks up: the new model
+    answers as it does alone; ``specd models remove`` drops it (then a 404); the model
+    served all along never stops."""
+    chat, coder = model_dirs(tmp_path)
+    alone = answers_alone(tmp_path, coder)
+    proc = start_daemon(
+        tmp_path,
+        {"models": {"target": str(chat), "draft_layers": [0, 1]}, "training": {"enabled": False}},
+    )
+    log = tmp_path / "data" / "logs" / "specd.log"
+    try:
+        ready = wait_for_event(log, "ready", proc)
+        client = openai.OpenAI(base_url=ready["url"] + "/v1", api_key="none", max_retries=0)
+        first = ask(client, str(chat), PROMPTS[0])
+        bad = specd_cli(tmp_path, "models", "add", "broken", str(coder), "--draft-layers", "1,1")
+        assert bad.returncode == 1 and "duplicates" in bad.stderr
+        assert not list((tmp_path / "conf.d").glob("*.yaml"))  # nothing left behind
+        added = specd_cli(tmp_path, "models", "add", "coder", str(coder))
+        assert added.returncode == 0, added.stderr
+        changed = wait_for_event(log, "models_changed", proc)
+        assert changed["added"] == ["coder"] and changed["removed"] == []
+        assert [ask(client, "coder", p) for p in PROMPTS] == alone
+        assert ask(client, str(chat), PROMPTS[0]) == first
+        removed = specd_cli(tmp_path, "models", "remove", "coder")
+        assert removed.returncode == 0, removed.stderr
+        wait_until(
+            lambda: any(
+                r["event"] == "models_changed" and r["removed"] == ["coder"] for r in read_log(log)
+            ),
+            "the model removed",
+        )
+        with pytest.raises(openai.NotFoundError):
+            ask(client, "coder", PROMPTS[0])
+        assert ask(client, str(chat), PROMPTS[0]) == first
+        # pull: a local directory is served as it is, under its directory's name
+        pulled = specd_cli(tmp_path, "models", "pull", str(coder))
+        assert pulled.returncode == 0, pulled.stderr
+        wait_until(lambda: "coder" in [m.id for m in client.models.list().data], "pulled")
+        assert ask(client, "coder", PROMPTS[0]) == alone[0]
+    finally:
+        stop_daemon(proc)
