@@ -157,6 +157,28 @@ class SpecdMetrics:
             registry=r,
         )
         self.prompt_tokens = Counter(f"{p}prompt_tokens", "Prompt tokens processed.", registry=r)
+        # per served model (models.targets); the totals above sum them
+        self.model_generations = Counter(
+            f"{p}model_generations", "Generations, by served model.", ["model"], registry=r
+        )
+        self.model_generation_tokens = Counter(
+            f"{p}model_generation_tokens",
+            "Tokens generated, by served model.",
+            ["model"],
+            registry=r,
+        )
+        self.model_draft_tokens = Counter(
+            f"{p}model_draft_tokens",
+            "Draft tokens proposed, by served model and drafting source.",
+            ["model", "source"],
+            registry=r,
+        )
+        self.model_accepted_tokens = Counter(
+            f"{p}model_accepted_tokens",
+            "Draft tokens accepted, by served model and drafting source.",
+            ["model", "source"],
+            registry=r,
+        )
         self.prompt_cache_lookups = Counter(
             f"{p}prompt_cache_lookups",
             "Generations by whether the prompt cache held a prefix of their prompt.",
@@ -243,10 +265,15 @@ class SpecdMetrics:
         self.num_drafts.inc(s.num_drafts)
         self.num_draft_tokens.inc(s.drafted)
         self.num_accepted_tokens.inc(s.accepted)
+        model = request.model or "default"
+        self.model_generations.labels(model=model).inc()
+        self.model_generation_tokens.labels(model=model).inc(s.generation_tokens)
         for source, n in s.drafted_by_source.items():
             self.draft_tokens_by_source.labels(source=source).inc(n)
             accepted = s.accepted_by_source.get(source, 0)
             self.accepted_tokens_by_source.labels(source=source).inc(accepted)
+            self.model_draft_tokens.labels(model=model, source=source).inc(n)
+            self.model_accepted_tokens.labels(model=model, source=source).inc(accepted)
         for i, n in enumerate(s.accepted_per_position):
             self.accepted_per_pos.labels(position=i).inc(n)
         for i, n in enumerate(s.drafted_per_position):

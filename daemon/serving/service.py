@@ -327,6 +327,7 @@ class Service:
             params=self.sampling_params(**params),
             prompt_text=prompt_text(messages),
             record=record,
+            model=self.primary.name,
         )
         handle = BlockingHandle(req)
         self.submit(handle)

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import httpx
 import openai
 import pytest
 
@@ -127,6 +128,11 @@ def test_two_models_answer_alternating_requests_as_each_does_alone(tmp_path: Pat
             timeout=HANG_GUARD_S,
             check=True,
         ).stdout.splitlines()
+        # /metrics counts each model's generations and tokens apart
+        metrics = httpx.get(str(client.base_url).removesuffix("/v1/") + "/metrics").text
+        for name in (str(chat), "coder"):
+            line = f'specd_model_generations_total{{model="{name}"}} {float(len(PROMPTS))}'
+            assert line in metrics.splitlines(), (line, metrics)
         rows = {line.split()[0]: line.split()[1:] for line in shown[1:] if line.strip()}
         assert rows["coder"] == [str(coder), "yes", "v0"]
         assert rows[str(chat)] == [str(chat), "yes", "v0"]
