@@ -449,6 +449,16 @@ class Settings(BaseSettings):
     def runtime_file(self) -> Path:
         return self.paths.data_dir / "runtime.json"
 
+    def with_models(self, extra: dict[str, ModelEntry]) -> Settings:
+        """These settings serving ``extra`` too (models found by directory), after the
+        configured ones; a configured name wins."""
+        if not extra:
+            return self
+        targets = {**extra, **self.models.targets}
+        return self.model_copy(
+            update={"models": self.models.model_copy(update={"targets": targets})}
+        )
+
     def for_model(self, name: str) -> Settings:
         """These settings with ``models.*`` as they apply to the served model ``name``."""
         return self.model_copy(update={"models": self.models.entry(name)})

@@ -53,7 +53,7 @@ from daemon.config import ConfigError, ConfigSources, Settings, default_config_f
 from daemon.core.backend import backend_info
 from daemon.core.distributed import Group
 from daemon.core.heads import pruned_head
-from daemon.core.models import ModelPair, load_pair, model_details
+from daemon.core.models import ModelPair, discover_models, load_pair, model_details
 from daemon.logging import get_logger
 from daemon.serving import notify
 from daemon.serving.distributed import RankZero, fit_settings
@@ -253,7 +253,9 @@ class Server:
             return
 
         t0 = time.perf_counter()
-        if self.group is not None:
+        if self.group is None:  # models found by directory join the configured ones
+            s = self.settings = s.with_models(discover_models(s))
+        else:
             if s.models.targets:
                 raise ConfigError(
                     "models.targets: a group of ranks serves models.target only (for now); "
@@ -370,6 +372,8 @@ class Server:
         if self.rank0 is not None:
             new = fit_settings(new)  # what a group cannot apply stays fixed, logged
             self.rank0.set_timeout(new.server.rank_timeout_seconds)
+        else:
+            new = new.with_models(discover_models(new))  # the directory is looked at again
         self.settings = new
         if self.app_state is not None:
             self.app_state.settings = new  # API key, limits, sampling defaults per request
@@ -432,7 +436,8 @@ class Server:
                 loop.start()
         if self.app_state is not None:
             self.app_state.admins = dict(self.adaptations)
-        log.info("models_changed", added=added, removed=removed, served=list(service.runtimes))
+        if added or removed:
+            log.info("models_changed", added=added, removed=removed, served=list(service.runtimes))
 
     def _check_bind_security(self) -> None:
         srv = self.settings.server

@@ -23,7 +23,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-from daemon.config import EMBEDDED_TARGET, Settings
+from daemon.config import EMBEDDED_TARGET, ModelEntry, Settings
 from daemon.core.backend import backend_info, release_freed_memory
 from daemon.core.distributed import Group, barrier, handshake, shard_target
 from daemon.core.feature_draft import FEATURE_KIND, FeatureDraft, make_feature_draft
@@ -147,6 +147,33 @@ def resolve_model(name: str, models_dir: Path) -> str:
     if name.startswith((".", "/", "~")) or name.count("/") != 1:
         raise ModelLoadError(f"model {name!r}: no such directory and not a Hugging Face repo id")
     return name  # Hugging Face repo id
+
+
+def discover_models(settings: Settings) -> dict[str, ModelEntry]:
+    """The MLX model directories under ``<data dir>/models/`` (a ``config.json`` beside
+    ``*.safetensors``) that no configured model names or points at, each by its directory's
+    name; the embedded model's own import is not one of them."""
+    root = settings.models_dir
+    if not root.is_dir():
+        return {}
+    names = set(settings.models.names())
+    taken = {
+        str(Path(t).expanduser().resolve())
+        for t in [settings.models.target, *(e.target for e in settings.models.targets.values())]
+        if t != EMBEDDED_TARGET
+    }
+    found: dict[str, ModelEntry] = {}
+    for d in sorted(root.iterdir()):
+        if (
+            d.is_dir()
+            and d.name != EMBEDDED_DIRNAME
+            and d.name not in names
+            and str(d.resolve()) not in taken
+            and (d / "config.json").is_file()
+            and any(d.glob("*.safetensors"))
+        ):
+            found[d.name] = ModelEntry(target=str(d))
+    return found
 
 
 def load_tokenizer(name: str, models_dir: Path) -> TokenizerWrapper:

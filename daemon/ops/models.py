@@ -34,6 +34,9 @@ def run_list(args: argparse.Namespace, settings: Settings, sources: ConfigSource
             live = {m["id"]: m for m in client.request("GET", "/v1/models", timeout=10)["data"]}
         except (DaemonError, KeyError, TypeError) as e:
             print(f"(the daemon did not list its models: {e})")
+    from daemon.core.models import discover_models
+
+    settings = settings.with_models(discover_models(settings))  # as the daemon serves them
     rows = [("name", "target", "loaded", "adapter")]
     for name in settings.models.names():
         m, state = settings.models.entry(name), live.get(name)

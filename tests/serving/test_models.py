@@ -211,6 +211,8 @@ def test_models_added_and_removed_live_leave_the_others_serving(tmp_path: Path) 
     served all along never stops."""
     chat, coder = model_dirs(tmp_path)
     alone = answers_alone(tmp_path, coder)
+    # a model directory under <data dir>/models/ is served by its name, unconfigured
+    write_model_dir(tmp_path / "data" / "models" / "found", WORDS, 40, seed=12, lm_head_scale=8.0)
     proc = start_daemon(
         tmp_path,
         {"models": {"target": str(chat), "draft_layers": [0, 1]}, "training": {"enabled": False}},
@@ -220,6 +222,8 @@ def test_models_added_and_removed_live_leave_the_others_serving(tmp_path: Path) 
         ready = wait_for_event(log, "ready", proc)
         client = openai.OpenAI(base_url=ready["url"] + "/v1", api_key="none", max_retries=0)
         first = ask(client, str(chat), PROMPTS[0])
+        assert [m.id for m in client.models.list().data] == [str(chat), "found"]
+        assert ask(client, "found", PROMPTS[0]) == alone[0]  # coder's weights, another name
         bad = specd_cli(tmp_path, "models", "add", "broken", str(coder), "--draft-layers", "1,1")
         assert bad.returncode == 1 and "duplicates" in bad.stderr
         assert not list((tmp_path / "conf.d").glob("*.yaml"))  # nothing left behind
