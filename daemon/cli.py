@@ -284,6 +284,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _common(p)
     p.add_argument("--json", action="store_true", help="print the raw JSON")
+    p.add_argument(
+        "--history",
+        choices=["hour", "day", "week"],
+        help="tokens/s, acceptance and requests over that window as sparklines, and the "
+        "training runs (GET /status/history; the status page at / draws the same)",
+    )
+    p.add_argument("--model", help="with --history: the served model (default: the target)")
     p.set_defaults(func="daemon.ops.status:run", log_to_file=False)
 
     p = sub.add_parser(

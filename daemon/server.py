@@ -65,6 +65,7 @@ if TYPE_CHECKING:  # imported lazily at run time: `specd --help` need not load M
     from daemon.serving.api.state import ModelListing, ServedModel
     from daemon.serving.runtime import ModelRuntime
     from daemon.serving.service import Service
+    from daemon.store.history import StatusHistory
 
 log = get_logger("server")
 
@@ -502,6 +503,27 @@ class Server:
             for runtime in self.service.runtimes.values()
         ]
 
+    def _history(self, name: str, since: float, until: float, step: float | None) -> StatusHistory:
+        """The status page's figures for served model ``name`` (read from the files)."""
+        from daemon.store.history import status_history
+
+        service = self.service
+        assert service is not None and service.buffer is not None
+        runtime = service.runtimes[name]
+        primary = runtime is service.primary
+        loop = self.adaptation if primary else self.adaptations.get(name)
+        state_dir = service.state_dir if primary else service.port(name).state_dir
+        return status_history(
+            name,
+            service.buffer.for_target(runtime.target_id),
+            state_dir,
+            self.settings.training.keep_adapters,
+            since,
+            until,
+            step,
+            admin=loop is not None,
+        )
+
     def _load_model(self, name: str) -> Future[ServedModel]:
         """Get another served model ready for its first request: loaded on the worker, then
         described for the API (kept: its next requests need no load to be encoded)."""
@@ -593,6 +615,7 @@ class Server:
             admins=dict(self.adaptations),
             models=self._model_listings,
             load_model=self._load_model,
+            history=self._history,
         )
         self.app = create_app(self.app_state)
         state = self.app_state

@@ -29,7 +29,7 @@ from daemon.core.backend import (
 )
 from daemon.errors import TrainingError
 from daemon.logging import get_logger
-from daemon.store.runs import TrainingResult, progress_file_for, write_result
+from daemon.store.runs import TrainingResult, progress_file_for, steps_file_for, write_result
 
 log = get_logger("training")
 
@@ -109,6 +109,7 @@ def start_training_process(
     """
     Path(args.result_file).unlink(missing_ok=True)
     progress_file_for(args.result_file).unlink(missing_ok=True)
+    steps_file_for(args.result_file).unlink(missing_ok=True)
     # a daemon serving as rank 0 of a group: the child trains alone, it must not join
     child_env = launcher_free_environment(dict(os.environ if env is None else env))
     if (
@@ -217,6 +218,7 @@ def main(argv: list[str] | None = None, *, standalone: bool = False) -> int:
             progress=args.progress,
             mark_used=not args.no_mark_used,
             progress_file=progress_file_for(args.result),
+            steps_file=steps_file_for(args.result),
             draft_only=args.draft_only,
             target=args.target,
         )

@@ -48,7 +48,14 @@ from daemon.store.adapters import (
     load_adapter_dir,
     save_adapter,
 )
-from daemon.store.runs import ExampleCounts, HeldoutEval, ProgressFile, RunMetrics
+from daemon.store.runs import (
+    ExampleCounts,
+    HeldoutEval,
+    ProgressFile,
+    RunMetrics,
+    StepLog,
+    StepRecord,
+)
 
 log = get_logger("training")
 
@@ -126,6 +133,7 @@ def run_training(
     mark_used: bool = True,
     pair: Any = None,
     progress_file: str | os.PathLike[str] | None = None,
+    steps_file: str | os.PathLike[str] | None = None,
     draft_only: bool = False,
     target: str | None = None,
 ) -> RunMetrics:
@@ -135,7 +143,8 @@ def run_training(
     evaluates held-out agreement before (with ``init_adapter``) and after, saves the adapter to
     ``out_dir`` and, with ``mark_used``, marks the failures used by ``run_id``. Raises
     `TrainingError` (and marks nothing) when there is nothing to train on or no update was
-    made. With ``progress_file`` the run's phase and latest step are kept there
+    made. With ``steps_file`` every optimizer step is appended there (`StepRecord`). With
+    ``progress_file`` the run's phase and latest step are kept there
     (`daemon.store.runs.RunProgress`). ``target``: only that target's rows are read (a
     daemon serving several models keeps them in one buffer).
     """
@@ -258,8 +267,21 @@ def run_training(
         phase="training", step=0, total_steps=total, heldout_before=before.agreement
     )
 
+    steps_log = StepLog(Path(steps_file) if steps_file else None)
+
     def on_step(info: StepInfo, epoch: int) -> None:
         progress_view.update(step=info.step, epoch=epoch, loss=round(info.loss, 5), lr=info.lr)
+        steps_log.append(
+            StepRecord(
+                step=info.step,
+                epoch=epoch,
+                loss=round(info.loss, 5),
+                grad_norm=round(info.grad_norm, 5),
+                lr=info.lr,
+                skipped_micro_batches=trainer.stats.skipped_micro_batches,
+                t=time.time(),
+            )
+        )
 
     stats = trainer.fit(
         examples, epochs, max_steps=max_steps, seed=cfg.seed, progress=progress, on_step=on_step

@@ -10,6 +10,7 @@ import argparse
 import datetime as dt
 import json
 from typing import Any
+from urllib.parse import quote
 
 from daemon.config import ConfigSources, Settings
 from daemon.ops.client import DaemonClient
@@ -24,12 +25,73 @@ def run(args: argparse.Namespace, settings: Settings, sources: ConfigSources) ->
     if client is None:
         print(f"specd is not running (no live daemon for data dir {settings.paths.data_dir})")
         return NOT_RUNNING
+    if getattr(args, "history", None):
+        since = dt.datetime.now().timestamp() - HISTORY_WINDOWS[args.history]
+        query = f"/status/history?since={since}&step={HISTORY_WINDOWS[args.history] / 60}"
+        if getattr(args, "model", None):
+            query += f"&model={quote(args.model)}"
+        history = client.request("GET", query, timeout=60)
+        print(json.dumps(history, indent=2) if args.json else format_history(history))
+        return 0
     status = client.request("GET", "/status", timeout=30)
     if args.json:
         print(json.dumps(status, indent=2))
         return 0
     print(format_status(client.base_url, status))
     return 0
+
+
+HISTORY_WINDOWS = {"hour": 3600.0, "day": 86400.0, "week": 604800.0}
+SPARKS = "▁▂▃▄▅▆▇█"
+
+
+def sparkline(values: list[float | None]) -> str:
+    """One character per value, scaled between the series' min and max; a gap is a space."""
+    known = [v for v in values if v is not None]
+    if not known:
+        return " " * len(values)
+    lo, hi = min(known), max(known)
+    span = (hi - lo) or 1.0
+    return "".join(
+        " " if v is None else SPARKS[min(len(SPARKS) - 1, int((v - lo) / span * len(SPARKS)))]
+        for v in values
+    )
+
+
+def format_history(history: dict[str, Any]) -> str:
+    """``specd status --history``: the status page's series as terminal sparklines."""
+    traffic = history["traffic"]
+    buckets = traffic["buckets"]
+    step = traffic["step"]
+
+    def rng(values: list[float | None], unit: str) -> str:
+        known = [v for v in values if v is not None]
+        return f"{min(known):.3g}-{max(known):.3g} {unit}" if known else "no data"
+
+    tps = [b["tokens_per_s"] for b in buckets]
+    acc = [b["acceptance_rate"] for b in buckets]
+    req = [b["requests"] * 3600 / step for b in buckets]
+    start = _when(traffic["since"])
+    lines = [
+        f"{history['model']}: {len(buckets)} intervals of {step:.0f} s from {start}",
+        f"  tokens/s     {sparkline(tps)}  {rng(tps, 'tok/s')}",
+        f"  acceptance   {sparkline(acc)}  {rng(acc, '')}",
+        f"  requests/h   {sparkline(req)}  {rng(req, '/h')}",
+    ]
+    adapters = history["adapters"]
+    lines.append(f"  adapter in service: v{adapters['current']}")
+    for run in history["runs"][-5:]:
+        gate = run.get("gate") or {}
+        losses = [s["loss"] for s in run["steps"]]
+        lines.append(
+            f"  run {run['run_id']}: {run['status']}, {gate.get('decision', '-')}, "
+            f"loss {sparkline(losses[-30:])}"
+        )
+    return "\n".join(lines)
+
+
+def _when(t: float) -> str:
+    return dt.datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M")
 
 
 def format_status(url: str, st: dict[str, Any]) -> str:

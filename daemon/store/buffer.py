@@ -322,6 +322,31 @@ class ReplayBuffer:
                 return
             last = (page[-1].created, page[-1].id)
 
+    def iter_stats(
+        self, since: float, until: float, batch_size: int = 1000
+    ) -> Iterator[tuple[float, int, dict[str, Any]]]:
+        """``(created, adapter_version, stats)`` of the records created in ``[since, until)``,
+        in time order, in pages (the statistics only: what the status page's history sums)."""
+        last: tuple[float, int] = (since, -1)
+        while True:
+            where, params = self._scope(
+                "(created, id) > (?, ?) AND created < ?", [last[0], last[1], until]
+            )
+            rows = self._query(
+                f"SELECT created, id, adapter_version, stats FROM records WHERE {where} "
+                "ORDER BY created, id LIMIT ?",
+                [*params, batch_size],
+            )
+            for created, _, version, stats in rows:
+                try:
+                    decoded = json.loads(stats)
+                except ValueError:  # one bad row must not hide the rest
+                    decoded = {}
+                yield created, version, decoded if isinstance(decoded, dict) else {}
+            if len(rows) < batch_size:
+                return
+            last = (rows[-1][0], rows[-1][1])
+
     def recent_outputs(
         self, max_tokens: int, split: str = "train", target: str | None = None
     ) -> list[list[int]]:

@@ -314,6 +314,68 @@ def read_progress(result_file: str | os.PathLike[str]) -> RunProgress | None:
     return RunProgress.from_dict(data) if isinstance(data, dict) else None
 
 
+@dataclass(frozen=True)
+class StepRecord:
+    """One optimizer step of a run, as its steps file keeps it (the curves the status page
+    draws: loss and gradient norm per step)."""
+
+    step: int
+    epoch: int
+    loss: float
+    grad_norm: float
+    lr: float
+    skipped_micro_batches: int = 0
+    t: float = 0.0  # time.time() of the step
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> StepRecord:
+        return cls(**_pick(cls, data))
+
+
+def steps_file_for(result_file: str | os.PathLike[str]) -> Path:
+    """Where the run writing ``result_file`` appends its `StepRecord` lines."""
+    result_file = Path(result_file)
+    return result_file.with_name(f"{result_file.stem}.steps.jsonl")
+
+
+@dataclass
+class StepLog:
+    """Appends a run's steps to its steps file, a JSON line each (not fsynced: a view, like
+    the progress file). Does nothing without a path; a write error stops it, never the run."""
+
+    path: Path | None
+
+    def append(self, record: StepRecord) -> None:
+        if self.path is None:
+            return
+        try:
+            with self.path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(record.to_dict()) + "\n")
+        except OSError as e:
+            log.warning("train_steps_unwritable", path=str(self.path), error=str(e))
+            self.path = None
+
+
+def read_steps(result_file: str | os.PathLike[str]) -> list[StepRecord]:
+    """The steps the run writing ``result_file`` recorded (none if it kept no file); a line
+    cut short by a crash is skipped."""
+    try:
+        text = steps_file_for(result_file).read_text(encoding="utf-8")
+    except OSError:
+        return []
+    out: list[StepRecord] = []
+    for line in text.splitlines():
+        try:
+            data = json.loads(line)
+            out.append(StepRecord.from_dict(data))
+        except (ValueError, TypeError):
+            continue
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # The gate, and a finished run
 

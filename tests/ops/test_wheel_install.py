@@ -90,3 +90,17 @@ def test_service_install_dry_run_from_a_wheel(tmp_path: Path) -> None:
     plist = agent[agent.index("<?xml") : agent.index("</plist>") + len("</plist>")]
     assert plistlib.loads(plist.encode())["ProgramArguments"][:2] == [specd, "serve"]
     assert not (tmp_path / "data").exists()
+    # the status page's files are package data too (daemon.serving.api.page serves them)
+    listed = _run(
+        [
+            str(py),
+            "-c",
+            "from importlib import resources; print(' '.join(sorted(p.name for p in "
+            "(resources.files('daemon.serving.api') / 'static').iterdir())))",
+        ],
+        cwd=elsewhere,
+        env=env,
+    ).stdout.split()
+    from daemon.serving.api.page import STATIC_FILES
+
+    assert set(listed) == {"index.html", *STATIC_FILES}

@@ -17,6 +17,7 @@ from daemon.serving.api.anthropic import anthropic_router
 from daemon.serving.api.errors import add_error_handlers
 from daemon.serving.api.gate import Gate
 from daemon.serving.api.ollama import ollama_router
+from daemon.serving.api.page import page_router
 from daemon.serving.api.routes import admin_router, daemon_router, openai_router
 from daemon.serving.api.schemas import IGNORED_HEADER
 from daemon.serving.api.state import AppState
@@ -40,6 +41,7 @@ def create_app(state: AppState) -> FastAPI:
     app.include_router(admin_router)
     app.include_router(ollama_router)
     app.include_router(anthropic_router)
+    app.include_router(page_router)
     app.add_middleware(Gate, state=state)
     origins = state.settings.server.cors_origins
     if origins:

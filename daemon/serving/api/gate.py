@@ -44,8 +44,13 @@ KNOWN_PATHS = (
     "/api/ps",
     "/api/version",
     "/v1/messages/count_tokens",
+    "/",
+    "/status/history",
 )
-NO_AUTH_PATHS = ("/health",)
+# the status page's own files hold no data: a browser gets them without the key, then asks
+# for it (daemon.serving.api.page)
+NO_AUTH_PATHS = ("/health", "/")
+NO_AUTH_PREFIXES = ("/static/",)
 
 
 def endpoint_label(path: str) -> str:
@@ -54,6 +59,8 @@ def endpoint_label(path: str) -> str:
         return path
     if path.startswith("/v1/models/"):
         return "/v1/models/{model}"
+    if path.startswith("/static/"):
+        return "/static/{file}"
     return "other"
 
 
@@ -113,7 +120,7 @@ class Gate:
 
     def _check(self, scope: Scope, path: str, generation: bool) -> APIError | None:
         key = self.state.settings.server.api_key
-        if key is not None and path not in NO_AUTH_PATHS:
+        if key is not None and path not in NO_AUTH_PATHS and not path.startswith(NO_AUTH_PREFIXES):
             auth = ""
             for name, value in scope["headers"]:
                 if name == b"authorization":

@@ -21,6 +21,7 @@ from daemon.serving.metrics import SpecdMetrics
 from daemon.serving.requests import RequestHandle
 from daemon.serving.worker import GenerationWorker
 from daemon.store.adapters import AdapterListing, Rollback
+from daemon.store.history import StatusHistory
 
 __all__ = [
     "CHAT_PATH",
@@ -128,6 +129,8 @@ class AppState:
     status_providers: list[Callable[[], dict[str, Any]]] = field(default_factory=list)
     admin: AdminControl | None = None
     admins: dict[str, AdminControl] = field(default_factory=dict)  # other models' loops
+    # a served model's history for the status page: (model, since, until, step)
+    history: Callable[[str, float, float, float | None], StatusHistory] | None = None
     # every served model (models.target first) and how to get one ready for its first request
     models: Callable[[], list[ModelListing]] = lambda: []
     load_model: Callable[[str], Future[ServedModel]] | None = None
