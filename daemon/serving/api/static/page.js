@@ -156,7 +156,8 @@ function drawRuns(runs) {
     const s = r.summary || {};
     const tr = row([
       r.run_id, when(r.started), r.status + (r.error ? " (" + r.error + ")" : ""),
-      fmt(s.steps), s.loss_first === undefined ? "-" : fmt(s.loss_first) + " → " + fmt(s.loss_last),
+      s.steps === undefined ? "-" : s.steps + (s.skipped_micro_batches ? ` (${s.skipped_micro_batches} skipped)` : ""),
+      s.loss_first === undefined ? "-" : fmt(s.loss_first) + " → " + fmt(s.loss_last),
       s.heldout_before === undefined ? "-" : fmt(s.heldout_before) + " → " + fmt(s.heldout_after),
       gateText(r.gate), s.wall_s === undefined ? "-" : fmt(s.wall_s, 1) + " s",
     ]);
