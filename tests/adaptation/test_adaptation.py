@@ -583,23 +583,29 @@ def test_fused_adapter_keeps_quantized_layers_quantized(tmp_path: Path) -> None:
 # Several models: each draft trains on its own model's traffic and swaps on its own
 
 
-def test_two_models_each_adapt_on_their_own_traffic(daemon_setup) -> None:
-    from openai import OpenAI
-
+def start_in_process(cfg: Path, data: Path, **overrides):
+    """A `Server` on ``cfg`` in a thread of this process, until ready."""
     from daemon.config import load_settings
     from daemon.server import Server
+
+    settings, sources = load_settings(cfg, {"paths.data_dir": str(data), **overrides})
+    srv = Server(settings, sources)
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    wait_until(lambda: srv.ready.is_set() or not thread.is_alive(), "server start-up")
+    assert srv.ready.is_set(), "server did not start"
+    return srv, thread
+
+
+def test_two_models_each_adapt_on_their_own_traffic(daemon_setup) -> None:
+    from openai import OpenAI
 
     tmp_path, cfg = daemon_setup
     coder = write_model_dir(tmp_path / "coder", WORDS, vocab_size=64, seed=8)
     config = json.loads(cfg.read_text())
     config["models"]["targets"] = {"coder": {"target": str(coder)}}
     cfg.write_text(json.dumps(config))
-    settings, sources = load_settings(cfg, {"paths.data_dir": str(tmp_path / "data")})
-    srv = Server(settings, sources)
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    wait_until(lambda: srv.ready.is_set() or not thread.is_alive(), "server start-up")
-    assert srv.ready.is_set(), "server did not start"
+    srv, thread = start_in_process(cfg, tmp_path / "data")
     chat = srv.service.primary.name
     loops = {chat: srv.adaptation, "coder": srv.adaptations["coder"]}
     try:

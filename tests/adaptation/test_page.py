@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import threading
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -16,25 +15,16 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.adaptation.test_adaptation import daemon_setup, prompts  # noqa: F401 (a fixture)
+from tests.adaptation.test_adaptation import (  # noqa: F401 (a fixture)
+    daemon_setup,
+    prompts,
+    start_in_process,
+)
 from tests.helpers import HANG_GUARD_S, wait_until
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 ARTIFACTS = Path(__file__).resolve().parents[2] / "build" / "test-artifacts"
 KEY = "page-test-key"
-
-
-def start(cfg: Path, data: Path, **overrides):
-    from daemon.config import load_settings
-    from daemon.server import Server
-
-    settings, sources = load_settings(cfg, {"paths.data_dir": str(data), **overrides})
-    srv = Server(settings, sources)
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    wait_until(lambda: srv.ready.is_set() or not thread.is_alive(), "server start-up")
-    assert srv.ready.is_set(), "server did not start"
-    return srv, thread
 
 
 def stop(srv, thread) -> None:
@@ -58,7 +48,7 @@ def serve_until_trained(srv) -> None:
 
 def test_history_equals_what_the_buffer_holds(daemon_setup, capsys) -> None:  # noqa: F811
     tmp_path, cfg = daemon_setup
-    srv, thread = start(cfg, tmp_path / "data", **{"training.enabled": False})
+    srv, thread = start_in_process(cfg, tmp_path / "data", **{"training.enabled": False})
     try:
         t0 = time.time()
         for text in prompts(12, seed=4):
@@ -116,7 +106,7 @@ def test_the_page_shows_the_daemon_learning_and_rolls_back(daemon_setup, monkeyp
     from playwright.sync_api import sync_playwright
 
     tmp_path, cfg = daemon_setup
-    srv, thread = start(cfg, tmp_path / "data", **{"server.api_key": KEY})
+    srv, thread = start_in_process(cfg, tmp_path / "data", **{"server.api_key": KEY})
     try:
         serve_until_trained(srv)
         # the page's files need no key (they hold no data); its data does

@@ -110,24 +110,9 @@ def test_two_models_answer_alternating_requests_as_each_does_alone(tmp_path: Pat
         assert listed["coder"].model_extra["loaded"] is True  # max_loaded 2: both stay
         assert listed[str(chat)].model_extra["loaded"] is True
         # the CLI lists them as configured, with what the running daemon says of each
-        shown = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "daemon",
-                "models",
-                "list",
-                "--config",
-                str(tmp_path / "config.yaml"),
-                "--data-dir",
-                str(tmp_path / "data"),
-            ],
-            capture_output=True,
-            text=True,
-            env=clean_env(),
-            timeout=HANG_GUARD_S,
-            check=True,
-        ).stdout.splitlines()
+        listed = specd_cli(tmp_path, "models", "list")
+        assert listed.returncode == 0, listed.stderr
+        shown = listed.stdout.splitlines()
         # /metrics counts each model's generations and tokens apart
         metrics = httpx.get(str(client.base_url).removesuffix("/v1/") + "/metrics").text
         for name in (str(chat), "coder"):
