@@ -383,6 +383,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="add a row: specd's defaults with these speculative.* settings changed "
         "(repeatable), e.g. max_proposal_tokens=8",
     )
+    q.add_argument(
+        "--rows",
+        metavar="ROW,...",
+        help="run only these rows (target_only always; the variants too), e.g. "
+        "specd_adaptive,specd_lookup",
+    )
     q.set_defaults(func="daemon.bench.speed:run", needs_mlx=True)
 
     q = bsub.add_parser(

@@ -38,6 +38,7 @@ def bench_speed(
     raw: bool = False,
     repeat: int = 1,
     variants: Sequence[Variant] = (),
+    rows: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Greedy decoding speed of each method on the same prompts (chat template applied;
     ``raw``: string prompts sent as they are, as ``/v1/completions`` does).
@@ -64,8 +65,12 @@ def bench_speed(
     rounds are reconstructed from its ``from_draft`` flags (a round ends at the first
     non-draft token; it drafted ``min(k, tokens left)``).
 
+    ``rows`` keeps only these rows (and ``target_only``, which every ratio needs; the
+    variants always run), for repeated runs of the rows a choice depends on.
+
     ``bookkeeping_overhead`` is (t_on - t_off) / t_off for specd's fixed-k engine with
-    rejection recording on vs off (best of two alternating runs each, measured once).
+    rejection recording on vs off (best of two alternating runs each, measured once; only
+    with the ``specd_fixed`` row).
     """
     if not prompts:
         raise ValueError("bench_speed needs at least one prompt")
@@ -104,6 +109,14 @@ def bench_speed(
         "specd_lookup": source_engine(True, False),
         "specd_suffix": source_engine(False, True),
     }
+    if rows is not None:
+        unknown = set(rows) - {*engines, "mlx_lm_speculative", "target_only"}
+        if unknown:
+            raise ValueError(
+                f"unknown rows {sorted(unknown)}; rows: mlx_lm_speculative, {', '.join(engines)}"
+            )
+        engines = {k: v for k, v in engines.items() if k in rows}
+    with_mlx_lm = rows is None or "mlx_lm_speculative" in rows
     for v in variants:
         cfg = SpeculativeConfig.from_settings(v.apply(spec))
         engines[v.row] = SpeculativeEngine(target, draft, tokenizer, cfg, suffix=suffix)
@@ -112,8 +125,9 @@ def bench_speed(
     warm = encoded[0]
     warm_n = min(max_tokens, 16)
     mlx_lm_run(target, tokenizer, warm, warm_n)
-    mlx_lm_run(target, tokenizer, warm, warm_n, draft, k)
-    for eng in (*engines.values(), fixed_off):
+    if with_mlx_lm:
+        mlx_lm_run(target, tokenizer, warm, warm_n, draft, k)
+    for eng in (*engines.values(), *([fixed_off] if "specd_fixed" in engines else [])):
         eng.run(warm, SamplingParams(max_tokens=warm_n))
 
     ref_tokens: list[list[int]] = []
@@ -123,32 +137,46 @@ def bench_speed(
         if not ref_tokens:
             ref_tokens = [strip_eos(toks, eos) for toks in outputs]
         measured = {"target_only": target_row}
-        measured["mlx_lm_speculative"] = _mlx_lm_row(
-            target, draft, tokenizer, encoded, ref_tokens, max_tokens, k, eos
-        )
+        if with_mlx_lm:
+            measured["mlx_lm_speculative"] = _mlx_lm_row(
+                target, draft, tokenizer, encoded, ref_tokens, max_tokens, k, eos
+            )
         for name, eng in engines.items():
             measured[name] = _engine_row(eng, encoded, ref_tokens, greedy, eos)
         base = target_row["tokens_per_s"]
         for name, row in measured.items():
             row["ratio_vs_target"] = row["tokens_per_s"] / base if base else 0.0
             runs.setdefault(name, []).append(row)
-    rows: dict[str, Any] = {name: _median_run(rs) for name, rs in runs.items()}
-    mlx_tps = rows["mlx_lm_speculative"]["tokens_per_s"]
-    rows["specd_adaptive"]["ratio_vs_mlx_lm"] = (
-        rows["specd_adaptive"]["tokens_per_s"] / mlx_tps if mlx_tps else 0.0
-    )
-    rows["suffix_index"] = suffix.stats() if suffix is not None else {"tokens": 0}
+    out: dict[str, Any] = {name: _median_run(rs) for name, rs in runs.items()}
+    if "mlx_lm_speculative" in out and "specd_adaptive" in out:
+        mlx_tps = out["mlx_lm_speculative"]["tokens_per_s"]
+        out["specd_adaptive"]["ratio_vs_mlx_lm"] = (
+            out["specd_adaptive"]["tokens_per_s"] / mlx_tps if mlx_tps else 0.0
+        )
+    out["suffix_index"] = suffix.stats() if suffix is not None else {"tokens": 0}
 
-    t_on, t_off = float("inf"), float("inf")
-    for _ in range(2):
-        t_off = min(t_off, sum(timed(partial(fixed_off.run, p, greedy))[1] for p in encoded))
-        t_on = min(t_on, sum(timed(partial(fixed.run, p, greedy))[1] for p in encoded))
-    rows["bookkeeping_overhead"] = (t_on - t_off) / t_off if t_off > 0 else 0.0
-    rows["num_prompts"] = len(encoded)
-    rows["max_tokens"] = max_tokens
-    rows["num_draft_tokens"] = k
-    rows["repeat"] = repeat
-    return rows
+    if "specd_fixed" in engines:
+        t_on, t_off = float("inf"), float("inf")
+        for _ in range(2):
+            t_off = min(t_off, sum(timed(partial(fixed_off.run, p, greedy))[1] for p in encoded))
+            t_on = min(t_on, sum(timed(partial(fixed.run, p, greedy))[1] for p in encoded))
+        out["bookkeeping_overhead"] = (t_on - t_off) / t_off if t_off > 0 else 0.0
+    out["num_prompts"] = len(encoded)
+    out["max_tokens"] = max_tokens
+    out["num_draft_tokens"] = k
+    out["repeat"] = repeat
+    return out
+
+
+ROWS = (
+    "target_only",
+    "mlx_lm_speculative",
+    "specd_fixed",
+    "specd_adaptive",
+    "specd_model",
+    "specd_lookup",
+    "specd_suffix",
+)
 
 
 @dataclass(frozen=True)
@@ -293,6 +321,9 @@ def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
 def run(args: argparse.Namespace, settings: Settings, sources: ConfigSources) -> int:
     """``specd bench speed``: the rows on the configured pair, optionally with an adapter."""
     variants = [Variant.parse(v) for v in args.variant]  # a typo fails before the model loads
+    rows = args.rows.split(",") if args.rows else None
+    if rows is not None and set(rows) - set(ROWS):
+        raise ConfigError(f"--rows: unknown {', '.join(sorted(set(rows) - set(ROWS)))}")
     prompts: list[Any]
     if args.workload == "autocomplete":  # generated here: raw code prefixes
         prompts = autocomplete_prompts(args.limit)
@@ -336,6 +367,7 @@ def run(args: argparse.Namespace, settings: Settings, sources: ConfigSources) ->
         raw=args.workload == "autocomplete",
         repeat=args.repeat,
         variants=variants,
+        rows=rows,
     )
     result["provenance"] = meta
     result["workload"] = args.workload or str(args.prompts)
@@ -353,6 +385,7 @@ def run(args: argparse.Namespace, settings: Settings, sources: ConfigSources) ->
             "identical_to_target",
         ],
     )
-    print(f"bookkeeping_overhead: {result['bookkeeping_overhead']:.2%}")
+    if "bookkeeping_overhead" in result:
+        print(f"bookkeeping_overhead: {result['bookkeeping_overhead']:.2%}")
     write_json(args.json, result)
     return 0

@@ -559,6 +559,20 @@ def test_bench_speed_repeats_rows_and_adds_variants(tiny_tokenizer, tiny_target,
         assert r["ratio_min"] <= r["ratio_vs_target"] <= r["ratio_max"]
         assert r["ratio_vs_target"] == sorted(r["ratio_runs"])[1]  # the median repetition
     assert out["target_only"]["ratio_runs"] == [1.0, 1.0, 1.0]
+    # only the rows asked for (and the target, every ratio's base)
+    few = bench_speed(
+        tiny_target,
+        tiny_draft,
+        tiny_tokenizer,
+        ["hello there"],
+        max_tokens=6,
+        num_draft_tokens=3,
+        rows=["specd_lookup"],
+    )
+    assert {k for k, v in few.items() if isinstance(v, dict) and "runs" in v} == {
+        "target_only",
+        "specd_lookup",
+    }
 
 
 @pytest.mark.parametrize(
