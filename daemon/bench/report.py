@@ -41,7 +41,8 @@ def write_json(path: Path | None, data: dict[str, Any]) -> None:
 
 def provenance() -> dict[str, Any]:
     """What a result file needs to be compared later: the commit (``dirty`` when tracked files
-    differ from it; None outside a git checkout), the machine and the command line."""
+    other than result files differ from it; None outside a git checkout), the machine and the
+    command line."""
 
     def git(*args: str) -> str | None:
         try:
@@ -58,7 +59,14 @@ def provenance() -> dict[str, Any]:
     commit = git("rev-parse", "HEAD")
     return {
         "commit": commit,
-        "dirty": bool(git("status", "--porcelain", "--untracked-files=no")) if commit else None,
+        # result files written by earlier runs are outputs, not the code that ran
+        "dirty": (
+            bool(
+                git("status", "--porcelain", "--untracked-files=no", ":/", ":!/benchmarks/results")
+            )
+            if commit
+            else None
+        ),
         "machine": {
             "platform": platform.platform(),
             "processor": platform.processor() or platform.machine(),
@@ -97,7 +105,9 @@ def _cell(v: Any) -> str:
 def _section(name: str, data: dict[str, Any]) -> list[str]:
     """One result file: where it came from, its rows as a table (the scalar fields each row
     has), and its other scalar figures."""
-    prov = data.get("provenance") or {}
+    # where the run came from: "provenance" (bench adapt, older: "run")
+    meta_key = "provenance" if "provenance" in data else "run"
+    prov = data.get(meta_key) or {}
     machine = prov.get("machine") or {}
     backend = machine.get("backend") or {}
     out = [f"## {name}", ""]
@@ -111,7 +121,7 @@ def _section(name: str, data: dict[str, Any]) -> list[str]:
         where += f", MLX {backend.get('mlx_version')} on {backend.get('device')}"
         where += f" (BLAS: {backend.get('blas')})"
     out += [f"- machine: {where}", ""]
-    rows = {k: v for k, v in data.items() if isinstance(v, dict) and k != "provenance"}
+    rows = {k: v for k, v in data.items() if isinstance(v, dict) and k != meta_key}
     columns: list[str] = []
     for row in rows.values():
         for key, value in row.items():
