@@ -265,7 +265,7 @@ class SpecdMetrics:
         self.num_drafts.inc(s.num_drafts)
         self.num_draft_tokens.inc(s.drafted)
         self.num_accepted_tokens.inc(s.accepted)
-        model = request.model or "default"
+        model = (request.model if request is not None else None) or "default"
         self.model_generations.labels(model=model).inc()
         self.model_generation_tokens.labels(model=model).inc(s.generation_tokens)
         for source, n in s.drafted_by_source.items():

@@ -26,13 +26,18 @@ COUNTERS = {
     "specd_prompt_cache_lookups": ("result",),
     "specd_prompt_cache_cached_tokens": (),
     "specd_generation_tokens": (),
+    # per served model (models.targets)
+    "specd_model_generations": ("model",),
+    "specd_model_generation_tokens": ("model",),
+    "specd_model_draft_tokens": ("model", "source"),
+    "specd_model_accepted_tokens": ("model", "source"),
 }
 HISTOGRAMS = {
     "specd_request_duration_seconds": ("endpoint",),
     "specd_time_to_first_token_seconds": ("endpoint",),
     "specd_request_queue_time_seconds": (),
 }
-REQUEST: Any = None  # observe_generation ignores the request
+REQUEST: Any = None  # no request: its generation counts under model "default"
 GAUGES = (
     "specd_queue_depth",
     "specd_batched_requests",

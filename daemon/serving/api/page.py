@@ -20,6 +20,7 @@ from fastapi.responses import Response
 from daemon.serving.api.errors import APIError
 from daemon.serving.api.generation import served_models
 from daemon.serving.api.routes import AUTH, State
+from daemon.serving.api.schemas import ErrorResponse
 from daemon.serving.api.state import MODEL_ALIASES
 
 __all__ = ["STATIC_FILES", "page_router"]
@@ -61,6 +62,11 @@ async def static(name: str) -> Response:
     "/status/history",
     summary="Traffic, training runs and adapters over time",
     dependencies=AUTH,
+    responses={
+        400: {"model": ErrorResponse},
+        404: {"model": ErrorResponse},
+        409: {"model": ErrorResponse},
+    },
 )
 async def status_history(
     state: State,

@@ -265,7 +265,7 @@ def _admin(state: AppState, model: str | None = None) -> AdminControl:
 @admin_router.get(
     "/admin/adapters",
     response_model=AdapterList,
-    responses={409: {"model": ErrorResponse}},
+    responses={404: {"model": ErrorResponse}, 409: {"model": ErrorResponse}},
 )
 async def list_adapters(state: State, model: str | None = None) -> AdapterList:
     """Stored adapter versions and the one in service (of ``model``; default: the target)."""
@@ -296,7 +296,11 @@ async def rollback(state: State, body: RollbackRequest | None = None) -> Rollbac
 @admin_router.post(
     "/admin/train",
     response_model=TrainResponse,
-    responses={400: {"model": ErrorResponse}, 409: {"model": ErrorResponse}},
+    responses={
+        400: {"model": ErrorResponse},
+        404: {"model": ErrorResponse},
+        409: {"model": ErrorResponse},
+    },
 )
 async def train_now(state: State, body: TrainRequest | None = None) -> TrainResponse:
     """Start a training run now (it goes through the same gate as automatic ones)."""
