@@ -138,6 +138,25 @@ def remove_runtime_file(path: Path, pid: int) -> None:
             path.unlink()
 
 
+def _served(runtime: ModelRuntime) -> ServedModel:
+    """A loaded model as the API describes it (`daemon.serving.api.state.ServedModel`)."""
+    from daemon.serving.api.state import ServedModel
+
+    pair, engine = runtime.pair, runtime.engine
+    assert pair is not None and engine is not None, "a model is described once loaded"
+    return ServedModel(
+        name=runtime.name,
+        tokenizer=pair.tokenizer,
+        draft_id=pair.draft_id,
+        draft_kind=pair.draft_kind,
+        dtype=pair.dtype,
+        max_context=pair.max_context,
+        vocab_size=engine.shared_vocab(),
+        model_details=model_details(pair),
+        adapter_version=lambda: runtime.adapter_version,
+    )
+
+
 class Server:
     """Loads the models, serves HTTP and keeps them resident until asked to stop.
 
@@ -496,7 +515,6 @@ class Server:
             ModelListing(
                 name=runtime.name,
                 loaded=runtime.resident,
-                started=runtime.started,
                 adapter_version=runtime.adapter_version,
                 served=self._served_models.get(runtime.name),
             )
@@ -510,13 +528,11 @@ class Server:
         service = self.service
         assert service is not None and service.buffer is not None
         runtime = service.runtimes[name]
-        primary = runtime is service.primary
-        loop = self.adaptation if primary else self.adaptations.get(name)
-        state_dir = service.state_dir if primary else service.port(name).state_dir
+        loop = self.adaptation if runtime is service.primary else self.adaptations.get(name)
         return status_history(
             name,
             service.buffer.for_target(runtime.target_id),
-            state_dir,
+            service.state_dir_of(runtime),
             self.settings.training.keep_adapters,
             since,
             until,
@@ -527,27 +543,12 @@ class Server:
     def _load_model(self, name: str) -> Future[ServedModel]:
         """Get another served model ready for its first request: loaded on the worker, then
         described for the API (kept: its next requests need no load to be encoded)."""
-        from daemon.serving.api.state import ServedModel
-
         assert self.service is not None
         done: Future[ServedModel] = Future()
 
         def loaded(fut: Future[ModelRuntime]) -> None:
             try:
-                runtime = fut.result()
-                pair, engine = runtime.pair, runtime.engine
-                assert pair is not None and engine is not None
-                served = ServedModel(
-                    name=runtime.name,
-                    tokenizer=pair.tokenizer,
-                    draft_id=pair.draft_id,
-                    draft_kind=pair.draft_kind,
-                    dtype=pair.dtype,
-                    max_context=pair.max_context,
-                    vocab_size=engine.shared_vocab(),
-                    model_details=model_details(pair),
-                    adapter_version=lambda: runtime.adapter_version,
-                )
+                served = _served(fut.result())
             except BaseException as e:  # noqa: BLE001 - the request that asked gets it
                 done.set_exception(e)
                 return
@@ -594,21 +595,14 @@ class Server:
         """Attach the API to the running HTTP server: the models are ready."""
         from daemon.serving.api import AppState, create_app
 
-        s, pair = self.settings, self.pair
-        assert pair is not None
+        assert self.service is not None
+        primary = _served(self.service.primary)
         self.app_state = AppState(
-            settings=s,
+            settings=self.settings,
             worker=self.worker,
-            tokenizer=pair.tokenizer,
+            tokenizer=primary.tokenizer,
             metrics=self.metrics,
-            model_id=pair.target_id,
-            draft_id=pair.draft_id,
-            draft_kind=pair.draft_kind,
-            dtype=pair.dtype,
-            max_context=pair.max_context,
-            vocab_size=self.engine.shared_vocab(),
-            model_details=model_details(pair),
-            adapter_version=lambda: self.adapter_version,
+            model_id=primary.name,
             draft_head_tokens=self._draft_head_tokens,
             status_providers=self.status_providers,
             admin=self.adaptation,
@@ -616,7 +610,7 @@ class Server:
             models=self._model_listings,
             load_model=self._load_model,
             history=self._history,
-        )
+        ).serving(primary)  # models.target's tokenizer, limits and names, as any model's
         self.app = create_app(self.app_state)
         state = self.app_state
         self.metrics.in_flight.set_function(lambda: state.in_flight)

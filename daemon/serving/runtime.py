@@ -10,6 +10,7 @@ adapter and the prompt cache's owner keep working after `ModelRuntime.restore`).
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -51,6 +52,11 @@ class ModelRuntime:
         self.adapter: AdapterVersion | None = None
         self.offloaded: Offloaded | None = None
         self.last_used = 0.0
+
+    @property
+    def file_key(self) -> str:
+        """A file-name-safe key for its name (its offloaded weights, its adapters and runs)."""
+        return hashlib.sha256(self.name.encode()).hexdigest()[:16]
 
     @property
     def target_id(self) -> str:

@@ -6,7 +6,6 @@ generated and recorded the same way whoever sent it.
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 import time
 from collections.abc import Callable
@@ -158,8 +157,7 @@ class Service:
         )
 
     def _offload_path(self, runtime: ModelRuntime) -> Path:
-        digest = hashlib.sha256(runtime.name.encode()).hexdigest()[:16]
-        return self._offload_dir / f"{digest}.safetensors"
+        return self._offload_dir / f"{runtime.file_key}.safetensors"
 
     def _switch(self, name: str) -> SpeculativeEngine:
         """The worker's ``switch`` (on its thread, idle): ``name``'s engine, loaded or put back
@@ -172,7 +170,12 @@ class Service:
         assert self.worker is not None, "service not started"
         runtime, worker = self.runtimes[name], self.worker
         in_service = self.runtimes.get(worker.model or "")
-        return worker.call_between_requests(lambda: (self._ready(runtime, in_service), runtime)[1])
+
+        def ready() -> ModelRuntime:
+            self._ready(runtime, in_service)
+            return runtime
+
+        return worker.call_between_requests(ready)
 
     def _ready(self, runtime: ModelRuntime, keep: ModelRuntime | None) -> SpeculativeEngine:
         resident = [
@@ -315,7 +318,13 @@ class Service:
     @property
     def state_dir(self) -> Path:
         """Where models.target's adapters and training runs live: the data dir itself."""
-        return self.settings.paths.data_dir
+        return self.state_dir_of(self.primary)
+
+    def state_dir_of(self, runtime: ModelRuntime) -> Path:
+        """Where a served model's adapters and training runs live: models.target's in the data
+        dir itself, another's under ``targets/<its file key>/``."""
+        data_dir = self.settings.paths.data_dir
+        return data_dir if runtime is self.primary else data_dir / "targets" / runtime.file_key
 
     def generate(
         self, messages: list[dict[str, str]], record: bool = True, **params: Any
@@ -413,8 +422,7 @@ class ModelPort:
 
     @property
     def state_dir(self) -> Path:
-        digest = hashlib.sha256(self._runtime.name.encode()).hexdigest()[:16]
-        return self._service.settings.paths.data_dir / "targets" / digest
+        return self._service.state_dir_of(self._runtime)
 
     def swap_adapter(self, version: AdapterVersion | None) -> Future:
         return self._service.swap_adapter(version, self._runtime.name)

@@ -73,7 +73,7 @@ def served_models(state: AppState) -> list[tuple[ModelListing, AppState | None]]
     """Every served model with the state its requests are served with (None: not loaded
     yet); models.target first."""
     listings = state.models() or [
-        ModelListing(state.model_id, state.worker.loaded, True, state.adapter_version(), None)
+        ModelListing(state.model_id, state.worker.loaded, state.adapter_version(), None)
     ]
     out: list[tuple[ModelListing, AppState | None]] = []
     for m in listings:

@@ -93,7 +93,6 @@ class ModelListing:
 
     name: str
     loaded: bool  # its weights are in memory now
-    started: bool  # loaded at least once since the daemon started
     adapter_version: int
     served: ServedModel | None  # None until it was first loaded
 
