@@ -46,8 +46,6 @@ class ModelRuntime:
         self.engine: SpeculativeEngine | None = None
         # past outputs to draft from (filled from the buffer, then as records commit)
         self.suffix = SuffixIndex(settings.speculative.suffix_tokens)
-        self.adapter_version = 0
-        self.adapter_path: str | None = None
         # the adapter in service, applied when the model loads if it is not loaded yet
         self.adapter: AdapterVersion | None = None
         self.offloaded: Offloaded | None = None
@@ -62,6 +60,11 @@ class ModelRuntime:
     def target_id(self) -> str:
         """The target as its buffer records name it (known before it is loaded)."""
         return self.pair.target_id if self.pair is not None else self.settings.models.target
+
+    @property
+    def adapter_version(self) -> int:
+        """The version of the adapter in service (0: none)."""
+        return self.adapter.version if self.adapter is not None else 0
 
     @property
     def started(self) -> bool:
@@ -128,5 +131,3 @@ class ModelRuntime:
             self.restore()  # offloaded (another model in service): its weights come back
             self.engine.draft = apply_adapter(self.pair.fresh_draft, version)
         self.adapter = version
-        self.adapter_version = version.version if version else 0
-        self.adapter_path = str(version.path) if version else None

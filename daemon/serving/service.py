@@ -72,10 +72,6 @@ class Service:
         return self.primary.adapter_version
 
     @property
-    def adapter_path(self) -> str | None:
-        return self.primary.adapter_path
-
-    @property
     def target_id(self) -> str:
         return self.primary.target_id
 
@@ -110,7 +106,8 @@ class Service:
     def _fill_suffix(self, runtime: ModelRuntime) -> None:
         """Its suffix index from its own recorded outputs (the buffer names each target)."""
         assert self.buffer is not None
-        for output in self.buffer.recent_outputs(runtime.suffix.budget, target=runtime.target_id):
+        mine = self.buffer.for_target(runtime.target_id)
+        for output in mine.recent_outputs(runtime.suffix.budget):
             runtime.suffix.add(output)
 
     def _prompt_cache(self, pair: ModelPair) -> PromptCache:

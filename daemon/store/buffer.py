@@ -347,16 +347,10 @@ class ReplayBuffer:
                 return
             last = (rows[-1][0], rows[-1][1])
 
-    def recent_outputs(
-        self, max_tokens: int, split: str = "train", target: str | None = None
-    ) -> list[list[int]]:
-        """The output tokens of the newest records of ``split`` (of the ``target`` model, if
-        given), oldest first, as many as fit in ``max_tokens`` (what the suffix drafting index
-        is rebuilt from at start)."""
-        if target is not None:
-            where, params = "target_id = ? AND split = ?", [target, split]
-        else:
-            where, params = self._scope("split = ?", [split])
+    def recent_outputs(self, max_tokens: int, split: str = "train") -> list[list[int]]:
+        """The output tokens of the newest records of ``split``, oldest first, as many as fit
+        in ``max_tokens`` (what the suffix drafting index is rebuilt from at start)."""
+        where, params = self._scope("split = ?", [split])
         out: list[list[int]] = []
         total, offset, page = 0, 0, 256
         while total < max_tokens:

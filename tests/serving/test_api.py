@@ -16,6 +16,7 @@ import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -558,7 +559,7 @@ def test_status_and_hooks(served: Server) -> None:
         raise RuntimeError("boom")
 
     served.status_providers.extend([lambda: {"extra": {"answer": 42}}, broken])
-    served.service.primary.adapter_version = 2
+    served.service.primary.adapter = SimpleNamespace(version=2)  # as if v2 were in service
     try:
         st = httpx.get(f"{served.url}/status").json()
         assert st["extra"] == {"answer": 42}
@@ -568,7 +569,7 @@ def test_status_and_hooks(served: Server) -> None:
         assert m["specd_adapter_version"] == 2 and m["specd_buffer_records"] == buf.count()
     finally:
         del served.status_providers[-2:]
-        served.service.primary.adapter_version = 0
+        served.service.primary.adapter = None
 
 
 def test_status_and_metrics_never_block_the_event_loop(served: Server, monkeypatch) -> None:
