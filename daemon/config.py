@@ -13,7 +13,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal, TypeVar, get_args
 
 import platformdirs
 import yaml
@@ -48,11 +48,58 @@ class ModelEntry(_Section):
     draft: str | None = Field(None, description="As models.draft.")
     draft_layers: list[int] | None = Field(None, description="As models.draft_layers.")
     draft_head_tokens: int | None = Field(None, ge=0, description="As models.draft_head_tokens.")
+    keep_alive_seconds: float | None = Field(
+        None,
+        gt=0,
+        description="As models.keep_alive_seconds, for this model alone; .inf: never freed "
+        "for idleness (null: models.keep_alive_seconds).",
+    )
+    speculative: dict[str, Any] = Field(
+        default_factory=dict, description="speculative.* keys with other values for this model."
+    )
+    training: dict[str, Any] = Field(
+        default_factory=dict,
+        description="training.* keys (lora.* included) with other values for this model.",
+    )
 
     @field_validator("draft_layers")
     @classmethod
     def _check_layers(cls, layers: list[int] | None) -> list[int] | None:
         return None if layers is None else _check_draft_layers(layers)
+
+    def same_weights(self, other: ModelEntry) -> bool:
+        """Whether ``other`` loads the same models (it may differ in the keys that apply to
+        a loaded one: keep-alive, speculative and training settings)."""
+        keys = {"target", "draft", "draft_layers", "draft_head_tokens"}
+        return self.model_dump(include=keys) == other.model_dump(include=keys)
+
+    @field_validator("speculative")
+    @classmethod
+    def _check_speculative(cls, values: dict[str, Any]) -> dict[str, Any]:
+        _overridden(SpeculativeSettings(), values)  # a bad key or value is named now
+        return values
+
+    @field_validator("training")
+    @classmethod
+    def _check_training(cls, values: dict[str, Any]) -> dict[str, Any]:
+        _overridden(TrainingSettings(), values)
+        return values
+
+
+SectionT = TypeVar("SectionT", bound=BaseModel)
+
+
+def _overridden(section: SectionT, values: dict[str, Any]) -> SectionT:
+    """``section`` with ``values`` deep-merged over it, validated as the section is; a
+    ValueError naming the first bad key otherwise."""
+    merged = section.model_dump()
+    _merge(merged, values, {}, "")
+    try:
+        return type(section).model_validate(merged)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "?"
+        raise ValueError(f"{where}: {err['msg']}") from None
 
 
 class ModelsSettings(_Section):
@@ -100,6 +147,13 @@ class ModelsSettings(_Section):
         description="Models kept in memory at once; the least recently used beyond it are "
         "written to the data dir and freed until a request names them again.",
     )
+    memory_budget_gb: float | None = Field(
+        None,
+        gt=0,
+        description="Weights kept in memory at once, in GB (besides models.max_loaded): the "
+        "least recently used models are freed before one that would pass it loads; null: no "
+        "budget.",
+    )
 
     @field_validator("draft_layers")
     @classmethod
@@ -129,6 +183,8 @@ class ModelsSettings(_Section):
             changes["draft_layers"] = e.draft_layers
         if e.draft_head_tokens is not None:
             changes["draft_head_tokens"] = e.draft_head_tokens
+        if e.keep_alive_seconds is not None:
+            changes["keep_alive_seconds"] = e.keep_alive_seconds
         return self.model_copy(update=changes)
 
 
@@ -427,6 +483,18 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         return (init_settings, env_settings, _MergedFilesSource(settings_cls))
 
+    @model_validator(mode="after")
+    def _check_entries(self) -> Settings:
+        # an entry's keys are checked alone when read; over these sections they must hold too
+        for name, entry in self.models.targets.items():
+            for key in ("speculative", "training"):
+                if getattr(entry, key):
+                    try:
+                        _overridden(getattr(self, key), getattr(entry, key))
+                    except ValueError as e:
+                        raise ValueError(f"models.targets.{name}.{key}: {e}") from None
+        return self
+
     # Derived locations: everything the daemon writes lives under data_dir unless set otherwise.
     @property
     def log_dir(self) -> Path:
@@ -460,8 +528,15 @@ class Settings(BaseSettings):
         )
 
     def for_model(self, name: str) -> Settings:
-        """These settings with ``models.*`` as they apply to the served model ``name``."""
-        return self.model_copy(update={"models": self.models.entry(name)})
+        """These settings as they apply to the served model ``name``: ``models.*`` and, for a
+        models.targets entry, its ``speculative`` and ``training`` keys."""
+        update: dict[str, Any] = {"models": self.models.entry(name)}
+        entry = self.models.targets.get(name)
+        if entry is not None and entry.speculative:
+            update["speculative"] = _overridden(self.speculative, entry.speculative)
+        if entry is not None and entry.training:
+            update["training"] = _overridden(self.training, entry.training)
+        return self.model_copy(update=update)
 
 
 def default_config_file() -> Path:

@@ -410,9 +410,6 @@ class Server:
             worker.queue_size = new.server.queue_size
         if any(k.startswith("models.targets.") for k in live_keys):
             self._update_models(new)
-        if "models.keep_alive_seconds" in live_keys:
-            worker.keep_alive = new.models.keep_alive_seconds
-            worker.wake()  # an idle worker sets its unload timer anew
         if any(k.startswith("server.batch_size") for k in live_keys):
             size = new.server.batch_size
             worker.call_between_requests(lambda: setattr(worker, "batch_size", size))
@@ -424,10 +421,15 @@ class Server:
             if any(k.startswith("server.prompt_cache_") for k in live_keys):
                 size, nbytes = new.server.prompt_cache_size, new.server.prompt_cache_bytes
                 worker.call_between_requests(partial(engine.prompt_cache.resize, size, nbytes))
-            if any(k.startswith("speculative.") for k in live_keys):
-                config = SpeculativeConfig.from_settings(new.speculative, pair.max_context)
-                runtime.suffix.budget = new.speculative.suffix_tokens  # from the next add
+            if any(k.startswith("speculative.") or ".speculative." in k for k in live_keys):
+                spec = runtime.settings.speculative  # an entry's own keys over the new ones
+                config = SpeculativeConfig.from_settings(spec, pair.max_context)
+                runtime.suffix.budget = spec.suffix_tokens  # from the next add
                 worker.call_between_requests(partial(setattr, engine, "config", config))
+        if "models.keep_alive_seconds" in live_keys or any(
+            k.startswith("models.targets.") for k in live_keys
+        ):
+            worker.wake()  # an idle worker sets its unload timers anew
 
     def _update_models(self, new: Settings) -> None:
         """A reload changed models.targets: serve the entries added, stop serving those
@@ -437,10 +439,13 @@ class Server:
         if self.rank0 is not None:
             log.error("models_targets_ignored", reason="a group serves models.target only")
             return
-        before = {n: r.entry for n, r in service.runtimes.items() if r is not service.primary}
+        before = {n: r.entry for n, r in service.runtimes.items() if r.entry is not None}
         after = new.models.targets
-        removed = [n for n in before if n not in after or before[n] != after[n]]
-        added = [n for n in after if n not in before or before[n] != after[n]]
+        changed = {n for n in before if n in after and not before[n].same_weights(after[n])}
+        removed = [n for n in before if n not in after or n in changed]
+        added = [n for n in after if n not in before or n in changed]
+        for name in after.keys() & before.keys() - changed:  # the rest applies in place
+            service.runtimes[name].entry = after[name]
         for name in removed:
             loop = self.adaptations.pop(name, None)
             if loop is not None:
@@ -511,12 +516,14 @@ class Server:
         from daemon.serving.api.state import ModelListing
 
         assert self.service is not None
+        now = time.monotonic()
         return [
             ModelListing(
                 name=runtime.name,
                 loaded=runtime.resident,
                 adapter_version=runtime.adapter_version,
                 served=self._served_models.get(runtime.name),
+                expires_in=None if (at := runtime.unload_at()) is None else max(0.0, at - now),
             )
             for runtime in self.service.runtimes.values()
         ]
@@ -609,6 +616,7 @@ class Server:
             admins=dict(self.adaptations),
             models=self._model_listings,
             load_model=self._load_model,
+            keep_alive=self.service.set_keep_alive,
             history=self._history,
         ).serving(primary)  # models.target's tokenizer, limits and names, as any model's
         self.app = create_app(self.app_state)

@@ -149,6 +149,18 @@ def resolve_model(name: str, models_dir: Path) -> str:
     return name  # Hugging Face repo id
 
 
+def files_bytes(name: str) -> int:
+    """The size of a local model's weight files (0: not a local directory or file, e.g. a
+    repo id or the embedded model before its import): what it takes in memory, roughly,
+    before it has been loaded once (dequantizing on the CPU takes more)."""
+    path = Path(name).expanduser()
+    if path.is_file():
+        return path.stat().st_size
+    if path.is_dir():
+        return sum(f.stat().st_size for f in path.glob("*.safetensors"))
+    return 0
+
+
 def discover_models(settings: Settings) -> dict[str, ModelEntry]:
     """The MLX model directories under ``<data dir>/models/`` (a ``config.json`` beside
     ``*.safetensors``) that no configured model names or points at, each by its directory's

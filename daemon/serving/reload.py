@@ -56,7 +56,12 @@ def settings_diff(old: Settings, new: Settings) -> list[str]:
 
 # ... except these, which apply live although their section does not (a trailing dot: all
 # keys under it; the registry of other models: one added or removed, the others untouched)
-LIVE_KEYS = ("models.keep_alive_seconds", "models.max_loaded", "models.targets.")
+LIVE_KEYS = (
+    "models.keep_alive_seconds",
+    "models.max_loaded",
+    "models.memory_budget_gb",
+    "models.targets.",
+)
 
 
 def needs_restart(key: str) -> bool:

@@ -11,6 +11,7 @@ adapter and the prompt cache's owner keep working after `ModelRuntime.restore`).
 from __future__ import annotations
 
 import hashlib
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,7 +20,14 @@ from daemon.config import ModelEntry, Settings
 from daemon.core.backend import release_freed_memory
 from daemon.core.drafting import SuffixIndex
 from daemon.core.engine import SpeculativeConfig, SpeculativeEngine
-from daemon.core.models import ModelPair, Offloaded, load_pair, offload
+from daemon.core.models import (
+    ModelPair,
+    Offloaded,
+    files_bytes,
+    flat_parameters,
+    load_pair,
+    offload,
+)
 from daemon.core.prompt_cache import PromptCache
 from daemon.logging import get_logger
 from daemon.store.adapters import AdapterVersion, apply_adapter
@@ -50,6 +58,10 @@ class ModelRuntime:
         self.adapter: AdapterVersion | None = None
         self.offloaded: Offloaded | None = None
         self.last_used = 0.0
+        # the last request's own keep_alive (Ollama's: each request sets it); None: configured
+        self.request_keep_alive: float | None = None
+        # its weights' bytes in memory, measured when they were last loaded (0: not yet)
+        self.weight_bytes = 0
 
     @property
     def file_key(self) -> str:
@@ -76,6 +88,27 @@ class ModelRuntime:
         """Its weights are in memory."""
         return self.engine is not None and self.offloaded is None
 
+    @property
+    def keep_alive(self) -> float | None:
+        """Seconds it stays in memory unused: the last request's keep_alive, else its
+        configured models.keep_alive_seconds (None or inf: always)."""
+        if self.request_keep_alive is not None:
+            return self.request_keep_alive
+        return self.settings.models.keep_alive_seconds
+
+    def unload_at(self) -> float | None:
+        """When (`time.monotonic`) it is freed for idleness if nothing uses it; None: never."""
+        keep = self.keep_alive
+        if not self.resident or keep is None or math.isinf(keep):
+            return None
+        return self.last_used + keep
+
+    def expected_bytes(self) -> int:
+        """Its weights' bytes in memory: as measured once loaded, else its files' size."""
+        if self.weight_bytes:
+            return self.weight_bytes
+        return files_bytes(self.settings.models.target)
+
     def load(self, prompt_cache: Callable[[ModelPair], PromptCache]) -> SpeculativeEngine:
         """Load the pair (unless given) and make its engine; put offloaded weights back."""
         if self.engine is None:
@@ -95,9 +128,21 @@ class ModelRuntime:
             if self.adapter is not None:  # put in service before it was first loaded
                 self.engine.draft = apply_adapter(pair.fresh_draft, self.adapter)
         elif self.offloaded is not None:
+            t0 = time.perf_counter()
             self.restore()
+            log.info(
+                "model_loaded_again", model=self.name, duration_s=round(time.perf_counter() - t0, 3)
+            )
+        self.weight_bytes = self._measure()
         self.last_used = time.monotonic()
         return self.engine
+
+    def _measure(self) -> int:
+        """The bytes of its weights in memory now (arrays shared by its models counted once)."""
+        assert self.pair is not None and self.engine is not None
+        models = [self.pair.target, self.pair.draft, self.engine.draft, self.pair.base_draft]
+        arrays = {id(a): a for m in models if m is not None for _, a in flat_parameters(m)}
+        return sum(int(a.nbytes) for a in arrays.values())
 
     def offload(self, path: Path) -> None:
         """Write its weights to ``path`` and free them (and its prompt cache)."""

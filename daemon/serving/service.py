@@ -93,9 +93,7 @@ class Service:
             record=self._record,
             adapter_version=self._adapter_version,
             batch_size=s.server.batch_size,
-            keep_alive=s.models.keep_alive_seconds,
-            unload=self._unload_models,
-            load=self._load_models,
+            idle_unload=self,
             idle_tick=self.idle_tick,
             switch=self._switch,  # models.targets may grow live
             model=self.primary.name,
@@ -121,37 +119,51 @@ class Service:
             return MirroredPromptCache(size, nbytes, pair.target)
         return PromptCache(size, nbytes)
 
-    # --- idle unload (models.keep_alive_seconds); both run on the worker thread -------------
+    # --- idle unload (models.keep_alive_seconds, per model); on the worker thread ------------
 
     @property
     def _offload_dir(self) -> Path:
         return self.settings.paths.data_dir / "offloaded"
 
-    def _unload_models(self) -> None:
-        """Write every resident model's weights to the data dir and free them."""
-        t0 = time.perf_counter()
-        for runtime in self.runtimes.values():
-            if runtime.resident:
-                runtime.offload(self._offload_path(runtime))
-        log.info(
-            "models_unloaded",
-            idle_s=round(time.monotonic() - self.last_activity, 1),
-            duration_s=round(time.perf_counter() - t0, 3),
-        )
+    def used(self, model: str | None, keep_alive: float | None) -> None:
+        """A request for ``model`` finished: its idle time starts now, for its keep_alive
+        (None: the configured one)."""
+        runtime = self.runtimes.get(model or self.primary.name)
+        if runtime is not None:
+            runtime.last_used = time.monotonic()
+            runtime.request_keep_alive = keep_alive
 
-    def _load_models(self) -> None:
-        """Load back the model in service (the others come back when a request names them)."""
-        assert self.worker is not None
-        runtime = self.runtimes[self.worker.model or self.primary.name]
-        if runtime.offloaded is None:
-            return
-        t0 = time.perf_counter()
-        runtime.restore()
-        log.info(
-            "models_loaded_again",
-            model=runtime.name,
-            duration_s=round(time.perf_counter() - t0, 3),
-        )
+    def set_keep_alive(self, model: str, keep_alive: float) -> None:
+        """A request that only sets ``model``'s keep_alive (Ollama's empty prompt)."""
+        self.used(model, keep_alive)
+        if self.worker is not None:
+            self.worker.wake()  # an idle worker sets its unload timer anew
+
+    def unload_in(self, busy: str | None) -> float | None:
+        """Seconds until a model other than ``busy`` is due to be freed; None: none is."""
+        due = [
+            t for r in self.runtimes.values() if r.name != busy and (t := r.unload_at()) is not None
+        ]
+        return max(0.0, min(due) - time.monotonic()) if due else None
+
+    def unload_due(self, busy: str | None) -> list[str]:
+        """Free every model but ``busy`` whose keep_alive has passed; their names."""
+        now, freed = time.monotonic(), []
+        for runtime in list(self.runtimes.values()):
+            at = runtime.unload_at()
+            if runtime.name == busy or at is None or at > now:
+                continue
+            t0 = time.perf_counter()
+            runtime.offload(self._offload_path(runtime))
+            freed.append(runtime.name)
+            log.info(
+                "model_unloaded",
+                model=runtime.name,
+                reason="keep_alive",
+                idle_s=round(now - runtime.last_used, 1),
+                duration_s=round(time.perf_counter() - t0, 3),
+            )
+        return freed
 
     def _offload_path(self, runtime: ModelRuntime) -> Path:
         return self._offload_dir / f"{runtime.file_key}.safetensors"
@@ -175,25 +187,54 @@ class Service:
         return worker.call_between_requests(ready)
 
     def _ready(self, runtime: ModelRuntime, keep: ModelRuntime | None) -> SpeculativeEngine:
-        resident = [
-            r for r in self.runtimes.values() if r.resident and r is not runtime and r is not keep
-        ]
-        loaded = len(resident) + (keep is not None and keep.resident) + 1
-        excess = loaded - self.settings.models.max_loaded
-        for other in sorted(resident, key=lambda r: r.last_used)[: max(0, excess)]:
+        self._make_room(runtime, keep, runtime.expected_bytes())
+        first = not runtime.started
+        engine = runtime.load(self._prompt_cache)
+        if first:
+            self._fill_suffix(runtime)
+        self._make_room(runtime, keep, runtime.weight_bytes)  # as it really came out
+        return engine
+
+    def _make_room(self, runtime: ModelRuntime, keep: ModelRuntime | None, needs: int) -> None:
+        """Free the least recently used models (not ``runtime`` nor ``keep``) until
+        ``runtime``, taking ``needs`` bytes, fits models.max_loaded and
+        models.memory_budget_gb."""
+        models = self.settings.models
+        budget = None if models.memory_budget_gb is None else models.memory_budget_gb * 1e9
+        others = sorted(
+            (
+                r
+                for r in self.runtimes.values()
+                if r.resident and r is not runtime and r is not keep
+            ),
+            key=lambda r: r.last_used,
+        )
+        kept = [keep] if keep is not None and keep.resident and keep is not runtime else []
+
+        def over() -> str | None:
+            if len(others) + len(kept) + 1 > models.max_loaded:
+                return "models.max_loaded"
+            total = needs + sum(r.weight_bytes for r in others + kept)
+            return "models.memory_budget_gb" if budget is not None and total > budget else None
+
+        while others and (reason := over()) is not None:
+            other = others.pop(0)
             t0 = time.perf_counter()
             other.offload(self._offload_path(other))
             log.info(
                 "model_unloaded",
                 model=other.name,
-                reason="models.max_loaded",
+                reason=reason,
                 duration_s=round(time.perf_counter() - t0, 3),
             )
-        first = not runtime.started
-        engine = runtime.load(self._prompt_cache)
-        if first:
-            self._fill_suffix(runtime)
-        return engine
+        if over() == "models.memory_budget_gb":
+            log.warning(
+                "model_over_memory_budget",
+                model=runtime.name,
+                needs_gb=round(needs / 1e9, 3),
+                kept=[r.name for r in kept],
+                budget_gb=models.memory_budget_gb,
+            )
 
     def stop(self, timeout: float | None = None) -> bool:
         """Finish queued and in-flight requests (bounded), then flush and close the buffer."""

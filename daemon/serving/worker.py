@@ -10,8 +10,8 @@ the next round boundary, the running one included (handed over with its caches a
 nobody waits for another's whole answer. Requests beyond ``batch_size`` wait in the queue
 (``queue_size`` of them; more get `QueueFullError`).
 
-With ``keep_alive`` set, the worker frees the models (``unload``) after that many idle seconds
-and loads them again (``load``) before the next request or job.
+Idle models are freed (``idle_unload``, `IdleUnload`): each model after its own keep-alive
+without requests, never the one being decoded; the next request for it loads it again.
 
 Several models (``switch``): the worker decodes one model at a time. Requests are taken in
 order; the consecutive ones for the model in service are served (alone or batched) and a
@@ -30,7 +30,6 @@ never drafted by a version other than the one its response and its buffer record
 from __future__ import annotations
 
 import inspect
-import math
 import queue
 import threading
 import time
@@ -38,7 +37,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from daemon.core.batch import BatchDecoder, Joining
 from daemon.core.engine import (
@@ -79,9 +78,7 @@ class GenerationWorker:
         record: RecordHook | None = None,
         adapter_version: Callable[[str | None], int] | None = None,
         batch_size: int = 1,
-        keep_alive: float | None = None,
-        unload: Callable[[], None] | None = None,
-        load: Callable[[], None] | None = None,
+        idle_unload: IdleUnload | None = None,
         idle_tick: tuple[float, Callable[[], None]] | None = None,
         switch: Callable[[str], SpeculativeEngine] | None = None,
         model: str | None = None,
@@ -112,12 +109,9 @@ class GenerationWorker:
         # every started request until its final event, by request id: what a failure ends
         self._running: dict[int, _Started] = {}
         self._stopping = False
-        # idle unload (models.keep_alive_seconds; the last request's own keep_alive first)
-        self.keep_alive = keep_alive
-        self.request_keep_alive: float | None = None
-        self._unload, self._load = unload, load
-        self.loaded = True
-        self._last_work = time.monotonic()
+        # frees each model after its keep-alive (needs ``switch``: a freed model in service
+        # is put back by switching to it)
+        self.idle_unload = idle_unload if switch is not None else None
         # (seconds, fn): fn runs on this thread after that long idle, again and again (the
         # heartbeat rank 0 of a group sends; daemon.core.distributed)
         self.idle_tick = idle_tick
@@ -237,11 +231,8 @@ class GenerationWorker:
             if time.monotonic() - self._last_tick >= every:
                 self._last_tick = time.monotonic()
                 tick()
-        if self._idle and not self._stopping and self._unload_in() == 0:
+        if not self._stopping and self._unload_in() == 0:
             self._free_models()
-            return False
-        if (self._jobs or self._waiting) and not self.loaded:
-            self._load_models()
         if self._lone is None:
             while self._jobs:
                 self._jobs.popleft()()
@@ -256,7 +247,6 @@ class GenerationWorker:
             if self._batched:
                 self._step_batch()
                 self._release_lone_member()
-        self._last_work = time.monotonic()
         return False
 
     def _fail_running(self, error: Exception) -> None:
@@ -290,37 +280,26 @@ class GenerationWorker:
         known = [w for w in waits if w is not None]
         return min(known) if known else None
 
+    @property
+    def _busy_model(self) -> str | None:
+        """The model that must stay loaded now: the one in service unless all is idle."""
+        return None if self._idle else self.model
+
     def _unload_in(self) -> float | None:
-        """Seconds until an idle worker frees the models; None: never (now)."""
-        keep = self.keep_alive if self.request_keep_alive is None else self.request_keep_alive
-        if keep is None or math.isinf(keep) or not self.loaded or self._unload is None:
+        """Seconds until a model is due to be freed; None: none is (now)."""
+        if self.idle_unload is None:
             return None
-        return max(0.0, self._last_work + keep - time.monotonic())
+        return self.idle_unload.unload_in(self._busy_model)
 
     def _free_models(self) -> None:
-        assert self._unload is not None
+        assert self.idle_unload is not None
         try:
-            self._unload()
+            freed = self.idle_unload.unload_due(self._busy_model)
         except Exception:  # the models stay as they were: serving is unaffected
             log.exception("models_unload_failed")
-            self._last_work = time.monotonic()
             return
-        self.loaded = False
-
-    def _load_models(self) -> None:
-        """Load the models back before the work that needs them; on failure, every waiting
-        request ends with the error (the next one tries again)."""
-        try:
-            if self._load is not None:
-                self._load()
-            self.loaded = True
-        except Exception as e:
-            log.exception("models_load_failed")
-            while self._waiting:
-                handle = self._waiting.popleft()
-                with self._lock:
-                    self._pending -= 1
-                self._end(handle, Done(None, error=e))
+        if self.model in freed:
+            self.model = None  # its next request puts it back (``switch``)
 
     @property
     def _idle(self) -> bool:
@@ -602,7 +581,8 @@ class GenerationWorker:
     def _finish(self, started: _Started, result: GenerationResult) -> None:
         """A request that produced a result: record it, then its final event and hooks."""
         req = started.handle.request
-        self.request_keep_alive = req.keep_alive  # as Ollama: each request sets the timer
+        if self.idle_unload is not None:  # as Ollama: each request sets its model's timer
+            self.idle_unload.used(self._model_of(started.handle), req.keep_alive)
         total_s = time.monotonic() - req.enqueued
         recorded = None
         if self.record is not None and result.finish_reason != "error":
@@ -625,6 +605,19 @@ class GenerationWorker:
         handle.emit(done)
         with self._lock:
             self._live.discard(handle)
+
+
+class IdleUnload(Protocol):
+    """Frees idle models (`daemon.serving.service.Service`); called on the worker thread."""
+
+    def used(self, model: str | None, keep_alive: float | None) -> None:
+        """A request for ``model`` finished, asking to keep it ``keep_alive`` seconds."""
+
+    def unload_in(self, busy: str | None) -> float | None:
+        """Seconds until a model other than ``busy`` is due to be freed; None: none is."""
+
+    def unload_due(self, busy: str | None) -> list[str]:
+        """Free the models (not ``busy``) that are due; their names."""
 
 
 def _nothing() -> None:

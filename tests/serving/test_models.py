@@ -118,6 +118,16 @@ def test_two_models_answer_alternating_requests_as_each_does_alone(tmp_path: Pat
         for name in (str(chat), "coder"):
             line = f'specd_model_generations_total{{model="{name}"}} {float(len(PROMPTS))}'
             assert line in metrics.splitlines(), (line, metrics)
+        # /v1/models' acceptance is each model's own, as /metrics counts it
+        listed = {m.id: m for m in client.models.list().data}
+        for name in (str(chat), "coder"):
+            sums = [0.0, 0.0]
+            for line in metrics.splitlines():
+                for i, kind in enumerate(("draft", "accepted")):
+                    if line.startswith(f'specd_model_{kind}_tokens_total{{model="{name}"'):
+                        sums[i] += float(line.split()[-1])
+            assert sums[0] > 0
+            assert listed[name].model_extra["acceptance_rate"] == pytest.approx(sums[1] / sums[0])
         rows = {line.split()[0]: line.split()[1:] for line in shown[1:] if line.strip()}
         assert rows["coder"] == [str(coder), "yes", "v0"]
         assert rows[str(chat)] == [str(chat), "yes", "v0"]

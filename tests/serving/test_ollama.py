@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -161,12 +162,18 @@ def test_keep_alive_zero_unloads_and_the_next_request_loads(
 ) -> None:
     r = client.generate(model="tiny-target", prompt="", keep_alive=0)
     assert r.done and r.done_reason == "unload"
-    wait_until(lambda: not served.worker.loaded, "models unloaded")
+    assert served.service is not None
+    primary = served.service.primary
+    wait_until(lambda: not primary.resident, "model unloaded")
     assert client.ps().models == []
     out = client.generate(model="tiny-target", prompt=PROMPT, options={"num_predict": 3})
-    assert out.eval_count == 3 and served.worker.loaded
+    assert out.eval_count == 3 and primary.resident
     client.generate(model="tiny-target", prompt=PROMPT, options={"num_predict": 1}, keep_alive=-1)
-    assert served.worker.request_keep_alive == math.inf
+    assert primary.request_keep_alive == math.inf and primary.unload_at() is None
+    assert client.ps().models[0].expires_at.year == 9999  # type: ignore[union-attr]
+    client.generate(model="tiny-target", prompt=PROMPT, options={"num_predict": 1}, keep_alive="1h")
+    expires = client.ps().models[0].expires_at
+    assert expires is not None and 3500 < (expires - datetime.now(UTC)).total_seconds() <= 3600
 
 
 def test_keep_alive_durations() -> None:

@@ -379,13 +379,13 @@ def test_idle_unload_frees_the_models_and_the_next_request_loads_them(tmp_path) 
     try:
         before = service.generate([{"role": "user", "content": "a b c"}], max_tokens=12)
         loaded = weight_bytes()
-        wait_until(lambda: not worker.loaded, "models unloaded after the idle time")
+        wait_until(lambda: not service.primary.resident, "model unloaded after the idle time")
         assert weight_bytes() == 0
         assert len(list((tmp_path / "data" / "offloaded").glob("*.safetensors"))) == 1
         assert len(service.engine.prompt_cache) == 0
         # the draft still shares the target's arrays after the reload
         after = service.generate([{"role": "user", "content": "a b c"}], max_tokens=12)
-        assert worker.loaded and weight_bytes() == loaded
+        assert service.primary.resident and weight_bytes() == loaded
         assert after.tokens == before.tokens and after.text == before.text
         assert not list((tmp_path / "data" / "offloaded").glob("*.safetensors"))
         mx.eval(pair.target.parameters())

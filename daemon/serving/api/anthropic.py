@@ -32,6 +32,7 @@ from daemon.serving.api.generation import (
     chat_prompt,
     chat_tools,
     contract,
+    first_load,
     model_state,
     serve_chat,
     unknown_request_fields,
@@ -42,6 +43,7 @@ from daemon.serving.api.render import Renderer, Reply
 from daemon.serving.api.routes import AUTH, State
 from daemon.serving.api.schemas import ERROR_RESPONSES, ChatCompletionRequest, FinishReason
 from daemon.serving.api.state import MESSAGES_PATH
+from daemon.serving.api.streaming import stream_after_load
 from daemon.serving.api.tools import ParsedCall
 
 __all__ = ["AnthropicRenderer", "anthropic_router"]
@@ -206,6 +208,12 @@ async def messages(
     body: MessagesRequest, request: Request, response: Response, state: State
 ) -> Any:
     ignored = unknown_request_fields(state, MESSAGES_PATH, body)
+    if body.stream and (load := first_load(state, body.model)) is not None:
+        renderer = _renderer(body.model, [], state.tokenizer)(Reply.unstarted(body.model, "chat"))
+        out: Any = stream_after_load(
+            request, load, renderer, lambda: messages(body, request, response, state)
+        )
+        return with_ignored(out, response, ignored)
     state = await model_state(state, body.model)
     if body.thinking and body.thinking.get("type") == "enabled":
         raise unsupported("thinking", "Extended thinking")

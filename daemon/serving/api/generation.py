@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar, cast
 from urllib.parse import quote
@@ -37,14 +38,15 @@ from daemon.serving.api.schemas import (
     GenerationParams,
     unknown_fields,
 )
-from daemon.serving.api.state import MODEL_ALIASES, AppState, ModelListing
-from daemon.serving.api.streaming import GenerationRun
+from daemon.serving.api.state import MODEL_ALIASES, AppState, ModelListing, ServedModel
+from daemon.serving.api.streaming import GenerationRun, stream_after_load
 from daemon.serving.api.tools import forced_call_grammar
 
 __all__ = [
     "RunOptions",
     "chat_prompt",
     "chat_tools",
+    "first_load",
     "model_state",
     "served_models",
     "contract",
@@ -72,9 +74,7 @@ class RunOptions:
 def served_models(state: AppState) -> list[tuple[ModelListing, AppState | None]]:
     """Every served model with the state its requests are served with (None: not loaded
     yet); models.target first."""
-    listings = state.models() or [
-        ModelListing(state.model_id, state.worker.loaded, state.adapter_version(), None)
-    ]
+    listings = state.models() or [ModelListing(state.model_id, True, state.adapter_version(), None)]
     out: list[tuple[ModelListing, AppState | None]] = []
     for m in listings:
         if m.name == state.model_id:
@@ -82,6 +82,18 @@ def served_models(state: AppState) -> list[tuple[ModelListing, AppState | None]]
         else:
             out.append((m, state.serving(m.served) if m.served is not None else None))
     return out
+
+
+def first_load(state: AppState, model: str | None) -> Future[ServedModel] | None:
+    """The load a request for ``model`` waits for, started now: its model's first (not
+    described yet); None when it waits for none (models.target, a model loaded before, a
+    name not served: `model_state` answers those)."""
+    if model in (None, "", state.model_id, *MODEL_ALIASES) or state.load_model is None:
+        return None
+    listing = next((m for m in state.models() if m.name == model), None)
+    if listing is None or listing.served is not None:
+        return None
+    return state.load_model(model)
 
 
 async def model_state(state: AppState, model: str | None) -> AppState:
@@ -330,6 +342,13 @@ async def serve_chat(
 ) -> Response | BaseModel:
     """A chat request, in the internal contract every API is translated to: validated,
     templated, run, rendered by ``renderer``."""
+    if body.stream and (load := first_load(state, body.model)) is not None:
+        return stream_after_load(
+            request,
+            load,
+            renderer(Reply.unstarted(body.model or "", "chat")),
+            lambda: serve_chat(state, request, body, renderer, options),
+        )
     state = await model_state(state, body.model)
     if body.top_logprobs and not body.logprobs:  # as OpenAI answers it
         raise APIError(
@@ -459,6 +478,13 @@ async def serve_completion(
     options: RunOptions | None = None,
 ) -> Response | BaseModel:
     """A completion request (raw prompt text or token ids), as `serve_chat`."""
+    if body.stream and (load := first_load(state, body.model)) is not None:
+        return stream_after_load(
+            request,
+            load,
+            renderer(Reply.unstarted(body.model or "", "completion")),
+            lambda: serve_completion(state, request, body, renderer, options),
+        )
     state = await model_state(state, body.model)
     if body.echo:
         raise unsupported("echo", "echo")

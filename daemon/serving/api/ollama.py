@@ -262,10 +262,8 @@ def _messages(body: OllamaChatRequest) -> list[dict[str, Any]]:
 def _loaded(state: AppState, model: str, chat: bool, keep_alive: float | None) -> JSONResponse:
     """Ollama's answer to a request with nothing to generate: the model is (kept) loaded, or,
     with ``keep_alive`` 0, unloaded."""
-    worker = state.worker
-    if keep_alive is not None:
-        worker.request_keep_alive = keep_alive
-        worker.wake()
+    if keep_alive is not None and state.keep_alive is not None:
+        state.keep_alive(state.model_id, keep_alive)
     reason = "unload" if keep_alive == 0 else "load"
     body: dict[str, Any] = {"model": model, "created_at": _now(), "done": True}
     if chat:
@@ -466,20 +464,17 @@ def _listed(state: AppState, listing: ModelListing, served: AppState | None) -> 
 
 @ollama_router.get("/api/ps", summary="Loaded models (Ollama-compatible)", responses=_errors(401))
 async def ollama_ps(state: State) -> dict[str, Any]:
-    worker = state.worker
-    if not worker.loaded:
-        return {"models": []}
-    keep = worker.keep_alive if worker.request_keep_alive is None else worker.request_keep_alive
-    until = (
-        datetime.now(UTC) + timedelta(seconds=keep)
-        if keep is not None and not math.isinf(keep)
-        else datetime(9999, 1, 1, tzinfo=UTC)
-    )
+    never = datetime(9999, 1, 1, tzinfo=UTC)
+    now = datetime.now(UTC)
     return {
         "models": [
             {
                 **_entry(served),
-                "expires_at": until.isoformat(),
+                "expires_at": (
+                    never
+                    if listing.expires_in is None
+                    else now + timedelta(seconds=listing.expires_in)
+                ).isoformat(),
                 "size_vram": 0,
                 "context_length": served.max_context,
             }

@@ -9,6 +9,7 @@ renderer over the same run, so the engine, the buffer records, metrics and auth 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -150,6 +151,12 @@ class Reply:
     adapter_version: Callable[[], int]  # the version that served it (known once it ran)
     logprobs: LogprobRenderer | None = None
     prompt_tokens: int = 0
+
+    @classmethod
+    def unstarted(cls, model: str, kind: Literal["chat", "completion"]) -> Reply:
+        """A request's reply before it was read (what a stream's keep-alives and errors need
+        while its model loads)."""
+        return cls("", int(time.time()), model, kind, False, lambda: 0)
 
 
 class Renderer:

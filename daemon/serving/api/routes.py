@@ -129,6 +129,7 @@ def _model_card(state: AppState, listing: ModelListing) -> ModelCard:
         created=int(state.started),
         loaded=listing.loaded,
         adapter_version=listing.adapter_version,
+        acceptance_rate=state.metrics.model_acceptance(listing.name),
     )
 
 
@@ -190,7 +191,7 @@ async def status(state: State) -> StatusResponse:
             draft_head_tokens=state.draft_head_tokens(),
             dtype=state.dtype,
             max_context=state.max_context,
-            loaded=worker.loaded,
+            loaded=next((m.loaded for m in state.models() if m.name == state.model_id), True),
         ),
         backend=backend_info(),
         adapter_version=int(state.adapter_version()),

@@ -451,6 +451,9 @@ class ModelCard(BaseModel):
     adapter_version: int | None = Field(
         None, description="specd: the draft adapter in service (0: none)."
     )
+    acceptance_rate: float | None = Field(
+        None, description="specd: accepted / drafted tokens over its requests since start."
+    )
 
 
 class ModelList(BaseModel):

@@ -95,6 +95,7 @@ class ModelListing:
     loaded: bool  # its weights are in memory now
     adapter_version: int
     served: ServedModel | None  # None until it was first loaded
+    expires_in: float | None = None  # seconds until it is freed if unused; None: not planned
 
 
 @dataclass
@@ -133,6 +134,8 @@ class AppState:
     # every served model (models.target first) and how to get one ready for its first request
     models: Callable[[], list[ModelListing]] = lambda: []
     load_model: Callable[[str], Future[ServedModel]] | None = None
+    # keep a served model loaded this many seconds from now (Ollama's keep_alive alone)
+    keep_alive: Callable[[str, float], None] | None = None
     started: float = field(default_factory=time.time)
     accepting: bool = True
     in_flight: int = 0

@@ -19,7 +19,8 @@ import asyncio
 import math
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import Future
 from typing import Any, Literal
 
 import structlog
@@ -436,3 +437,45 @@ class GenerationRun:
             media_type=self.renderer.media_type,
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
+
+
+def stream_after_load(
+    request: Request,
+    load: Future[Any],
+    renderer: Renderer,
+    serve: Callable[[], Awaitable[Response | BaseModel]],
+) -> StreamingResponse:
+    """A stream for a model that loads first (its first request): headers at once and the
+    renderer's keep-alives every `KEEPALIVE_S` while it loads, then what ``serve`` streams;
+    a refusal or a failed load after the headers went is an error event of the stream."""
+
+    async def body() -> AsyncIterator[bytes]:
+        waiting = asyncio.wrap_future(load)
+        while not waiting.done():
+            await asyncio.wait({waiting}, timeout=KEEPALIVE_S)
+            if not waiting.done() and renderer.keepalive is not None:
+                yield renderer.keepalive
+        try:
+            waiting.result()
+            out = await serve()
+        except APIError as e:
+            message, kind = e.detail.message, "invalid_request_error"
+        except Exception as e:  # noqa: BLE001 - a model that would not load: this request's
+            log.warning("model_load_failed_for_stream", error=str(e))
+            message, kind = f"The model could not be loaded: {e}", "server_error"
+        else:
+            if isinstance(out, StreamingResponse):
+                async for chunk in out.body_iterator:
+                    yield chunk if isinstance(chunk, bytes) else str(chunk).encode()
+            return  # else the client went away (an empty response)
+        info = request.scope.get("specd")
+        if isinstance(info, RequestInfo):
+            info.error = message
+        for part in renderer.error(message, kind):
+            yield part
+
+    return StreamingResponse(
+        body(),
+        media_type=renderer.media_type,
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
