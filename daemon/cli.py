@@ -63,6 +63,16 @@ def _rank_list(text: str) -> list[int]:
     return ranks
 
 
+def _split_list(text: str) -> list[str]:
+    splits = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [t for t in splits if t not in ("auto", "tensor", "pipeline")]
+    if not splits or bad:
+        raise argparse.ArgumentTypeError(
+            f"expected splits among auto, tensor, pipeline (like tensor,pipeline); got {text!r}"
+        )
+    return splits
+
+
 def _size_list(text: str) -> list[int]:
     try:
         sizes = [int(n) for n in text.split(",") if n.strip()]
@@ -407,6 +417,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=_rank_list,
         default=[1, 2],
         help="rank counts to compare (default 1,2); the target must split that many ways",
+    )
+    q.add_argument(
+        "--split",
+        type=_split_list,
+        default=None,
+        help="ways to split the target, compared side by side on each rank count, e.g. "
+        "tensor,pipeline (default: models.split); rows are named ranks_N_SPLIT_... when more "
+        "than one is given",
     )
     q.add_argument("--timeout", type=float, default=1800.0, help="seconds one rank count may take")
     q.add_argument(

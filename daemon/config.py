@@ -147,6 +147,18 @@ class ModelsSettings(_Section):
         description="Models kept in memory at once; the least recently used beyond it are "
         "written to the data dir and freed until a request names them again.",
     )
+    split: Literal["auto", "tensor", "pipeline"] = Field(
+        "auto",
+        description="How a group of ranks splits the target: tensor (heads and MLP columns; "
+        "needs them to divide; two all-reduces per layer), pipeline (blocks of layers; one "
+        "hand-off per rank), auto (tensor over a JACCL/RDMA link when the shapes divide, "
+        "pipeline otherwise).",
+    )
+    split_layers: list[int] | None = Field(
+        None,
+        description="A pipeline split's layers per rank, in rank order; null: proportional "
+        "to each rank's free memory.",
+    )
     memory_budget_gb: float | None = Field(
         None,
         gt=0,

@@ -53,6 +53,7 @@ LLAMA70B = {"layers": 80, "hidden": 8192, "bytes_per_value": 2}
 LINKS = {
     "ethernet_10g_ring": {"bytes_per_s": 1.25e9, "latency_s": 60e-6},
     "thunderbolt5_jaccl": {"bytes_per_s": 10e9, "latency_s": 10e-6},
+    "wifi_ring": {"bytes_per_s": 0.1e9, "latency_s": 2e-3},
 }
 # 70B at 4 bits is ~40 GB of weights; an M3 Ultra reads ~800 GB/s, so a forward (memory
 # bound, a verify round costs about one step) takes ~50 ms on one Mac, ~25 ms split in two.
@@ -75,6 +76,38 @@ def _allsum_seconds(group: Group, tokens: int, hidden: int) -> float:
     for _ in range(PROBE_REPEATS):
         mx.eval(mx.distributed.all_sum(x, group=group.handle))
     return (time.perf_counter() - t0) / PROBE_REPEATS
+
+
+def _handoff_seconds(group: Group, tokens: int, hidden: int) -> float:
+    """Every rank: the time of one trip of ``tokens`` x ``hidden`` float32 activations round
+    the ranks (0 -> 1 -> ... -> 0: a layer split's hand-offs in one forward)."""
+    said = mx.distributed.all_sum(
+        mx.array([tokens if group.rank == 0 else 0], dtype=mx.int32),
+        group=group.handle,
+        stream=mx.cpu,
+    )
+    t = max(1, cast(int, said.item()))
+    x = mx.zeros((1, t, hidden), dtype=mx.float32)
+    rank, size, g = group.rank, group.size, group.handle
+
+    def trip() -> None:
+        if rank == 0:
+            sent = mx.distributed.send(x, 1, group=g, stream=mx.cpu)
+            back = mx.distributed.recv(x.shape, x.dtype, size - 1, group=g, stream=mx.cpu)
+            mx.eval(mx.depends(back, sent))
+        else:
+            got = mx.distributed.recv(x.shape, x.dtype, rank - 1, group=g, stream=mx.cpu)
+            mx.eval(mx.distributed.send(got, (rank + 1) % size, group=g, stream=mx.cpu))
+
+    trip()  # warm-up
+    t0 = time.perf_counter()
+    for _ in range(PROBE_REPEATS):
+        trip()
+    return (time.perf_counter() - t0) / PROBE_REPEATS
+
+
+def _probe(group: Group, tokens: int, hidden: int, pipeline: bool) -> float:
+    return (_handoff_seconds if pipeline else _allsum_seconds)(group, tokens, hidden)
 
 
 def _train_worker(args: argparse.Namespace, settings: Settings, group: Group | None) -> int:
@@ -141,7 +174,8 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
         guard = Watchdog(timeout, expired)
         follow(loaded.model, Channel(group), guard)
         guard.stop()
-        _allsum_seconds(group, 0, int(loaded.model.args.hidden_size))
+        pipeline = loaded.split.startswith("pipeline")
+        _probe(group, 0, int(loaded.model.args.hidden_size), pipeline)
         return 0
 
     prompts = [p.messages for p in read_prompts(args.prompts, limit=args.limit)]
@@ -201,12 +235,16 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
         watchdog.stop()
         per_round = max(1, round(out["rows"]["speculative"]["tokens_per_forward"]))
         out["round_tokens"] = per_round
-        out["allsum_s"] = _allsum_seconds(group, per_round, out["hidden"])
+        pipeline = pair.split.startswith("pipeline")
+        probe = _probe(group, per_round, out["hidden"], pipeline)
+        out["handoff_s" if pipeline else "allsum_s"] = probe
     Path(args.out).write_text(json.dumps(out))
     return 0
 
 
-def _launch(args: argparse.Namespace, ranks: int, out: Path) -> tuple[int, str]:
+def _launch(
+    args: argparse.Namespace, ranks: int, out: Path, split: str | None = None
+) -> tuple[int, str]:
     """Run the worker as ``ranks`` processes of one ring group on loopback, started directly
     from a hostfile (mlx.launch's relay loop would take a core of this machine from them);
     returns rank 0's exit status and the tail of every rank's output."""
@@ -222,6 +260,8 @@ def _launch(args: argparse.Namespace, ranks: int, out: Path) -> tuple[int, str]:
         cmd += ["--train", str(args.train)]
     # the one-rank row runs alone even when this command was itself launched in a group
     env = launcher_free_environment(dict(os.environ))
+    if split is not None:
+        env["SPECD_MODELS__SPLIT"] = split
     logs = [out.with_suffix(f".rank{r}.log") for r in range(ranks)]
     if ranks > 1:
         hostfile = loopback_hostfile(out.with_suffix(".hosts.json"), ranks)
@@ -247,23 +287,59 @@ def _launch(args: argparse.Namespace, ranks: int, out: Path) -> tuple[int, str]:
     return codes[0] if all(c == 0 for c in codes) else max(codes), tails
 
 
+def _row(
+    got: dict[str, Any], first: dict[str, Any], name: str, row: dict[str, Any], ranks: int
+) -> dict[str, Any]:
+    """A result row with its ratio to the first row and, for a group, its communication:
+    tensor, two all-reduces per layer; pipeline, one trip round the ranks."""
+    rate = "examples_per_s" if name == "train" else "tokens_per_s"
+    base = first["rows"][name][rate]
+    row["ratio_vs_first"] = row[rate] / base if base else None
+    if name == "train":
+        return row
+    row["identical"] = got[f"outputs_{name}"] == first[f"outputs_{name}"]
+    values = got.get("round_tokens", 1) * got["hidden"]
+    if "allsum_s" in got:
+        row["allsum_ms"] = got["allsum_s"] * 1000
+        row["comm_ms_per_round"] = (
+            2 * got["layers"] * got["allsum_s"] * 1000 + row["message_ms_per_forward"]
+        )
+        row["bytes_per_round"] = 2 * got["layers"] * values * 4
+    if "handoff_s" in got:
+        row["handoff_ms"] = got["handoff_s"] * 1000
+        row["comm_ms_per_round"] = got["handoff_s"] * 1000 + row["message_ms_per_forward"]
+        row["bytes_per_round"] = ranks * values * 4
+    row["split"] = got["split"] or "one process"
+    return row
+
+
 def estimate(round_tokens: int) -> dict[str, Any]:
-    """Per-round communication of a 70B target split over two Macs, on each link in `LINKS`
-    (two all-reduces per layer; a two-rank ring moves the whole payload once each way)."""
+    """Per-round time of a 70B target split over two Macs, on each link in `LINKS`, both
+    ways: tensor (both Macs read half the weights at once, then two all-reduces per layer;
+    a two-rank ring moves the whole payload once each way) and pipeline (the Macs take
+    turns over their halves, with one hand-off each way); ``crossover_latency_us``: the
+    per-message latency below which tensor's round is the shorter on that link."""
     layers, hidden, width = LLAMA70B["layers"], LLAMA70B["hidden"], LLAMA70B["bytes_per_value"]
     payload = round_tokens * hidden * width
     out: dict[str, Any] = {
         "round_tokens": round_tokens,
         "bytes_per_round": 2 * layers * payload,
+        "pipeline_bytes_per_round": 2 * payload,
         "forward_ms_one_mac": FORWARD_S_ONE_MAC * 1000,
         "forward_ms_split": FORWARD_S_ONE_MAC * 500,
     }
     for name, link in LINKS.items():
-        per = link["latency_s"] + payload / link["bytes_per_s"]
+        transfer = payload / link["bytes_per_s"]
+        per = link["latency_s"] + transfer
         comm = 2 * layers * per
+        # tensor: F/2 + 2L (lat + x); pipeline: F + 2 (lat + x); equal at this latency
+        crossover = (FORWARD_S_ONE_MAC / 2) / (2 * layers - 2) - transfer
         out[name] = {
             "comm_ms_per_round": comm * 1000,
             "round_ms": (FORWARD_S_ONE_MAC / 2 + comm) * 1000,
+            "pipeline_comm_ms_per_round": 2 * per * 1000,
+            "pipeline_round_ms": (FORWARD_S_ONE_MAC + 2 * per) * 1000,
+            "crossover_latency_us": max(0.0, crossover * 1e6),
         }
     return out
 
@@ -276,32 +352,20 @@ def run(args: argparse.Namespace, settings: Settings, sources: ConfigSources) ->
     rows: dict[str, Any] = {}
     first: dict[str, Any] | None = None
     with tempfile.TemporaryDirectory(prefix="specd-bench-group-") as tmp:
-        for n in args.ranks:
-            out = Path(tmp) / f"ranks{n}.json"
-            print(f"bench group: {n} rank(s) ...", flush=True)
-            code, tails = _launch(args, n, out)
+        splits: list[str | None] = list(args.split) if args.split else [None]
+        runs = [(r, sp) for r in args.ranks for sp in (splits if r > 1 else [None])]
+        for n, split in runs:
+            prefix = f"ranks_{n}" if split is None or len(splits) == 1 else f"ranks_{n}_{split}"
+            out = Path(tmp) / f"{prefix}.json"
+            print(f"bench group: {n} rank(s){f', {split}' if split else ''} ...", flush=True)
+            code, tails = _launch(args, n, out, split)
             if code != 0 or not out.exists():
-                rows[f"ranks_{n}"] = {"error": tails or f"exit {code}"}
+                rows[prefix] = {"error": tails or f"exit {code}"}
                 continue
             got = json.loads(out.read_text())
             first = first or got
             for name, row in got["rows"].items():
-                key = f"ranks_{n}_{name}"
-                rate = "examples_per_s" if name == "train" else "tokens_per_s"
-                base = first["rows"][name][rate]
-                row["ratio_vs_first"] = row[rate] / base if base else None
-                rows[key] = row
-                if name == "train":
-                    continue
-                row["identical"] = got[f"outputs_{name}"] == first[f"outputs_{name}"]
-                if "allsum_s" in got:
-                    row["allsum_ms"] = got["allsum_s"] * 1000
-                    row["comm_ms_per_round"] = (
-                        2 * got["layers"] * got["allsum_s"] * 1000 + row["message_ms_per_forward"]
-                    )
-                    values = got["round_tokens"] * got["hidden"]
-                    row["bytes_per_round"] = 2 * got["layers"] * values * 4
-                row["split"] = got["split"] or "one process"
+                rows[f"{prefix}_{name}"] = _row(got, first, name, row, n)
     if args.train:
         print_table(rows, ["examples_per_s", "seconds_per_step", "ratio_vs_first", "error"])
         write_json(args.json, rows)
@@ -314,6 +378,7 @@ def run(args: argparse.Namespace, settings: Settings, sources: ConfigSources) ->
             "tokens_per_forward",
             "message_ms_per_forward",
             "allsum_ms",
+            "handoff_ms",
             "comm_ms_per_round",
             "bytes_per_round",
             "identical",
@@ -328,8 +393,9 @@ def run(args: argparse.Namespace, settings: Settings, sources: ConfigSources) ->
         f"estimate, 70B over two Macs ({round_tokens} tokens per verify round, "
         f"{paper['bytes_per_round'] / 1e6:.1f} MB all-reduced per round): "
         + "; ".join(
-            f"{name} {paper[name]['comm_ms_per_round']:.1f} ms comm, "
-            f"{paper[name]['round_ms']:.1f} ms per round"
+            f"{name} tensor {paper[name]['round_ms']:.1f} ms per round "
+            f"({paper[name]['comm_ms_per_round']:.1f} ms comm), pipeline "
+            f"{paper[name]['pipeline_round_ms']:.1f} ms"
             for name in LINKS
         )
         + f" (one Mac, if it fit: {paper['forward_ms_one_mac']:.0f} ms)"

@@ -122,6 +122,29 @@ def release_freed_memory() -> None:
             trim(0)
 
 
+def free_memory_bytes() -> int:
+    """Memory this machine can still give the model: on Metal the GPU's recommended working
+    set less what MLX holds; on the CPU what the OS reports available (Linux
+    ``MemAvailable``, else free pages)."""
+    import mlx.core as mx
+
+    if mx.default_device() == mx.gpu:
+        info = mx.device_info()
+        limit = info.get("max_recommended_working_set_size") or info.get("memory_size", 0)
+        if limit:
+            return max(0, int(limit) - int(mx.get_active_memory()))
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (OSError, ValueError):
+        return int(mx.device_info().get("memory_size", 0))
+
+
 # --- launched as a group (mlx.launch; daemon.core.distributed) ---
 
 # Environment variables launchers set: mlx.launch (ring, jaccl), mpirun.

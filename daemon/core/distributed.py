@@ -1,9 +1,9 @@
 """A target split across ranks with MLX distributed, driven by rank 0.
 
 ``specd serve`` started by ``mlx.launch`` (or any launcher that sets MLX's rank variables)
-finds a group of more than one rank. Every rank loads the target lazily and shards it with
-mlx-lm's own ``shard(group)`` (tensor parallel: attention heads and MLP columns split N ways)
-or, for models that only have it, ``model.pipeline(group)`` (layers split N ways).
+finds a group of more than one rank. Every rank loads the target lazily and splits it
+(`daemon.core.split`): tensor-parallel with mlx-lm's own ``shard(group)``, or by layers
+(`daemon.core.pipeline`), reading only its share.
 
 Only rank 0 decodes. It owns the draft, the engine and every decision of a round (the policy's
 timings, the suffix index, grammar masks, cancellation all live there), so the ranks cannot
@@ -176,42 +176,7 @@ def barrier(group: Group) -> None:
     mx.eval(mx.distributed.all_sum(mx.array(1.0), group=group.handle, stream=mx.cpu))
 
 
-# --- splitting the target ------------------------------------------------------------------
-
-
-def _divides(model: nn.Module, n: int) -> list[str]:
-    """What in ``model``'s shape does not split ``n`` ways (tensor parallel)."""
-    args = getattr(model, "args", None)
-    bad = []
-    for name in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
-        value = getattr(args, name, None)
-        if isinstance(value, int) and value % n:
-            bad.append(f"{name} {value}")
-    return bad
-
-
-def shard_target(model: nn.Module, group: Group) -> str:
-    """Split ``model`` (lazy, not yet evaluated) across the group with mlx-lm's own sharding;
-    returns how it was split."""
-    n = group.size
-    kind = type(model).__module__.rsplit(".", 1)[-1]
-    if hasattr(model, "shard"):
-        bad = _divides(model, n)
-        if bad:
-            raise DistributedError(
-                f"the target ({kind}) cannot be split tensor-parallel across {n} ranks: "
-                f"{', '.join(bad)} not divisible by {n}; use a group size that divides them"
-            )
-        cast(Any, model).shard(group.handle)
-        return f"tensor-parallel over {n} ranks (attention heads and MLP columns / {n})"
-    inner = getattr(model, "model", None)
-    if inner is not None and hasattr(inner, "pipeline"):
-        inner.pipeline(group.handle)
-        return f"pipeline over {n} ranks (layers / {n})"
-    raise DistributedError(
-        f"mlx-lm cannot split the target ({kind}) across ranks: it has neither shard() nor "
-        "pipeline(); serve it on one machine"
-    )
+# --- the body and head the forwards use ---------------------------------------------------
 
 
 Body = Callable[..., mx.array]
@@ -595,8 +560,14 @@ def handshake(group: Group, model: nn.Module, target_id: str) -> None:
         )
     body, head = body_and_head(model)
     probe = mx.array([[1, 2, 3]], dtype=mx.uint32)
+    if group.rank != 0:  # the same collectives as rank 0's two forwards; the head stays unread
+        mx.eval(body(probe))
+        mx.eval(body(probe))
+        return
     whole = model(probe)
+    mx.eval(whole)  # one forward at a time: a layer split's hand-offs pair up in order
     parts = head(body(probe))
+    mx.eval(parts)
     gap = mx.abs(whole.astype(mx.float32) - parts.astype(mx.float32)).max()
     if cast(float, gap.item()) > 1e-3 * (1.0 + cast(float, mx.abs(whole).max().item())):
         raise DistributedError(

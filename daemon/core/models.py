@@ -25,9 +25,11 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from daemon.config import EMBEDDED_TARGET, ModelEntry, Settings
 from daemon.core.backend import backend_info, release_freed_memory
-from daemon.core.distributed import Group, barrier, handshake, shard_target
+from daemon.core.distributed import Group, barrier, handshake
 from daemon.core.feature_draft import FEATURE_KIND, FeatureDraft, make_feature_draft
 from daemon.core.heads import default_head_tokens, prune_head
+from daemon.core.pipeline import held_parameters
+from daemon.core.split import shard_target
 from daemon.errors import ModelLoadError
 
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -443,8 +445,8 @@ def load_sharded_target(settings: Settings, group: Group) -> ShardedTarget:
         # full copies of the draft's layers: the draft runs on rank 0 alone, without
         # collectives (it shares the lazy arrays, so nothing is read twice)
         draft_base = make_layer_skip_draft(target, list(cfg.draft_layers))
-    split = shard_target(target, group)
-    mx.eval(target.parameters())
+    split = shard_target(target, group, cfg.split, cfg.split_layers)
+    mx.eval(held_parameters(target))  # this rank's share: a layer split's block
     if draft_base is not None:
         mx.eval(draft_base.parameters())
     handshake(group, target, cfg.target)

@@ -9,7 +9,8 @@ from structlog.testing import capture_logs
 
 from daemon.config import load_settings
 from daemon.core.backend import launch_rank, launcher_free_environment
-from daemon.core.distributed import Group, GroupInfo, shard_target
+from daemon.core.distributed import Group, GroupInfo
+from daemon.core.split import shard_target
 from daemon.errors import DistributedError
 from daemon.serving.distributed import fit_settings
 from tests.helpers import clean_env, tiny_model, write_hostfile
@@ -29,7 +30,7 @@ def test_a_target_that_does_not_split_is_refused_naming_the_shape() -> None:
     model = tiny_model()  # 4 attention heads, 2 KV heads
     group = Group(handle=None, info=GroupInfo(3, 0, "ring", ["a", "b", "c"]))
     with pytest.raises(DistributedError, match=r"num_attention_heads 4.*not divisible by 3"):
-        shard_target(model, group)
+        shard_target(model, group, "tensor")
 
 
 def test_a_group_fixes_what_it_cannot_mirror_and_says_so(tmp_path) -> None:

@@ -1,6 +1,6 @@
-"""`specd serve` as a group of two ranks on loopback (MLX's ring backend): the same answers as
-one process, adapters swapped live on rank 0, and a rank that dies or stops answering ends
-the other with an error naming it.
+"""`specd serve` as a group of ranks on loopback (MLX's ring backend), the target split
+tensor-parallel or by layers: the same answers as one process, adapters swapped live on rank
+0, and a rank that dies or stops answering ends the others with an error naming it.
 
 Every process here is bounded: each wait gives up after a fixed time and the processes are
 killed in ``finally``, whatever happened.
@@ -58,11 +58,20 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
 
 
-def _config(tmp: Path, model: Path, port: int, training: bool = False) -> Path:
+def _config(
+    tmp: Path,
+    model: Path | None,
+    port: int,
+    training: bool = False,
+    rank_timeout: float = RANK_TIMEOUT_S,
+    **models: Any,
+) -> Path:
+    """A config for ``model`` (None: the embedded one) with more ``models.*`` keys."""
     cfg = tmp / "config.yaml"
+    target = {"target": str(model), "draft_layers": LAYERS} if model is not None else {}
     config: dict[str, Any] = {
-        "models": {"target": str(model), "draft_layers": LAYERS},
-        "server": {"port": port, "rank_timeout_seconds": RANK_TIMEOUT_S},
+        "models": {**target, **models},
+        "server": {"port": port, "rank_timeout_seconds": rank_timeout},
         # a loop that never trains by itself: it is here for its admin endpoints
         "training": {"enabled": training, "min_failure_cases": 100000},
     }
@@ -123,7 +132,7 @@ def test_group_answers_like_one_process_and_swaps_adapters(tmp_path: Path, model
     single_data, group_data = tmp_path / "single", tmp_path / "group"
     for data in (single_data, group_data):
         _store_adapter(data, model_dir, tmp_path / data.name)
-    cfg = _config(tmp_path, model_dir, port, training=True)
+    cfg = _config(tmp_path, model_dir, port, training=True, split="tensor")
 
     single_log = tmp_path / "single.log"
     proc = _popen(serve_command(cfg, single_data), single_log, clean_env())
@@ -195,6 +204,87 @@ def test_group_answers_like_one_process_and_swaps_adapters(tmp_path: Path, model
     assert rank1[-1]["forwards"] > 0
 
 
+def _requests(max_tokens: int) -> list[dict[str, Any]]:
+    """GREEDY, FOLLOW_UP, SAMPLED and LONG, each answer at most ``max_tokens`` long."""
+    return [
+        {**b, "max_tokens": min(b["max_tokens"], max_tokens)}
+        for b in (GREEDY, FOLLOW_UP, SAMPLED, LONG)
+    ]
+
+
+def _answers_alone(
+    url: str, cfg: Path, data: Path, log: Path, max_tokens: int = 64
+) -> list[dict[str, Any]]:
+    """`_requests` answered by one process."""
+    proc = _popen(serve_command(cfg, data), log, clean_env())
+    try:
+        _wait_ready(url, [proc], [log])
+        return [_complete(url, b) for b in _requests(max_tokens)]
+    finally:
+        _kill(proc)
+
+
+def _answers_launched(
+    url: str, cfg: Path, data: Path, log: Path, ranks: int, max_tokens: int = 64
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The same requests answered by ``ranks`` ranks under mlx.launch, and /status."""
+    launch = [str(LAUNCH), "--backend", "ring", "-n", str(ranks), "--hosts", "127.0.0.1", "--"]
+    proc = _popen(launch + serve_command(cfg, data), log, clean_env())
+    try:
+        _wait_ready(url, [proc], [log])
+        answers = [_complete(url, b) for b in _requests(max_tokens)]
+        return answers, httpx.get(url + "/status", timeout=BOUND_S).json()
+    finally:
+        _kill(proc)
+
+
+def _same_answers(alone: list[dict[str, Any]], together: list[dict[str, Any]]) -> None:
+    for a, b in zip(alone, together, strict=True):
+        assert a["choices"][0]["text"] == b["choices"][0]["text"]
+    cached = together[1]["usage"]["prompt_tokens_details"]["cached_tokens"]
+    assert cached > 0 and cached == alone[1]["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+
+def test_three_ranks_split_by_layers_answer_like_one_process(
+    tmp_path: Path, model_dir: Path
+) -> None:
+    # 4 attention heads: no tensor split three ways; by layers, 3 + 2 + 1 of its 6
+    port = free_ports(1)[0]
+    url = f"http://127.0.0.1:{port}"
+    cfg = _config(tmp_path, model_dir, port, split="pipeline", split_layers=[3, 2, 1])
+    alone = _answers_alone(url, cfg, tmp_path / "single", tmp_path / "single.log")
+    together, st = _answers_launched(url, cfg, tmp_path / "group", tmp_path / "group.log", 3)
+    _same_answers(alone, together)
+    assert st["distributed"]["split"].startswith("pipeline over 3 ranks (layers 3/2/1")
+    assert together[0]["usage"]["speculative"]["drafted"] > 0
+
+
+def test_the_embedded_model_serves_on_two_ranks_split_by_layers(
+    tmp_path: Path, smollm_pair: Any
+) -> None:
+    # SmolLM2: 9 heads, 3 KV heads, no tensor split two ways; auto splits it by layers in
+    # proportion to each rank's free memory
+    from daemon.core.models import EMBEDDED_DIRNAME
+
+    port = free_ports(1)[0]
+    url = f"http://127.0.0.1:{port}"
+    # two ranks of a 135M model on two shared cores: slow forwards, not a silent rank
+    cfg = _config(tmp_path, None, port, rank_timeout=60.0)
+    imported = Path(smollm_pair.target_path)
+    for data in (tmp_path / "single", tmp_path / "group"):  # the import, done once
+        (data / "models").mkdir(parents=True)
+        (data / "models" / EMBEDDED_DIRNAME).symlink_to(imported)
+    alone = _answers_alone(url, cfg, tmp_path / "single", tmp_path / "single.log", 12)
+    together, st = _answers_launched(
+        url, cfg, tmp_path / "group", tmp_path / "group.log", 2, max_tokens=12
+    )
+    _same_answers(alone, together)
+    split = st["distributed"]["split"]
+    assert split.startswith("pipeline over 2 ranks (layers ") and "auto" in split, split
+    counts = [int(c) for c in split.split("layers ")[1].split(";")[0].rstrip(")").split("/")]
+    assert len(counts) == 2 and sum(counts) == 30 and min(counts) >= 1
+
+
 def _start_ranks(
     tmp: Path, cfg: Path, data: Path, rank1_env: dict[str, str] | None = None
 ) -> list[subprocess.Popen]:
@@ -217,7 +307,7 @@ def test_a_prompt_cache_entry_one_rank_evicted_costs_prefill_not_a_wrong_answer(
 ) -> None:
     port = free_ports(1)[0]
     url = f"http://127.0.0.1:{port}"
-    cfg = _config(tmp_path, model_dir, port)
+    cfg = _config(tmp_path, model_dir, port, split="pipeline")  # tensor: the test above
     first = {"prompt": "w5 w6 w7 w8 w9", "max_tokens": 12, "temperature": 0}
     other = {"prompt": "w30 w31 w32", "max_tokens": 12, "temperature": 0}
     again = {"prompt": "w5 w6 w7 w8 w9 w40 w41", "max_tokens": 12, "temperature": 0}
@@ -254,13 +344,21 @@ def _exit_within(proc: subprocess.Popen, seconds: float) -> tuple[int, float]:
     return code, time.monotonic() - t0
 
 
-@pytest.mark.parametrize("fault", ["rank 1 dies", "rank 1 stops answering", "rank 0 dies"])
+@pytest.mark.parametrize(
+    "fault, split",
+    [
+        ("rank 1 dies", "tensor"),
+        ("rank 1 dies", "pipeline"),
+        ("rank 1 stops answering", "pipeline"),
+        ("rank 0 dies", "pipeline"),
+    ],
+)
 def test_a_lost_rank_ends_the_other_with_an_error_naming_it(
-    tmp_path: Path, model_dir: Path, fault: str
+    tmp_path: Path, model_dir: Path, fault: str, split: str
 ) -> None:
     port = free_ports(1)[0]
     url = f"http://127.0.0.1:{port}"
-    cfg = _config(tmp_path, model_dir, port)
+    cfg = _config(tmp_path, model_dir, port, split=split)
     data = tmp_path / "data"
     procs = _start_ranks(tmp_path, cfg, data)
     logs = [tmp_path / "rank0.log", tmp_path / "rank1.log"]

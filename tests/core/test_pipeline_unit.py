@@ -1,0 +1,61 @@
+"""A layer split's arithmetic and stand-ins, without a group: layers per rank by free memory,
+the caches of layers held elsewhere, the stand-ins' attributes. (Serving split by layers,
+on 2 and 3 ranks: tests/serving/test_distributed.py.)"""
+
+from __future__ import annotations
+
+import copy
+
+import mlx.core as mx
+import pytest
+from mlx_lm.models.cache import KVCache, trim_prompt_cache
+
+from daemon.core.pipeline import Elsewhere, PositionCache, layer_bytes, layer_counts
+from daemon.errors import DistributedError
+from tests.helpers import tiny_model
+
+GB = 10**9
+
+
+def test_layers_follow_free_memory_with_rank_zero_s_extra_parts() -> None:
+    # a 64 GB and a 24 GB Mac: 80 layers of 0.5 GB, 2 GB of embeddings and head on rank 0
+    counts = layer_counts(80, [64 * GB, 24 * GB], GB // 2, 2 * GB)
+    assert sum(counts) == 80 and counts[0] > counts[1]
+    assert counts[0] * GB // 2 + 2 * GB <= 64 * GB and counts[1] * GB // 2 <= 24 * GB
+    assert layer_counts(30, [8 * GB, 8 * GB], 10**6, 0) == [15, 15]
+    assert layer_counts(6, [GB, GB, GB], 10**6, 0) == [2, 2, 2]
+    # every rank gets one at least, however little it has beside the others
+    assert layer_counts(4, [100 * GB, GB, GB], 10**6, 0)[1:] == [1, 1]
+
+
+def test_a_model_that_does_not_fit_is_refused_with_the_numbers() -> None:
+    with pytest.raises(DistributedError, match=r"does not fit.*80 layers of 0.50 GB") as e:
+        layer_counts(80, [24 * GB, 12 * GB], GB // 2, 2 * GB)
+    assert "rank 0: 24.0 GB free" in str(e.value) and "rank 1: 12.0 GB free" in str(e.value)
+    with pytest.raises(DistributedError, match="2 layers cannot be split across 3"):
+        layer_counts(2, [GB, GB, GB], 1, 0)
+
+
+def test_a_layer_held_elsewhere_passes_the_state_and_counts_positions() -> None:
+    model = tiny_model(40)
+    layer = model.model.layers[0]
+    stand_in = Elsewhere(layer)
+    assert not stand_in.parameters()  # its weights are not this rank's
+    assert stand_in.self_attn is layer.self_attn  # what the model's forward may read of it
+    cache, real = PositionCache(), KVCache()
+    h = mx.ones((1, 5, 32))
+    assert stand_in(h, None, cache=cache) is h
+    model.model.layers[1](h, "causal", cache=real)
+    assert cache.offset == real.offset == 5
+    # trimmed, copied and masked as the real caches beside it
+    assert trim_prompt_cache([cache, real], 2) == 2 and cache.offset == real.offset == 3
+    assert copy.deepcopy(cache).offset == 3 and cache.nbytes == 0
+    mask = cache.make_mask(2, return_array=True, window_size=None)
+    assert mask.shape == real.make_mask(2, return_array=True, window_size=None).shape
+
+
+def test_layer_bytes_are_known_before_the_weights_are_read() -> None:
+    model = tiny_model(40)
+    per_layer, rest = layer_bytes(model)
+    layers = model.model.layers
+    assert per_layer * len(layers) + rest >= per_layer > 0 and rest > 0
