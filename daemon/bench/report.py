@@ -33,8 +33,12 @@ def print_table(rows: Mapping[str, Mapping[str, Any]], columns: list[str]) -> No
 
 
 def write_json(path: Path | None, data: dict[str, Any]) -> None:
-    """Write ``data`` to ``path`` as indented JSON and say so; nothing when ``path`` is None."""
+    """Write ``data`` to ``path`` as indented JSON and say so; nothing when ``path`` is None.
+    A result without its `provenance` (commands that take it at their start give it) gets
+    it now."""
     if path is not None:
+        if not {"provenance", "run", "commit"} & set(data):
+            data = {**data, "provenance": provenance()}
         path.write_text(json.dumps(data, indent=2) + "\n")
         print(f"wrote {path}")
 

@@ -126,13 +126,16 @@ def _store_adapter(data: Path, model_dir: Path, tmp: Path) -> None:
     store.add(make_adapter(tmp / "adapter", target, LAYERS, seed=5), {"run_id": "t"}, True)
 
 
-def test_group_answers_like_one_process_and_swaps_adapters(tmp_path: Path, model_dir: Path) -> None:
+@pytest.mark.parametrize("split", ["tensor", "pipeline"])
+def test_group_answers_like_one_process_and_swaps_adapters(
+    tmp_path: Path, model_dir: Path, split: str
+) -> None:
     port = free_ports(1)[0]
     url = f"http://127.0.0.1:{port}"
     single_data, group_data = tmp_path / "single", tmp_path / "group"
     for data in (single_data, group_data):
         _store_adapter(data, model_dir, tmp_path / data.name)
-    cfg = _config(tmp_path, model_dir, port, training=True, split="tensor")
+    cfg = _config(tmp_path, model_dir, port, training=True, split=split)
 
     single_log = tmp_path / "single.log"
     proc = _popen(serve_command(cfg, single_data), single_log, clean_env())
@@ -154,7 +157,8 @@ def test_group_answers_like_one_process_and_swaps_adapters(tmp_path: Path, model
         st = httpx.get(url + "/status", timeout=BOUND_S).json()
         group = st["distributed"]
         assert (group["size"], group["rank"], group["backend"]) == (2, 0, "ring")
-        assert len(group["hosts"]) == 2 and group["split"].startswith("tensor-parallel over 2")
+        said = {"tensor": "tensor-parallel over 2", "pipeline": "pipeline over 2 ranks (layers"}
+        assert len(group["hosts"]) == 2 and group["split"].startswith(said[split])
         assert "  group:   2 ranks (ring): rank 0 " in format_status(url, st)
         assert st["adapter_version"] == 1  # the installed adapter, on rank 0's draft
 
@@ -307,7 +311,7 @@ def test_a_prompt_cache_entry_one_rank_evicted_costs_prefill_not_a_wrong_answer(
 ) -> None:
     port = free_ports(1)[0]
     url = f"http://127.0.0.1:{port}"
-    cfg = _config(tmp_path, model_dir, port, split="pipeline")  # tensor: the test above
+    cfg = _config(tmp_path, model_dir, port, split="pipeline")
     first = {"prompt": "w5 w6 w7 w8 w9", "max_tokens": 12, "temperature": 0}
     other = {"prompt": "w30 w31 w32", "max_tokens": 12, "temperature": 0}
     again = {"prompt": "w5 w6 w7 w8 w9 w40 w41", "max_tokens": 12, "temperature": 0}
