@@ -10,12 +10,13 @@ them to divide and makes two all-reduces per layer).
 
 The model's own forward is kept (its masks, embedding scale, per-layer arguments): only the
 entries of its ``layers`` list change. A layer another rank holds becomes `Elsewhere` (the
-hidden state passes through untouched, its cache only counts positions); the first layer of
+hidden state passes through untouched, its cache only advances); the first layer of
 a follower's block receives the hidden state first (`Received`), the last layer of every
 block sends it on (`Sent`), and rank 0's entry for the very last layer receives the result
-(`Returned`, which depends on what rank 0 sent, so one evaluation runs both). Each rank's KV
-caches hold its own layers; the others are `PositionCache` (positions only), so offsets, masks
-and trims agree on every rank and follow rank 0's trims as a tensor split's do.
+(`Returned`, which depends on what rank 0 sent, so one evaluation runs both). Every rank
+keeps a cache of the model's own kind for every layer; those of layers held elsewhere take
+keys of width 0, so offsets, masks (sliding windows included) and trims agree on every rank
+and follow rank 0's trims as a tensor split's do.
 
 Layer counts: ``models.split_layers`` or, by default, proportional to each rank's free memory
 (all-gathered at start; rank 0's share less what its embeddings and head take).
@@ -30,62 +31,15 @@ from typing import Any, cast
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
-from mlx_lm.models.cache import KVCache, _BaseCache, create_attention_mask
 
 from daemon.errors import DistributedError
 
 __all__ = [
     "Elsewhere",
-    "PositionCache",
     "layer_counts",
     "pipeline_split",
     "pipelined",
 ]
-
-
-class PositionCache(_BaseCache):
-    """The cache of a layer another rank holds: no keys or values, only how many positions
-    it has seen (what masks, offsets and trims read)."""
-
-    def __init__(self) -> None:
-        self.offset = 0
-
-    @property
-    def state(self) -> Any:
-        return []
-
-    @state.setter
-    def state(self, v: Any) -> None:
-        pass
-
-    @property
-    def meta_state(self) -> Any:
-        return str(self.offset)
-
-    @meta_state.setter
-    def meta_state(self, v: Any) -> None:
-        self.offset = int(v)
-
-    def is_trimmable(self) -> bool:
-        return True
-
-    def trim(self, n: int) -> int:
-        n = min(self.offset, n)
-        self.offset -= n
-        return n
-
-    def size(self) -> int:
-        return self.offset
-
-    def empty(self) -> bool:
-        return self.offset == 0
-
-    @property
-    def nbytes(self) -> int:
-        return 0
-
-    def make_mask(self, n: int, return_array: bool = False, window_size: int | None = None) -> Any:
-        return create_attention_mask(n, self.offset, return_array, window_size)
 
 
 def _cache_arg(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -114,13 +68,16 @@ class _Standin(nn.Module):
 
 
 class Elsewhere(_Standin):
-    """A layer another rank holds: the hidden state passes through; its cache counts the
-    positions."""
+    """A layer another rank holds: the hidden state passes through. Its cache (of the kind
+    the model makes for that layer) takes keys and values of width 0 for the positions, so
+    its offset, wrap-around and masks are those of the real one on the rank that holds it,
+    at no memory."""
 
     def __call__(self, x: mx.array, *args: Any, **kwargs: Any) -> mx.array:
         cache = _cache_arg(args, kwargs)
         if cache is not None:
-            cache.offset += x.shape[1]
+            empty = mx.zeros((x.shape[0], 1, x.shape[1], 0), dtype=x.dtype)
+            cache.update_and_fetch(empty, empty)
         return x
 
 
@@ -244,15 +201,7 @@ def pipeline_split(model: nn.Module, group: Any, counts: Sequence[int]) -> None:
             split.append(Returned(layer, group, size - 1))
         else:
             split.append(Elsewhere(layer))
-    inner = cast(Any, model).model
-    inner.layers = split
-    base = getattr(model, "make_cache", None)
-
-    def make_cache() -> list[Any]:
-        caches = base() if base is not None else [KVCache() for _ in split]
-        return [c if i in mine else PositionCache() for i, c in enumerate(caches)]
-
-    object.__setattr__(model, "make_cache", make_cache)
+    cast(Any, model).model.layers = split
     object.__setattr__(model, "pipeline_block", (start, end))
 
 

@@ -8,9 +8,9 @@ import copy
 
 import mlx.core as mx
 import pytest
-from mlx_lm.models.cache import KVCache, trim_prompt_cache
+from mlx_lm.models.cache import KVCache, RotatingKVCache, trim_prompt_cache
 
-from daemon.core.pipeline import Elsewhere, PositionCache, layer_bytes, layer_counts
+from daemon.core.pipeline import Elsewhere, layer_bytes, layer_counts
 from daemon.errors import DistributedError
 from tests.helpers import tiny_model
 
@@ -36,22 +36,27 @@ def test_a_model_that_does_not_fit_is_refused_with_the_numbers() -> None:
         layer_counts(2, [GB, GB, GB], 1, 0)
 
 
-def test_a_layer_held_elsewhere_passes_the_state_and_counts_positions() -> None:
+def test_a_layer_held_elsewhere_passes_the_state_and_keeps_its_cache_in_step() -> None:
     model = tiny_model(40)
     layer = model.model.layers[0]
     stand_in = Elsewhere(layer)
     assert not stand_in.parameters()  # its weights are not this rank's
     assert stand_in.self_attn is layer.self_attn  # what the model's forward may read of it
-    cache, real = PositionCache(), KVCache()
-    h = mx.ones((1, 5, 32))
-    assert stand_in(h, None, cache=cache) is h
-    model.model.layers[1](h, "causal", cache=real)
-    assert cache.offset == real.offset == 5
-    # trimmed, copied and masked as the real caches beside it
-    assert trim_prompt_cache([cache, real], 2) == 2 and cache.offset == real.offset == 3
-    assert copy.deepcopy(cache).offset == 3 and cache.nbytes == 0
-    mask = cache.make_mask(2, return_array=True, window_size=None)
-    assert mask.shape == real.make_mask(2, return_array=True, window_size=None).shape
+    # a sliding-window cache, as a model with such layers makes it: wrapping, masks and trims
+    # must match the real one's on the rank that holds the layer
+    for make in (KVCache, lambda: RotatingKVCache(max_size=4)):
+        kept, real = make(), make()
+        for n in (6, 1, 1, 3):
+            h = mx.ones((1, n, 32))
+            assert stand_in(h, None, cache=kept) is h
+            layer(h, real.make_mask(n, return_array=True, window_size=None), cache=real)
+            assert kept.offset == real.offset
+            mask, want = (c.make_mask(2, return_array=True, window_size=None) for c in (kept, real))
+            assert mask.shape == want.shape and bool(mx.all(mask == want))
+        assert kept.is_trimmable() == real.is_trimmable()
+        if real.is_trimmable():
+            assert trim_prompt_cache([kept, real], 2) == 2 and kept.offset == real.offset
+        assert copy.deepcopy(kept).offset == kept.offset and kept.nbytes == 0
 
 
 def test_layer_bytes_are_known_before_the_weights_are_read() -> None:
