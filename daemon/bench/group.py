@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, cast
@@ -61,36 +62,35 @@ FORWARD_S_ONE_MAC = 0.050
 PROBE_REPEATS = 50
 
 
-def _allsum_seconds(group: Group, tokens: int, hidden: int) -> float:
-    """Every rank: the time of one all_sum of ``tokens`` x ``hidden`` float32 activations
-    (rank 0 says how many tokens; the others learn it from the first collective)."""
+def _timed(group: Group, tokens: int, hidden: int, once: Callable[[mx.array], None]) -> float:
+    """Every rank: the time of ``once`` on ``tokens`` x ``hidden`` float32 activations (rank 0
+    says how many tokens; the others learn it from the first collective)."""
     said = mx.distributed.all_sum(
         mx.array([tokens if group.rank == 0 else 0], dtype=mx.int32),
         group=group.handle,
         stream=mx.cpu,
     )
-    t = max(1, cast(int, said.item()))
-    x = mx.zeros((1, t, hidden), dtype=mx.float32)
-    mx.eval(mx.distributed.all_sum(x, group=group.handle))  # warm-up
+    x = mx.zeros((1, max(1, cast(int, said.item())), hidden), dtype=mx.float32)
+    once(x)  # warm-up
     t0 = time.perf_counter()
     for _ in range(PROBE_REPEATS):
-        mx.eval(mx.distributed.all_sum(x, group=group.handle))
+        once(x)
     return (time.perf_counter() - t0) / PROBE_REPEATS
 
 
-def _handoff_seconds(group: Group, tokens: int, hidden: int) -> float:
-    """Every rank: the time of one trip of ``tokens`` x ``hidden`` float32 activations round
-    the ranks (0 -> 1 -> ... -> 0: a layer split's hand-offs in one forward)."""
-    said = mx.distributed.all_sum(
-        mx.array([tokens if group.rank == 0 else 0], dtype=mx.int32),
-        group=group.handle,
-        stream=mx.cpu,
+def _allsum_seconds(group: Group, tokens: int, hidden: int) -> float:
+    """One all_sum of a round's activations (a tensor split makes two per layer)."""
+    return _timed(
+        group, tokens, hidden, lambda x: mx.eval(mx.distributed.all_sum(x, group=group.handle))
     )
-    t = max(1, cast(int, said.item()))
-    x = mx.zeros((1, t, hidden), dtype=mx.float32)
+
+
+def _handoff_seconds(group: Group, tokens: int, hidden: int) -> float:
+    """One trip of a round's activations round the ranks (0 -> 1 -> ... -> 0: a layer
+    split's hand-offs in one forward)."""
     rank, size, g = group.rank, group.size, group.handle
 
-    def trip() -> None:
+    def trip(x: mx.array) -> None:
         if rank == 0:
             sent = mx.distributed.send(x, 1, group=g, stream=mx.cpu)
             back = mx.distributed.recv(x.shape, x.dtype, size - 1, group=g, stream=mx.cpu)
@@ -99,11 +99,7 @@ def _handoff_seconds(group: Group, tokens: int, hidden: int) -> float:
             got = mx.distributed.recv(x.shape, x.dtype, rank - 1, group=g, stream=mx.cpu)
             mx.eval(mx.distributed.send(got, (rank + 1) % size, group=g, stream=mx.cpu))
 
-    trip()  # warm-up
-    t0 = time.perf_counter()
-    for _ in range(PROBE_REPEATS):
-        trip()
-    return (time.perf_counter() - t0) / PROBE_REPEATS
+    return _timed(group, tokens, hidden, trip)
 
 
 def _probe(group: Group, tokens: int, hidden: int, pipeline: bool) -> float:
