@@ -31,6 +31,7 @@ from typing import Any, cast
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
+from mlx_lm.models.cache import make_prompt_cache
 
 from daemon.errors import DistributedError
 
@@ -40,6 +41,10 @@ __all__ = [
     "pipeline_split",
     "pipelined",
 ]
+
+
+# the caches a stand-in can advance with keys of width 0 (mlx-lm's attention caches)
+KV_CACHES = ("KVCache", "RotatingKVCache", "ConcatenateKVCache", "ChunkedKVCache")
 
 
 def _cache_arg(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -134,14 +139,26 @@ class Returned(Elsewhere):
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
     """The model's list of decoder layers (``model.model.layers``), or an error naming why
     it cannot be split by layers."""
-    inner = getattr(model, "model", None)
-    layers = getattr(inner, "layers", None)
-    if not isinstance(layers, list) or not layers:
+    why = unsplittable(model)
+    if why is not None:
         raise DistributedError(
-            f"the target ({type(model).__module__}) has no list of decoder layers "
-            "(model.layers): it cannot be split by layers"
+            f"the target ({type(model).__module__}) {why}: it cannot be split by layers; "
+            "use models.split: tensor"
         )
-    return layers
+    return cast(list[nn.Module], cast(Any, model).model.layers)
+
+
+def unsplittable(model: nn.Module) -> str | None:
+    """Why ``model`` cannot be split by layers (None: it can): it needs a list of decoder
+    layers whose caches take keys and values (a stand-in advances them with empty ones)."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if not isinstance(layers, list) or not layers:
+        return "has no list of decoder layers (model.layers)"
+    kinds = {type(c).__name__ for c in make_prompt_cache(model)}
+    others = sorted(k for k in kinds if k not in KV_CACHES)
+    if others:
+        return f"keeps caches other than key/value ones ({', '.join(others)})"
+    return None
 
 
 def layer_counts(

@@ -13,7 +13,13 @@ import mlx.nn as nn
 
 from daemon.core.backend import free_memory_bytes
 from daemon.core.distributed import Group
-from daemon.core.pipeline import decoder_layers, layer_bytes, layer_counts, pipeline_split
+from daemon.core.pipeline import (
+    decoder_layers,
+    layer_bytes,
+    layer_counts,
+    pipeline_split,
+    unsplittable,
+)
 from daemon.errors import DistributedError
 
 __all__ = ["TENSOR_MAX_LATENCY_S", "link_latency", "shard_target"]
@@ -51,7 +57,7 @@ def shard_target(
     why = ""
     if how == "auto":
         tensor_fits = hasattr(model, "shard") and not _divides(model, n)
-        layered = isinstance(getattr(getattr(model, "model", None), "layers", None), list)
+        layered = unsplittable(model) is None
         latency = link_latency(group)
         why = f"; auto, all-reduce {latency * 1e6:.0f} us"
         fast = latency <= TENSOR_MAX_LATENCY_S

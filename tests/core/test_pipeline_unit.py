@@ -10,7 +10,7 @@ import mlx.core as mx
 import pytest
 from mlx_lm.models.cache import KVCache, RotatingKVCache, trim_prompt_cache
 
-from daemon.core.pipeline import Elsewhere, layer_bytes, layer_counts
+from daemon.core.pipeline import Elsewhere, layer_bytes, layer_counts, unsplittable
 from daemon.errors import DistributedError
 from tests.helpers import tiny_model
 
@@ -64,3 +64,33 @@ def test_layer_bytes_are_known_before_the_weights_are_read() -> None:
     per_layer, rest = layer_bytes(model)
     layers = model.model.layers
     assert per_layer * len(layers) + rest >= per_layer > 0 and rest > 0
+
+
+def test_a_model_with_other_than_key_value_caches_is_not_split_by_layers() -> None:
+    import importlib
+
+    from tests.core.pipeline_check import CONFIG
+
+    module = importlib.import_module("mlx_lm.models.qwen3_next")  # linear-attention layers
+    config = {
+        "model_type": "qwen3_next",
+        **CONFIG,
+        "linear_num_value_heads": 2,
+        "linear_num_key_heads": 2,
+        "linear_key_head_dim": 8,
+        "linear_value_head_dim": 8,
+        "linear_conv_kernel_dim": 4,
+        "full_attention_interval": 2,
+        "num_experts": 0,
+        "num_experts_per_tok": 0,
+        "decoder_sparse_step": 1,
+        "shared_expert_intermediate_size": 0,
+        "moe_intermediate_size": 0,
+        "mlp_only_layers": list(range(6)),
+        "norm_topk_prob": True,
+    }
+    model = module.Model(module.ModelArgs.from_dict(config))
+    assert unsplittable(model) == "keeps caches other than key/value ones (ArraysCache)"
+    with pytest.raises(DistributedError, match="cannot be split by layers; use models.split"):
+        layer_bytes(model)
+    assert unsplittable(tiny_model(40)) is None
