@@ -43,6 +43,13 @@ def write_json(path: Path | None, data: dict[str, Any]) -> None:
         print(f"wrote {path}")
 
 
+def _program() -> str:
+    """The command's name: ``specd``, however it was started (``python -m daemon`` runs the
+    same CLI)."""
+    name = Path(sys.argv[0]).name
+    return "specd" if name in ("__main__.py", "-m", "daemon") else name
+
+
 def provenance() -> dict[str, Any]:
     """What a result file needs to be compared later: the commit (``dirty`` when tracked files
     other than result files differ from it; None outside a git checkout), the machine and the
@@ -78,7 +85,7 @@ def provenance() -> dict[str, Any]:
             "python": platform.python_version(),
             "backend": _backend(),
         },
-        "command": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "command": shlex.join([_program(), *sys.argv[1:]]),
     }
 
 
