@@ -25,6 +25,7 @@ from mlx_lm.utils import save_config, save_model
 from daemon.core.backend import REEXEC_MARKER
 
 if TYPE_CHECKING:
+    from daemon.config import ConfigSources, Settings
     from daemon.core.models import ModelPair
     from daemon.server import Server
 
@@ -282,7 +283,6 @@ def make_adapter(tmp: Path, target, layers: list[int], seed: int, rank: int = 4)
 def start_server(data_dir: Path, pair: ModelPair, **server: Any) -> tuple[Server, threading.Thread]:
     """An in-process `Server` on a free port with ``pair``, in a thread, until ready."""
     from daemon.config import load_settings
-    from daemon.server import Server
 
     data_dir.mkdir(parents=True, exist_ok=True)
     cfg = data_dir / "config.yaml"
@@ -291,6 +291,16 @@ def start_server(data_dir: Path, pair: ModelPair, **server: Any) -> tuple[Server
     overrides = {"paths.data_dir": str(data_dir), "server.port": 0, "training.enabled": False}
     overrides.update({f"server.{k}": v for k, v in server.items()})
     settings, sources = load_settings(cfg, overrides)
+    return run_server(settings, sources, pair)
+
+
+def run_server(
+    settings: Settings, sources: ConfigSources, pair: ModelPair | None = None
+) -> tuple[Server, threading.Thread]:
+    """An in-process `Server` on ``settings`` (``pair``, or the configured models), in a
+    thread, until ready."""
+    from daemon.server import Server
+
     srv = Server(settings, sources, pair)
     thread = threading.Thread(target=srv.run, name="test-server", daemon=True)
     thread.start()

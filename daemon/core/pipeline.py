@@ -247,6 +247,5 @@ def flat_nbytes(module: nn.Module) -> int:
 def layer_bytes(model: nn.Module) -> tuple[int, int]:
     """Bytes of one decoder layer (the largest) and of everything else (lazy arrays: their
     sizes are known before they are read)."""
-    layers = decoder_layers(model)
-    per_layer = max(flat_nbytes(layer) for layer in layers)
-    return per_layer, flat_nbytes(model) - sum(flat_nbytes(layer) for layer in layers)
+    sizes = [flat_nbytes(layer) for layer in decoder_layers(model)]
+    return max(sizes), flat_nbytes(model) - sum(sizes)

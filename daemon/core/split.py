@@ -57,13 +57,14 @@ def shard_target(
     why = ""
     if how == "auto":
         tensor_fits = hasattr(model, "shard") and not _divides(model, n)
-        layered = unsplittable(model) is None
-        latency = link_latency(group)
-        why = f"; auto, all-reduce {latency * 1e6:.0f} us"
-        fast = latency <= TENSOR_MAX_LATENCY_S
-        how = "tensor" if tensor_fits and (fast or not layered) else "pipeline"
-        if how == "pipeline" and not layered:
-            how = "tensor"  # neither fits: tensor's error names the shapes
+        if (reason := unsplittable(model)) is not None:
+            how, why = "tensor", f"; auto: by layers, {reason}"  # if tensor fails, it says why
+        elif not tensor_fits:
+            how, why = "pipeline", "; auto: the heads do not divide"
+        else:  # both fit: the link decides (measured only then: every rank takes part)
+            latency = link_latency(group)
+            why = f"; auto, all-reduce {latency * 1e6:.0f} us"
+            how = "tensor" if latency <= TENSOR_MAX_LATENCY_S else "pipeline"
     if how == "pipeline":
         counts = list(split_layers) if split_layers else _counts_by_memory(model, group)
         pipeline_split(model, group.handle, counts)

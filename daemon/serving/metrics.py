@@ -249,7 +249,6 @@ class SpecdMetrics:
         self.started = time.time()
         self._window: deque[tuple[int, int, int]] = deque(maxlen=rolling_window)
         self._window_lock = threading.Lock()
-        self._by_model: dict[str, list[int]] = {}  # model -> [drafted, accepted] since start
 
     # --- updates ------------------------------------------------------------------------
 
@@ -282,9 +281,6 @@ class SpecdMetrics:
         self.queue_time.observe(queue_s)
         with self._window_lock:
             self._window.append((s.drafted, s.accepted, s.num_drafts))
-            tally = self._by_model.setdefault(model, [0, 0])
-            tally[0] += s.drafted
-            tally[1] += s.accepted
 
     def observe_request(
         self,
@@ -320,10 +316,20 @@ class SpecdMetrics:
         }
 
     def model_acceptance(self, model: str) -> float | None:
-        """Accepted / drafted over ``model``'s generations since start (None: none drafted)."""
-        with self._window_lock:
-            drafted, accepted = self._by_model.get(model, (0, 0))
-        return acceptance_rate(accepted, drafted)
+        """Accepted / drafted over ``model``'s generations since start (None: none drafted),
+        from its counters, every drafting source summed."""
+
+        def total(counter: Counter) -> int:
+            return int(
+                sum(
+                    sample.value
+                    for metric in counter.collect()
+                    for sample in metric.samples
+                    if sample.name.endswith("_total") and sample.labels.get("model") == model
+                )
+            )
+
+        return acceptance_rate(total(self.model_accepted_tokens), total(self.model_draft_tokens))
 
     def mean_request_seconds(self, endpoint: str) -> float:
         """Mean duration of successful generation requests to ``endpoint`` (0: none yet)."""

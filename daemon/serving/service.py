@@ -153,17 +153,21 @@ class Service:
             at = runtime.unload_at()
             if runtime.name == busy or at is None or at > now:
                 continue
-            t0 = time.perf_counter()
-            runtime.offload(self._offload_path(runtime))
+            self._free(runtime, "keep_alive", idle_s=round(now - runtime.last_used, 1))
             freed.append(runtime.name)
-            log.info(
-                "model_unloaded",
-                model=runtime.name,
-                reason="keep_alive",
-                idle_s=round(now - runtime.last_used, 1),
-                duration_s=round(time.perf_counter() - t0, 3),
-            )
         return freed
+
+    def _free(self, runtime: ModelRuntime, reason: str, **fields: Any) -> None:
+        """Write ``runtime``'s weights to the data dir and free them; logged with why."""
+        t0 = time.perf_counter()
+        runtime.offload(self._offload_path(runtime))
+        log.info(
+            "model_unloaded",
+            model=runtime.name,
+            reason=reason,
+            duration_s=round(time.perf_counter() - t0, 3),
+            **fields,
+        )
 
     def _offload_path(self, runtime: ModelRuntime) -> Path:
         return self._offload_dir / f"{runtime.file_key}.safetensors"
@@ -218,15 +222,7 @@ class Service:
             return "models.memory_budget_gb" if budget is not None and total > budget else None
 
         while others and (reason := over()) is not None:
-            other = others.pop(0)
-            t0 = time.perf_counter()
-            other.offload(self._offload_path(other))
-            log.info(
-                "model_unloaded",
-                model=other.name,
-                reason=reason,
-                duration_s=round(time.perf_counter() - t0, 3),
-            )
+            self._free(others.pop(0), reason)
         if over() == "models.memory_budget_gb":
             log.warning(
                 "model_over_memory_budget",

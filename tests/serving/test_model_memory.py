@@ -10,7 +10,6 @@ has the real-daemon goals).
 from __future__ import annotations
 
 import json
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ from daemon.config import ModelEntry, Settings, load_settings
 from daemon.core.prompts import encode_prompt
 from daemon.serving.requests import BlockingHandle, GenerationRequest
 from daemon.serving.service import Service
-from tests.helpers import HANG_GUARD_S, wait_until
+from tests.helpers import HANG_GUARD_S, run_server, wait_until
 from tests.serving.test_models import MAX_TOKENS, PROMPTS, model_dirs
 
 
@@ -163,17 +162,6 @@ def test_an_entry_s_own_speculative_and_training_keys(
         assert "models.targets.coder" in str(err.value) and named in str(err.value)
 
 
-def serve_in_process(settings: Settings, sources: Any) -> tuple[Any, threading.Thread]:
-    from daemon.server import Server
-
-    srv = Server(settings, sources, None)
-    thread = threading.Thread(target=srv.run, name="test-server", daemon=True)
-    thread.start()
-    wait_until(lambda: srv.ready.is_set() or not thread.is_alive(), "server start-up")
-    assert thread.is_alive(), "server thread died during start-up"
-    return srv, thread
-
-
 @pytest.mark.parametrize("api", ["openai", "anthropic"])
 def test_a_stream_keeps_alive_while_its_model_loads(
     tmp_path: Path, dirs: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch, api: str
@@ -198,7 +186,7 @@ def test_a_stream_keeps_alive_while_its_model_loads(
     settings, sources = configured(tmp_path, chat, coder)
     targets = {**settings.models.targets, "broken": ModelEntry(target=str(broken))}
     models = settings.models.model_copy(update={"targets": targets})
-    srv, thread = serve_in_process(settings.model_copy(update={"models": models}), sources)
+    srv, thread = run_server(settings.model_copy(update={"models": models}), sources)
     url = str(srv.url)
     if api == "openai":
         path, keepalive = "/v1/chat/completions", ": keep-alive"

@@ -77,6 +77,8 @@ DISCONNECT_POLL_S = 0.25  # how often a waiting request checks that its client i
 FIRST_EVENT_WAIT_S = 0.5
 STOPPED = "The generation was stopped before it finished: the server is shutting down."
 KEEPALIVE_S = 5.0
+# no caching, and no buffering by a proxy (nginx) in front: each event goes out as it comes
+STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 class RequestTimeoutError(Exception):
@@ -435,7 +437,7 @@ class GenerationRun:
         return StreamingResponse(
             self.stream(first),
             media_type=self.renderer.media_type,
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            headers=STREAM_HEADERS,
         )
 
 
@@ -477,5 +479,5 @@ def stream_after_load(
     return StreamingResponse(
         body(),
         media_type=renderer.media_type,
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        headers=STREAM_HEADERS,
     )
