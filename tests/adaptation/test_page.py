@@ -143,9 +143,13 @@ def test_the_page_shows_the_daemon_learning_and_rolls_back(daemon_setup, monkeyp
             assert any(v is not None for v in speed[0])
             run = next(r for r in history["runs"] if r["version"] == 1)  # the installed one
             assert run["gate"]["decision"] == "install" and run["steps"]
+            # a second run may have started since; the installed one's row shows its steps
+            row = page.locator(f"#runs tr[data-run='{run['run_id']}']")
+            assert row.count() == 1
+            row.click()
+            page.wait_for_selector(f"#runs tr.selected[data-run='{run['run_id']}']")
             points = int(page.get_attribute("#chart-run", "data-points"))
             assert points == len(run["steps"])
-            assert page.locator(f"#runs tr[data-run='{run['run_id']}']").count() == 1
             ARTIFACTS.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(ARTIFACTS / "status-page.png"), full_page=True)
             # roll back from the page: the draft in service changes
