@@ -63,6 +63,16 @@ def _rank_list(text: str) -> list[int]:
     return ranks
 
 
+def _row_counts(text: str) -> list[int]:
+    try:
+        counts = [int(n) for n in text.split(",") if n.strip()]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"expected failure-case counts like 60,120; got {text!r}")
+    return sorted(set(counts))
+
+
 def _split_list(text: str) -> list[str]:
     splits = [t.strip() for t in text.split(",") if t.strip()]
     bad = [t for t in splits if t not in ("auto", "tensor", "pipeline")]
@@ -541,6 +551,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=0.7,
         help="temperature of the sampled acceptance column with --losses (default 0.7)",
+    )
+    q.add_argument(
+        "--rows",
+        type=_row_counts,
+        metavar="N1,N2",
+        help="a learning curve: one run per N, each from a fresh draft on the buffer's oldest "
+        "N pending failure cases (and replay from before them), all scored on the same holdout",
     )
     q.add_argument("--json", type=Path, metavar="OUT", help="also write the results as JSON")
     q.set_defaults(func="daemon.bench.train:run", needs_mlx=True)

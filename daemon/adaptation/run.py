@@ -136,6 +136,7 @@ def run_training(
     steps_file: str | os.PathLike[str] | None = None,
     draft_only: bool = False,
     target: str | None = None,
+    max_failures: int | None = None,
 ) -> RunMetrics:
     """One training run of the configured draft on the buffer; returns its metrics.
 
@@ -146,7 +147,9 @@ def run_training(
     made. With ``steps_file`` every optimizer step is appended there (`StepRecord`). With
     ``progress_file`` the run's phase and latest step are kept there
     (`daemon.store.runs.RunProgress`). ``target``: only that target's rows are read (a
-    daemon serving several models keeps them in one buffer).
+    daemon serving several models keeps them in one buffer). ``max_failures``: only the oldest
+    that many pending failures, with replay from the rows before them: the buffer as it stood
+    after that much traffic (`specd bench train --rows`).
     """
     from daemon.store.buffer import ReplayBuffer
 
@@ -183,11 +186,12 @@ def run_training(
     with ReplayBuffer(
         settings.paths.data_dir, settings.buffer, create=False, target=target
     ) as buffer:
-        failures = buffer.pending_failures()
+        failures = buffer.pending_failures(max_failures)
         replay = buffer.sample_replay(
             replay_count(len(failures), cfg.replay_ratio),
             exclude_ids=[r.id for r in failures if r.id is not None],
             seed=cfg.seed,
+            before=failures[-1].created if max_failures is not None and failures else None,
         )
         holdout = buffer.holdout(cfg.eval_max_rows)
         head = (

@@ -75,6 +75,7 @@ def bench_train(
     out_dir: str | os.PathLike[str] | None = None,
     progress: bool = False,
     pair: Any = None,
+    max_failures: int | None = None,
 ) -> dict[str, Any]:
     """Training throughput (tokens/s), peak memory and held-out agreement before -> after for
     the configured draft.
@@ -85,7 +86,8 @@ def bench_train(
     by the untrained pair, split by the buffer's hash, and ``holdout_prompts`` (if given) all
     stored as holdout rows. The adapter goes to ``out_dir`` (default: a temporary directory,
     deleted). CPU note: generation runs at ~5-10 tokens/s for the default pair, so 100 prompts x
-    64 tokens take ~15 minutes.
+    64 tokens take ~15 minutes. ``max_failures``: train on the oldest that many pending
+    failures only (`run_training`), for a learning curve.
     """
     from daemon.core.models import load_pair
     from daemon.store.buffer import ReplayBuffer
@@ -130,6 +132,7 @@ def bench_train(
             progress=progress,
             mark_used=False,
             pair=pair,
+            max_failures=max_failures,
         )
         trained = load_adapter_dir(pair.fresh_draft, adapter_dir)
         chain_after = holdout_chain(run_settings, pair, trained)
@@ -165,6 +168,8 @@ def bench_train(
         "heldout_positions": m.heldout_after.positions,
         "heldout_rows": m.heldout_after.rows,
         "examples": m.examples.failures + m.examples.replay,
+        "failures": m.examples.failures,
+        "target_tokens": m.examples.target_tokens,
         "epochs": m.epochs,
         "steps": m.steps,
         "tokens_per_s": m.tokens_per_s,
@@ -248,7 +253,7 @@ def bench_losses(
 
 def run(args: argparse.Namespace, settings: Settings, sources: ConfigSources) -> int:
     """``specd bench train``: `bench_train` on the configured buffer, as a table; with
-    ``--losses`` one row per loss (`bench_losses`)."""
+    ``--losses`` one row per loss (`bench_losses`), with ``--rows`` one per traffic size."""
     origin = provenance()  # the code that ran: taken before the run
     if args.losses:
         rows = bench_losses(
@@ -274,11 +279,30 @@ def run(args: argparse.Namespace, settings: Settings, sources: ConfigSources) ->
         )
         write_json(args.json, rows)
         return 0
-    result = bench_train(
-        settings, epochs=args.epochs, max_steps=args.max_steps, out_dir=args.out, progress=True
-    )
+    if args.rows:
+        # each from a fresh pair (run_training adapts a LoRA draft in place)
+        results = {
+            f"rows_{n}": bench_train(
+                settings,
+                epochs=args.epochs,
+                max_steps=args.max_steps,
+                progress=True,
+                max_failures=n,
+            )
+            for n in args.rows
+        }
+    else:
+        results = {
+            "train": bench_train(
+                settings,
+                epochs=args.epochs,
+                max_steps=args.max_steps,
+                out_dir=args.out,
+                progress=True,
+            )
+        }
     print_table(
-        {"train": result},
+        results,
         [
             "heldout_before",
             "heldout_after",
@@ -289,11 +313,12 @@ def run(args: argparse.Namespace, settings: Settings, sources: ConfigSources) ->
             "draft_token_ms",
             "draft_token_vs_target",
             "examples",
+            "target_tokens",
             "steps",
             "tokens_per_s",
             "peak_memory_bytes",
             "train_seconds",
         ],
     )
-    write_json(args.json, {"train": result, "run": origin})
+    write_json(args.json, {**results, "run": origin})
     return 0

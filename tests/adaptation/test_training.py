@@ -580,6 +580,19 @@ def test_bench_train_builds_traffic_and_reports(tiny_setup, tmp_path: Path) -> N
     assert not (tmp_path / "bench-data" / "buffer.sqlite").exists()  # scratch buffer only
 
 
+def test_bench_train_rows_trains_on_the_buffer_as_it_stood_after_n_failures(
+    tiny_setup, tmp_path: Path
+) -> None:
+    config, data_dir, _ = tiny_setup
+    settings, _ = load_settings(config, {"paths.data_dir": str(data_dir)})
+    full = bench_train(settings, epochs=1)
+    assert full["failures"] == 10 and full["examples"] > 10  # replay from the rows after them
+    curve = bench_train(settings, epochs=1, max_failures=3)
+    # the oldest 3 failures, and no replay: every other train row came after them
+    assert curve["failures"] == 3 and curve["examples"] == 3
+    assert curve["heldout_rows"] == full["heldout_rows"]  # scored on the same holdout
+
+
 def result_dict(path: Path, returncode: int | None = None) -> dict:
     """The result file as the JSON contract (`TrainingResult.to_dict`)."""
     return read_result(path, returncode).to_dict()
