@@ -337,6 +337,12 @@ class TrainingSettings(_Section):
     replay_ratio: float = Field(0.5, ge=0.0, lt=1.0)
     # 3, not 2: +0.025 held-out agreement on 316 failures (README, "Training the draft").
     epochs: int = Field(3, ge=1, description="Passes over a run's examples.")
+    feature_epochs: int | None = Field(
+        6,
+        ge=1,
+        description="models.draft: feature. Passes over a run's examples for a feature draft "
+        "(a whole layer keeps gaining from passes over a small buffer); null: training.epochs.",
+    )
     max_grad_norm: float = Field(1.0, gt=0.0, description="Clip the global gradient norm.")
     loss: TrainingLoss = Field(
         "ce",

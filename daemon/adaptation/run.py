@@ -36,7 +36,7 @@ from daemon.adaptation.lora import apply_lora
 from daemon.adaptation.trainer import StepInfo, Trainer, planned_steps
 from daemon.config import DataSettings, Settings
 from daemon.core.evaluation import teacher_forced_agreement
-from daemon.core.feature_draft import is_feature_draft
+from daemon.core.feature_draft import FEATURE_KIND, is_feature_draft
 from daemon.core.heads import frequent_tokens, prune_head
 from daemon.core.models import flat_parameters, load_pair
 from daemon.core.speed import measure_costs
@@ -157,7 +157,11 @@ def run_training(
     mx.reset_peak_memory()
     cfg = settings.training
     run_id = run_id or default_run_id()
-    epochs = int(epochs if epochs is not None else cfg.epochs)
+    if epochs is None:
+        # a whole feature layer gains from more passes over a small buffer than LoRA does
+        feature = settings.models.draft == FEATURE_KIND
+        epochs = cfg.feature_epochs if feature and cfg.feature_epochs else cfg.epochs
+    epochs = int(epochs)
     if epochs < 1:
         raise TrainingError(f"epochs must be >= 1, got {epochs}")
     if max_steps is not None and max_steps < 1:

@@ -90,6 +90,8 @@ def test_a_feature_run_starts_from_the_served_draft_and_stores_a_whole_draft(
     assert pair.learns_features and not is_feature_draft(pair.draft)  # layer-skip until trained
     m = run_training(settings, out_dir=tmp_path / "a1", pair=pair)
     assert m.draft_kind == "feature"
+    # its own passes (training.feature_epochs), not the LoRA draft's training.epochs (8 here)
+    assert m.epochs == settings.training.feature_epochs == 6
     assert m.costs is not None and m.costs_before is not None  # two kinds, each timed
     assert m.heldout_after.agreement > m.heldout_before.agreement
     config = json.loads((tmp_path / "a1" / ADAPTER_CONFIG).read_text())
