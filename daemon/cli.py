@@ -53,24 +53,22 @@ def _loss_list(text: str) -> list[str]:
     return names
 
 
-def _rank_list(text: str) -> list[int]:
-    try:
-        ranks = [int(n) for n in text.split(",") if n.strip()]
-    except ValueError:
-        ranks = []
-    if not ranks or min(ranks) < 1:
-        raise argparse.ArgumentTypeError(f"expected rank counts like 1,2; got {text!r}")
-    return ranks
-
-
-def _row_counts(text: str) -> list[int]:
+def _counts(text: str, what: str) -> list[int]:
     try:
         counts = [int(n) for n in text.split(",") if n.strip()]
     except ValueError:
         counts = []
     if not counts or min(counts) < 1:
-        raise argparse.ArgumentTypeError(f"expected failure-case counts like 60,120; got {text!r}")
-    return sorted(set(counts))
+        raise argparse.ArgumentTypeError(f"expected {what}; got {text!r}")
+    return counts
+
+
+def _rank_list(text: str) -> list[int]:
+    return _counts(text, "rank counts like 1,2")
+
+
+def _row_counts(text: str) -> list[int]:
+    return sorted(set(_counts(text, "failure-case counts like 50,100")))
 
 
 def _split_list(text: str) -> list[str]:

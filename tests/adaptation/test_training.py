@@ -593,6 +593,16 @@ def test_bench_train_rows_trains_on_the_buffer_as_it_stood_after_n_failures(
     assert curve["heldout_rows"] == full["heldout_rows"]  # scored on the same holdout
 
 
+def test_bench_train_rows_reads_counts_and_refuses_others() -> None:
+    from daemon.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["bench", "train", "--rows", "100,50,100"]).rows == [50, 100]
+    for bad in ("0,50", "fifty", ""):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["bench", "train", "--rows", bad])
+
+
 def result_dict(path: Path, returncode: int | None = None) -> dict:
     """The result file as the JSON contract (`TrainingResult.to_dict`)."""
     return read_result(path, returncode).to_dict()
