@@ -534,10 +534,12 @@ def build_parser() -> argparse.ArgumentParser:
     _common(q)
     q.add_argument("--epochs", type=int)
     q.add_argument("--max-steps", type=int)
-    q.add_argument(
+    # one run keeps its adapter; several runs (per loss, per traffic size) keep none
+    mode = q.add_mutually_exclusive_group()
+    mode.add_argument(
         "--out", type=Path, metavar="DIR", help="keep the adapter here (for bench speed --adapter)"
     )
-    q.add_argument(
+    mode.add_argument(
         "--losses",
         type=_loss_list,
         metavar="L1,L2",
@@ -550,7 +552,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.7,
         help="temperature of the sampled acceptance column with --losses (default 0.7)",
     )
-    q.add_argument(
+    mode.add_argument(
         "--rows",
         type=_row_counts,
         metavar="N1,N2",

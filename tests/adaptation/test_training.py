@@ -601,6 +601,10 @@ def test_bench_train_rows_reads_counts_and_refuses_others() -> None:
     for bad in ("0,50", "fifty", ""):
         with pytest.raises(SystemExit):
             parser.parse_args(["bench", "train", "--rows", bad])
+    # several runs keep no adapter, and one mode at a time: refused, not ignored
+    for other in (["--out", "a1"], ["--losses", "ce"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["bench", "train", "--rows", "50", *other])
 
 
 def result_dict(path: Path, returncode: int | None = None) -> dict:
