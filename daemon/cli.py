@@ -491,6 +491,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.0,
         help="sample train and eval traffic at this temperature (default 0: greedy)",
     )
+    q.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        metavar="N",
+        help="after the traffic, measure the service with and without the adapter and the "
+        "target alone N times, interleaved; report the repetition with the median share and "
+        "every share (default 1)",
+    )
     q.add_argument("--json", type=Path, metavar="OUT", help="also write the results as JSON")
     q.set_defaults(func="daemon.bench.adapt:run", needs_mlx=True)
 

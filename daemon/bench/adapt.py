@@ -95,6 +95,18 @@ def ratios(rows: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+def _share(rep: dict[str, Any]) -> float:
+    return float(rep["after"]["tokens_per_s"]) / float(rep["after_without_adapter"]["tokens_per_s"])
+
+
+def _median_repetition(repetitions: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The after-traffic rows of the repetition with the median share (the lower middle one
+    for an even count): ``after``, ``after_without_adapter`` and ``target_only_after`` each
+    measured within it, so every ratio stays over rows measured next to each other."""
+    ordered = sorted(repetitions, key=_share)
+    return dict(ordered[(len(ordered) - 1) // 2])
+
+
 def _candidate_line(c: dict[str, Any]) -> str:
     """One stored candidate: its gate decision, expected speedup before -> after (gate: speed
     only) and held-out agreement before -> after, then the gate's reason."""
@@ -122,6 +134,7 @@ def bench_adapt(
     progress: bool = True,
     eval_groups: Sequence[str] | None = None,
     temperature: float = 0.0,
+    repeat: int = 1,
 ) -> dict[str, Any]:
     """The adaptive loop on the configured pair, measured on eval prompts before and after.
 
@@ -142,6 +155,8 @@ def bench_adapt(
     service with the adapter taken out (``after_without_adapter``: the plain draft, with the
     suffix index, the target's prompt cache and the policy as the traffic left them), then the
     adapter is put back: ``after`` over it is what the adapter itself adds (`ratios`).
+    With ``repeat`` those three are measured that many times, interleaved; the rows are the
+    repetition with the median share and ``share_runs`` lists every repetition's share.
     """
     import tempfile
     from pathlib import Path
@@ -153,6 +168,8 @@ def bench_adapt(
     from daemon.core.models import load_pair
     from daemon.serving.service import Service
 
+    if repeat < 1:
+        raise ValueError("repeat must be at least 1")
     wall0 = time.perf_counter()
     groups = list(eval_groups) if eval_groups is not None else None
     if groups is not None and len(groups) != len(eval_prompts):
@@ -206,30 +223,33 @@ def bench_adapt(
             loop.check()  # the last failures may have just crossed the threshold
             loop.wait_idle()  # let a started run finish, gate and swap
             loop.stop()  # and start no other: the adapter in service stays put from here
-            after = measure()
             # every candidate the loop stored, installed or rejected, with its gate decision
             candidates = [asdict(v) for v in loop.list_adapters().versions]
-            # the same state without the adapter, then the adapter back (the public swap); with
-            # none installed this measures the same state twice, and the share shows the noise
             version = service.adapter_version
             adapter = loop.store.get(version) if version else None
-            service.swap_adapter(None).result()
-            without = measure()
-            service.swap_adapter(adapter).result()
+            repetitions = []
+            for _ in range(repeat):
+                after = measure()
+                # the same state without the adapter, then the adapter back (the public swap);
+                # with none installed this measures one state twice: the share shows the noise
+                service.swap_adapter(None).result()
+                without = measure()
+                service.swap_adapter(adapter).result()
+                target_after = _target_only(pair, eval_ids, max_tokens)
+                target_after.pop("answers")  # greedy: the same as before the traffic
+                repetitions.append(
+                    {
+                        "target_only_after": target_after,
+                        "after": after,
+                        "after_without_adapter": without,
+                    }
+                )
             restored = service.adapter_version
-            target_after = _target_only(pair, eval_ids, max_tokens)
-            target_after.pop("answers")  # greedy: the same as before the traffic
         finally:
             loop.stop()
             service.stop(timeout=60)
     summary = loop.summary()
-    rows = {
-        "target_only": target_before,
-        "target_only_after": target_after,
-        "before": before,
-        "after": after,
-        "after_without_adapter": without,
-    }
+    rows = {"target_only": target_before, "before": before, **_median_repetition(repetitions)}
     shares = ratios(rows)
     for row in TARGET_OF:
         rows[row]["speedup_vs_target"] = shares[f"{row} / target"]
@@ -246,6 +266,8 @@ def bench_adapt(
         "train_requests": len(train_prompts),
         "eval_requests": len(eval_prompts),
         "holdout_fraction": holdout_fraction,
+        "repeat": len(repetitions),
+        "share_runs": [_share(r) for r in repetitions],
         "wall_s": time.perf_counter() - wall0,
     }
 
@@ -271,6 +293,7 @@ def run(args: argparse.Namespace, settings: Settings, sources: ConfigSources) ->
         args.max_tokens,
         eval_groups=groups,
         temperature=args.temperature,
+        repeat=args.repeat,
     )
     order = ("target_only", "before", "target_only_after", "after", "after_without_adapter")
     rows = {k: result[k] for k in order}
@@ -298,6 +321,13 @@ def run(args: argparse.Namespace, settings: Settings, sources: ConfigSources) ->
         + ", ".join(f"{name} {r:.3f}x" for name, r in result["ratios"].items())
         + " (the target as measured before / after the traffic; the last: the adapter's share)"
     )
+    if result["repeat"] > 1:
+        runs = result["share_runs"]
+        print(
+            f"adapter's share over {result['repeat']} repetitions: median "
+            f"{result['ratios']['after / after_without_adapter']:.3f}x, "
+            f"range {min(runs):.3f}-{max(runs):.3f}x"
+        )
     for c in result["candidates"]:
         print(_candidate_line(c))
     write_json(args.json, {**result, "run": origin})

@@ -327,7 +327,7 @@ def test_bench_adapt_reports_before_and_after(daemon_setup, capsys) -> None:
     )
     args = ["--config", str(cfg), "--data-dir", str(tmp_path / "data"), "--max-tokens", "16"]
     args += ["--train-prompts", str(train), "--eval-prompts", str(evals), "--json", str(out)]
-    assert main(["bench", "adapt", *args]) == 0
+    assert main(["bench", "adapt", *args, "--repeat", "2"]) == 0
     printed = capsys.readouterr().out
     result = json.loads(out.read_text())
     rows = ("target_only", "target_only_after", "before", "after", "after_without_adapter")
@@ -383,6 +383,10 @@ def test_bench_adapt_reports_before_and_after(daemon_setup, capsys) -> None:
     share = tps["after"] / tps["after_without_adapter"]
     assert result["ratios"]["after / after_without_adapter"] == pytest.approx(share)
     assert result["after"]["vs_without_adapter"] == pytest.approx(share)
+    # two repetitions after the traffic: the rows are the one with the lower share
+    assert result["repeat"] == 2 and len(result["share_runs"]) == 2
+    assert share == pytest.approx(min(result["share_runs"]))
+    assert "adapter's share over 2 repetitions" in printed
     assert result["ratios"]["after / target"] == pytest.approx(
         tps["after"] / tps["target_only_after"]
     )
@@ -421,6 +425,26 @@ def test_bench_adapt_ratios_are_over_the_rows_measured_next_to_them() -> None:
     del rows["after_without_adapter"]
     with pytest.raises(KeyError):
         ratios(rows)
+
+
+def test_bench_adapt_repeated_reports_the_median_repetition_whole() -> None:
+    from daemon.bench.adapt import _median_repetition
+
+    def rep(after: float, without: float, target: float) -> dict:
+        return {
+            "after": {"tokens_per_s": after},
+            "after_without_adapter": {"tokens_per_s": without},
+            "target_only_after": {"tokens_per_s": target},
+        }
+
+    # shares 1.5, 1.0, 1.2: the median is the third, with its own target measurement
+    reps = [rep(15.0, 10.0, 7.0), rep(10.0, 10.0, 8.0), rep(12.0, 10.0, 9.0)]
+    assert _median_repetition(reps) == reps[2]
+    assert _median_repetition(reps[:2]) == reps[1]  # an even count: the lower middle
+    with pytest.raises(ValueError, match="repeat must be at least 1"):
+        from daemon.bench.adapt import bench_adapt
+
+        bench_adapt(None, [], [], 8, repeat=0)
 
 
 def test_bench_adapt_lists_each_candidates_expected_speedup_and_agreement() -> None:
