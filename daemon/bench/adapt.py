@@ -253,7 +253,7 @@ def bench_adapt(
     shares = ratios(rows)
     for row in TARGET_OF:
         rows[row]["speedup_vs_target"] = shares[f"{row} / target"]
-    after["vs_without_adapter"] = shares["after / after_without_adapter"]
+    rows["after"]["vs_without_adapter"] = shares["after / after_without_adapter"]
     return {
         **rows,
         "ratios": shares,
