@@ -82,13 +82,15 @@ def _split_list(text: str) -> list[str]:
 
 
 def _size_list(text: str) -> list[int]:
-    try:
-        sizes = [int(n) for n in text.split(",") if n.strip()]
-    except ValueError:
-        sizes = []
-    if not sizes or min(sizes) < 1:
-        raise argparse.ArgumentTypeError(f"expected record counts like 1000,10000; got {text!r}")
-    return sizes
+    return _counts(text, "record counts like 1000,10000")
+
+
+def _repetitions(text: str) -> int:
+    what = "a number of repetitions, at least 1"
+    counts = _counts(text, what)
+    if len(counts) != 1:
+        raise argparse.ArgumentTypeError(f"expected {what}; got {text!r}")
+    return counts[0]
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -388,7 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     q.add_argument(
         "--repeat",
-        type=int,
+        type=_repetitions,
         default=1,
         metavar="N",
         help="run every row N times, interleaved; report the median and the spread (default 1)",
@@ -493,7 +495,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     q.add_argument(
         "--repeat",
-        type=int,
+        type=_repetitions,
         default=1,
         metavar="N",
         help="after the traffic, measure the service with and without the adapter and the "

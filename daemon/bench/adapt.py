@@ -91,12 +91,15 @@ def ratios(rows: dict[str, Any]) -> dict[str, float]:
         return float(rows[row]["tokens_per_s"])
 
     out = {f"{row} / target": tps(row) / tps(target) for row, target in TARGET_OF.items()}
-    out["after / after_without_adapter"] = tps("after") / tps("after_without_adapter")
+    out["after / after_without_adapter"] = _share(rows)
     return out
 
 
-def _share(rep: dict[str, Any]) -> float:
-    return float(rep["after"]["tokens_per_s"]) / float(rep["after_without_adapter"]["tokens_per_s"])
+def _share(rows: dict[str, Any]) -> float:
+    """The adapter's own share: ``after`` over ``after_without_adapter``."""
+    return float(rows["after"]["tokens_per_s"]) / float(
+        rows["after_without_adapter"]["tokens_per_s"]
+    )
 
 
 def _median_repetition(repetitions: Sequence[dict[str, Any]]) -> dict[str, Any]:

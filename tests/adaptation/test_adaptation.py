@@ -447,6 +447,19 @@ def test_bench_adapt_repeated_reports_the_median_repetition_whole() -> None:
         bench_adapt(None, [], [], 8, repeat=0)
 
 
+def test_bench_repeat_counts_are_refused_at_the_command_line(capsys) -> None:
+    from daemon.cli import build_parser
+
+    parser = build_parser()
+    adapt = ["bench", "adapt", "--train-prompts", "a", "--eval-prompts", "b"]
+    assert parser.parse_args([*adapt, "--repeat", "3"]).repeat == 3
+    for command in (adapt, ["bench", "speed"]):
+        for bad in ("0", "-1", "two", "2,3"):
+            with pytest.raises(SystemExit):
+                parser.parse_args([*command, "--repeat", bad])
+            assert "expected a number of repetitions, at least 1" in capsys.readouterr().err
+
+
 def test_bench_adapt_lists_each_candidates_expected_speedup_and_agreement() -> None:
     from daemon.bench.adapt import _candidate_line
 
