@@ -373,6 +373,18 @@ class TrainingSettings(_Section):
         description="models.draft: feature. Weight of the loss on a round's second draft "
         "token, drafted from the draft's own first output feature as in service (HASS); 0: off.",
     )
+    rehearsal_tokens: int = Field(
+        0,
+        ge=0,
+        description="Answer tokens a run may generate with the target before it trains: its "
+        "own answers to the run's train prompts, each started from 1-4 sampled tokens, as "
+        "extra examples (kept for later runs); never from holdout rows. 0: off.",
+    )
+    rehearsal_variants: int = Field(
+        1,
+        ge=1,
+        description="Rehearsed answers per recorded train prompt (training.rehearsal_tokens).",
+    )
     optimizer: Literal["adamw", "adam"] = "adamw"
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW decoupled weight decay.")
     min_lr_ratio: float = Field(

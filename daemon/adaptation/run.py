@@ -33,6 +33,7 @@ import mlx.nn as nn
 
 from daemon.adaptation.data import make_examples, mark_disagreements
 from daemon.adaptation.lora import apply_lora
+from daemon.adaptation.rehearsal import RehearsalCache, RehearsalReport, rehearse
 from daemon.adaptation.trainer import StepInfo, Trainer, planned_steps
 from daemon.config import DataSettings, Settings
 from daemon.core.evaluation import teacher_forced_agreement
@@ -108,6 +109,44 @@ def _feature_draft_to_train(
         return served, None, before, feature_adapter_config(served)
     draft = pair.fresh_feature_draft()
     return draft, served, before, feature_adapter_config(draft)
+
+
+def _rehearsal_examples(
+    pair: Any,
+    records: Sequence[Any],
+    kept_ids: set[int],
+    settings: Settings,
+    draft_only: bool,
+    run_id: str,
+) -> tuple[list[Any], RehearsalReport | None]:
+    """Examples of the target's own answers to ``records`` (train rows), from the cache or
+    generated within ``training.rehearsal_tokens`` (`daemon.adaptation.rehearsal`); none when
+    rehearsal is off or the target is split across ranks (rank 0 cannot run it alone)."""
+    cfg = settings.training
+    if not cfg.rehearsal_tokens or not records:
+        return [], None
+    if draft_only:
+        log.info("train_rehearsal", run_id=run_id, skipped="the target is split across ranks")
+        return [], RehearsalReport(skipped="the target is split across ranks")
+    cache = RehearsalCache(settings.paths.data_dir, pair.target_id).load()
+    rows, report = rehearse(
+        pair.target,
+        records,
+        cache,
+        budget_tokens=cfg.rehearsal_tokens,
+        variants=cfg.rehearsal_variants,
+        max_output=settings.data.max_output_length,
+        stop_tokens=list(pair.tokenizer.eos_token_ids or ()),
+        seed=cfg.seed,
+    )
+    if report.generated:
+        try:
+            cache.save(kept_ids)
+        except OSError as e:  # derived data: the run trains on its answers all the same
+            log.warning("rehearsal_cache_not_saved", path=str(cache.path), error=str(e))
+    examples, _ = make_examples(rows, settings.data, "rehearsal")
+    log.info("train_rehearsal", run_id=run_id, examples=len(examples), **report.to_dict())
+    return examples, report
 
 
 def replay_count(num_failures: int, ratio: float) -> int:
@@ -208,12 +247,18 @@ def run_training(
             if pair.prunes_head
             else None
         )
+        kept_ids = buffer.ids() if cfg.rehearsal_tokens and not draft_only else set()
     fail_ex, skipped_f = make_examples(failures, settings.data, "failure")
     replay_ex, skipped_r = make_examples(replay, settings.data, "replay")
-    examples = fail_ex + replay_ex
+    progress_view.update(phase="rehearsing")
+    rehearsal_ex, rehearsal = _rehearsal_examples(
+        pair, [*failures, *replay], kept_ids, settings, draft_only, run_id
+    )
+    examples = fail_ex + replay_ex + rehearsal_ex
     counts = ExampleCounts(
         failures=len(fail_ex),
         replay=len(replay_ex),
+        rehearsal=len(rehearsal_ex),
         skipped_empty=skipped_f + skipped_r,
         target_tokens=sum(e.num_targets for e in examples),
         rejected_positions=sum(len(e.rejected) for e in examples),
@@ -359,13 +404,14 @@ def run_training(
         costs=costs.to_dict() if costs is not None else None,
         costs_before=costs_before.to_dict() if costs_before is not None else None,
         draft_kind="feature" if is_feature_draft(draft) else "lora",
+        rehearsal=rehearsal.to_dict() if rehearsal is not None else None,
     )
     log.info(
         "train_run",
         **{
             k: v
             for k, v in metrics.to_dict().items()
-            if k not in ("heldout_before", "heldout_after", "costs", "costs_before")
+            if k not in ("heldout_before", "heldout_after", "costs", "costs_before", "rehearsal")
         },
         heldout_before=before.agreement,
         heldout_after=after.agreement,

@@ -93,6 +93,8 @@ class ExampleCounts:
     # positions where the draft as the run started disagreed with the target and no rejection
     # was recorded (marked with training.disagreement_weight; daemon.adaptation.data)
     disagreement_positions: int = 0
+    # the target's own answers to the run's train prompts (training.rehearsal_tokens)
+    rehearsal: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -138,6 +140,8 @@ class RunMetrics:
     # draft after the layer-skip one): the served draft's costs, timed beside ``costs``
     costs_before: dict[str, Any] | None = None
     draft_kind: str = "lora"  # "lora" (an adapter on the draft) or "feature" (a whole draft)
+    # what rehearsal cached and generated (daemon.adaptation.rehearsal.RehearsalReport)
+    rehearsal: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)  # nested dataclasses become dicts too
