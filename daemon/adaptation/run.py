@@ -4,7 +4,9 @@ What goes in
 ------------
 Each run uses the train-split failure cases no run has used yet (`ReplayBuffer.pending_failures`)
 plus ``training.replay_ratio`` of the run's examples drawn from older train rows
-(`ReplayBuffer.sample_replay`), so the draft does not forget. Holdout rows are only ever
+(`ReplayBuffer.sample_replay`), so the draft does not forget, and with
+``training.rehearsal_tokens`` the target's own answers to those rows' prompts
+(`daemon.adaptation.rehearsal`). Holdout rows are only ever
 evaluated on: teacher-forced agreement with the target's outputs before the run (with the
 adapter it continues) and after it (`heldout_agreement`), which the loop's gate compares.
 
@@ -16,8 +18,8 @@ the target's recent train-split outputs, `daemon.core.heads.frequent_tokens`; th
 over it), and `RunMetrics`
 (`daemon.store.runs`). A run that takes no update at all, or ends with a non-finite adapter
 weight, raises `TrainingError`, saves nothing and marks nothing used (guard 5 in
-`daemon.adaptation`). Log events (component ``training``): ``train_start``, ``train_data``,
-``train_plan``, ``heldout_eval`` before and after, ``train_run``.
+`daemon.adaptation`). Log events (component ``training``): ``train_start``, ``train_rehearsal``,
+``train_data``, ``train_plan``, ``heldout_eval`` before and after, ``train_run``.
 """
 
 from __future__ import annotations
