@@ -22,7 +22,7 @@ import hashlib
 import json
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -76,16 +76,10 @@ class RehearsalReport:
         return self.generated_tokens / self.seconds if self.seconds > 0 else 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "rows": self.rows,
-            "cached": self.cached,
-            "generated": self.generated,
-            "generated_tokens": self.generated_tokens,
-            "cut": self.cut,
-            "seconds": round(self.seconds, 2),
-            "tokens_per_s": round(self.tokens_per_s, 1),
-            "skipped": self.skipped,
-        }
+        out = asdict(self)
+        out["seconds"] = round(self.seconds, 2)
+        out["tokens_per_s"] = round(self.tokens_per_s, 1)
+        return out
 
 
 @dataclass

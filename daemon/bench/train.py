@@ -169,6 +169,9 @@ def bench_train(
         "heldout_rows": m.heldout_after.rows,
         "examples": m.examples.failures + m.examples.replay,
         "failures": m.examples.failures,
+        # the target's own answers to those rows' prompts (training.rehearsal_tokens)
+        "rehearsal_examples": m.examples.rehearsal,
+        "rehearsal": m.rehearsal,
         "target_tokens": m.examples.target_tokens,
         "epochs": m.epochs,
         "steps": m.steps,
@@ -313,6 +316,7 @@ def run(args: argparse.Namespace, settings: Settings, sources: ConfigSources) ->
             "draft_token_ms",
             "draft_token_vs_target",
             "examples",
+            "rehearsal_examples",
             "target_tokens",
             "steps",
             "tokens_per_s",
