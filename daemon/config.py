@@ -373,12 +373,13 @@ class TrainingSettings(_Section):
         description="models.draft: feature. Weight of the loss on a round's second draft "
         "token, drafted from the draft's own first output feature as in service (HASS); 0: off.",
     )
-    rehearsal_tokens: int = Field(
-        0,
+    rehearsal_tokens: int | None = Field(
+        None,
         ge=0,
         description="Answer tokens a run may generate with the target before it trains: its "
         "own answers to the run's train prompts, each started from 1-4 sampled tokens, as "
-        "extra examples (kept for later runs); never from holdout rows. 0: off.",
+        "extra examples (kept for later runs); never from holdout rows. 0: off; null: 16384 "
+        "for a feature draft (measured to pay), 0 for the others (not measured).",
     )
     rehearsal_variants: int = Field(
         1,

@@ -9,7 +9,6 @@ adapter store, installed or rejected, with its manifest.
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 from daemon.config import Settings
@@ -33,15 +32,19 @@ MANIFEST_TRAINING_KEYS = (
 def _gate_costs(m: RunMetrics, live: StepCosts | None) -> tuple[StepCosts | None, StepCosts | None]:
     """(costs of the pair in service, the candidate's when its draft is of another kind).
 
-    A candidate of another kind (a first feature draft) costs what the run timed for it,
-    scaled by how the live target's step compares with the run's; without live figures the
-    run's own timings of both drafts are used."""
+    The run's own timings come first: it timed every row count in turn, back to back, so
+    their ratios hold even on a machine whose load moved meanwhile. The live engine's figures
+    are each an average of rounds taken at other moments (a row count seen rarely was last
+    timed maybe while a training run shared the machine): two runs of the same configuration
+    priced with them chose k=5 at 1.24 target steps a round and then found no k that paid
+    (docs/adaptation.md). They are used when the run timed nothing (a target split across
+    ranks). A candidate of another kind (a first feature draft) has its own draft cost."""
     run = StepCosts.from_dict(m.costs) if m.costs else None
-    if m.costs_before is None or run is None:
-        return live or run, None
-    before = live or StepCosts.from_dict(m.costs_before)
-    scale = before.target / run.target if run.target > 0 else 1.0
-    return before, replace(before, draft=run.draft * scale, source=before.source)
+    if run is None:
+        return live, None
+    if m.costs_before is None:
+        return run, None
+    return StepCosts.from_dict(m.costs_before), run
 
 
 def installs(c: Comparison, min_rows: int) -> bool:
@@ -85,7 +88,11 @@ def gate(
             heldout_before=before,
             heldout_after=after,
             improvement=improvement,
-            speed=c.to_dict(),
+            speed={
+                **c.to_dict(),
+                "costs": costs.to_dict(),
+                **({"candidate_costs": after_costs.to_dict()} if after_costs else {}),
+            },
         )
     need = cfg.min_improvement
     return GateDecision(

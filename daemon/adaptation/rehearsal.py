@@ -42,6 +42,20 @@ CACHE_DIR = "rehearsal"
 BATCH = 32
 
 
+# training.rehearsal_tokens: null, for a feature draft: one answer to each of ~170 prompts of
+# 96 tokens, so a run of 50 failures and as many replay rows rehearses all of them
+FEATURE_DEFAULT_TOKENS = 16384
+
+
+def rehearsal_budget(configured: int | None, feature_draft: bool) -> int:
+    """A run's rehearsal budget: ``training.rehearsal_tokens``, or where it is null the
+    default of the draft's kind (measured to pay for a feature draft, not measured for LoRA
+    on the layer-skip draft or a separate draft: off)."""
+    if configured is not None:
+        return configured
+    return FEATURE_DEFAULT_TOKENS if feature_draft else 0
+
+
 @dataclass
 class RehearsalRow:
     """One rehearsed answer: the record's prompt plus the sampled prefix, then the greedy

@@ -35,7 +35,12 @@ import mlx.nn as nn
 
 from daemon.adaptation.data import make_examples, mark_disagreements
 from daemon.adaptation.lora import apply_lora
-from daemon.adaptation.rehearsal import RehearsalCache, RehearsalReport, rehearse
+from daemon.adaptation.rehearsal import (
+    RehearsalCache,
+    RehearsalReport,
+    rehearsal_budget,
+    rehearse,
+)
 from daemon.adaptation.trainer import StepInfo, Trainer, planned_steps
 from daemon.config import DataSettings, Settings
 from daemon.core.evaluation import teacher_forced_agreement
@@ -48,6 +53,7 @@ from daemon.logging import get_logger
 from daemon.store.adapters import (
     adapter_head,
     feature_adapter_config,
+    fuse_adapter,
     load_adapter_dir,
     save_adapter,
 )
@@ -125,7 +131,8 @@ def _rehearsal_examples(
     generated within ``training.rehearsal_tokens`` (`daemon.adaptation.rehearsal`); none when
     rehearsal is off or the target is split across ranks (rank 0 cannot run it alone)."""
     cfg = settings.training
-    if not cfg.rehearsal_tokens or not records:
+    budget = rehearsal_budget(cfg.rehearsal_tokens, pair.learns_features)
+    if not budget or not records:
         return [], None
     if draft_only:
         log.info("train_rehearsal", run_id=run_id, skipped="the target is split across ranks")
@@ -135,7 +142,7 @@ def _rehearsal_examples(
         pair.target,
         records,
         cache,
-        budget_tokens=cfg.rehearsal_tokens,
+        budget_tokens=budget,
         variants=cfg.rehearsal_variants,
         max_output=settings.data.max_output_length,
         stop_tokens=list(pair.tokenizer.eos_token_ids or ()),
@@ -249,7 +256,8 @@ def run_training(
             if pair.prunes_head
             else None
         )
-        kept_ids = buffer.ids() if cfg.rehearsal_tokens and not draft_only else set()
+        rehearses = rehearsal_budget(cfg.rehearsal_tokens, pair.learns_features) > 0
+        kept_ids = buffer.ids() if rehearses and not draft_only else set()
     fail_ex, skipped_f = make_examples(failures, settings.data, "failure")
     replay_ex, skipped_r = make_examples(replay, settings.data, "replay")
     progress_view.update(phase="rehearsing")
@@ -356,7 +364,11 @@ def run_training(
     progress_view.update(phase="saving", heldout_after=after.agreement)
     # the pair's step costs, for a gate with no live engine to ask (`specd train`); not
     # with a split target, whose costs only the live engine can measure
-    costs = None if draft_only else measure_costs(pair.target, draft)
+    # the pair as it will serve: an adapter is served fused, at the bare draft's cost
+    timed = draft if is_feature_draft(draft) else pair.fresh_draft(head)
+    costs = None if draft_only else measure_costs(pair.target, timed)
+    if served is not None:
+        fuse_adapter(served)  # as it serves; it is not trained, only timed from here
     costs_before = measure_costs(pair.target, served) if served is not None else None
 
     metadata = {

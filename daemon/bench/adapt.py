@@ -228,6 +228,7 @@ def bench_adapt(
             loop.stop()  # and start no other: the adapter in service stays put from here
             # every candidate the loop stored, installed or rejected, with its gate decision
             candidates = [asdict(v) for v in loop.list_adapters().versions]
+            runs = _run_summaries(loop.data_dir / "training")
             version = service.adapter_version
             adapter = loop.store.get(version) if version else None
             repetitions = []
@@ -265,6 +266,7 @@ def bench_adapt(
         "training_runs": summary.counts.runs,
         "last_run": summary.last_run.to_dict() if summary.last_run else None,
         "candidates": candidates,
+        "runs": runs,
         "temperature": temperature,
         "train_requests": len(train_prompts),
         "eval_requests": len(eval_prompts),
@@ -273,6 +275,36 @@ def bench_adapt(
         "share_runs": [_share(r) for r in repetitions],
         "wall_s": time.perf_counter() - wall0,
     }
+
+
+def _run_summaries(training_dir: Any) -> list[dict[str, Any]]:
+    """Each training run's examples, rehearsal, time and held-out agreement, from the result
+    files the runs wrote (oldest first)."""
+    from daemon.store.runs import RESULT_FILE, read_result
+
+    out: list[dict[str, Any]] = []
+    if not training_dir.is_dir():  # no run started
+        return out
+    for run_dir in sorted(p for p in training_dir.iterdir() if p.is_dir()):
+        result = read_result(run_dir / RESULT_FILE)
+        m = result.metrics
+        if m is None:
+            out.append({"run_id": run_dir.name, "status": result.status, "error": result.error})
+            continue
+        out.append(
+            {
+                "run_id": m.run_id,
+                "status": result.status,
+                "examples": m.examples.to_dict(),
+                "rehearsal": m.rehearsal,
+                "steps": m.steps,
+                "train_seconds": m.train_seconds,
+                "wall_s": m.wall_s,
+                "heldout_before": m.heldout_before.agreement,
+                "heldout_after": m.heldout_after.agreement,
+            }
+        )
+    return out
 
 
 def run(args: argparse.Namespace, settings: Settings, sources: ConfigSources) -> int:

@@ -86,6 +86,8 @@ def provenance() -> dict[str, Any]:
             "backend": _backend(),
         },
         "command": shlex.join([_program(), *sys.argv[1:]]),
+        # settings given as environment overrides are part of what ran
+        "environment": {k: v for k, v in sorted(os.environ.items()) if k.startswith("SPECD_")},
     }
 
 
@@ -123,6 +125,9 @@ def _section(name: str, data: dict[str, Any]) -> list[str]:
     backend = machine.get("backend") or {}
     out = [f"## {name}", ""]
     out.append(f"- command: `{prov.get('command', '?')}`")
+    env = prov.get("environment")
+    if env:
+        out.append("- environment: " + ", ".join(f"`{k}={v}`" for k, v in env.items()))
     commit = prov.get("commit")
     dirty = " (with uncommitted changes)" if prov.get("dirty") else ""
     out.append(f"- commit: `{commit[:12] if commit else '?'}`{dirty}")

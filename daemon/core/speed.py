@@ -185,41 +185,62 @@ def compare(
 
 
 def measure_costs(target: Any, draft: Any, context: int = 128, repeats: int = 5) -> StepCosts:
-    """Time the pair here (when no live engine has): target passes over 1 .. MAX_K + 1 rows and
-    one draft token, after ``context`` tokens, medians of ``repeats``."""
+    """Time the pair here: target passes over 1 .. MAX_K + 1 rows and one draft token, after
+    ``context`` tokens, medians of ``repeats``. The row counts are timed in turn within each
+    repetition, not one after another: a machine whose load changes while they are timed (a
+    server beside a training run) moves all of them alike, so their ratios, which is what the
+    gate prices rounds with, stay right."""
     import mlx.core as mx
     from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
 
-    def timed(model: Any, rows: int) -> float:
-        cache = make_prompt_cache(model)
-        mx.eval(model(mx.zeros((1, context), dtype=mx.uint32), cache=cache))
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            mx.eval(model(mx.ones((1, rows), dtype=mx.uint32), cache=cache))
-            times.append(time.perf_counter() - t0)
-            trim_prompt_cache(cache, rows)
-        return sorted(times)[len(times) // 2]
-
-    def timed_features(draft: Any) -> float:
-        # one drafted token: one entry (own feature, last token) through the layer and head
-        cache = make_prompt_cache(draft)
-        width = int(draft.args.hidden_size)
-        prefix = mx.ones((1, context), dtype=mx.uint32)
-        mx.eval(draft.forward(mx.ones((1, context, width)), prefix, cache))
-        feature, token = mx.ones((1, 1, width)), mx.ones((1, 1), dtype=mx.uint32)
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            mx.eval(draft.head(draft.forward(feature, token, cache)))
-            times.append(time.perf_counter() - t0)
-            trim_prompt_cache(cache, 1)
-        return sorted(times)[len(times) // 2]
-
     from daemon.core.feature_draft import is_feature_draft
 
+    def primed(model: Any) -> list[Any]:
+        cache = make_prompt_cache(model)
+        mx.eval(model(mx.zeros((1, context), dtype=mx.uint32), cache=cache))
+        return cache
+
+    def step(model: Any, cache: list[Any], rows: int) -> float:
+        t0 = time.perf_counter()
+        mx.eval(model(mx.ones((1, rows), dtype=mx.uint32), cache=cache))
+        seconds = time.perf_counter() - t0
+        trim_prompt_cache(cache, rows)
+        return seconds
+
+    features = is_feature_draft(draft)
+    if features:
+        # one drafted token: one entry (own feature, last token) through the layer and head
+        width = int(draft.args.hidden_size)
+        draft_cache = make_prompt_cache(draft)
+        prefix = mx.ones((1, context), dtype=mx.uint32)
+        mx.eval(draft.forward(mx.ones((1, context, width)), prefix, draft_cache))
+        feature, token = mx.ones((1, 1, width)), mx.ones((1, 1), dtype=mx.uint32)
+    else:
+        draft_cache = primed(draft)
+
+    def draft_step() -> float:
+        if not features:
+            return step(draft, draft_cache, 1)
+        t0 = time.perf_counter()
+        mx.eval(draft.head(draft.forward(feature, token, draft_cache)))
+        seconds = time.perf_counter() - t0
+        trim_prompt_cache(draft_cache, 1)
+        return seconds
+
+    row_counts = range(1, MAX_K + 2)
+    caches = {rows: primed(target) for rows in row_counts}
+    times: dict[int, list[float]] = {rows: [] for rows in row_counts}
+    draft_times: list[float] = []
+    for _ in range(repeats):
+        for rows in row_counts:
+            times[rows].append(step(target, caches[rows], rows))
+        draft_times.append(draft_step())
+
+    def median(xs: list[float]) -> float:
+        return sorted(xs)[len(xs) // 2]
+
     return StepCosts(
-        target=timed(target, 1),
-        verify=[timed(target, k + 1) for k in range(1, MAX_K + 1)],
-        draft=timed_features(draft) if is_feature_draft(draft) else timed(draft, 1),
+        target=median(times[1]),
+        verify=[median(times[k + 1]) for k in range(1, MAX_K + 1)],
+        draft=median(draft_times),
     )

@@ -355,6 +355,9 @@ def test_bench_adapt_reports_before_and_after(daemon_setup, capsys) -> None:
             printed
         )
     assert result["training_runs"] >= 1 and result["adapters_installed"] >= 1
+    # each run's own figures, read from the result file it wrote
+    assert len(result["runs"]) == result["training_runs"]
+    assert all(r["status"] == "ok" and r["examples"]["failures"] > 0 for r in result["runs"])
     for row in ("before", "after", "after_without_adapter"):
         assert {
             "tokens_per_s",
@@ -475,10 +478,15 @@ def test_bench_adapt_lists_each_candidates_expected_speedup_and_agreement() -> N
     assert "agreement -: None" in _candidate_line({"version": 3, "status": "rejected"})
 
 
-def test_bench_provenance_names_commit_machine_and_command() -> None:
+def test_bench_provenance_names_commit_machine_and_command(monkeypatch) -> None:
     from daemon.bench.report import provenance
 
+    monkeypatch.setenv("SPECD_TRAINING__REHEARSAL_TOKENS", "4096")
+    monkeypatch.setenv("OTHER_VARIABLE", "x")
     run = provenance()
+    # settings given as environment overrides are named; nothing else of the environment
+    assert run["environment"]["SPECD_TRAINING__REHEARSAL_TOKENS"] == "4096"
+    assert all(k.startswith("SPECD_") for k in run["environment"])
     assert run["commit"] is None or len(run["commit"]) == 40
     assert run["machine"]["platform"] and run["machine"]["cpus"]
     assert run["machine"]["backend"]["device"] == "cpu" and run["machine"]["backend"]["blas"]

@@ -121,13 +121,16 @@ def test_a_broken_feature_version_is_refused(feature_setup, tmp_path: Path) -> N
 def test_the_gate_prices_a_candidate_of_another_kind_with_its_own_draft_cost() -> None:
     class M:
         costs = StepCosts(0.02, [0.025] * 8, 0.002).to_dict()  # the candidate, run-timed
-        costs_before = StepCosts(0.02, [0.025] * 8, 0.006).to_dict()
+        costs_before = StepCosts(0.02, [0.025] * 8, 0.006).to_dict()  # the served draft
 
     live = StepCosts(0.04, [0.05] * 8, 0.012, source="service")
     before, after = _gate_costs(M(), live)  # type: ignore[arg-type]
-    assert before is live
-    assert after is not None and after.draft == pytest.approx(0.004)  # 0.002 x 0.04 / 0.02
-    M.costs_before = None  # same kind: the live figures for both
+    # both timed by the run, back to back: the live figures do not enter
+    assert before == StepCosts.from_dict(M.costs_before)
+    assert after is not None and after.draft == pytest.approx(0.002)
+    M.costs_before = None  # same kind: the run's figures for both
+    assert _gate_costs(M(), live) == (StepCosts.from_dict(M.costs), None)  # type: ignore[arg-type]
+    M.costs = None  # the run timed nothing (a split target): the live engine's
     assert _gate_costs(M(), live) == (live, None)  # type: ignore[arg-type]
 
 

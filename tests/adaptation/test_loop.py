@@ -198,10 +198,18 @@ def test_speed_gate_decides_by_expected_tokens_per_second() -> None:
     few = gate(run(base[:5], rows(0.7)[:5]), s)
     assert few.speed is not None and few.speed["lower_bound"] > 0
     assert few.decision == "reject" and "5 rows < training.min_holdout_rows=20" in few.reason
-    # the live engine's costs win over the run's: a draft that costs as much as the target
+    # the run's own timings win over the live engine's (each row count timed at another
+    # moment), which price only a run that timed nothing (a target split across ranks)
     dear = StepCosts(1.0, [1.0 + 0.5 * k for k in range(1, 9)], 1.0, source="service")
-    slow = gate(run(base, rows(0.45)), s, dear)
+    same = gate(run(base, rows(0.7)), s, dear)
+    assert same.decision == "install" and "step costs: measured" in same.reason
+    assert same.speed is not None and same.speed["costs"] == costs.to_dict()
+    untimed = run(base, rows(0.45))
+    assert untimed.metrics is not None
+    untimed.metrics.costs = None
+    slow = gate(untimed, s, dear)  # a draft that costs as much as the target never pays
     assert slow.decision == "reject" and "step costs: service" in slow.reason
+    assert slow.speed is not None and slow.speed["costs"]["source"] == "service"
     s.training.gate = "agreement"
     assert gate(run(base, base), s).speed is None
 

@@ -13,8 +13,10 @@ import pytest
 from structlog.testing import capture_logs
 
 from daemon.adaptation.rehearsal import (
+    FEATURE_DEFAULT_TOKENS,
     RehearsalCache,
     prefix_length,
+    rehearsal_budget,
     rehearse,
 )
 from daemon.adaptation.run import run_training
@@ -151,6 +153,21 @@ def test_a_run_trains_on_rehearsed_answers_of_train_rows_only(
     assert m2.rehearsal["cached"] == m.rehearsal["rows"]
     # only answers cut short by a sampled stop are tried again
     assert m2.rehearsal["generated"] <= m.rehearsal["cut"]
+
+
+def test_by_default_a_feature_draft_rehearses_and_a_lora_draft_does_not(
+    rehearsal_setup, tmp_path: Path
+) -> None:
+    settings, _, _ = rehearsal_setup
+    settings.training.rehearsal_tokens = None
+    assert rehearsal_budget(None, True) == FEATURE_DEFAULT_TOKENS > 0
+    assert rehearsal_budget(None, False) == 0 and rehearsal_budget(0, True) == 0
+    lora = run_training(settings, out_dir=tmp_path / "lora", mark_used=False)
+    assert lora.rehearsal is None and lora.examples.rehearsal == 0
+    settings.models.draft = "feature"
+    feature = run_training(settings, out_dir=tmp_path / "feature", mark_used=False, epochs=1)
+    assert feature.draft_kind == "feature"
+    assert feature.rehearsal is not None and feature.examples.rehearsal > 0
 
 
 def test_rehearsal_off_generates_nothing(rehearsal_setup, tmp_path: Path) -> None:

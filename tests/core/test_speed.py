@@ -64,3 +64,28 @@ def test_costs_come_from_the_live_policy_once_measured() -> None:
     assert costs is not None and costs.source == "service"
     assert costs.target == pytest.approx(0.07) and costs.verify[2] == pytest.approx(0.09)
     assert StepCosts.from_dict(costs.to_dict()).verify == pytest.approx(costs.verify, abs=1e-6)
+
+
+def test_measured_costs_time_every_row_count_in_turn_within_each_repetition() -> None:
+    """The row counts are interleaved, so a load that changes while they are timed moves all
+    of them alike (their ratios price the gate's rounds)."""
+    from daemon.core.speed import MAX_K, measure_costs
+    from tests.helpers import make_tiny_llama
+
+    target = make_tiny_llama(64, seed=1)
+    draft = make_tiny_llama(64, seed=2, num_hidden_layers=1)
+    calls: list[int] = []
+
+    class Counted:
+        def __init__(self, model) -> None:
+            self.model = model
+            self.layers = model.layers
+
+        def __call__(self, inputs, cache=None):
+            if inputs.shape[1] <= MAX_K + 1:  # not the context that primes a cache
+                calls.append(int(inputs.shape[1]))
+            return self.model(inputs, cache=cache)
+
+    costs = measure_costs(Counted(target), draft, context=16, repeats=3)
+    assert calls == list(range(1, MAX_K + 2)) * 3
+    assert len(costs.verify) == MAX_K and costs.target > 0 and costs.draft > 0
