@@ -27,6 +27,7 @@ METRIC_KEYS = {
     "costs",
     "costs_before",
     "draft_kind",
+    "rehearsal",
     "heldout_before",
     "heldout_after",
     "examples",
