@@ -176,9 +176,8 @@ def _parse(obj: Any, target_id: str) -> _Entry | None:
 
 @dataclass
 class _Job:
-    record_id: int
+    record: Any  # the buffer record it answers again
     variant: int
-    prompt: list[int]
     prefix_len: int
     max_tokens: int
     prefix: list[int] = field(default_factory=list)
@@ -222,19 +221,17 @@ def rehearse(
             if length > budget:
                 continue
             budget -= length
-            plen = prefix_length(rec.id, v)
-            jobs.append(_Job(rec.id, v, list(rec.prompt_tokens), plen, length))
+            jobs.append(_Job(rec, v, prefix_length(rec.id, v), length))
     if jobs:
         t0 = time.perf_counter()
         _generate(target, jobs, stop_tokens, seed)
         report.seconds = time.perf_counter() - t0
-        by_id = {r.id: r for r in records}
         for job in jobs:
-            if not job.output:  # the sampled prefix ended the answer: nothing to learn
+            if job.cut or not job.output:  # the sampled prefix ended it: nothing to learn
                 report.cut += 1
                 continue
-            cache.put(_Entry(job.record_id, job.variant, job.prefix, job.output))
-            rows.append(_row(by_id[job.record_id], job.variant, job.prefix, job.output))
+            cache.put(_Entry(job.record.id, job.variant, job.prefix, job.output))
+            rows.append(_row(job.record, job.variant, job.prefix, job.output))
             report.generated += 1
             report.generated_tokens += len(job.output)
     report.rows = len(rows)
@@ -263,7 +260,7 @@ def _generate(target: nn.Module, jobs: list[_Job], stop_tokens: Sequence[int], s
     )
     try:
         uids = gen.insert(
-            [j.prompt for j in jobs],
+            [list(j.record.prompt_tokens) for j in jobs],
             [j.prefix_len + j.max_tokens for j in jobs],
             samplers=[_prefix_sampler(j.prefix_len) for j in jobs],
         )
@@ -283,9 +280,6 @@ def _generate(target: nn.Module, jobs: list[_Job], stop_tokens: Sequence[int], s
                     job.output.append(token)
     finally:
         gen.close()
-    for job in jobs:
-        if job.cut:
-            job.output = []
 
 
 def _prefix_sampler(n: int) -> Any:

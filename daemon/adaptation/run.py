@@ -122,16 +122,16 @@ def _feature_draft_to_train(
 def _rehearsal_examples(
     pair: Any,
     records: Sequence[Any],
+    budget: int,
     kept_ids: set[int],
     settings: Settings,
     draft_only: bool,
     run_id: str,
 ) -> tuple[list[Any], RehearsalReport | None]:
     """Examples of the target's own answers to ``records`` (train rows), from the cache or
-    generated within ``training.rehearsal_tokens`` (`daemon.adaptation.rehearsal`); none when
-    rehearsal is off or the target is split across ranks (rank 0 cannot run it alone)."""
+    generated within ``budget`` tokens (`daemon.adaptation.rehearsal`); none when rehearsal
+    is off or the target is split across ranks (rank 0 cannot run it alone)."""
     cfg = settings.training
-    budget = rehearsal_budget(cfg.rehearsal_tokens, pair.learns_features)
     if not budget or not records:
         return [], None
     if draft_only:
@@ -256,13 +256,13 @@ def run_training(
             if pair.prunes_head
             else None
         )
-        rehearses = rehearsal_budget(cfg.rehearsal_tokens, pair.learns_features) > 0
-        kept_ids = buffer.ids() if rehearses and not draft_only else set()
+        budget = rehearsal_budget(cfg.rehearsal_tokens, pair.learns_features)
+        kept_ids = buffer.ids() if budget and not draft_only else set()
     fail_ex, skipped_f = make_examples(failures, settings.data, "failure")
     replay_ex, skipped_r = make_examples(replay, settings.data, "replay")
     progress_view.update(phase="rehearsing")
     rehearsal_ex, rehearsal = _rehearsal_examples(
-        pair, [*failures, *replay], kept_ids, settings, draft_only, run_id
+        pair, [*failures, *replay], budget, kept_ids, settings, draft_only, run_id
     )
     examples = fail_ex + replay_ex + rehearsal_ex
     counts = ExampleCounts(
@@ -362,9 +362,9 @@ def run_training(
     after = heldout_agreement(draft, holdout, settings.data, vocab_limit)
     log.info("heldout_eval", run_id=run_id, when="after", **after.summary())
     progress_view.update(phase="saving", heldout_after=after.agreement)
-    # the pair's step costs, for a gate with no live engine to ask (`specd train`); not
-    # with a split target, whose costs only the live engine can measure
-    # the pair as it will serve: an adapter is served fused, at the bare draft's cost
+    # the pair's step costs, timed as it will serve (an adapter fused: the bare draft's
+    # cost), which the gate prices rounds with; not with a split target, whose costs only
+    # the live engine can measure
     timed = draft if is_feature_draft(draft) else pair.fresh_draft(head)
     costs = None if draft_only else measure_costs(pair.target, timed)
     if served is not None:

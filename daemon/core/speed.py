@@ -200,32 +200,32 @@ def measure_costs(target: Any, draft: Any, context: int = 128, repeats: int = 5)
         mx.eval(model(mx.zeros((1, context), dtype=mx.uint32), cache=cache))
         return cache
 
-    def step(model: Any, cache: list[Any], rows: int) -> float:
+    def timed(run: Any, cache: list[Any], rows: int) -> float:
         t0 = time.perf_counter()
-        mx.eval(model(mx.ones((1, rows), dtype=mx.uint32), cache=cache))
+        mx.eval(run())
         seconds = time.perf_counter() - t0
         trim_prompt_cache(cache, rows)
         return seconds
 
-    features = is_feature_draft(draft)
-    if features:
+    def target_step(rows: int) -> float:
+        cache = caches[rows]
+        return timed(lambda: target(mx.ones((1, rows), dtype=mx.uint32), cache=cache), cache, rows)
+
+    if is_feature_draft(draft):
         # one drafted token: one entry (own feature, last token) through the layer and head
         width = int(draft.args.hidden_size)
         draft_cache = make_prompt_cache(draft)
         prefix = mx.ones((1, context), dtype=mx.uint32)
         mx.eval(draft.forward(mx.ones((1, context, width)), prefix, draft_cache))
         feature, token = mx.ones((1, 1, width)), mx.ones((1, 1), dtype=mx.uint32)
+
+        def draft_token() -> Any:
+            return draft.head(draft.forward(feature, token, draft_cache))
     else:
         draft_cache = primed(draft)
 
-    def draft_step() -> float:
-        if not features:
-            return step(draft, draft_cache, 1)
-        t0 = time.perf_counter()
-        mx.eval(draft.head(draft.forward(feature, token, draft_cache)))
-        seconds = time.perf_counter() - t0
-        trim_prompt_cache(draft_cache, 1)
-        return seconds
+        def draft_token() -> Any:
+            return draft(mx.ones((1, 1), dtype=mx.uint32), cache=draft_cache)
 
     row_counts = range(1, MAX_K + 2)
     caches = {rows: primed(target) for rows in row_counts}
@@ -233,8 +233,8 @@ def measure_costs(target: Any, draft: Any, context: int = 128, repeats: int = 5)
     draft_times: list[float] = []
     for _ in range(repeats):
         for rows in row_counts:
-            times[rows].append(step(target, caches[rows], rows))
-        draft_times.append(draft_step())
+            times[rows].append(target_step(rows))
+        draft_times.append(timed(draft_token, draft_cache, 1))
 
     def median(xs: list[float]) -> float:
         return sorted(xs)[len(xs) // 2]
