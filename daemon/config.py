@@ -48,6 +48,9 @@ class ModelEntry(_Section):
     draft: str | None = Field(None, description="As models.draft.")
     draft_layers: list[int] | None = Field(None, description="As models.draft_layers.")
     draft_head_tokens: int | None = Field(None, ge=0, description="As models.draft_head_tokens.")
+    feature_layers: Literal["auto"] | list[int] | None = Field(
+        None, description="As models.feature_layers."
+    )
     keep_alive_seconds: float | None = Field(
         None,
         gt=0,
@@ -70,7 +73,7 @@ class ModelEntry(_Section):
     def same_weights(self, other: ModelEntry) -> bool:
         """Whether ``other`` loads the same models (it may differ in the keys that apply to
         a loaded one: keep-alive, speculative and training settings)."""
-        keys = {"target", "draft", "draft_layers", "draft_head_tokens"}
+        keys = {"target", "draft", "draft_layers", "draft_head_tokens", "feature_layers"}
         return self.model_dump(include=keys) == other.model_dump(include=keys)
 
     @field_validator("speculative")
@@ -116,6 +119,12 @@ class ModelsSettings(_Section):
     draft_layers: list[int] = Field(
         default_factory=lambda: [0, 1, 2, 3],
         description="Target layer indices that make up the layer-skip draft.",
+    )
+    feature_layers: Literal["auto"] | list[int] = Field(
+        "auto",
+        description="models.draft: feature. Target layers whose outputs the feature draft "
+        "reads besides the final hidden states (EAGLE-3); auto: a low, the middle and a "
+        "high layer (2, L/2, L-3); []: the final hidden states alone.",
     )
     draft_head_tokens: int = Field(
         8192,
@@ -195,6 +204,8 @@ class ModelsSettings(_Section):
             changes["draft_layers"] = e.draft_layers
         if e.draft_head_tokens is not None:
             changes["draft_head_tokens"] = e.draft_head_tokens
+        if e.feature_layers is not None:
+            changes["feature_layers"] = e.feature_layers
         if e.keep_alive_seconds is not None:
             changes["keep_alive_seconds"] = e.keep_alive_seconds
         return self.model_copy(update=changes)
@@ -368,7 +379,7 @@ class TrainingSettings(_Section):
         "token loss.",
     )
     feature_second_step: float = Field(
-        0.0,
+        1.0,
         ge=0.0,
         description="models.draft: feature. Weight of the loss on a round's second draft "
         "token, drafted from the draft's own first output feature as in service (HASS); 0: off.",

@@ -37,7 +37,7 @@ from mlx.utils import tree_flatten, tree_map
 from daemon.adaptation.data import Batch, Example, collate
 from daemon.adaptation.loss import compute_loss, teacher_logprobs
 from daemon.config import TrainingSettings
-from daemon.core.feature_draft import FeatureDraft, target_hidden
+from daemon.core.feature_draft import FeatureDraft
 from daemon.core.heads import pruned_head
 from daemon.logging import get_logger
 
@@ -222,16 +222,15 @@ class Trainer:
         shared with the teacher's rows): the target's forward pass is most of such a step."""
         if not isinstance(self.model, FeatureDraft):
             return None
-        target = self.model.target
         if examples is None:
-            return mx.stop_gradient(target_hidden(target, batch.inputs))
+            return mx.stop_gradient(self.model.target_features(batch.inputs))
         width = batch.inputs.shape[1]
         rows = []
         for ex in examples:
             key = -id(ex)  # beside the teacher's rows in one cache
             cached = self._teacher_cache.get(key)
             if cached is None:
-                cached = target_hidden(target, mx.array(ex.inputs)[None])[0]
+                cached = self.model.target_features(mx.array(ex.inputs)[None])[0]
                 mx.eval(cached)
                 if self._cache_bytes + cached.nbytes <= TEACHER_CACHE_BYTES:
                     self._teacher_cache[key] = cached

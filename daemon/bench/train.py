@@ -185,6 +185,10 @@ def bench_train(
         "lora_rank": cfg.lora.rank,
         "kd_weight": cfg.kd_weight,
         "disagreement_weight": cfg.disagreement_weight,
+        "loss": cfg.loss,
+        # a feature draft: the target layers it reads besides the final ones, its second step
+        "feature_layers": list(pair.feature_taps) if pair.learns_features else None,
+        "feature_second_step": cfg.feature_second_step if pair.learns_features else None,
         "traffic": traffic,
         "adapter_path": m.adapter_path if out_dir else None,
     }

@@ -27,7 +27,8 @@ Drafters
     or a separate model, with its own KV cache and prompt-cache entries) or the feature draft
     (`daemon.core.feature_draft`), which reads the target's hidden states. For the latter the
     verification pass and the prefill compute the target's hidden states and its logits from
-    them (`target_hidden`, `output_head`): the same forward, the features kept.
+    them (`FeatureDraft.target_features`, `output_head`): the same forward, the features kept
+    (the final ones, and those of the layers the draft taps).
 
 Adaptive draft length (``SpeculativeConfig.adaptive``, the default)
     The Hugging Face "heuristic" schedule: start at ``num_draft_tokens`` (clamped into
@@ -74,7 +75,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Generator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeGuard
 
@@ -87,7 +88,7 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from daemon.core.constraints import Constraint
 from daemon.core.drafters import FeatureDrafter, make_drafter
 from daemon.core.drafting import ContextIndex, SuffixIndex
-from daemon.core.feature_draft import is_feature_draft, target_hidden
+from daemon.core.feature_draft import FeatureDraft, is_feature_draft
 from daemon.core.heads import output_head
 from daemon.core.output import TextStream
 from daemon.core.policy import Measured, SpeculationPolicy
@@ -545,10 +546,11 @@ class SpeculativeEngine:
         cache: list[Any],
         tokens: mx.array,
         clear: bool = True,
-        features: Any = None,
+        features: tuple[FeatureDraft, Callable[[int, mx.array], None]] | None = None,
     ) -> Generator[None, None, None]:
         """`_prefill`, yielding between chunks (where a closed request stops). ``features``:
-        ``(start, hidden rows)`` of each chunk go there (a feature draft reads them)."""
+        a feature draft and a sink: the draft's features of each chunk (``target_features``)
+        go to the sink with the chunk's start."""
         step = self.config.prefill_step_size
         for start in range(0, tokens.size, step):
             if start:
@@ -558,9 +560,10 @@ class SpeculativeEngine:
                 model(chunk, cache=cache)
                 mx.eval([c.state for c in cache])
             else:
-                hidden = target_hidden(model, chunk, cache)[0]
+                reader, sink = features
+                hidden = reader.target_features(chunk, cache)[0]
                 mx.eval([c.state for c in cache], hidden)
-                features(start, hidden)
+                sink(start, hidden)
         if tokens.size and clear:
             mx.clear_cache()
 
@@ -615,6 +618,7 @@ class SpeculativeEngine:
             target_cache=target_cache,
             drafter=drafter,
             head=output_head(target) if drafter.needs_features else None,
+            features=drafter.model if isinstance(drafter, FeatureDrafter) else None,
             vocab=vocab,
             params=params,
             cfg=cfg,
@@ -668,7 +672,7 @@ class SpeculativeEngine:
                         target,
                         target_cache,
                         mx.array(prompt[t_cached:-1], dtype=mx.uint32),
-                        features=drafter_features if st.head is not None else None,
+                        features=None if st.features is None else (st.features, drafter_features),
                     )
                     for _ in steps:
                         yield GenerationChunk(text="", tokens=[])

@@ -23,6 +23,7 @@ code paths that score a layer-skip draft score this one.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from typing import Any, cast
 
@@ -33,7 +34,14 @@ from mlx_lm.models.base import create_attention_mask
 from daemon.core.heads import PLAIN_HEAD_MODULES, output_head, pruned_head
 from daemon.errors import ModelLoadError
 
-__all__ = ["FeatureDraft", "embed_scale", "is_feature_draft", "make_feature_draft"]
+__all__ = [
+    "FeatureDraft",
+    "embed_scale",
+    "is_feature_draft",
+    "make_feature_draft",
+    "resolve_taps",
+    "target_hidden",
+]
 
 FEATURE_KIND = "feature"  # models.draft value that selects this draft
 
@@ -49,10 +57,57 @@ def _inner(target: nn.Module) -> nn.Module:
     return cast(nn.Module, inner)
 
 
-def target_hidden(target: nn.Module, inputs: mx.array, cache: Any = None) -> mx.array:
+class _Tap:
+    """A target layer that also hands its output to ``sink``, for the calling thread only
+    (a plain forward of the same target from another thread passes straight through)."""
+
+    def __init__(self, layer: nn.Module, sink: list[mx.array]) -> None:
+        self._layer = layer
+        self._sink = sink
+        self._owner = threading.get_ident()
+
+    def __getattr__(self, name: str) -> Any:  # use_sliding and the like, read by the model
+        return getattr(self._layer, name)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> mx.array:
+        out = cast(mx.array, self._layer(*args, **kwargs))
+        if threading.get_ident() == self._owner:
+            self._sink.append(out)
+        return out
+
+
+_TAP_LOCK = threading.Lock()
+
+
+def _unit_rms(x: mx.array) -> mx.array:
+    x32 = x.astype(mx.float32)
+    return (x32 * mx.rsqrt(mx.mean(mx.square(x32), axis=-1, keepdims=True) + 1e-6)).astype(x.dtype)
+
+
+def target_hidden(
+    target: nn.Module, inputs: mx.array, cache: Any = None, taps: Sequence[int] = ()
+) -> mx.array:
     """The target's final hidden states ``(B, T, H)`` (after its final norm), advancing
-    ``cache``; ``output_head(target)`` turns them into its logits."""
-    return cast(mx.array, _inner(target)(inputs, cache=cache))
+    ``cache``; ``output_head(target)`` turns them into its logits. With ``taps`` (layer
+    indices) the outputs of those layers come first, each scaled to unit RMS (a residual
+    stream's magnitude grows with depth): ``(B, T, H * (len(taps) + 1))``, the final
+    hidden states the last ``H`` columns."""
+    inner = _inner(target)
+    if not taps:
+        return cast(mx.array, inner(inputs, cache=cache))
+    sink: list[mx.array] = []
+    with _TAP_LOCK:  # one tapped forward at a time: the layer list is swapped meanwhile
+        layers = inner.layers
+        n = len(layers)
+        wanted = {t % n for t in taps}
+        inner.layers = [_Tap(m, sink) if i in wanted else m for i, m in enumerate(layers)]
+        try:
+            final = cast(mx.array, inner(inputs, cache=cache))
+        finally:
+            inner.layers = layers
+    order = sorted(wanted)
+    tapped = dict(zip(order, sink, strict=True))
+    return mx.concatenate([_unit_rms(tapped[t % n]) for t in taps] + [final], axis=-1)
 
 
 def embed_scale(target: nn.Module) -> float:
@@ -78,12 +133,22 @@ class FeatureDraft(nn.Module):
 
     _specd_pruned = True  # `prune_head` leaves the class alone: __call__ reads the pruned head
 
-    def __init__(self, target: nn.Module, layer: nn.Module, norm: nn.Module, scale: float) -> None:
+    def __init__(
+        self,
+        target: nn.Module,
+        layer: nn.Module,
+        norm: nn.Module,
+        scale: float,
+        taps: Sequence[int] = (),
+    ) -> None:
         super().__init__()
         _inner(target)
         hidden = int(target.args.hidden_size)
         self.args = target.args
         self.embed_scale = float(scale)
+        self.taps = tuple(int(t) for t in taps)
+        if self.taps:  # the target's lower layers' features, folded into one feature
+            self.fuse = nn.Linear(hidden * (len(self.taps) + 1), hidden, bias=False)
         self.fc = nn.Linear(2 * hidden, hidden, bias=False)
         self.layers = [layer]  # mlx-lm's make_prompt_cache gives each layer a KV cache
         self.norm = norm
@@ -103,9 +168,22 @@ class FeatureDraft(nn.Module):
         pruned = pruned_head(self)
         return cast(mx.array, (pruned or output_head(self.target))(hidden))
 
+    def target_features(self, inputs: mx.array, cache: Any = None) -> mx.array:
+        """What this draft reads of the target over ``inputs`` (`target_hidden` with its
+        taps), advancing the target's ``cache``."""
+        return target_hidden(self.target, inputs, cache, self.taps)
+
+    def final(self, features: mx.array) -> mx.array:
+        """The target's final hidden states within ``target_features``' output (what its
+        output head reads)."""
+        return features[..., -self.fc.weight.shape[0] :]
+
     def forward(self, features: mx.array, tokens: mx.array, cache: Any = None) -> mx.array:
         """Output features ``(B, m, H)`` for entries ``(features[:, i], tokens[:, i])``,
-        advancing ``cache`` (a list with one KV cache) by ``m``."""
+        advancing ``cache`` (a list with one KV cache) by ``m``. ``features``: the target's
+        (`target_features`, folded by ``fuse`` when tapped) or the draft's own outputs."""
+        if features.shape[-1] != self.fc.weight.shape[0]:
+            features = self.fuse(features.astype(self.fuse.weight.dtype))
         embed = _inner(self.target).embed_tokens(tokens) * self.embed_scale
         x = self.fc(mx.concatenate([features.astype(embed.dtype), embed], axis=-1))
         c = cache[0] if cache is not None else None
@@ -120,13 +198,14 @@ class FeatureDraft(nn.Module):
         with the target's feature ``j``; position 0 has no entry and is zeros. ``features``:
         the target's, when already computed (the trainer keeps them across epochs)."""
         if features is None:
-            features = target_hidden(self.target, inputs)
+            features = self.target_features(inputs)
         features = mx.stop_gradient(features)
-        pad = mx.zeros((inputs.shape[0], 1, features.shape[-1]), dtype=features.dtype)
+        top = self.final(features)  # what an output stands for
+        pad = mx.zeros((inputs.shape[0], 1, top.shape[-1]), dtype=features.dtype)
         if inputs.shape[1] < 2:
-            return pad, features
+            return pad, top
         out = self.forward(features[:, :-1], inputs[:, 1:])
-        return mx.concatenate([pad.astype(out.dtype), out], axis=1), features
+        return mx.concatenate([pad.astype(out.dtype), out], axis=1), top
 
     def hidden(self, inputs: mx.array, cache: Any = None) -> mx.array:
         """Teacher-forced output features (what `daemon.adaptation.loss.model_logits` reads)."""
@@ -142,7 +221,27 @@ def is_feature_draft(model: Any) -> bool:
     return isinstance(model, FeatureDraft)
 
 
-def make_feature_draft(target: nn.Module, layer: int = -1) -> FeatureDraft:
+def resolve_taps(
+    setting: str | Sequence[int], num_layers: int, what: str = "models.feature_layers"
+) -> tuple[int, ...]:
+    """The layers a feature draft reads besides the final features (`models.feature_layers`):
+    ``"auto"`` is EAGLE-3's choice, a low, the middle and a high layer (2, L/2, L-3; none
+    for a target of fewer than 6 layers); a list is taken as it is, each index checked."""
+    if isinstance(setting, str):
+        if setting != "auto":
+            raise ModelLoadError(f"{what}: {setting!r} is neither auto nor a list")
+        if num_layers < 6:
+            return ()
+        return tuple(dict.fromkeys((2, num_layers // 2, num_layers - 3)))
+    for t in setting:
+        if not 0 <= t < num_layers:
+            raise ModelLoadError(f"{what}: layer {t} is outside the target's {num_layers} layers")
+    return tuple(int(t) for t in setting)
+
+
+def make_feature_draft(
+    target: nn.Module, layer: int = -1, taps: Sequence[int] = ()
+) -> FeatureDraft:
     """A feature draft for ``target``: its decoder layer ``layer`` (the last by default)
     copied as the draft's layer, its final norm copied, and a projection that starts as
     feature + scaled embedding (``[I | I]``)."""
@@ -156,10 +255,14 @@ def make_feature_draft(target: nn.Module, layer: int = -1) -> FeatureDraft:
     # that share the target's arrays (training replaces them, never mutates them)
     donor = make_layer_skip_draft(target, [layer % n])
     block, norm = donor.model.layers[0], donor.model.norm
-    draft = FeatureDraft(target, block, norm, embed_scale(target))
+    taps = resolve_taps(list(taps), n, "the feature draft's taps")
+    draft = FeatureDraft(target, block, norm, embed_scale(target), taps)
     hidden = int(target.args.hidden_size)
     eye = mx.eye(hidden, dtype=inner.norm.weight.dtype)
     draft.fc.weight = mx.concatenate([eye, eye], axis=1)
+    if taps:  # starts reading the final features alone, as an untapped draft does
+        zeros = mx.zeros((hidden, hidden * len(taps)), dtype=eye.dtype)
+        draft.fuse.weight = mx.concatenate([zeros, eye], axis=1)
     mx.eval(draft.parameters())
     draft.eval()
     return draft
@@ -175,7 +278,7 @@ def chain_matches(
 
     tokens = list(prompt) + list(output)
     seq = mx.array(tokens[:-1])[None]
-    features = target_hidden(draft.target, seq)
+    features = draft.target_features(seq)
     cache = make_prompt_cache(draft)
     start = len(prompt) - 1  # the position that predicts output[0]
     if start > 1:  # entries 1 .. start - 1: the prompt, read at once

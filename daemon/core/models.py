@@ -23,10 +23,15 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-from daemon.config import EMBEDDED_TARGET, ModelEntry, Settings
+from daemon.config import EMBEDDED_TARGET, ModelEntry, ModelsSettings, Settings
 from daemon.core.backend import backend_info, release_freed_memory
 from daemon.core.distributed import Group, barrier, handshake
-from daemon.core.feature_draft import FEATURE_KIND, FeatureDraft, make_feature_draft
+from daemon.core.feature_draft import (
+    FEATURE_KIND,
+    FeatureDraft,
+    make_feature_draft,
+    resolve_taps,
+)
 from daemon.core.heads import default_head_tokens, prune_head
 from daemon.core.pipeline import held_parameters
 from daemon.core.split import shard_target
@@ -54,6 +59,7 @@ class ModelPair:
     base_draft: nn.Module | None = None  # separate drafts: the loaded model, never adapted
     head_tokens: int = 0  # models.draft_head_tokens: 0 = the draft keeps its full head
     split: str = ""  # a target sharded across ranks: how (daemon.core.distributed)
+    feature_taps: tuple[int, ...] = ()  # models.feature_layers, resolved for this target
 
     @property
     def max_context(self) -> int | None:
@@ -84,21 +90,31 @@ class ModelPair:
         """Whether training makes feature drafts (`daemon.core.feature_draft`)."""
         return self.draft_kind == FEATURE_KIND
 
-    def fresh_feature_draft(self, head: Sequence[int] | None = None) -> FeatureDraft:
-        """A new, untrained feature draft of the target, its head cut like `fresh_draft`'s."""
-        draft = make_feature_draft(self.target)
+    def fresh_feature_draft(
+        self, head: Sequence[int] | None = None, taps: Sequence[int] | None = None
+    ) -> FeatureDraft:
+        """A new, untrained feature draft of the target, its head cut like `fresh_draft`'s;
+        ``taps``: the layers it reads besides the final features (a stored version's own;
+        None: ``feature_taps``)."""
+        draft = make_feature_draft(self.target, taps=self.feature_taps if taps is None else taps)
         if self.prunes_head:
             ids = head if head is not None else self.default_head()
             prune_head(draft, cast(Sequence[int], ids), self.shared_vocab)
         return draft
 
-    def fresh_draft(self, head: Sequence[int] | None = None, features: bool = False) -> nn.Module:
+    def fresh_draft(
+        self,
+        head: Sequence[int] | None = None,
+        features: bool = False,
+        taps: Sequence[int] | None = None,
+    ) -> nn.Module:
         """A new draft without any adapter; cheap, since it shares the weight arrays. With
         ``head_tokens`` set its head is cut to ``head`` (an adapter's subset) or else to
         `default_head`; without, it keeps the full head whatever ``head`` says. ``features``:
-        an untrained feature draft (`fresh_feature_draft`) instead, for a feature adapter."""
+        an untrained feature draft (`fresh_feature_draft`, with ``taps``) instead, for a
+        feature adapter."""
         if features:
-            return self.fresh_feature_draft(head)
+            return self.fresh_feature_draft(head, taps)
         if self.draft_layers is not None:
             draft = make_layer_skip_draft(self.target, self.draft_layers)
         else:
@@ -383,6 +399,7 @@ def load_pair(
     target, tokenizer, tpath, deq, dtype = load_model(cfg.target, settings, lazy=lazy_target)
     base_draft = None
     layers: list[int] | None = None
+    taps: tuple[int, ...] = ()
     if cfg.draft is None or cfg.draft == FEATURE_KIND:
         # a feature draft is learned: until its first version, the layer-skip draft serves
         layers = list(cfg.draft_layers)
@@ -390,7 +407,8 @@ def load_pair(
         draft_id = f"layer-skip{cfg.draft_layers}"
         kind = "layer-skip"
         if cfg.draft == FEATURE_KIND:
-            make_feature_draft(target)  # the target must expose its features: fail at start
+            # the target must expose its features, the layers must exist: fail at start
+            taps = make_feature_draft(target, taps=_taps(cfg, target)).taps
             draft_id, kind = f"feature (until trained: {draft_id})", FEATURE_KIND
     else:
         base_draft, dtok, _, _, _ = load_model(cfg.draft, settings)
@@ -410,10 +428,15 @@ def load_pair(
         draft_layers=layers,
         base_draft=base_draft,
         head_tokens=cfg.draft_head_tokens,
+        feature_taps=taps,
     )
     if pair.prunes_head:
         prune_head(draft, cast(list[int], pair.default_head()), output_vocab(draft))
     return pair
+
+
+def _taps(cfg: ModelsSettings, target: nn.Module) -> tuple[int, ...]:
+    return resolve_taps(cfg.feature_layers, len(target.model.layers))
 
 
 @dataclass

@@ -32,7 +32,7 @@ from mlx_lm.models.cache import trim_prompt_cache
 from daemon.core.constraints import Constraint
 from daemon.core.drafters import FeatureDrafter, ModelDrafter
 from daemon.core.drafting import NGRAM_SIZES, ContextIndex, Proposal, SuffixIndex
-from daemon.core.feature_draft import target_hidden
+from daemon.core.feature_draft import FeatureDraft
 from daemon.core.policy import Choice, SpeculationPolicy
 from daemon.core.records import GenerationStats, Rejection, TokenLogprob, token_logprobs
 from daemon.core.sampling import (
@@ -61,6 +61,7 @@ class RequestState:
     target_cache: list[Any]
     drafter: ModelDrafter | FeatureDrafter
     head: Any  # the target's output head when the drafter reads its hidden states, else None
+    features: FeatureDraft | None  # that drafter's model: what it reads of the target
     vocab: int  # the vocabulary target and draft share
     params: Any  # SamplingParams
     cfg: Any  # SpeculativeConfig
@@ -252,9 +253,9 @@ def verify(st: RequestState, d: Drafted, overlap: Callable[[], None]) -> Verifie
     if k:
         t_in = mx.concatenate([t_in, d.tokens])
     hidden: mx.array | None = None
-    if st.head is not None:  # the features come with the logits, at no extra cost
-        hidden = target_hidden(st.target, t_in[None], st.target_cache)[0]
-        t_logits = st.head(hidden)[-(k + 1) :, :]
+    if st.features is not None:  # the features come with the logits, at no extra cost
+        hidden = st.features.target_features(t_in[None], st.target_cache)[0]
+        t_logits = st.head(st.features.final(hidden))[-(k + 1) :, :]
         hidden = hidden[-(k + 1) :]
     else:
         t_logits = st.target(t_in[None], cache=st.target_cache)[0, -(k + 1) :, :]

@@ -212,8 +212,9 @@ def measure_costs(target: Any, draft: Any, context: int = 128, repeats: int = 5)
         return timed(lambda: target(mx.ones((1, rows), dtype=mx.uint32), cache=cache), cache, rows)
 
     if is_feature_draft(draft):
-        # one drafted token: one entry (own feature, last token) through the layer and head
-        width = int(draft.args.hidden_size)
+        # one drafted token: one entry (the target's features, last token) through the fold
+        # of any tapped layers, the layer and head: a round's first token, the dearest one
+        width = int(draft.args.hidden_size) * (len(draft.taps) + 1)
         draft_cache = make_prompt_cache(draft)
         prefix = mx.ones((1, context), dtype=mx.uint32)
         mx.eval(draft.forward(mx.ones((1, context, width)), prefix, draft_cache))

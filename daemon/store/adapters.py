@@ -310,12 +310,14 @@ def load_adapter_dir(
     except AdapterError as e:
         raise AdapterError(f"{label} does not fit the draft: {e}") from e
     # a feature version holds a whole draft of its own kind (`daemon.core.feature_draft`)
-    feature = is_feature_adapter(read_adapter_config(path))
-    kind = {"features": True} if feature else {}
+    config = read_adapter_config(path)
+    feature = is_feature_adapter(config)
+    # a version made before taps existed read the final features alone
+    kind = {"features": True, "taps": _taps_of(config, label)} if feature else {}
     try:
         draft = draft_factory(**kind) if head is None else draft_factory(head=head, **kind)
     except ModelLoadError as e:
-        raise AdapterError(f"{label}: its draft head does not fit: {e}") from e
+        raise AdapterError(f"{label} does not fit this target's draft: {e}") from e
     try:
         if feature:
             load_feature_weights(draft, path)
@@ -404,7 +406,15 @@ def feature_adapter_config(draft: Any) -> dict[str, Any]:
         "fine_tune_type": FEATURE_ADAPTER,
         "num_layers": len(draft.layers),
         "embed_scale": draft.embed_scale,
+        "taps": list(draft.taps),
     }
+
+
+def _taps_of(config: dict[str, Any], label: str) -> list[int]:
+    taps = config.get("taps", [])
+    if not isinstance(taps, list) or not all(isinstance(t, int) for t in taps):
+        raise AdapterError(f"{label}: adapter_config.json taps must be a list of layer indices")
+    return taps
 
 
 def is_feature_adapter(config: dict[str, Any]) -> bool:

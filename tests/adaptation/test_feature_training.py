@@ -18,9 +18,15 @@ from daemon.adaptation.loss import compute_loss
 from daemon.adaptation.run import run_training
 from daemon.adaptation.trainer import Trainer
 from daemon.config import load_settings
-from daemon.core.feature_draft import is_feature_draft, make_feature_draft, target_hidden
+from daemon.core.feature_draft import (
+    is_feature_draft,
+    make_feature_draft,
+    resolve_taps,
+    target_hidden,
+)
 from daemon.core.models import load_pair
 from daemon.core.speed import StepCosts
+from daemon.errors import AdapterError, ModelLoadError
 from daemon.store.adapters import ADAPTER_CONFIG, load_adapter_dir
 from tests.adaptation.test_training import (
     VOCAB,
@@ -75,6 +81,7 @@ def feature_setup(tmp_path: Path):
         {
             "paths.data_dir": str(data_dir),
             "models.draft": "feature",
+            "models.feature_layers": [0],  # the tiny target's first layer, beside its final one
             "training.warmup_steps": 0,
             "training.learning_rate": 1e-2,
         },
@@ -95,7 +102,15 @@ def test_a_feature_run_starts_from_the_served_draft_and_stores_a_whole_draft(
     assert m.costs is not None and m.costs_before is not None  # two kinds, each timed
     assert m.heldout_after.agreement > m.heldout_before.agreement
     config = json.loads((tmp_path / "a1" / ADAPTER_CONFIG).read_text())
-    assert config["fine_tune_type"] == "feature"
+    assert config["fine_tune_type"] == "feature" and config["taps"] == [0]
+    # a version reads the layers it was trained with, whatever models.feature_layers says now
+    untapped = load_pair(
+        settings.model_copy(
+            update={"models": settings.models.model_copy(update={"feature_layers": []})}
+        )
+    )
+    assert untapped.feature_taps == ()
+    assert load_adapter_dir(untapped.fresh_draft, tmp_path / "a1").taps == (0,)
     fresh = load_pair(settings)
     served = load_adapter_dir(fresh.fresh_draft, tmp_path / "a1")
     assert is_feature_draft(served)
@@ -116,6 +131,31 @@ def test_a_broken_feature_version_is_refused(feature_setup, tmp_path: Path) -> N
     mx.save_safetensors(str(weights), arrays)
     with pytest.raises(Exception, match="does not fit the draft"):
         load_adapter_dir(pair.fresh_draft, tmp_path / "a1")
+
+
+def test_a_version_tapping_a_layer_the_target_lacks_is_refused(
+    feature_setup, tmp_path: Path
+) -> None:
+    settings, _ = feature_setup
+    pair = load_pair(settings)
+    run_training(settings, out_dir=tmp_path / "a1", pair=pair, epochs=1)
+    path = tmp_path / "a1" / ADAPTER_CONFIG
+    config = json.loads(path.read_text())
+    path.write_text(json.dumps({**config, "taps": [9]}))
+    with pytest.raises(AdapterError, match="taps: layer 9 is outside the target's 6 layers"):
+        load_adapter_dir(pair.fresh_draft, tmp_path / "a1")
+    path.write_text(json.dumps({**config, "taps": "low"}))
+    with pytest.raises(AdapterError, match="taps must be a list of layer indices"):
+        load_adapter_dir(pair.fresh_draft, tmp_path / "a1")
+
+
+def test_feature_layers_auto_is_eagle3s_choice_and_a_list_is_checked() -> None:
+    assert resolve_taps("auto", 30) == (2, 15, 27)
+    assert resolve_taps("auto", 6) == (2, 3)
+    assert resolve_taps("auto", 4) == ()
+    assert resolve_taps([1, 0], 2) == (1, 0)
+    with pytest.raises(ModelLoadError, match="layer 2 is outside the target's 2 layers"):
+        resolve_taps([2], 2)
 
 
 def test_the_gate_prices_a_candidate_of_another_kind_with_its_own_draft_cost() -> None:

@@ -58,10 +58,11 @@ def fit(draft: FeatureDraft, rows: list[list[int]], start: int, steps: int) -> N
     draft.eval()
 
 
-@pytest.fixture(scope="module")
-def trained(tiny_tokenizer):
+@pytest.fixture(scope="module", params=[(), (0,)], ids=["final", "tapped"])
+def trained(tiny_tokenizer, request):
     """A tiny target, its greedy answers to random prompts, and a feature draft fitted to
-    them (it agrees on most of them)."""
+    them (it agrees on most of them): reading the final features alone, or also the first
+    layer's output (EAGLE-3's taps; fitted, its fold weighs them)."""
     vocab = len(tiny_tokenizer)
     target = make_tiny_llama(vocab, seed=0)
     rng = random.Random(0)
@@ -69,8 +70,10 @@ def trained(tiny_tokenizer):
     for _ in range(48):
         prompt = [rng.randrange(5, vocab) for _ in range(PROMPT_LEN)]
         rows.append(prompt + greedy(target, prompt, 24))
-    draft = make_feature_draft(target)
+    draft = make_feature_draft(target, taps=request.param)
     fit(draft, rows, PROMPT_LEN, 120)
+    if request.param:  # the fold learned to read the tapped layer
+        assert mx.abs(draft.fuse.weight[:, :64]).max().item() > 1e-3
     return target, draft, rows, no_eos(tiny_tokenizer)
 
 
@@ -90,13 +93,15 @@ def run_greedy(engine: SpeculativeEngine, prompt: list[int], n: int):
 def test_teacher_forced_view_is_what_the_engine_drafts_from(trained) -> None:
     target, draft, rows, tok = trained
     seq = mx.array(rows[0])[None]
-    forced, features = draft.teacher_forced(seq)
+    forced, final = draft.teacher_forced(seq)
+    features = draft.target_features(seq)  # the final features and any tapped layers'
     cache = make_prompt_cache(draft)
     a = draft.forward(features[:, :4], seq[:, 1:5], cache)
     b = draft.forward(features[:, 4:-1], seq[:, 5:], cache)
     assert mx.allclose(mx.concatenate([a, b], axis=1), forced[:, 1:], atol=1e-5)
-    # the features are the target's: its head over them is its logits
-    assert mx.allclose(draft.head(features), target(seq), atol=1e-4)
+    # the final features are the target's: its head over them is its logits
+    assert mx.array_equal(draft.final(features), final)
+    assert mx.allclose(draft.head(final), target(seq), atol=1e-4)
 
 
 @pytest.mark.parametrize(
@@ -119,6 +124,26 @@ def test_greedy_output_is_the_targets(tiny_tokenizer, trained, cfg) -> None:
     novel = run_greedy(engine, [7, 8, 9, 10, 11, 12, 13], 20)  # a prompt it never saw
     assert novel.stats.drafted > 0
     assert accepted / drafted > 0.5  # the drafts are its own and good: not a target-only run
+
+
+def test_each_rejected_draft_is_the_teacher_forced_prediction(tiny_tokenizer, trained) -> None:
+    """One draft token per round: each is drafted from the target's features of the last
+    verified position (the tapped layers' included), so each one rejected is what the draft
+    predicts there teacher forced."""
+    target, draft, rows, tok = trained
+    engine = SpeculativeEngine(
+        target, draft, tok, SpeculativeConfig(num_draft_tokens=1, adaptive=False)
+    )
+    rng, checked = random.Random(1), 0
+    for _ in range(6):  # prompts it was not fitted to: it is wrong now and then
+        prompt = [rng.randrange(5, len(tiny_tokenizer)) for _ in range(PROMPT_LEN)]
+        res = run_greedy(engine, prompt, 24)
+        seq = mx.array(prompt + res.tokens)[None]
+        predicted = mx.argmax(draft(seq)[0], axis=-1).tolist()
+        for r in res.rejections:
+            assert r.draft_token == predicted[r.context_length - 1], r
+            checked += 1
+    assert checked >= 3
 
 
 def test_untrained_and_pruned_feature_drafts_stay_lossless(tiny_tokenizer, trained) -> None:
@@ -162,9 +187,8 @@ def test_a_generation_handed_over_and_back_stays_the_targets(tiny_tokenizer, tra
     assert result.stats.accepted > 0  # the fresh feature draft picked up after one target step
 
 
-@pytest.fixture(scope="module")
-def feature_models(tiny_tokenizer):
-    target = make_tiny_llama(
+def tiny_feature_target() -> nn.Module:
+    return make_tiny_llama(
         lossless.VOCAB,
         seed=3,
         hidden_size=32,
@@ -172,14 +196,33 @@ def feature_models(tiny_tokenizer):
         intermediate_size=64,
         lm_head_scale=4,
     )
+
+
+@pytest.fixture(scope="module")
+def feature_models(tiny_tokenizer):
+    target = tiny_feature_target()
     return target, make_feature_draft(target), no_eos(tiny_tokenizer)
 
 
-def test_sampled_output_is_distributed_as_the_target(feature_models) -> None:
+@pytest.fixture(scope="module")
+def tapped_models(tiny_tokenizer):
+    """A draft that also reads the target's layer 0, its fold random (not the identity it
+    starts from), so the tapped features steer its drafts."""
+    target = tiny_feature_target()
+    draft = make_feature_draft(target, taps=(0,))
+    mx.random.seed(5)
+    draft.fuse.weight = draft.fuse.weight + 0.1 * mx.random.normal(draft.fuse.weight.shape)
+    mx.eval(draft.parameters())
+    return target, draft, no_eos(tiny_tokenizer)
+
+
+@pytest.mark.parametrize("models", ["feature_models", "tapped_models"])
+def test_sampled_output_is_distributed_as_the_target(models, request) -> None:
+    models = request.getfixturevalue(models)
     temperature, top_k, top_p = lossless.CONFIGS[0]
-    samples, stats = lossless.sample(feature_models, temperature, top_k, top_p)
+    samples, stats = lossless.sample(models, temperature, top_k, top_p)
     assert 0.1 < stats["acceptance"] < 0.95, stats
-    tests = lossless.distribution_tests(feature_models[0], samples, temperature, top_k, top_p)
+    tests = lossless.distribution_tests(models[0], samples, temperature, top_k, top_p)
     assert not [t for t in tests if t.rejected], tests
 
 
