@@ -8,6 +8,13 @@ layer (a copy of the target's last layer to start from) and the target's final n
 reads the result with the target's (pruned) output head. Drafting the next token feeds that
 output back in as the feature: ``k`` tokens are ``k`` one-layer steps.
 
+The final hidden state is made to tell the token the draft already knows; EAGLE-3 found the
+one after it better told by lower layers too. With ``taps`` the draft also reads the outputs
+of those target layers (each at unit RMS), and a projection (``fuse``, started as reading the
+final features alone) folds them with the final hidden state into one feature. The draft's own
+output stands in for that folded feature on a round's later tokens (`training.feature_second_step`
+teaches it to).
+
 The features cost the target nothing: every verification pass computes them on the way to
 its logits (`target_hidden` returns them instead of throwing them away), and so does the
 prefill. The draft shares the target's embedding table and head arrays, so it adds only its

@@ -649,6 +649,9 @@ def test_two_models_each_adapt_on_their_own_traffic(daemon_setup) -> None:
     coder = write_model_dir(tmp_path / "coder", WORDS, vocab_size=64, seed=8)
     config = json.loads(cfg.read_text())
     config["models"]["targets"] = {"coder": {"target": str(coder)}}
+    # one run per model: one that pends its failures faster would otherwise run again while
+    # the other catches up, and a second run may be rejected (or installed as v2)
+    config["training"]["cooldown_seconds"] = 600
     cfg.write_text(json.dumps(config))
     srv, thread = start_in_process(cfg, tmp_path / "data")
     chat = srv.service.primary.name

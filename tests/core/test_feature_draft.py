@@ -11,6 +11,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import pytest
+from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
@@ -21,7 +22,12 @@ from daemon.core.engine import (
     SpeculativeConfig,
     SpeculativeEngine,
 )
-from daemon.core.feature_draft import FeatureDraft, is_feature_draft, make_feature_draft
+from daemon.core.feature_draft import (
+    FeatureDraft,
+    is_feature_draft,
+    make_feature_draft,
+    target_hidden,
+)
 from daemon.core.heads import prune_head
 from daemon.core.prompt_cache import PromptCache
 from tests.core import test_lossless_sampling as lossless
@@ -88,6 +94,51 @@ def run_greedy(engine: SpeculativeEngine, prompt: list[int], n: int):
     result = engine.run(prompt, SamplingParams(max_tokens=n))
     assert result.tokens == greedy(engine.target, prompt, n)
     return result
+
+
+def _qwen3() -> nn.Module:
+    from mlx_lm.models import qwen3
+
+    mx.random.seed(4)
+    model = qwen3.Model(
+        qwen3.ModelArgs(
+            model_type="qwen3",
+            hidden_size=32,
+            num_hidden_layers=3,
+            intermediate_size=64,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            rms_norm_eps=1e-5,
+            vocab_size=50,
+            max_position_embeddings=256,
+            rope_theta=10000.0,
+            head_dim=8,
+            tie_word_embeddings=True,
+        )
+    )
+    mx.eval(model.parameters())
+    return model
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_tapped_features_are_the_layers_outputs_then_the_final_ones(family) -> None:
+    target = (
+        make_tiny_llama(50, hidden_size=32, num_hidden_layers=3) if family == "llama" else _qwen3()
+    )
+    inputs = mx.array([[3, 9, 4, 17, 8]])
+    features = target_hidden(target, inputs, taps=(2, 0))
+    inner = target.model
+    h, outs = inner.embed_tokens(inputs), []
+    mask = create_attention_mask(h, None)
+    for layer in inner.layers:
+        h = layer(h, mask, cache=None)
+        outs.append(h)
+    unit = [o * mx.rsqrt(mx.mean(mx.square(o), axis=-1, keepdims=True) + 1e-6) for o in outs]
+    assert features.shape == (1, 5, 3 * 32)
+    assert mx.allclose(features[..., :32], unit[2], atol=1e-4)
+    assert mx.allclose(features[..., 32:64], unit[0], atol=1e-4)
+    assert mx.allclose(features[..., 64:], target_hidden(target, inputs), atol=1e-5)
+    assert all(type(m).__name__ == "TransformerBlock" for m in inner.layers)  # put back
 
 
 def test_teacher_forced_view_is_what_the_engine_drafts_from(trained) -> None:
