@@ -89,7 +89,6 @@ from daemon.core.constraints import Constraint
 from daemon.core.drafters import FeatureDrafter, make_drafter
 from daemon.core.drafting import ContextIndex, SuffixIndex
 from daemon.core.feature_draft import FeatureDraft, is_feature_draft
-from daemon.core.heads import output_head
 from daemon.core.output import TextStream
 from daemon.core.policy import Measured, SpeculationPolicy
 from daemon.core.prompt_cache import PromptCache
@@ -617,7 +616,6 @@ class SpeculativeEngine:
             target=target,
             target_cache=target_cache,
             drafter=drafter,
-            head=output_head(target) if drafter.needs_features else None,
             features=drafter.model if isinstance(drafter, FeatureDrafter) else None,
             vocab=vocab,
             params=params,

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -229,14 +229,12 @@ def is_feature_draft(model: Any) -> bool:
 
 
 def resolve_taps(
-    setting: str | Sequence[int], num_layers: int, what: str = "models.feature_layers"
+    setting: Literal["auto"] | Sequence[int], num_layers: int, what: str = "models.feature_layers"
 ) -> tuple[int, ...]:
     """The layers a feature draft reads besides the final features (`models.feature_layers`):
     ``"auto"`` is EAGLE-3's choice, a low, the middle and a high layer (2, L/2, L-3; none
     for a target of fewer than 6 layers); a list is taken as it is, each index checked."""
-    if isinstance(setting, str):
-        if setting != "auto":
-            raise ModelLoadError(f"{what}: {setting!r} is neither auto nor a list")
+    if setting == "auto":
         if num_layers < 6:
             return ()
         return tuple(dict.fromkeys((2, num_layers // 2, num_layers - 3)))

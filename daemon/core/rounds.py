@@ -33,6 +33,7 @@ from daemon.core.constraints import Constraint
 from daemon.core.drafters import FeatureDrafter, ModelDrafter
 from daemon.core.drafting import NGRAM_SIZES, ContextIndex, Proposal, SuffixIndex
 from daemon.core.feature_draft import FeatureDraft
+from daemon.core.heads import output_head
 from daemon.core.policy import Choice, SpeculationPolicy
 from daemon.core.records import GenerationStats, Rejection, TokenLogprob, token_logprobs
 from daemon.core.sampling import (
@@ -60,8 +61,7 @@ class RequestState:
     target: nn.Module
     target_cache: list[Any]
     drafter: ModelDrafter | FeatureDrafter
-    head: Any  # the target's output head when the drafter reads its hidden states, else None
-    features: FeatureDraft | None  # that drafter's model: what it reads of the target
+    features: FeatureDraft | None  # a feature drafter's model: what it reads of the target
     vocab: int  # the vocabulary target and draft share
     params: Any  # SamplingParams
     cfg: Any  # SpeculativeConfig
@@ -255,7 +255,7 @@ def verify(st: RequestState, d: Drafted, overlap: Callable[[], None]) -> Verifie
     hidden: mx.array | None = None
     if st.features is not None:  # the features come with the logits, at no extra cost
         hidden = st.features.target_features(t_in[None], st.target_cache)[0]
-        t_logits = st.head(st.features.final(hidden))[-(k + 1) :, :]
+        t_logits = output_head(st.target)(st.features.final(hidden))[-(k + 1) :, :]
         hidden = hidden[-(k + 1) :]
     else:
         t_logits = st.target(t_in[None], cache=st.target_cache)[0, -(k + 1) :, :]
