@@ -34,6 +34,7 @@ APP_NAME = "specd"
 ENV_PREFIX = "SPECD_"
 ENV_NESTED = "__"
 EMBEDDED_TARGET = "embedded:smollm2-135m"
+AUTO_DRAFT = "auto"  # models.draft: a feature draft where the target allows one, else layer-skip
 
 
 class _Section(BaseModel):
@@ -45,7 +46,7 @@ class ModelEntry(_Section):
     ``model``; what it leaves out is taken from the ``models.*`` keys."""
 
     target: str = Field(description="A local MLX directory, an HF repo id or the embedded one.")
-    draft: str | None = Field(None, description="As models.draft.")
+    draft: str | None = Field(AUTO_DRAFT, description="As models.draft.")
     draft_layers: list[int] | None = Field(None, description="As models.draft_layers.")
     draft_head_tokens: int | None = Field(None, ge=0, description="As models.draft_head_tokens.")
     feature_layers: Literal["auto"] | list[int] | None = Field(
@@ -111,10 +112,12 @@ class ModelsSettings(_Section):
         description="Target model: the embedded default, a local MLX directory or an HF repo id.",
     )
     draft: str | None = Field(
-        None,
-        description="Separate draft model (path or repo id); null means a layer-skip draft; "
-        "'feature' a draft over the target's own hidden states, learned from traffic (the "
-        "layer-skip draft serves until its first version passes the gate).",
+        AUTO_DRAFT,
+        description="'auto': 'feature' where the target's hidden states are at hand in this "
+        "process (not a target split across a group; an mlx-lm family that exposes them), "
+        "else null. 'feature': a draft over the target's own hidden states, learned from "
+        "traffic (the layer-skip draft serves until its first version passes the gate). "
+        "null: a layer-skip draft (LoRA learned). Else a separate draft model (path or repo id).",
     )
     draft_layers: list[int] = Field(
         default_factory=lambda: [0, 1, 2, 3],

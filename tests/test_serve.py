@@ -35,7 +35,7 @@ def test_serve_logs_ready_and_exits_cleanly(tmp_path: Path, tiny_dir: Path, sig:
     starting = next(r for r in records if r["event"] == "starting")
     assert str(tmp_path / "config.yaml") in starting["config_sources"]
     assert loaded["target_path"] == str(tiny_dir)
-    assert loaded["draft_kind"] == "layer-skip"
+    assert loaded["draft_kind"] == "feature"  # models.draft: auto; layer-skip serves until trained
     assert loaded["dtype"] == "float32"
     assert loaded["backend"] == "cpu"
     if sys.platform.startswith("linux") and find_openblas():

@@ -44,7 +44,7 @@ from daemon.adaptation.rehearsal import (
 from daemon.adaptation.trainer import StepInfo, Trainer, planned_steps
 from daemon.config import DataSettings, Settings
 from daemon.core.evaluation import teacher_forced_agreement
-from daemon.core.feature_draft import FEATURE_KIND, is_feature_draft
+from daemon.core.feature_draft import is_feature_draft
 from daemon.core.heads import frequent_tokens, prune_head
 from daemon.core.models import flat_parameters, load_pair
 from daemon.core.speed import measure_costs
@@ -205,15 +205,24 @@ def run_training(
     mx.reset_peak_memory()
     cfg = settings.training
     run_id = run_id or default_run_id()
-    if epochs is None:
-        # a whole feature layer gains from more passes over a small buffer than LoRA does
-        feature = settings.models.draft == FEATURE_KIND
-        epochs = cfg.feature_epochs if feature and cfg.feature_epochs else cfg.epochs
-    epochs = int(epochs)
-    if epochs < 1:
+    if epochs is not None and int(epochs) < 1:
         raise TrainingError(f"epochs must be >= 1, got {epochs}")
     if max_steps is not None and max_steps < 1:
         raise TrainingError(f"max_steps must be >= 1, got {max_steps}")
+    if draft_only and cfg.loss != "ce":
+        raise TrainingError(
+            f"training.loss {cfg.loss!r} distils from the target's full distribution, which "
+            "rank 0 of a group does not hold (the target is split across ranks); use ce"
+        )
+    progress_view = ProgressFile(Path(progress_file) if progress_file else None)
+    progress_view.update(phase="loading")
+    if pair is None:
+        pair = load_pair(settings, lazy_target=draft_only)
+    if epochs is None:
+        # a whole feature layer gains from more passes over a small buffer than LoRA does
+        feature_epochs = cfg.feature_epochs if pair.learns_features else None
+        epochs = feature_epochs or cfg.epochs
+    epochs = int(epochs)
     log.info(
         "train_start",
         run_id=run_id,
@@ -222,16 +231,6 @@ def run_training(
         max_steps=max_steps,
         init_adapter=str(init_adapter) if init_adapter else None,
     )
-    progress_view = ProgressFile(Path(progress_file) if progress_file else None)
-    progress_view.update(phase="loading")
-
-    if draft_only and cfg.loss != "ce":
-        raise TrainingError(
-            f"training.loss {cfg.loss!r} distils from the target's full distribution, which "
-            "rank 0 of a group does not hold (the target is split across ranks); use ce"
-        )
-    if pair is None:
-        pair = load_pair(settings, lazy_target=draft_only)
     draft = pair.draft
     vocab_limit = pair.shared_vocab
 

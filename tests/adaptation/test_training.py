@@ -450,6 +450,7 @@ def write_config(tmp_path: Path, target: str, **training) -> Path:
     lines = [
         "models:",
         f"  target: {target}",
+        "  draft: null",  # LoRA on the layer-skip draft (the feature draft: test_feature_training)
         "  draft_layers: [0, 2]",
         "  preload_openblas: false",
         "training:",

@@ -141,6 +141,23 @@ def test_tapped_features_are_the_layers_outputs_then_the_final_ones(family) -> N
     assert all(type(m).__name__ == "TransformerBlock" for m in inner.layers)  # put back
 
 
+def test_the_draft_layer_of_a_quantized_target_is_float_and_trained() -> None:
+    """On Metal a 4-bit target stays quantized; a quantized layer's weights are frozen, so a
+    feature draft copying one would learn its projection alone."""
+    from mlx.utils import tree_flatten
+
+    target = make_tiny_llama(64, hidden_size=64, num_hidden_layers=2)
+    nn.quantize(target, group_size=32, bits=4)
+    draft = make_feature_draft(target)
+    trainable = dict(tree_flatten(draft.trainable_parameters()))
+    assert "layers.0.self_attn.q_proj.weight" in trainable
+    assert "layers.0.mlp.down_proj.weight" in trainable
+    assert isinstance(target.model.layers[-1].self_attn.q_proj, nn.QuantizedLinear)  # untouched
+    q = target.model.layers[-1].self_attn.q_proj
+    expected = mx.dequantize(q.weight, q.scales, q.biases, q.group_size, q.bits)
+    assert mx.allclose(draft.layers[0].self_attn.q_proj.weight, expected)
+
+
 def test_teacher_forced_view_is_what_the_engine_drafts_from(trained) -> None:
     target, draft, rows, tok = trained
     seq = mx.array(rows[0])[None]

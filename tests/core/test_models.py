@@ -11,7 +11,7 @@ import pytest
 from mlx_lm.models.llama import Model
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
-from daemon.config import load_settings
+from daemon.config import Settings, load_settings
 from daemon.core.models import ModelLoadError, check_vocab, load_pair, make_layer_skip_draft
 from tests.helpers import tiny_model, write_model_dir
 
@@ -137,3 +137,35 @@ def test_default_model_import_is_idempotent(tmp_path: Path) -> None:
     marker.unlink()
     third = ensure_embedded_model(tmp_path / "models")
     assert (third / MARKER_NAME).exists()
+
+
+def test_the_default_draft_is_a_feature_draft_where_the_target_allows_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from structlog.testing import capture_logs
+
+    t = write_model_dir(tmp_path / "target", ["the", "cat", "sat"], vocab_size=40, seed=1)
+
+    def settings_with(models: dict[str, object]) -> Settings:
+        cfg = tmp_path / "config.yaml"
+        cfg.write_text(json.dumps({"models": {"target": str(t), **models}}))
+        return load_settings(cfg, {"paths.data_dir": str(tmp_path / "data")})[0]
+
+    default = settings_with({"targets": {"other": {"target": str(t)}}})
+    assert default.models.draft == "auto" and default.models.entry("other").draft == "auto"
+    pair = load_pair(default)
+    assert pair.learns_features and pair.feature_taps
+    assert pair.draft_id.startswith("feature (until trained: layer-skip")
+    # null keeps the LoRA-adapted layer-skip draft; so does a target read for a group's
+    # training (rank 0 holds no whole forward of it)
+    assert load_pair(settings_with({"draft": None})).draft_kind == "layer-skip"
+    assert load_pair(default, lazy_target=True).draft_kind == "layer-skip"
+    # a family that does not expose its hidden states: auto falls back and says why,
+    # feature refuses to start
+    monkeypatch.setattr("daemon.core.feature_draft.PLAIN_HEAD_MODULES", ("mlx_lm.models.qwen3",))
+    with capture_logs() as logs:
+        assert load_pair(default).draft_kind == "layer-skip"
+    [event] = [e for e in logs if e["event"] == "draft_auto"]
+    assert "llama" in event["reason"] and event["draft"] == "layer-skip"
+    with pytest.raises(ModelLoadError, match="feature draft needs the target's hidden states"):
+        load_pair(settings_with({"draft": "feature"}))

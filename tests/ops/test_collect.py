@@ -60,7 +60,7 @@ def test_collect_in_process_records_like_serving(setup, capsys) -> None:
         assert len(r.output_tokens) == 12
         assert r.stats["drafted"] > 0
         assert r.target_id == str(tmp_path / "tiny")
-        assert r.draft_id == "layer-skip[0, 1]"
+        assert r.draft_id == "feature (until trained: layer-skip[0, 1])"  # models.draft: auto
 
     assert main(["buffer", "stats", *common]) == 0
     out = capsys.readouterr().out
