@@ -24,6 +24,11 @@ from daemon.errors import ConfigError, SpecdError
 # A command body: the parsed arguments, the loaded settings and where they came from -> exit code.
 Handler = Callable[[argparse.Namespace, Settings, ConfigSources], int]
 
+DRAFT_HELP = (
+    "auto (the default: a feature draft where the target allows one), feature, layer-skip, "
+    "or a draft model's directory or HF repo id"
+)
+
 
 def _common(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("common options")
@@ -197,9 +202,14 @@ def build_parser() -> argparse.ArgumentParser:
     _common(q)
     q.add_argument("name", metavar="NAME", help="the name requests give in 'model'")
     q.add_argument("target", metavar="PATH_OR_REPO", help="an MLX model directory or HF repo id")
-    q.add_argument("--draft", metavar="PATH_OR_REPO", help="a draft model (default: layer-skip)")
+    q.add_argument("--draft", metavar="KIND_OR_MODEL", help=DRAFT_HELP)
     q.add_argument(
         "--draft-layers", metavar="I,J,...", help="layer-skip draft layers (default: models.*)"
+    )
+    q.add_argument(
+        "--feature-layers",
+        metavar="I,J,...",
+        help="target layers a feature draft reads besides the final ones (default: models.*)",
     )
     q.set_defaults(func="daemon.ops.models:run_add", needs_mlx=False)
     q = msub.add_parser(
@@ -221,8 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(q)
     q.add_argument("repo", metavar="REPO", help="e.g. mlx-community/Qwen2.5-Coder-7B-Instruct-4bit")
     q.add_argument("--name", help="the name requests give (default: the repo's last part)")
-    q.add_argument("--draft", metavar="PATH_OR_REPO", help="a draft model (default: layer-skip)")
+    q.add_argument("--draft", metavar="KIND_OR_MODEL", help=DRAFT_HELP)
     q.add_argument("--draft-layers", metavar="I,J,...", help="layer-skip draft layers")
+    q.add_argument("--feature-layers", metavar="I,J,...", help="as for models add")
     q.set_defaults(func="daemon.ops.models:run_pull", needs_mlx=False)
     q = msub.add_parser(
         "import-gguf",

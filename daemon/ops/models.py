@@ -67,17 +67,27 @@ def model_drop_in(sources: ConfigSources, name: str) -> Path:
     return drop_in_dir(main) / f"{DROP_IN_PREFIX}{slug}.yaml"
 
 
+def _indices(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"{text!r}: not a comma-separated list of layer indices") from None
+
+
 def run_add(args: argparse.Namespace, settings: Settings, sources: ConfigSources) -> int:
-    """``specd models add NAME PATH_OR_REPO [--draft D] [--draft-layers L]``: a drop-in that
-    serves the model by NAME; a running daemon adds it live, the others untouched."""
+    """``specd models add NAME PATH_OR_REPO [--draft D] [--draft-layers L] [--feature-layers L]``:
+    a drop-in that serves the model by NAME; a running daemon adds it live, the others
+    untouched."""
     name = args.name.strip()
     if name in settings.models.names():
         raise ConfigError(f"models: {name!r} is served already")
     entry: dict[str, Any] = {"target": args.target}
-    if args.draft is not None:
-        entry["draft"] = args.draft
+    if args.draft is not None:  # layer-skip is the config's null
+        entry["draft"] = None if args.draft == "layer-skip" else args.draft
     if args.draft_layers is not None:
-        entry["draft_layers"] = [int(x) for x in args.draft_layers.split(",") if x.strip()]
+        entry["draft_layers"] = _indices(args.draft_layers)
+    if args.feature_layers is not None:
+        entry["feature_layers"] = _indices(args.feature_layers)
     path = model_drop_in(sources, name)
     if path.exists():
         raise ConfigError(f"{path} exists already; `specd models remove {name}` first")

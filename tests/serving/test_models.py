@@ -246,3 +246,24 @@ def test_models_added_and_removed_live_leave_the_others_serving(tmp_path: Path) 
         assert ask(client, "coder", PROMPTS[0]) == alone[0]
     finally:
         stop_daemon(proc)
+
+
+def test_models_add_names_the_draft_kind_and_the_feature_layers(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from daemon import cli
+    from daemon.config import load_settings
+
+    config = tmp_path / "config.yaml"
+    config.write_text("{}\n")
+    common = ["--config", str(config), "--data-dir", str(tmp_path / "data")]
+    add = ["models", "add", *common]
+    assert cli.main([*add, "plain", "/models/a", "--draft", "layer-skip"]) == 0
+    assert cli.main([*add, "tapped", "/models/b", "--feature-layers", "1,3"]) == 0
+    assert cli.main([*add, "bad", "/models/c", "--feature-layers", "one"]) == 1
+    assert "not a comma-separated list of layer indices" in capsys.readouterr().err
+    settings, _ = load_settings(config, {"paths.data_dir": str(tmp_path / "data")})
+    plain, tapped = settings.models.targets["plain"], settings.models.targets["tapped"]
+    assert plain.draft is None  # the LoRA-adapted layer-skip draft
+    assert tapped.draft == "auto" and tapped.feature_layers == [1, 3]
+    assert "bad" not in settings.models.targets
