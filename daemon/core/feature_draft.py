@@ -43,7 +43,9 @@ from daemon.errors import ModelLoadError
 
 __all__ = [
     "FeatureDraft",
+    "NoHiddenStates",
     "embed_scale",
+    "feature_taps",
     "is_feature_draft",
     "make_feature_draft",
     "resolve_taps",
@@ -53,11 +55,15 @@ __all__ = [
 FEATURE_KIND = "feature"  # models.draft value that selects this draft
 
 
+class NoHiddenStates(ModelLoadError):
+    """The target's family does not expose its hidden states: no feature draft of it."""
+
+
 def _inner(target: nn.Module) -> nn.Module:
     inner = getattr(target, "model", None)
     if type(target).__module__ not in PLAIN_HEAD_MODULES or inner is None:
         supported = ", ".join(m.rsplit(".", 1)[1] for m in PLAIN_HEAD_MODULES)
-        raise ModelLoadError(
+        raise NoHiddenStates(
             f"a feature draft needs the target's hidden states; {type(target).__module__} "
             f"models do not expose them here (supported: {supported})"
         )
@@ -242,6 +248,13 @@ def resolve_taps(
         if not 0 <= t < num_layers:
             raise ModelLoadError(f"{what}: layer {t} is outside the target's {num_layers} layers")
     return tuple(int(t) for t in setting)
+
+
+def feature_taps(target: nn.Module, setting: Literal["auto"] | Sequence[int]) -> tuple[int, ...]:
+    """The layers a feature draft of ``target`` reads for ``models.feature_layers: setting``,
+    checked without building the draft: `NoHiddenStates` when its family hides them, a
+    `ModelLoadError` naming the key for a layer it lacks."""
+    return resolve_taps(setting, len(_inner(target).layers))
 
 
 def make_feature_draft(

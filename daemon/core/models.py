@@ -31,8 +31,9 @@ from daemon.core.distributed import Group, barrier, handshake
 from daemon.core.feature_draft import (
     FEATURE_KIND,
     FeatureDraft,
+    NoHiddenStates,
+    feature_taps,
     make_feature_draft,
-    resolve_taps,
 )
 from daemon.core.heads import default_head_tokens, prune_head
 from daemon.core.pipeline import held_parameters
@@ -440,30 +441,23 @@ def load_pair(
     return pair
 
 
-def _taps(cfg: ModelsSettings, target: nn.Module) -> tuple[int, ...]:
-    return resolve_taps(cfg.feature_layers, len(target.model.layers))
-
-
 def _feature_taps(
     cfg: ModelsSettings, target: nn.Module, lazy_target: bool
 ) -> tuple[int, ...] | None:
     """The layers a feature draft of ``target`` reads, or None when the pair learns a LoRA
     adapter on the layer-skip draft instead: ``models.draft`` null, or ``auto`` where the
     target's hidden states are not at hand (a lazily read target: training for a group)
-    or its family does not expose them. ``feature`` itself fails at start when it cannot
-    be had, naming why."""
-    if cfg.draft is None:
+    or its family does not expose them. ``feature`` fails at start when it cannot be had,
+    and so does a layer in ``models.feature_layers`` the target lacks, naming why."""
+    if cfg.draft is None or (cfg.draft == AUTO_DRAFT and lazy_target):
         return None
-    if cfg.draft == AUTO_DRAFT:
-        if lazy_target:
-            return None
-        try:
-            return make_feature_draft(target, taps=_taps(cfg, target)).taps
-        except ModelLoadError as e:
-            log.info("draft_auto", target=cfg.target, draft="layer-skip", reason=str(e))
-            return None
-    # the target must expose its features, the layers must exist: fail at start
-    return make_feature_draft(target, taps=_taps(cfg, target)).taps
+    try:
+        return feature_taps(target, cfg.feature_layers)
+    except NoHiddenStates as e:
+        if cfg.draft != AUTO_DRAFT:
+            raise
+        log.info("draft_auto", target=cfg.target, draft="layer-skip", reason=str(e))
+        return None
 
 
 @dataclass

@@ -160,6 +160,9 @@ def test_the_default_draft_is_a_feature_draft_where_the_target_allows_one(
     # training (rank 0 holds no whole forward of it)
     assert load_pair(settings_with({"draft": None})).draft_kind == "layer-skip"
     assert load_pair(default, lazy_target=True).draft_kind == "layer-skip"
+    # a layer the target lacks is a configuration error, not a reason to fall back
+    with pytest.raises(ModelLoadError, match="models.feature_layers: layer 99"):
+        load_pair(settings_with({"feature_layers": [99]}))
     # a family that does not expose its hidden states: auto falls back and says why,
     # feature refuses to start
     monkeypatch.setattr("daemon.core.feature_draft.PLAIN_HEAD_MODULES", ("mlx_lm.models.qwen3",))
