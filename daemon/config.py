@@ -295,6 +295,11 @@ class SpeculativeSettings(_Section):
     cost_aware: bool = Field(
         True, description="Choose each round's source and length by measured tokens per second."
     )
+    continue_proposals: bool = Field(
+        True,
+        description="Let the draft model continue a copied proposal that runs out, in the "
+        "same round, where the measured costs say it pays (cost_aware; not a feature draft).",
+    )
 
     @model_validator(mode="after")
     def _check_bounds(self) -> SpeculativeSettings:

@@ -13,6 +13,11 @@ acceptance and statistics stay in the engine, the same for every drafter.
 
 Both keep their caches equal to a prefix of the verified sequence between rounds: drafted
 entries beyond what the target accepted are trimmed in `settle`.
+
+A drafter that ``continues`` can draft after a copied proposal in the same round (`read`
+the proposal's tokens, then `first`): a model over tokens reads them like any others. A
+feature draft cannot: it has no target features for tokens the target has not verified, and
+reading them from its own features would cost a pass per token and drift.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ __all__ = ["Drafter", "FeatureDrafter", "ModelDrafter", "make_drafter"]
 class Drafter(Protocol):
     needs_features: bool  # observe/settle want the target's hidden states of the tokens
     caught_up: bool  # the last `first` read only the last token or two (a per-token timing)
+    continues: bool  # can draft after a proposal's unverified tokens (`read`)
 
     @property
     def ready(self) -> bool:
@@ -45,6 +51,11 @@ class Drafter(Protocol):
 
     def next(self, token: mx.array) -> mx.array:
         """Logits of the draft token after ``token`` (the one just drafted)."""
+        ...
+
+    def read(self, tokens: Sequence[int]) -> None:
+        """A proposal's tokens, to draft after at the next `first` (``continues`` only);
+        `settle` then counts them among the round's drafted tokens."""
         ...
 
     def settle(
@@ -64,6 +75,7 @@ class ModelDrafter:
     """A draft model over tokens (layer-skip or separate model)."""
 
     needs_features = False
+    continues = True
 
     def __init__(
         self, model: nn.Module, cache: list[Any], pending: Sequence[int], prefill: Any
@@ -89,6 +101,9 @@ class ModelDrafter:
     def next(self, token: mx.array) -> mx.array:
         return last_logits(self.model, token.reshape(1, 1), self._cache)
 
+    def read(self, tokens: Sequence[int]) -> None:
+        self.pending = self.pending + list(tokens)
+
     def settle(
         self, k: int, n: int, drafted: Sequence[int], emitted: Sequence[int], features: Any
     ) -> None:
@@ -109,6 +124,7 @@ class FeatureDrafter:
     cache starts there: attention is relative, the draft just sees less context)."""
 
     needs_features = True
+    continues = False
 
     def __init__(self, model: FeatureDraft, cache: list[Any], chunk: int = 512) -> None:
         self.model = model
@@ -143,6 +159,9 @@ class FeatureDrafter:
             mx.eval([c.state for c in self._cache])
             read += step
         return self._step(feats[None, read:], toks[None, read:])
+
+    def read(self, tokens: Sequence[int]) -> None:
+        raise NotImplementedError("a feature draft does not continue proposals")
 
     def next(self, token: mx.array) -> mx.array:
         assert self._hidden is not None

@@ -27,6 +27,7 @@ import threading
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 # n-gram lengths that are indexed, longest first (a longer match predicts better).
 NGRAM_SIZES = (16, 8, 5, 3, 2, 1)
@@ -149,8 +150,25 @@ class NgramIndex:
         return None
 
 
+class Proposer(Protocol):
+    """A source of copied draft tokens for one request, as the rounds see it: a new source
+    is a class with these two methods and a line in the engine's list of sources."""
+
+    source: str
+
+    def propose(self, max_tokens: int, tokens_per_match: int = 2) -> Proposal | None:
+        """Tokens to verify after the request's verified tokens so far; None without one."""
+        ...
+
+    def extend(self, tokens: Sequence[int]) -> None:
+        """The tokens verified since (the request's own; accepted drafts and the target's)."""
+        ...
+
+
 class ContextIndex:
     """The lookup source for one request: its prompt and output, indexed as they grow."""
+
+    source = "lookup"
 
     def __init__(self, prompt: Sequence[int]) -> None:
         self.index = NgramIndex()
@@ -219,3 +237,20 @@ class SuffixIndex:
                 "budget": self.budget,
                 "entries": self._index.entries,
             }
+
+
+class SuffixProposer:
+    """The suffix source for one request: the shared `SuffixIndex` continued from the
+    request's last verified tokens (the longest n-gram's worth of them)."""
+
+    source = "suffix"
+
+    def __init__(self, index: SuffixIndex, seq: Sequence[int]) -> None:
+        self.index = index
+        self._tail = list(seq[-max(NGRAM_SIZES) :])
+
+    def propose(self, max_tokens: int, tokens_per_match: int = 2) -> Proposal | None:
+        return self.index.propose(self._tail, max_tokens, tokens_per_match)
+
+    def extend(self, tokens: Sequence[int]) -> None:
+        self._tail = (self._tail + list(tokens))[-max(NGRAM_SIZES) :]

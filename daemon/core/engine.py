@@ -87,7 +87,7 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from daemon.core.constraints import Constraint
 from daemon.core.drafters import FeatureDrafter, make_drafter
-from daemon.core.drafting import ContextIndex, SuffixIndex
+from daemon.core.drafting import ContextIndex, Proposer, SuffixIndex, SuffixProposer
 from daemon.core.feature_draft import FeatureDraft, is_feature_draft
 from daemon.core.output import TextStream
 from daemon.core.policy import Measured, SpeculationPolicy
@@ -237,6 +237,7 @@ class SpeculativeConfig:
     model_draft: bool = True  # False: only proposals (benchmarks of one source)
     max_proposal_tokens: int = 16
     tokens_per_match: int = 2
+    continue_proposals: bool = False  # cost_aware: the model draft may continue a proposal
 
     @classmethod
     def from_settings(cls, spec: Any, max_context: int | None = None) -> SpeculativeConfig:
@@ -251,6 +252,7 @@ class SpeculativeConfig:
             lookup=spec.lookup,
             cost_aware=spec.cost_aware,
             max_proposal_tokens=spec.max_proposal_tokens,
+            continue_proposals=spec.continue_proposals,
         )
 
     def validate(self) -> None:
@@ -629,8 +631,7 @@ class SpeculativeEngine:
             key=key,
             k_cur=k_cur,
             constraint=constraint,
-            lookup=ContextIndex(seq) if cfg.lookup else None,
-            suffix=None if seeded else self.suffix,
+            proposers=self._proposers(seq, seeded),
             policy=self.policy if cfg.cost_aware and not seeded else None,
             processors=logits_processors(params),
             history=history_size(params),
@@ -740,6 +741,15 @@ class SpeculativeEngine:
                 # finished, or closed between rounds: the caches hold a prefix of seq either way
                 keep_draft = not isinstance(drafter, FeatureDrafter)
                 self._keep_caches(seq, target_cache, draft_cache if keep_draft else None)
+
+    def _proposers(self, seq: list[int], seeded: bool) -> list[Proposer]:
+        """The request's copy sources, in the order they are asked."""
+        sources: list[Proposer] = []
+        if self.config.lookup:
+            sources.append(ContextIndex(seq))
+        if self.suffix is not None and not seeded:
+            sources.append(SuffixProposer(self.suffix, seq))
+        return sources
 
     def _keep_caches(
         self, seq: list[int], target_cache: list[Any], draft_cache: list[Any] | None

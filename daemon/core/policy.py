@@ -7,12 +7,14 @@ measures as it runs and, per round, maximises the expected tokens per second
 
     E(k) / (verify(k + 1) + draft(k)),    E(k) = 1 + sum_{i<=k} a_1 a_2 ... a_i
 
-over the model draft (k = 0 .. max), the proposal at hand (its first k tokens; no draft cost)
-and plain target decoding (k = 0, E = 1). ``a_i`` is the acceptance of position ``i`` given the
-ones before were accepted, per source (for a proposal's first token, per matched n-gram
-length too, the frequency-based confidence: 1, 2, 3-4, 5-8, 9-16, longer), as an exponential
-moving average with a neutral prior;
-``verify(rows)`` and the model's per-token cost are moving averages of measured times (a row
+over the model draft (k = 0 .. max), the proposal at hand (its first k tokens; no draft cost),
+the whole proposal continued by ``m`` model-draft tokens when the drafter can (its ``E`` adds
+the model's expected tokens times the chance the whole proposal is accepted; its cost adds the
+draft's ``m`` tokens and one pass to read the proposal) and plain target decoding (k = 0,
+E = 1). ``a_i`` is the acceptance of position ``i`` given the ones before were accepted,
+per source (for a proposal's first token, per matched n-gram length too, the frequency-based
+confidence: 1, 2, 3-4, 5-8, 9-16, longer), as an exponential moving average with a neutral
+prior; ``verify(rows)`` and the model's per-token cost are moving averages of measured times (a row
 count's figure rescaled by how the one-row time has moved since it was measured, so a spell of
 CPU contention, such as a training run, does not leave stale costs behind). When
 the model draft is not worth running it is still tried with one token every
@@ -35,6 +37,9 @@ PRIOR_CONTINUE = 0.8
 PROBE_EVERY = 16
 MAX_POSITIONS = 32
 MIN_EVIDENCE = 8  # rounds before an estimate is reported as evidence about the draft
+# The model draft's tokens after a whole accepted proposal, tracked apart from its own
+# rounds: after copied text it drafts from another kind of context.
+CONTINUED = "continued"
 
 
 def evidence_key(source: str, match: int) -> str:
@@ -51,9 +56,10 @@ class Choice:
     """One round's plan: ``source`` is "model", "lookup", "suffix" or "none" (k = 0)."""
 
     source: str
-    k: int
+    k: int  # tokens drafted in all (a continued proposal's and the model's)
     tokens: list[int] = field(default_factory=list)  # the proposal's tokens, for proposals
     match: int = 0  # the proposal's matched n-gram length
+    then: int = 0  # model-draft tokens after the proposal's (a continued proposal)
 
 
 @dataclass
@@ -72,6 +78,13 @@ class SourceStats:
             p *= a
             total += p
         return total
+
+    def reach(self, k: int, first: float | None = None) -> float:
+        """The chance that all of ``k`` drafted tokens are accepted."""
+        p = 1.0
+        for i in range(k):
+            p *= first if i == 0 and first is not None else self.accept[min(i, MAX_POSITIONS - 1)]
+        return p
 
     def observe(self, k: int, accepted: int) -> None:
         self.rounds += 1
@@ -126,7 +139,7 @@ class SpeculationPolicy:
         found = self.sources.get(source)
         if found is None:
             found = self.sources[source] = SourceStats()
-            if not source.startswith(("model", "none")):
+            if not source.startswith(("model", "none", CONTINUED)):
                 found.accept[1:] = [PRIOR_CONTINUE] * (MAX_POSITIONS - 1)
         return found
 
@@ -182,6 +195,15 @@ class SpeculationPolicy:
         first = self.stats(evidence_key(source, match)).accept[0] if match else None
         return self.stats(source).expected(k, first) / cost
 
+    def rate_continued(self, source: str, k: int, match: int, then: int) -> float:
+        """A ``k``-token proposal continued by ``then`` model tokens; reading the proposal
+        costs the draft about one more pass."""
+        cost = self.verify_cost(k + then + 1) + self.draft_cost(then + 1)
+        first = self.stats(evidence_key(source, match)).accept[0] if match else None
+        copied = self.stats(source)
+        gained = copied.reach(k, first) * (self.stats(CONTINUED).expected(then) - 1.0)
+        return (copied.expected(k, first) + gained) / cost
+
     # --- choosing ----------------------------------------------------------------------------
 
     def new_request(self, draft_serial: int) -> None:
@@ -190,10 +212,12 @@ class SpeculationPolicy:
         if draft_serial != self._draft_serial:
             self._draft_serial = draft_serial
             self.sources.pop("model", None)
+            self.sources.pop(CONTINUED, None)
             self.draft_token_s = None
 
-    def choose(self, proposal: Proposal | None, remaining: int) -> Choice:
-        """The round with the best expected tokens per second; ``remaining`` bounds k."""
+    def choose(self, proposal: Proposal | None, remaining: int, continues: bool = False) -> Choice:
+        """The round with the best expected tokens per second; ``remaining`` bounds k;
+        ``continues``: the drafter may continue a proposal that runs out."""
         limit = max(remaining - 1, 0)
         best = Choice("none", 0)
         best_rate = self.rate("none", 0)
@@ -207,6 +231,13 @@ class SpeculationPolicy:
                 r = self.rate(p.source, k, p.match)
                 if r > best_rate:
                     best, best_rate = Choice(p.source, k, p.tokens[:k], p.match), r
+            whole = len(p.tokens)
+            if continues and whole <= min(self.max_proposal_tokens, limit - 1):
+                for m in range(1, min(self.max_model_tokens, limit - whole) + 1):
+                    r = self.rate_continued(p.source, whole, p.match, m)
+                    if r > best_rate:
+                        best = Choice(p.source, whole + m, list(p.tokens), p.match, then=m)
+                        best_rate = r
         if best.source == "model":
             self._since_model = 0
         else:
@@ -230,10 +261,14 @@ class SpeculationPolicy:
         self.verify_s[rows] = verify_s if prev is None else prev + EMA * (verify_s - prev)
         if rows > 1 and 1 in self.verify_s:
             self._one_row_at[rows] = self.verify_s[1]
-        if choice.k:
-            self.stats(choice.source).observe(choice.k, accepted)
+        copied = choice.k - choice.then  # a continued proposal's own tokens
+        if copied:
+            got = min(accepted, copied)
+            self.stats(choice.source).observe(copied, got)
             if choice.match:
-                self.stats(evidence_key(choice.source, choice.match)).observe(choice.k, accepted)
+                self.stats(evidence_key(choice.source, choice.match)).observe(copied, got)
+        if choice.then and accepted >= copied:  # the model's tokens were reached
+            self.stats(CONTINUED).observe(choice.then, accepted - copied)
         if choice.source == "model" and choice.k and draft_s is not None:
             per = draft_s / choice.k
             prev_d = self.draft_token_s

@@ -3,8 +3,9 @@
 `daemon.core.engine` keeps a request's state in a `RequestState` and runs rounds until the
 output ends (it emits their tokens); each step here is one function of that state:
 
-1. `choose`: a proposal copied from seen tokens (lookup, then suffix), the model draft, or a
-   plain target step; the cost-aware policy decides when it is on;
+1. `choose`: a proposal copied from seen tokens (the request's `Proposer`s in order: lookup,
+   then suffix), the model draft, a proposal continued by the model draft, or a plain target
+   step; the cost-aware policy decides when it is on;
 2. `draft`: the round's draft tokens and, when sampling, their draft log-probabilities (a
    proposal is a point mass), under the grammar's masks when constrained;
 3. `verify`: one target pass over ``[last tokens, d_1 .. d_k]`` and the acceptance decision
@@ -13,8 +14,8 @@ output ends (it emits their tokens); each step here is one function of that stat
 5. `rewind`: both caches back to the accepted prefix, the drafter told what was verified, the
    adaptive draft length moved.
 
-Every drafter (`daemon.core.drafters`) is used the same way, so a new draft kind is a file
-there, not a branch here.
+Every drafter (`daemon.core.drafters`) and every proposal source (`daemon.core.drafting`) is
+used the same way, so a new draft kind or source is a file there, not a branch here.
 """
 
 from __future__ import annotations
@@ -31,10 +32,10 @@ from mlx_lm.models.cache import trim_prompt_cache
 
 from daemon.core.constraints import Constraint
 from daemon.core.drafters import FeatureDrafter, ModelDrafter
-from daemon.core.drafting import NGRAM_SIZES, ContextIndex, Proposal, SuffixIndex
+from daemon.core.drafting import Proposal, Proposer
 from daemon.core.feature_draft import FeatureDraft
 from daemon.core.heads import output_head
-from daemon.core.policy import Choice, SpeculationPolicy
+from daemon.core.policy import CONTINUED, Choice, SpeculationPolicy
 from daemon.core.records import GenerationStats, Rejection, TokenLogprob, token_logprobs
 from daemon.core.sampling import (
     LogitsProcessor,
@@ -74,8 +75,7 @@ class RequestState:
     key: mx.array
     k_cur: int
     constraint: Constraint | None = None
-    lookup: ContextIndex | None = None
-    suffix: SuffixIndex | None = None
+    proposers: list[Proposer] = field(default_factory=list)  # asked in order, first wins
     policy: SpeculationPolicy | None = None
     pending: list[Pending] = field(default_factory=list)
     rounds: int = 0
@@ -120,7 +120,13 @@ class Drafted:
 
     @property
     def model_round(self) -> bool:
-        return self.plan.source == "model" and self.plan.k > 0
+        """The draft model drafted some of it (a model round, or a continued proposal)."""
+        return (self.plan.source == "model" and self.plan.k > 0) or self.plan.then > 0
+
+    @property
+    def first_model(self) -> int:
+        """Where the draft model's tokens start (after a continued proposal's)."""
+        return len(self.plan.tokens)
 
 
 @dataclass
@@ -146,7 +152,8 @@ def choose(st: RequestState, remaining: int) -> Choice:
     cfg = st.cfg
     proposal = _proposal(st, int(min(cfg.max_proposal_tokens, remaining - 1)))
     if st.policy is not None:
-        plan = st.policy.choose(proposal, int(remaining))
+        continues = cfg.continue_proposals and st.drafter.continues and st.drafter.ready
+        plan = st.policy.choose(proposal, int(remaining), continues)
     elif proposal is not None:
         plan = Choice(proposal.source, len(proposal.tokens), proposal.tokens, proposal.match)
     else:
@@ -158,16 +165,15 @@ def choose(st: RequestState, remaining: int) -> Choice:
 
 
 def _proposal(st: RequestState, max_p: int) -> Proposal | None:
-    """The request's own context first, then the target's past outputs; cut where the draft
-    vocabulary or the grammar would refuse a token."""
+    """The first source's proposal (the request's own context before the target's past
+    outputs); cut where the draft vocabulary or the grammar would refuse a token."""
     if max_p < 1:
         return None
-    cfg = st.cfg
-    proposal = st.lookup.propose(max_p, cfg.tokens_per_match) if st.lookup else None
-    if proposal is None and st.suffix is not None:
-        tail = max(NGRAM_SIZES)
-        context = (st.prompt[-tail:] + st.tokens[-tail:])[-tail:]
-        proposal = st.suffix.propose(context, max_p, cfg.tokens_per_match)
+    proposal = None
+    for source in st.proposers:
+        proposal = source.propose(max_p, st.cfg.tokens_per_match)
+        if proposal is not None:
+            break
     if proposal is not None and max(proposal.tokens) >= st.vocab:
         # a token the draft's vocabulary lacks cannot be verified as a draft token
         cut = next(i for i, t in enumerate(proposal.tokens) if t >= st.vocab)
@@ -188,9 +194,7 @@ def draft(st: RequestState, plan: Choice) -> Drafted:
     constraint = st.constraint
     pushed = 0  # draft tokens the grammar state advanced through, to undo
     t0 = time.perf_counter()
-    if out.model_round:
-        pushed = _draft_model(st, out)
-    elif plan.k:  # a proposal: a point mass at each proposed token (q = 1)
+    if plan.tokens:  # a proposal: a point mass at each proposed token (q = 1)
         out.tokens = mx.array(plan.tokens, dtype=mx.uint32)
         if constraint is not None:
             for t in plan.tokens:
@@ -199,6 +203,8 @@ def draft(st: RequestState, plan: Choice) -> Drafted:
         if not st.greedy:
             onehot = mx.arange(st.vocab)[None, :] == out.tokens[:, None]
             out.q_lp = mx.where(onehot, 0.0, -mx.inf)
+    if out.model_round:  # the model's tokens (after the proposal's, when it continues one)
+        pushed += _draft_model(st, out)
     if constraint is not None:  # the last position's mask, then the state back
         out.masks.append(constraint.mask(st.vocab))
         constraint.pop(pushed)
@@ -207,15 +213,21 @@ def draft(st: RequestState, plan: Choice) -> Drafted:
 
 
 def _draft_model(st: RequestState, out: Drafted) -> int:
-    """Draft ``k`` tokens with the drafter (``mx.async_eval`` per token, so the next token's
-    graph is built while this one computes); returns the grammar pushes to undo."""
+    """Draft the round's model tokens with the drafter (``mx.async_eval`` per token, so the
+    next token's graph is built while this one computes), after a continued proposal's
+    tokens when there are some (the drafter reads them first); returns the grammar pushes
+    to undo."""
     drafter, constraint, params = st.drafter, st.constraint, st.params
+    p = out.first_model
+    if p:
+        drafter.read(out.plan.tokens)
+    before = [out.tokens[j] for j in range(p)]  # what the processors see before the model's
     toks: list[mx.array] = []
     q_rows: list[mx.array] = []
     pushed = 0
-    for i in range(out.k):
+    for i in range(out.k - p):
         dl = (drafter.first() if i == 0 else drafter.next(toks[-1]))[: st.vocab]
-        dl = st.process(dl[None], toks, i)[0]
+        dl = st.process(dl[None], before + toks, p + i)[0]
         if i == 0 and not drafter.caught_up:  # it first read tokens it skipped
             st.stats.draft_passes += 1
         if constraint is not None:
@@ -230,17 +242,20 @@ def _draft_model(st: RequestState, out: Drafted) -> int:
         else:
             lq = process_logits(dl, params.temperature, params.top_k, params.top_p, params.min_p)
             assert out.keys is not None
-            tok = mx.random.categorical(lq, key=out.keys[i])
+            tok = mx.random.categorical(lq, key=out.keys[p + i])
             q_rows.append(lq)
         mx.async_eval(tok, *out.rows[-1:])
         toks.append(tok)
-    st.stats.draft_passes += out.k
+    st.stats.draft_passes += out.k - p
     if constraint is not None:  # past the last draft token too
         pushed += constraint.push([cast(int, toks[-1].item())])
     if st.policy is not None:
         mx.eval(toks[-1])  # the verify needs them anyway: time the draft alone
-    out.tokens = mx.stack(toks)
-    out.q_lp = None if st.greedy else mx.stack(q_rows)
+    model = mx.stack(toks)
+    out.tokens = mx.concatenate([out.tokens, model]) if p else model
+    if not st.greedy:
+        q = mx.stack(q_rows)
+        out.q_lp = mx.concatenate([out.q_lp, q]) if out.q_lp is not None else q
     return pushed
 
 
@@ -308,7 +323,8 @@ def verify(st: RequestState, d: Drafted, overlap: Callable[[], None]) -> Verifie
 def record(st: RequestState, d: Drafted, v: Verified) -> None:
     """Statistics of a round that drafted, and the first rejected token of a model round."""
     if st.policy is not None:
-        timed = d.seconds if st.drafter.caught_up else None
+        # a per-token figure only when the draft read nothing else first
+        timed = d.seconds if st.drafter.caught_up and not d.plan.then else None
         st.policy.observe(d.plan, v.accepted, v.seconds, timed)
     k, n = d.k, v.accepted
     if not k:
@@ -317,7 +333,12 @@ def record(st: RequestState, d: Drafted, v: Verified) -> None:
     stats.num_drafts += 1
     stats.drafted += k
     stats.accepted += n
-    stats.count_source(d.plan.source, k, n)
+    p = d.first_model
+    if d.plan.then:  # a continued proposal: its tokens, then the model's, as two sources
+        stats.count_source(d.plan.source, p, min(n, p))
+        stats.count_source(CONTINUED, k - p, max(n - p, 0))
+    else:
+        stats.count_source(d.plan.source, k, n)
     while len(stats.drafted_per_position) < k:
         stats.drafted_per_position.append(0)
         stats.accepted_per_position.append(0)
@@ -325,7 +346,7 @@ def record(st: RequestState, d: Drafted, v: Verified) -> None:
         stats.drafted_per_position[i] += 1
     for i in range(n):
         stats.accepted_per_position[i] += 1
-    if st.record and d.model_round and n < k:  # what the draft model got wrong
+    if st.record and d.model_round and p <= n < k:  # what the draft model got wrong
         pos = len(st.tokens) + n
         rej = Rejection(
             position=pos,
@@ -338,7 +359,7 @@ def record(st: RequestState, d: Drafted, v: Verified) -> None:
         # completed on the host (numpy, already-evaluated logits) while the device runs the
         # next round, or at the end
         assert v.logits is not None
-        st.pending.append((rej, v.logits, n, d.rows[n] if st.greedy else None))
+        st.pending.append((rej, v.logits, n, d.rows[n - p] if st.greedy else None))
 
 
 def rewind(st: RequestState, d: Drafted, v: Verified) -> None:
@@ -355,10 +376,10 @@ def rewind(st: RequestState, d: Drafted, v: Verified) -> None:
         st.drafter.observe(emitted, feats)
     st.target_in = [emitted[-1]]
     st.seq += emitted
-    if st.lookup is not None:
-        st.lookup.extend(emitted)
+    for source in st.proposers:
+        source.extend(emitted)
     cfg = st.cfg
-    if cfg.adaptive and d.model_round and st.policy is None and k == st.k_cur:
+    if cfg.adaptive and d.plan.source == "model" and st.policy is None and k == st.k_cur:
         if n == k:
             st.k_cur = min(st.k_cur + 2, cfg.max_draft_tokens)
         else:

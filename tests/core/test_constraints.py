@@ -11,6 +11,7 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from daemon.core.constraints import Constraint, json_schema_grammar
 from daemon.core.drafting import SuffixIndex
 from daemon.core.engine import SamplingParams, SpeculativeConfig, SpeculativeEngine
+from daemon.core.policy import CONTINUED, SpeculationPolicy
 from daemon.errors import GenerationError
 from tests.helpers import TINY_CORPUS, perturbed_copy
 
@@ -53,7 +54,13 @@ def engine(tiny_tokenizer, tiny_target) -> SpeculativeEngine:
     return SpeculativeEngine(tiny_target, draft, tiny_tokenizer, cfg, suffix=suffix)
 
 
-def test_greedy_constrained_output_is_the_targets_and_valid(engine, tiny_tokenizer) -> None:
+@pytest.mark.parametrize("continued", [False, True])
+def test_greedy_constrained_output_is_the_targets_and_valid(
+    engine, tiny_tokenizer, monkeypatch, continued
+) -> None:
+    if continued:  # every proposal that runs out continued by the model, under the mask
+        monkeypatch.setattr(SpeculationPolicy, "rate_continued", lambda self, *a: 1e9)
+        engine.config.continue_proposals = True
     sources: set[str] = set()
     for text in TINY_CORPUS[:6]:
         prompt = tiny_tokenizer.encode(text)
@@ -69,6 +76,7 @@ def test_greedy_constrained_output_is_the_targets_and_valid(engine, tiny_tokeniz
         assert 0 <= value["n"] <= 99
         sources |= set(res.stats.drafted_by_source)
     assert "model" in sources or "suffix" in sources  # speculation did run under the mask
+    assert not continued or CONTINUED in sources
 
 
 def test_sampled_constrained_output_is_always_valid(engine, tiny_tokenizer) -> None:

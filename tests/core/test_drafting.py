@@ -8,9 +8,15 @@ import pytest
 from mlx_lm.generate import generate_step
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-from daemon.core.drafting import ContextIndex, NgramIndex, Proposal, SuffixIndex
+from daemon.core.drafting import ContextIndex, NgramIndex, Proposal, SuffixIndex, SuffixProposer
 from daemon.core.engine import SamplingParams, SpeculativeConfig, SpeculativeEngine
-from daemon.core.policy import PROBE_EVERY, Choice, SpeculationPolicy, evidence_key
+from daemon.core.policy import (
+    CONTINUED,
+    PROBE_EVERY,
+    Choice,
+    SpeculationPolicy,
+    evidence_key,
+)
 from tests.helpers import make_tiny_llama, perturbed_copy
 
 # --------------------------------------------------------------------------- indexes
@@ -62,6 +68,17 @@ def test_suffix_index_keeps_a_token_budget_and_evicts_the_oldest() -> None:
     assert off.propose([1, 2], 8) is None and off.stats()["tokens"] == 0
 
 
+def test_a_suffix_proposer_continues_the_requests_own_last_tokens() -> None:
+    index = SuffixIndex(budget=1024)
+    index.add([1, 2, 3, 4, 5, 6])
+    source = SuffixProposer(index, [9, 9, 1, 2])
+    first = source.propose(8, tokens_per_match=2)
+    assert first is not None and first.tokens == [3, 4, 5, 6] and first.source == "suffix"
+    source.extend([3, 4])  # verified since: the context moves on
+    after = source.propose(8, tokens_per_match=2)
+    assert after is not None and after.tokens == [5, 6]
+
+
 # --------------------------------------------------------------------------- policy
 
 
@@ -98,6 +115,48 @@ def test_acceptance_is_tracked_per_match_length() -> None:
     assert pol.choose(weak, remaining=100).source == "none"
     assert pol.choose(strong, remaining=100).k == 4
     assert evidence_key("lookup", 3) == evidence_key("lookup", 4) != evidence_key("lookup", 5)
+
+
+def _gpu_like(pol: SpeculationPolicy) -> None:
+    """Verifying more rows costs little, a draft token 5% of a pass (a bf16 GPU or Mac)."""
+    for rows in range(1, 40):
+        pol.verify_s[rows] = 1.0 + 0.02 * (rows - 1)
+    pol.draft_token_s = 0.05
+
+
+def test_the_policy_continues_a_proposal_that_runs_out_where_it_pays() -> None:
+    pol = SpeculationPolicy(max_model_tokens=4, max_proposal_tokens=8)
+    _gpu_like(pol)
+    for _ in range(50):  # lookups right; after them the model's first token right, not its second
+        pol.observe(Choice("lookup", 5, [1, 2, 3, 4], match=3, then=1), 5, 1.1, None)
+        pol.observe(Choice("lookup", 6, [1, 2, 3, 4], match=3, then=2), 5, 1.1, None)
+    assert pol.stats(CONTINUED).accept[0] > 0.9 > 0.1 > pol.stats(CONTINUED).accept[1]
+    short = Proposal([1, 2, 3], "lookup", 3, 1)
+    plan = pol.choose(short, remaining=100, continues=True)
+    assert plan.tokens == short.tokens and plan.then == 1 and plan.k == 4
+    assert pol.choose(short, remaining=100).then == 0  # a drafter that cannot continue
+    assert pol.choose(short, remaining=5, continues=True).k <= 4  # never past the tokens left
+    cut = Proposal(list(range(1, 13)), "lookup", 3, 1)  # longer than a round takes: not run out
+    assert pol.choose(cut, remaining=100, continues=True).then == 0
+    # where verifying a row costs 40% of a pass and a draft token 30%, continuing does not pay
+    for rows in range(1, 40):
+        pol.verify_s[rows] = 1.0 + 0.4 * (rows - 1)
+    pol.draft_token_s = 0.3
+    assert pol.choose(short, remaining=100, continues=True).then == 0
+
+
+def test_the_models_tokens_after_a_proposal_are_judged_only_when_reached() -> None:
+    pol = SpeculationPolicy(max_model_tokens=4, max_proposal_tokens=8)
+    rejected_early = Choice("lookup", 6, [1, 2, 3, 4], match=2, then=2)
+    for _ in range(30):
+        pol.observe(rejected_early, 1, 1.0, None)  # the copy failed at its second token
+    assert pol.stats(CONTINUED).rounds == 0  # the model's tokens were never judged
+    assert pol.stats("lookup").accept[1] < 0.1 and pol.stats("lookup").accept[0] > 0.9
+    pol.observe(Choice("lookup", 6, [1, 2, 3, 4], match=2, then=2), 4, 1.0, None)
+    assert pol.stats(CONTINUED).rounds == 1 and pol.stats(CONTINUED).accept[0] < 0.5
+    assert pol.draft_token_s is None  # a continued round's draft time is no per-token figure
+    pol.new_request(draft_serial=7)  # a new draft: its continuation estimates start over
+    assert CONTINUED not in pol.sources
 
 
 def test_policy_learns_costs_from_observations() -> None:
@@ -172,3 +231,74 @@ def test_greedy_with_lookup_and_suffix_equals_the_target(tiny_tokenizer, cost_aw
         assert all(r.position < len(res.tokens) for r in res.rejections)
     assert {"lookup", "suffix"} <= sources.keys(), sources
     assert accepted["suffix"] > 0 and accepted["lookup"] > 0, accepted
+
+
+def test_a_proposal_continued_by_the_draft_model_equals_the_target(
+    tiny_tokenizer, monkeypatch
+) -> None:
+    """Every proposal that runs out is continued (the policy made to want it): the output is
+    still the target's and the model's tokens are counted apart. The draft is the target
+    itself, so a model token is wrong only if the draft did not read the proposal first."""
+    monkeypatch.setattr(SpeculationPolicy, "rate_continued", lambda self, *a: 1e9)
+    vocab = len(tiny_tokenizer)
+    target = make_tiny_llama(vocab, seed=0)
+    draft = perturbed_copy(target, seed=1, noise=0.0)
+    tok = TokenizerWrapper(
+        tiny_tokenizer._tokenizer, detokenizer_class=type(tiny_tokenizer._detokenizer)
+    )
+    tok.eos_token_ids = []
+    base = [tok.encode(s) for s in ("def main():\n    print('hello')", "the cat sat on the mat")]
+    prompts = [p + p[: len(p) // 2] for p in base]
+    cfg = SpeculativeConfig(
+        num_draft_tokens=3, lookup=True, cost_aware=True, max_proposal_tokens=8,
+        continue_proposals=True,
+    )  # fmt: skip
+    engine = SpeculativeEngine(target, draft, tok, cfg)
+    drafted = accepted = 0
+    for p in prompts:
+        res = engine.run(p, SamplingParams(max_tokens=32))
+        assert res.tokens == reference(target, p, 32), p
+        drafted += res.stats.drafted_by_source.get(CONTINUED, 0)
+        accepted += res.stats.accepted_by_source.get(CONTINUED, 0)
+        assert res.stats.drafted == sum(res.stats.drafted_by_source.values())
+        assert not res.rejections  # every model token reached was right
+    assert drafted > 0 and 0 < accepted < drafted, (drafted, accepted)
+    # off by the key: never continued
+    engine.config.continue_proposals = False
+    res = engine.run(prompts[0], SamplingParams(max_tokens=32))
+    assert CONTINUED not in res.stats.drafted_by_source
+
+
+def test_a_model_drafter_reads_a_proposal_then_keeps_to_what_was_verified(tiny_tokenizer) -> None:
+    """`read` + `first` give the draft's logits after the proposal; after `settle` the next
+    round's logits are those over exactly the verified tokens (its cache trimmed to them)."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    from daemon.core.drafters import ModelDrafter
+
+    draft = make_tiny_llama(len(tiny_tokenizer), seed=3)
+
+    def prefill(model, cache, tokens):
+        mx.eval(model(tokens[None], cache=cache))
+
+    def expected(tokens: list[int]) -> mx.array:
+        return draft(mx.array(tokens)[None])[0, -1]
+
+    prompt, proposal = [5, 9, 2, 7], [11, 12, 13]
+    drafter = ModelDrafter(draft, make_prompt_cache(draft), prompt, prefill)
+    drafter.read(proposal)
+    first = drafter.first()
+    assert mx.allclose(first, expected(prompt + proposal), atol=1e-4)
+    d1 = int(mx.argmax(first).item())
+    second = drafter.next(mx.array(d1))
+    assert mx.allclose(second, expected(prompt + proposal + [d1]), atol=1e-4)
+    d2 = int(mx.argmax(second).item())
+    drafted = proposal + [d1, d2]
+    for accepted in (1, 4):  # the copy rejected at its second token; the model's second token
+        emitted = drafted[:accepted] + [99]
+        probe = ModelDrafter(draft, make_prompt_cache(draft), prompt, prefill)
+        probe.read(proposal)
+        probe.first()
+        probe.next(mx.array(d1))
+        probe.settle(len(drafted), accepted, drafted, emitted, None)
+        assert mx.allclose(probe.first(), expected(prompt + emitted), atol=1e-4), accepted

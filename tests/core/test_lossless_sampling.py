@@ -44,6 +44,7 @@ from daemon.core import rounds as rounds_mod
 from daemon.core.drafting import SuffixIndex
 from daemon.core.engine import SamplingParams, SpeculativeConfig, SpeculativeEngine
 from daemon.core.heads import prune_head
+from daemon.core.policy import CONTINUED, SpeculationPolicy
 from daemon.core.sampling import round_keys, verify_sampled
 from tests.helpers import make_tiny_llama, perturbed_copy
 
@@ -408,3 +409,30 @@ def test_each_broken_rule_is_rejected(models, monkeypatch, name):
         samples, _ = sample(models, temperature, top_k, top_p, strict=False, n=N_SMALL)
     tests = distribution_tests(models[0], samples, temperature, top_k, top_p)
     assert [t for t in tests if t.rejected], (name, tests)
+
+
+def test_proposals_continued_by_the_model_keep_the_distribution(
+    models, plain_samples, monkeypatch
+) -> None:
+    """A round of a proposal's point masses and then the model's own samples (each position
+    verified against its own draft distribution) is exact too; the policy is made to continue
+    every proposal that runs out."""
+    monkeypatch.setattr(SpeculationPolicy, "rate_continued", lambda self, *a: 1e9)
+    temperature, top_k, top_p = 1.0, 3, 1.0
+    seeds, _ = plain(models, plain_samples, (temperature, top_k, top_p))
+    suffix = SuffixIndex(budget=1 << 16)
+    for s in seeds[:300]:
+        suffix.add(PROMPT + s)
+    cfg = SpeculativeConfig(
+        num_draft_tokens=2,
+        min_draft_tokens=1,
+        max_draft_tokens=2,
+        lookup=True,
+        cost_aware=True,
+        max_proposal_tokens=4,
+        continue_proposals=True,
+    )
+    samples, stats = sample(models, temperature, top_k, top_p, cfg=cfg, suffix=suffix, seeded=False)
+    assert stats["drafted_by_source"].get(CONTINUED, 0) > 1000, stats
+    tests = distribution_tests(models[0], samples, temperature, top_k, top_p)
+    assert not [t for t in tests if t.rejected], tests
