@@ -232,7 +232,7 @@ class SpeculationPolicy:
                 if r > best_rate:
                     best, best_rate = Choice(p.source, k, p.tokens[:k], p.match), r
             whole = len(p.tokens)
-            if continues and whole <= min(self.max_proposal_tokens, limit - 1):
+            if continues and whole < min(self.max_proposal_tokens, limit):  # it ran out
                 for m in range(1, min(self.max_model_tokens, limit - whole) + 1):
                     r = self.rate_continued(p.source, whole, p.match, m)
                     if r > best_rate:

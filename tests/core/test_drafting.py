@@ -136,7 +136,7 @@ def test_the_policy_continues_a_proposal_that_runs_out_where_it_pays() -> None:
     assert plan.tokens == short.tokens and plan.then == 1 and plan.k == 4
     assert pol.choose(short, remaining=100).then == 0  # a drafter that cannot continue
     assert pol.choose(short, remaining=5, continues=True).k <= 4  # never past the tokens left
-    cut = Proposal(list(range(1, 13)), "lookup", 3, 1)  # longer than a round takes: not run out
+    cut = Proposal(list(range(1, 9)), "lookup", 3, 1)  # as long as a proposal may be: not run out
     assert pol.choose(cut, remaining=100, continues=True).then == 0
     # where verifying a row costs 40% of a pass and a draft token 30%, continuing does not pay
     for rows in range(1, 40):
