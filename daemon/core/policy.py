@@ -201,7 +201,10 @@ class SpeculationPolicy:
         cost = self.verify_cost(k + then + 1) + self.draft_cost(then + 1)
         first = self.stats(evidence_key(source, match)).accept[0] if match else None
         copied = self.stats(source)
-        gained = copied.reach(k, first) * (self.stats(CONTINUED).expected(then) - 1.0)
+        model = self.stats(CONTINUED)
+        if model.rounds < MIN_EVIDENCE:  # until measured after copies, as in its own rounds
+            model = self.stats("model")
+        gained = copied.reach(k, first) * (model.expected(then) - 1.0)
         return (copied.expected(k, first) + gained) / cost
 
     # --- choosing ----------------------------------------------------------------------------

@@ -135,6 +135,12 @@ def test_the_policy_continues_a_proposal_that_runs_out_where_it_pays() -> None:
     plan = pol.choose(short, remaining=100, continues=True)
     assert plan.tokens == short.tokens and plan.then == 1 and plan.k == 4
     assert pol.choose(short, remaining=100).then == 0  # a drafter that cannot continue
+    fresh = SpeculationPolicy(max_model_tokens=4, max_proposal_tokens=8)
+    _gpu_like(fresh)
+    for _ in range(50):  # nothing measured after copies yet: the model's own rounds count
+        fresh.observe(Choice("lookup", 3, [1, 2, 3], match=3), 3, 1.1, None)
+        fresh.observe(Choice("model", 2), 0, 1.1, None)
+    assert fresh.choose(short, remaining=100, continues=True).then == 0
     assert pol.choose(short, remaining=5, continues=True).k <= 4  # never past the tokens left
     cut = Proposal(list(range(1, 9)), "lookup", 3, 1)  # as long as a proposal may be: not run out
     assert pol.choose(cut, remaining=100, continues=True).then == 0
