@@ -163,6 +163,10 @@ def bench_train(
         "draft_token_ms": costs.draft * 1000 if costs else None,
         # a drafted token's cost as a share of a target step (one row), both timed by the run
         "draft_token_vs_target": costs.draft / costs.target if costs else None,
+        # a round's later draft tokens, where they cost less (a feature draft's own features)
+        "draft_next_token_vs_target": (
+            costs.draft_next / costs.target if costs and costs.draft_next is not None else None
+        ),
         "costs": m.costs,
         "costs_before": m.costs_before,
         "heldout_positions": m.heldout_after.positions,

@@ -37,31 +37,42 @@ BOOTSTRAP = 1000
 @dataclass
 class StepCosts:
     """Seconds of a target pass over one row, over ``k + 1`` rows (``verify[k - 1]``, k = 1 ..)
-    and of one draft token."""
+    and of a round's first draft token; ``draft_next``: each later one where it differs (a
+    feature draft's later tokens read its own output, without the fold of the target's
+    layers), None where it is the same."""
 
     target: float
     verify: list[float]
     draft: float
     source: str = "measured"  # "service" (the live engine's figures) or "measured"
+    draft_next: float | None = None
 
     def round_cost(self, k: int) -> float:
-        return self.verify[k - 1] + k * self.draft if k else self.target
+        if not k:
+            return self.target
+        later = self.draft if self.draft_next is None else self.draft_next
+        return self.verify[k - 1] + self.draft + (k - 1) * later
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "target_s": round(self.target, 6),
             "verify_s": [round(v, 6) for v in self.verify],
             "draft_s": round(self.draft, 6),
             "source": self.source,
         }
+        if self.draft_next is not None:
+            out["draft_next_s"] = round(self.draft_next, 6)
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> StepCosts:
+        later = data.get("draft_next_s")
         return cls(
             target=float(data["target_s"]),
             verify=[float(v) for v in data["verify_s"]],
             draft=float(data["draft_s"]),
             source=str(data.get("source", "measured")),
+            draft_next=None if later is None else float(later),
         )
 
     @classmethod
@@ -185,8 +196,9 @@ def compare(
 
 
 def measure_costs(target: Any, draft: Any, context: int = 128, repeats: int = 5) -> StepCosts:
-    """Time the pair here: target passes over 1 .. MAX_K + 1 rows and one draft token, after
-    ``context`` tokens, medians of ``repeats``. The row counts are timed in turn within each
+    """Time the pair here: target passes over 1 .. MAX_K + 1 rows and a round's first draft
+    token (a feature draft that reads other layers: a later one too), after ``context``
+    tokens, medians of ``repeats``. The row counts are timed in turn within each
     repetition, not one after another: a machine whose load changes while they are timed (a
     server beside a training run) moves all of them alike, so their ratios, which is what the
     gate prices rounds with, stay right."""
@@ -219,23 +231,34 @@ def measure_costs(target: Any, draft: Any, context: int = 128, repeats: int = 5)
         prefix = mx.ones((1, context), dtype=mx.uint32)
         mx.eval(draft.forward(mx.ones((1, context, width)), prefix, draft_cache))
         feature, token = mx.ones((1, 1, width)), mx.ones((1, 1), dtype=mx.uint32)
+        own = mx.ones((1, 1, int(draft.args.hidden_size)))  # a later token reads its own
 
         def draft_token() -> Any:
             return draft.head(draft.forward(feature, token, draft_cache))
+
+        def later_token() -> Any:
+            return draft.head(draft.forward(own, token, draft_cache))
+
+        later: Any = later_token if draft.taps else None  # untapped: the same computation
     else:
         draft_cache = primed(draft)
 
         def draft_token() -> Any:
             return draft(mx.ones((1, 1), dtype=mx.uint32), cache=draft_cache)
 
+        later = None
+
     row_counts = range(1, MAX_K + 2)
     caches = {rows: primed(target) for rows in row_counts}
     times: dict[int, list[float]] = {rows: [] for rows in row_counts}
     draft_times: list[float] = []
+    later_times: list[float] = []
     for _ in range(repeats):
         for rows in row_counts:
             times[rows].append(target_step(rows))
         draft_times.append(timed(draft_token, draft_cache, 1))
+        if later is not None:
+            later_times.append(timed(later, draft_cache, 1))
 
     def median(xs: list[float]) -> float:
         return sorted(xs)[len(xs) // 2]
@@ -244,4 +267,5 @@ def measure_costs(target: Any, draft: Any, context: int = 128, repeats: int = 5)
         target=median(times[1]),
         verify=[median(times[k + 1]) for k in range(1, MAX_K + 1)],
         draft=median(draft_times),
+        draft_next=median(later_times) if later_times else None,
     )

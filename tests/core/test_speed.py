@@ -89,3 +89,24 @@ def test_measured_costs_time_every_row_count_in_turn_within_each_repetition() ->
     costs = measure_costs(Counted(target), draft, context=16, repeats=3)
     assert calls == list(range(1, MAX_K + 2)) * 3
     assert len(costs.verify) == MAX_K and costs.target > 0 and costs.draft > 0
+
+
+def test_a_feature_drafts_later_tokens_are_priced_apart() -> None:
+    """A round's first feature-draft token goes through the fold of the target's layers, the
+    later ones read the draft's own output: each is timed, and a round costs its first token
+    once and the later price for the rest."""
+    from daemon.core.feature_draft import make_feature_draft
+    from daemon.core.speed import measure_costs
+    from tests.helpers import make_tiny_llama
+
+    costs = StepCosts(target=1.0, verify=[1.2] * 8, draft=0.2, draft_next=0.1)
+    assert costs.round_cost(3) == pytest.approx(1.2 + 0.2 + 2 * 0.1)
+    assert StepCosts(1.0, [1.2] * 8, 0.2).round_cost(3) == pytest.approx(1.2 + 3 * 0.2)
+    assert StepCosts.from_dict(costs.to_dict()).draft_next == pytest.approx(0.1)
+    assert StepCosts.from_dict(COSTS.to_dict()).draft_next is None  # files written before
+
+    target = make_tiny_llama(64, seed=1)
+    tapped = measure_costs(target, make_feature_draft(target, taps=(0,)), context=16, repeats=3)
+    assert tapped.draft_next is not None and tapped.draft_next > 0
+    plain = measure_costs(target, make_tiny_llama(64, seed=2, num_hidden_layers=1), 16, 3)
+    assert plain.draft_next is None  # a model draft's tokens all cost the same
