@@ -45,9 +45,11 @@ Drafting sources (``lookup``, ``suffix``, ``cost_aware``; off unless configured)
     rejection a sample of p without d), which keeps sampling exact. With ``cost_aware`` the
     :class:`~daemon.core.policy.SpeculationPolicy` picks each round's source and length (zero
     included: a plain target step) by measured tokens per second; without it a proposal is
-    used when there is one and the model draft otherwise. The draft model's cache catches up
-    on tokens it did not draft the next time it drafts. Only model rounds record rejections
-    (they are what the draft is trained on). A request with a ``seed`` drafts only from the
+    used when there is one and the model draft otherwise; a proposal that runs out may be
+    continued by the model draft in the same round (``continue_proposals``, a drafter that
+    reads tokens only). The draft model's cache catches up on tokens it did not draft the
+    next time it drafts. Only the model's tokens record rejections (they are what the draft
+    is trained on). A request with a ``seed`` drafts only from the
     model and its own context, never from the suffix index or the policy, so the same seed
     gives the same sample.
 
@@ -77,7 +79,7 @@ import random
 import time
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeGuard
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -90,10 +92,11 @@ from daemon.core.drafters import FeatureDrafter, make_drafter
 from daemon.core.drafting import ContextIndex, Proposer, SuffixIndex, SuffixProposer
 from daemon.core.feature_draft import FeatureDraft, is_feature_draft
 from daemon.core.output import TextStream
+from daemon.core.params import SamplingParams, SpeculativeConfig, is_int
 from daemon.core.policy import Measured, SpeculationPolicy
 from daemon.core.prompt_cache import PromptCache
 from daemon.core.records import GenerationStats, Rejection, TokenLogprob, top_ids
-from daemon.core.rounds import RequestState, run_round
+from daemon.core.rounds import Pending, RequestState, run_round
 from daemon.core.sampling import history_size, logits_processors
 from daemon.errors import GenerationError
 
@@ -110,169 +113,6 @@ __all__ = [
     "SpeculativeEngine",
     "TokenLogprob",
 ]
-
-
-def _is_int(x: Any) -> TypeGuard[int]:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
-@dataclass
-class SamplingParams:
-    """Per-request sampling parameters.
-
-    ``temperature == 0`` is greedy decoding; ``top_k == 0``, ``top_p == 1`` and
-    ``min_p == 0`` disable those filters.  ``stop`` strings end generation and are not part of
-    the returned text. The logits processors (mlx-lm's: an additive ``logit_bias`` by token
-    id, and the repetition / presence / frequency penalties over the last ``*_context_size``
-    tokens, prompt included; 0 is off) change the target's distribution, greedy included;
-    the engine applies them to the draft's too (`daemon.core.sampling`).
-    """
-
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
-    max_tokens: int = 256
-    stop: list[str] = field(default_factory=list)
-    min_p: float = 0.0
-    logit_bias: dict[int, float] = field(default_factory=dict)
-    repetition_penalty: float = 0.0
-    repetition_context_size: int = 20
-    presence_penalty: float = 0.0
-    presence_context_size: int = 20
-    frequency_penalty: float = 0.0
-    frequency_context_size: int = 20
-    # None: no log-probabilities; n >= 0: each token's and its n most likely alternatives'
-    logprobs: int | None = None
-
-    @property
-    def processed(self) -> bool:
-        """Whether logits processors apply (`daemon.core.sampling.logits_processors`)."""
-        return bool(
-            self.logit_bias
-            or self.repetition_penalty not in (0, 1)
-            or self.presence_penalty
-            or self.frequency_penalty
-        )
-
-    def validate(self, max_context: int | None = None) -> None:
-        """Raise :class:`GenerationError` if a value is missing or out of range."""
-        if not _is_number(self.temperature) or self.temperature < 0:
-            raise GenerationError(
-                f"temperature must be a finite number >= 0, got {self.temperature!r}"
-            )
-        if not _is_number(self.top_p) or not 0.0 < self.top_p <= 1.0:
-            raise GenerationError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not _is_int(self.top_k) or self.top_k < 0:
-            raise GenerationError(f"top_k must be an integer >= 0, got {self.top_k!r}")
-        if self.logprobs is not None and (not _is_int(self.logprobs) or self.logprobs < 0):
-            raise GenerationError(f"logprobs must be None or an integer >= 0: {self.logprobs!r}")
-        if not _is_number(self.min_p) or not 0.0 <= self.min_p <= 1.0:
-            raise GenerationError(f"min_p must be in [0, 1], got {self.min_p!r}")
-        self._validate_processors()
-        if self.seed is not None and not _is_int(self.seed):
-            raise GenerationError(f"seed must be an integer or None, got {self.seed!r}")
-        if not _is_int(self.max_tokens) or self.max_tokens < 1:
-            raise GenerationError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
-        if max_context is not None and self.max_tokens > max_context:
-            raise GenerationError(
-                f"max_tokens ({self.max_tokens}) exceeds the model context ({max_context})"
-            )
-        if isinstance(self.stop, str) or not isinstance(self.stop, (list, tuple)):
-            raise GenerationError(f"stop must be a list of strings, got {self.stop!r}")
-        for s in self.stop:
-            if not isinstance(s, str) or not s:
-                raise GenerationError(f"stop strings must be non-empty strings, got {s!r}")
-
-    def _validate_processors(self) -> None:
-        if not isinstance(self.logit_bias, dict):
-            raise GenerationError(
-                f"logit_bias must map token ids to numbers, got {self.logit_bias!r}"
-            )
-        for t, b in self.logit_bias.items():
-            if not _is_int(t) or t < 0 or not _is_number(b):
-                raise GenerationError(f"logit_bias must map token ids to numbers, got {t!r}: {b!r}")
-        if not _is_number(self.repetition_penalty) or self.repetition_penalty < 0:
-            raise GenerationError(
-                f"repetition_penalty must be a number >= 0, got {self.repetition_penalty!r}"
-            )
-        for name in ("presence_penalty", "frequency_penalty"):
-            if not _is_number(getattr(self, name)):
-                value = getattr(self, name)
-                raise GenerationError(f"{name} must be a finite number, got {value!r}")
-        for name in ("repetition", "presence", "frequency"):
-            size = getattr(self, f"{name}_context_size")
-            if not _is_int(size) or size < 1:
-                raise GenerationError(f"{name}_context_size must be an integer >= 1, got {size!r}")
-
-
-@dataclass
-class SpeculativeConfig:
-    """Engine configuration (shared by all requests).
-
-    ``num_draft_tokens`` is the fixed draft length when ``adaptive`` is False and the
-    starting length otherwise.  ``max_context`` bounds prompt + generated tokens (e.g. the
-    target's ``max_position_embeddings``).  ``top_logprobs`` is the number of target
-    log-probabilities kept per rejection; ``record_rejections=False`` disables rejection
-    records entirely (used to measure their overhead).
-    """
-
-    num_draft_tokens: int = 4
-    adaptive: bool = True
-    min_draft_tokens: int = 1
-    max_draft_tokens: int = 8
-    top_logprobs: int = 20
-    max_context: int | None = None
-    prefill_step_size: int = 512
-    record_rejections: bool = True
-    # Drafting without a model (daemon.core.drafting) and the cost-aware choice of each round
-    # (daemon.core.policy). Off here so that an engine built by hand drafts as configured;
-    # the daemon's settings turn them on.
-    lookup: bool = False
-    cost_aware: bool = False
-    model_draft: bool = True  # False: only proposals (benchmarks of one source)
-    max_proposal_tokens: int = 16
-    tokens_per_match: int = 2
-    continue_proposals: bool = False  # cost_aware: the model draft may continue a proposal
-
-    @classmethod
-    def from_settings(cls, spec: Any, max_context: int | None = None) -> SpeculativeConfig:
-        """Build from the ``speculative`` config section (`daemon.config.SpeculativeSettings`)."""
-        return cls(
-            num_draft_tokens=spec.num_draft_tokens,
-            adaptive=spec.adaptive,
-            min_draft_tokens=spec.min_draft_tokens,
-            max_draft_tokens=spec.max_draft_tokens,
-            top_logprobs=spec.top_logprobs,
-            max_context=max_context,
-            lookup=spec.lookup,
-            cost_aware=spec.cost_aware,
-            max_proposal_tokens=spec.max_proposal_tokens,
-            continue_proposals=spec.continue_proposals,
-        )
-
-    def validate(self) -> None:
-        """Raise ``ValueError`` on an inconsistent configuration."""
-        if not _is_int(self.num_draft_tokens) or self.num_draft_tokens < 0:
-            raise ValueError("num_draft_tokens must be an integer >= 0")
-        if not _is_int(self.min_draft_tokens) or self.min_draft_tokens < 1:
-            raise ValueError("min_draft_tokens must be an integer >= 1")
-        if not _is_int(self.max_draft_tokens) or self.max_draft_tokens < self.min_draft_tokens:
-            raise ValueError("max_draft_tokens must be an integer >= min_draft_tokens")
-        if not _is_int(self.top_logprobs) or self.top_logprobs < 0:
-            raise ValueError("top_logprobs must be an integer >= 0")
-        if self.max_context is not None and (not _is_int(self.max_context) or self.max_context < 2):
-            raise ValueError("max_context must be None or an integer >= 2")
-        if not _is_int(self.prefill_step_size) or self.prefill_step_size < 1:
-            raise ValueError("prefill_step_size must be an integer >= 1")
-        if not _is_int(self.max_proposal_tokens) or self.max_proposal_tokens < 1:
-            raise ValueError("max_proposal_tokens must be an integer >= 1")
-        if not _is_int(self.tokens_per_match) or self.tokens_per_match < 1:
-            raise ValueError("tokens_per_match must be an integer >= 1")
 
 
 @dataclass
@@ -337,7 +177,7 @@ def _vocab_size(model: nn.Module) -> int:
     except Exception:  # noqa: BLE001 - fall back to the config
         args = getattr(model, "args", None)
         vocab = getattr(args, "vocab_size", None)
-        if _is_int(vocab) and vocab > 0:
+        if is_int(vocab) and vocab > 0:
             return vocab
         raise
 
@@ -353,6 +193,19 @@ def _top_logprobs(row: np.ndarray, k: int) -> tuple[list[int], list[float]]:
     """Top-``k`` ids and log-probabilities of one raw logits row, most likely first."""
     ids = top_ids(row, k)
     return ids.tolist(), (row[ids].astype(np.float64) - _logsumexp(row)).tolist()
+
+
+def _complete_rejections(pending: list[Pending], n_top: int) -> None:
+    """Fill in the rejection records of finished rounds on the host (numpy, from logits
+    already evaluated): the target's top log-probabilities and the draft's probability."""
+    for rej, t_rows, row, d_row in pending:
+        if n_top:
+            rej.top_ids, rej.top_logprobs = _top_logprobs(np.asarray(t_rows)[row], n_top)
+        if d_row is not None:
+            d = np.asarray(d_row)
+            total = _logsumexp(d)
+            rej.draft_prob = float(np.exp(d[rej.draft_token] - total)) if total > -math.inf else 0.0
+    pending.clear()
 
 
 class SpeculativeEngine:
@@ -584,71 +437,20 @@ class SpeculativeEngine:
         cfg = self.config
         stats = result.stats
         stats.prompt_tokens = len(prompt)
-        vocab = min(self._target_vocab_size(), _vocab_size(draft))
-        greedy = params.temperature == 0
-        if greedy:
-            key = mx.random.key(0)  # never split: greedy rounds draw nothing
-        else:
-            seed = params.seed if params.seed is not None else random.getrandbits(63)
-            key = mx.random.key(seed & 0xFFFFFFFFFFFFFFFF)
-        if cfg.adaptive:
-            k_cur = min(max(cfg.num_draft_tokens, cfg.min_draft_tokens), cfg.max_draft_tokens)
-        else:
-            k_cur = cfg.num_draft_tokens
         ctx_limit = cfg.max_context if cfg.max_context is not None else math.inf
         if resume is not None:  # where the batch left it
             out = resume.text
         else:
             out = TextStream(self.tokenizer, params.stop, self.tokenizer.eos_token_ids or ())
-        seq = list(resume.seq) if resume is not None else list(prompt)
-        # a model draft reads what it has not read yet at its first model round (a request
-        # served from proposals never pays its prefill; after a hand-over it reads it all);
-        # a feature draft reads the prompt's features as the target's prefill makes them
-        drafter = make_drafter(
-            draft,
-            draft_cache,
-            prompt[draft_cached:] if resume is None else seq,
-            lambda m, c, t: self._prefill(m, c, t, clear=False),
-            cfg.prefill_step_size,
-        )
-        # A seeded sample is reproducible: its rounds must not depend on other traffic
-        # (the suffix index) or on measured timings (the policy), only on its own input.
-        seeded = not greedy and params.seed is not None
-        st = RequestState(
-            target=target,
-            target_cache=target_cache,
-            drafter=drafter,
-            features=drafter.model if isinstance(drafter, FeatureDrafter) else None,
-            vocab=vocab,
-            params=params,
-            cfg=cfg,
-            stats=stats,
-            prompt=prompt,
-            tokens=result.tokens,
-            seq=seq,
-            target_in=[prompt[-1]] if resume is None else seq[target_cache[0].offset :],
-            rejections=result.rejections,
-            key=key,
-            k_cur=k_cur,
-            constraint=constraint,
-            proposers=self._proposers(seq, seeded),
-            policy=self.policy if cfg.cost_aware and not seeded else None,
-            processors=logits_processors(params),
-            history=history_size(params),
-        )
+        st = self._request_state(
+            target, draft, target_cache, draft_cache, prompt, params, result, draft_cached,
+            constraint, resume,
+        )  # fmt: skip
+        seq, drafter = st.seq, st.drafter
         n_top = cfg.top_logprobs
 
         def materialize() -> None:
-            for rej, t_rows, row, d_row in st.pending:
-                if n_top:
-                    rej.top_ids, rej.top_logprobs = _top_logprobs(np.asarray(t_rows)[row], n_top)
-                if d_row is not None:
-                    d = np.asarray(d_row)
-                    total = _logsumexp(d)
-                    rej.draft_prob = (
-                        float(np.exp(d[rej.draft_token] - total)) if total > -math.inf else 0.0
-                    )
-            st.pending.clear()
+            _complete_rejections(st.pending, n_top)
 
         def drafter_features(start: int, hidden: mx.array) -> None:
             # prefill row i is position t_cached + i: it precedes token t_cached + i + 1
@@ -741,6 +543,68 @@ class SpeculativeEngine:
                 # finished, or closed between rounds: the caches hold a prefix of seq either way
                 keep_draft = not isinstance(drafter, FeatureDrafter)
                 self._keep_caches(seq, target_cache, draft_cache if keep_draft else None)
+
+    def _request_state(
+        self,
+        target: nn.Module,
+        draft: nn.Module,
+        target_cache: list[Any],
+        draft_cache: list[Any],
+        prompt: list[int],
+        params: SamplingParams,
+        result: GenerationResult,
+        draft_cached: int,
+        constraint: Constraint | None,
+        resume: HandoffState | None,
+    ) -> RequestState:
+        """What a request's rounds share: its drafter, copy sources, key and draft length."""
+        cfg = self.config
+        greedy = params.temperature == 0
+        if greedy:
+            key = mx.random.key(0)  # never split: greedy rounds draw nothing
+        else:
+            seed = params.seed if params.seed is not None else random.getrandbits(63)
+            key = mx.random.key(seed & 0xFFFFFFFFFFFFFFFF)
+        if cfg.adaptive:
+            k_cur = min(max(cfg.num_draft_tokens, cfg.min_draft_tokens), cfg.max_draft_tokens)
+        else:
+            k_cur = cfg.num_draft_tokens
+        seq = list(resume.seq) if resume is not None else list(prompt)
+        # a model draft reads what it has not read yet at its first model round (a request
+        # served from proposals never pays its prefill; after a hand-over it reads it all);
+        # a feature draft reads the prompt's features as the target's prefill makes them
+        drafter = make_drafter(
+            draft,
+            draft_cache,
+            prompt[draft_cached:] if resume is None else seq,
+            lambda m, c, t: self._prefill(m, c, t, clear=False),
+            cfg.prefill_step_size,
+        )
+        # A seeded sample is reproducible: its rounds must not depend on other traffic
+        # (the suffix index) or on measured timings (the policy), only on its own input.
+        seeded = not greedy and params.seed is not None
+        return RequestState(
+            target=target,
+            target_cache=target_cache,
+            drafter=drafter,
+            features=drafter.model if isinstance(drafter, FeatureDrafter) else None,
+            vocab=min(self._target_vocab_size(), _vocab_size(draft)),
+            params=params,
+            cfg=cfg,
+            stats=result.stats,
+            prompt=prompt,
+            tokens=result.tokens,
+            seq=seq,
+            target_in=[prompt[-1]] if resume is None else seq[target_cache[0].offset :],
+            rejections=result.rejections,
+            key=key,
+            k_cur=k_cur,
+            constraint=constraint,
+            proposers=self._proposers(seq, seeded),
+            policy=self.policy if cfg.cost_aware and not seeded else None,
+            processors=logits_processors(params),
+            history=history_size(params),
+        )
 
     def _proposers(self, seq: list[int], seeded: bool) -> list[Proposer]:
         """The request's copy sources, in the order they are asked."""
