@@ -288,9 +288,10 @@ class SpeculativeEngine:
                 )
         result = result if result is not None else GenerationResult()
         result.stats.cached_tokens = t_cached
-        return self._generate(
-            target, draft, target_cache, draft_cache, prompt, params, result, d_cached, constraint
+        st = self._request_state(
+            draft, target_cache, draft_cache, prompt, params, result, d_cached, constraint
         )
+        return self._generate(st, draft_cache, result)
 
     def resume(
         self,
@@ -308,18 +309,11 @@ class SpeculativeEngine:
         draft = self.draft
         self.prompt_cache.use_draft(self.draft_serial)
         prompt = state.seq[: state.prompt_tokens]
-        return self._generate(
-            self.target,
-            draft,
-            state.target_cache,
-            make_prompt_cache(draft),
-            prompt,
-            params,
-            result,
-            0,
-            constraint,
-            resume=state,
+        draft_cache = make_prompt_cache(draft)
+        st = self._request_state(
+            draft, state.target_cache, draft_cache, prompt, params, result, 0, constraint, state
         )
+        return self._generate(st, draft_cache, result, resume=state)
 
     def run(
         self,
@@ -423,18 +417,14 @@ class SpeculativeEngine:
 
     def _generate(
         self,
-        target: nn.Module,
-        draft: nn.Module,
-        target_cache: list[Any],
+        st: RequestState,
         draft_cache: list[Any],
-        prompt: list[int],
-        params: SamplingParams,
         result: GenerationResult,
-        draft_cached: int = 0,
-        constraint: Constraint | None = None,
         resume: HandoffState | None = None,
     ) -> Generator[GenerationChunk, None, None]:
         cfg = self.config
+        target, target_cache, prompt, params = st.target, st.target_cache, st.prompt, st.params
+        constraint = st.constraint
         stats = result.stats
         stats.prompt_tokens = len(prompt)
         ctx_limit = cfg.max_context if cfg.max_context is not None else math.inf
@@ -442,10 +432,6 @@ class SpeculativeEngine:
             out = resume.text
         else:
             out = TextStream(self.tokenizer, params.stop, self.tokenizer.eos_token_ids or ())
-        st = self._request_state(
-            target, draft, target_cache, draft_cache, prompt, params, result, draft_cached,
-            constraint, resume,
-        )  # fmt: skip
         seq, drafter = st.seq, st.drafter
         n_top = cfg.top_logprobs
 
@@ -546,7 +532,6 @@ class SpeculativeEngine:
 
     def _request_state(
         self,
-        target: nn.Module,
         draft: nn.Module,
         target_cache: list[Any],
         draft_cache: list[Any],
@@ -555,7 +540,7 @@ class SpeculativeEngine:
         result: GenerationResult,
         draft_cached: int,
         constraint: Constraint | None,
-        resume: HandoffState | None,
+        resume: HandoffState | None = None,
     ) -> RequestState:
         """What a request's rounds share: its drafter, copy sources, key and draft length."""
         cfg = self.config
@@ -584,7 +569,7 @@ class SpeculativeEngine:
         # (the suffix index) or on measured timings (the policy), only on its own input.
         seeded = not greedy and params.seed is not None
         return RequestState(
-            target=target,
+            target=self.target,
             target_cache=target_cache,
             drafter=drafter,
             features=drafter.model if isinstance(drafter, FeatureDrafter) else None,

@@ -274,24 +274,35 @@ def test_sampled_output_is_distributed_as_the_target(
     assert not [t for t in tests if t.rejected], tests
 
 
-def test_proposal_and_hybrid_rounds_keep_the_distribution(models, plain_samples) -> None:
-    """Lookup and suffix proposals are verified as point masses (q = 1 on the proposed
-    token), and the cost-aware policy mixes them with model drafts and plain target steps."""
+def hybrid_samples(models, plain_samples, max_draft_tokens: int = 4, continued: bool = False):
+    """Samples of cost-aware rounds over lookup, a suffix index of the target's own samples
+    (the proposals will often be right) and the model draft, unseeded (a seeded request never
+    drafts from the suffix index or the policy)."""
     temperature, top_k, top_p = 1.0, 3, 1.0
     seeds, _ = plain(models, plain_samples, (temperature, top_k, top_p))
     suffix = SuffixIndex(budget=1 << 16)
-    for s in seeds[:300]:  # past "outputs" to copy from: the proposals will often be right
+    for s in seeds[:300]:
         suffix.add(PROMPT + s)
     cfg = SpeculativeConfig(
         num_draft_tokens=2,
         min_draft_tokens=1,
-        max_draft_tokens=4,
+        max_draft_tokens=max_draft_tokens,
         lookup=True,
         cost_aware=True,
         max_proposal_tokens=4,
+        # continued: one copied token per matched token, so proposals run out before a
+        # round's limit (a sample is 6 tokens long) and the model goes on after them
+        tokens_per_match=1 if continued else 2,
+        continue_proposals=continued,
     )
-    # unseeded: a seeded request never drafts from the suffix index or the policy
-    samples, stats = sample(models, temperature, top_k, top_p, cfg=cfg, suffix=suffix, seeded=False)
+    return sample(models, temperature, top_k, top_p, cfg=cfg, suffix=suffix, seeded=False)
+
+
+def test_proposal_and_hybrid_rounds_keep_the_distribution(models, plain_samples) -> None:
+    """Lookup and suffix proposals are verified as point masses (q = 1 on the proposed
+    token), and the cost-aware policy mixes them with model drafts and plain target steps."""
+    temperature, top_k, top_p = 1.0, 3, 1.0
+    samples, stats = hybrid_samples(models, plain_samples)
     used = stats["drafted_by_source"]
     assert used.get("suffix", 0) > 1000 and used.get("model", 0) > 0, stats
     assert 0.2 < stats["acceptance"], stats
@@ -419,20 +430,7 @@ def test_proposals_continued_by_the_model_keep_the_distribution(
     every proposal that runs out."""
     monkeypatch.setattr(SpeculationPolicy, "rate_continued", lambda self, *a: 1e9)
     temperature, top_k, top_p = 1.0, 3, 1.0
-    seeds, _ = plain(models, plain_samples, (temperature, top_k, top_p))
-    suffix = SuffixIndex(budget=1 << 16)
-    for s in seeds[:300]:
-        suffix.add(PROMPT + s)
-    cfg = SpeculativeConfig(
-        num_draft_tokens=2,
-        min_draft_tokens=1,
-        max_draft_tokens=2,
-        lookup=True,
-        cost_aware=True,
-        max_proposal_tokens=4,
-        continue_proposals=True,
-    )
-    samples, stats = sample(models, temperature, top_k, top_p, cfg=cfg, suffix=suffix, seeded=False)
+    samples, stats = hybrid_samples(models, plain_samples, max_draft_tokens=2, continued=True)
     assert stats["drafted_by_source"].get(CONTINUED, 0) > 1000, stats
     tests = distribution_tests(models[0], samples, temperature, top_k, top_p)
     assert not [t for t in tests if t.rejected], tests
