@@ -53,7 +53,8 @@ def evidence_key(source: str, match: int) -> str:
 
 @dataclass
 class Choice:
-    """One round's plan: ``source`` is "model", "lookup", "suffix" or "none" (k = 0)."""
+    """One round's plan: ``source`` is "model", "lookup", "suffix" or "none" (k = 0); a
+    proposal's source with ``then`` > 0 is that proposal continued by the model draft."""
 
     source: str
     k: int  # tokens drafted in all (a continued proposal's and the model's)
