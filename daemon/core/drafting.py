@@ -31,6 +31,7 @@ from typing import Protocol
 
 # n-gram lengths that are indexed, longest first (a longer match predicts better).
 NGRAM_SIZES = (16, 8, 5, 3, 2, 1)
+_TAIL = max(NGRAM_SIZES)  # the most context a proposal can match
 _BOUNDARY = -1  # between documents: no n-gram or continuation crosses it
 
 
@@ -247,10 +248,10 @@ class SuffixProposer:
 
     def __init__(self, index: SuffixIndex, seq: Sequence[int]) -> None:
         self.index = index
-        self._tail = list(seq[-max(NGRAM_SIZES) :])
+        self._tail = list(seq[-_TAIL:])
 
     def propose(self, max_tokens: int, tokens_per_match: int = 2) -> Proposal | None:
         return self.index.propose(self._tail, max_tokens, tokens_per_match)
 
     def extend(self, tokens: Sequence[int]) -> None:
-        self._tail = (self._tail + list(tokens))[-max(NGRAM_SIZES) :]
+        self._tail = (self._tail + list(tokens))[-_TAIL:]

@@ -75,8 +75,7 @@ class SourceStats:
         ``first`` replaces the first position's acceptance."""
         total, p = 1.0, 1.0
         for i in range(k):
-            a = first if i == 0 and first is not None else self.accept[min(i, MAX_POSITIONS - 1)]
-            p *= a
+            p *= self._at(i, first)
             total += p
         return total
 
@@ -84,8 +83,11 @@ class SourceStats:
         """The chance that all of ``k`` drafted tokens are accepted."""
         p = 1.0
         for i in range(k):
-            p *= first if i == 0 and first is not None else self.accept[min(i, MAX_POSITIONS - 1)]
+            p *= self._at(i, first)
         return p
+
+    def _at(self, i: int, first: float | None) -> float:
+        return first if i == 0 and first is not None else self.accept[min(i, MAX_POSITIONS - 1)]
 
     def observe(self, k: int, accepted: int) -> None:
         self.rounds += 1
@@ -191,16 +193,18 @@ class SpeculationPolicy:
 
     def rate(self, source: str, k: int, match: int = 0) -> float:
         cost = self.verify_cost(k + 1) + (self.draft_cost(k) if source == "model" else 0.0)
+        return self.stats(source).expected(k, self._first(source, match)) / cost
+
+    def _first(self, source: str, match: int) -> float | None:
         # Whether a proposal starts right depends on its match length; once it does, how far
         # it stays right is much the same for all of them: the source's later positions.
-        first = self.stats(evidence_key(source, match)).accept[0] if match else None
-        return self.stats(source).expected(k, first) / cost
+        return self.stats(evidence_key(source, match)).accept[0] if match else None
 
     def rate_continued(self, source: str, k: int, match: int, then: int) -> float:
         """A ``k``-token proposal continued by ``then`` model tokens; reading the proposal
         costs the draft about one more pass."""
         cost = self.verify_cost(k + then + 1) + self.draft_cost(then + 1)
-        first = self.stats(evidence_key(source, match)).accept[0] if match else None
+        first = self._first(source, match)
         copied = self.stats(source)
         model = self.stats(CONTINUED)
         if model.rounds < MIN_EVIDENCE:  # until measured after copies, as in its own rounds
