@@ -392,6 +392,21 @@ class TrainingSettings(_Section):
         description="models.draft: feature. Weight of the loss on a round's second draft "
         "token, drafted from the draft's own first output feature as in service (HASS); 0: off.",
     )
+    feature_prompt_weight: float = Field(
+        0.0,
+        ge=0.0,
+        description="models.draft: feature. Weight of a loss at the prompt's positions, each "
+        "labelled with the token the target would put next there (its own greedy choice, "
+        "read from the features the run computes anyway); 0: off.",
+    )
+    feature_noise: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="models.draft: feature. Uniform noise added to the target's features the "
+        "draft reads in training, U(-a, a) times each feature's RMS (EAGLE's augmentation); "
+        "0: off.",
+    )
     rehearsal_tokens: int | None = Field(
         None,
         ge=0,

@@ -106,8 +106,38 @@ def second_step_ce(
     own output feature of entry ``j`` instead of the target's, as in service. Every earlier
     entry reads its own output too (HASS's harmonized context), not the target's."""
     out2 = model.forward(out[:, 1:-1], inputs[:, 2:])  # stands for entries 2 .. T - 1
-    logits = _feature_logits(model, out2).astype(mx.float32)
-    labels = labels[:, 2:]
+    return _mean_ce(model, out2, labels[:, 2:])
+
+
+def prompt_ce(
+    model: FeatureDraft,
+    out: mx.array,
+    top: mx.array,
+    labels: mx.array,
+    vocab_limit: int | None = None,
+) -> mx.array:
+    """Cross-entropy at the prompt's positions, each labelled with the token the target itself
+    would put next there (the argmax of its logits from its final features ``top``): the
+    function a lossless draft learns, on the prompts' positions as well as the answers'. The
+    labels cost one head product over features the trainer already has."""
+    valid = labels != IGNORE
+    # positions before each row's first output label (padding comes after it); entry 0 has none
+    before = mx.cumsum(valid.astype(mx.int32), axis=1) == 0
+    prompt = before & (mx.arange(labels.shape[1])[None] >= 1)
+    width = int(mx.max(mx.sum(before.astype(mx.int32), axis=1)).item())
+    if width < 2:
+        return mx.array(0.0)
+    target_logits = output_head(model.target)(top[:, :width]).astype(mx.float32)
+    if vocab_limit is not None and target_logits.shape[-1] > vocab_limit:
+        target_logits = target_logits[..., :vocab_limit]
+    greedy = mx.stop_gradient(mx.argmax(target_logits, axis=-1)).astype(labels.dtype)
+    return _mean_ce(model, out[:, :width], mx.where(prompt[:, :width], greedy, IGNORE))
+
+
+def _mean_ce(model: FeatureDraft, hidden: mx.array, labels: mx.array) -> mx.array:
+    """Mean cross-entropy of the draft's logits from output features ``hidden`` against
+    ``labels`` (token ids; over a pruned head's subset, a label outside it no target)."""
+    logits = _feature_logits(model, hidden).astype(mx.float32)
     head = pruned_head(model)
     if head is not None:  # subset columns; a label outside the subset is no target
         sub = head.index[mx.where(labels == IGNORE, 0, labels)]
@@ -185,6 +215,8 @@ def compute_loss(
     features: mx.array | None = None,
     regression_weight: float = 0.0,
     second_step_weight: float = 0.0,
+    feature_noise: float = 0.0,
+    prompt_weight: float = 0.0,
 ) -> tuple[mx.array, tuple[mx.array, mx.array, mx.array]]:
     """``(loss, (ce, kd, num_targets))`` of a batch; ``model`` first, for `nn.value_and_grad`.
 
@@ -196,11 +228,13 @@ def compute_loss(
     must all be ``IGNORE`` (`Batch.start`); their logits are not computed.
     """
     start = max(0, min(int(start), inputs.shape[1] - 1))
-    regression = second = None
+    regression = second = prompt = None
     if isinstance(model, FeatureDraft):
-        out, target_features = model.teacher_forced(inputs, features)
+        out, target_features = model.teacher_forced(inputs, features, feature_noise)
         if second_step_weight and inputs.shape[1] > 2:
             second = second_step_ce(model, out, inputs, labels)
+        if prompt_weight:
+            prompt = prompt_ce(model, out, target_features, labels, vocab_limit)
         logits = _feature_logits(model, out[:, start:]).astype(mx.float32)
         if regression_weight:
             diff = out[:, start:] - target_features[:, start:]
@@ -244,6 +278,8 @@ def compute_loss(
         )
     if second is not None:
         total = total + second_step_weight * second
+    if prompt is not None:
+        total = total + prompt_weight * prompt
     if disagreement_weight:
         total = total + disagreement_weight * (term * rejected).sum() / denom_term
     if kd_weight:

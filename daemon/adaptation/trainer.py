@@ -176,6 +176,8 @@ class Trainer:
             features=features,
             regression_weight=self.cfg.feature_regression,
             second_step_weight=self.cfg.feature_second_step,
+            feature_noise=self.cfg.feature_noise,
+            prompt_weight=self.cfg.feature_prompt_weight,
         )
 
     def _teacher(self, inputs: mx.array, start: int) -> mx.array:

@@ -136,6 +136,7 @@ def bench_train(
         )
         trained = load_adapter_dir(pair.fresh_draft, adapter_dir)
         chain_after = holdout_chain(run_settings, pair, trained)
+        chain_trained_on = holdout_chain(run_settings, pair, trained, trained_on=True)
     cfg = settings.training
     # what the speed gate would score: the pair's expected speedup over the target alone on
     # the holdout, with the step costs the run measured (daemon.core.speed)
@@ -159,6 +160,9 @@ def bench_train(
         "chain_after": chain_after,
         "both_right_before": chain_before["both"],
         "both_right_after": chain_after["both"],
+        # the same measure on rows it was trained on: far above the holdout's, it memorised
+        "chain_trained_on": chain_trained_on,
+        "trained_on_after": chain_trained_on["first"],
         **speed,
         "draft_token_ms": costs.draft * 1000 if costs else None,
         # a drafted token's cost as a share of a target step (one row), both timed by the run
@@ -193,19 +197,27 @@ def bench_train(
         # a feature draft: the target layers it reads besides the final ones, its second step
         "feature_layers": list(pair.feature_taps) if pair.learns_features else None,
         "feature_second_step": cfg.feature_second_step if pair.learns_features else None,
+        "feature_noise": cfg.feature_noise if pair.learns_features else None,
+        "feature_prompt_weight": cfg.feature_prompt_weight if pair.learns_features else None,
         "traffic": traffic,
         "adapter_path": m.adapter_path if out_dir else None,
     }
 
 
-def holdout_chain(settings: Settings, pair: Any, draft: Any) -> dict[str, Any]:
-    """`chain_agreement` of ``draft`` on the buffer's holdout rows."""
+def holdout_chain(
+    settings: Settings, pair: Any, draft: Any, trained_on: bool = False
+) -> dict[str, Any]:
+    """`chain_agreement` of ``draft`` on the buffer's holdout rows; ``trained_on``: on as many
+    of the oldest pending failure cases instead (rows every run of the bench trains on), so
+    the gap between the two is what the draft memorised rather than learned."""
     from daemon.core.evaluation import chain_agreement
     from daemon.store.buffer import ReplayBuffer
 
     with ReplayBuffer(settings.paths.data_dir, settings.buffer, create=False) as buf:
-        holdout = buf.holdout(settings.training.eval_max_rows)
-    rows = [(r.prompt_tokens, r.output_tokens) for r in holdout]
+        records = buf.holdout(settings.training.eval_max_rows)
+        if trained_on:
+            records = buf.pending_failures(len(records))
+    rows = [(r.prompt_tokens, r.output_tokens) for r in records]
     return chain_agreement(
         draft,
         rows,
@@ -319,6 +331,7 @@ def run(args: argparse.Namespace, settings: Settings, sources: ConfigSources) ->
             "heldout_after",
             "both_right_before",
             "both_right_after",
+            "trained_on_after",
             "expected_speedup_before",
             "expected_speedup_after",
             "draft_token_ms",

@@ -48,6 +48,7 @@ __all__ = [
     "feature_taps",
     "is_feature_draft",
     "make_feature_draft",
+    "perturb",
     "resolve_taps",
     "target_hidden",
 ]
@@ -204,12 +205,13 @@ class FeatureDraft(nn.Module):
         return cast(mx.array, self.norm(x))
 
     def teacher_forced(
-        self, inputs: mx.array, features: mx.array | None = None
+        self, inputs: mx.array, features: mx.array | None = None, noise: float = 0.0
     ) -> tuple[mx.array, mx.array]:
         """(output features, the target's features), both ``(B, T, H)``, for a token sequence:
         entry ``j`` reads the target's feature ``j - 1``, so its output at ``j`` is compared
         with the target's feature ``j``; position 0 has no entry and is zeros. ``features``:
-        the target's, when already computed (the trainer keeps them across epochs)."""
+        the target's, when already computed (the trainer keeps them across epochs).
+        ``noise``: training only, the features read are perturbed (`perturb`)."""
         if features is None:
             features = self.target_features(inputs)
         features = mx.stop_gradient(features)
@@ -217,7 +219,8 @@ class FeatureDraft(nn.Module):
         pad = mx.zeros((inputs.shape[0], 1, top.shape[-1]), dtype=features.dtype)
         if inputs.shape[1] < 2:
             return pad, top
-        out = self.forward(features[:, :-1], inputs[:, 1:])
+        read = perturb(features[:, :-1], noise, top.shape[-1]) if noise else features[:, :-1]
+        out = self.forward(read, inputs[:, 1:])
         return mx.concatenate([pad.astype(out.dtype), out], axis=1), top
 
     def hidden(self, inputs: mx.array, cache: Any = None) -> mx.array:
@@ -228,6 +231,17 @@ class FeatureDraft(nn.Module):
         """Teacher-forced logits ``(B, T, V)`` of a token sequence: row ``j`` predicts token
         ``j + 1`` as the draft would with the target's true features (row 0: uniform)."""
         return self.head(self.hidden(inputs))
+
+
+def perturb(features: mx.array, amount: float, hidden: int) -> mx.array:
+    """``features`` plus uniform noise U(-amount, amount) times the RMS of each ``hidden``-wide
+    block (each tapped layer and the final features have their own scale): EAGLE's training
+    augmentation, so the draft does not lean on digits its own output features will not have."""
+    shape = features.shape
+    blocks = features.astype(mx.float32).reshape(*shape[:-1], shape[-1] // hidden, hidden)
+    rms = mx.sqrt(mx.mean(mx.square(blocks), axis=-1, keepdims=True))
+    noise = mx.random.uniform(-amount, amount, blocks.shape) * rms
+    return (blocks + noise).reshape(shape).astype(features.dtype)
 
 
 def is_feature_draft(model: Any) -> bool:

@@ -21,10 +21,12 @@ from daemon.config import load_settings
 from daemon.core.feature_draft import (
     is_feature_draft,
     make_feature_draft,
+    perturb,
     resolve_taps,
     target_hidden,
 )
 from daemon.core.models import load_pair
+from daemon.core.heads import output_head
 from daemon.core.speed import StepCosts
 from daemon.errors import AdapterError, ModelLoadError
 from daemon.store.adapters import ADAPTER_CONFIG, load_adapter_dir
@@ -192,5 +194,59 @@ def test_the_second_step_reads_the_drafts_own_features_and_the_next_label() -> N
             row = np.array(draft.head(x)[0, -1].astype(mx.float32))
             m = row.max()
             losses.append(m + np.log(np.exp(row - m).sum()) - row[labels[b, j + 1]])
+    expected = plain.item() + 0.5 * float(np.mean(losses))
+    assert total.item() == pytest.approx(expected, rel=1e-4)
+
+
+def test_feature_noise_perturbs_what_the_draft_reads_by_each_blocks_scale() -> None:
+    target = make_tiny_llama(VOCAB, seed=3)
+    draft = make_feature_draft(target, taps=(0,))
+    batch = collate(synthetic_examples(2))
+    feats = draft.target_features(batch.inputs)
+    hidden = draft.fc.weight.shape[0]
+    mx.random.seed(0)
+    noisy = perturb(feats, 0.1, hidden)
+    blocks = np.array(feats.astype(mx.float32)).reshape(*feats.shape[:-1], 2, hidden)
+    rms = np.sqrt((blocks**2).mean(axis=-1, keepdims=True))
+    delta = np.array(noisy.astype(mx.float32)).reshape(blocks.shape) - blocks
+    # within +-0.1 of each block's own RMS (the tap at unit RMS, the final features at theirs)
+    assert np.all(np.abs(delta) <= 0.1 * rms + 1e-4)
+    assert np.abs(delta).max() > 0.05 * rms.min()
+    # the loss reads the perturbed features; the regression target stays the target's own
+    plain, _ = compute_loss(draft, *batch.arrays(), start=batch.start, features=feats)
+    again, _ = compute_loss(draft, *batch.arrays(), start=batch.start, features=feats)
+    noisy_loss, _ = compute_loss(
+        draft, *batch.arrays(), start=batch.start, features=feats, feature_noise=0.1
+    )
+    assert plain.item() == again.item() and noisy_loss.item() != plain.item()
+    _, top = draft.teacher_forced(batch.inputs, feats, noise=0.1)
+    assert mx.array_equal(top, draft.final(feats))
+    # and the trainer hands training.feature_noise to the loss
+    losses = []
+    for amount in (0.0, 0.1):
+        trainer = Trainer(draft, cfg(feature_noise=amount), total_steps=1)
+        loss, _ = trainer.loss_fn(draft, *batch.arrays(), start=batch.start, features=feats)
+        losses.append(loss.item())
+    assert losses[0] != losses[1]
+
+
+def test_the_prompt_term_labels_each_prompt_position_with_the_targets_own_next_token() -> None:
+    target = make_tiny_llama(VOCAB, seed=3)
+    draft = make_feature_draft(target)
+    examples = synthetic_examples(2, plen=6) + synthetic_examples(1, seed=1, plen=9)
+    batch = collate(examples)
+    plain, _ = compute_loss(draft, *batch.arrays(), start=batch.start)
+    total, _ = compute_loss(draft, *batch.arrays(), start=batch.start, prompt_weight=0.5)
+    out, top = draft.teacher_forced(batch.inputs)
+    greedy = np.array(mx.argmax(output_head(target)(top), axis=-1))
+    logits = np.array(draft.head(out).astype(mx.float32))
+    losses = []
+    for b, ex in enumerate(examples):
+        # entries 1 .. the last before the first output label: the prompt's positions
+        for j in range(1, ex.first_target):
+            row = logits[b, j]
+            m = row.max()
+            losses.append(m + np.log(np.exp(row - m).sum()) - row[greedy[b, j]])
+    assert len(losses) == 4 + 4 + 7  # prompts of 6, 6 and 9 tokens
     expected = plain.item() + 0.5 * float(np.mean(losses))
     assert total.item() == pytest.approx(expected, rel=1e-4)

@@ -578,6 +578,10 @@ def test_bench_train_builds_traffic_and_reports(tiny_setup, tmp_path: Path) -> N
     # the gate's score of each draft, from the step costs the run measured
     assert result["expected_speedup_before"] >= 1.0 and result["expected_speedup_after"] >= 1.0
     assert result["draft_token_ms"] > 0
+    # the same measure on rows it trained on: scored on train rows, not the holdout again
+    trained_on = result["chain_trained_on"]
+    assert trained_on["positions"] > 0 and trained_on["first"] == result["trained_on_after"]
+    assert trained_on != result["chain_after"]
     assert not (tmp_path / "bench-data" / "buffer.sqlite").exists()  # scratch buffer only
 
 
