@@ -393,7 +393,7 @@ class TrainingSettings(_Section):
         "token, drafted from the draft's own first output feature as in service (HASS); 0: off.",
     )
     feature_prompt_weight: float = Field(
-        0.0,
+        1.0,
         ge=0.0,
         description="models.draft: feature. Weight of a loss at the prompt's positions, each "
         "labelled with the token the target would put next there (its own greedy choice, "
