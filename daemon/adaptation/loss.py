@@ -124,7 +124,7 @@ def prompt_ce(
     # positions before each row's first output label (padding comes after it); entry 0 has none
     before = mx.cumsum(valid.astype(mx.int32), axis=1) == 0
     prompt = before & (mx.arange(labels.shape[1])[None] >= 1)
-    width = int(mx.max(mx.sum(before.astype(mx.int32), axis=1)).item())
+    width = cast(int, mx.max(mx.sum(before.astype(mx.int32), axis=1)).item())
     if width < 2:
         return mx.array(0.0)
     target_logits = output_head(model.target)(top[:, :width]).astype(mx.float32)

@@ -25,8 +25,8 @@ from daemon.core.feature_draft import (
     resolve_taps,
     target_hidden,
 )
-from daemon.core.models import load_pair
 from daemon.core.heads import output_head
+from daemon.core.models import load_pair
 from daemon.core.speed import StepCosts
 from daemon.errors import AdapterError, ModelLoadError
 from daemon.store.adapters import ADAPTER_CONFIG, load_adapter_dir
