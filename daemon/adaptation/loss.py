@@ -16,7 +16,9 @@ vocabulary in float16 overflows (guard 3).
 A feature draft (`daemon.core.feature_draft`) reads the target's hidden states: its logits come
 from them teacher forced (computed here, or given as ``features`` by a trainer that keeps
 them), and ``regression_weight`` adds EAGLE's regression term, the smooth-L1 distance of its
-output features from the target's at the same output positions.
+output features from the target's at the same output positions; ``second_step_weight`` its
+second token's CE (`second_step_ce`), ``prompt_weight`` a CE at the prompt's positions against
+the target's own greedy choice there (`prompt_ce`); ``feature_noise`` perturbs what it reads.
 """
 
 from __future__ import annotations
