@@ -420,6 +420,13 @@ class TrainingSettings(_Section):
         ge=1,
         description="Rehearsed answers per recorded train prompt (training.rehearsal_tokens).",
     )
+    rehearsal_requests: int = Field(
+        0,
+        ge=0,
+        description="Rewritten requests per recorded train prompt, within training."
+        "rehearsal_tokens: the prompt's last message kept in part, the rest sampled from the "
+        "target, then the target's greedy answer, as extra examples. 0: off.",
+    )
     optimizer: Literal["adamw", "adam"] = "adamw"
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW decoupled weight decay.")
     min_lr_ratio: float = Field(

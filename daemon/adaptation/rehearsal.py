@@ -42,6 +42,17 @@ CACHE_DIR = "rehearsal"
 BATCH = 32
 
 
+# Rewritten requests (training.rehearsal_requests): the recorded request's last message is
+# kept up to this fraction of its tokens (by record and variant) and the rest sampled from the
+# target, so the answer that follows answers a request nobody sent but traffic like it.
+REQUEST_KEEP = (0.25, 0.5, 0.75)
+# a rewritten request's variant ids start here, apart from the rehearsed answers' 0, 1, ...
+REQUEST_VARIANT = 1000
+# the sampled rest of a message: at most twice what it replaces, within these bounds
+REQUEST_TAIL = (16, 128)
+# a message shorter than this has no room to be rewritten
+MIN_MESSAGE = 8
+
 # training.rehearsal_tokens: null, for a feature draft: one answer to each of ~170 prompts of
 # 96 tokens, so a run of 50 failures and as many replay rows rehearses all of them
 FEATURE_DEFAULT_TOKENS = 16384
@@ -98,10 +109,15 @@ class RehearsalReport:
 
 @dataclass
 class _Entry:
+    """A rehearsed answer: the record's prompt with ``prompt[keep:end]`` replaced by
+    ``prefix`` (an answer rehearsal keeps the whole prompt, ``keep = end = len(prompt)``; a
+    rewritten request replaces the rest of its last message), then ``output``."""
+
     record_id: int
     variant: int
     prefix: list[int]
     output: list[int]
+    span: tuple[int, int] | None = None  # (keep, end); None: after the whole prompt
 
 
 class RehearsalCache:
@@ -148,6 +164,7 @@ class RehearsalCache:
                     "variant": e.variant,
                     "prefix": e.prefix,
                     "output": e.output,
+                    **({"span": list(e.span)} if e.span is not None else {}),
                 },
                 separators=(",", ":"),
             )
@@ -163,13 +180,17 @@ def _parse(obj: Any, target_id: str) -> _Entry | None:
     if not isinstance(obj, dict) or obj.get("target_id") != target_id:
         return None
     try:
+        span = obj.get("span")
         entry = _Entry(
             record_id=int(obj["record_id"]),
             variant=int(obj["variant"]),
             prefix=[int(t) for t in obj["prefix"]],
             output=[int(t) for t in obj["output"]],
+            span=None if span is None else (int(span[0]), int(span[1])),
         )
-    except (KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError, IndexError):
+        return None
+    if entry.span is not None and not 0 <= entry.span[0] <= entry.span[1]:
         return None
     return entry if entry.prefix and entry.output else None
 
@@ -178,15 +199,49 @@ def _parse(obj: Any, target_id: str) -> _Entry | None:
 class _Job:
     record: Any  # the buffer record it answers again
     variant: int
-    prefix_len: int
+    prefix_len: int  # sampled tokens before the greedy answer (after the prompt)
     max_tokens: int
     prefix: list[int] = field(default_factory=list)
     output: list[int] = field(default_factory=list)
     cut: bool = False
+    span: tuple[int, int] | None = None  # a rewritten request's (keep, end)
+    tail_max: int = 0  # a rewritten request's sampled tokens, at most
+
+    def prompt(self) -> list[int]:
+        return _prompt(self.record.prompt_tokens, self.span, self.prefix)
+
+
+def _prompt(prompt: Sequence[int], span: tuple[int, int] | None, prefix: list[int]) -> list[int]:
+    if span is None:
+        return list(prompt) + prefix
+    keep, end = span
+    return list(prompt[:keep]) + prefix + list(prompt[end:])
 
 
 def prefix_length(record_id: int, variant: int) -> int:
     return PREFIX_LENGTHS[(record_id + variant) % len(PREFIX_LENGTHS)]
+
+
+def request_span(
+    prompt: Sequence[int], stops: Iterable[int], record_id: int, variant: int
+) -> tuple[int, int] | None:
+    """Where a rewritten request replaces the prompt's tokens: from a fraction of its last
+    message (``REQUEST_KEEP``, by record and variant) to the stop token that ends it; None
+    when the prompt has no closed message of ``MIN_MESSAGE`` tokens (a plain completion
+    prompt). A chat template ends each message with a stop token (``<|im_end|>``) and the
+    prompt with the answer's header after the last one; the message starts after the stop
+    token before it."""
+    stop = set(stops)
+    ends = [i for i, t in enumerate(prompt) if t in stop]
+    if not ends or ends[-1] >= len(prompt) - 1:
+        return None
+    end = ends[-1]
+    begin = ends[-2] + 1 if len(ends) > 1 else 0
+    if end - begin < MIN_MESSAGE:
+        return None
+    frac = REQUEST_KEEP[(record_id + variant) % len(REQUEST_KEEP)]
+    keep = begin + max(4, round(frac * (end - begin)))
+    return (keep, end) if keep < end else None
 
 
 def rehearse(
@@ -199,11 +254,14 @@ def rehearse(
     max_output: int,
     stop_tokens: Sequence[int],
     seed: int = 0,
+    requests: int = 0,
 ) -> tuple[list[RehearsalRow], RehearsalReport]:
     """Rehearsed answers for ``records`` (train rows, in priority order): from ``cache``
-    where it has them, else generated by ``target`` while their answer lengths (each the
-    record's own, at most ``max_output``) fit in ``budget_tokens``. New answers are put in
-    ``cache`` (the caller saves it)."""
+    where it has them, else generated by ``target`` while their lengths (each answer the
+    record's own, at most ``max_output``; a rewritten request's sampled tokens at most
+    ``REQUEST_TAIL``) fit in ``budget_tokens``. ``variants`` answers to each recorded
+    request, then ``requests`` answers to rewritten requests (`request_span`). New answers
+    are put in ``cache`` (the caller saves it)."""
     report = RehearsalReport()
     rows: list[RehearsalRow] = []
     jobs: list[_Job] = []
@@ -211,35 +269,92 @@ def rehearse(
     for rec in records:
         if rec.id is None or not rec.prompt_tokens or not rec.output_tokens:
             continue
-        for v in range(variants):
+        length = min(len(rec.output_tokens), max_output)
+        for v in [*range(variants), *(REQUEST_VARIANT + j for j in range(requests))]:
             hit = cache.get(rec.id, v)
             if hit is not None:
-                rows.append(_row(rec, v, hit.prefix, hit.output))
+                rows.append(_row(rec, hit))
                 report.cached += 1
                 continue
-            length = min(len(rec.output_tokens), max_output)
-            if length > budget:
+            if v < REQUEST_VARIANT:
+                job = _Job(rec, v, prefix_length(rec.id, v), length)
+            else:
+                span = request_span(rec.prompt_tokens, stop_tokens, rec.id, v)
+                if span is None:
+                    continue
+                tail = min(max(REQUEST_TAIL[0], 2 * (span[1] - span[0])), REQUEST_TAIL[1])
+                job = _Job(rec, v, 0, length, span=span, tail_max=tail)
+            if length + job.tail_max > budget:
                 continue
-            budget -= length
-            jobs.append(_Job(rec, v, prefix_length(rec.id, v), length))
+            budget -= length + job.tail_max
+            jobs.append(job)
     if jobs:
         t0 = time.perf_counter()
-        _generate(target, jobs, stop_tokens, seed)
+        rewritten = [j for j in jobs if j.span is not None]
+        if rewritten:
+            _sample_requests(target, rewritten, stop_tokens, seed)
+        _generate(target, [j for j in jobs if not j.cut], stop_tokens, seed)
         report.seconds = time.perf_counter() - t0
         for job in jobs:
-            if job.cut or not job.output:  # the sampled prefix ended it: nothing to learn
+            if job.cut or not job.output:  # a stop ended it early: nothing to learn
                 report.cut += 1
                 continue
-            cache.put(_Entry(job.record.id, job.variant, job.prefix, job.output))
-            rows.append(_row(job.record, job.variant, job.prefix, job.output))
+            entry = _Entry(job.record.id, job.variant, job.prefix, job.output, job.span)
+            cache.put(entry)
+            rows.append(_row(job.record, entry))
             report.generated += 1
-            report.generated_tokens += len(job.output)
+            report.generated_tokens += len(job.output) + (len(job.prefix) if job.span else 0)
     report.rows = len(rows)
     return rows, report
 
 
-def _row(rec: Any, variant: int, prefix: list[int], output: list[int]) -> RehearsalRow:
-    return RehearsalRow(rec.id, variant, list(rec.prompt_tokens) + prefix, list(output))
+def _row(rec: Any, entry: _Entry) -> RehearsalRow:
+    prompt = _prompt(rec.prompt_tokens, entry.span, entry.prefix)
+    return RehearsalRow(rec.id, entry.variant, prompt, list(entry.output))
+
+
+def _batch(target: nn.Module, jobs: list[_Job], stops: set[int], max_tokens: int) -> Any:
+    from mlx_lm.generate import BatchGenerator
+
+    return BatchGenerator(
+        target,
+        max_tokens=max_tokens,
+        stop_tokens=[[t] for t in sorted(stops)],
+        completion_batch_size=BATCH,
+        prefill_batch_size=8,
+    )
+
+
+def _sample_requests(
+    target: nn.Module, jobs: list[_Job], stop_tokens: Sequence[int], seed: int
+) -> None:
+    """Fill each rewritten request's ``prefix``: the rest of its last message, sampled at
+    temperature 1 from the kept part until a stop token (not kept: the prompt's own stop
+    token follows) or ``tail_max`` tokens. A message the target ends at once is ``cut``."""
+    mx.random.seed(seed + 1)
+    stops = {int(t) for t in stop_tokens}
+    gen = _batch(target, jobs, stops, max(j.tail_max for j in jobs))
+    done: set[int] = set()
+    try:
+        uids = gen.insert(
+            [list(j.record.prompt_tokens[: j.span[0]]) for j in jobs if j.span is not None],
+            [j.tail_max for j in jobs],
+            samplers=[_prefix_sampler(j.tail_max) for j in jobs],
+        )
+        by_uid = dict(zip(uids, jobs, strict=True))
+        while responses := gen.next_generated():
+            for r in responses:
+                job = by_uid[r.uid]
+                if r.uid in done:
+                    continue
+                if int(r.token) in stops:
+                    done.add(r.uid)
+                else:
+                    job.prefix.append(int(r.token))
+    finally:
+        gen.close()
+    for job in jobs:
+        job.cut = not job.prefix
 
 
 def _generate(target: nn.Module, jobs: list[_Job], stop_tokens: Sequence[int], seed: int) -> None:
@@ -247,20 +362,14 @@ def _generate(target: nn.Module, jobs: list[_Job], stop_tokens: Sequence[int], s
     each job's sampler draws its first ``prefix_len`` tokens at temperature 1, then takes
     the argmax). A stop token ends an answer and is kept in it, as served answers keep it
     (`daemon.core.engine`)."""
-    from mlx_lm.generate import BatchGenerator
-
+    if not jobs:
+        return
     mx.random.seed(seed)
     stops = {int(t) for t in stop_tokens}
-    gen = BatchGenerator(
-        target,
-        max_tokens=max(j.prefix_len + j.max_tokens for j in jobs),
-        stop_tokens=[[t] for t in sorted(stops)],
-        completion_batch_size=BATCH,
-        prefill_batch_size=8,
-    )
+    gen = _batch(target, jobs, stops, max(j.prefix_len + j.max_tokens for j in jobs))
     try:
         uids = gen.insert(
-            [list(j.record.prompt_tokens) for j in jobs],
+            [j.prompt() for j in jobs],
             [j.prefix_len + j.max_tokens for j in jobs],
             samplers=[_prefix_sampler(j.prefix_len) for j in jobs],
         )

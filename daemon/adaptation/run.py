@@ -144,6 +144,7 @@ def _rehearsal_examples(
         cache,
         budget_tokens=budget,
         variants=cfg.rehearsal_variants,
+        requests=cfg.rehearsal_requests,
         max_output=settings.data.max_output_length,
         stop_tokens=list(pair.tokenizer.eos_token_ids or ()),
         seed=cfg.seed,
