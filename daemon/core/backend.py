@@ -88,16 +88,19 @@ def loaded_blas() -> str:
 
 @functools.cache
 def backend_info() -> dict[str, Any]:
-    """MLX device and BLAS, for start-up logs and /status."""
+    """MLX device and BLAS, for start-up logs and /status. ``device`` is "gpu" on Metal and
+    on CUDA (``mlx[cuda]``): the CPU-only choices (dequantizing, float32) key on it."""
     import mlx.core as mx
 
     metal = bool(mx.metal.is_available()) if hasattr(mx, "metal") else False
-    device = "gpu" if metal and mx.default_device() == mx.gpu else "cpu"
+    cuda = bool(mx.cuda.is_available()) if hasattr(mx, "cuda") else False
+    device = "gpu" if (metal or cuda) and mx.default_device() == mx.gpu else "cpu"
     return {
         "mlx_version": getattr(mx, "__version__", "unknown"),  # not in mlx's type stub
         "device": device,
         "metal": metal,
-        "blas": loaded_blas() if device == "cpu" else "metal",
+        "cuda": cuda,
+        "blas": loaded_blas() if device == "cpu" else ("metal" if metal else "cuda"),
     }
 
 

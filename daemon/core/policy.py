@@ -18,8 +18,8 @@ prior; ``verify(rows)`` and the model's per-token cost are moving averages of me
 count's figure rescaled by how the one-row time has moved since it was measured, so a spell of
 CPU contention, such as a training run, does not leave stale costs behind). When
 the model draft is not worth running it is still tried with one token every
-``PROBE_EVERY`` rounds, so a draft that improves (a new adapter) is noticed; a new draft
-(adapter swap) resets its estimates.
+``PROBE_EVERY`` rounds, or more rarely where a probe costs more (``PROBE_SHARE``), so a draft
+that improves is noticed; a new draft (adapter swap) resets its estimates.
 """
 
 from __future__ import annotations
@@ -35,6 +35,10 @@ PRIOR_ACCEPT = 0.5
 # and their estimates never leave the prior.
 PRIOR_CONTINUE = 0.8
 PROBE_EVERY = 16
+# ... and no more often than keeps what probes cost beyond plain decoding under this share of
+# the time: where verifying two rows costs twice one (quantized targets on a GPU) a probe
+# every 16 rounds alone would cost ~7% of the speed
+PROBE_SHARE = 0.02
 MAX_POSITIONS = 32
 MIN_EVIDENCE = 8  # rounds before an estimate is reported as evidence about the draft
 # The model draft's tokens after a whole accepted proposal, tracked apart from its own
@@ -134,6 +138,7 @@ class SpeculationPolicy:
         self._one_row_at: dict[int, float] = {}
         self.draft_token_s: float | None = None
         self._since_model = 0
+        self._since_model_s = 0.0  # seconds of rounds since the model last drafted
         self._draft_serial: int | None = None
 
     # --- estimates -------------------------------------------------------------------------
@@ -148,7 +153,7 @@ class SpeculationPolicy:
 
     def verify_cost(self, rows: int) -> float:
         """Seconds of a ``rows``-row target pass: measured, else interpolated, else a prior
-        (one row measured or 1.0, +25% per extra row)."""
+        (one row measured, or the cheapest pass measured, or 1.0; +25% per extra row)."""
         one = self.verify_s.get(1)
         known = {
             r: v * (one / self._one_row_at[r] if one and self._one_row_at.get(r) else 1.0)
@@ -162,7 +167,10 @@ class SpeculationPolicy:
             lo, hi = max(below), min(above)
             w = (rows - lo) / (hi - lo)
             return known[lo] + w * (known[hi] - known[lo])
-        base = known.get(1, 1.0)
+        # before a one-row pass is timed, it costs no more than the cheapest pass that was:
+        # a prior of 1 s beside passes timed in milliseconds would make every round look
+        # cheaper than plain decoding, which then is never chosen and never timed
+        base = known.get(1, min(known.values(), default=1.0))
         if below:
             lo = max(below)
             per_row = (known[lo] - base) / (lo - 1) if lo > 1 else 0.25 * base
@@ -247,14 +255,20 @@ class SpeculationPolicy:
                         best = Choice(p.source, whole + m, list(p.tokens), p.match, then=m)
                         best_rate = r
         if best.source == "model":
-            self._since_model = 0
+            self._since_model, self._since_model_s = 0, 0.0
         else:
             self._since_model += 1
             probe = self.max_model_tokens > 0 and limit >= 1 and best.source == "none"
-            if probe and self._since_model >= PROBE_EVERY:
-                self._since_model = 0
+            if probe and self._probe_due():
+                self._since_model, self._since_model_s = 0, 0.0
                 return Choice("model", 1)  # keep measuring the draft
         return best
+
+    def _probe_due(self) -> bool:
+        """A probe (one model token) when ``PROBE_EVERY`` rounds have passed without one and
+        what it costs beyond a plain step is under ``PROBE_SHARE`` of the time since."""
+        extra = self.verify_cost(2) + self.draft_cost(1) - self.verify_cost(1)
+        return self._since_model >= PROBE_EVERY and self._since_model_s * PROBE_SHARE >= extra
 
     # --- measuring ---------------------------------------------------------------------------
 
@@ -265,6 +279,7 @@ class SpeculationPolicy:
         token (None when it includes catching up on earlier tokens, which is no per-token
         figure)."""
         rows = choice.k + 1
+        self._since_model_s += verify_s + (draft_s or 0.0)
         prev = self.verify_s.get(rows)
         self.verify_s[rows] = verify_s if prev is None else prev + EMA * (verify_s - prev)
         if rows > 1 and 1 in self.verify_s:

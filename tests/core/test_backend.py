@@ -64,3 +64,40 @@ def test_openblas_logits_match_bundled_blas(tmp_path: Path) -> None:
     top2 = np.sort(plain, axis=-1)[..., -2:]
     clear = (top2[..., 1] - top2[..., 0]) > 1e-2
     assert (plain.argmax(-1)[clear] == fast.argmax(-1)[clear]).all()
+
+
+@pytest.mark.parametrize(
+    ("metal", "cuda", "default", "device", "blas"),
+    [
+        (False, True, "gpu", "gpu", "cuda"),  # mlx[cuda]: a GPU, not the CPU backend
+        (True, False, "gpu", "gpu", "metal"),
+        (False, False, "cpu", "cpu", None),
+        (False, True, "cpu", "cpu", None),  # CUDA present, the CPU chosen
+    ],
+)
+def test_backend_info_names_the_device_mlx_runs_on(
+    monkeypatch: pytest.MonkeyPatch,
+    metal: bool,
+    cuda: bool,
+    default: str,
+    device: str,
+    blas: str | None,
+) -> None:
+    """On CUDA the device is the GPU, so the CPU-only choices (dequantize, float32) are off."""
+    import mlx.core as mx
+
+    from daemon.core import backend, models
+
+    monkeypatch.setattr(mx.metal, "is_available", lambda: metal)
+    monkeypatch.setattr(mx.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(mx, "default_device", lambda: mx.gpu if default == "gpu" else mx.cpu)
+    backend.backend_info.cache_clear()
+    try:
+        info = backend.backend_info()
+        assert info["device"] == device
+        assert info["cuda"] is cuda and info["metal"] is metal
+        if blas is not None:
+            assert info["blas"] == blas
+        assert models._should_dequantize("auto") is (device == "cpu")
+    finally:
+        backend.backend_info.cache_clear()

@@ -13,6 +13,7 @@ from daemon.core.engine import SamplingParams, SpeculativeConfig, SpeculativeEng
 from daemon.core.policy import (
     CONTINUED,
     PROBE_EVERY,
+    PROBE_SHARE,
     Choice,
     SpeculationPolicy,
     evidence_key,
@@ -101,6 +102,50 @@ def test_policy_prefers_what_pays_and_probes_the_model() -> None:
     assert seen == {"none", "model"}  # a bad draft is still probed now and then
     pol.new_request(draft_serial=2)  # another draft (an adapter swap): its estimates start over
     assert pol.stats("model").accept[0] == 0.5
+
+
+def _decode_with_a_useless_draft(
+    pol: SpeculationPolicy, verify: list[float], draft: float
+) -> float:
+    """Seconds probes cost beyond plain decoding, as a share of 2,000 rounds' time, where the
+    model draft is never right and no proposal comes."""
+    spent = extra = 0.0
+    for _ in range(2000):
+        plan = pol.choose(None, remaining=100)
+        t = verify[plan.k] + (draft * plan.k)
+        spent += t
+        extra += t - verify[0]
+        pol.observe(plan, 0, verify[plan.k], draft * plan.k if plan.k else None)
+    return extra / spent
+
+
+def test_probes_cost_a_bounded_share_where_verifying_two_rows_costs_twice_one() -> None:
+    """A quantized target on a GPU: two rows cost 2x one. Probing every 16 rounds would cost
+    ~7% of the speed; probes are spaced so that they cost ~PROBE_SHARE of it."""
+    steep = [1.0, 2.0, 2.2, 2.4, 2.6]
+    pol = SpeculationPolicy(max_model_tokens=4, max_proposal_tokens=8)
+    pol.new_request(draft_serial=1)
+    share = _decode_with_a_useless_draft(pol, steep, 0.25)
+    assert 0.5 * PROBE_SHARE < share < 1.5 * PROBE_SHARE
+    assert pol.stats("model").rounds > 20  # still probed, only less often
+    # where a probe costs little (a CPU: two rows 1.13x one), every PROBE_EVERY rounds as before
+    flat = [1.0, 1.13, 1.2, 1.3, 1.4]
+    cpu = SpeculationPolicy(max_model_tokens=4, max_proposal_tokens=8)
+    cpu.new_request(draft_serial=1)
+    _decode_with_a_useless_draft(cpu, flat, 0.1)
+    assert cpu.stats("model").rounds >= 2000 // (PROBE_EVERY + 1)
+
+
+def test_an_untimed_one_row_pass_is_not_priced_above_timed_longer_ones() -> None:
+    """Only a long round has been timed (milliseconds): plain decoding must not look slower
+    than drafting with a draft that is never right, or it is never chosen nor timed."""
+    pol = SpeculationPolicy(max_model_tokens=4, max_proposal_tokens=8)
+    pol.new_request(draft_serial=1)
+    pol.observe(Choice("lookup", 8, [1] * 8, match=8), 8, 0.029, None)
+    for _ in range(30):
+        pol.observe(Choice("model", 1), 0, 0.0085, 0.001)
+    assert pol.verify_cost(1) <= 0.0085
+    assert pol.choose(None, remaining=100).source == "none"
 
 
 def test_acceptance_is_tracked_per_match_length() -> None:
