@@ -14,10 +14,12 @@ from structlog.testing import capture_logs
 
 from daemon.adaptation.rehearsal import (
     FEATURE_DEFAULT_TOKENS,
+    REQUEST_VARIANT,
     RehearsalCache,
     prefix_length,
     rehearsal_budget,
     rehearse,
+    request_span,
 )
 from daemon.adaptation.run import run_training
 from daemon.config import load_settings
@@ -112,6 +114,76 @@ def test_cached_answers_are_reused_and_a_bad_cache_file_is_rebuilt(tmp_path: Pat
         broken = RehearsalCache(tmp_path, "t").load()
     assert not broken.entries
     assert [e["event"] for e in logs] == ["rehearsal_cache_unreadable"]
+
+
+STOP = 1  # the end of a message, as <|im_end|> in a chat template
+
+
+def chat_records(n: int) -> list[Rec]:
+    """Prompts shaped by a chat template: a system message, a 12-token request, each closed
+    by the stop token, then the answer's header."""
+    return [
+        Rec(
+            i + 1,
+            [5, 6, STOP] + [(3 * i + j) % (VOCAB - 12) + 10 for j in range(12)] + [STOP, 8, 9],
+            [3] * 10,
+        )
+        for i in range(n)
+    ]
+
+
+def test_a_request_is_rewritten_inside_its_last_message_only() -> None:
+    prompt = chat_records(1)[0].prompt_tokens
+    spans = {request_span(prompt, [STOP], 1, REQUEST_VARIANT + j) for j in range(3)}
+    assert len(spans) == 3  # a quarter, half or three quarters of the message kept
+    for keep, end in spans:
+        assert 3 + 4 <= keep < end == 15  # past the system message, before the request's stop
+    assert request_span([5, 6, 7, 8, 9, 10, 11, 12, 13, 14], [STOP], 1, 0) is None  # no message
+    assert request_span(prompt[:16], [STOP], 1, 0) is None  # no answer header after it
+    assert request_span([5, STOP, 10, 11, 12, STOP, 8], [STOP], 1, 0) is None  # too short
+
+
+def test_a_rewritten_request_is_sampled_then_answered_greedily_and_cached(
+    tmp_path: Path,
+) -> None:
+    target = make_tiny_llama(VOCAB, seed=4)
+    recs = chat_records(4)
+    cache = RehearsalCache(tmp_path, "t")
+    rows, report = rehearse(
+        target,
+        recs,
+        cache,
+        budget_tokens=10_000,
+        variants=0,
+        max_output=8,
+        stop_tokens=[STOP],
+        requests=2,
+    )
+    assert report.generated == len(rows) >= 6 and report.generated + report.cut == 8
+    for row in rows:
+        rec = recs[row.record_id - 1]
+        keep, end = request_span(rec.prompt_tokens, [STOP], rec.id, row.variant)
+        sampled = row.prompt_tokens[keep : len(row.prompt_tokens) - (len(rec.prompt_tokens) - end)]
+        assert row.prompt_tokens[:keep] == rec.prompt_tokens[:keep]
+        assert row.prompt_tokens[keep + len(sampled) :] == rec.prompt_tokens[end:]
+        assert sampled and STOP not in sampled and sampled != rec.prompt_tokens[keep:end]
+        assert len(row.output_tokens) == 8
+        assert row.output_tokens == greedy_after(target, row.prompt_tokens, row.output_tokens)
+    cache.save([r.id for r in recs])
+    again, report = rehearse(
+        target,
+        recs,
+        RehearsalCache(tmp_path, "t").load(),
+        budget_tokens=0,
+        variants=0,
+        max_output=8,
+        stop_tokens=[STOP],
+        requests=2,
+    )
+    assert report.cached == len(rows) and report.generated == 0
+    assert [(r.prompt_tokens, r.output_tokens) for r in again] == [
+        (r.prompt_tokens, r.output_tokens) for r in rows
+    ]
 
 
 @pytest.fixture
