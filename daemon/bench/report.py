@@ -136,7 +136,10 @@ def _section(name: str, data: dict[str, Any]) -> list[str]:
     if backend:
         where += f", MLX {backend.get('mlx_version')} on {backend.get('device')}"
         where += f" (BLAS: {backend.get('blas')})"
-    out += [f"- machine: {where}", ""]
+    out.append(f"- machine: {where}")
+    if prov.get("note"):  # what the file's own fields cannot say (added by hand, e.g. a bug)
+        out.append(f"- note: {prov['note']}")
+    out.append("")
     rows = {k: v for k, v in data.items() if isinstance(v, dict) and k != meta_key}
     columns: list[str] = []
     for row in rows.values():
