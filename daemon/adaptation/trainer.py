@@ -37,6 +37,7 @@ from mlx.utils import tree_flatten, tree_map
 from daemon.adaptation.data import Batch, Example, collate
 from daemon.adaptation.loss import compute_loss, teacher_logprobs
 from daemon.config import TrainingSettings
+from daemon.core.backend import free_memory_bytes
 from daemon.core.feature_draft import FeatureDraft
 from daemon.core.heads import pruned_head
 from daemon.logging import get_logger
@@ -45,9 +46,17 @@ log = get_logger("training")
 
 Schedule = Callable[[Any], mx.array]
 
-# The teacher's rows kept across epochs (float16): a run of 200 examples x 256 output tokens
-# over the default 8192-token head is ~840 MB; beyond this they are recomputed each epoch.
+# The teacher's rows (float16) and a feature draft's target features (float32 on the CPU) kept
+# across epochs: a run of 200 examples x 256 output tokens over the default 8192-token head is
+# ~840 MB, the features of 436 examples of ~230 tokens ~1.2 GB; beyond the budget they are
+# recomputed each epoch (about twice a training step: a run of 654 examples took 1.25 s a step
+# at 1 GiB). The budget: a quarter of the memory free when the run starts, within these bounds.
 TEACHER_CACHE_BYTES = 1 << 30
+TEACHER_CACHE_MAX_BYTES = 4 << 30
+
+
+def teacher_cache_budget() -> int:
+    return max(TEACHER_CACHE_BYTES, min(TEACHER_CACHE_MAX_BYTES, free_memory_bytes() // 4))
 
 
 def lr_schedule(
@@ -157,6 +166,7 @@ class Trainer:
         # unique while its example lives)
         self._teacher_cache: dict[int, mx.array] = {}
         self._cache_bytes = 0
+        self._cache_budget = teacher_cache_budget()
         self._accum: Any = None
         self._n = 0
         self._loss = self._ce = self._kd = 0.0
@@ -195,7 +205,7 @@ class Trainer:
         loss; over the draft's pruned head's columns where it has one.
 
         With the batch's ``examples`` each example's rows are computed once and kept (in
-        float16, up to `TEACHER_CACHE_BYTES`) for the later epochs: the target's forward pass
+        float16, within `teacher_cache_budget`) for the later epochs: the target's forward pass
         costs about twice a draft training step here."""
         if self.cfg.loss == "ce" or self.teacher is None:
             return None
@@ -208,7 +218,7 @@ class Trainer:
             cached = self._teacher_cache.get(id(ex))
             if cached is None:
                 cached = self._teacher(mx.array(ex.inputs)[None], first)[0].astype(mx.float16)
-                if self._cache_bytes + cached.nbytes <= TEACHER_CACHE_BYTES:
+                if self._cache_bytes + cached.nbytes <= self._cache_budget:
                     self._teacher_cache[id(ex)] = cached
                     self._cache_bytes += cached.nbytes
             # the example's rows sit at label indices first..len-1 of the padded batch
@@ -220,7 +230,7 @@ class Trainer:
         self, batch: Batch, examples: Sequence[Example] | None = None
     ) -> mx.array | None:
         """The target's hidden states over the batch, for a feature draft (None otherwise);
-        each example's are computed once per fit and kept (within `TEACHER_CACHE_BYTES`,
+        each example's are computed once per fit and kept (within `teacher_cache_budget`,
         shared with the teacher's rows): the target's forward pass is most of such a step."""
         if not isinstance(self.model, FeatureDraft):
             return None
@@ -234,7 +244,7 @@ class Trainer:
             if cached is None:
                 cached = self.model.target_features(mx.array(ex.inputs)[None])[0]
                 mx.eval(cached)
-                if self._cache_bytes + cached.nbytes <= TEACHER_CACHE_BYTES:
+                if self._cache_bytes + cached.nbytes <= self._cache_budget:
                     self._teacher_cache[key] = cached
                     self._cache_bytes += cached.nbytes
             rows.append(mx.pad(cached, [(0, width - cached.shape[0]), (0, 0)]))
