@@ -740,3 +740,15 @@ def test_main_module_is_runnable() -> None:
 def test_defaults_are_documented_settings() -> None:
     t = Settings().training
     assert t.max_grad_norm == 1.0 and t.replay_ratio == 0.5
+
+
+@pytest.mark.parametrize(("free_gib", "budget_gib"), [(2, 1), (8, 2), (100, 4)])
+def test_the_teacher_cache_takes_a_quarter_of_free_memory_within_bounds(
+    monkeypatch: pytest.MonkeyPatch, free_gib: int, budget_gib: int
+) -> None:
+    """What a run keeps across epochs (target features, teacher rows): a quarter of the free
+    memory, never under 1 GiB (the old fixed budget) nor over 4 GiB."""
+    from daemon.adaptation import trainer
+
+    monkeypatch.setattr(trainer, "free_memory_bytes", lambda: free_gib << 30)
+    assert trainer.teacher_cache_budget() == budget_gib << 30
