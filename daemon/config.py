@@ -410,10 +410,11 @@ class TrainingSettings(_Section):
     rehearsal_tokens: int | None = Field(
         None,
         ge=0,
-        description="Answer tokens a run may generate with the target before it trains: its "
-        "own answers to the run's train prompts, each started from 1-4 sampled tokens, as "
-        "extra examples (kept for later runs); never from holdout rows. 0: off; null: 16384 "
-        "for a feature draft (measured to pay), 0 for the others (not measured).",
+        description="Tokens a run may generate with the target before it trains: its own "
+        "answers to the run's train prompts, each started from 1-4 sampled tokens (and the "
+        "rewritten requests of training.rehearsal_requests), as extra examples (kept for later "
+        "runs); never from holdout rows. 0: off; null: 16384 for a feature draft (measured to "
+        "pay), 0 for the others (not measured).",
     )
     rehearsal_variants: int = Field(
         1,
