@@ -111,17 +111,28 @@ def second_step_ce(
     return _mean_ce(model, out2, labels[:, 2:])
 
 
+def target_greedy(model: FeatureDraft, top: mx.array, vocab_limit: int | None = None) -> mx.array:
+    """The token the target would put next at each position: the argmax of its logits from
+    its final features ``top`` (within ``vocab_limit``)."""
+    target_logits = output_head(model.target)(top).astype(mx.float32)
+    if vocab_limit is not None and target_logits.shape[-1] > vocab_limit:
+        target_logits = target_logits[..., :vocab_limit]
+    return mx.stop_gradient(mx.argmax(target_logits, axis=-1))
+
+
 def prompt_ce(
     model: FeatureDraft,
     out: mx.array,
     top: mx.array,
     labels: mx.array,
     vocab_limit: int | None = None,
+    greedy: mx.array | None = None,
 ) -> mx.array:
     """Cross-entropy at the prompt's positions, each labelled with the token the target itself
-    would put next there (the argmax of its logits from its final features ``top``): the
-    function a lossless draft learns, on the prompts' positions as well as the answers'. The
-    labels cost one head product over features the trainer already has."""
+    would put next there (`target_greedy` of its final features ``top``): the function a
+    lossless draft learns, on the prompts' positions as well as the answers'. ``greedy``:
+    those labels when already computed (the trainer keeps them across epochs: the target's
+    whole-vocabulary head over the prompt is a large part of a step)."""
     valid = labels != IGNORE
     # positions before each row's first output label (padding comes after it); entry 0 has none
     before = mx.cumsum(valid.astype(mx.int32), axis=1) == 0
@@ -129,10 +140,9 @@ def prompt_ce(
     width = cast(int, mx.max(mx.sum(before.astype(mx.int32), axis=1)).item())
     if width < 2:
         return mx.array(0.0)
-    target_logits = output_head(model.target)(top[:, :width]).astype(mx.float32)
-    if vocab_limit is not None and target_logits.shape[-1] > vocab_limit:
-        target_logits = target_logits[..., :vocab_limit]
-    greedy = mx.stop_gradient(mx.argmax(target_logits, axis=-1)).astype(labels.dtype)
+    if greedy is None:
+        greedy = target_greedy(model, top[:, :width], vocab_limit)
+    greedy = greedy[:, :width].astype(labels.dtype)
     return _mean_ce(model, out[:, :width], mx.where(prompt[:, :width], greedy, IGNORE))
 
 
@@ -219,6 +229,7 @@ def compute_loss(
     second_step_weight: float = 0.0,
     feature_noise: float = 0.0,
     prompt_weight: float = 0.0,
+    prompt_labels: mx.array | None = None,
 ) -> tuple[mx.array, tuple[mx.array, mx.array, mx.array]]:
     """``(loss, (ce, kd, num_targets))`` of a batch; ``model`` first, for `nn.value_and_grad`.
 
@@ -236,7 +247,9 @@ def compute_loss(
         if second_step_weight and inputs.shape[1] > 2:
             second = second_step_ce(model, out, inputs, labels)
         if prompt_weight:
-            prompt = prompt_ce(model, out, target_features, labels, vocab_limit)
+            prompt = prompt_ce(
+                model, out, target_features, labels, vocab_limit, greedy=prompt_labels
+            )
         logits = _feature_logits(model, out[:, start:]).astype(mx.float32)
         if regression_weight:
             diff = out[:, start:] - target_features[:, start:]

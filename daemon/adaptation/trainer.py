@@ -34,8 +34,8 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
-from daemon.adaptation.data import Batch, Example, collate
-from daemon.adaptation.loss import compute_loss, teacher_logprobs
+from daemon.adaptation.data import IGNORE, Batch, Example, collate
+from daemon.adaptation.loss import compute_loss, target_greedy, teacher_logprobs
 from daemon.config import TrainingSettings
 from daemon.core.backend import free_memory_bytes
 from daemon.core.feature_draft import FeatureDraft
@@ -167,13 +167,20 @@ class Trainer:
         self._teacher_cache: dict[int, mx.array] = {}
         self._cache_bytes = 0
         self._cache_budget = teacher_cache_budget()
+        # id(example) -> the prompt term's labels (a few hundred ints each: no budget)
+        self._prompt_labels: dict[int, mx.array] = {}
         self._accum: Any = None
         self._n = 0
         self._loss = self._ce = self._kd = 0.0
         self._tokens = 0
 
     def loss_fn(
-        self, model: nn.Module, *arrays: mx.array, start: int = 0, features: Any = None
+        self,
+        model: nn.Module,
+        *arrays: mx.array,
+        start: int = 0,
+        features: Any = None,
+        prompt_labels: Any = None,
     ) -> Any:
         return compute_loss(
             model,
@@ -188,6 +195,7 @@ class Trainer:
             second_step_weight=self.cfg.feature_second_step,
             feature_noise=self.cfg.feature_noise,
             prompt_weight=self.cfg.feature_prompt_weight,
+            prompt_labels=prompt_labels,
         )
 
     def _teacher(self, inputs: mx.array, start: int) -> mx.array:
@@ -250,6 +258,27 @@ class Trainer:
             rows.append(mx.pad(cached, [(0, width - cached.shape[0]), (0, 0)]))
         return mx.stack(rows)
 
+    def prompt_labels(
+        self, batch: Batch, examples: Sequence[Example] | None, features: mx.array | None
+    ) -> mx.array | None:
+        """The prompt term's labels (`target_greedy` at each example's prompt positions,
+        ``IGNORE`` after them), computed once per example and fit; None where the loss
+        computes them itself (no examples, or no prompt term)."""
+        if features is None or examples is None or not self.cfg.feature_prompt_weight:
+            return None
+        assert isinstance(self.model, FeatureDraft)
+        width = batch.inputs.shape[1]
+        rows = []
+        for i, ex in enumerate(examples):
+            cached = self._prompt_labels.get(id(ex))
+            if cached is None:
+                top = self.model.final(features[i : i + 1, : max(ex.first_target, 1)])
+                cached = target_greedy(self.model, top, self.vocab_limit)[0].astype(mx.int32)
+                mx.eval(cached)
+                self._prompt_labels[id(ex)] = cached
+            rows.append(mx.pad(cached, [(0, width - cached.shape[0])], constant_values=IGNORE))
+        return mx.stack(rows)
+
     def micro_step(self, batch: Batch, examples: Sequence[Example] | None = None) -> bool:
         """Forward/backward one micro-batch and accumulate it; False if it was skipped.
         ``examples`` (those ``batch`` was collated from) let a divergence loss reuse the
@@ -264,7 +293,8 @@ class Trainer:
             *batch.arrays(),
             self.target_logprobs(batch, examples),
             start=batch.start,
-            features=self.target_features(batch, examples),
+            features=(features := self.target_features(batch, examples)),
+            prompt_labels=self.prompt_labels(batch, examples, features),
         )
         ok = _all_finite(loss, grads)
         mx.eval(loss, ce, kd, grads, ok)
@@ -408,6 +438,7 @@ class Trainer:
             bar.close()
             self._teacher_cache.clear()  # the memory goes back before evaluation and saving
             self._cache_bytes = 0
+            self._prompt_labels.clear()
             self.model.eval()
             self.stats.train_seconds += time.perf_counter() - t_start
         return self.stats

@@ -250,3 +250,42 @@ def test_the_prompt_term_labels_each_prompt_position_with_the_targets_own_next_t
     assert len(losses) == 4 + 4 + 7  # prompts of 6, 6 and 9 tokens
     expected = plain.item() + 0.5 * float(np.mean(losses))
     assert total.item() == pytest.approx(expected, rel=1e-4)
+
+
+def test_the_trainer_computes_the_prompt_labels_once_per_example_and_the_loss_is_the_same(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from daemon.adaptation import trainer as trainer_module
+
+    target = make_tiny_llama(VOCAB, seed=3)
+    draft = make_feature_draft(target)
+    examples = synthetic_examples(2, plen=6) + synthetic_examples(1, seed=1, plen=9)
+    trainer = Trainer(draft, cfg(feature_prompt_weight=1.0), total_steps=6)
+    calls = []
+    real = trainer_module.target_greedy
+    monkeypatch.setattr(
+        trainer_module, "target_greedy", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
+    batch = collate(examples)
+    feats = trainer.target_features(batch, examples)
+    labels = trainer.prompt_labels(batch, examples, feats)
+    again = trainer.prompt_labels(batch, examples, feats)
+    assert len(calls) == 3 and labels is not None and again is not None
+    assert mx.array_equal(labels, again)
+    # the loss with the kept labels is the loss that computes them itself
+    kept, _ = compute_loss(
+        draft,
+        *batch.arrays(),
+        start=batch.start,
+        features=feats,
+        prompt_weight=1.0,
+        prompt_labels=labels,
+    )
+    own, _ = compute_loss(
+        draft, *batch.arrays(), start=batch.start, features=feats, prompt_weight=1.0
+    )
+    assert kept.item() == pytest.approx(own.item(), rel=1e-6)
+    trainer._prompt_labels.clear()
+    stats = trainer.fit(examples, epochs=2)
+    assert stats.steps == 6 and not trainer._prompt_labels  # freed at the end of the fit
+    assert len(calls) == 3 + 3  # once per example in the fit, not once per step
