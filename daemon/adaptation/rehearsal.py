@@ -21,10 +21,10 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -313,16 +313,32 @@ def _row(rec: Any, entry: _Entry) -> RehearsalRow:
     return RehearsalRow(rec.id, entry.variant, prompt, list(entry.output))
 
 
-def _batch(target: nn.Module, jobs: list[_Job], stops: set[int], max_tokens: int) -> Any:
+def _stream(
+    target: nn.Module,
+    prompts: list[list[int]],
+    limits: list[int],
+    samplers: list[Any],
+    stops: set[int],
+) -> Iterator[tuple[int, int]]:
+    """``(prompt index, token)`` as mlx-lm's batch generation emits them, each prompt with its
+    own token limit and sampler; a stop token ends its sequence and is emitted too."""
     from mlx_lm.generate import BatchGenerator
 
-    return BatchGenerator(
+    gen = BatchGenerator(
         target,
-        max_tokens=max_tokens,
+        max_tokens=max(limits),
         stop_tokens=[[t] for t in sorted(stops)],
         completion_batch_size=BATCH,
         prefill_batch_size=8,
     )
+    try:
+        uids = gen.insert(prompts, limits, samplers=samplers)
+        index = {uid: i for i, uid in enumerate(uids)}
+        while responses := gen.next_generated():
+            for r in responses:
+                yield index[r.uid], int(r.token)
+    finally:
+        gen.close()
 
 
 def _sample_requests(
@@ -333,26 +349,16 @@ def _sample_requests(
     token follows) or ``tail_max`` tokens. A message the target ends at once is ``cut``."""
     mx.random.seed(seed + 1)
     stops = {int(t) for t in stop_tokens}
-    gen = _batch(target, jobs, stops, max(j.tail_max for j in jobs))
+    kept = [list(j.record.prompt_tokens[: cast(tuple[int, int], j.span)[0]]) for j in jobs]
+    limits = [j.tail_max for j in jobs]
     done: set[int] = set()
-    try:
-        uids = gen.insert(
-            [list(j.record.prompt_tokens[: j.span[0]]) for j in jobs if j.span is not None],
-            [j.tail_max for j in jobs],
-            samplers=[_prefix_sampler(j.tail_max) for j in jobs],
-        )
-        by_uid = dict(zip(uids, jobs, strict=True))
-        while responses := gen.next_generated():
-            for r in responses:
-                job = by_uid[r.uid]
-                if r.uid in done:
-                    continue
-                if int(r.token) in stops:
-                    done.add(r.uid)
-                else:
-                    job.prefix.append(int(r.token))
-    finally:
-        gen.close()
+    for i, token in _stream(target, kept, limits, [_prefix_sampler(n) for n in limits], stops):
+        if i in done:
+            continue
+        if token in stops:
+            done.add(i)
+        else:
+            jobs[i].prefix.append(token)
     for job in jobs:
         job.cut = not job.prefix
 
@@ -366,29 +372,20 @@ def _generate(target: nn.Module, jobs: list[_Job], stop_tokens: Sequence[int], s
         return
     mx.random.seed(seed)
     stops = {int(t) for t in stop_tokens}
-    gen = _batch(target, jobs, stops, max(j.prefix_len + j.max_tokens for j in jobs))
-    try:
-        uids = gen.insert(
-            [j.prompt() for j in jobs],
-            [j.prefix_len + j.max_tokens for j in jobs],
-            samplers=[_prefix_sampler(j.prefix_len) for j in jobs],
-        )
-        by_uid = dict(zip(uids, jobs, strict=True))
-        while responses := gen.next_generated():
-            for r in responses:
-                job = by_uid[r.uid]
-                token = int(r.token)
-                if job.cut:
-                    continue
-                if len(job.prefix) < job.prefix_len:
-                    # a stop among the sampled tokens ends the answer before the target's
-                    # own choices start: nothing to learn from it
-                    job.cut = token in stops
-                    job.prefix.append(token)
-                else:
-                    job.output.append(token)
-    finally:
-        gen.close()
+    prompts = [j.prompt() for j in jobs]
+    limits = [j.prefix_len + j.max_tokens for j in jobs]
+    samplers = [_prefix_sampler(j.prefix_len) for j in jobs]
+    for i, token in _stream(target, prompts, limits, samplers, stops):
+        job = jobs[i]
+        if job.cut:
+            continue
+        if len(job.prefix) < job.prefix_len:
+            # a stop among the sampled tokens ends the answer before the target's
+            # own choices start: nothing to learn from it
+            job.cut = token in stops
+            job.prefix.append(token)
+        else:
+            job.output.append(token)
 
 
 def _prefix_sampler(n: int) -> Any:
