@@ -186,6 +186,30 @@ def test_a_rewritten_request_is_sampled_then_answered_greedily_and_cached(
     ]
 
 
+@pytest.mark.parametrize("span", [[9, 4], [-1, 4], [3], "x"])
+def test_a_cached_request_with_a_bad_span_is_not_trusted(tmp_path: Path, span) -> None:
+    """A rewritten request's span that cannot cut a prompt makes the cache file unreadable:
+    logged and rebuilt (derived data), never used to build a prompt."""
+    cache = RehearsalCache(tmp_path, "t")
+    cache.path.parent.mkdir(parents=True)
+    entry = {
+        "target_id": "t",
+        "record_id": 1,
+        "variant": REQUEST_VARIANT,
+        "prefix": [4],
+        "output": [5],
+        "span": span,
+    }
+    cache.path.write_text(json.dumps(entry) + "\n")
+    with capture_logs() as logs:
+        loaded = RehearsalCache(tmp_path, "t").load()
+    assert not loaded.entries
+    assert [e["event"] for e in logs] == ["rehearsal_cache_unreadable"]
+    entry["span"] = [4, 9]  # a good one is read
+    cache.path.write_text(json.dumps(entry) + "\n")
+    assert RehearsalCache(tmp_path, "t").load().get(1, REQUEST_VARIANT).span == (4, 9)
+
+
 @pytest.fixture
 def rehearsal_setup(tmp_path: Path):
     model_dir = write_model_dir(tmp_path / "model", WORDS, VOCAB, seed=2)
