@@ -407,6 +407,14 @@ class TrainingSettings(_Section):
         "draft reads in training, U(-a, a) times each feature's RMS (EAGLE's augmentation); "
         "0: off.",
     )
+    feature_layer_lr: float = Field(
+        1.0,
+        ge=0.0,
+        le=1.0,
+        description="models.draft: feature. Learning rate of the draft's decoder layer (a copy "
+        "of the target's last) as a fraction of training.learning_rate; the projections keep "
+        "the full rate. 0 freezes the layer.",
+    )
     rehearsal_tokens: int | None = Field(
         None,
         ge=0,

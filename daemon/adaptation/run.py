@@ -114,8 +114,11 @@ def _feature_draft_to_train(
     before = heldout_agreement(served, holdout, settings.data, vocab_limit)
     if is_feature_draft(served):
         served.unfreeze()
-        return served, None, before, feature_adapter_config(served)
-    draft = pair.fresh_feature_draft()
+        draft, served = served, None
+    else:
+        draft = pair.fresh_feature_draft()
+    if settings.training.feature_layer_lr == 0:
+        draft.layers[0].freeze()  # the projections learn to feed the target's own last layer
     return draft, served, before, feature_adapter_config(draft)
 
 

@@ -38,7 +38,7 @@ from daemon.adaptation.data import IGNORE, Batch, Example, collate
 from daemon.adaptation.loss import compute_loss, target_greedy, teacher_logprobs
 from daemon.config import TrainingSettings
 from daemon.core.backend import free_memory_bytes
-from daemon.core.feature_draft import FeatureDraft
+from daemon.core.feature_draft import FeatureDraft, is_feature_draft
 from daemon.core.heads import pruned_head
 from daemon.logging import get_logger
 
@@ -147,16 +147,7 @@ class Trainer:
         self.schedule = lr_schedule(
             cfg.learning_rate, self.warmup, self.total_steps, cfg.min_lr_ratio
         )
-        if cfg.optimizer == "adam":
-            self.optimizer: optim.Optimizer = optim.Adam(
-                learning_rate=self.schedule, bias_correction=True
-            )
-        else:
-            self.optimizer = optim.AdamW(
-                learning_rate=self.schedule,
-                weight_decay=cfg.weight_decay,
-                bias_correction=True,
-            )
+        self.optimizer = self._optimizer(model, cfg)
         self.value_and_grad = nn.value_and_grad(model, self.loss_fn)
         # data parallel (an mx.distributed group): every rank trains on its share of the
         # examples and each update averages the gradients of all ranks' micro-batches
@@ -173,6 +164,25 @@ class Trainer:
         self._n = 0
         self._loss = self._ce = self._kd = 0.0
         self._tokens = 0
+
+    def _optimizer(self, model: nn.Module, cfg: TrainingSettings) -> optim.Optimizer:
+        """Adam(W) on the schedule; a feature draft's decoder layer on ``feature_layer_lr``
+        times it (Adam's steps do not scale with the gradient, so it takes its own optimizer)."""
+
+        def make(scale: float) -> optim.Optimizer:
+            rate = self.schedule if scale == 1.0 else (lambda step: scale * self.schedule(step))
+            if cfg.optimizer == "adam":
+                return optim.Adam(learning_rate=rate, bias_correction=True)
+            return optim.AdamW(
+                learning_rate=rate, weight_decay=cfg.weight_decay, bias_correction=True
+            )
+
+        scale = cfg.feature_layer_lr
+        if scale in (0.0, 1.0) or not is_feature_draft(model):
+            return make(1.0)  # 0: the layer is frozen (run.py), so has no gradient
+        return optim.MultiOptimizer(
+            [make(scale), make(1.0)], [lambda path, _: path.startswith("layers.")]
+        )
 
     def loss_fn(
         self,
@@ -338,7 +348,10 @@ class Trainer:
             return None
         grads = tree_map(lambda g: g / n, accum)
         grads, norm = optim.clip_grad_norm(grads, self.cfg.max_grad_norm)
-        lr = self.schedule(self.optimizer.step)
+        main = self.optimizer
+        if isinstance(main, optim.MultiOptimizer):
+            main = main.optimizers[-1]  # the full rate's: the one `lr` reports
+        lr = self.schedule(main.step)
         self.optimizer.update(self.model, grads)
         mx.eval(self.model.trainable_parameters(), self.optimizer.state, norm, lr)
         self.stats.steps += 1

@@ -199,6 +199,7 @@ def bench_train(
         "feature_second_step": cfg.feature_second_step if pair.learns_features else None,
         "feature_noise": cfg.feature_noise if pair.learns_features else None,
         "feature_prompt_weight": cfg.feature_prompt_weight if pair.learns_features else None,
+        "feature_layer_lr": cfg.feature_layer_lr if pair.learns_features else None,
         "traffic": traffic,
         "adapter_path": m.adapter_path if out_dir else None,
     }

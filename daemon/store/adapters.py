@@ -379,8 +379,9 @@ def save_adapter(
     config: dict[str, Any],
     metadata: dict[str, Any] | None = None,
 ) -> Path:
-    """Save ``model``'s trainable (LoRA) parameters and ``config`` (the mlx-lm adapter config,
-    with ``metadata`` under ``"specd"``) as an adapter directory in mlx-lm's format.
+    """Save ``model``'s trainable (LoRA) parameters, or all of a feature draft's (some may
+    have been frozen in training), and ``config`` (the mlx-lm adapter config, with
+    ``metadata`` under ``"specd"``) as an adapter directory in mlx-lm's format.
 
     Each file is replaced atomically; the weights are written first, so a reader that finds the
     config finds the weights too.
@@ -390,7 +391,8 @@ def save_adapter(
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    weights = dict(tree_flatten(model.trainable_parameters()))
+    whole = config.get("fine_tune_type") == FEATURE_ADAPTER
+    weights = dict(tree_flatten(model.parameters() if whole else model.trainable_parameters()))
     atomic_write(out / ADAPTER_WEIGHTS, lambda p: mx.save_safetensors(str(p), weights))
     atomic_write_json(out / ADAPTER_CONFIG, {**config, **({"specd": metadata} if metadata else {})})
     return out

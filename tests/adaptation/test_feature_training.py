@@ -289,3 +289,54 @@ def test_the_trainer_computes_the_prompt_labels_once_per_example_and_the_loss_is
     stats = trainer.fit(examples, epochs=2)
     assert stats.steps == 6 and not trainer._prompt_labels  # freed at the end of the fit
     assert len(calls) == 3 + 3  # once per example in the fit, not once per step
+
+
+def _moved(before: dict, draft, prefix: str) -> float:
+    """The largest change of any of ``draft``'s parameters under ``prefix`` since ``before``."""
+    from mlx.utils import tree_flatten
+
+    return max(
+        float(mx.abs(v - before[k]).max())
+        for k, v in tree_flatten(draft.parameters())
+        if k.startswith(prefix)
+    )
+
+
+def test_the_layer_learns_at_its_own_fraction_of_the_rate() -> None:
+    from mlx.utils import tree_flatten
+
+    target = make_tiny_llama(VOCAB, seed=3)
+    moved = {}
+    for scale in (1.0, 0.25):
+        draft = make_feature_draft(target)
+        before = {k: mx.array(v) for k, v in tree_flatten(draft.parameters())}
+        trainer = Trainer(draft, cfg(feature_layer_lr=scale), total_steps=1)
+        stats = trainer.fit(synthetic_examples(1), epochs=1)
+        assert stats.steps == 1
+        moved[scale] = (_moved(before, draft, "layers."), _moved(before, draft, "fc."))
+    # Adam's first step moves each parameter by about its rate: the layer by a quarter of it,
+    # the projection by the whole
+    assert moved[1.0][0] == pytest.approx(1e-3, rel=0.05)
+    assert moved[0.25][0] == pytest.approx(0.25e-3, rel=0.05)
+    assert moved[0.25][1] == pytest.approx(1e-3, rel=0.05)
+
+
+def test_a_frozen_layer_stays_the_targets_last_and_the_projections_still_learn(
+    feature_setup, tmp_path: Path
+) -> None:
+    settings, _ = feature_setup
+    settings = settings.model_copy(
+        update={"training": settings.training.model_copy(update={"feature_layer_lr": 0.0})}
+    )
+    pair = load_pair(settings)
+    m = run_training(settings, out_dir=tmp_path / "a1", pair=pair, epochs=2)
+    fresh = pair.fresh_feature_draft()
+    served = load_adapter_dir(load_pair(settings).fresh_draft, tmp_path / "a1")
+    from mlx.utils import tree_flatten
+
+    start = {k: v for k, v in tree_flatten(fresh.parameters())}
+    assert _moved(start, served, "layers.") == 0.0
+    assert _moved(start, served, "fc.") > 0.0 and _moved(start, served, "fuse.") > 0.0
+    assert m.trainable_parameters == sum(
+        v.size for k, v in tree_flatten(fresh.parameters()) if not k.startswith("layers.")
+    )
