@@ -1,22 +1,12 @@
-"""Typed settings for specd.
-
-Sources, highest priority first: explicit CLI options, environment (``SPECD_`` prefix, ``__``
-nesting), drop-ins ``conf.d/*.yaml`` next to the main config (lexical order, later wins, deep
-merge), the main ``config.yaml``, defaults. Every value remembers where it came from so that a bad
-one is reported with the file (or variable) and the key.
-"""
+"""The settings' sections, one pydantic model each (``models.*``, ``server.*``, ...), with
+their defaults, bounds and the reasons for them; `daemon.config.settings` puts them together."""
 
 from __future__ import annotations
 
-import contextvars
-import json
-import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args
 
 import platformdirs
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -26,9 +16,8 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from daemon.errors import ConfigError
+from daemon.config.merge import merge
 
 APP_NAME = "specd"
 ENV_PREFIX = "SPECD_"
@@ -80,24 +69,24 @@ class ModelEntry(_Section):
     @field_validator("speculative")
     @classmethod
     def _check_speculative(cls, values: dict[str, Any]) -> dict[str, Any]:
-        _overridden(SpeculativeSettings(), values)  # a bad key or value is named now
+        overridden(SpeculativeSettings(), values)  # a bad key or value is named now
         return values
 
     @field_validator("training")
     @classmethod
     def _check_training(cls, values: dict[str, Any]) -> dict[str, Any]:
-        _overridden(TrainingSettings(), values)
+        overridden(TrainingSettings(), values)
         return values
 
 
 SectionT = TypeVar("SectionT", bound=BaseModel)
 
 
-def _overridden(section: SectionT, values: dict[str, Any]) -> SectionT:
+def overridden(section: SectionT, values: dict[str, Any]) -> SectionT:
     """``section`` with ``values`` deep-merged over it, validated as the section is; a
     ValueError naming the first bad key otherwise."""
     merged = section.model_dump()
-    _merge(merged, values, {}, "")
+    merge(merged, values, {}, "")
     try:
         return type(section).model_validate(merged)
     except ValidationError as e:
@@ -499,285 +488,3 @@ class PathsSettings(_Section):
     log_dir: Path | None = Field(
         None, description="null = <data_dir>/logs if data_dir was set, else the platform log dir."
     )
-
-
-@dataclass
-class ConfigSources:
-    """Where the settings came from, for start-up logs and error messages."""
-
-    main_file: Path | None = None
-    drop_ins: list[Path] = field(default_factory=list)
-    env_keys: list[str] = field(default_factory=list)
-    cli_keys: list[str] = field(default_factory=list)
-    # dotted key -> human description of its source
-    origin: dict[str, str] = field(default_factory=dict)
-
-    def describe(self) -> list[str]:
-        out = [str(self.main_file)] if self.main_file else []
-        out += [str(p) for p in self.drop_ins]
-        out += [f"env:{k}" for k in self.env_keys]
-        out += [f"cli:{k}" for k in self.cli_keys]
-        return out
-
-
-_FILE_DATA: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("_FILE_DATA")
-
-
-class _MergedFilesSource(PydanticBaseSettingsSource):
-    """The deep-merged main config file and drop-ins, prepared by `load_settings`."""
-
-    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
-        return None, field_name, False  # unused: __call__ returns the whole mapping
-
-    def __call__(self) -> dict[str, Any]:
-        return _FILE_DATA.get({})
-
-
-class Settings(BaseSettings):
-    """All of specd's settings, one section per component."""
-
-    model_config = SettingsConfigDict(
-        env_prefix=ENV_PREFIX,
-        env_nested_delimiter=ENV_NESTED,
-        extra="forbid",
-        validate_assignment=True,
-    )
-
-    models: ModelsSettings = Field(default_factory=ModelsSettings)
-    server: ServerSettings = Field(default_factory=ServerSettings)
-    speculative: SpeculativeSettings = Field(default_factory=SpeculativeSettings)
-    sampling: SamplingSettings = Field(default_factory=SamplingSettings)
-    buffer: BufferSettings = Field(default_factory=BufferSettings)
-    training: TrainingSettings = Field(default_factory=TrainingSettings)
-    data: DataSettings = Field(default_factory=DataSettings)
-    logging: LoggingSettings = Field(default_factory=LoggingSettings)
-    paths: PathsSettings = Field(default_factory=PathsSettings)
-
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings, env_settings, _MergedFilesSource(settings_cls))
-
-    @model_validator(mode="after")
-    def _check_entries(self) -> Settings:
-        # an entry's keys are checked alone when read; over these sections they must hold too
-        for name, entry in self.models.targets.items():
-            for key in ("speculative", "training"):
-                if getattr(entry, key):
-                    try:
-                        _overridden(getattr(self, key), getattr(entry, key))
-                    except ValueError as e:
-                        raise ValueError(f"models.targets.{name}.{key}: {e}") from None
-        return self
-
-    # Derived locations: everything the daemon writes lives under data_dir unless set otherwise.
-    @property
-    def log_dir(self) -> Path:
-        if self.paths.log_dir is not None:
-            return self.paths.log_dir
-        default_data = Path(platformdirs.user_data_dir(APP_NAME))
-        if self.paths.data_dir != default_data:
-            return self.paths.data_dir / "logs"
-        return Path(platformdirs.user_log_dir(APP_NAME))
-
-    @property
-    def log_file(self) -> Path:
-        return self.logging.file or self.log_dir / "specd.log"
-
-    @property
-    def models_dir(self) -> Path:
-        return self.paths.data_dir / "models"
-
-    @property
-    def runtime_file(self) -> Path:
-        return self.paths.data_dir / "runtime.json"
-
-    def with_models(self, extra: dict[str, ModelEntry]) -> Settings:
-        """These settings serving ``extra`` too (models found by directory), after the
-        configured ones; a configured name wins."""
-        if not extra:
-            return self
-        targets = {**extra, **self.models.targets}
-        return self.model_copy(
-            update={"models": self.models.model_copy(update={"targets": targets})}
-        )
-
-    def for_model(self, name: str) -> Settings:
-        """These settings as they apply to the served model ``name``: ``models.*`` and, for a
-        models.targets entry, its ``speculative`` and ``training`` keys."""
-        update: dict[str, Any] = {"models": self.models.entry(name)}
-        entry = self.models.targets.get(name)
-        if entry is not None and entry.speculative:
-            update["speculative"] = _overridden(self.speculative, entry.speculative)
-        if entry is not None and entry.training:
-            update["training"] = _overridden(self.training, entry.training)
-        return self.model_copy(update=update)
-
-
-def default_config_file() -> Path:
-    """The main config file used when none is given: ``$SPECD_CONFIG`` or the platform dir."""
-    env = os.environ.get("SPECD_CONFIG")
-    if env:
-        return Path(env).expanduser()
-    return Path(platformdirs.user_config_dir(APP_NAME)) / "config.yaml"
-
-
-def drop_in_dir(config_file: Path) -> Path:
-    return config_file.parent / "conf.d"
-
-
-def _read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read config file: {e.strerror or e}") from e
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        where = ""
-        mark = getattr(e, "problem_mark", None)
-        if mark is not None:
-            where = f" (line {mark.line + 1}, column {mark.column + 1})"
-        problem = getattr(e, "problem", None) or str(e)
-        raise ConfigError(f"{path}: invalid YAML{where}: {problem}") from e
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(
-            f"{path}: top level must be a mapping of sections, got {type(data).__name__}"
-        )
-    return data
-
-
-def _merge(base: dict[str, Any], new: dict[str, Any], origin: dict[str, str], src: str, prefix=""):
-    """Deep-merge ``new`` into ``base`` in place, recording each leaf's source."""
-    for key, value in new.items():
-        dotted = f"{prefix}{key}"
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            _merge(base[key], value, origin, src, dotted + ".")
-        else:
-            base[key] = value
-            _record(origin, dotted, value, src)
-
-
-def _record(origin: dict[str, str], dotted: str, value: Any, src: str) -> None:
-    for k in [k for k in origin if k == dotted or k.startswith(dotted + ".")]:
-        del origin[k]
-    if isinstance(value, dict):
-        for k, v in value.items():
-            _record(origin, f"{dotted}.{k}", v, src)
-    else:
-        origin[dotted] = src
-
-
-def _set_dotted(target: dict[str, Any], dotted: str, value: Any) -> None:
-    parts = dotted.split(".")
-    for p in parts[:-1]:
-        target = target.setdefault(p, {})
-    target[parts[-1]] = value
-
-
-def _origin_of(loc: tuple[Any, ...], origin: dict[str, str]) -> str:
-    parts = [str(p) for p in loc if not isinstance(p, int)]
-    for n in range(len(parts), 0, -1):
-        key = ".".join(parts[:n])
-        if key in origin:
-            return origin[key]
-        children = [v for k, v in origin.items() if k.startswith(key + ".")]
-        if children:
-            return children[-1] if len(set(children)) == 1 else ", ".join(sorted(set(children)))
-    return "defaults"
-
-
-def format_validation_error(err: ValidationError, origin: dict[str, str]) -> str:
-    lines = []
-    for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        msg = e["msg"]
-        if e["type"] == "extra_forbidden":
-            msg = "unknown key"
-        elif "input" in e and not isinstance(e["input"], dict):
-            msg = f"{msg} (got {e['input']!r})"
-        lines.append(f"{_origin_of(e['loc'], origin)}: {key}: {msg}")
-    return "invalid configuration:\n  " + "\n  ".join(lines)
-
-
-def load_settings(
-    config_file: Path | str | None = None,
-    overrides: dict[str, Any] | None = None,
-) -> tuple[Settings, ConfigSources]:
-    """Build `Settings` from all sources.
-
-    ``overrides`` are dotted keys from explicit CLI options (``{"paths.data_dir": "/x"}``).
-    A missing default config file is fine; a missing explicit one is an error.
-    """
-    explicit = config_file is not None
-    main = Path(config_file).expanduser() if config_file is not None else default_config_file()
-    sources = ConfigSources()
-    origin = sources.origin
-    merged: dict[str, Any] = {}
-    if main.exists():
-        sources.main_file = main
-        _merge(merged, _read_yaml(main), origin, str(main))
-    elif explicit:
-        raise ConfigError(f"{main}: config file does not exist")
-    conf_d = drop_in_dir(main)
-    if conf_d.is_dir():
-        for path in sorted(conf_d.glob("*.yaml")) + sorted(conf_d.glob("*.yml")):
-            if path.name.startswith("."):
-                continue  # editors' temporary files
-            sources.drop_ins.append(path)
-        sources.drop_ins.sort(key=lambda p: p.name)
-        for path in sources.drop_ins:
-            _merge(merged, _read_yaml(path), origin, str(path))
-
-    for name in sorted(os.environ):
-        if name.upper().startswith(ENV_PREFIX) and ENV_NESTED in name:
-            dotted = name[len(ENV_PREFIX) :].lower().replace(ENV_NESTED, ".")
-            sources.env_keys.append(name)
-            origin[dotted] = f"environment variable {name}"
-
-    init: dict[str, Any] = {}
-    for dotted, value in (overrides or {}).items():
-        if value is None:
-            continue
-        _set_dotted(init, dotted, value)
-        sources.cli_keys.append(dotted)
-        origin[dotted] = f"command-line option for {dotted}"
-
-    token = _FILE_DATA.set(merged)
-    try:
-        settings = Settings(**init)
-    except ValidationError as e:
-        raise ConfigError(format_validation_error(e, origin)) from None
-    finally:
-        _FILE_DATA.reset(token)
-    return settings, sources
-
-
-# --- a snapshot of the effective settings (for a training child) ---------------------------
-
-# the API key is no business of a training run, and must not land in a file
-_SNAPSHOT_EXCLUDE = {"server": {"api_key"}}
-
-
-def settings_snapshot(settings: Settings) -> str:
-    """``settings`` as JSON, for `read_settings_snapshot`: a child process gets exactly the
-    settings its parent runs with, not what the config files (or the environment) say now."""
-    return settings.model_dump_json(exclude=_SNAPSHOT_EXCLUDE, indent=2) + "\n"
-
-
-def read_settings_snapshot(path: Path | str) -> Settings:
-    """The settings `settings_snapshot` wrote; neither files nor environment are read."""
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-        # model_validate, not Settings(...): the constructor would merge the environment
-        return Settings.model_validate(data)
-    except (OSError, ValueError) as e:  # ValidationError is a ValueError
-        raise ConfigError(f"{path}: not a settings snapshot: {e}") from None
