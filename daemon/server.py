@@ -30,9 +30,6 @@ Hooks for other components
 
 from __future__ import annotations
 
-import contextlib
-import ipaddress
-import json
 import math
 import os
 import signal
@@ -41,7 +38,6 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import asdict
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
@@ -53,10 +49,17 @@ from daemon.config import ConfigError, ConfigSources, Settings, default_config_f
 from daemon.core.backend import backend_info
 from daemon.core.distributed import Group
 from daemon.core.heads import pruned_head
-from daemon.core.models import ModelPair, discover_models, load_pair, model_details
+from daemon.core.models import ModelPair, discover_models, load_pair
 from daemon.logging import get_logger
 from daemon.serving import notify
+from daemon.serving.api.state import served_model
 from daemon.serving.distributed import RankZero, fit_settings
+from daemon.serving.endpoint import (
+    bind_socket,
+    is_loopback_host,
+    remove_runtime_file,
+    write_runtime_file,
+)
 from daemon.serving.metrics import SpecdMetrics
 from daemon.serving.requests import FinishedHook
 
@@ -70,91 +73,6 @@ if TYPE_CHECKING:  # imported lazily at run time: `specd --help` need not load M
 log = get_logger("server")
 
 HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-
-def is_loopback_host(host: str) -> bool:
-    """True if every address ``host`` resolves to is a loopback address."""
-    if not host:
-        return False
-    try:
-        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
-    except OSError:
-        return False
-    addrs = {str(info[4][0]).split("%", 1)[0] for info in infos}
-    try:
-        return bool(addrs) and all(ipaddress.ip_address(a).is_loopback for a in addrs)
-    except ValueError:
-        return False
-
-
-def bind_socket(host: str, port: int) -> socket.socket:
-    """A bound (not yet listening) TCP socket for ``host:port``; port 0 picks a free one."""
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except OSError as e:
-        raise ConfigError(f"server.host: cannot resolve {host!r}: {e}") from e
-    family, type_, proto, _, addr = infos[0]
-    sock = socket.socket(family, type_, proto)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if family == socket.AF_INET6 and hasattr(socket, "IPPROTO_IPV6"):
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if host == "::" else 1)
-        sock.bind(addr)
-    except OSError as e:
-        sock.close()
-        raise ConfigError(
-            f"cannot bind {host}:{port} (server.host/server.port): {e.strerror or e}"
-        ) from e
-    return sock
-
-
-def write_runtime_file(path: Path, data: dict[str, Any]) -> None:
-    """Write ``data`` as JSON to ``path`` atomically, readable by the owner only."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def remove_runtime_file(path: Path, pid: int) -> None:
-    """Remove ``path`` if it is still ours (another daemon may have replaced it)."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return
-    if isinstance(data, dict) and data.get("pid") == pid:
-        with contextlib.suppress(OSError):
-            path.unlink()
-
-
-def _served(runtime: ModelRuntime) -> ServedModel:
-    """A loaded model as the API describes it (`daemon.serving.api.state.ServedModel`)."""
-    from daemon.serving.api.state import ServedModel
-
-    pair, engine = runtime.pair, runtime.engine
-    assert pair is not None and engine is not None, "a model is described once loaded"
-    return ServedModel(
-        name=runtime.name,
-        tokenizer=pair.tokenizer,
-        draft_id=pair.draft_id,
-        draft_kind=pair.draft_kind,
-        dtype=pair.dtype,
-        max_context=pair.max_context,
-        vocab_size=engine.shared_vocab(),
-        model_details=model_details(pair),
-        adapter_version=lambda: runtime.adapter_version,
-    )
 
 
 class Server:
@@ -496,7 +414,7 @@ class Server:
         if writer is not None:
             self.metrics.buffer_unsaved.set_function(lambda: writer.retry_backlog)
             self.metrics.buffer_dropped.set_function(lambda: writer.dropped)
-        self.status_providers.append(self._buffer_status)
+        self.status_providers.append(service.buffer_status)
         # the suffix drafting index: past outputs held (daemon.core.drafting.SuffixIndex)
         self.status_providers.append(lambda: {"suffix_index": service.suffix.stats()})
         assert service.engine is not None
@@ -555,7 +473,7 @@ class Server:
 
         def loaded(fut: Future[ModelRuntime]) -> None:
             try:
-                served = _served(fut.result())
+                served = served_model(fut.result())
             except BaseException as e:  # noqa: BLE001 - the request that asked gets it
                 done.set_exception(e)
                 return
@@ -568,27 +486,6 @@ class Server:
     def _draft_head_tokens(self) -> int | None:
         head = pruned_head(self.service.draft) if self.service is not None else None
         return head.size if head is not None else None
-
-    def _buffer_status(self) -> dict[str, Any]:
-        assert self.service is not None and self.service.buffer is not None
-        st = self.service.buffer.stats(trend_window=200, trend_buckets=4)
-        out: dict[str, Any] = {
-            "records": st.records,
-            "train": st.train,
-            "holdout": st.holdout,
-            "failures": st.failures,
-            "pending_failures": st.pending_failures,
-            "used_for_training": st.used_for_training,
-            "size_bytes": st.size_bytes,
-            "max_records": st.max_records,
-            "acceptance_trend": [asdict(b) for b in st.acceptance_trend],
-        }
-        writer = self.service.writer
-        if writer is not None:  # records a full disk kept out: waiting in memory, or lost
-            out["unsaved_records"] = writer.retry_backlog
-            out["dropped_records"] = writer.dropped
-            out["commit_failures"] = writer.commit_failures
-        return {"buffer": out}
 
     def _on_finished(self, request: Any, result: Any, queue_s: float, total_s: float) -> None:
         """The worker's ``on_finished``: every hook, in order; one failing stops no other."""
@@ -603,7 +500,7 @@ class Server:
         from daemon.serving.api import AppState, create_app
 
         assert self.service is not None
-        primary = _served(self.service.primary)
+        primary = served_model(self.service.primary)
         self.app_state = AppState(
             settings=self.settings,
             worker=self.worker,

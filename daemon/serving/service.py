@@ -10,6 +10,7 @@ import shutil
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -277,6 +278,28 @@ class Service:
         """The draft in service (with its adapter, if any)."""
         assert self.engine is not None, "service not started"
         return self.engine.draft
+
+    def buffer_status(self) -> dict[str, Any]:
+        """``/status``'s ``buffer``: the replay buffer's counts and what the writer holds."""
+        assert self.buffer is not None
+        st = self.buffer.stats(trend_window=200, trend_buckets=4)
+        out: dict[str, Any] = {
+            "records": st.records,
+            "train": st.train,
+            "holdout": st.holdout,
+            "failures": st.failures,
+            "pending_failures": st.pending_failures,
+            "used_for_training": st.used_for_training,
+            "size_bytes": st.size_bytes,
+            "max_records": st.max_records,
+            "acceptance_trend": [asdict(b) for b in st.acceptance_trend],
+        }
+        writer = self.writer
+        if writer is not None:  # records a full disk kept out: waiting in memory, or lost
+            out["unsaved_records"] = writer.retry_backlog
+            out["dropped_records"] = writer.dropped
+            out["commit_failures"] = writer.commit_failures
+        return {"buffer": out}
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every record submitted so far is committed; False on timeout."""

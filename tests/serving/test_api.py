@@ -30,9 +30,10 @@ from daemon.config import load_settings
 from daemon.core.engine import GenerationResult, SamplingParams
 from daemon.core.models import ModelPair
 from daemon.core.prompts import encode_prompt
-from daemon.server import Server, is_loopback_host
+from daemon.server import Server
 from daemon.serving.api import MAX_BODY_BYTES
 from daemon.serving.api.schemas import IGNORED_HEADER
+from daemon.serving.endpoint import is_loopback_host
 from tests.helpers import (
     HANG_GUARD_S,
     read_log,

@@ -14,11 +14,14 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from daemon.config import Settings
 from daemon.serving.metrics import SpecdMetrics
 from daemon.serving.requests import RequestHandle
+
+if TYPE_CHECKING:
+    from daemon.serving.runtime import ModelRuntime
 from daemon.serving.worker import GenerationWorker
 from daemon.store.adapters import AdapterListing, Rollback
 from daemon.store.history import StatusHistory
@@ -85,6 +88,25 @@ class ServedModel:
     vocab_size: int = 0
     model_details: dict[str, Any] = field(default_factory=dict)
     adapter_version: Callable[[], int] = lambda: 0
+
+
+def served_model(runtime: ModelRuntime) -> ServedModel:
+    """A loaded model as the API describes it (`daemon.serving.api.state.ServedModel`)."""
+    from daemon.core.models import model_details  # loads MLX: only once a model is
+
+    pair, engine = runtime.pair, runtime.engine
+    assert pair is not None and engine is not None, "a model is described once loaded"
+    return ServedModel(
+        name=runtime.name,
+        tokenizer=pair.tokenizer,
+        draft_id=pair.draft_id,
+        draft_kind=pair.draft_kind,
+        dtype=pair.dtype,
+        max_context=pair.max_context,
+        vocab_size=engine.shared_vocab(),
+        model_details=model_details(pair),
+        adapter_version=lambda: runtime.adapter_version,
+    )
 
 
 @dataclass
