@@ -96,7 +96,7 @@ from daemon.core.params import SamplingParams, SpeculativeConfig, is_int
 from daemon.core.policy import Measured, SpeculationPolicy
 from daemon.core.prompt_cache import PromptCache
 from daemon.core.records import GenerationStats, Rejection, TokenLogprob, top_ids
-from daemon.core.rounds import Pending, RequestState, run_round
+from daemon.core.rounds import Pending, RequestState, Verified, run_round
 from daemon.core.sampling import history_size, logits_processors
 from daemon.errors import GenerationError
 
@@ -193,6 +193,33 @@ def _top_logprobs(row: np.ndarray, k: int) -> tuple[list[int], list[float]]:
     """Top-``k`` ids and log-probabilities of one raw logits row, most likely first."""
     ids = top_ids(row, k)
     return ids.tolist(), (row[ids].astype(np.float64) - _logsumexp(row)).tolist()
+
+
+def _emit(
+    v: Verified,
+    out: TextStream,
+    constraint: Any,
+    result: GenerationResult,
+    new_tokens: list[int],
+    new_lps: list[TokenLogprob],
+) -> str | None:
+    """Add a round's tokens to ``result`` (and this chunk's lists) one at a time, until one
+    ends the request: EOS or a stop token (``out``), or a grammar that is complete (nothing
+    may follow). The finish reason, or None."""
+    for i, t in enumerate(v.emitted):
+        result.tokens.append(t)
+        new_tokens.append(t)
+        if v.logprobs is not None:
+            new_lps.append(v.logprobs[i])
+            result.logprobs.append(v.logprobs[i])
+        finish = out.add(t)
+        if finish is not None:
+            return finish
+        if constraint is not None:
+            constraint.consume([t])
+            if constraint.done:
+                return "stop"
+    return None
 
 
 def _complete_rejections(pending: list[Pending], n_top: int) -> None:
@@ -423,7 +450,7 @@ class SpeculativeEngine:
         resume: HandoffState | None = None,
     ) -> Generator[GenerationChunk, None, None]:
         cfg = self.config
-        target, target_cache, prompt, params = st.target, st.target_cache, st.prompt, st.params
+        target_cache, prompt, params = st.target_cache, st.prompt, st.params
         constraint = st.constraint
         stats = result.stats
         stats.prompt_tokens = len(prompt)
@@ -438,11 +465,6 @@ class SpeculativeEngine:
         def materialize() -> None:
             _complete_rejections(st.pending, n_top)
 
-        def drafter_features(start: int, hidden: mx.array) -> None:
-            # prefill row i is position t_cached + i: it precedes token t_cached + i + 1
-            first = stats.cached_tokens + start + 1
-            drafter.observe(prompt[first : first + hidden.shape[0]], hidden)
-
         finish: str | None = None
         tokens = result.tokens
         new_tokens: list[int] = []
@@ -451,19 +473,7 @@ class SpeculativeEngine:
         t_gen = resume.t_gen if resume is not None else t_start
         try:
             if resume is None:
-                t_cached = stats.cached_tokens
-                if len(prompt) - 1 > t_cached:
-                    # a long prompt yields empty chunks between its prefill chunks: a client
-                    # that hangs up stops the request there, not after the whole prefill
-                    steps = self._prefill_steps(
-                        target,
-                        target_cache,
-                        mx.array(prompt[t_cached:-1], dtype=mx.uint32),
-                        features=None if st.features is None else (st.features, drafter_features),
-                    )
-                    for _ in steps:
-                        yield GenerationChunk(text="", tokens=[])
-                    stats.target_passes += 1
+                yield from self._prefill_prompt(st, stats)
                 t_gen = time.perf_counter()
                 stats.prompt_time = t_gen - t_start
             if st.policy is not None:
@@ -477,20 +487,7 @@ class SpeculativeEngine:
                     finish = "length"
                     break
                 v = run_round(st, int(remaining), materialize)
-                for i, t in enumerate(v.emitted):  # ---- emit
-                    tokens.append(t)
-                    new_tokens.append(t)
-                    if v.logprobs is not None:
-                        new_lps.append(v.logprobs[i])
-                        result.logprobs.append(v.logprobs[i])
-                    finish = out.add(t)
-                    if finish is not None:
-                        break
-                    if constraint is not None:
-                        constraint.consume([t])
-                        if constraint.done:  # the grammar is complete: nothing may follow
-                            finish = "stop"
-                            break
+                finish = _emit(v, out, constraint, result, new_tokens, new_lps)
                 if finish is not None:
                     break
                 delta = out.delta()
@@ -529,6 +526,32 @@ class SpeculativeEngine:
                 # finished, or closed between rounds: the caches hold a prefix of seq either way
                 keep_draft = not isinstance(drafter, FeatureDrafter)
                 self._keep_caches(seq, target_cache, draft_cache if keep_draft else None)
+
+    def _prefill_prompt(
+        self, st: RequestState, stats: GenerationStats
+    ) -> Generator[GenerationChunk, None, None]:
+        """Prefill the prompt past its cached prefix (all but its last token, which the first
+        round reads), feeding a feature drafter the target's features as they come. A long
+        prompt yields empty chunks between its prefill chunks: a client that hangs up stops
+        the request there, not after the whole prefill."""
+        prompt, drafter, t_cached = st.prompt, st.drafter, stats.cached_tokens
+        if len(prompt) - 1 <= t_cached:
+            return
+
+        def drafter_features(start: int, hidden: mx.array) -> None:
+            # prefill row i is position t_cached + i: it precedes token t_cached + i + 1
+            first = t_cached + start + 1
+            drafter.observe(prompt[first : first + hidden.shape[0]], hidden)
+
+        steps = self._prefill_steps(
+            st.target,
+            st.target_cache,
+            mx.array(prompt[t_cached:-1], dtype=mx.uint32),
+            features=None if st.features is None else (st.features, drafter_features),
+        )
+        for _ in steps:
+            yield GenerationChunk(text="", tokens=[])
+        stats.target_passes += 1
 
     def _request_state(
         self,
