@@ -9,9 +9,10 @@ log-probabilities at those positions.
 Modules, bottom up: data (examples and padded batches), loss, lora (LoRA layers on the draft,
 with mlx-lm's conversion), trainer (the optimiser loop), run (one training run), process (the
 ``python -m daemon.adaptation.process`` entry the daemon spawns), loop (trigger, gate, hot
-swap), status (the loop as ``/status`` shows it). The adapter file format and a run's result and progress files belong to the store
-(`daemon.store.adapters`, `daemon.store.runs`). Never imports serving: the loop drives the
-service through a protocol (`daemon.adaptation.loop.ServingPort`).
+swap), status (the loop as ``/status`` shows it). The adapter file format and a run's result
+and progress files belong to the store (`daemon.store.adapters`, `daemon.store.runs`). Never
+imports serving: the loop drives the service through a protocol
+(`daemon.adaptation.loop.ServingPort`).
 
 Staying finite
 --------------
