@@ -1,6 +1,6 @@
 """One prompt-text rule for every entry point: a conversation sent over HTTP and the same
 conversation collected by ``specd collect`` are keyed on the same text, so they land in the
-same train/holdout split."""
+same train/holdout split; every turn of a conversation lands in the split of its first."""
 
 from __future__ import annotations
 
@@ -26,8 +26,8 @@ CONVERSATIONS = [
         {"role": "assistant", "content": "sat"},
         {"role": "user", "content": "on the mat"},
     ],
-    # Ends with an assistant message (a prefill): the last *user* message is the key, which
-    # the HTTP API always used and `specd collect` did not (it took the last message).
+    # Ends with an assistant message (a prefill): a *user* message is the key, which the HTTP
+    # API always used and `specd collect` once did not (it took the last message).
     [
         {"role": "system", "content": "be brief"},
         {"role": "user", "content": "cat sat on"},
@@ -39,9 +39,21 @@ CONVERSATIONS = [
 
 def test_prompt_text_rule() -> None:
     assert prompt_text(CONVERSATIONS[0]) == "the cat"
-    assert prompt_text(CONVERSATIONS[1]) == "on the mat"
+    # a later turn is keyed on its conversation's first question: the same split as that turn
+    assert prompt_text(CONVERSATIONS[1]) == "the cat"
     assert prompt_text(CONVERSATIONS[2]) == "cat sat on"
     assert prompt_text(CONVERSATIONS[3]) == "mat mat\ncat"  # no user message: all of it
+
+
+def test_conversations_sharing_a_follow_up_are_split_by_their_own_first_question() -> None:
+    follow_up = {"role": "user", "content": "Now write two unit tests for it."}
+    turns = [
+        [{"role": "user", "content": f"What does f{i} do?"}, {"role": "assistant", "content": "x"}]
+        for i in range(200)
+    ]
+    splits = [assign_split(prompt_text([*t, follow_up]), 0.1) for t in turns]
+    assert splits == [assign_split(prompt_text(t[:1]), 0.1) for t in turns]
+    assert 0 < splits.count("holdout") < 200  # not all one way
 
 
 @pytest.fixture
@@ -60,9 +72,9 @@ def config(tmp_path: Path) -> Path:
     return cfg
 
 
-def _records(data_dir: Path) -> dict[str, tuple[str, str | None]]:
+def _records(data_dir: Path) -> list[tuple[str, str | None]]:
     with ReplayBuffer(data_dir, create=False) as buf:
-        return {r.prompt_text: (r.prompt_text, r.split) for r in buf.iter_records()}
+        return sorted((r.prompt_text, r.split) for r in buf.iter_records())
 
 
 def test_http_and_collect_split_a_conversation_the_same_way(tmp_path: Path, config: Path) -> None:
@@ -106,8 +118,5 @@ def test_http_and_collect_split_a_conversation_the_same_way(tmp_path: Path, conf
     assert not thread.is_alive()
 
     via_collect, via_http = _records(collect_dir), _records(http_dir)
-    expected = {prompt_text(c) for c in CONVERSATIONS}
-    assert set(via_collect) == set(via_http) == expected
-    for text in expected:
-        assert via_collect[text] == via_http[text]
-        assert via_http[text][1] == assign_split(text, 0.5)
+    expected = sorted((prompt_text(c), assign_split(prompt_text(c), 0.5)) for c in CONVERSATIONS)
+    assert via_collect == via_http == expected

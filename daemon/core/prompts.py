@@ -34,13 +34,16 @@ class PromptItem:
 def prompt_text(messages: Sequence[Mapping[str, Any]]) -> str:
     """The one rule for the text a conversation is keyed on (its train/holdout split, reports).
 
-    The last *user* message, whoever sent the request (HTTP, ``specd collect``, benchmarks), so
-    a conversation lands in the same split by every entry point; a conversation without a user
+    Its *first* user message, whoever sent the request (HTTP, ``specd collect``, benchmarks),
+    so a conversation lands in the same split by every entry point, and every turn of it in
+    the split of its first: a later turn's prompt holds the earlier answers, which a train
+    row must not carry out of the holdout, and a follow-up many conversations share ("Now
+    write tests for it.") must not send all of them one way. A conversation without a user
     message is keyed on all its messages' contents joined by newlines.
     """
     users = [str(m.get("content") or "") for m in messages if m.get("role") == "user"]
     if users:
-        return users[-1]
+        return users[0]
     return "\n".join(str(m.get("content") or "") for m in messages)
 
 
