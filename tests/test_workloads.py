@@ -12,9 +12,8 @@ from pathlib import Path
 import pytest
 
 from daemon.bench.report import render_benchmarks
-from daemon.bench.serve import read_conversations
 from daemon.bench.workloads import KINDS, split_of, write_workloads
-from daemon.core.prompts import read_prompts
+from daemon.core.prompts import read_conversations, read_prompts
 
 PUBLISHED = Path(__file__).resolve().parents[1] / "benchmarks" / "workloads"
 

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from daemon.bench.report import write_json
+from daemon.core.prompts import read_conversations
 
 if TYPE_CHECKING:
     from daemon.config import ConfigSources, Settings
@@ -252,28 +253,6 @@ def bench_serve(
             "overhead_pct": (d_tps / total_tps - 1.0) * 100.0 if total_tps > 0 else None,
             "ttft_added_p50_s": out["ttft_s"]["p50"] - d_ttft,
         }
-    return out
-
-
-def read_conversations(path: Any, limit: int | None = None) -> list[list[str]]:
-    """``{"turns": [user message, ...]}`` per line; `ValueError` naming the bad line."""
-    from pathlib import Path
-
-    out: list[list[str]] = []
-    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            turns = json.loads(line)["turns"]
-        except (ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"{path}:{n}: not a JSON object with 'turns' ({e})") from None
-        if not isinstance(turns, list) or not turns or not all(isinstance(t, str) for t in turns):
-            raise ValueError(f"{path}:{n}: 'turns' must be a non-empty list of strings")
-        out.append(turns)
-        if limit is not None and len(out) >= limit:
-            break
-    if not out:
-        raise ValueError(f"{path}: no conversations")
     return out
 
 

@@ -174,7 +174,16 @@ def _collect(sub: Commands) -> None:
         metavar="F.jsonl",
         help="JSON Lines with 'prompt' or 'messages' per line",
     )
-    p.add_argument("--limit", type=int, help="use at most this many prompts from the file")
+    p.add_argument(
+        "--conversations",
+        type=Path,
+        metavar="F.jsonl",
+        help="multi-turn: one {'turns': [user messages]} per line, each turn sent with the "
+        "conversation so far (the target's answers between) and recorded",
+    )
+    p.add_argument(
+        "--limit", type=int, help="use at most this many prompts (conversations) from each file"
+    )
     p.add_argument(
         "--max-tokens", type=int, help="new tokens per prompt (default: sampling.max_tokens)"
     )

@@ -97,6 +97,33 @@ def read_prompts(path: str | Path, limit: int | None = None) -> list[PromptItem]
     return items
 
 
+def read_conversations(path: str | Path, limit: int | None = None) -> list[list[str]]:
+    """A multi-turn prompt file: ``{"turns": [user message, ...]}`` per line, each turn sent
+    with the conversation so far (the target's own answers between); blank lines skipped.
+    `PromptFileError` (a ValueError) naming the file and the bad line."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise PromptFileError(f"{path}: cannot read conversations file: {e}") from e
+    out: list[list[str]] = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            turns = json.loads(line)["turns"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise PromptFileError(f"{path}:{n}: not a JSON object with 'turns' ({e})") from None
+        if not isinstance(turns, list) or not turns or not all(isinstance(t, str) for t in turns):
+            raise PromptFileError(f"{path}:{n}: 'turns' must be a non-empty list of strings")
+        out.append(turns)
+        if limit is not None and len(out) >= limit:
+            break
+    if not out:
+        raise PromptFileError(f"{path}: no conversations")
+    return out
+
+
 def encode_prompt(
     tokenizer: TokenizerWrapper,
     prompt: str | list[dict[str, Any]],

@@ -1,20 +1,23 @@
 """``specd collect``: run prompts through the engine and record them exactly as serving would.
 
 Through the running daemon when one is up (its HTTP API records the requests), else in this
-process with the same `Service` the daemon serves with.
+process with the same `Service` the daemon serves with. A conversation (``--conversations``)
+is sent a turn at a time, each turn with the conversation so far and the target's own answers
+between, as a chat client sends it; each turn is one request, recorded.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from tqdm import tqdm
 
 from daemon.config import ConfigSources, Settings
-from daemon.core.prompts import PromptItem, read_prompts
+from daemon.core.prompts import PromptItem, read_conversations, read_prompts
 from daemon.core.records import acceptance_rate, is_failure_case
 from daemon.errors import PromptFileError
 from daemon.ops.client import DaemonClient
@@ -60,50 +63,90 @@ class CollectSummary:
         }
 
 
+# One request of a run: its messages so far -> (the answer's text, drafted, accepted, tokens).
+Send = Callable[[list[dict[str, str]]], tuple[str, int, int, int]]
+
+
 def collect(
     settings: Settings,
     items: list[PromptItem],
     max_tokens: int | None = None,
     progress: bool = True,
     use_daemon: bool = True,
+    conversations: list[list[str]] | None = None,
 ) -> CollectSummary:
-    """Send ``items`` through the daemon if one runs for this data dir, else in process."""
+    """Send ``items``, then each of ``conversations`` a turn at a time, through the daemon if
+    one runs for this data dir, else in process."""
     client = DaemonClient.find(settings) if use_daemon else None
     if client is not None:
-        return _via_daemon(client, settings, items, max_tokens, progress)
-    return _in_process(settings, items, max_tokens, progress)
+        return _via_daemon(client, settings, items, conversations or [], max_tokens, progress)
+    return _in_process(settings, items, conversations or [], max_tokens, progress)
 
 
-def _bar(items: list[PromptItem], progress: bool, mode: str):
-    return tqdm(items, desc=f"collect ({mode})", unit="req", disable=not progress, file=sys.stderr)
+def _send_all(
+    summary: CollectSummary,
+    send: Send,
+    items: list[PromptItem],
+    conversations: list[list[str]],
+    threshold: float,
+    progress: bool,
+) -> None:
+    """Every item, then every conversation's turns in order, one request each; a request
+    that fails is noted and skipped (with the rest of its conversation, which needs its
+    answer), never the end of the run."""
+    total = len(items) + sum(len(turns) for turns in conversations)
+    bar = tqdm(
+        total=total,
+        desc=f"collect ({summary.mode.split()[0]})",
+        unit="req",
+        disable=not progress,
+        file=sys.stderr,
+    )
+    with bar:
+        for item in items:
+            try:
+                _, drafted, accepted, tokens = send(item.messages)
+                summary.add(drafted, accepted, tokens, threshold)
+            except Exception as e:  # one bad request must not end the run
+                summary.errors.append(f"{item.text[:40]!r}: {e}")
+            bar.update()
+        for turns in conversations:
+            messages: list[dict[str, str]] = []
+            for n, turn in enumerate(turns):
+                messages.append({"role": "user", "content": turn})
+                try:
+                    answer, drafted, accepted, tokens = send(list(messages))
+                except Exception as e:
+                    summary.errors.append(f"{turns[0][:40]!r}, turn {n + 1}: {e}")
+                    bar.update(len(turns) - n)
+                    break
+                summary.add(drafted, accepted, tokens, threshold)
+                messages.append({"role": "assistant", "content": answer})
+                bar.update()
 
 
 def _via_daemon(
     client: DaemonClient,
     settings: Settings,
     items: list[PromptItem],
+    conversations: list[list[str]],
     max_tokens: int | None,
     progress: bool,
 ) -> CollectSummary:
     summary = CollectSummary(mode=f"daemon {client.base_url}")
-    threshold = settings.buffer.failure_threshold
-    for item in _bar(items, progress, "daemon"):
-        body: dict[str, Any] = {"messages": item.messages}
+
+    def send(messages: list[dict[str, str]]) -> tuple[str, int, int, int]:
+        body: dict[str, Any] = {"messages": messages}
         if max_tokens is not None:
             body["max_tokens"] = max_tokens
-        try:
-            resp = client.request("POST", "/v1/chat/completions", body)
-        except Exception as e:  # one bad request must not end the run
-            summary.errors.append(str(e))
-            continue
+        resp = client.request("POST", "/v1/chat/completions", body)
         usage = resp.get("usage", {})
         spec = usage.get("speculative", {})
-        summary.add(
-            spec.get("drafted", 0),
-            spec.get("accepted", 0),
-            usage.get("completion_tokens", 0),
-            threshold,
-        )
+        answer = str(((resp.get("choices") or [{}])[0].get("message") or {}).get("content") or "")
+        tokens = usage.get("completion_tokens", 0)
+        return answer, spec.get("drafted", 0), spec.get("accepted", 0), tokens
+
+    _send_all(summary, send, items, conversations, settings.buffer.failure_threshold, progress)
     try:
         status = client.request("GET", "/status", timeout=30)
         summary.pending_failures = (status.get("buffer") or {}).get("pending_failures")
@@ -113,24 +156,25 @@ def _via_daemon(
 
 
 def _in_process(
-    settings: Settings, items: list[PromptItem], max_tokens: int | None, progress: bool
+    settings: Settings,
+    items: list[PromptItem],
+    conversations: list[list[str]],
+    max_tokens: int | None,
+    progress: bool,
 ) -> CollectSummary:
-    from daemon.core.engine import GenerationError
     from daemon.serving.service import Service
 
     service = Service(settings)
     service.start()
     summary = CollectSummary(mode="in-process")
-    threshold = settings.buffer.failure_threshold
+
+    def send(messages: list[dict[str, str]]) -> tuple[str, int, int, int]:
+        result = service.generate(messages, max_tokens=max_tokens)
+        s = result.stats
+        return result.text, s.drafted, s.accepted, s.generation_tokens
+
     try:
-        for item in _bar(items, progress, "in-process"):
-            try:
-                result = service.generate(item.messages, max_tokens=max_tokens)
-            except GenerationError as e:
-                summary.errors.append(f"{item.text[:40]!r}: {e}")
-                continue
-            s = result.stats
-            summary.add(s.drafted, s.accepted, s.generation_tokens, threshold)
+        _send_all(summary, send, items, conversations, settings.buffer.failure_threshold, progress)
     finally:
         service.stop(timeout=None)  # flushes every record to the buffer
     from daemon.store.buffer import ReplayBuffer
@@ -145,10 +189,20 @@ def run(args: argparse.Namespace, settings: Settings, sources: ConfigSources) ->
     items = [PromptItem(messages=[{"role": "user", "content": p}]) for p in args.prompt or []]
     if args.prompts_file is not None:
         items += read_prompts(args.prompts_file, limit=args.limit)
-    if not items:
-        raise PromptFileError("nothing to collect: give -p PROMPT and/or --prompts-file FILE")
+    conversations = None
+    if args.conversations is not None:
+        conversations = read_conversations(args.conversations, limit=args.limit)
+    if not items and not conversations:
+        raise PromptFileError(
+            "nothing to collect: give -p PROMPT, --prompts-file FILE and/or --conversations FILE"
+        )
     summary = collect(
-        settings, items, args.max_tokens, progress=not args.quiet, use_daemon=not args.in_process
+        settings,
+        items,
+        args.max_tokens,
+        progress=not args.quiet,
+        use_daemon=not args.in_process,
+        conversations=conversations,
     )
     d = summary.to_dict()
     print(f"collected through: {summary.mode}")

@@ -83,6 +83,54 @@ def test_collect_in_process_records_like_serving(setup, capsys) -> None:
     assert "purged 3 records" in capsys.readouterr().out
 
 
+def test_collect_sends_a_conversation_a_turn_at_a_time_with_its_own_answers(setup, capsys) -> None:
+    from daemon.config import load_settings
+    from daemon.core.models import load_pair
+    from daemon.core.prompts import encode_prompt
+
+    tmp_path, _ = setup
+    # every token a word, so the answers carried into the next turn are text
+    words = ["the", "cat", "sat", *(f"w{i}" for i in range(35))]
+    model = write_model_dir(tmp_path / "worded", words, vocab_size=40, seed=4)
+    cfg = tmp_path / "worded.yaml"
+    cfg.write_text(json.dumps({"models": {"target": str(model), "draft_layers": [0, 1]}}))
+    common = ["--config", str(cfg), "--data-dir", str(tmp_path / "data")]
+    conversations = tmp_path / "c.jsonl"
+    conversations.write_text(
+        json.dumps({"turns": ["the cat", "sat the", "cat cat"]})
+        + "\n"
+        + json.dumps({"turns": ["sat sat"]})
+        + "\n"
+    )
+    args = ["collect", *common, "--conversations", str(conversations), "--max-tokens", "6"]
+    assert main([*args, "-q"]) == 0
+    assert "requests: 4" in capsys.readouterr().out
+    with ReplayBuffer(tmp_path / "data", create=False) as buf:
+        records = list(buf.iter_records())
+    # every turn keyed on its conversation's first question (one split for all its turns)
+    assert [r.prompt_text for r in records] == ["the cat"] * 3 + ["sat sat"]
+    # each turn's prompt is the conversation so far, the target's answers between
+    settings, _ = load_settings(common[1], {"paths.data_dir": str(tmp_path / "data")})
+    tokenizer = load_pair(settings).tokenizer
+    first, second, third = records[:3]
+    assert first.output_text and second.output_text
+    messages = [
+        {"role": "user", "content": "the cat"},
+        {"role": "assistant", "content": first.output_text},
+        {"role": "user", "content": "sat the"},
+    ]
+    assert second.prompt_tokens == encode_prompt(tokenizer, messages)
+    messages += [
+        {"role": "assistant", "content": second.output_text},
+        {"role": "user", "content": "cat cat"},
+    ]
+    assert third.prompt_tokens == encode_prompt(tokenizer, messages)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"turns": "hi"}\n')
+    assert main(["collect", *common, "--conversations", str(bad), "-q"]) == 1
+    assert f"{bad}:1: 'turns' must be a non-empty list of strings" in capsys.readouterr().err
+
+
 def test_collect_reports_bad_prompt_line(setup, capsys) -> None:
     tmp_path, common = setup
     prompts = tmp_path / "bad.jsonl"

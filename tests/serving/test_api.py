@@ -1295,7 +1295,8 @@ def test_bench_serve_client_counts_side_by_side(served: Server) -> None:
 def test_conversations_reuse_the_prompt_cache(served: Server, tmp_path: Path) -> None:
     """Each turn resends the history: from the second turn on, most of the prompt comes from
     the prompt cache (usage, /metrics, /status), and bench serve --conversations reports it."""
-    from daemon.bench.serve import bench_conversations, read_conversations
+    from daemon.bench.serve import bench_conversations
+    from daemon.core.prompts import read_conversations
 
     conv = tmp_path / "conv.jsonl"
     conv.write_text(
