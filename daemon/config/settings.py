@@ -29,6 +29,8 @@ from daemon.config.sections import (
     overridden,
 )
 
+# The merged config files, set by `load_settings` around one `Settings(...)`: pydantic-settings
+# builds its sources from the class, so the files reach `_MergedFilesSource` this way.
 FILE_DATA: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("FILE_DATA")
 
 
