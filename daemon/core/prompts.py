@@ -7,7 +7,7 @@ A ``"prompt"`` string is sent as a single user message through the chat template
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -69,14 +69,13 @@ def _messages(obj: dict[str, Any], where: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": prompt}]
 
 
-def read_prompts(path: str | Path, limit: int | None = None) -> list[PromptItem]:
-    """Read a JSONL prompt file; blank lines are skipped, a bad line raises with its number."""
-    path = Path(path)
+def _json_objects(path: Path, what: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Each non-blank line of a JSON Lines file as an object, with where it stands
+    (``file:line``); `PromptFileError` naming the file, or the line that is not an object."""
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as e:
-        raise PromptFileError(f"{path}: cannot read prompt file: {e}") from e
-    items: list[PromptItem] = []
+        raise PromptFileError(f"{path}: cannot read {what}: {e}") from e
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -87,6 +86,14 @@ def read_prompts(path: str | Path, limit: int | None = None) -> list[PromptItem]
             raise PromptFileError(f"{where}: invalid JSON: {e.msg}") from None
         if not isinstance(obj, dict):
             raise PromptFileError(f"{where}: each line must be a JSON object")
+        yield where, obj
+
+
+def read_prompts(path: str | Path, limit: int | None = None) -> list[PromptItem]:
+    """Read a JSONL prompt file; blank lines are skipped, a bad line raises with its number."""
+    path = Path(path)
+    items: list[PromptItem] = []
+    for where, obj in _json_objects(path, "prompt file"):
         msgs = _messages(obj, where)
         meta = {k: v for k, v in obj.items() if k not in ("prompt", "messages")}
         items.append(PromptItem(messages=msgs, meta=meta))
@@ -102,20 +109,11 @@ def read_conversations(path: str | Path, limit: int | None = None) -> list[list[
     with the conversation so far (the target's own answers between); blank lines skipped.
     `PromptFileError` (a ValueError) naming the file and the bad line."""
     path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise PromptFileError(f"{path}: cannot read conversations file: {e}") from e
     out: list[list[str]] = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            turns = json.loads(line)["turns"]
-        except (ValueError, KeyError, TypeError) as e:
-            raise PromptFileError(f"{path}:{n}: not a JSON object with 'turns' ({e})") from None
+    for where, obj in _json_objects(path, "conversations file"):
+        turns = obj.get("turns")
         if not isinstance(turns, list) or not turns or not all(isinstance(t, str) for t in turns):
-            raise PromptFileError(f"{path}:{n}: 'turns' must be a non-empty list of strings")
+            raise PromptFileError(f"{where}: 'turns' must be a non-empty list of strings")
         out.append(turns)
         if limit is not None and len(out) >= limit:
             break

@@ -90,10 +90,11 @@ def _send_all(
     conversations: list[list[str]],
     threshold: float,
     progress: bool,
+    expected: tuple[type[Exception], ...],
 ) -> None:
     """Every item, then every conversation's turns in order, one request each; a request
-    that fails is noted and skipped (with the rest of its conversation, which needs its
-    answer), never the end of the run."""
+    that fails with one of the ``expected`` errors is noted and skipped (with the rest of its
+    conversation, which needs its answer), never the end of the run."""
     total = len(items) + sum(len(turns) for turns in conversations)
     bar = tqdm(
         total=total,
@@ -106,9 +107,10 @@ def _send_all(
         for item in items:
             try:
                 _, drafted, accepted, tokens = send(item.messages)
-                summary.add(drafted, accepted, tokens, threshold)
-            except Exception as e:  # one bad request must not end the run
+            except expected as e:  # one bad request must not end the run
                 summary.errors.append(f"{item.text[:40]!r}: {e}")
+            else:
+                summary.add(drafted, accepted, tokens, threshold)
             bar.update()
         for turns in conversations:
             messages: list[dict[str, str]] = []
@@ -116,7 +118,7 @@ def _send_all(
                 messages.append({"role": "user", "content": turn})
                 try:
                     answer, drafted, accepted, tokens = send(list(messages))
-                except Exception as e:
+                except expected as e:
                     summary.errors.append(f"{turns[0][:40]!r}, turn {n + 1}: {e}")
                     bar.update(len(turns) - n)
                     break
@@ -146,7 +148,9 @@ def _via_daemon(
         tokens = usage.get("completion_tokens", 0)
         return answer, spec.get("drafted", 0), spec.get("accepted", 0), tokens
 
-    _send_all(summary, send, items, conversations, settings.buffer.failure_threshold, progress)
+    # anything the HTTP round trip raises, as before: the daemon keeps serving the next
+    threshold = settings.buffer.failure_threshold
+    _send_all(summary, send, items, conversations, threshold, progress, (Exception,))
     try:
         status = client.request("GET", "/status", timeout=30)
         summary.pending_failures = (status.get("buffer") or {}).get("pending_failures")
@@ -162,6 +166,7 @@ def _in_process(
     max_tokens: int | None,
     progress: bool,
 ) -> CollectSummary:
+    from daemon.core.engine import GenerationError
     from daemon.serving.service import Service
 
     service = Service(settings)
@@ -174,7 +179,9 @@ def _in_process(
         return result.text, s.drafted, s.accepted, s.generation_tokens
 
     try:
-        _send_all(summary, send, items, conversations, settings.buffer.failure_threshold, progress)
+        # a request the engine refuses; anything else is a bug and ends the run, as before
+        threshold = settings.buffer.failure_threshold
+        _send_all(summary, send, items, conversations, threshold, progress, (GenerationError,))
     finally:
         service.stop(timeout=None)  # flushes every record to the buffer
     from daemon.store.buffer import ReplayBuffer
