@@ -170,8 +170,10 @@ def write_model_dir(
     seed: int,
     lm_head_scale: float = 1.0,
     hidden: int = 32,
+    chat_template: str | None = None,
 ) -> Path:
-    """A loadable MLX model directory with a word-level tokenizer over ``words``."""
+    """A loadable MLX model directory with a word-level tokenizer over ``words`` (and
+    ``chat_template``, if given)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -179,6 +181,8 @@ def write_model_dir(
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     hf = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>")
+    if chat_template is not None:
+        hf.chat_template = chat_template
     model = tiny_model(vocab_size, seed=seed, lm_head_scale=lm_head_scale, hidden=hidden)
     path.mkdir(parents=True)
     save_model(path, model)

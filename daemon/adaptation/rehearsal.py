@@ -313,7 +313,7 @@ def _row(rec: Any, entry: _Entry) -> RehearsalRow:
     return RehearsalRow(rec.id, entry.variant, prompt, list(entry.output))
 
 
-def _stream(
+def stream_batch(
     target: nn.Module,
     prompts: list[list[int]],
     limits: list[int],
@@ -352,7 +352,7 @@ def _sample_requests(
     kept = [list(j.record.prompt_tokens[: cast(tuple[int, int], j.span)[0]]) for j in jobs]
     limits = [j.tail_max for j in jobs]
     done: set[int] = set()
-    for i, token in _stream(target, kept, limits, [_prefix_sampler(n) for n in limits], stops):
+    for i, token in stream_batch(target, kept, limits, [_prefix_sampler(n) for n in limits], stops):
         if i in done:
             continue
         if token in stops:
@@ -375,7 +375,7 @@ def _generate(target: nn.Module, jobs: list[_Job], stop_tokens: Sequence[int], s
     prompts = [j.prompt() for j in jobs]
     limits = [j.prefix_len + j.max_tokens for j in jobs]
     samplers = [_prefix_sampler(j.prefix_len) for j in jobs]
-    for i, token in _stream(target, prompts, limits, samplers, stops):
+    for i, token in stream_batch(target, prompts, limits, samplers, stops):
         job = jobs[i]
         if job.cut:
             continue

@@ -28,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     _serve(sub)
     _models(sub)
     _collect(sub)
+    _warmup(sub)
     _buffer(sub)
     _status(sub)
     _logs(sub)
@@ -190,6 +191,27 @@ def _collect(sub: Commands) -> None:
     p.add_argument("--in-process", action="store_true", help="never use a running daemon")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func="daemon.ops.collect:run", needs_mlx=True)
+
+
+def _warmup(sub: Commands) -> None:
+    p = sub.add_parser(
+        "warmup",
+        help="have the target write requests and answer them, for the draft to learn from",
+        description="The target writes user requests (sampled after its chat template's user "
+        "header) and answers them greedily; the buffer keeps them as train rows the "
+        "adaptation loop trains on, never as held-out rows and never for drafting. For a "
+        "draft with little or no traffic yet. Needs a chat model.",
+    )
+    common(p)
+    p.add_argument("--rows", type=int, default=256, help="rows to add (default: 256)")
+    p.add_argument(
+        "--max-tokens", type=int, help="tokens per answer (default: data.max_output_length)"
+    )
+    p.add_argument(
+        "--seed", type=int, help="sampling seed (default: the number of such rows stored)"
+    )
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func="daemon.ops.warmup:run", needs_mlx=True)
 
 
 def _buffer(sub: Commands) -> None:

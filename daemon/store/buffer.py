@@ -37,7 +37,7 @@ from daemon.config import BufferSettings
 from daemon.core.records import acceptance_rate
 from daemon.errors import BufferError
 from daemon.store.codec import decode_row, encode_record, unpack_ids
-from daemon.store.record import SPLITS, BufferRecord, assign_split
+from daemon.store.record import SPLITS, SYNTHETIC_DRAFT, BufferRecord, assign_split
 from daemon.store.schema import (
     PENDING_COUNTED,
     PENDING_WHERE,
@@ -256,6 +256,15 @@ class ReplayBuffer:
             )
         }
 
+    def synthetic_requests(self, target: str) -> set[str]:
+        """The requests of ``target``'s stored rows no user sent (`SYNTHETIC_DRAFT`), so that
+        a later warmup writes new ones."""
+        rows = self._query(
+            "SELECT prompt_text FROM records WHERE target_id = ? AND draft_id = ?",
+            (target, SYNTHETIC_DRAFT),
+        )
+        return {text for (text,) in rows}
+
     def pending_failure_count(self) -> int:
         """Failure cases in the train split not yet used for training (the counts table)."""
         return self._counted(PENDING_COUNTED)
@@ -349,8 +358,9 @@ class ReplayBuffer:
 
     def recent_outputs(self, max_tokens: int, split: str = "train") -> list[list[int]]:
         """The output tokens of the newest records of ``split``, oldest first, as many as fit
-        in ``max_tokens`` (what the suffix drafting index is rebuilt from at start)."""
-        where, params = self._scope("split = ?", [split])
+        in ``max_tokens`` (what the suffix drafting index is rebuilt from at start); rows no
+        user sent (`SYNTHETIC_DRAFT`) are not what traffic repeats, so they are left out."""
+        where, params = self._scope("split = ? AND draft_id != ?", [split, SYNTHETIC_DRAFT])
         out: list[list[int]] = []
         total, offset, page = 0, 0, 256
         while total < max_tokens:

@@ -18,6 +18,10 @@ from daemon.core.records import Rejection, acceptance_rate
 
 Split = Literal["train", "holdout"]
 SPLITS = ("train", "holdout")
+# ``draft_id`` of a row no user sent: a request the target wrote and answered (`specd warmup`).
+# Such rows are train rows to learn from, never holdout (the gate judges real traffic) and
+# never indexed for drafting (`ReplayBuffer.recent_outputs`).
+SYNTHETIC_DRAFT = "synthetic"
 
 
 @dataclass
@@ -64,6 +68,29 @@ class BufferRecord:
             target_id=target_id,
             draft_id=draft_id,
             adapter_version=adapter_version,
+        )
+
+    @classmethod
+    def synthetic(
+        cls,
+        request: str,
+        prompt_tokens: Sequence[int],
+        output_text: str,
+        output_tokens: Sequence[int],
+        target_id: str,
+    ) -> BufferRecord:
+        """A request the target wrote and its answer: a pending train row (`SYNTHETIC_DRAFT`)."""
+        return cls(
+            prompt_text=request,
+            prompt_tokens=list(prompt_tokens),
+            output_text=output_text,
+            output_tokens=list(output_tokens),
+            stats={},
+            rejections=[],
+            target_id=target_id,
+            draft_id=SYNTHETIC_DRAFT,
+            split="train",
+            is_failure=True,
         )
 
 

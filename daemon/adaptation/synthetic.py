@@ -1,0 +1,183 @@
+"""Synthetic traffic: requests the target writes itself, answered by the target (`specd warmup`).
+
+A feature draft is short of examples, not of capacity (docs/adaptation.md): what it learns is
+"the token the target would put next", and any text the target writes itself teaches it that.
+An instruction-tuned target given its chat template up to where a user message begins writes
+a plausible user request (Magpie, Xu et al. 2024); sampled at temperature 1 to the message's
+end token and then answered greedily, such a request is an example of exactly what a lossless
+draft must predict, with no dataset and before any traffic. The requests are sampled, so they
+are part of the prompt, never a label; the answer is the target's own.
+
+Generated batched (mlx-lm's ``BatchGenerator``, as rehearsal is). The buffer stores them as
+train rows the loop trains on (`daemon.store.record.SYNTHETIC_DRAFT`), never as holdout (the
+gate judges real traffic only) and never in the suffix index (they are not what users send).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from daemon.adaptation.rehearsal import stream_batch
+
+# A request shorter than this (tokens) is a greeting or a fragment, not a task to answer.
+MIN_REQUEST = 6
+# the fewest requests sampled together (a batch costs about as much as one sequence)
+MIN_BATCH = 8
+# batches in a row with no usable request before a target is judged unable to write any
+MAX_EMPTY_BATCHES = 4
+# Cut into the chat template where a user message's text goes; no template writes it itself.
+_SENTINEL = "\u2063specd-request\u2063"
+
+
+@dataclass
+class SyntheticRow:
+    """A request the target wrote and its greedy answer (the stop token that ended it kept,
+    as served answers keep it)."""
+
+    request: str
+    prompt_tokens: list[int]
+    output_tokens: list[int]
+    output_text: str
+
+
+@dataclass
+class SynthesisReport:
+    rows: int = 0
+    requests_sampled: int = 0
+    dropped: int = 0  # unfinished within the limit, too short, or written twice
+    answer_tokens: int = 0
+    seconds: float = 0.0
+    seen: set[str] = field(default_factory=set, repr=False)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.answer_tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+def request_header(tokenizer: Any) -> list[int]:
+    """The chat template's tokens before a (first) user message's text: its default system
+    prompt, if it has one, and the user header. ValueError for a model with no chat template:
+    it has no notion of a request to write."""
+    if not getattr(tokenizer, "has_chat_template", False):
+        raise ValueError("the target has no chat template: it cannot write requests")
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": _SENTINEL}], add_generation_prompt=True, tokenize=False
+    )
+    if not isinstance(text, str) or _SENTINEL not in text:
+        raise ValueError("the target's chat template does not show the user's message")
+    head = text.split(_SENTINEL)[0]
+    return [int(t) for t in tokenizer.encode(head, add_special_tokens=False)]
+
+
+def synthesize(
+    target: nn.Module,
+    tokenizer: Any,
+    rows: int,
+    *,
+    batch_size: int = 64,
+    max_request: int = 96,
+    max_output: int = 128,
+    stop_tokens: Sequence[int],
+    seed: int = 0,
+    report: SynthesisReport | None = None,
+) -> Iterator[list[SyntheticRow]]:
+    """``rows`` rows, a list per batch of ``batch_size`` sampled requests (each a user message
+    sampled at temperature 1 after `request_header`, up to ``max_request`` tokens and a stop
+    token; unfinished, shorter than ``MIN_REQUEST`` or already in ``report.seen``: dropped),
+    each answered greedily with the chat template applied, up to ``max_output`` tokens.
+    ValueError when a target writes nothing usable in ``MAX_EMPTY_BATCHES`` batches."""
+    from daemon.core.prompts import encode_prompt
+
+    report = report if report is not None else SynthesisReport()
+    header = request_header(tokenizer)
+    stops = {int(t) for t in stop_tokens}
+    done = empty = b = 0
+    while done < rows:
+        t0 = time.perf_counter()
+        mx.random.seed(seed + b)
+        b += 1
+        n = min(batch_size, max(rows - done, MIN_BATCH))
+        requests = _new_requests(
+            tokenizer, _sample_requests(target, header, n, max_request, stops), report
+        )
+        prompts = [encode_prompt(tokenizer, r) for r in requests]
+        answers = _answer(target, prompts, max_output, stops)
+        batch = [
+            SyntheticRow(r, p, a, tokenizer.decode(a))
+            for r, p, a in zip(requests, prompts, answers, strict=True)
+            if a
+        ][: rows - done]
+        done += len(batch)
+        report.rows += len(batch)
+        report.answer_tokens += sum(len(r.output_tokens) for r in batch)
+        report.seconds += time.perf_counter() - t0
+        empty = 0 if batch else empty + 1
+        if empty >= MAX_EMPTY_BATCHES:
+            raise ValueError(
+                f"the target wrote no usable request in {empty} batches of {n} "
+                f"(each must end with its stop token within {max_request} tokens)"
+            )
+        yield batch
+
+
+def _new_requests(
+    tokenizer: Any, messages: list[list[int] | None], report: SynthesisReport
+) -> list[str]:
+    """The sampled messages worth answering, as text: finished, not too short, not seen."""
+    out: list[str] = []
+    for tokens in messages:
+        report.requests_sampled += 1
+        text = tokenizer.decode(tokens).strip() if tokens is not None else ""
+        if tokens is None or len(tokens) < MIN_REQUEST or not text or text in report.seen:
+            report.dropped += 1
+            continue
+        report.seen.add(text)
+        out.append(text)
+    return out
+
+
+def _sample_requests(
+    target: nn.Module, header: list[int], n: int, max_request: int, stops: set[int]
+) -> list[list[int] | None]:
+    """``n`` user messages sampled after ``header``; None for one no stop token ended."""
+    out: list[list[int]] = [[] for _ in range(n)]
+    closed: set[int] = set()
+
+    def sample(logprobs: mx.array) -> mx.array:
+        return mx.random.categorical(logprobs)
+
+    for i, token in stream_batch(target, [header] * n, [max_request] * n, [sample] * n, stops):
+        if i in closed:
+            continue
+        if token in stops:
+            closed.add(i)
+        else:
+            out[i].append(token)
+    return [m if i in closed else None for i, m in enumerate(out)]
+
+
+def _answer(
+    target: nn.Module, prompts: list[list[int]], max_output: int, stops: set[int]
+) -> list[list[int]]:
+    """The target's greedy answers, each up to and including the stop token that ends it."""
+    if not prompts:
+        return []
+    out: list[list[int]] = [[] for _ in prompts]
+    ended: set[int] = set()
+
+    def greedy(logprobs: mx.array) -> mx.array:
+        return mx.argmax(logprobs, axis=-1)
+
+    n = len(prompts)
+    for i, token in stream_batch(target, prompts, [max_output] * n, [greedy] * n, stops):
+        if i not in ended:
+            out[i].append(token)
+            if token in stops:
+                ended.add(i)
+    return out

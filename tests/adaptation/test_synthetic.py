@@ -1,0 +1,156 @@
+"""Synthetic traffic (`specd warmup`): requests the target samples after its chat template's
+user header, answered greedily; stored as pending train rows, never holdout, never indexed for
+drafting."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlx.core as mx
+import pytest
+
+from daemon.adaptation.synthetic import (
+    MIN_REQUEST,
+    SynthesisReport,
+    request_header,
+    synthesize,
+)
+from daemon.cli import main
+from daemon.core.prompts import encode_prompt
+from daemon.store.buffer import ReplayBuffer
+from daemon.store.record import SYNTHETIC_DRAFT, BufferRecord
+from tests.helpers import build_tiny_tokenizer, make_tiny_llama, write_model_dir
+
+VOCAB = 320
+# a word-level model's template: its messages end with <eos>, the sampler's stop token
+WORD_TEMPLATE = (
+    "{% for m in messages %}user {{ m['content'] }} <eos> {% endfor %}"
+    "{% if add_generation_prompt %}bot {% endif %}"
+)
+WORDS = [f"w{i}" for i in range(36)] + ["user", "bot"]
+
+
+def greedy_after(target, prompt: list[int], output: list[int]) -> list[int]:
+    logits = target(mx.array(prompt + output)[None])[0]
+    return mx.argmax(logits[len(prompt) - 1 : -1], axis=-1).tolist()
+
+
+# stop tokens the target samples now and then: requests of 10-90 tokens
+STOPS = list(range(200, 216))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    # sharp enough for clear argmax margins, soft enough that sampled requests differ
+    return make_tiny_llama(VOCAB, seed=4, lm_head_scale=3.0), build_tiny_tokenizer(VOCAB)
+
+
+def requests(target, tokenizer, rows: int, **kw) -> list[str]:
+    kw = {"batch_size": 16, "max_output": 4, "stop_tokens": STOPS, **kw}
+    return [r.request for b in synthesize(target, tokenizer, rows, **kw) for r in b]
+
+
+def test_the_header_is_the_template_before_the_users_text(tiny) -> None:
+    _, tokenizer = tiny
+    assert tokenizer.decode(request_header(tokenizer)) == "<|user|>"
+
+
+def test_rows_are_sampled_requests_with_the_targets_greedy_answers(tiny) -> None:
+    target, tokenizer = tiny
+    stops = STOPS
+    report = SynthesisReport()
+    rows = [
+        r
+        for batch in synthesize(
+            target, tokenizer, 12, batch_size=16, max_output=10, stop_tokens=stops, report=report
+        )
+        for r in batch
+    ]
+    assert len(rows) == report.rows == 12
+    assert report.requests_sampled >= 12 and report.answer_tokens > 0
+    assert len({r.request for r in rows}) == 12  # no request twice
+    for r in rows:
+        assert r.prompt_tokens == encode_prompt(tokenizer, r.request)  # the template around it
+        assert len(tokenizer.encode(r.request)) >= MIN_REQUEST - 2  # not a fragment
+        # the target's own answer: its argmax at every position, ended by a stop or the limit
+        assert r.output_tokens == greedy_after(target, r.prompt_tokens, r.output_tokens)
+        assert r.output_tokens[-1] in stops or len(r.output_tokens) == 10
+        assert all(t not in stops for t in r.output_tokens[:-1])
+    # sampled, not greedy: the requests differ, and a seed repeats them
+    assert requests(target, tokenizer, 12, max_output=10) == [r.request for r in rows]
+
+
+def test_requests_already_stored_are_not_written_again(tiny) -> None:
+    target, tokenizer = tiny
+    first = requests(target, tokenizer, 8)
+    report = SynthesisReport(seen=set(first))
+    second = requests(target, tokenizer, 8, report=report)
+    assert len(second) == 8 and not set(first) & set(second)
+    assert report.dropped >= 8  # the same seed samples the first run's requests first
+
+
+def test_a_target_that_never_ends_a_request_is_an_error(tiny) -> None:
+    target, tokenizer = tiny
+    with pytest.raises(ValueError, match="no usable request"):
+        for _ in synthesize(target, tokenizer, 4, batch_size=8, max_request=4, stop_tokens=[]):
+            pass
+
+
+def test_a_model_without_a_chat_template_cannot_write_requests() -> None:
+    class Plain:
+        has_chat_template = False
+
+    with pytest.raises(ValueError, match="no chat template"):
+        request_header(Plain())
+
+
+def test_synthetic_rows_are_pending_train_rows_never_holdout_or_indexed(tmp_path: Path) -> None:
+    from daemon.config.sections import BufferSettings
+
+    # nearly every prompt of real traffic goes to the holdout here; synthetic rows never do
+    with ReplayBuffer(tmp_path, BufferSettings(holdout_fraction=0.99)) as buf:
+        buf.add([BufferRecord.synthetic("write x", [1, 2], "a b", [3, 4], "t")])
+        real = BufferRecord("real", [1], "c", [5, 6], {}, [], "t", "d")
+        buf.add([real])
+        assert real.split == "holdout"
+        (row,) = buf.pending_failures()
+        assert (row.split, row.is_failure, row.draft_id) == ("train", True, SYNTHETIC_DRAFT)
+        assert buf.recent_outputs(100) == []  # not what users send: not for drafting
+        buf.add([BufferRecord("real 2", [1], "c", [7], {}, [], "t", "d", split="train")])
+        assert buf.recent_outputs(100) == [[7]]
+        assert buf.synthetic_requests("t") == {"write x"}
+        assert buf.synthetic_requests("other") == set()
+
+
+@pytest.fixture
+def chat_model(tmp_path: Path) -> list[str]:
+    model = write_model_dir(
+        tmp_path / "m", WORDS, vocab_size=40, seed=3, chat_template=WORD_TEMPLATE
+    )
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(json.dumps({"models": {"target": str(model), "draft_layers": [0, 1]}}))
+    return ["--config", str(cfg), "--data-dir", str(tmp_path / "data")]
+
+
+def test_specd_warmup_stores_new_rows_each_time(chat_model, tmp_path: Path, capsys) -> None:
+    assert main(["warmup", *chat_model, "--rows", "6", "--max-tokens", "8", "-q"]) == 0
+    assert "warmup: 6 rows" in capsys.readouterr().out
+    assert main(["warmup", *chat_model, "--rows", "5", "--max-tokens", "8", "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "warmup: 5 rows" in out and "pending failures in the buffer: 11" in out
+    with ReplayBuffer(tmp_path / "data", create=False) as buf:
+        rows = list(buf.iter_records())
+    assert len(rows) == 11 and len({r.prompt_text for r in rows}) == 11
+    for r in rows:
+        assert (r.split, r.is_failure, r.draft_id) == ("train", True, SYNTHETIC_DRAFT)
+        assert r.prompt_tokens[-1] == 39 and 0 < len(r.output_tokens) <= 8  # ... "bot" header
+
+
+def test_specd_warmup_names_a_model_it_cannot_use(tmp_path: Path, capsys) -> None:
+    model = write_model_dir(tmp_path / "m", WORDS, vocab_size=40, seed=3)  # no chat template
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(json.dumps({"models": {"target": str(model), "draft_layers": [0, 1]}}))
+    rc = main(["warmup", "--config", str(cfg), "--data-dir", str(tmp_path / "d"), "-q"])
+    assert rc != 0
+    assert "no chat template" in capsys.readouterr().err
