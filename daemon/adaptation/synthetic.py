@@ -146,38 +146,41 @@ def _sample_requests(
     target: nn.Module, header: list[int], n: int, max_request: int, stops: set[int]
 ) -> list[list[int] | None]:
     """``n`` user messages sampled after ``header``; None for one no stop token ended."""
-    out: list[list[int]] = [[] for _ in range(n)]
-    closed: set[int] = set()
 
     def sample(logprobs: mx.array) -> mx.array:
         return mx.random.categorical(logprobs)
 
-    for i, token in stream_batch(target, [header] * n, [max_request] * n, [sample] * n, stops):
-        if i in closed:
-            continue
-        if token in stops:
-            closed.add(i)
-        else:
-            out[i].append(token)
-    return [m if i in closed else None for i, m in enumerate(out)]
+    ends = _until_stop(target, [header] * n, max_request, sample, stops)
+    return [tokens if stop is not None else None for tokens, stop in ends]
 
 
 def _answer(
     target: nn.Module, prompts: list[list[int]], max_output: int, stops: set[int]
 ) -> list[list[int]]:
     """The target's greedy answers, each up to and including the stop token that ends it."""
-    if not prompts:
-        return []
-    out: list[list[int]] = [[] for _ in prompts]
-    ended: set[int] = set()
 
     def greedy(logprobs: mx.array) -> mx.array:
         return mx.argmax(logprobs, axis=-1)
 
+    ends = _until_stop(target, prompts, max_output, greedy, stops)
+    return [tokens if stop is None else [*tokens, stop] for tokens, stop in ends]
+
+
+def _until_stop(
+    target: nn.Module, prompts: list[list[int]], limit: int, sampler: Any, stops: set[int]
+) -> list[tuple[list[int], int | None]]:
+    """Each prompt's tokens from mlx-lm's batch generation (one ``sampler`` for all) before
+    the stop token that ended it, and that token (None: ``limit`` ended it)."""
+    out: list[tuple[list[int], int | None]] = [([], None) for _ in prompts]
+    if not prompts:
+        return out
     n = len(prompts)
-    for i, token in stream_batch(target, prompts, [max_output] * n, [greedy] * n, stops):
-        if i not in ended:
-            out[i].append(token)
-            if token in stops:
-                ended.add(i)
+    for i, token in stream_batch(target, prompts, [limit] * n, [sampler] * n, stops):
+        tokens, stop = out[i]
+        if stop is not None:
+            continue
+        if token in stops:
+            out[i] = (tokens, token)
+        else:
+            tokens.append(token)
     return out

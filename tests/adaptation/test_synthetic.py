@@ -58,12 +58,11 @@ def test_the_header_is_the_template_before_the_users_text(tiny) -> None:
 
 def test_rows_are_sampled_requests_with_the_targets_greedy_answers(tiny) -> None:
     target, tokenizer = tiny
-    stops = STOPS
     report = SynthesisReport()
     rows = [
         r
         for batch in synthesize(
-            target, tokenizer, 12, batch_size=16, max_output=10, stop_tokens=stops, report=report
+            target, tokenizer, 12, batch_size=16, max_output=10, stop_tokens=STOPS, report=report
         )
         for r in batch
     ]
@@ -75,8 +74,8 @@ def test_rows_are_sampled_requests_with_the_targets_greedy_answers(tiny) -> None
         assert len(tokenizer.encode(r.request)) >= MIN_REQUEST - 2  # not a fragment
         # the target's own answer: its argmax at every position, ended by a stop or the limit
         assert r.output_tokens == greedy_after(target, r.prompt_tokens, r.output_tokens)
-        assert r.output_tokens[-1] in stops or len(r.output_tokens) == 10
-        assert all(t not in stops for t in r.output_tokens[:-1])
+        assert r.output_tokens[-1] in STOPS or len(r.output_tokens) == 10
+        assert all(t not in STOPS for t in r.output_tokens[:-1])
     # sampled, not greedy: the requests differ, and a seed repeats them
     assert requests(target, tokenizer, 12, max_output=10) == [r.request for r in rows]
 
