@@ -8,6 +8,11 @@ end token and then answered greedily, such a request is an example of exactly wh
 draft must predict, with no dataset and before any traffic. The requests are sampled, so they
 are part of the prompt, never a label; the answer is the target's own.
 
+Left alone, a small target writes general requests (travel plans, marketing) that teach a draft
+serving code little. Given a real request and its answer as an earlier turn (``like``: train
+rows of the traffic), the next request it writes is of the traffic's kind; it is answered alone,
+as a request of its own.
+
 Generated batched (mlx-lm's ``BatchGenerator``, as rehearsal is). The buffer stores them as
 train rows the loop trains on (`daemon.store.record.SYNTHETIC_DRAFT`), never as holdout (the
 gate judges real traffic only) and never in the suffix index (they are not what users send).
@@ -31,8 +36,10 @@ MIN_REQUEST = 6
 MIN_BATCH = 8
 # batches in a row with no usable request before a target is judged unable to write any
 MAX_EMPTY_BATCHES = 4
-# Cut into the chat template where a user message's text goes; no template writes it itself.
+# Cut into the chat template where a message's text goes; no template writes these itself.
 _SENTINEL = "\u2063specd-request\u2063"
+_ANSWER = "\u2063specd-answer\u2063"
+_NEXT = "\u2063specd-next\u2063"
 
 
 @dataclass
@@ -51,6 +58,7 @@ class SynthesisReport:
     rows: int = 0
     requests_sampled: int = 0
     dropped: int = 0  # unfinished within the limit, too short, or written twice
+    copied: int = 0  # (of those dropped) a copy of the earlier turn's request it was shown
     answer_tokens: int = 0
     seconds: float = 0.0
     seen: set[str] = field(default_factory=set, repr=False)
@@ -75,6 +83,35 @@ def request_header(tokenizer: Any) -> list[int]:
     return [int(t) for t in tokenizer.encode(head, add_special_tokens=False)]
 
 
+def turn_header(tokenizer: Any) -> list[int]:
+    """The chat template's tokens between an answer's text and the next user message's text:
+    the answer's end and the next user header (ValueError as `request_header`)."""
+    request_header(tokenizer)  # the same checks
+    text = tokenizer.apply_chat_template(
+        [
+            {"role": "user", "content": _SENTINEL},
+            {"role": "assistant", "content": _ANSWER},
+            {"role": "user", "content": _NEXT},
+        ],
+        tokenize=False,
+    )
+    if not isinstance(text, str) or not (0 <= text.find(_ANSWER) < text.find(_NEXT)):
+        raise ValueError("the target's chat template does not show a second user message")
+    between = text.split(_ANSWER)[1].split(_NEXT)[0]
+    return [int(t) for t in tokenizer.encode(between, add_special_tokens=False)]
+
+
+def earlier_turn(
+    prompt: Sequence[int], output: Sequence[int], turn: Sequence[int], stops: set[int]
+) -> list[int]:
+    """What the target writes the next request after: a real request's prompt (chat template
+    applied) and its answer, whose own stop token ``turn`` (`turn_header`) writes again."""
+    answer = list(output)
+    if answer and answer[-1] in stops:
+        answer.pop()
+    return [*prompt, *answer, *turn]
+
+
 def synthesize(
     target: nn.Module,
     tokenizer: Any,
@@ -85,27 +122,38 @@ def synthesize(
     max_output: int = 128,
     stop_tokens: Sequence[int],
     seed: int = 0,
+    like: Sequence[tuple[Sequence[int], Sequence[int]]] = (),
     report: SynthesisReport | None = None,
 ) -> Iterator[list[SyntheticRow]]:
     """``rows`` rows, a list per batch of ``batch_size`` sampled requests (each a user message
     sampled at temperature 1 after `request_header`, up to ``max_request`` tokens and a stop
     token; unfinished, shorter than ``MIN_REQUEST`` or already in ``report.seen``: dropped),
     each answered greedily with the chat template applied, up to ``max_output`` tokens.
-    ValueError when a target writes nothing usable in ``MAX_EMPTY_BATCHES`` batches."""
+    With ``like`` (real requests' prompt and output tokens), each request is sampled after one
+    of them as an earlier turn (`earlier_turn`), in turn; one that copies that turn's request
+    is dropped. ValueError when a target writes nothing usable in ``MAX_EMPTY_BATCHES``
+    batches."""
     from daemon.core.prompts import encode_prompt
 
     report = report if report is not None else SynthesisReport()
-    header = request_header(tokenizer)
     stops = {int(t) for t in stop_tokens}
-    done = empty = b = 0
+    header = request_header(tokenizer)
+    turn = turn_header(tokenizer) if like else []
+    done = empty = b = used = 0
     while done < rows:
         t0 = time.perf_counter()
         mx.random.seed(seed + b)
         b += 1
         n = min(batch_size, max(rows - done, MIN_BATCH))
-        requests = _new_requests(
-            tokenizer, _sample_requests(target, header, n, max_request, stops), report
-        )
+        if like:
+            shown = [like[(used + i) % len(like)] for i in range(n)]
+            used += n
+            contexts = [earlier_turn(p, o, turn, stops) for p, o in shown]
+            earlier = [tokenizer.decode(list(p)) for p, _ in shown]
+        else:
+            contexts, earlier = [header] * n, []
+        sampled = _sample_requests(target, contexts, max_request, stops)
+        requests = _new_requests(tokenizer, sampled, report, earlier)
         prompts = [encode_prompt(tokenizer, r) for r in requests]
         answers = _answer(target, prompts, max_output, stops)
         batch = [
@@ -127,15 +175,23 @@ def synthesize(
 
 
 def _new_requests(
-    tokenizer: Any, messages: list[list[int] | None], report: SynthesisReport
+    tokenizer: Any,
+    messages: list[list[int] | None],
+    report: SynthesisReport,
+    earlier: Sequence[str] = (),
 ) -> list[str]:
-    """The sampled messages worth answering, as text: finished, not too short, not seen."""
+    """The sampled messages worth answering, as text: finished, not too short, not seen, and
+    not a copy of the earlier turn's request (``earlier``, by message) it was sampled after."""
     out: list[str] = []
-    for tokens in messages:
+    for i, tokens in enumerate(messages):
         report.requests_sampled += 1
         text = tokenizer.decode(tokens).strip() if tokens is not None else ""
         if tokens is None or len(tokens) < MIN_REQUEST or not text or text in report.seen:
             report.dropped += 1
+            continue
+        if i < len(earlier) and text in earlier[i]:
+            report.dropped += 1
+            report.copied += 1
             continue
         report.seen.add(text)
         out.append(text)
@@ -143,14 +199,14 @@ def _new_requests(
 
 
 def _sample_requests(
-    target: nn.Module, header: list[int], n: int, max_request: int, stops: set[int]
+    target: nn.Module, contexts: list[list[int]], max_request: int, stops: set[int]
 ) -> list[list[int] | None]:
-    """``n`` user messages sampled after ``header``; None for one no stop token ended."""
+    """A user message sampled after each of ``contexts``; None for one no stop token ended."""
 
     def sample(logprobs: mx.array) -> mx.array:
         return mx.random.categorical(logprobs)
 
-    ends = _until_stop(target, [header] * n, max_request, sample, stops)
+    ends = _until_stop(target, contexts, max_request, sample, stops)
     return [tokens if stop is not None else None for tokens, stop in ends]
 
 

@@ -210,6 +210,12 @@ def _warmup(sub: Commands) -> None:
     p.add_argument(
         "--seed", type=int, help="sampling seed (default: the number of such rows stored)"
     )
+    p.add_argument(
+        "--like-traffic",
+        action="store_true",
+        help="show the target a stored request of real traffic and its answer as an earlier "
+        "turn before each request it writes, so it writes requests of that kind",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func="daemon.ops.warmup:run", needs_mlx=True)
 

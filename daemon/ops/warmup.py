@@ -14,12 +14,12 @@ from tqdm import tqdm
 
 from daemon.config import ConfigSources, Settings
 from daemon.errors import ConfigError
+from daemon.store.buffer import ReplayBuffer
 
 
 def run(args: argparse.Namespace, settings: Settings, sources: ConfigSources) -> int:
     from daemon.adaptation.synthetic import SynthesisReport, synthesize
     from daemon.core.models import load_model
-    from daemon.store.buffer import ReplayBuffer
     from daemon.store.record import BufferRecord
 
     if args.rows < 1:
@@ -31,6 +31,7 @@ def run(args: argparse.Namespace, settings: Settings, sources: ConfigSources) ->
         report = SynthesisReport(seen=buf.synthetic_requests(target_id))
         # a later run samples on from where the rows already stored leave off
         seed = args.seed if args.seed is not None else len(report.seen)
+        like = _traffic(buf.for_target(target_id), args, settings) if args.like_traffic else []
         bar = tqdm(total=args.rows, disable=args.quiet, file=sys.stderr, unit="row")
         try:
             batches = synthesize(
@@ -40,6 +41,7 @@ def run(args: argparse.Namespace, settings: Settings, sources: ConfigSources) ->
                 max_output=max_output,
                 stop_tokens=list(tokenizer.eos_token_ids or ()),
                 seed=seed,
+                like=like,
                 report=report,
             )
             for batch in batches:
@@ -58,7 +60,8 @@ def run(args: argparse.Namespace, settings: Settings, sources: ConfigSources) ->
     print(
         f"warmup: {report.rows} rows ({report.answer_tokens} answer tokens, "
         f"{report.tokens_per_s:.1f} tokens/s); {report.requests_sampled} requests sampled, "
-        f"{report.dropped} dropped (unfinished, too short or repeated)"
+        f"{report.dropped} dropped (unfinished, too short or repeated"
+        + (f"; {report.copied} copies of the request shown)" if like else ")")
     )
     print(
         f"pending failures in the buffer: {pending} "
@@ -66,3 +69,23 @@ def run(args: argparse.Namespace, settings: Settings, sources: ConfigSources) ->
         f"{settings.training.min_holdout_rows} held-out rows of real traffic)"
     )
     return 0
+
+
+def _traffic(
+    buf: ReplayBuffer, args: argparse.Namespace, settings: Settings
+) -> list[tuple[list[int], list[int]]]:
+    """Train rows users sent, shown to the target as an earlier turn (`--like-traffic`): as
+    many as rows asked for, at random, each no longer than ``data.max_prompt_length`` whole
+    (a longer one would make sampling a request slow). Never a holdout row."""
+    limit = settings.data.max_prompt_length
+    rows = [
+        (r.prompt_tokens, r.output_tokens)
+        for r in buf.sample_replay(args.rows, seed=args.seed or 0, traffic_only=True)
+        if len(r.prompt_tokens) + len(r.output_tokens) <= limit
+    ]
+    if not rows:
+        raise ConfigError(
+            f"--like-traffic: the buffer holds no train row of real traffic for "
+            f"{buf.target} of at most {limit} tokens (data.max_prompt_length)"
+        )
+    return rows

@@ -281,14 +281,19 @@ class ReplayBuffer:
         exclude_ids: Iterable[int] = (),
         seed: int | None = None,
         before: float | None = None,
+        traffic_only: bool = False,
     ) -> list[BufferRecord]:
         """Up to ``n`` random train rows (used for training or not), excluding ``exclude_ids``
-        (the failures being trained on) and, with ``before``, rows created at or after it.
-        Reproducible for a given ``seed`` and buffer content; holdout rows are never returned."""
+        (the failures being trained on) and, with ``before``, rows created at or after it; with
+        ``traffic_only``, rows users sent (not `SYNTHETIC_DRAFT`) only. Reproducible for a
+        given ``seed`` and buffer content; holdout rows are never returned."""
         if n <= 0:
             return []
         exclude = set(exclude_ids)
-        where, params = self._scope("split = 'train'", ())
+        where, params = self._scope(
+            "split = 'train'" + (" AND draft_id != ?" if traffic_only else ""),
+            [SYNTHETIC_DRAFT] if traffic_only else [],
+        )
         if before is not None:
             where, params = where + " AND created < ?", [*params, before]
         sql = f"SELECT id FROM records WHERE {where} ORDER BY id"

@@ -10,11 +10,14 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 
+from daemon.adaptation import synthetic
 from daemon.adaptation.synthetic import (
     MIN_REQUEST,
     SynthesisReport,
+    earlier_turn,
     request_header,
     synthesize,
+    turn_header,
 )
 from daemon.cli import main
 from daemon.core.prompts import encode_prompt
@@ -89,6 +92,55 @@ def test_requests_already_stored_are_not_written_again(tiny) -> None:
     assert report.dropped >= 8  # the same seed samples the first run's requests first
 
 
+def test_the_turn_header_is_the_template_between_an_answer_and_the_next_request(tiny) -> None:
+    _, tokenizer = tiny
+    assert tokenizer.decode(turn_header(tokenizer)) == "\n<|user|>"
+    turn = turn_header(tokenizer)
+    # the answer's own stop token is what the turn header writes again
+    assert earlier_turn([1, 2], [3, 200], turn, {200}) == [1, 2, 3, *turn]
+    assert earlier_turn([1, 2], [3, 4], turn, {200}) == [1, 2, 3, 4, *turn]
+
+
+def test_requests_like_traffic_are_written_after_a_real_turn(tiny, monkeypatch) -> None:
+    target, tokenizer = tiny
+    like = [
+        (encode_prompt(tokenizer, f"real request {i}"), tokenizer.encode(f"answer {i}") + [200])
+        for i in range(3)
+    ]
+    shown: list[list[int]] = []
+    sample = synthetic._sample_requests
+
+    def spy(target, contexts, max_request, stops):
+        shown.extend(contexts)
+        return sample(target, contexts, max_request, stops)
+
+    monkeypatch.setattr(synthetic, "_sample_requests", spy)
+    rows = requests(target, tokenizer, 8, like=like, batch_size=8)
+    turn = turn_header(tokenizer)
+    # each request sampled after a real request and its answer, in turn
+    assert shown[:4] == [p + o[:-1] + turn for p, o in (like * 2)[:4]]
+    assert len(rows) == 8 and rows != requests(target, tokenizer, 8, batch_size=8)
+    for r in rows:
+        assert "real request" not in r  # answered alone, not as a second turn
+
+
+def test_a_copy_of_the_request_shown_is_dropped(tiny, monkeypatch) -> None:
+    target, tokenizer = tiny
+    like = [(encode_prompt(tokenizer, "copy me if you can"), [5, 200])]
+    own = tokenizer.encode("a request of its own")
+
+    def copier(target, contexts, max_request, stops):
+        return [tokenizer.encode("copy me if you can") if i % 2 else own for i in range(2)]
+
+    monkeypatch.setattr(synthetic, "_sample_requests", copier)
+    report = SynthesisReport()
+    rows = next(
+        synthesize(target, tokenizer, 1, max_output=4, stop_tokens=STOPS, like=like, report=report)
+    )
+    assert [r.request for r in rows] == ["a request of its own"]
+    assert (report.copied, report.dropped) == (1, 1)
+
+
 def test_a_target_that_never_ends_a_request_is_an_error(tiny) -> None:
     target, tokenizer = tiny
     with pytest.raises(ValueError, match="no usable request"):
@@ -153,3 +205,31 @@ def test_specd_warmup_names_a_model_it_cannot_use(tmp_path: Path, capsys) -> Non
     rc = main(["warmup", "--config", str(cfg), "--data-dir", str(tmp_path / "d"), "-q"])
     assert rc != 0
     assert "no chat template" in capsys.readouterr().err
+
+
+def test_specd_warmup_like_traffic_is_shown_train_rows_users_sent(
+    chat_model, tmp_path: Path, capsys
+) -> None:
+    from daemon.config.sections import BufferSettings
+
+    target = str(tmp_path / "m")
+    with ReplayBuffer(tmp_path / "data", BufferSettings()) as buf:
+        # a holdout row and a synthetic one: neither may be shown
+        held = BufferRecord("held", [38, 5, 39], "", [6, 7], {}, [], target, "d", split="holdout")
+        buf.add([held, BufferRecord.synthetic("syn", [38, 4, 39], "", [6], target)])
+    argv = ["warmup", *chat_model, "--rows", "4", "--max-tokens", "4", "--like-traffic", "-q"]
+    assert main(argv) != 0
+    assert "no train row of real traffic" in capsys.readouterr().err
+    with ReplayBuffer(tmp_path / "data", BufferSettings()) as buf:
+        buf.add(
+            [
+                BufferRecord(
+                    "real", [38, 5, 8, 39], "", [6, 7, 9], {}, [], target, "d", split="train"
+                )
+            ]
+        )
+        shown = buf.for_target(target).sample_replay(10, traffic_only=True)
+        assert [r.prompt_text for r in shown] == ["real"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "warmup: 4 rows" in out and "copies of the request shown" in out
