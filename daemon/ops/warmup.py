@@ -31,7 +31,11 @@ def run(args: argparse.Namespace, settings: Settings, sources: ConfigSources) ->
         report = SynthesisReport(seen=buf.synthetic_requests(target_id))
         # a later run samples on from where the rows already stored leave off
         seed = args.seed if args.seed is not None else len(report.seen)
-        like = _traffic(buf.for_target(target_id), args, settings) if args.like_traffic else []
+        like = (
+            _traffic(buf.for_target(target_id), args.rows, seed, settings.data.max_prompt_length)
+            if args.like_traffic
+            else []
+        )
         bar = tqdm(total=args.rows, disable=args.quiet, file=sys.stderr, unit="row")
         try:
             batches = synthesize(
@@ -71,16 +75,14 @@ def run(args: argparse.Namespace, settings: Settings, sources: ConfigSources) ->
     return 0
 
 
-def _traffic(
-    buf: ReplayBuffer, args: argparse.Namespace, settings: Settings
-) -> list[tuple[list[int], list[int]]]:
-    """Train rows users sent, shown to the target as an earlier turn (`--like-traffic`): as
-    many as rows asked for, at random, each no longer than ``data.max_prompt_length`` whole
-    (a longer one would make sampling a request slow). Never a holdout row."""
-    limit = settings.data.max_prompt_length
+def _traffic(buf: ReplayBuffer, n: int, seed: int, limit: int) -> list[tuple[list[int], list[int]]]:
+    """Train rows users sent, shown to the target as an earlier turn (`--like-traffic`): up to
+    ``n`` at random (by ``seed``: a later run is shown others, or in another order), each at
+    most ``limit`` tokens whole (`data.max_prompt_length`: a longer one makes sampling slow).
+    Never a holdout row."""
     rows = [
         (r.prompt_tokens, r.output_tokens)
-        for r in buf.sample_replay(args.rows, seed=args.seed or 0, traffic_only=True)
+        for r in buf.sample_replay(n, seed=seed, traffic_only=True)
         if len(r.prompt_tokens) + len(r.output_tokens) <= limit
     ]
     if not rows:
