@@ -212,9 +212,11 @@ def _warmup(sub: Commands) -> None:
     )
     p.add_argument(
         "--like-traffic",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=None,
         help="show the target a stored request of real traffic and its answer as an earlier "
-        "turn before each request it writes, so it writes requests of that kind",
+        "turn before each request it writes, so it writes requests of that kind (default: "
+        "when the buffer holds any; --no-like-traffic: general requests)",
     )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func="daemon.ops.warmup:run", needs_mlx=True)

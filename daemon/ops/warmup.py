@@ -31,11 +31,16 @@ def run(args: argparse.Namespace, settings: Settings, sources: ConfigSources) ->
         report = SynthesisReport(seen=buf.synthetic_requests(target_id))
         # a later run samples on from where the rows already stored leave off
         seed = args.seed if args.seed is not None else len(report.seen)
+        limit = settings.data.max_prompt_length
+        # by default like the traffic stored (measured to teach more), general without any
         like = (
-            _traffic(buf.for_target(target_id), args.rows, seed, settings.data.max_prompt_length)
-            if args.like_traffic
-            else []
+            [] if args.like_traffic is False else _traffic(buf, target_id, args.rows, seed, limit)
         )
+        if args.like_traffic and not like:
+            raise ConfigError(
+                f"--like-traffic: the buffer holds no train row of real traffic for "
+                f"{target_id} of at most {limit} tokens (data.max_prompt_length)"
+            )
         bar = tqdm(total=args.rows, disable=args.quiet, file=sys.stderr, unit="row")
         try:
             batches = synthesize(
@@ -68,6 +73,11 @@ def run(args: argparse.Namespace, settings: Settings, sources: ConfigSources) ->
         + (f"; {report.copied} copies of the request shown)" if like else ")")
     )
     print(
+        f"written after {len(like)} stored requests of real traffic"
+        if like
+        else "written after the chat template alone (general requests: no traffic stored)"
+    )
+    print(
         f"pending failures in the buffer: {pending} "
         f"(training starts at {settings.training.min_failure_cases} and "
         f"{settings.training.min_holdout_rows} held-out rows of real traffic)"
@@ -75,19 +85,15 @@ def run(args: argparse.Namespace, settings: Settings, sources: ConfigSources) ->
     return 0
 
 
-def _traffic(buf: ReplayBuffer, n: int, seed: int, limit: int) -> list[tuple[list[int], list[int]]]:
-    """Train rows users sent, shown to the target as an earlier turn (`--like-traffic`): up to
-    ``n`` at random (by ``seed``: a later run is shown others, or in another order), each at
-    most ``limit`` tokens whole (`data.max_prompt_length`: a longer one makes sampling slow).
-    Never a holdout row."""
-    rows = [
+def _traffic(
+    buf: ReplayBuffer, target: str, n: int, seed: int, limit: int
+) -> list[tuple[list[int], list[int]]]:
+    """Train rows users sent, shown to the target as an earlier turn: up to ``n`` at random
+    (by ``seed``: a later run is shown others, or in another order), each at most ``limit``
+    tokens whole (`data.max_prompt_length`: a longer one makes sampling slow). Never a
+    holdout row, never a row no user sent."""
+    return [
         (r.prompt_tokens, r.output_tokens)
-        for r in buf.sample_replay(n, seed=seed, traffic_only=True)
+        for r in buf.for_target(target).sample_replay(n, seed=seed, traffic_only=True)
         if len(r.prompt_tokens) + len(r.output_tokens) <= limit
     ]
-    if not rows:
-        raise ConfigError(
-            f"--like-traffic: the buffer holds no train row of real traffic for "
-            f"{buf.target} of at most {limit} tokens (data.max_prompt_length)"
-        )
-    return rows

@@ -186,7 +186,8 @@ def chat_model(tmp_path: Path) -> list[str]:
 
 def test_specd_warmup_stores_new_rows_each_time(chat_model, tmp_path: Path, capsys) -> None:
     assert main(["warmup", *chat_model, "--rows", "6", "--max-tokens", "8", "-q"]) == 0
-    assert "warmup: 6 rows" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "warmup: 6 rows" in out and "after the chat template alone" in out  # no traffic
     assert main(["warmup", *chat_model, "--rows", "5", "--max-tokens", "8", "-q"]) == 0
     out = capsys.readouterr().out
     assert "warmup: 5 rows" in out and "pending failures in the buffer: 11" in out
@@ -233,3 +234,9 @@ def test_specd_warmup_like_traffic_is_shown_train_rows_users_sent(
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "warmup: 4 rows" in out and "copies of the request shown" in out
+    assert "written after 1 stored requests of real traffic" in out
+    # like the traffic by default where there is any; general when told not to
+    assert main(argv[:-2] + ["-q"]) == 0
+    assert "written after 1 stored requests" in capsys.readouterr().out
+    assert main(argv[:-2] + ["--no-like-traffic", "-q"]) == 0
+    assert "after the chat template alone" in capsys.readouterr().out
