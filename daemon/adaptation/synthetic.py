@@ -72,33 +72,48 @@ def request_header(tokenizer: Any) -> list[int]:
     """The chat template's tokens before a (first) user message's text: its default system
     prompt, if it has one, and the user header. ValueError for a model with no chat template:
     it has no notion of a request to write."""
-    if not getattr(tokenizer, "has_chat_template", False):
-        raise ValueError("the target has no chat template: it cannot write requests")
-    text = tokenizer.apply_chat_template(
-        [{"role": "user", "content": _SENTINEL}], add_generation_prompt=True, tokenize=False
+    return _template_between(
+        tokenizer,
+        [{"role": "user", "content": _SENTINEL}],
+        None,
+        _SENTINEL,
+        "the user's message",
+        add_generation_prompt=True,
     )
-    if not isinstance(text, str) or _SENTINEL not in text:
-        raise ValueError("the target's chat template does not show the user's message")
-    head = text.split(_SENTINEL)[0]
-    return [int(t) for t in tokenizer.encode(head, add_special_tokens=False)]
 
 
 def turn_header(tokenizer: Any) -> list[int]:
     """The chat template's tokens between an answer's text and the next user message's text:
     the answer's end and the next user header (ValueError as `request_header`)."""
-    request_header(tokenizer)  # the same checks
-    text = tokenizer.apply_chat_template(
-        [
-            {"role": "user", "content": _SENTINEL},
-            {"role": "assistant", "content": _ANSWER},
-            {"role": "user", "content": _NEXT},
-        ],
-        tokenize=False,
-    )
-    if not isinstance(text, str) or not (0 <= text.find(_ANSWER) < text.find(_NEXT)):
-        raise ValueError("the target's chat template does not show a second user message")
-    between = text.split(_ANSWER)[1].split(_NEXT)[0]
-    return [int(t) for t in tokenizer.encode(between, add_special_tokens=False)]
+    conversation = [
+        {"role": "user", "content": _SENTINEL},
+        {"role": "assistant", "content": _ANSWER},
+        {"role": "user", "content": _NEXT},
+    ]
+    return _template_between(tokenizer, conversation, _ANSWER, _NEXT, "a second user message")
+
+
+def _template_between(
+    tokenizer: Any,
+    messages: list[dict[str, str]],
+    after: str | None,
+    before: str,
+    what: str,
+    **kw: Any,
+) -> list[int]:
+    """The tokens of ``messages`` rendered by the chat template, between the marker ``after``
+    (None: the start) and the marker ``before``; ValueError naming ``what`` where the
+    rendering does not show them in that order."""
+    if not getattr(tokenizer, "has_chat_template", False):
+        raise ValueError("the target has no chat template: it cannot write requests")
+    text = tokenizer.apply_chat_template(messages, tokenize=False, **kw)
+    text = text if isinstance(text, str) else ""
+    start = 0 if after is None else text.find(after)
+    end = text.find(before)
+    if start < 0 or end < 0 or (after is not None and end < start):
+        raise ValueError(f"the target's chat template does not show {what}")
+    cut = text[start + len(after or "") : end]
+    return [int(t) for t in tokenizer.encode(cut, add_special_tokens=False)]
 
 
 def earlier_turn(
