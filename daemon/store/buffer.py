@@ -290,10 +290,9 @@ class ReplayBuffer:
         if n <= 0:
             return []
         exclude = set(exclude_ids)
-        where, params = self._scope(
-            "split = 'train'" + (" AND draft_id != ?" if traffic_only else ""),
-            [SYNTHETIC_DRAFT] if traffic_only else [],
-        )
+        where, params = self._scope("split = 'train'", ())
+        if traffic_only:
+            where, params = where + " AND draft_id != ?", [*params, SYNTHETIC_DRAFT]
         if before is not None:
             where, params = where + " AND created < ?", [*params, before]
         sql = f"SELECT id FROM records WHERE {where} ORDER BY id"
