@@ -6,7 +6,10 @@ Each run uses the train-split failure cases no run has used yet (`ReplayBuffer.p
 plus ``training.replay_ratio`` of the run's examples drawn from older train rows
 (`ReplayBuffer.sample_replay`), so the draft does not forget, and with
 ``training.rehearsal_tokens`` the target's own answers to those rows' prompts
-(`daemon.adaptation.rehearsal`). Holdout rows are only ever
+(`daemon.adaptation.rehearsal`). With ``training.synthetic_per_failure`` the run first has the
+target write rows like the traffic into the buffer (`daemon.adaptation.synthetic.write_rows`):
+pending failures like any other, so this run trains on them and later ones replay them.
+Holdout rows are only ever
 evaluated on: teacher-forced agreement with the target's outputs before the run (with the
 adapter it continues) and after it (`heldout_agreement`), which the loop's gate compares.
 
@@ -18,7 +21,8 @@ the target's recent train-split outputs, `daemon.core.heads.frequent_tokens`; th
 over it), and `RunMetrics`
 (`daemon.store.runs`). A run that takes no update at all, or ends with a non-finite adapter
 weight, raises `TrainingError`, saves nothing and marks nothing used (guard 5 in
-`daemon.adaptation`). Log events (component ``training``): ``train_start``, ``train_rehearsal``,
+`daemon.adaptation`). Log events (component ``training``): ``train_start``,
+``train_synthetic``, ``train_rehearsal``,
 ``train_data``, ``train_plan``, ``heldout_eval`` before and after, ``train_run``.
 """
 
@@ -41,6 +45,7 @@ from daemon.adaptation.rehearsal import (
     rehearsal_budget,
     rehearse,
 )
+from daemon.adaptation.synthetic import SynthesisReport, write_rows
 from daemon.adaptation.trainer import StepInfo, Trainer, planned_steps
 from daemon.config import DataSettings, Settings
 from daemon.core.evaluation import teacher_forced_agreement
@@ -57,6 +62,8 @@ from daemon.store.adapters import (
     load_adapter_dir,
     save_adapter,
 )
+from daemon.store.buffer import ReplayBuffer
+from daemon.store.record import SYNTHETIC_DRAFT
 from daemon.store.runs import (
     ExampleCounts,
     HeldoutEval,
@@ -162,6 +169,41 @@ def _rehearsal_examples(
     return examples, report
 
 
+def _synthetic_rows(
+    pair: Any, settings: Settings, target: str | None, run_id: str
+) -> SynthesisReport | None:
+    """Write `training.synthetic_per_failure` synthetic rows like the traffic per pending
+    failure case of real traffic, less the synthetic rows already pending (a failed run's,
+    or `specd warmup`'s), into the buffer before the run reads it; None when off or nothing
+    is due. A target that writes nothing usable is logged and the run trains without."""
+    ratio = settings.training.synthetic_per_failure
+    if not ratio:
+        return None
+    with ReplayBuffer(
+        settings.paths.data_dir, settings.buffer, create=False, target=target
+    ) as buffer:
+        pending = buffer.pending_failures()
+        real = sum(r.draft_id != SYNTHETIC_DRAFT for r in pending)
+        due = round(real * ratio) - (len(pending) - real)
+        if due <= 0:
+            return None
+        try:
+            report = write_rows(
+                buffer,
+                pair.target,
+                pair.tokenizer,
+                pair.target_id,
+                due,
+                max_output=settings.data.max_output_length,
+                max_prompt=settings.data.max_prompt_length,
+            )
+        except ValueError as e:
+            log.warning("train_synthetic_failed", run_id=run_id, rows=due, error=str(e))
+            return None
+    log.info("train_synthetic", run_id=run_id, **report.to_dict())
+    return report
+
+
 def replay_count(num_failures: int, ratio: float) -> int:
     """Replay rows so that they are ``ratio`` of the run's examples."""
     if ratio <= 0 or num_failures <= 0:
@@ -203,8 +245,6 @@ def run_training(
     that many pending failures, with replay from the rows before them: the buffer as it stood
     after that much traffic (`specd bench train --rows`).
     """
-    from daemon.store.buffer import ReplayBuffer
-
     t0 = time.perf_counter()
     mx.reset_peak_memory()
     cfg = settings.training
@@ -237,6 +277,12 @@ def run_training(
     )
     draft = pair.draft
     vocab_limit = pair.shared_vocab
+    synthetic = None
+    if mark_used and not draft_only:
+        # a run that leaves the buffer as it found it (a benchmark) writes nothing to it
+        # either; rank 0 of a split target cannot run the target alone
+        progress_view.update(phase="synthesizing")
+        synthetic = _synthetic_rows(pair, settings, target, run_id)
 
     with ReplayBuffer(
         settings.paths.data_dir, settings.buffer, create=False, target=target
@@ -422,13 +468,22 @@ def run_training(
         costs_before=costs_before.to_dict() if costs_before is not None else None,
         draft_kind="feature" if is_feature_draft(draft) else "lora",
         rehearsal=rehearsal.to_dict() if rehearsal is not None else None,
+        synthetic=synthetic.to_dict() if synthetic is not None else None,
     )
     log.info(
         "train_run",
         **{
             k: v
             for k, v in metrics.to_dict().items()
-            if k not in ("heldout_before", "heldout_after", "costs", "costs_before", "rehearsal")
+            if k
+            not in (
+                "heldout_before",
+                "heldout_after",
+                "costs",
+                "costs_before",
+                "rehearsal",
+                "synthetic",
+            )
         },
         heldout_before=before.agreement,
         heldout_after=after.agreement,

@@ -21,14 +21,16 @@ gate judges real traffic only) and never in the suffix index (they are not what 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from daemon.adaptation.rehearsal import stream_batch
+from daemon.store.buffer import ReplayBuffer
+from daemon.store.record import BufferRecord
 
 # A request shorter than this (tokens) is a greeting or a fragment, not a task to answer.
 MIN_REQUEST = 6
@@ -61,11 +63,16 @@ class SynthesisReport:
     copied: int = 0  # (of those dropped) a copy of the earlier turn's request it was shown
     answer_tokens: int = 0
     seconds: float = 0.0
+    shown: int = 0  # rows of real traffic the requests were written after (0: general)
     seen: set[str] = field(default_factory=set, repr=False)
 
     @property
     def tokens_per_s(self) -> float:
         return self.answer_tokens / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {k: v for k, v in asdict(self).items() if k != "seen"}
+        return {**out, "seconds": round(self.seconds, 2)}
 
 
 def request_header(tokenizer: Any) -> list[int]:
@@ -187,6 +194,70 @@ def synthesize(
                 f"(each must end with its stop token within {max_request} tokens)"
             )
         yield batch
+
+
+def traffic_turns(
+    buf: ReplayBuffer, target: str, n: int, seed: int, limit: int
+) -> list[tuple[list[int], list[int]]]:
+    """Train rows users sent, shown to the target as an earlier turn: up to ``n`` at random
+    (by ``seed``: a later run is shown others, or in another order), each at most ``limit``
+    tokens whole (`data.max_prompt_length`: a longer one makes sampling slow). Never a
+    holdout row, never a row no user sent."""
+    return [
+        (r.prompt_tokens, r.output_tokens)
+        for r in buf.for_target(target).sample_replay(n, seed=seed, traffic_only=True)
+        if len(r.prompt_tokens) + len(r.output_tokens) <= limit
+    ]
+
+
+def write_rows(
+    buf: ReplayBuffer,
+    target: nn.Module,
+    tokenizer: Any,
+    target_id: str,
+    rows: int,
+    *,
+    max_output: int,
+    max_prompt: int,
+    like_traffic: bool | None = None,
+    seed: int | None = None,
+    on_batch: Callable[[int], None] | None = None,
+) -> SynthesisReport:
+    """Write ``rows`` synthetic rows of ``target_id`` into ``buf`` as pending train rows, a
+    batch at a time (``on_batch`` is told each batch's size): like the traffic
+    (`traffic_turns`) where the buffer holds some and ``like_traffic`` is not False, general
+    requests otherwise. The seed defaults to the count of synthetic rows already stored, so
+    a later call samples on from there. ValueError when ``like_traffic`` is True and there is
+    no row to show, or the target writes nothing usable."""
+    report = SynthesisReport(seen=buf.synthetic_requests(target_id))
+    seed = seed if seed is not None else len(report.seen)
+    like = [] if like_traffic is False else traffic_turns(buf, target_id, rows, seed, max_prompt)
+    if like_traffic and not like:
+        raise ValueError(
+            f"the buffer holds no train row of real traffic for {target_id} of at most "
+            f"{max_prompt} tokens (data.max_prompt_length) to write requests like"
+        )
+    report.shown = len(like)
+    batches = synthesize(
+        target,
+        tokenizer,
+        rows,
+        max_output=max_output,
+        stop_tokens=list(tokenizer.eos_token_ids or ()),
+        seed=seed,
+        like=like,
+        report=report,
+    )
+    for batch in batches:
+        buf.add(
+            BufferRecord.synthetic(
+                r.request, r.prompt_tokens, r.output_text, r.output_tokens, target_id
+            )
+            for r in batch
+        )
+        if on_batch is not None:
+            on_batch(len(batch))
+    return report
 
 
 def _new_requests(

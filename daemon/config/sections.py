@@ -425,6 +425,15 @@ class TrainingSettings(_Section):
         "rehearsal_tokens: the prompt's last message kept in part, the rest sampled from the "
         "target, then the target's greedy answer, as extra examples. 0: off.",
     )
+    synthetic_per_failure: float = Field(
+        0.0,
+        ge=0.0,
+        le=8.0,
+        description="Synthetic rows like the traffic (specd warmup's) a run writes with the "
+        "target before it trains, per pending failure case of real traffic, less those already "
+        "pending; stored in the buffer as train rows, trained on by this run and replayed by "
+        "later ones. 0: off.",
+    )
     optimizer: Literal["adamw", "adam"] = "adamw"
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW decoupled weight decay.")
     min_lr_ratio: float = Field(

@@ -142,6 +142,9 @@ class RunMetrics:
     draft_kind: str = "lora"  # "lora" (an adapter on the draft) or "feature" (a whole draft)
     # what rehearsal cached and generated (daemon.adaptation.rehearsal.RehearsalReport)
     rehearsal: dict[str, Any] | None = None
+    # the synthetic rows it wrote before training, training.synthetic_per_failure
+    # (daemon.adaptation.synthetic.SynthesisReport)
+    synthetic: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)  # nested dataclasses become dicts too

@@ -240,3 +240,66 @@ def test_specd_warmup_like_traffic_is_shown_train_rows_users_sent(
     assert "written after 1 stored requests" in capsys.readouterr().out
     assert main(argv[:-2] + ["--no-like-traffic", "-q"]) == 0
     assert "after the chat template alone" in capsys.readouterr().out
+
+
+def _training_settings(tmp_path: Path, **training):
+    from daemon.config import load_settings
+
+    cfg = tmp_path / "train.yaml"
+    models = {"target": str(tmp_path / "m"), "draft_layers": [0, 1], "preload_openblas": False}
+    train = {"epochs": 1, "replay_ratio": 0, "warmup_steps": 1, **training}
+    cfg.write_text(json.dumps({"models": models, "training": train}))
+    settings, _ = load_settings(cfg, {"paths.data_dir": str(tmp_path / "data")})
+    return settings
+
+
+def _real(target: str, i: int, split: str = "train") -> BufferRecord:
+    return BufferRecord(
+        f"real {i}",
+        [38, 5 + i, 8, 39],
+        "",
+        [6, 7, 9 + i],
+        {},
+        [],
+        target,
+        "d",
+        split=split,
+        is_failure=True,
+    )
+
+
+def test_a_training_run_first_writes_rows_like_the_traffic_and_trains_on_them(
+    chat_model, tmp_path: Path
+) -> None:
+    from daemon.adaptation.run import run_training
+    from daemon.config.sections import BufferSettings
+
+    target = str(tmp_path / "m")
+    with ReplayBuffer(tmp_path / "data", BufferSettings()) as buf:
+        buf.add([_real(target, i) for i in range(4)] + [_real(target, 9, "holdout")])
+    settings = _training_settings(tmp_path, synthetic_per_failure=1.5)
+    m = run_training(settings, out_dir=tmp_path / "a1", run_id="r1")
+    assert m.synthetic is not None
+    assert m.synthetic["rows"] == 6 and m.synthetic["shown"] == 4  # 1.5 per real failure
+    assert m.examples.failures == 10  # the four failures and the six rows it wrote
+    with ReplayBuffer(tmp_path / "data", create=False) as buf:
+        rows = [r for r in buf.iter_records() if r.draft_id == SYNTHETIC_DRAFT]
+        assert len(rows) == 6 and {r.used_for_training for r in rows} == {"r1"}
+        assert {r.split for r in rows} == {"train"}
+
+        # synthetic rows already pending count against what is due: 3 for 2 new failures
+        buf.add([_real(target, i) for i in (4, 5)])
+        buf.add([BufferRecord.synthetic("pending", [38, 4, 39], "", [6], target)])
+    m = run_training(settings, out_dir=tmp_path / "a2", run_id="r2")
+    assert m.synthetic is not None and m.synthetic["rows"] == 2
+    # a run that leaves the buffer as it found it (a benchmark) writes nothing either
+    with ReplayBuffer(tmp_path / "data", create=False) as buf:
+        buf.add([_real(target, 6)])
+    m = run_training(settings, out_dir=tmp_path / "a3", mark_used=False)
+    assert m.synthetic is None and m.examples.failures == 1
+    # off: nothing written
+    off = _training_settings(tmp_path, synthetic_per_failure=0)
+    m = run_training(off, out_dir=tmp_path / "a4", run_id="r4")
+    assert m.synthetic is None and m.examples.failures == 1
+    with ReplayBuffer(tmp_path / "data", create=False) as buf:
+        assert sum(r.draft_id == SYNTHETIC_DRAFT for r in buf.iter_records()) == 9
