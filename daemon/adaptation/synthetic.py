@@ -64,6 +64,7 @@ class SynthesisReport:
     answer_tokens: int = 0
     seconds: float = 0.0
     shown: int = 0  # rows of real traffic the requests were written after (0: general)
+    max_output: int = 0  # answer tokens at most (write_rows: no more than the traffic's)
     seen: set[str] = field(default_factory=set, repr=False)
 
     @property
@@ -225,8 +226,8 @@ def write_rows(
 ) -> SynthesisReport:
     """Write ``rows`` synthetic rows of ``target_id`` into ``buf`` as pending train rows, a
     batch at a time (``on_batch`` is told each batch's size): like the traffic
-    (`traffic_turns`) where the buffer holds some and ``like_traffic`` is not False, general
-    requests otherwise. The seed defaults to the count of synthetic rows already stored, so
+    (`traffic_turns`) where the buffer holds some and ``like_traffic`` is not False, their
+    answers no longer than the longest answer shown; general requests otherwise. The seed defaults to the count of synthetic rows already stored, so
     a later call samples on from there. ValueError when ``like_traffic`` is True and there is
     no row to show, or the target writes nothing usable."""
     report = SynthesisReport(seen=buf.synthetic_requests(target_id))
@@ -234,10 +235,14 @@ def write_rows(
     like = [] if like_traffic is False else traffic_turns(buf, target_id, rows, seed, max_prompt)
     if like_traffic and not like:
         raise ValueError(
-            f"the buffer holds no train row of real traffic for {target_id} of at most "
-            f"{max_prompt} tokens (data.max_prompt_length) to write requests like"
+            f"the buffer holds no train row of real traffic of at most {max_prompt} tokens "
+            "(data.max_prompt_length) to write requests like"
         )
     report.shown = len(like)
+    if like:
+        # no longer than the traffic's answers: the positions it serves, at their cost
+        max_output = min(max_output, max(len(o) for _, o in like))
+    report.max_output = max_output
     batches = synthesize(
         target,
         tokenizer,

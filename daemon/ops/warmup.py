@@ -53,7 +53,8 @@ def run(args: argparse.Namespace, settings: Settings, sources: ConfigSources) ->
         + (f"; {report.copied} copies of the request shown)" if report.shown else ")")
     )
     print(
-        f"written after {report.shown} stored requests of real traffic"
+        f"written after {report.shown} stored requests of real traffic, answers up to "
+        f"{report.max_output} tokens (the longest answer shown)"
         if report.shown
         else "written after the chat template alone (general requests: no traffic stored)"
     )

@@ -234,7 +234,7 @@ def test_specd_warmup_like_traffic_is_shown_train_rows_users_sent(
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "warmup: 4 rows" in out and "copies of the request shown" in out
-    assert "written after 1 stored requests of real traffic" in out
+    assert "written after 1 stored requests of real traffic, answers up to 3 tokens" in out
     # like the traffic by default where there is any; general when told not to
     assert main(argv[:-2] + ["-q"]) == 0
     assert "written after 1 stored requests" in capsys.readouterr().out
@@ -285,6 +285,8 @@ def test_a_training_run_first_writes_rows_like_the_traffic_and_trains_on_them(
     with ReplayBuffer(tmp_path / "data", create=False) as buf:
         rows = [r for r in buf.iter_records() if r.draft_id == SYNTHETIC_DRAFT]
         assert len(rows) == 6 and {r.used_for_training for r in rows} == {"r1"}
+        # answers no longer than the traffic's (3 tokens), where data.max_output_length is 256
+        assert m.synthetic["max_output"] == 3 and max(len(r.output_tokens) for r in rows) == 3
         assert {r.split for r in rows} == {"train"}
 
         # synthetic rows already pending count against what is due: 3 for 2 new failures
