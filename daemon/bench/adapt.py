@@ -278,8 +278,8 @@ def bench_adapt(
 
 
 def _run_summaries(training_dir: Any) -> list[dict[str, Any]]:
-    """Each training run's examples, rehearsal, time and held-out agreement, from the result
-    files the runs wrote (oldest first)."""
+    """Each training run's examples, synthetic rows, rehearsal, time and held-out agreement,
+    from the result files the runs wrote (oldest first)."""
     from daemon.store.runs import RESULT_FILE, read_result
 
     out: list[dict[str, Any]] = []
@@ -296,6 +296,7 @@ def _run_summaries(training_dir: Any) -> list[dict[str, Any]]:
                 "run_id": m.run_id,
                 "status": result.status,
                 "examples": m.examples.to_dict(),
+                "synthetic": m.synthetic,
                 "rehearsal": m.rehearsal,
                 "steps": m.steps,
                 "train_seconds": m.train_seconds,
