@@ -170,7 +170,7 @@ def _rehearsal_examples(
 
 
 def _synthetic_rows(
-    pair: Any, settings: Settings, target: str | None, run_id: str
+    pair: Any, settings: Settings, target: str | None, run_id: str, progress: ProgressFile
 ) -> SynthesisReport | None:
     """Write `training.synthetic_per_failure` synthetic rows like the traffic per pending
     failure case of real traffic, less the synthetic rows already pending (a failed run's,
@@ -187,6 +187,7 @@ def _synthetic_rows(
         due = round(real * ratio) - (len(pending) - real)
         if due <= 0:
             return None
+        progress.update(phase="synthesizing")
         try:
             report = write_rows(
                 buffer,
@@ -281,8 +282,7 @@ def run_training(
     if mark_used and not draft_only:
         # a run that leaves the buffer as it found it (a benchmark) writes nothing to it
         # either; rank 0 of a split target cannot run the target alone
-        progress_view.update(phase="synthesizing")
-        synthetic = _synthetic_rows(pair, settings, target, run_id)
+        synthetic = _synthetic_rows(pair, settings, target, run_id, progress_view)
 
     with ReplayBuffer(
         settings.paths.data_dir, settings.buffer, create=False, target=target
