@@ -28,6 +28,7 @@ METRIC_KEYS = {
     "costs_before",
     "draft_kind",
     "rehearsal",
+    "synthetic",
     "heldout_before",
     "heldout_after",
     "examples",
