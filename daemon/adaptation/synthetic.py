@@ -229,8 +229,8 @@ def write_rows(
     (`traffic_turns`) where the buffer holds some and ``like_traffic`` is not False, their
     answers no longer than the longest answer shown; general requests otherwise. The seed
     defaults to the count of synthetic rows already stored, so a later call samples on from
-    there. ValueError when ``like_traffic`` is True and there is
-    no row to show, or the target writes nothing usable."""
+    there. ValueError when ``like_traffic`` is True and there is no row to show, or the
+    target writes nothing usable."""
     report = SynthesisReport(seen=buf.synthetic_requests(target_id))
     seed = seed if seed is not None else len(report.seen)
     like = [] if like_traffic is False else traffic_turns(buf, target_id, rows, seed, max_prompt)
