@@ -83,7 +83,6 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
 from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
@@ -91,12 +90,13 @@ from daemon.core.constraints import Constraint
 from daemon.core.drafters import FeatureDrafter, make_drafter
 from daemon.core.drafting import ContextIndex, Proposer, SuffixIndex, SuffixProposer
 from daemon.core.feature_draft import FeatureDraft, is_feature_draft
+from daemon.core.models import output_vocab
 from daemon.core.output import TextStream
-from daemon.core.params import SamplingParams, SpeculativeConfig, is_int
+from daemon.core.params import SamplingParams, SpeculativeConfig
 from daemon.core.policy import Measured, SpeculationPolicy
 from daemon.core.prompt_cache import PromptCache
-from daemon.core.records import GenerationStats, Rejection, TokenLogprob, top_ids
-from daemon.core.rounds import Pending, RequestState, Verified, run_round
+from daemon.core.records import GenerationStats, Rejection, TokenLogprob
+from daemon.core.rounds import RequestState, Verified, complete_rejections, run_round
 from daemon.core.sampling import history_size, logits_processors
 from daemon.errors import GenerationError
 
@@ -167,34 +167,6 @@ class HandoffState:
     prompt_tokens: int
 
 
-def _vocab_size(model: nn.Module) -> int:
-    """The model's output (logits) width, padded vocabulary included.
-
-    The graph is built lazily and never evaluated, so this costs no compute.
-    """
-    try:
-        return int(model(mx.zeros((1, 1), dtype=mx.uint32)).shape[-1])
-    except Exception:  # noqa: BLE001 - fall back to the config
-        args = getattr(model, "args", None)
-        vocab = getattr(args, "vocab_size", None)
-        if is_int(vocab) and vocab > 0:
-            return vocab
-        raise
-
-
-def _logsumexp(row: np.ndarray) -> float:
-    m = float(row.max())
-    if not math.isfinite(m):  # a row masked everywhere (a grammar outside a pruned head)
-        return m
-    return m + math.log(float(np.exp(row - m).sum(dtype=np.float64)))
-
-
-def _top_logprobs(row: np.ndarray, k: int) -> tuple[list[int], list[float]]:
-    """Top-``k`` ids and log-probabilities of one raw logits row, most likely first."""
-    ids = top_ids(row, k)
-    return ids.tolist(), (row[ids].astype(np.float64) - _logsumexp(row)).tolist()
-
-
 def _emit(
     v: Verified,
     out: TextStream,
@@ -220,19 +192,6 @@ def _emit(
             if constraint.done:
                 return "stop"
     return None
-
-
-def _complete_rejections(pending: list[Pending], n_top: int) -> None:
-    """Fill in the rejection records of finished rounds on the host (numpy, from logits
-    already evaluated): the target's top log-probabilities and the draft's probability."""
-    for rej, t_rows, row, d_row in pending:
-        if n_top:
-            rej.top_ids, rej.top_logprobs = _top_logprobs(np.asarray(t_rows)[row], n_top)
-        if d_row is not None:
-            d = np.asarray(d_row)
-            total = _logsumexp(d)
-            rej.draft_prob = float(np.exp(d[rej.draft_token] - total)) if total > -math.inf else 0.0
-    pending.clear()
 
 
 class SpeculativeEngine:
@@ -375,12 +334,12 @@ class SpeculativeEngine:
 
     def shared_vocab(self) -> int:
         """The vocabulary the target and the draft share: what every path samples from."""
-        return min(self._target_vocab_size(), _vocab_size(self.draft))
+        return min(self._target_vocab_size(), output_vocab(self.draft))
 
     def _target_vocab_size(self) -> int:
         cached = self._target_vocab
         if cached is None or cached[0] is not self.target:
-            cached = (self.target, _vocab_size(self.target))
+            cached = (self.target, output_vocab(self.target))
             self._target_vocab = cached
         return cached[1]
 
@@ -463,7 +422,7 @@ class SpeculativeEngine:
         n_top = cfg.top_logprobs
 
         def materialize() -> None:
-            _complete_rejections(st.pending, n_top)
+            complete_rejections(st.pending, n_top)
 
         finish: str | None = None
         tokens = result.tokens
@@ -596,7 +555,7 @@ class SpeculativeEngine:
             target_cache=target_cache,
             drafter=drafter,
             features=drafter.model if isinstance(drafter, FeatureDrafter) else None,
-            vocab=min(self._target_vocab_size(), _vocab_size(draft)),
+            vocab=min(self._target_vocab_size(), output_vocab(draft)),
             params=params,
             cfg=cfg,
             stats=result.stats,

@@ -133,8 +133,15 @@ class ModelPair:
 
 
 def output_vocab(model: nn.Module) -> int:
-    """Logit width of ``model`` (lazy graph, never evaluated), padded vocabulary included."""
-    return int(model(mx.zeros((1, 1), dtype=mx.int32)).shape[-1])
+    """Logit width of ``model`` (lazy graph, never evaluated), padded vocabulary included;
+    the config's ``vocab_size`` for a model that cannot build that graph alone."""
+    try:
+        return int(model(mx.zeros((1, 1), dtype=mx.int32)).shape[-1])
+    except Exception:  # noqa: BLE001 - fall back to the config
+        vocab = getattr(getattr(model, "args", None), "vocab_size", None)
+        if isinstance(vocab, int) and vocab > 0:
+            return vocab
+        raise
 
 
 def embedded_gguf_path() -> Path:

@@ -10,7 +10,8 @@ output ends (it emits their tokens); each step here is one function of that stat
    proposal is a point mass), under the grammar's masks when constrained;
 3. `verify`: one target pass over ``[last tokens, d_1 .. d_k]`` and the acceptance decision
    (greedy: the argmax; sampled: `verify_sampled`);
-4. `record`: statistics, and the first rejected draft token of a model round;
+4. `record`: statistics, and the first rejected draft token of a model round
+   (`complete_rejections` fills in its target log-probabilities later, on the host);
 5. `rewind`: both caches back to the accepted prefix, the drafter told what was verified, the
    adaptive draft length moved.
 
@@ -20,6 +21,7 @@ used the same way, so a new draft kind or source is a file there, not a branch h
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -36,7 +38,13 @@ from daemon.core.drafting import Proposal, Proposer
 from daemon.core.feature_draft import FeatureDraft
 from daemon.core.heads import output_head
 from daemon.core.policy import CONTINUED, Choice, SpeculationPolicy
-from daemon.core.records import GenerationStats, Rejection, TokenLogprob, token_logprobs
+from daemon.core.records import (
+    GenerationStats,
+    Rejection,
+    TokenLogprob,
+    token_logprobs,
+    top_ids,
+)
 from daemon.core.sampling import (
     LogitsProcessor,
     apply_processors,
@@ -360,6 +368,29 @@ def record(st: RequestState, d: Drafted, v: Verified) -> None:
         # next round, or at the end
         assert v.logits is not None
         st.pending.append((rej, v.logits, n, d.rows[n - p] if st.greedy else None))
+
+
+def _logsumexp(row: np.ndarray) -> float:
+    m = float(row.max())
+    if not math.isfinite(m):  # a row masked everywhere (a grammar outside a pruned head)
+        return m
+    return m + math.log(float(np.exp(row - m).sum(dtype=np.float64)))
+
+
+def complete_rejections(pending: list[Pending], n_top: int) -> None:
+    """Fill in the rejection records of finished rounds on the host (numpy, from logits
+    already evaluated): the target's top log-probabilities and the draft's probability."""
+    for rej, t_rows, row, d_row in pending:
+        if n_top:
+            r = np.asarray(t_rows)[row]
+            ids = top_ids(r, n_top)
+            rej.top_ids = ids.tolist()
+            rej.top_logprobs = (r[ids].astype(np.float64) - _logsumexp(r)).tolist()
+        if d_row is not None:
+            d = np.asarray(d_row)
+            total = _logsumexp(d)
+            rej.draft_prob = float(np.exp(d[rej.draft_token] - total)) if total > -math.inf else 0.0
+    pending.clear()
 
 
 def rewind(st: RequestState, d: Drafted, v: Verified) -> None:
