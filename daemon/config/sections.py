@@ -289,6 +289,12 @@ class SpeculativeSettings(_Section):
         description="Let the draft model continue a copied proposal that runs out, in the "
         "same round, where the measured costs say it pays (cost_aware; not a feature draft).",
     )
+    draft_confidence: bool = Field(
+        False,
+        description="In a model round, verify a draft token only where the draft's confidence "
+        "there says it pays for its row, and draft another only where one more may pay "
+        "(cost_aware).",
+    )
 
     @model_validator(mode="after")
     def _check_bounds(self) -> SpeculativeSettings:

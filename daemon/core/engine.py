@@ -328,7 +328,7 @@ class SpeculativeEngine:
         cfg = self.config
         if self._policy is None or self._policy[0] is not cfg:
             model_tokens = cfg.max_draft_tokens if cfg.model_draft else 0
-            policy = SpeculationPolicy(model_tokens, cfg.max_proposal_tokens)
+            policy = SpeculationPolicy(model_tokens, cfg.max_proposal_tokens, cfg.draft_confidence)
             self._policy = (cfg, policy)
         return self._policy[1]
 

@@ -139,6 +139,7 @@ class SpeculativeConfig:
     max_proposal_tokens: int = 16
     tokens_per_match: int = 2
     continue_proposals: bool = False  # cost_aware: the model draft may continue a proposal
+    draft_confidence: bool = False  # cost_aware: model rounds gated by the draft's confidence
 
     @classmethod
     def from_settings(cls, spec: Any, max_context: int | None = None) -> SpeculativeConfig:
@@ -154,6 +155,7 @@ class SpeculativeConfig:
             cost_aware=spec.cost_aware,
             max_proposal_tokens=spec.max_proposal_tokens,
             continue_proposals=spec.continue_proposals,
+            draft_confidence=spec.draft_confidence,
         )
 
     def validate(self) -> None:

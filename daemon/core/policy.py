@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from daemon.core.confidence import Calibration, GatedRound, gated_rate
 from daemon.core.drafting import Proposal
 
 EMA = 0.1  # weight of a new observation
@@ -127,9 +128,14 @@ class Measured:
 class SpeculationPolicy:
     """Chooses rounds for one engine; lives across requests (measurements carry over)."""
 
-    def __init__(self, max_model_tokens: int, max_proposal_tokens: int) -> None:
+    def __init__(
+        self, max_model_tokens: int, max_proposal_tokens: int, confident: bool = False
+    ) -> None:
         self.max_model_tokens = max_model_tokens
         self.max_proposal_tokens = max_proposal_tokens
+        # model rounds gated by the draft's confidence (`daemon.core.confidence`)
+        self.confident = confident
+        self.calibration = Calibration()
         self.sources: dict[str, SourceStats] = {}
         self.verify_s: dict[int, float] = {}  # rows -> seconds of one target pass
         # rows -> the one-row time when verify_s[rows] was last measured: a row count seen
@@ -230,6 +236,11 @@ class SpeculationPolicy:
             self.sources.pop("model", None)
             self.sources.pop(CONTINUED, None)
             self.draft_token_s = None
+            self.calibration = Calibration()
+
+    def gated_round(self, limit: int) -> GatedRound:
+        """A model round's keep-or-stop decisions, at most ``limit`` tokens verified."""
+        return GatedRound(self.calibration, self.verify_cost, self.draft_cost, limit)
 
     def choose(self, proposal: Proposal | None, remaining: int, continues: bool = False) -> Choice:
         """The round with the best expected tokens per second; ``remaining`` bounds k;
@@ -237,10 +248,16 @@ class SpeculationPolicy:
         limit = max(remaining - 1, 0)
         best = Choice("none", 0)
         best_rate = self.rate("none", 0)
-        for k in range(1, min(self.max_model_tokens, limit) + 1):
+        top = min(self.max_model_tokens, limit)
+        for k in range(1, top + 1):
             r = self.rate("model", k)
             if r > best_rate:
                 best, best_rate = Choice("model", k), r
+        if self.confident and top:
+            # its confidence stops the round where more would not pay: plan the most
+            r = max(best_rate, gated_rate(self.calibration, self.verify_cost, self.draft_cost))
+            if best.source == "model" or r > best_rate:
+                best, best_rate = Choice("model", top), r
         if proposal is not None:
             p = proposal
             for k in range(1, min(len(p.tokens), self.max_proposal_tokens, limit) + 1):
@@ -273,11 +290,17 @@ class SpeculationPolicy:
     # --- measuring ---------------------------------------------------------------------------
 
     def observe(
-        self, choice: Choice, accepted: int, verify_s: float, draft_s: float | None
+        self,
+        choice: Choice,
+        accepted: int,
+        verify_s: float,
+        draft_s: float | None,
+        drafted: int | None = None,
     ) -> None:
         """Record a round: acceptance of its source, the pass's time, the draft's time per
         token (None when it includes catching up on earlier tokens, which is no per-token
-        figure)."""
+        figure) over the ``drafted`` model tokens (default: the choice's; a gated round
+        may draft one more than it verifies)."""
         rows = choice.k + 1
         self._since_model_s += verify_s + (draft_s or 0.0)
         prev = self.verify_s.get(rows)
@@ -292,7 +315,8 @@ class SpeculationPolicy:
                 self.stats(evidence_key(choice.source, choice.match)).observe(copied, got)
         if choice.then and accepted >= copied:  # the model's tokens were reached
             self.stats(CONTINUED).observe(choice.then, accepted - copied)
-        if choice.source == "model" and choice.k and draft_s is not None:
-            per = draft_s / choice.k
+        drafted = choice.k if drafted is None else drafted
+        if choice.source == "model" and drafted and draft_s is not None:
+            per = draft_s / drafted
             prev_d = self.draft_token_s
             self.draft_token_s = per if prev_d is None else prev_d + EMA * (per - prev_d)

@@ -32,6 +32,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.models.cache import trim_prompt_cache
 
+from daemon.core.confidence import GatedRound, confidence_of
 from daemon.core.constraints import Constraint
 from daemon.core.drafters import FeatureDrafter, ModelDrafter
 from daemon.core.drafting import Proposal, Proposer
@@ -121,6 +122,10 @@ class Drafted:
     rows: list[mx.array] = field(default_factory=list)  # raw draft logits (greedy, recorded)
     masks: list[np.ndarray] = field(default_factory=list)  # constrained: allowed tokens
     seconds: float = 0.0
+    # tokens the draft model drafted, kept for verification or not (`daemon.core.confidence`)
+    # and their confidences when the round was gated
+    by_model: int = 0
+    confidences: list[float] = field(default_factory=list)
 
     @property
     def k(self) -> int:
@@ -224,7 +229,8 @@ def _draft_model(st: RequestState, out: Drafted) -> int:
     """Draft the round's model tokens with the drafter (``mx.async_eval`` per token, so the
     next token's graph is built while this one computes), after a continued proposal's
     tokens when there are some (the drafter reads them first); returns the grammar pushes
-    to undo."""
+    to undo. A gated round (`_gate`) stops early and may drop its last token: the plan's
+    ``k`` becomes what is verified."""
     drafter, constraint, params = st.drafter, st.constraint, st.params
     p = out.first_model
     if p:
@@ -233,28 +239,41 @@ def _draft_model(st: RequestState, out: Drafted) -> int:
     toks: list[mx.array] = []
     q_rows: list[mx.array] = []
     pushed = 0
+    gate = _gate(st, out)
     for i in range(out.k - p):
         dl = (drafter.first() if i == 0 else drafter.next(toks[-1]))[: st.vocab]
         dl = st.process(dl[None], before + toks, p + i)[0]
         if i == 0 and not drafter.caught_up:  # it first read tokens it skipped
             st.stats.draft_passes += 1
+        out.by_model += 1
         if constraint is not None:
             if i:  # the grammar moves past the token just drafted
                 pushed += constraint.push([cast(int, toks[-1].item())])
             out.masks.append(constraint.mask(st.vocab))
             dl = mx.where(mx.array(out.masks[-1]), dl, -mx.inf)
         if st.greedy:
-            tok = mx.argmax(dl, axis=-1)
-            if st.record:
-                out.rows.append(as_f32(dl))
+            dist, key = dl, None
         else:
-            lq = process_logits(dl, params.temperature, params.top_k, params.top_p, params.min_p)
+            dist = process_logits(dl, params.temperature, params.top_k, params.top_p, params.min_p)
             assert out.keys is not None
-            tok = mx.random.categorical(lq, key=out.keys[p + i])
-            q_rows.append(lq)
+            key = out.keys[p + i]
+        tok, confidence = pick(dist, key)
+        if gate is not None and not gate.offer(cast(float, confidence.item())):
+            break
+        if st.greedy and st.record:
+            out.rows.append(as_f32(dl))
+        elif not st.greedy:
+            q_rows.append(dist)
         mx.async_eval(tok, *out.rows[-1:])
         toks.append(tok)
-    st.stats.draft_passes += out.k - p
+        if gate is not None and not gate.more():
+            break
+    st.stats.draft_passes += out.by_model
+    if gate is not None:
+        out.confidences = gate.confidences
+        out.plan = replace(out.plan, k=p + len(toks))
+    if not toks:  # the first token was not worth verifying: a plain target step
+        return pushed
     if constraint is not None:  # past the last draft token too
         pushed += constraint.push([cast(int, toks[-1].item())])
     if st.policy is not None:
@@ -265,6 +284,28 @@ def _draft_model(st: RequestState, out: Drafted) -> int:
         q = mx.stack(q_rows)
         out.q_lp = mx.concatenate([out.q_lp, q]) if out.q_lp is not None else q
     return pushed
+
+
+def pick(dist: mx.array, key: mx.array | None) -> tuple[mx.array, mx.array]:
+    """A draft token (greedy, ``key`` None: the argmax; else a sample) and the draft's
+    confidence there: the distribution's largest probability, whichever token is drawn. A
+    gate deciding on the drawn token's own probability would verify a biased sample."""
+    tok = mx.argmax(dist, axis=-1) if key is None else mx.random.categorical(dist, key=key)
+    return tok, confidence_of(dist)
+
+
+def _gate(st: RequestState, out: Drafted) -> GatedRound | None:
+    """The round's confidence gate (`daemon.core.confidence`): a model round of the
+    cost-aware policy with ``draft_confidence`` on, unconstrained (a grammar's masks are
+    laid out for the planned tokens)."""
+    if (
+        st.policy is None
+        or not st.cfg.draft_confidence
+        or out.plan.source != "model"
+        or st.constraint is not None
+    ):
+        return None
+    return st.policy.gated_round(out.k)
 
 
 def verify(st: RequestState, d: Drafted, overlap: Callable[[], None]) -> Verified:
@@ -303,10 +344,11 @@ def verify(st: RequestState, d: Drafted, overlap: Callable[[], None]) -> Verifie
     else:
         lp = process_logits(tl, params.temperature, params.top_k, params.top_p, params.min_p)
         if d.q_lp is not None:  # k > 0
-            accept, qx, choice = verify_sampled(lp, d.q_lp, d.tokens, d.keys[k], d.keys[k + 1])
+            # the round's last two keys: a gated round drafted with those before them
+            accept, qx, choice = verify_sampled(lp, d.q_lp, d.tokens, d.keys[-2], d.keys[-1])
             to_eval += [accept, qx]
         else:
-            choice = mx.random.categorical(lp, key=d.keys[k + 1])
+            choice = mx.random.categorical(lp, key=d.keys[-1])
     to_eval.append(choice)
     mx.async_eval(to_eval)
     overlap()
@@ -333,7 +375,9 @@ def record(st: RequestState, d: Drafted, v: Verified) -> None:
     if st.policy is not None:
         # a per-token figure only when the draft read nothing else first
         timed = d.seconds if st.drafter.caught_up and not d.plan.then else None
-        st.policy.observe(d.plan, v.accepted, v.seconds, timed)
+        st.policy.observe(d.plan, v.accepted, v.seconds, timed, d.by_model)
+        if d.confidences:
+            st.policy.calibration.observe(d.confidences, d.k, v.accepted)
     k, n = d.k, v.accepted
     if not k:
         return
@@ -401,8 +445,8 @@ def rewind(st: RequestState, d: Drafted, v: Verified) -> None:
         trim_prompt_cache(st.target_cache, k - n)
     # the rows that precede each emitted token: a feature drafter's next input
     feats = v.hidden[: n + 1] if v.hidden is not None else None
-    if d.model_round:
-        st.drafter.settle(k, n, v.drafted, emitted, feats)
+    if d.by_model:  # it read what it drafted, verified or not
+        st.drafter.settle(d.first_model + d.by_model, n, v.drafted, emitted, feats)
     else:  # the draft did not run: it reads these tokens when it next drafts
         st.drafter.observe(emitted, feats)
     st.target_in = [emitted[-1]]
