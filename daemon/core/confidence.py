@@ -58,6 +58,17 @@ class Calibration:
     share: list[float] = field(default_factory=lambda: [1.0 / (len(EDGES) + 1)] * (len(EDGES) + 1))
     tokens: int = 0  # draft tokens observed
 
+    def copy(self) -> Calibration:
+        return Calibration(list(self.accept), list(self.share), self.tokens)
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "edges": list(EDGES),
+            "acceptance": [round(a, 4) for a in self.accept],
+            "share": [round(s, 4) for s in self.share],
+            "tokens": self.tokens,
+        }
+
     def observe(self, confidences: list[float], verified: int, accepted: int) -> None:
         """A round's drafted tokens' confidences; the first ``verified`` were verified and
         the first ``accepted`` of those accepted."""

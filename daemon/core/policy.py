@@ -66,6 +66,7 @@ class Choice:
     tokens: list[int] = field(default_factory=list)  # the proposal's tokens, for proposals
     match: int = 0  # the proposal's matched n-gram length
     then: int = 0  # model-draft tokens after the proposal's (a continued proposal)
+    gated: bool = False  # a model round its draft's confidence cuts short (confident policy)
 
 
 @dataclass
@@ -109,20 +110,26 @@ class Measured:
     ``verify_s``: seconds of a target pass per row count actually measured (rescaled as the
     policy uses them); ``draft_token_s``: one model-draft token; ``acceptance``: per source
     (and matched n-gram bucket, ``lookup/4``...), the conditional acceptance of each draft
-    position up to the deepest one observed, and the rounds behind it."""
+    position up to the deepest one observed, and the rounds behind it; ``confidence``:
+    with confidence-gated model rounds, the acceptance and share of draft tokens per
+    confidence bucket (`daemon.core.confidence`)."""
 
     verify_s: dict[int, float]
     draft_token_s: float | None
     acceptance: dict[str, list[float]]
     rounds: dict[str, int]
+    confidence: Calibration | None = None
 
     def to_dict(self) -> dict[str, object]:
-        return {
+        out: dict[str, object] = {
             "verify_s": {str(r): round(v, 6) for r, v in sorted(self.verify_s.items())},
             "draft_token_s": None if self.draft_token_s is None else round(self.draft_token_s, 6),
             "acceptance": {s: [round(a, 4) for a in v] for s, v in self.acceptance.items()},
             "rounds": dict(self.rounds),
         }
+        if self.confidence is not None:
+            out["confidence"] = self.confidence.to_dict()
+        return out
 
 
 class SpeculationPolicy:
@@ -198,6 +205,7 @@ class SpeculationPolicy:
             draft_token_s=self.draft_token_s,
             acceptance={s: list(st.accept[:positions]) for s, st in observed.items()},
             rounds={s: st.rounds for s, st in observed.items()},
+            confidence=self.calibration.copy() if self.confident else None,
         )
 
     def draft_acceptance(self) -> float | None:
@@ -257,7 +265,7 @@ class SpeculationPolicy:
             # its confidence stops the round where more would not pay: plan the most
             r = max(best_rate, gated_rate(self.calibration, self.verify_cost, self.draft_cost))
             if best.source == "model" or r > best_rate:
-                best, best_rate = Choice("model", top), r
+                best, best_rate = Choice("model", top, gated=True), r
         if proposal is not None:
             p = proposal
             for k in range(1, min(len(p.tokens), self.max_proposal_tokens, limit) + 1):

@@ -295,15 +295,11 @@ def pick(dist: mx.array, key: mx.array | None) -> tuple[mx.array, mx.array]:
 
 
 def _gate(st: RequestState, out: Drafted) -> GatedRound | None:
-    """The round's confidence gate (`daemon.core.confidence`): a model round of the
-    cost-aware policy with ``draft_confidence`` on, unconstrained (a grammar's masks are
-    laid out for the planned tokens)."""
-    if (
-        st.policy is None
-        or not st.cfg.draft_confidence
-        or out.plan.source != "model"
-        or st.constraint is not None
-    ):
+    """The round's confidence gate (`daemon.core.confidence`): a model round the policy
+    planned gated (not a probe: that one measures a verified token's cost and acceptance,
+    which the gate's own decisions rest on), unconstrained (a grammar's masks are laid out
+    for the planned tokens)."""
+    if st.policy is None or not out.plan.gated or st.constraint is not None:
         return None
     return st.policy.gated_round(out.k)
 

@@ -12,7 +12,7 @@ from daemon.core import rounds as rounds_mod
 from daemon.core.confidence import Calibration, GatedRound, bucket, confidence_of, gated_rate
 from daemon.core.engine import SamplingParams, SpeculativeConfig, SpeculativeEngine
 from daemon.core.feature_draft import make_feature_draft
-from daemon.core.policy import SpeculationPolicy
+from daemon.core.policy import Choice, SpeculationPolicy
 from tests.core import test_lossless_sampling as lossless
 from tests.core.test_lossless_sampling import models  # noqa: F401  (the fixture)
 from tests.helpers import make_tiny_llama, perturbed_copy
@@ -187,3 +187,27 @@ def test_a_gate_on_the_drawn_token_is_caught(models, monkeypatch) -> None:  # no
     temperature, top_k, top_p = lossless.CONFIGS[0]
     tests = lossless.distribution_tests(models[0], samples, temperature, top_k, top_p)
     assert [t for t in tests if t.rejected], tests
+
+
+def test_status_shows_the_calibration_only_when_gated() -> None:
+    policy = SpeculationPolicy(4, 16, confident=True)
+    policy.calibration.observe([0.99], verified=1, accepted=1)
+    shown = policy.measured().to_dict()["confidence"]
+    assert isinstance(shown, dict) and shown["tokens"] == 1
+    assert len(shown["acceptance"]) == len(shown["edges"]) + 1
+    assert "confidence" not in SpeculationPolicy(4, 16).measured().to_dict()
+
+
+def test_a_probe_is_not_gated() -> None:
+    """A probe measures a verified token (its row's cost, its acceptance), which the gate's
+    own decisions rest on: a gate that dropped it could keep a stale cost forever."""
+    policy = SpeculationPolicy(4, 16, confident=True)
+    policy.new_request(1)
+    # a 2-row pass once timed in a slow moment
+    policy.verify_s, policy.draft_token_s = {1: 1.0, 2: 5.0}, 0.1
+    assert policy.choose(None, 64) == Choice("none", 0)
+    policy._since_model, policy._since_model_s = 16, 1e9
+    probe = policy.choose(None, 64)
+    assert (probe.source, probe.k, probe.gated) == ("model", 1, False)
+    policy.verify_s[2] = 1.05  # cheap again: a gated round, planned at the most
+    assert policy.choose(None, 64) == Choice("model", 4, gated=True)
