@@ -101,9 +101,12 @@ class GatedRound:
 
     def offer(self, confidence: float) -> bool:
         """A token was drafted with this confidence: keep it for verification?"""
-        self.drafted += 1
         self.confidences.append(confidence)
-        a = self.calibration.accept[bucket(confidence)]
+        return self.take(self.calibration.accept[bucket(confidence)])
+
+    def take(self, a: float) -> bool:
+        """A token was drafted whose acceptance is ``a``: keep it for verification?"""
+        self.drafted += 1
         gain = self.expected + self.reach * a
         keep = self._rate(gain, self.kept + 1, self.drafted) > self._rate(
             self.expected, self.kept, self.drafted
@@ -134,13 +137,12 @@ def gated_rate(
 ) -> float:
     """Expected tokens per second of a model round's first token under the gate: drafted,
     then verified where its confidence says it pays (later tokens not counted)."""
-    plain = 1.0 / (verify(1) + draft(1))
     tokens = seconds = 0.0
     for share, a in zip(calibration.share, calibration.accept, strict=True):
-        if (1.0 + a) / (verify(2) + draft(1)) > plain:
-            tokens, seconds = tokens + share * (1.0 + a), seconds + share * (verify(2) + draft(1))
-        else:
-            tokens, seconds = tokens + share, seconds + share * (verify(1) + draft(1))
+        first = GatedRound(calibration, verify, draft, 1)
+        first.take(a)  # the round's own decision for a token of this bucket
+        tokens += share * first.expected
+        seconds += share * (verify(first.kept + 1) + draft(first.drafted))
     return tokens / seconds
 
 
