@@ -217,9 +217,13 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 
 def read_log(path: Path) -> list[dict]:
+    """The log's complete records: a live daemon may be half-way through writing the
+    last line, so text after the final newline is left for the next read."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    text = path.read_text()
+    complete = text[: text.rfind("\n") + 1]
+    return [json.loads(line) for line in complete.splitlines() if line.strip()]
 
 
 def wait_for_event(
