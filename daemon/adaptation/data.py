@@ -5,7 +5,7 @@ What goes in
 Prompts keep their last ``data.max_prompt_length`` tokens, outputs their first
 ``data.max_output_length`` (`daemon.core.evaluation.truncate_example`); an example left without
 a prompt token or a target token is skipped and counted (`make_examples`). Which records a run
-uses is `daemon.adaptation.run`'s business.
+uses is `daemon.adaptation.inputs`'s business.
 
 Labels: ``tokens = prompt + output``, ``inputs = tokens[:-1]``, ``labels = tokens[1:]`` with the
 first ``len(prompt) - 1`` labels set to `IGNORE`: label ``i`` is the token that follows input
