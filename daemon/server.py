@@ -39,7 +39,6 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from datetime import UTC, datetime
-from functools import partial
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
@@ -56,7 +55,7 @@ from daemon.serving.api.state import served_model
 from daemon.serving.distributed import RankZero, fit_settings
 from daemon.serving.endpoint import (
     bind_socket,
-    is_loopback_host,
+    check_bind_security,
     remove_runtime_file,
     write_runtime_file,
 )
@@ -180,7 +179,7 @@ class Server:
             data_dir=str(s.paths.data_dir),
             log_file=str(s.log_file),
         )
-        self._check_bind_security()
+        check_bind_security(self.settings.server)
         # Bind and serve before the (slow) model load: a busy port fails at once, and /health
         # answers 503 "loading" meanwhile (daemon.serving.api.loading).
         self._socket = bind_socket(s.server.host, s.server.port)
@@ -304,7 +303,6 @@ class Server:
 
     def apply_settings(self, new: Settings, live_keys: list[str]) -> None:
         """Make reloaded settings take effect (keys that need a restart are only logged)."""
-        from daemon.core.engine import SpeculativeConfig
         from daemon.logging import set_level
 
         if self.rank0 is not None:
@@ -315,39 +313,14 @@ class Server:
         self.settings = new
         if self.app_state is not None:
             self.app_state.settings = new  # API key, limits, sampling defaults per request
+        if any(k.startswith("logging.level") for k in live_keys):
+            set_level(new.logging.level)
         service = self.service
         if service is None or service.worker is None:
             return
-        worker = service.worker
-        service.settings = new  # sampling defaults; the adaptation loop reads training.*
-        if service.writer is not None:
-            service.writer.settings = new.buffer  # failure threshold for new records
-        if any(k.startswith("logging.level") for k in live_keys):
-            set_level(new.logging.level)
-        if any(k.startswith("server.queue_size") for k in live_keys):
-            worker.queue_size = new.server.queue_size
         if any(k.startswith("models.targets.") for k in live_keys):
             self._update_models(new)
-        if any(k.startswith("server.batch_size") for k in live_keys):
-            size = new.server.batch_size
-            worker.call_between_requests(lambda: setattr(worker, "batch_size", size))
-        for runtime in service.runtimes.values():  # each model loaded so far
-            runtime.settings = new if runtime is service.primary else new.for_model(runtime.name)
-            engine, pair = runtime.engine, runtime.pair
-            if engine is None or pair is None:
-                continue  # one loaded later reads its settings then
-            if any(k.startswith("server.prompt_cache_") for k in live_keys):
-                size, nbytes = new.server.prompt_cache_size, new.server.prompt_cache_bytes
-                worker.call_between_requests(partial(engine.prompt_cache.resize, size, nbytes))
-            if any(k.startswith("speculative.") or ".speculative." in k for k in live_keys):
-                spec = runtime.settings.speculative  # an entry's own keys over the new ones
-                config = SpeculativeConfig.from_settings(spec, pair.max_context)
-                runtime.suffix.budget = spec.suffix_tokens  # from the next add
-                worker.call_between_requests(partial(setattr, engine, "config", config))
-        if "models.keep_alive_seconds" in live_keys or any(
-            k.startswith("models.targets.") for k in live_keys
-        ):
-            worker.wake()  # an idle worker sets its unload timers anew
+        service.apply_settings(new, live_keys)
 
     def _update_models(self, new: Settings) -> None:
         """A reload changed models.targets: serve the entries added, stop serving those
@@ -371,7 +344,7 @@ class Server:
             service.remove_model(name)
             self._served_models.pop(name, None)
         for name in added:
-            service.add_model(name)
+            service.add_model(name, new)
             if self._slot is not None:  # the adaptation loops run
                 from daemon.adaptation.loop import AdaptationLoop
 
@@ -381,16 +354,6 @@ class Server:
             self.app_state.admins = dict(self.adaptations)
         if added or removed:
             log.info("models_changed", added=added, removed=removed, served=list(service.runtimes))
-
-    def _check_bind_security(self) -> None:
-        srv = self.settings.server
-        if srv.api_key is None and not srv.allow_insecure_bind and not is_loopback_host(srv.host):
-            raise ConfigError(
-                f"refusing to serve on {srv.host!r} without an API key: it is not a loopback "
-                "address, so anyone who can reach it could use the daemon. Set server.api_key "
-                "(clients send 'Authorization: Bearer <key>'), bind 127.0.0.1, or set "
-                "server.allow_insecure_bind: true"
-            )
 
     def _start_worker(self) -> None:
         from daemon.serving.service import Service

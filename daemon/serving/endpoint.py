@@ -11,7 +11,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from daemon.config import ConfigError
+from daemon.config import ConfigError, ServerSettings
 
 
 def is_loopback_host(host: str) -> bool:
@@ -27,6 +27,17 @@ def is_loopback_host(host: str) -> bool:
         return bool(addrs) and all(ipaddress.ip_address(a).is_loopback for a in addrs)
     except ValueError:
         return False
+
+
+def check_bind_security(srv: ServerSettings) -> None:
+    """Refuse to serve beyond loopback without an API key, unless told to."""
+    if srv.api_key is None and not srv.allow_insecure_bind and not is_loopback_host(srv.host):
+        raise ConfigError(
+            f"refusing to serve on {srv.host!r} without an API key: it is not a loopback "
+            "address, so anyone who can reach it could use the daemon. Set server.api_key "
+            "(clients send 'Authorization: Bearer <key>'), bind 127.0.0.1, or set "
+            "server.allow_insecure_bind: true"
+        )
 
 
 def bind_socket(host: str, port: int) -> socket.socket:

@@ -11,13 +11,19 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from daemon.config import Settings
 from daemon.core.distributed import MirroredPromptCache, MirroredTarget
 from daemon.core.drafting import SuffixIndex
-from daemon.core.engine import GenerationResult, SamplingParams, SpeculativeEngine
+from daemon.core.engine import (
+    GenerationResult,
+    SamplingParams,
+    SpeculativeConfig,
+    SpeculativeEngine,
+)
 from daemon.core.models import ModelPair
 from daemon.core.prompt_cache import PromptCache
 from daemon.core.prompts import encode_prompt, prompt_text
@@ -346,11 +352,12 @@ class Service:
 
         return self.worker.call_between_requests(swap)
 
-    def add_model(self, name: str) -> ModelRuntime:
-        """Serve models.targets entry ``name`` (of the current settings) from now on; it loads
-        on its first request."""
-        entry = self.settings.models.targets[name]
-        runtime = ModelRuntime(name, self.settings.for_model(name), entry=entry)
+    def add_model(self, name: str, settings: Settings | None = None) -> ModelRuntime:
+        """Serve models.targets entry ``name`` of ``settings`` (default: the current ones)
+        from now on; it loads on its first request."""
+        settings = settings or self.settings
+        entry = settings.models.targets[name]
+        runtime = ModelRuntime(name, settings.for_model(name), entry=entry)
         self.runtimes = {**self.runtimes, name: runtime}  # readers keep a whole dict
         return runtime
 
@@ -363,6 +370,37 @@ class Service:
         self.runtimes = {k: v for k, v in self.runtimes.items() if k != name}
         if self.worker is not None:
             self.worker.call_between_requests(runtime.release)
+
+    def apply_settings(self, new: Settings, live_keys: list[str]) -> None:
+        """Make reloaded settings take effect in the worker and each model loaded so far
+        (after models.targets changes were applied: `add_model`, `remove_model`); what must
+        not overlap a speculative request runs between requests."""
+        worker = self.worker
+        assert worker is not None
+        self.settings = new  # sampling defaults; the adaptation loop reads training.*
+        if self.writer is not None:
+            self.writer.settings = new.buffer  # failure threshold for new records
+        changed = partial(_changed, live_keys)
+        if changed("server.queue_size"):
+            worker.queue_size = new.server.queue_size
+        if changed("server.batch_size"):
+            size = new.server.batch_size
+            worker.call_between_requests(lambda: setattr(worker, "batch_size", size))
+        for runtime in self.runtimes.values():
+            runtime.settings = new if runtime is self.primary else new.for_model(runtime.name)
+            engine, pair = runtime.engine, runtime.pair
+            if engine is None or pair is None:
+                continue  # one loaded later reads its settings then
+            if changed("server.prompt_cache_"):
+                size, nbytes = new.server.prompt_cache_size, new.server.prompt_cache_bytes
+                worker.call_between_requests(partial(engine.prompt_cache.resize, size, nbytes))
+            if changed("speculative.") or any(".speculative." in k for k in live_keys):
+                spec = runtime.settings.speculative  # an entry's own keys over the new ones
+                config = SpeculativeConfig.from_settings(spec, pair.max_context)
+                runtime.suffix.budget = spec.suffix_tokens  # from the next add
+                worker.call_between_requests(partial(setattr, engine, "config", config))
+        if "models.keep_alive_seconds" in live_keys or changed("models.targets."):
+            worker.wake()  # an idle worker sets its unload timers anew
 
     def port(self, name: str) -> ModelPort:
         """Model ``name`` as its adaptive loop sees it (`daemon.adaptation.loop.ServingPort`)."""
@@ -439,6 +477,10 @@ class Service:
     def _committed(self, records: list[BufferRecord]) -> None:
         for hook in self.commit_hooks:
             hook(records)
+
+
+def _changed(live_keys: list[str], prefix: str) -> bool:
+    return any(k.startswith(prefix) for k in live_keys)
 
 
 class ModelPort:

@@ -10,8 +10,9 @@ the next round boundary, the running one included (handed over with its caches a
 nobody waits for another's whole answer. Requests beyond ``batch_size`` wait in the queue
 (``queue_size`` of them; more get `QueueFullError`).
 
-Idle models are freed (``idle_unload``, `IdleUnload`): each model after its own keep-alive
-without requests, never the one being decoded; the next request for it loads it again.
+Idle models are freed (``idle_unload``, `daemon.serving.idle`): each model after its own
+keep-alive without requests, never the one being decoded; the next request for it loads it
+again.
 
 Several models (``switch``): the worker decodes one model at a time. Requests are taken in
 order; the consecutive ones for the model in service are served (alone or batched) and a
@@ -37,7 +38,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from daemon.core.batch import BatchDecoder, Joining
 from daemon.core.engine import (
@@ -48,6 +49,7 @@ from daemon.core.engine import (
     SpeculativeEngine,
 )
 from daemon.logging import get_logger
+from daemon.serving.idle import IdleClock, IdleUnload
 from daemon.serving.requests import (
     Done,
     FinishedHook,
@@ -110,12 +112,8 @@ class GenerationWorker:
         self._running: dict[int, _Started] = {}
         self._stopping = False
         # frees each model after its keep-alive (needs ``switch``: a freed model in service
-        # is put back by switching to it)
-        self.idle_unload = idle_unload if switch is not None else None
-        # (seconds, fn): fn runs on this thread after that long idle, again and again (the
-        # heartbeat rank 0 of a group sends; daemon.core.distributed)
-        self.idle_tick = idle_tick
-        self._last_tick = time.monotonic()
+        # is put back by switching to it) and runs the tick on this thread
+        self.idle = IdleClock(idle_unload if switch is not None else None, idle_tick)
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -225,14 +223,11 @@ class GenerationWorker:
     def _turn(self) -> bool:
         """One turn of the loop: take what arrived, start and step requests; True: stop."""
         block = self._idle and not self._stopping
-        self._take(block, self._wait_for() if block else None)
-        if self.idle_tick is not None and self._idle and not self._stopping:
-            every, tick = self.idle_tick
-            if time.monotonic() - self._last_tick >= every:
-                self._last_tick = time.monotonic()
-                tick()
-        if not self._stopping and self._unload_in() == 0:
-            self._free_models()
+        self._take(block, self.idle.wait_for(self._busy_model) if block else None)
+        if self._idle and not self._stopping:
+            self.idle.tick_if_due()
+        if not self._stopping and self.model in self.idle.free_due(self._busy_model):
+            self.model = None  # its next request puts it back (``switch``)
         if self._lone is None:
             while self._jobs:
                 self._jobs.popleft()()
@@ -272,34 +267,10 @@ class GenerationWorker:
         for started in list(self._running.values()):
             self._end(started.handle, Done(None, error=error, queue_s=started.queue_s))
 
-    def _wait_for(self) -> float | None:
-        """How long an idle worker may block: until the models unload or the next tick."""
-        waits = [self._unload_in()]
-        if self.idle_tick is not None:
-            waits.append(max(0.0, self._last_tick + self.idle_tick[0] - time.monotonic()))
-        known = [w for w in waits if w is not None]
-        return min(known) if known else None
-
     @property
     def _busy_model(self) -> str | None:
         """The model that must stay loaded now: the one in service unless all is idle."""
         return None if self._idle else self.model
-
-    def _unload_in(self) -> float | None:
-        """Seconds until a model is due to be freed; None: none is (now)."""
-        if self.idle_unload is None:
-            return None
-        return self.idle_unload.unload_in(self._busy_model)
-
-    def _free_models(self) -> None:
-        assert self.idle_unload is not None
-        try:
-            freed = self.idle_unload.unload_due(self._busy_model)
-        except Exception:  # the models stay as they were: serving is unaffected
-            log.exception("models_unload_failed")
-            return
-        if self.model in freed:
-            self.model = None  # its next request puts it back (``switch``)
 
     @property
     def _idle(self) -> bool:
@@ -581,8 +552,8 @@ class GenerationWorker:
     def _finish(self, started: _Started, result: GenerationResult) -> None:
         """A request that produced a result: record it, then its final event and hooks."""
         req = started.handle.request
-        if self.idle_unload is not None:  # as Ollama: each request sets its model's timer
-            self.idle_unload.used(self._model_of(started.handle), req.keep_alive)
+        if self.idle.unload is not None:  # as Ollama: each request sets its model's timer
+            self.idle.unload.used(self._model_of(started.handle), req.keep_alive)
         total_s = time.monotonic() - req.enqueued
         recorded = None
         if self.record is not None and result.finish_reason != "error":
@@ -605,19 +576,6 @@ class GenerationWorker:
         handle.emit(done)
         with self._lock:
             self._live.discard(handle)
-
-
-class IdleUnload(Protocol):
-    """Frees idle models (`daemon.serving.service.Service`); called on the worker thread."""
-
-    def used(self, model: str | None, keep_alive: float | None) -> None:
-        """A request for ``model`` finished, asking to keep it ``keep_alive`` seconds."""
-
-    def unload_in(self, busy: str | None) -> float | None:
-        """Seconds until a model other than ``busy`` is due to be freed; None: none is."""
-
-    def unload_due(self, busy: str | None) -> list[str]:
-        """Free the models (not ``busy``) that are due; their names."""
 
 
 def _nothing() -> None:
