@@ -6,6 +6,7 @@ import argparse
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from daemon.bench.common import mlx_lm_run
@@ -129,6 +130,89 @@ def _candidate_line(c: dict[str, Any]) -> str:
     )
 
 
+def _private_settings(settings: Any, data_dir: Path, train_requests: int) -> Any:
+    """The configured settings in a private data directory, the loop made to train as soon
+    as it may and the holdout share raised so that the traffic gives the gate its rows."""
+    s = settings.model_copy(deep=True)
+    s.paths.data_dir = data_dir
+    s.training.cooldown_seconds = 0.0
+    s.training.check_interval_seconds = 2.0
+    s.training.policy = "immediate"
+    s.models.keep_alive_seconds = None  # the target is run here, between requests
+    # A daemon collects the gate's holdout rows over hours; this run has its train
+    # prompts only: enough of them go to the holdout for training.min_holdout_rows
+    # (the gate's floor), about 1.5 times as many as it needs.
+    wanted = 1.5 * s.training.min_holdout_rows / max(train_requests, 1)
+    s.buffer.holdout_fraction = min(0.5, max(s.buffer.holdout_fraction, wanted))
+    return s
+
+
+@dataclass
+class _Eval:
+    """What each measured row of the service runs: the eval prompts and the target's greedy
+    answers to them, which held-out agreement is scored on."""
+
+    prompts: Sequence[list[dict[str, Any]]]
+    heldout_rows: list[tuple[list[int], list[int]]]
+    groups: list[str] | None
+    max_tokens: int
+    temperature: float
+
+    def measure(self, service: Any) -> dict[str, Any]:
+        from daemon.core.evaluation import Agreement, teacher_forced_agreement
+
+        m = _eval_engine(service, self.prompts, self.max_tokens, self.groups, self.temperature)
+        # one pass per group; the overall figure is their sum
+        draft = service.draft
+        labels = self.groups or [""] * len(self.heldout_rows)
+        agreement = {
+            g: teacher_forced_agreement(
+                draft, [r for r, rg in zip(self.heldout_rows, labels, strict=True) if rg == g]
+            )
+            for g in dict.fromkeys(labels)
+        }
+        m["heldout_agreement"] = sum(agreement.values(), Agreement()).rate
+        for g, gm in m.get("by_group", {}).items():
+            gm["heldout_agreement"] = agreement[g].rate
+        m["adapter_version"] = service.adapter_version
+        return m
+
+
+def _serve_train_traffic(
+    service: Any, loop: Any, prompts: Sequence[Any], ev: _Eval, progress: bool
+) -> None:
+    """The train traffic through the service, then the loop's last run finished, gated and
+    swapped; the loop is stopped after it, so the adapter in service stays put."""
+    from tqdm import tqdm
+
+    for p in tqdm(prompts, desc="train traffic", disable=not progress):
+        service.generate(p, temperature=ev.temperature, max_tokens=ev.max_tokens)
+    service.flush(60)
+    loop.check()  # the last failures may have just crossed the threshold
+    loop.wait_idle()  # let a started run finish, gate and swap
+    loop.stop()
+
+
+def _after_rows(
+    service: Any, pair: Any, eval_ids: list[list[int]], adapter: Any, ev: _Eval, repeat: int
+) -> list[dict[str, Any]]:
+    """``repeat`` times, interleaved: the service after the traffic, the same state without
+    the adapter (then the adapter back, by the public swap; with none installed this measures
+    one state twice: the share shows the noise) and the target alone."""
+    repetitions = []
+    for _ in range(repeat):
+        after = ev.measure(service)
+        service.swap_adapter(None).result()
+        without = ev.measure(service)
+        service.swap_adapter(adapter).result()
+        target_after = _target_only(pair, eval_ids, ev.max_tokens)
+        target_after.pop("answers")  # greedy: the same as before the traffic
+        repetitions.append(
+            {"target_only_after": target_after, "after": after, "after_without_adapter": without}
+        )
+    return repetitions
+
+
 def bench_adapt(
     settings: Any,
     train_prompts: Sequence[list[dict[str, Any]]],
@@ -162,12 +246,8 @@ def bench_adapt(
     repetition with the median share and ``share_runs`` lists every repetition's share.
     """
     import tempfile
-    from pathlib import Path
-
-    from tqdm import tqdm
 
     from daemon.adaptation.loop import AdaptationLoop
-    from daemon.core.evaluation import Agreement, teacher_forced_agreement
     from daemon.core.models import load_pair
     from daemon.serving.service import Service
 
@@ -182,72 +262,23 @@ def bench_adapt(
     # Target-only reference: speed, and the greedy answers held-out agreement is scored on.
     target_before = _target_only(pair, eval_ids, max_tokens)
     heldout_rows = list(zip(eval_ids, target_before.pop("answers"), strict=True))
+    ev = _Eval(eval_prompts, heldout_rows, groups, max_tokens, temperature)
 
     with tempfile.TemporaryDirectory(prefix="specd-bench-adapt-") as tmp:
-        s = settings.model_copy(deep=True)
-        s.paths.data_dir = Path(tmp)
-        s.training.cooldown_seconds = 0.0
-        s.training.check_interval_seconds = 2.0
-        s.training.policy = "immediate"
-        s.models.keep_alive_seconds = None  # the target is run here, between requests
-        # A daemon collects the gate's holdout rows over hours; this run has its train
-        # prompts only: enough of them go to the holdout for training.min_holdout_rows
-        # (the gate's floor), about 1.5 times as many as it needs.
-        wanted = 1.5 * s.training.min_holdout_rows / max(len(train_prompts), 1)
-        s.buffer.holdout_fraction = min(0.5, max(s.buffer.holdout_fraction, wanted))
-        holdout_fraction = s.buffer.holdout_fraction
+        s = _private_settings(settings, Path(tmp), len(train_prompts))
         service = Service(s, pair)
         service.start()
         loop = AdaptationLoop(service)
         loop.start()
         try:
-
-            def measure() -> dict[str, Any]:
-                m = _eval_engine(service, eval_prompts, max_tokens, groups, temperature)
-                # one pass per group; the overall figure is their sum
-                draft = service.draft
-                labels = groups or [""] * len(heldout_rows)
-                agreement = {
-                    g: teacher_forced_agreement(
-                        draft, [r for r, rg in zip(heldout_rows, labels, strict=True) if rg == g]
-                    )
-                    for g in dict.fromkeys(labels)
-                }
-                m["heldout_agreement"] = sum(agreement.values(), Agreement()).rate
-                for g, gm in m.get("by_group", {}).items():
-                    gm["heldout_agreement"] = agreement[g].rate
-                m["adapter_version"] = service.adapter_version
-                return m
-
-            before = measure()
-            for p in tqdm(train_prompts, desc="train traffic", disable=not progress):
-                service.generate(p, temperature=temperature, max_tokens=max_tokens)
-            service.flush(60)
-            loop.check()  # the last failures may have just crossed the threshold
-            loop.wait_idle()  # let a started run finish, gate and swap
-            loop.stop()  # and start no other: the adapter in service stays put from here
+            before = ev.measure(service)
+            _serve_train_traffic(service, loop, train_prompts, ev, progress)
             # every candidate the loop stored, installed or rejected, with its gate decision
             candidates = [asdict(v) for v in loop.list_adapters().versions]
             runs = _run_summaries(loop.data_dir / "training")
             version = service.adapter_version
             adapter = loop.store.get(version) if version else None
-            repetitions = []
-            for _ in range(repeat):
-                after = measure()
-                # the same state without the adapter, then the adapter back (the public swap);
-                # with none installed this measures one state twice: the share shows the noise
-                service.swap_adapter(None).result()
-                without = measure()
-                service.swap_adapter(adapter).result()
-                target_after = _target_only(pair, eval_ids, max_tokens)
-                target_after.pop("answers")  # greedy: the same as before the traffic
-                repetitions.append(
-                    {
-                        "target_only_after": target_after,
-                        "after": after,
-                        "after_without_adapter": without,
-                    }
-                )
+            repetitions = _after_rows(service, pair, eval_ids, adapter, ev, repeat)
             restored = service.adapter_version
         finally:
             loop.stop()
@@ -270,7 +301,7 @@ def bench_adapt(
         "temperature": temperature,
         "train_requests": len(train_prompts),
         "eval_requests": len(eval_prompts),
-        "holdout_fraction": holdout_fraction,
+        "holdout_fraction": s.buffer.holdout_fraction,
         "repeat": len(repetitions),
         "share_runs": [_share(r) for r in repetitions],
         "wall_s": time.perf_counter() - wall0,
