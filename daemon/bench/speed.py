@@ -83,43 +83,10 @@ def bench_speed(
     k = int(num_draft_tokens)
     eos = set(tokenizer.eos_token_ids or ())
     greedy = SamplingParams(temperature=0.0, max_tokens=max_tokens)
-
-    def make_engine(adaptive: bool, record: bool = True) -> SpeculativeEngine:
-        cfg = SpeculativeConfig(
-            num_draft_tokens=k,
-            adaptive=adaptive,
-            min_draft_tokens=1,
-            max_draft_tokens=max(8, k),
-            record_rejections=record,
-        )
-        return SpeculativeEngine(target, draft, tokenizer, cfg)
-
-    spec = speculative or SpeculativeSettings()
-    defaults = SpeculativeConfig.from_settings(spec)
-
-    def source_engine(lookup: bool, with_suffix: bool) -> SpeculativeEngine:
-        cfg = replace(defaults, lookup=lookup, cost_aware=True, model_draft=False)
-        return SpeculativeEngine(target, draft, tokenizer, cfg, suffix if with_suffix else None)
-
-    fixed, fixed_off = make_engine(False), make_engine(False, record=False)
-    engines: dict[str, SpeculativeEngine] = {
-        "specd_fixed": fixed,
-        "specd_adaptive": SpeculativeEngine(target, draft, tokenizer, defaults, suffix=suffix),
-        "specd_model": make_engine(True),
-        "specd_lookup": source_engine(True, False),
-        "specd_suffix": source_engine(False, True),
-    }
-    if rows is not None:
-        unknown = set(rows) - {*engines, "mlx_lm_speculative", "target_only"}
-        if unknown:
-            raise ValueError(
-                f"unknown rows {sorted(unknown)}; rows: mlx_lm_speculative, {', '.join(engines)}"
-            )
-        engines = {k: v for k, v in engines.items() if k in rows}
+    engines, fixed_off = _engines(
+        target, draft, tokenizer, k, speculative or SpeculativeSettings(), suffix, variants, rows
+    )
     with_mlx_lm = rows is None or "mlx_lm_speculative" in rows
-    for v in variants:
-        cfg = SpeculativeConfig.from_settings(v.apply(spec))
-        engines[v.row] = SpeculativeEngine(target, draft, tokenizer, cfg, suffix=suffix)
 
     # warm-up (compilation, allocator) on the first prompt
     warm = encoded[0]
@@ -156,11 +123,9 @@ def bench_speed(
     out["suffix_index"] = suffix.stats() if suffix is not None else {"tokens": 0}
 
     if "specd_fixed" in engines:
-        t_on, t_off = float("inf"), float("inf")
-        for _ in range(2):
-            t_off = min(t_off, sum(timed(partial(fixed_off.run, p, greedy))[1] for p in encoded))
-            t_on = min(t_on, sum(timed(partial(fixed.run, p, greedy))[1] for p in encoded))
-        out["bookkeeping_overhead"] = (t_on - t_off) / t_off if t_off > 0 else 0.0
+        out["bookkeeping_overhead"] = _bookkeeping_overhead(
+            engines["specd_fixed"], fixed_off, encoded, greedy
+        )
     out["num_prompts"] = len(encoded)
     out["max_tokens"] = max_tokens
     out["num_draft_tokens"] = k
@@ -177,6 +142,69 @@ ROWS = (
     "specd_lookup",
     "specd_suffix",
 )
+
+
+def _engines(
+    target: nn.Module,
+    draft: nn.Module,
+    tokenizer: TokenizerWrapper,
+    k: int,
+    spec: SpeculativeSettings,
+    suffix: SuffixIndex | None,
+    variants: Sequence[Variant],
+    rows: Sequence[str] | None,
+) -> tuple[dict[str, SpeculativeEngine], SpeculativeEngine]:
+    """The engine of each specd row ``rows`` keeps (and of each variant), and the fixed-k
+    engine without rejection recording that ``bookkeeping_overhead`` compares with."""
+
+    def make_engine(adaptive: bool, record: bool = True) -> SpeculativeEngine:
+        cfg = SpeculativeConfig(
+            num_draft_tokens=k,
+            adaptive=adaptive,
+            min_draft_tokens=1,
+            max_draft_tokens=max(8, k),
+            record_rejections=record,
+        )
+        return SpeculativeEngine(target, draft, tokenizer, cfg)
+
+    defaults = SpeculativeConfig.from_settings(spec)
+
+    def source_engine(lookup: bool, with_suffix: bool) -> SpeculativeEngine:
+        cfg = replace(defaults, lookup=lookup, cost_aware=True, model_draft=False)
+        return SpeculativeEngine(target, draft, tokenizer, cfg, suffix if with_suffix else None)
+
+    engines: dict[str, SpeculativeEngine] = {
+        "specd_fixed": make_engine(False),
+        "specd_adaptive": SpeculativeEngine(target, draft, tokenizer, defaults, suffix=suffix),
+        "specd_model": make_engine(True),
+        "specd_lookup": source_engine(True, False),
+        "specd_suffix": source_engine(False, True),
+    }
+    if rows is not None:
+        unknown = set(rows) - {*engines, "mlx_lm_speculative", "target_only"}
+        if unknown:
+            raise ValueError(
+                f"unknown rows {sorted(unknown)}; rows: mlx_lm_speculative, {', '.join(engines)}"
+            )
+        engines = {k: v for k, v in engines.items() if k in rows}
+    for v in variants:
+        cfg = SpeculativeConfig.from_settings(v.apply(spec))
+        engines[v.row] = SpeculativeEngine(target, draft, tokenizer, cfg, suffix=suffix)
+    return engines, make_engine(False, record=False)
+
+
+def _bookkeeping_overhead(
+    fixed: SpeculativeEngine,
+    fixed_off: SpeculativeEngine,
+    encoded: Sequence[list[int]],
+    greedy: SamplingParams,
+) -> float:
+    """(t_on - t_off) / t_off with rejection recording on and off, best of two each."""
+    t_on, t_off = float("inf"), float("inf")
+    for _ in range(2):
+        t_off = min(t_off, sum(timed(partial(fixed_off.run, p, greedy))[1] for p in encoded))
+        t_on = min(t_on, sum(timed(partial(fixed.run, p, greedy))[1] for p in encoded))
+    return (t_on - t_off) / t_off if t_off > 0 else 0.0
 
 
 @dataclass(frozen=True)
