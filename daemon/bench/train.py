@@ -14,9 +14,10 @@ from typing import Any
 
 from daemon.adaptation.run import run_training
 from daemon.bench.report import print_table, provenance, write_json
-from daemon.config import ConfigSources, Settings
+from daemon.config import ConfigSources, Settings, TrainingSettings
 from daemon.core.speed import StepCosts, estimate
 from daemon.store.adapters import load_adapter_dir
+from daemon.store.runs import RunMetrics
 
 
 def generate_traffic(
@@ -90,7 +91,6 @@ def bench_train(
     failures only (`run_training`), for a learning curve.
     """
     from daemon.core.models import load_pair
-    from daemon.store.buffer import ReplayBuffer
 
     if pair is None:
         pair = load_pair(settings)
@@ -100,27 +100,9 @@ def bench_train(
         if prompts is not None:
             run_settings = settings.model_copy(deep=True)
             run_settings.paths.data_dir = Path(tmp) / "data"
-            with ReplayBuffer(run_settings.paths.data_dir, settings.buffer) as buf:
-                traffic = generate_traffic(
-                    pair,
-                    prompts,
-                    buf,
-                    max_tokens=max_tokens,
-                    speculative=settings.speculative,
-                    progress=progress,
-                )
-                if holdout_prompts:
-                    generate_traffic(
-                        pair,
-                        holdout_prompts,
-                        buf,
-                        max_tokens=max_tokens,
-                        split="holdout",
-                        speculative=settings.speculative,
-                        progress=progress,
-                    )
-                traffic["train_records"] = buf.count("train")
-                traffic["holdout_records"] = buf.count("holdout")
+            traffic = _scratch_traffic(
+                run_settings, pair, prompts, holdout_prompts, max_tokens, progress
+            )
         chain_before = holdout_chain(run_settings, pair, pair.draft)
         adapter_dir = Path(out_dir) if out_dir else Path(tmp) / "adapter"
         m = run_training(
@@ -135,9 +117,62 @@ def bench_train(
             max_failures=max_failures,
         )
         trained = load_adapter_dir(pair.fresh_draft, adapter_dir)
-        chain_after = holdout_chain(run_settings, pair, trained)
-        chain_trained_on = holdout_chain(run_settings, pair, trained, trained_on=True)
-    cfg = settings.training
+        chains = (
+            chain_before,
+            holdout_chain(run_settings, pair, trained),
+            holdout_chain(run_settings, pair, trained, trained_on=True),
+        )
+    out = _report(m, pair, settings.training, chains)
+    out["traffic"] = traffic
+    out["adapter_path"] = m.adapter_path if out_dir else None
+    return out
+
+
+def _scratch_traffic(
+    settings: Settings,
+    pair: Any,
+    prompts: Sequence[str | list[dict[str, Any]]],
+    holdout_prompts: Sequence[str | list[dict[str, Any]]] | None,
+    max_tokens: int,
+    progress: bool,
+) -> dict[str, Any]:
+    """Each prompt served by the untrained pair into a new buffer in ``settings``' data
+    directory, split by the buffer's hash; ``holdout_prompts`` all stored as holdout rows."""
+    from daemon.store.buffer import ReplayBuffer
+
+    with ReplayBuffer(settings.paths.data_dir, settings.buffer) as buf:
+        traffic = generate_traffic(
+            pair,
+            prompts,
+            buf,
+            max_tokens=max_tokens,
+            speculative=settings.speculative,
+            progress=progress,
+        )
+        if holdout_prompts:
+            generate_traffic(
+                pair,
+                holdout_prompts,
+                buf,
+                max_tokens=max_tokens,
+                split="holdout",
+                speculative=settings.speculative,
+                progress=progress,
+            )
+        traffic["train_records"] = buf.count("train")
+        traffic["holdout_records"] = buf.count("holdout")
+    return traffic
+
+
+def _report(
+    m: RunMetrics,
+    pair: Any,
+    cfg: TrainingSettings,
+    chains: tuple[dict[str, Any], dict[str, Any], dict[str, Any]],
+) -> dict[str, Any]:
+    """A run's row: agreement before -> after, the gate's estimate, costs, the training's
+    own figures and the settings it ran with."""
+    chain_before, chain_after, chain_trained_on = chains
     # what the speed gate would score: the pair's expected speedup over the target alone on
     # the holdout, with the step costs the run measured (daemon.core.speed)
     costs = StepCosts.from_dict(m.costs) if m.costs else None
@@ -200,8 +235,6 @@ def bench_train(
         "feature_noise": cfg.feature_noise if pair.learns_features else None,
         "feature_prompt_weight": cfg.feature_prompt_weight if pair.learns_features else None,
         "feature_layer_lr": cfg.feature_layer_lr if pair.learns_features else None,
-        "traffic": traffic,
-        "adapter_path": m.adapter_path if out_dir else None,
     }
 
 
