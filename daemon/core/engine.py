@@ -78,7 +78,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Generator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import mlx.core as mx
@@ -95,7 +95,13 @@ from daemon.core.output import TextStream
 from daemon.core.params import SamplingParams, SpeculativeConfig
 from daemon.core.policy import Measured, SpeculationPolicy
 from daemon.core.prompt_cache import PromptCache
-from daemon.core.records import GenerationStats, Rejection, TokenLogprob
+from daemon.core.records import (
+    GenerationChunk,
+    GenerationResult,
+    GenerationStats,
+    Rejection,
+    TokenLogprob,
+)
 from daemon.core.rounds import RequestState, Verified, complete_rejections, run_round
 from daemon.core.sampling import history_size, logits_processors
 from daemon.errors import GenerationError
@@ -113,39 +119,6 @@ __all__ = [
     "SpeculativeEngine",
     "TokenLogprob",
 ]
-
-
-@dataclass
-class GenerationResult:
-    """Everything about one request; filled in while :meth:`SpeculativeEngine.generate` runs.
-
-    ``finish_reason`` is ``"stop"`` (EOS or stop string), ``"length"`` (max_tokens or the
-    context limit), ``"cancelled"`` (the consumer closed the generator) or ``"error"``.
-    ``tokens`` are all generated tokens, including an EOS token and the tokens of a matched
-    stop string; ``text`` excludes both.
-    """
-
-    text: str = ""
-    tokens: list[int] = field(default_factory=list)
-    finish_reason: str | None = None
-    stats: GenerationStats = field(default_factory=GenerationStats)
-    rejections: list[Rejection] = field(default_factory=list)
-    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token, when asked
-
-
-@dataclass
-class GenerationChunk:
-    """A streamed piece of output: the text delta and the tokens accepted since the last chunk.
-
-    The final chunk has ``finish_reason`` set ("stop" or "length") and ``result`` pointing
-    to the complete :class:`GenerationResult`.
-    """
-
-    text: str
-    tokens: list[int]
-    finish_reason: str | None = None
-    result: GenerationResult | None = None
-    logprobs: list[TokenLogprob] = field(default_factory=list)  # the tokens', when asked
 
 
 class Handoff(Exception):  # noqa: N818 (a signal thrown into the generator, not an error)

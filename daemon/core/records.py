@@ -159,3 +159,37 @@ class GenerationStats:
             generation_tps=self.generation_tps,
         )
         return d
+
+
+@dataclass
+class GenerationResult:
+    """Everything about one request; filled in while the engine runs it
+    (`daemon.core.engine.SpeculativeEngine.generate`).
+
+    ``finish_reason`` is ``"stop"`` (EOS or stop string), ``"length"`` (max_tokens or the
+    context limit), ``"cancelled"`` (the consumer closed the generator) or ``"error"``.
+    ``tokens`` are all generated tokens, including an EOS token and the tokens of a matched
+    stop string; ``text`` excludes both.
+    """
+
+    text: str = ""
+    tokens: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    stats: GenerationStats = field(default_factory=GenerationStats)
+    rejections: list[Rejection] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token, when asked
+
+
+@dataclass
+class GenerationChunk:
+    """A streamed piece of output: the text delta and the tokens accepted since the last chunk.
+
+    The final chunk has ``finish_reason`` set ("stop" or "length") and ``result`` pointing
+    to the complete :class:`GenerationResult`.
+    """
+
+    text: str
+    tokens: list[int]
+    finish_reason: str | None = None
+    result: GenerationResult | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # the tokens', when asked
