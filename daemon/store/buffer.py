@@ -37,6 +37,7 @@ from daemon.config import BufferSettings
 from daemon.core.records import acceptance_rate
 from daemon.errors import BufferError
 from daemon.store.codec import decode_row, encode_record, unpack_ids
+from daemon.store.export import export_jsonl
 from daemon.store.record import SPLITS, SYNTHETIC_DRAFT, BufferRecord, assign_split
 from daemon.store.schema import (
     PENDING_COUNTED,
@@ -492,19 +493,7 @@ class ReplayBuffer:
         ``disagreements`` (``position``, ``draft_token``, ``target_token``, ``draft_prob`` and,
         with ``decode``, ``draft_text``/``target_text``), plus the record's ``id``.
         """
-        out = Path(path)
-        tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-        n = 0
-        try:
-            with open(tmp, "w", encoding="utf-8") as f:
-                for rec in self.iter_records(split=split):
-                    f.write(json.dumps(_export_line(rec, decode), ensure_ascii=False) + "\n")
-                    n += 1
-            os.replace(tmp, out)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        return n
+        return export_jsonl(self.iter_records(split=split), Path(path), decode)
 
 
 def _tally(st: BufferStats, rows: Iterable[_Counted]) -> None:
@@ -577,28 +566,3 @@ def _by_adapter(rows: Iterable[_Counted]) -> list[AdapterAcceptance]:
                 / weight
             )
     return list(adapters.values())
-
-
-def _export_line(rec: BufferRecord, decode: Callable[[list[int]], str] | None) -> dict[str, Any]:
-    draft_tokens = list(rec.output_tokens)
-    disagreements = []
-    for r in rec.rejections:
-        if 0 <= r.position < len(draft_tokens):
-            draft_tokens[r.position] = r.draft_token
-        d: dict[str, Any] = {
-            "position": r.position,
-            "draft_token": r.draft_token,
-            "target_token": r.target_token,
-            "draft_prob": r.draft_prob,
-        }
-        if decode is not None:
-            d["draft_text"] = decode([r.draft_token])
-            d["target_text"] = decode([r.target_token])
-        disagreements.append(d)
-    return {
-        "id": rec.id,
-        "prompt": rec.prompt_text,
-        "draft_output": decode(draft_tokens) if decode is not None else None,
-        "target_output": rec.output_text,
-        "disagreements": disagreements,
-    }
