@@ -24,6 +24,7 @@ the target's own greedy choice there (`prompt_ce`); ``feature_noise`` perturbs w
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import cast
 
 import mlx.core as mx
@@ -208,6 +209,56 @@ def divergence(kind: str, logits: mx.array, target_logp: mx.array) -> mx.array:
     raise ValueError(f"unknown divergence {kind!r}; expected one of {', '.join(LOSSES[1:])}")
 
 
+@dataclass
+class FeatureTerms:
+    """A feature draft's part of a batch's loss: its logits from ``start`` on (float32) and
+    the terms asked for (None otherwise)."""
+
+    logits: mx.array
+    regression: mx.array | None = None  # smooth L1 to the target's features, per position
+    second: mx.array | None = None  # `second_step_ce`
+    prompt: mx.array | None = None  # `prompt_ce`
+
+
+def _feature_terms(
+    model: FeatureDraft,
+    inputs: mx.array,
+    labels: mx.array,
+    features: mx.array | None,
+    start: int,
+    vocab_limit: int | None,
+    noise: float,
+    *,
+    regression: bool,
+    second_step: bool,
+    prompt: bool,
+    prompt_labels: mx.array | None,
+) -> FeatureTerms:
+    out, target_features = model.teacher_forced(inputs, features, noise)
+    terms = FeatureTerms(logits=_feature_logits(model, out[:, start:]).astype(mx.float32))
+    if second_step and inputs.shape[1] > 2:
+        terms.second = second_step_ce(model, out, inputs, labels)
+    if prompt:
+        terms.prompt = prompt_ce(
+            model, out, target_features, labels, vocab_limit, greedy=prompt_labels
+        )
+    if regression:
+        diff = out[:, start:] - target_features[:, start:]
+        terms.regression = nn.losses.smooth_l1_loss(diff, mx.zeros_like(diff), reduction="none")
+    return terms
+
+
+def _head_columns(
+    index: mx.array, labels: mx.array, kd_ids: mx.array, kd_mask: mx.array
+) -> tuple[mx.array, mx.array, mx.array]:
+    """Labels and KD ids as columns of a pruned head's subset: a label outside the subset is
+    a token this draft can never propose, so it is no target (and no KD term)."""
+    sub = index[mx.where(labels == IGNORE, 0, labels)]
+    labels = mx.where((labels == IGNORE) | (sub < 0), IGNORE, sub)
+    kd_sub = index[kd_ids]
+    return labels, mx.maximum(kd_sub, 0), mx.where(kd_sub < 0, 0, kd_mask)
+
+
 def compute_loss(
     model: nn.Module,
     inputs: mx.array,
@@ -241,19 +292,22 @@ def compute_loss(
     must all be ``IGNORE`` (`Batch.start`); their logits are not computed.
     """
     start = max(0, min(int(start), inputs.shape[1] - 1))
-    regression = second = prompt = None
+    feature_terms = FeatureTerms(logits=mx.array(0.0))
     if isinstance(model, FeatureDraft):
-        out, target_features = model.teacher_forced(inputs, features, feature_noise)
-        if second_step_weight and inputs.shape[1] > 2:
-            second = second_step_ce(model, out, inputs, labels)
-        if prompt_weight:
-            prompt = prompt_ce(
-                model, out, target_features, labels, vocab_limit, greedy=prompt_labels
-            )
-        logits = _feature_logits(model, out[:, start:]).astype(mx.float32)
-        if regression_weight:
-            diff = out[:, start:] - target_features[:, start:]
-            regression = nn.losses.smooth_l1_loss(diff, mx.zeros_like(diff), reduction="none")
+        feature_terms = _feature_terms(
+            model,
+            inputs,
+            labels,
+            features,
+            start,
+            vocab_limit,
+            feature_noise,
+            regression=bool(regression_weight),
+            second_step=bool(second_step_weight),
+            prompt=bool(prompt_weight),
+            prompt_labels=prompt_labels,
+        )
+        logits = feature_terms.logits
     else:
         logits = model_logits(model, inputs, start).astype(mx.float32)
     labels, rejected = labels[:, start:], rejected[:, start:]
@@ -262,13 +316,7 @@ def compute_loss(
     outputs = labels != IGNORE
     head = pruned_head(model)
     if head is not None:
-        # the loss over the head's subset: labels (and KD ids) become subset columns; a label
-        # outside the subset is a token this draft can never propose, so it is no target
-        sub = head.index[mx.where(labels == IGNORE, 0, labels)]
-        labels = mx.where((labels == IGNORE) | (sub < 0), IGNORE, sub)
-        kd_sub = head.index[kd_ids]
-        kd_mask = mx.where(kd_sub < 0, 0, kd_mask)
-        kd_ids = mx.maximum(kd_sub, 0)
+        labels, kd_ids, kd_mask = _head_columns(head.index, labels, kd_ids, kd_mask)
     elif vocab_limit is not None and logits.shape[-1] > vocab_limit:
         logits = logits[..., :vocab_limit]
     valid = labels != IGNORE
@@ -286,15 +334,15 @@ def compute_loss(
         term = mx.where(outputs, divergence(loss, logits, target_logp), 0.0)
         denom_term = mx.maximum(outputs.sum(), 1).astype(mx.float32)
     total = term.sum() / denom_term
-    if regression is not None:
-        per_position = regression.astype(mx.float32).mean(axis=-1)
+    if feature_terms.regression is not None:
+        per_position = feature_terms.regression.astype(mx.float32).mean(axis=-1)
         total = total + regression_weight * mx.where(outputs, per_position, 0.0).sum() / (
             mx.maximum(outputs.sum(), 1).astype(mx.float32)
         )
-    if second is not None:
-        total = total + second_step_weight * second
-    if prompt is not None:
-        total = total + prompt_weight * prompt
+    if feature_terms.second is not None:
+        total = total + second_step_weight * feature_terms.second
+    if feature_terms.prompt is not None:
+        total = total + prompt_weight * feature_terms.prompt
     if disagreement_weight:
         total = total + disagreement_weight * (term * rejected).sum() / denom_term
     if kd_weight:
