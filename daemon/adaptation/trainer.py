@@ -383,9 +383,7 @@ class Trainer:
         epoch)`` after each optimizer step."""
         from tqdm import tqdm
 
-        cfg = self.cfg
         rng = np.random.default_rng(seed)
-        accum = cfg.gradient_accumulation_steps
         bar = tqdm(
             total=self.total_steps, disable=not progress, file=sys.stderr, unit="step", leave=True
         )
@@ -397,50 +395,16 @@ class Trainer:
                 steps_before, tokens_before = self.stats.steps, self.stats.tokens
                 order = rng.permutation(len(examples))
                 batches = [
-                    [examples[i] for i in order[j : j + cfg.batch_size]]
-                    for j in range(0, len(order), cfg.batch_size)
+                    [examples[i] for i in order[j : j + self.cfg.batch_size]]
+                    for j in range(0, len(order), self.cfg.batch_size)
                 ]
-                epoch_losses: list[float] = []
-                t_window = time.perf_counter()
-                for i, group in enumerate(batches):
-                    self.micro_step(collate(group, self.vocab_limit), group)
-                    if (i + 1) % accum and i + 1 < len(batches):
-                        continue
-                    tokens = self._tokens
-                    info = self.update()
-                    now = time.perf_counter()
-                    tps = tokens / max(now - t_window, 1e-9)
-                    t_window = now
-                    if info is None:
-                        log.warning("train_step_skipped", epoch=epoch, reason="no valid micro-step")
-                        continue
-                    epoch_losses.append(info.loss)
-                    log.info(
-                        "train_step",
-                        step=info.step,
-                        epoch=epoch,
-                        loss=round(info.loss, 5),
-                        ce=round(info.ce, 5),
-                        kd=round(info.kd, 5),
-                        grad_norm=round(info.grad_norm, 5),
-                        lr=info.lr,
-                        tokens_per_s=round(tps, 1),
-                        skipped_micro_batches=self.stats.skipped_micro_batches,
-                    )
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{info.loss:.3f}", lr=f"{info.lr:.1e}", epoch=epoch)
-                    if on_step is not None:
-                        on_step(info, epoch)
-                    if max_steps is not None and self.stats.steps >= max_steps:
-                        break
+                losses = self._epoch(batches, epoch, bar, max_steps, on_step)
                 dt = time.perf_counter() - t_epoch
                 log.info(
                     "train_epoch",
                     epoch=epoch,
                     steps=self.stats.steps - steps_before,
-                    mean_loss=(
-                        round(sum(epoch_losses) / len(epoch_losses), 5) if epoch_losses else None
-                    ),
+                    mean_loss=round(sum(losses) / len(losses), 5) if losses else None,
                     tokens_per_s=round((self.stats.tokens - tokens_before) / max(dt, 1e-9), 1),
                     seconds=round(dt, 2),
                     skipped_micro_batches=self.stats.skipped_micro_batches,
@@ -455,6 +419,52 @@ class Trainer:
             self.model.eval()
             self.stats.train_seconds += time.perf_counter() - t_start
         return self.stats
+
+    def _epoch(
+        self,
+        batches: list[list[Example]],
+        epoch: int,
+        bar: Any,
+        max_steps: int | None,
+        on_step: Callable[[StepInfo, int], None] | None,
+    ) -> list[float]:
+        """One pass over ``batches``: an optimizer step every ``gradient_accumulation_steps``
+        micro-batches (and at the end), each logged; the steps' losses."""
+        accum = self.cfg.gradient_accumulation_steps
+        losses: list[float] = []
+        t_window = time.perf_counter()
+        for i, group in enumerate(batches):
+            self.micro_step(collate(group, self.vocab_limit), group)
+            if (i + 1) % accum and i + 1 < len(batches):
+                continue
+            tokens = self._tokens
+            info = self.update()
+            now = time.perf_counter()
+            tps = tokens / max(now - t_window, 1e-9)
+            t_window = now
+            if info is None:
+                log.warning("train_step_skipped", epoch=epoch, reason="no valid micro-step")
+                continue
+            losses.append(info.loss)
+            log.info(
+                "train_step",
+                step=info.step,
+                epoch=epoch,
+                loss=round(info.loss, 5),
+                ce=round(info.ce, 5),
+                kd=round(info.kd, 5),
+                grad_norm=round(info.grad_norm, 5),
+                lr=info.lr,
+                tokens_per_s=round(tps, 1),
+                skipped_micro_batches=self.stats.skipped_micro_batches,
+            )
+            bar.update(1)
+            bar.set_postfix(loss=f"{info.loss:.3f}", lr=f"{info.lr:.1e}", epoch=epoch)
+            if on_step is not None:
+                on_step(info, epoch)
+            if max_steps is not None and self.stats.steps >= max_steps:
+                break
+        return losses
 
 
 def planned_steps(
