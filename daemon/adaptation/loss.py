@@ -24,7 +24,6 @@ the target's own greedy choice there (`prompt_ce`); ``feature_noise`` perturbs w
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import cast
 
 import mlx.core as mx
@@ -209,17 +208,6 @@ def divergence(kind: str, logits: mx.array, target_logp: mx.array) -> mx.array:
     raise ValueError(f"unknown divergence {kind!r}; expected one of {', '.join(LOSSES[1:])}")
 
 
-@dataclass
-class FeatureTerms:
-    """A feature draft's part of a batch's loss: its logits from ``start`` on (float32) and
-    the terms asked for (None otherwise)."""
-
-    logits: mx.array
-    regression: mx.array | None = None  # smooth L1 to the target's features, per position
-    second: mx.array | None = None  # `second_step_ce`
-    prompt: mx.array | None = None  # `prompt_ce`
-
-
 def _feature_terms(
     model: FeatureDraft,
     inputs: mx.array,
@@ -229,23 +217,33 @@ def _feature_terms(
     vocab_limit: int | None,
     noise: float,
     *,
-    regression: bool,
-    second_step: bool,
-    prompt: bool,
+    regression_weight: float,
+    second_step_weight: float,
+    prompt_weight: float,
     prompt_labels: mx.array | None,
-) -> FeatureTerms:
+) -> tuple[mx.array, list[mx.array]]:
+    """A feature draft's logits from ``start`` on (float32) and its weighted extra terms, in
+    the order the loss adds them: the regression to the target's features (smooth L1, over
+    output positions), `second_step_ce`, `prompt_ce`; a term weighted 0 is not computed."""
     out, target_features = model.teacher_forced(inputs, features, noise)
-    terms = FeatureTerms(logits=_feature_logits(model, out[:, start:]).astype(mx.float32))
-    if second_step and inputs.shape[1] > 2:
-        terms.second = second_step_ce(model, out, inputs, labels)
-    if prompt:
-        terms.prompt = prompt_ce(
-            model, out, target_features, labels, vocab_limit, greedy=prompt_labels
-        )
-    if regression:
+    logits = _feature_logits(model, out[:, start:]).astype(mx.float32)
+    extra = []
+    if regression_weight:
+        outputs = labels[:, start:] != IGNORE
         diff = out[:, start:] - target_features[:, start:]
-        terms.regression = nn.losses.smooth_l1_loss(diff, mx.zeros_like(diff), reduction="none")
-    return terms
+        l1 = nn.losses.smooth_l1_loss(diff, mx.zeros_like(diff), reduction="none")
+        per_position = l1.astype(mx.float32).mean(axis=-1)
+        extra.append(
+            regression_weight
+            * mx.where(outputs, per_position, 0.0).sum()
+            / (mx.maximum(outputs.sum(), 1).astype(mx.float32))
+        )
+    if second_step_weight and inputs.shape[1] > 2:
+        extra.append(second_step_weight * second_step_ce(model, out, inputs, labels))
+    if prompt_weight:
+        prompt = prompt_ce(model, out, target_features, labels, vocab_limit, greedy=prompt_labels)
+        extra.append(prompt_weight * prompt)
+    return logits, extra
 
 
 def _head_columns(
@@ -292,9 +290,9 @@ def compute_loss(
     must all be ``IGNORE`` (`Batch.start`); their logits are not computed.
     """
     start = max(0, min(int(start), inputs.shape[1] - 1))
-    feature_terms = FeatureTerms(logits=mx.array(0.0))
+    extra: list[mx.array] = []
     if isinstance(model, FeatureDraft):
-        feature_terms = _feature_terms(
+        logits, extra = _feature_terms(
             model,
             inputs,
             labels,
@@ -302,12 +300,11 @@ def compute_loss(
             start,
             vocab_limit,
             feature_noise,
-            regression=bool(regression_weight),
-            second_step=bool(second_step_weight),
-            prompt=bool(prompt_weight),
+            regression_weight=regression_weight,
+            second_step_weight=second_step_weight,
+            prompt_weight=prompt_weight,
             prompt_labels=prompt_labels,
         )
-        logits = feature_terms.logits
     else:
         logits = model_logits(model, inputs, start).astype(mx.float32)
     labels, rejected = labels[:, start:], rejected[:, start:]
@@ -334,15 +331,8 @@ def compute_loss(
         term = mx.where(outputs, divergence(loss, logits, target_logp), 0.0)
         denom_term = mx.maximum(outputs.sum(), 1).astype(mx.float32)
     total = term.sum() / denom_term
-    if feature_terms.regression is not None:
-        per_position = feature_terms.regression.astype(mx.float32).mean(axis=-1)
-        total = total + regression_weight * mx.where(outputs, per_position, 0.0).sum() / (
-            mx.maximum(outputs.sum(), 1).astype(mx.float32)
-        )
-    if feature_terms.second is not None:
-        total = total + second_step_weight * feature_terms.second
-    if feature_terms.prompt is not None:
-        total = total + prompt_weight * feature_terms.prompt
+    for t in extra:
+        total = total + t
     if disagreement_weight:
         total = total + disagreement_weight * (term * rejected).sum() / denom_term
     if kd_weight:
