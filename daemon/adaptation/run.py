@@ -133,9 +133,7 @@ class RunOptions:
     progress: bool = False
     mark_used: bool = True
     steps_file: Path | None = None
-    draft_only: bool = False
-    target: str | None = None
-    max_failures: int | None = None
+    target: str | None = None  # only that target's rows are read and marked
 
 
 @dataclass
@@ -303,11 +301,12 @@ def _metrics(
     saved: Path,
     marked: int,
     costs: tuple[StepCosts | None, StepCosts | None],
-    extras: tuple[RehearsalReport | None, SynthesisReport | None],
+    rehearsal: RehearsalReport | None,
+    synthetic: SynthesisReport | None,
     wall_s: float,
 ) -> RunMetrics:
     n = max(1, min(5, len(stats.losses) // 4 or 1))
-    (costs_after, costs_before), (rehearsal, synthetic) = costs, extras
+    costs_after, costs_before = costs
     return RunMetrics(
         run_id=run.run_id,
         heldout_before=setup.before,
@@ -424,9 +423,7 @@ def run_training(
         progress=progress,
         mark_used=mark_used,
         steps_file=Path(steps_file) if steps_file else None,
-        draft_only=draft_only,
         target=target,
-        max_failures=max_failures,
     )
     log.info(
         "train_start",
@@ -468,7 +465,8 @@ def run_training(
         saved,
         marked,
         costs,
-        (rehearsal, synthetic),
+        rehearsal,
+        synthetic,
         time.perf_counter() - t0,
     )
     _log_run(metrics)
