@@ -43,6 +43,11 @@ class IdleClock:
         self.tick = tick  # (seconds, fn): fn runs after that long idle, again and again
         self._last_tick = time.monotonic()
 
+    def used(self, model: str | None, keep_alive: float | None) -> None:
+        """A request for ``model`` finished: as Ollama, each request sets its model's timer."""
+        if self.unload is not None:
+            self.unload.used(model, keep_alive)
+
     def unload_in(self, busy: str | None) -> float | None:
         """Seconds until a model is due to be freed; None: none is (now)."""
         return None if self.unload is None else self.unload.unload_in(busy)

@@ -386,15 +386,18 @@ class Service:
         if changed("server.batch_size"):
             size = new.server.batch_size
             worker.call_between_requests(lambda: setattr(worker, "batch_size", size))
+        resize = changed("server.prompt_cache_")
+        # the main keys, or a models.targets entry's own
+        respeculate = changed("speculative.") or any(".speculative." in k for k in live_keys)
         for runtime in self.runtimes.values():
             runtime.settings = new if runtime is self.primary else new.for_model(runtime.name)
             engine, pair = runtime.engine, runtime.pair
             if engine is None or pair is None:
                 continue  # one loaded later reads its settings then
-            if changed("server.prompt_cache_"):
+            if resize:
                 size, nbytes = new.server.prompt_cache_size, new.server.prompt_cache_bytes
                 worker.call_between_requests(partial(engine.prompt_cache.resize, size, nbytes))
-            if changed("speculative.") or any(".speculative." in k for k in live_keys):
+            if respeculate:
                 spec = runtime.settings.speculative  # an entry's own keys over the new ones
                 config = SpeculativeConfig.from_settings(spec, pair.max_context)
                 runtime.suffix.budget = spec.suffix_tokens  # from the next add

@@ -552,8 +552,7 @@ class GenerationWorker:
     def _finish(self, started: _Started, result: GenerationResult) -> None:
         """A request that produced a result: record it, then its final event and hooks."""
         req = started.handle.request
-        if self.idle.unload is not None:  # as Ollama: each request sets its model's timer
-            self.idle.unload.used(self._model_of(started.handle), req.keep_alive)
+        self.idle.used(self._model_of(started.handle), req.keep_alive)
         total_s = time.monotonic() - req.enqueued
         recorded = None
         if self.record is not None and result.finish_reason != "error":
