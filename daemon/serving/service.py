@@ -352,10 +352,9 @@ class Service:
 
         return self.worker.call_between_requests(swap)
 
-    def add_model(self, name: str, settings: Settings | None = None) -> ModelRuntime:
-        """Serve models.targets entry ``name`` of ``settings`` (default: the current ones)
-        from now on; it loads on its first request."""
-        settings = settings or self.settings
+    def add_model(self, name: str, settings: Settings) -> ModelRuntime:
+        """Serve models.targets entry ``name`` of ``settings`` (the reloaded ones, before
+        `apply_settings` makes them current) from now on; it loads on its first request."""
         entry = settings.models.targets[name]
         runtime = ModelRuntime(name, settings.for_model(name), entry=entry)
         self.runtimes = {**self.runtimes, name: runtime}  # readers keep a whole dict
